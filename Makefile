@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine:
+#   make train   installs into .venv and runs the short default training job
+#   make test    installs into .venv and runs the default test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --constraint constraints.txt
+STAMP := $(VENV)/.installed
+TRAIN_ARGS ?=
+
+.PHONY: install train test test-slow lint bench-quick bench-full clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned to the CPU wheel, so nothing else can pull a CUDA build.
+	$(PIP) "torch==2.13.0"
+	$(PIP) -e ".[all]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(PY) train.py --model vae --reg poly $(TRAIN_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check polyreg_cnf callbacks datamodules train.py tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
