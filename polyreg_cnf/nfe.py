@@ -1,0 +1,66 @@
+"""Counting function evaluations (NFE) of ODE solves, forward and backward apart."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+__all__ = ["NFECounter", "NFELimitError", "collect_nfe", "reset_nfe"]
+
+
+class NFELimitError(RuntimeError):
+    """A forward solve needed more function evaluations than ``SolverConfig.max_nfe`` allows."""
+
+
+@dataclass
+class NFECounter:
+    """Running counts of one ODE block.
+
+    One evaluation is one call of the right-hand side f (whatever it computes alongside, e.g.
+    the trace). ``forward`` counts the solves of the forward pass, ``backward`` the adjoint
+    solves of the backward pass (zero when backpropagating through the solver). Step counts come
+    from torchdiffeq's step callbacks (adaptive methods only).
+    """
+
+    forward: int = 0
+    backward: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    accepted_backward: int = 0
+    rejected_backward: int = 0
+    solves: int = 0
+
+    def reset(self) -> None:
+        """Set every count to zero."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts as a plain dict."""
+        return asdict(self)
+
+
+def _counters(module: nn.Module) -> list[NFECounter]:
+    return [m.nfe for m in module.modules() if isinstance(getattr(m, "nfe", None), NFECounter)]
+
+
+def collect_nfe(module: nn.Module) -> dict[str, int | list[dict[str, int]]]:
+    """Sum the NFE counters of every ODE block inside ``module``.
+
+    Returns:
+        ``{"forward", "backward", "total", "accepted", "rejected", "accepted_backward",
+        "rejected_backward", "solves", "blocks": [per-block dicts in module order]}``.
+    """
+    blocks = [c.as_dict() for c in _counters(module)]
+    totals: dict[str, int | list[dict[str, int]]] = {
+        key: sum(b[key] for b in blocks) for key in NFECounter.__dataclass_fields__}
+    totals["total"] = int(totals["forward"]) + int(totals["backward"])
+    totals["blocks"] = blocks
+    return totals
+
+
+def reset_nfe(module: nn.Module) -> None:
+    """Reset the NFE counters of every ODE block inside ``module``."""
+    for counter in _counters(module):
+        counter.reset()

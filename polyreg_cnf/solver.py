@@ -1,0 +1,106 @@
+"""Typed solver settings: one object instead of loose string keys."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["ADAPTIVE_METHODS", "FIXED_METHODS", "SolverConfig"]
+
+#: Adaptive-step methods of torchdiffeq (their NFE grows with stiffness: what TPR targets).
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+#: Fixed-grid methods of torchdiffeq (need ``step_size``).
+FIXED_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
+
+
+def _positive(name: str, value: object, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+            value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How a block integrates its ODE.
+
+    Args:
+        method: A torchdiffeq method: one of ``ADAPTIVE_METHODS`` or ``FIXED_METHODS``.
+        atol: Absolute tolerance while training.
+        rtol: Relative tolerance while training.
+        eval_atol: Absolute tolerance in evaluation (module in eval mode); defaults to ``atol``.
+        eval_rtol: Relative tolerance in evaluation; defaults to ``rtol``.
+        adjoint: Backpropagate with the adjoint method (O(1) memory) instead of through the
+            solver's operations.
+        seminorm: With the adjoint, measure the backward error on the state and its adjoint
+            only (Kidger, Chen & Lyons, ICML 2021): typically far fewer backward steps.
+        first_step: Initial step size for adaptive methods; ``None`` lets the solver choose
+            (costs one extra evaluation per solve).
+        step_size: Step size of fixed-grid methods (required for them).
+        max_num_steps: Solver steps allowed per solve before torchdiffeq gives up.
+        max_nfe: Cap on function evaluations per forward solve; exceeding it raises
+            :class:`polyreg_cnf.NFELimitError` at once instead of grinding on for hours.
+    """
+
+    method: str = "dopri5"
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    eval_atol: float | None = None
+    eval_rtol: float | None = None
+    adjoint: bool = True
+    seminorm: bool = False
+    first_step: float | None = None
+    step_size: float | None = None
+    max_num_steps: int | None = None
+    max_nfe: int | None = None
+    extra_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        valid = ADAPTIVE_METHODS + FIXED_METHODS
+        if self.method not in valid:
+            raise ValueError(f"unknown solver method {self.method!r}; valid: {', '.join(valid)}")
+        _positive("atol", self.atol)
+        _positive("rtol", self.rtol)
+        _positive("eval_atol", self.eval_atol, allow_none=True)
+        _positive("eval_rtol", self.eval_rtol, allow_none=True)
+        _positive("first_step", self.first_step, allow_none=True)
+        _positive("step_size", self.step_size, allow_none=True)
+        for name in ("max_num_steps", "max_nfe"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if self.method in FIXED_METHODS and self.step_size is None:
+            raise ValueError(f"fixed-grid method {self.method!r} needs step_size, got None")
+        if self.seminorm and not self.adjoint:
+            raise ValueError("seminorm=True only applies to the adjoint; got adjoint=False")
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the method chooses its own steps."""
+        return self.method in ADAPTIVE_METHODS
+
+    def tolerances(self, training: bool) -> tuple[float, float]:
+        """(atol, rtol) for training or for evaluation."""
+        if training:
+            return self.atol, self.rtol
+        return (self.eval_atol if self.eval_atol is not None else self.atol,
+                self.eval_rtol if self.eval_rtol is not None else self.rtol)
+
+    def options(self) -> dict[str, Any]:
+        """The ``options`` dict torchdiffeq's odeint takes for this method."""
+        opts: dict[str, Any] = dict(self.extra_options)
+        if self.adaptive:
+            if self.first_step is not None:
+                opts["first_step"] = self.first_step
+            if self.max_num_steps is not None:
+                opts["max_num_steps"] = self.max_num_steps
+        else:
+            opts["step_size"] = self.step_size
+        return opts
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for hyperparameter logging."""
+        return asdict(self)
