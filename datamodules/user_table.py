@@ -1,0 +1,411 @@
+"""The user's own table (.npy, .npz, .csv, .h5/.hdf5) as a standardised density-estimation set.
+
+The rows are split with a seeded permutation and standardised with the training split's mean and
+standard deviation. The statistics travel in the Lightning checkpoint (``state_dict``), and
+:meth:`UserTableDataModule.log_det_jacobian` gives the term that turns a log-density learnt on the
+standardised data into one on the raw data:
+
+.. math:: \\log p_{raw}(x) = \\log p_{std}\\big((x - \\mu) / \\sigma\\big) - \\sum_j \\log \\sigma_j
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from datamodules._files import DataFileError, require_file
+from datamodules.base import ArrayDataModule
+
+__all__ = ["TABLE_FORMATS", "UserTableDataModule", "read_table"]
+
+TABLE_FORMATS = (".npy", ".npz", ".csv", ".h5", ".hdf5")
+
+Column = str | int
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _as_matrix(array: np.ndarray, where: str) -> np.ndarray:
+    """A numeric 2-D float64 matrix from an array; a 1-D array is one column."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{where}: values must be numeric, got dtype {array.dtype}")
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2:
+        raise ValueError(f"{where}: expected a 2-D table (rows x columns), got shape {array.shape}")
+    return array.astype(np.float64)
+
+
+def _select_positions(columns: Sequence[Column] | None, names: list[str], has_names: bool,
+                      where: str) -> list[int]:
+    """Positions of the chosen columns; names need a header, integers may be negative."""
+    if columns is None:
+        return list(range(len(names)))
+    positions = []
+    for column in columns:
+        if isinstance(column, bool) or not isinstance(column, (str, int, np.integer)):
+            raise TypeError(f"{where}: a column is a name (str) or an index (int), "
+                            f"got {column!r} of type {type(column).__name__}")
+        if isinstance(column, str):
+            if not has_names:
+                raise ValueError(f"{where}: has no column names, so choose columns by index "
+                                 f"(0..{len(names) - 1}), got {column!r}")
+            if column not in names:
+                raise ValueError(f"{where}: no column named {column!r}; columns are {names}")
+            positions.append(names.index(column))
+        else:
+            if not -len(names) <= column < len(names):
+                raise ValueError(f"{where}: column index {column} out of range for "
+                                 f"{len(names)} columns")
+            positions.append(int(column) % len(names))
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"{where}: columns chosen twice in {list(columns)}")
+    return positions
+
+
+def _read_csv(path: Path, columns: Sequence[Column] | None) -> tuple[np.ndarray, list[str]]:
+    import pandas as pd
+
+    # Header detection: the first row is a header when any non-empty cell is not a number
+    # ("nan" and "inf" count as numbers, so a first data row with missing values stays data).
+    try:
+        with open(path, newline="") as handle:
+            first = next(csv.reader(handle), None)
+        if first is None:
+            raise DataFileError(f"{path}: the CSV file is empty")
+        header = any(cell.strip() and not _is_number(cell) for cell in first)
+        frame = pd.read_csv(path, header=0 if header else None)
+    except (UnicodeDecodeError, csv.Error, pd.errors.ParserError,
+            pd.errors.EmptyDataError) as err:
+        raise DataFileError(f"{path}: not a readable CSV table ({type(err).__name__}: {err})"
+                            ) from err
+    names = [str(c) for c in frame.columns]
+    positions = _select_positions(columns, names, header, str(path))
+    frame = frame.iloc[:, positions]
+    bad = {}
+    for name, values in frame.items():
+        if not (pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)):
+            numbers = pd.to_numeric(values, errors="coerce")
+            row = int(np.flatnonzero(numbers.isna() & values.notna())[0])
+            bad[str(name)] = (row, values.iloc[row])
+    if bad:
+        examples = ", ".join(f"{n!r} row {r}: {v!r}" for n, (r, v) in bad.items())
+        raise ValueError(f"{path}: columns {list(bad)} are not numeric (e.g. {examples}); "
+                         f"choose numeric columns with columns=[...]")
+    return frame.to_numpy(dtype=np.float64), [names[p] for p in positions]
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataFileError(f"{path}: not a readable .npy array ({type(err).__name__}: {err})"
+                            ) from err
+
+
+def _read_npz(path: Path, key: str | None) -> np.ndarray:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise DataFileError(f"{path}: not a readable .npz archive ({type(err).__name__}: {err})"
+                            ) from err
+    if isinstance(archive, np.ndarray):  # a plain .npy saved under an .npz name
+        return archive
+    with archive:
+        keys = list(archive.files)
+        if not keys:
+            raise DataFileError(f"{path}: the .npz archive holds no arrays")
+        if key is None:
+            key = keys[0]
+            if len(keys) > 1:
+                warnings.warn(f"{path}: holds arrays {keys}; using the first, {key!r} "
+                              f"(choose another with npz_key)", UserWarning, stacklevel=4)
+        elif key not in keys:
+            raise ValueError(f"{path}: no array {key!r}; the archive holds {keys}")
+        try:
+            return archive[key]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+            raise DataFileError(f"{path}: array {key!r} is unreadable "
+                                f"({type(err).__name__}: {err})") from err
+
+
+def _read_hdf5(path: Path, key: str | None) -> np.ndarray:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            datasets: dict[str, tuple[int, ...]] = {}
+
+            def collect(name: str, obj: object) -> None:
+                if isinstance(obj, h5py.Dataset):
+                    datasets[name] = obj.shape
+
+            handle.visititems(collect)
+            if key is None:
+                matrices = [name for name, shape in datasets.items() if len(shape) == 2]
+                if len(matrices) != 1:
+                    raise ValueError(f"{path}: found {len(matrices)} 2-D datasets among "
+                                     f"{datasets}; choose one with h5_key")
+                key = matrices[0]
+            elif key.strip("/") not in datasets:
+                raise ValueError(f"{path}: no dataset {key!r}; datasets are {datasets}")
+            return handle[key][()]
+    except (OSError, RuntimeError, KeyError) as err:
+        raise DataFileError(f"{path}: not a readable HDF5 file ({type(err).__name__}: {err})"
+                            ) from err
+
+
+def read_table(path: str | os.PathLike, columns: Sequence[Column] | None = None,
+               h5_key: str | None = None, npz_key: str | None = None
+               ) -> tuple[np.ndarray, list[str]]:
+    """Read a numeric table from .npy, .npz, .csv or .h5/.hdf5 as float64 rows x columns.
+
+    Args:
+        path: The file; its suffix picks the reader.
+        columns: Column names (CSV with a header) or indices to keep, in that order; ``None``
+            keeps all.
+        h5_key: HDF5 dataset to read; by default the only 2-D dataset in the file.
+        npz_key: .npz array to read; by default the only (or first) one.
+
+    Returns:
+        The table and its column names (the header for CSV, else the indices as strings).
+
+    Raises:
+        DataFileError: the file is missing or unreadable.
+        ValueError: unknown format, column or key, non-numeric columns, or not a 2-D table.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_FORMATS:
+        raise ValueError(f"{path}: unsupported table format {suffix!r}; use one of "
+                         f"{list(TABLE_FORMATS)}")
+    require_file(path, "the table", "Pass the path of an existing .npy, .npz, .csv, .h5 or "
+                                    ".hdf5 file.")
+    if suffix == ".csv":
+        return _read_csv(path, columns)
+    if suffix == ".npy":
+        array = _read_npy(path)
+    elif suffix == ".npz":
+        array = _read_npz(path, npz_key)
+    else:
+        array = _read_hdf5(path, h5_key)
+    matrix = _as_matrix(array, str(path))
+    names = [str(i) for i in range(matrix.shape[1])]
+    positions = _select_positions(columns, names, False, str(path))
+    return matrix[:, positions], [names[p] for p in positions]
+
+
+class UserTableDataModule(ArrayDataModule):
+    """A numeric table of the user's, split with a seed and standardised with train statistics.
+
+    Rows holding NaN or inf are refused (with their count) unless ``drop_nonfinite`` is set. The
+    rows are shuffled by ``numpy.random.default_rng(seed).permutation``; the first
+    ``int(test_fraction N)`` permuted rows are the test split, the next ``int(val_fraction N)`` the
+    validation split, the rest train. Every split is standardised with the mean and standard
+    deviation (ddof 0) of train. A column that is constant in train has no density to learn, so
+    it is an error that names it (drop it with ``columns``) rather than silently kept with
+    std = 1.
+
+    Args:
+        path: A .npy, .npz, .csv or .h5/.hdf5 file.
+        columns: Names (CSV with a header) or indices of the columns to model; ``None`` = all.
+        drop_nonfinite: Drop rows holding NaN or inf instead of refusing the file.
+        val_fraction: Fraction of rows for validation, in (0, 1).
+        test_fraction: Fraction of rows for test, in (0, 1); the two sum to less than 1.
+        seed: Seed of the row permutation.
+        batch_size: Training batch size (per process).
+        eval_batch_size: Batch size for validation and test; defaults to ``batch_size``.
+        num_workers: DataLoader worker processes.
+        h5_key: HDF5 dataset to read; by default the only 2-D one.
+        npz_key: .npz array to read; by default the only (or first) one.
+
+    Example:
+        >>> dm = UserTableDataModule("measurements.csv", columns=["x", "y"])  # doctest: +SKIP
+        >>> dm.setup()  # doctest: +SKIP
+        >>> log_p_raw = log_p_std(dm.standardize(x)) + dm.log_det_jacobian()  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike, columns: Sequence[Column] | None = None,
+                 drop_nonfinite: bool = False, val_fraction: float = 0.1,
+                 test_fraction: float = 0.1, seed: int = 0, batch_size: int = 512,
+                 eval_batch_size: int | None = None, num_workers: int = 0,
+                 h5_key: str | None = None, npz_key: str | None = None) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers)
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a file path, got {type(path).__name__}")
+        self.path = Path(path).expanduser()
+        if self.path.suffix.lower() not in TABLE_FORMATS:
+            raise ValueError(f"unsupported table format {self.path.suffix!r} ({self.path}); "
+                             f"use one of {list(TABLE_FORMATS)}")
+        if columns is not None:
+            if isinstance(columns, (str, bytes)) or not isinstance(columns, Sequence):
+                raise TypeError(f"columns must be a list of names or indices, got {columns!r}")
+            if len(columns) == 0:
+                raise ValueError("columns must name at least one column, got []")
+            columns = list(columns)
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 < value < 1:
+                raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+        if val_fraction + test_fraction >= 1:
+            raise ValueError(f"val_fraction + test_fraction must be < 1, got "
+                             f"{val_fraction} + {test_fraction}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.columns = columns
+        self.drop_nonfinite = bool(drop_nonfinite)
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+        self.seed = int(seed)
+        self.h5_key = h5_key
+        self.npz_key = npz_key
+        self.mean: np.ndarray | None = None
+        self.std: np.ndarray | None = None
+        self.column_names: list[str] | None = None
+        self.n_dropped = 0
+        # Statistics restored from a checkpoint win over the ones the file would give.
+        self._restored = False
+
+    @property
+    def source(self) -> str:
+        return self.path.name
+
+    def prepare_data(self) -> None:
+        """Check that the file exists (nothing to download or cache)."""
+        require_file(self.path, "the table", "Pass the path of an existing .npy, .npz, .csv, "
+                                             ".h5 or .hdf5 file.")
+
+    def load_splits(self) -> dict[str, np.ndarray]:
+        data, names = read_table(self.path, self.columns, self.h5_key, self.npz_key)
+        self.column_names = names
+        n = data.shape[0]
+        bad = ~np.isfinite(data).all(axis=1)
+        n_bad = int(bad.sum())
+        if n_bad:
+            if not self.drop_nonfinite:
+                raise ValueError(f"{self.path}: {n_bad} of {n} rows contain NaN or inf; pass "
+                                 f"drop_nonfinite=True (train.py --drop-nonfinite) to drop them")
+            warnings.warn(f"{self.path}: dropped {n_bad} of {n} rows that contain NaN or inf",
+                          UserWarning, stacklevel=3)
+            data = data[~bad]
+            n = data.shape[0]
+        self.n_dropped = n_bad
+        n_test, n_val = int(self.test_fraction * n), int(self.val_fraction * n)
+        if n_test < 1 or n_val < 1 or n - n_test - n_val < 2:
+            raise ValueError(f"{self.path}: {n} usable rows are too few to split with "
+                             f"val_fraction={self.val_fraction}, test_fraction="
+                             f"{self.test_fraction} (each split needs rows, train at least 2)")
+        order = np.random.default_rng(self.seed).permutation(n)
+        test = data[order[:n_test]]
+        val = data[order[n_test:n_test + n_val]]
+        train = data[order[n_test + n_val:]]
+        if self._restored:
+            if self.mean.shape[0] != data.shape[1]:
+                raise ValueError(f"{self.path}: the checkpoint's statistics are for "
+                                 f"{self.mean.shape[0]} columns, the table has {data.shape[1]}")
+        else:
+            mean = train.mean(axis=0).astype(np.float32)
+            std = train.std(axis=0).astype(np.float32)
+            constant = [names[j] for j in np.flatnonzero(~(std > 0) | ~np.isfinite(std))]
+            if constant:
+                raise ValueError(f"{self.path}: columns {constant} are constant in the training "
+                                 f"split (std 0), so they have no density; leave them out with "
+                                 f"columns=[...]")
+            self.mean, self.std = mean, std
+        return {"train": self.standardize(train), "val": self.standardize(val),
+                "test": self.standardize(test)}
+
+    def _stats(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.mean is None or self.std is None:
+            raise RuntimeError(f"{self.source}: statistics unknown; call setup() or "
+                               f"load_state_dict() first")
+        return self.mean, self.std
+
+    def standardize(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Map raw rows to the standardised space the model sees: ``(x - mean) / std``.
+
+        Args:
+            x: Raw rows ``(..., D)``, a numpy array or a torch tensor.
+
+        Returns:
+            float32 numpy array for numpy input (computed in float64, so it equals the arrays
+            from ``setup()`` exactly); for a tensor, a tensor of its floating dtype and device.
+        """
+        mean, std = self._stats()
+        if x.shape[-1] != mean.shape[0]:
+            raise ValueError(f"expected rows of {mean.shape[0]} columns, got shape "
+                             f"{tuple(x.shape)}")
+        if isinstance(x, torch.Tensor):
+            dtype = x.dtype if x.is_floating_point() else torch.float32
+            return (x.to(dtype) - torch.as_tensor(mean, dtype=dtype, device=x.device)) \
+                / torch.as_tensor(std, dtype=dtype, device=x.device)
+        z = (np.asarray(x, dtype=np.float64) - mean.astype(np.float64)) / std.astype(np.float64)
+        return z.astype(np.float32)
+
+    def log_det_jacobian(self) -> float:
+        """``log |det d standardize(x) / dx| = -sum(log std)``.
+
+        Add it to a log-density learnt on standardised data to score raw data:
+        ``log p_raw(x) = log p_std(standardize(x)) + log_det_jacobian()``.
+        """
+        _, std = self._stats()
+        return float(-np.sum(np.log(std.astype(np.float64))))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The statistics and the choices that produced them, as plain Python values.
+
+        Plain lists (not arrays) so the checkpoint loads with ``torch.load(weights_only=True)``.
+        """
+        return {
+            "path": str(self.path),
+            "columns": self.columns,
+            "column_names": self.column_names,
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "drop_nonfinite": self.drop_nonfinite,
+            "mean": None if self.mean is None else self.mean.tolist(),
+            "std": None if self.std is None else self.std.tolist(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the statistics of a checkpoint; they then standardise every split."""
+        if state_dict.get("mean") is None or state_dict.get("std") is None:
+            return
+        mean = np.asarray(state_dict["mean"], dtype=np.float32)
+        std = np.asarray(state_dict["std"], dtype=np.float32)
+        if mean.shape != std.shape or mean.ndim != 1 or not (std > 0).all():
+            raise ValueError(f"checkpoint statistics are malformed: mean shape {mean.shape}, "
+                             f"std shape {std.shape}, std must be > 0")
+        changed = {key: (state_dict.get(key), getattr(self, key))
+                   for key in ("columns", "seed", "val_fraction", "test_fraction")
+                   if key in state_dict and state_dict[key] != getattr(self, key)}
+        if state_dict.get("path") not in (None, str(self.path)):
+            changed["path"] = (state_dict["path"], str(self.path))
+        if changed:
+            warnings.warn(f"{self.source}: the checkpoint was made with other settings "
+                          f"(checkpoint, now): {changed}; its statistics are used",
+                          UserWarning, stacklevel=2)
+        had_splits = self._splits is not None
+        differ = self.mean is None or not (np.array_equal(mean, self.mean)
+                                           and np.array_equal(std, self.std))
+        self.mean, self.std, self._restored = mean, std, True
+        if had_splits and differ:
+            # Lightning restores after setup(): standardise again with the checkpoint's numbers.
+            self._splits = None
+            self.setup()
