@@ -64,7 +64,7 @@ def read_amat(path: str | os.PathLike, width: int = 784) -> np.ndarray:
         width: Values expected on every line.
 
     Returns:
-        ``float64`` array of shape ``(lines, width)`` holding only 0 and 1.
+        ``float32`` array of shape ``(lines, width)`` holding only 0 and 1.
 
     Raises:
         DataFileError: the file is not text, is empty, a line has the wrong number of values, or a
@@ -80,25 +80,30 @@ def read_amat(path: str | os.PathLike, width: int = 784) -> np.ndarray:
         lines.pop()
     if not lines:
         raise DataFileError(f"{path}: empty file; expected one line of {width} values per image")
+    out = np.empty((len(lines), width), dtype=np.float32)
     for number, line in enumerate(lines, start=1):
         tokens = line.split()
         if len(tokens) != width:
             raise DataFileError(f"{path}: line {number} has {len(tokens)} values, expected "
-                                f"{width} (one {int(np.sqrt(width))}x{int(np.sqrt(width))} "
-                                f"image per line)")
-        # Checking the distinct tokens is cheap; anything but "0"/"1" is parsed to see whether it
-        # is another spelling of 0 or 1 ("1.0"), which we accept.
-        for token in set(tokens) - {"0", "1"}:
+                                f"{width} (one image per line)")
+        if set(tokens) <= {"0", "1"}:
+            # The usual spelling: the joined tokens are ASCII '0'/'1' bytes, read in one go
+            # (a float parser is ~10x slower on the 39 million values of the training file).
+            digits = np.frombuffer("".join(tokens).encode("ascii"), dtype=np.uint8)
+            out[number - 1] = digits - ord("0")
+            continue
+        values = np.empty(width, dtype=np.float32)
+        for column, token in enumerate(tokens):  # other spellings of 0 and 1 ("1.0") are fine
             try:
                 value = float(token)
             except ValueError:
                 value = None
             if value not in (0.0, 1.0):
-                raise DataFileError(f"{path}: line {number} holds the value {token!r}; a "
-                                    f"binarized image has only 0 and 1")
-    # Every token is now known to be a number, so the fast C parser cannot stop early.
-    values = np.fromstring("\n".join(lines), sep=" ")
-    return values.reshape(len(lines), width)
+                raise DataFileError(f"{path}: line {number} holds the value {token!r} (column "
+                                    f"{column + 1}); a binarized image has only 0 and 1")
+            values[column] = value
+        out[number - 1] = values
+    return out
 
 
 def read_idx_images(path: str | os.PathLike) -> np.ndarray:
