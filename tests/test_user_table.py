@@ -205,7 +205,7 @@ class TinyGaussian(L.LightningModule):
 
 
 @pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader`",
-                            "ignore:.*treespec.*:DeprecationWarning")
+                            "ignore:.*LeafSpec.*")
 def test_state_dict_round_trip_through_a_checkpoint(tmp_path):
     data = table()
     np.save(tmp_path / "t.npy", data)

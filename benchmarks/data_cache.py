@@ -1,0 +1,129 @@
+"""Time the tabular cache: first setup (preprocess + write cache) vs. a cache hit (memory map).
+
+Generates a POWER-shaped file (1.6 million rows x 8 float64 columns) in a temporary folder and,
+for each repeat, times ``prepare_data(); setup()`` on a fresh TabularDataModule twice: once with
+no cache (preprocessing and writing the cache) and once with the cache in place. Also times
+``cache=False`` (preprocessing only, nothing written). Reports medians over the repeats.
+
+Usage:
+    python benchmarks/data_cache.py [--rows 1600000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datamodules import tabular  # noqa: E402
+from datamodules.tabular import TabularDataModule  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed_setup(root: Path, cache: bool = True) -> tuple[float, TabularDataModule]:
+    start = time.perf_counter()
+    dm = TabularDataModule("power", root, cache=cache)
+    dm.prepare_data()
+    dm.setup()
+    return time.perf_counter() - start, dm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_600_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="polyreg_cache_bench."))
+    try:
+        (root / "power").mkdir()
+        data = np.random.default_rng(0).normal(size=(args.rows, 8))
+        np.save(root / "power" / "data.npy", data)
+        source_mb = (root / "power" / "data.npy").stat().st_size / 2**20
+        del data
+
+        cold, warm, nocache = [], [], []
+        mmapped = None
+        for _ in range(args.repeats):
+            shutil.rmtree(root / "power" / tabular.CACHE_DIR, ignore_errors=True)
+            seconds, _ = timed_setup(root)
+            cold.append(seconds)
+            seconds, dm = timed_setup(root)
+            warm.append(seconds)
+            train = dm.arrays()["train"]
+            mmapped = isinstance(train.base, np.memmap) or isinstance(train, np.memmap)
+            shapes = {k: list(v.shape) for k, v in dm.arrays().items()}
+            del dm, train
+            seconds, _ = timed_setup(root, cache=False)
+            nocache.append(seconds)
+        cache_mb = sum(p.stat().st_size for p in (root / "power" / tabular.CACHE_DIR).iterdir()
+                       ) / 2**20
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    result = {
+        "command": "python benchmarks/data_cache.py " + " ".join(sys.argv[1:]),
+        "rows": args.rows,
+        "repeats": args.repeats,
+        "source_MiB": round(source_mb, 1),
+        "cache_MiB": round(cache_mb, 1),
+        "split_shapes": shapes,
+        "train_memory_mapped": bool(mmapped),
+        "mmap_min_bytes": tabular.MMAP_MIN_BYTES,
+        "first_setup_s": {"median": statistics.median(cold), "all": cold},
+        "cache_hit_setup_s": {"median": statistics.median(warm), "all": warm},
+        "no_cache_setup_s": {"median": statistics.median(nocache), "all": nocache},
+        "speedup_cache_hit_vs_first": statistics.median(cold) / statistics.median(warm),
+        "machine": {
+            "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "data_cache.json").write_text(json.dumps(result, indent=2) + "\n")
+    m = result["machine"]
+    lines = [
+        "# Tabular cache benchmark (POWER-shaped data)",
+        "",
+        f"Command: `{result['command'].strip()}`  ",
+        f"Machine: nproc={m['nproc']}, {m['platform']}, Python {m['python']}, "
+        f"numpy {m['numpy']}  ",
+        f"Data: {args.rows} x 8 float64 ({result['source_MiB']} MiB); cache "
+        f"{result['cache_MiB']} MiB float32, splits {shapes}; train memory-mapped: "
+        f"{result['train_memory_mapped']}.",
+        "",
+        f"Each figure is the median of {args.repeats} runs of `prepare_data(); setup()` on a "
+        "fresh TabularDataModule.",
+        "",
+        "| case | median (s) | runs (s) |",
+        "|---|---|---|",
+    ]
+    for label, key in (("first setup: preprocess + write cache", "first_setup_s"),
+                       ("second setup: cache hit (mmap)", "cache_hit_setup_s"),
+                       ("cache=False: preprocess only", "no_cache_setup_s")):
+        runs = ", ".join(f"{s:.3f}" for s in result[key]["all"])
+        lines.append(f"| {label} | {result[key]['median']:.3f} | {runs} |")
+    lines += ["", f"Cache hit is {result['speedup_cache_hit_vs_first']:.0f}x faster than the "
+                  "first setup."]
+    (RESULTS / "data_cache.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
