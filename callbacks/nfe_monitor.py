@@ -1,0 +1,130 @@
+"""Logs function evaluations (NFE) of every ODE block: forward, backward, per block, per phase."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+
+from polyreg_cnf.nfe import collect_nfe, reset_nfe
+
+__all__ = ["NFEMonitor"]
+
+
+class NFEMonitor(L.Callback):
+    """Logs NFE per training step and mean NFE per evaluation batch.
+
+    Training (per step): ``nfe/forward``, ``nfe/backward``, ``nfe/total``,
+    ``nfe/block_<i>/forward|backward``, ``solver/accepted_steps``, ``solver/rejected_steps``,
+    ``time/step_seconds``. Evaluation (per epoch): ``val/nfe`` and ``test/nfe``, the mean forward
+    NFE per batch. One evaluation is one call of the ODE right-hand side.
+
+    The monitor also keeps a running summary (:meth:`summary`) that survives checkpoints.
+
+    Args:
+        per_block: Also log each block's counts.
+        window: Length of the trailing window reported as ``*_last`` in :meth:`summary`.
+    """
+
+    def __init__(self, per_block: bool = True, window: int = 100) -> None:
+        super().__init__()
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        self.per_block = per_block
+        self.window = window
+        self.history: list[tuple[int, int, float]] = []  # (forward, backward, seconds) per step
+        self._t0 = 0.0
+        self._eval: list[int] = []
+
+    # ------------------------------------------------------------------ training
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        reset_nfe(pl_module)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        seconds = time.perf_counter() - self._t0
+        stats = collect_nfe(pl_module)
+        self.history.append((int(stats["forward"]), int(stats["backward"]), seconds))
+        values = {
+            "nfe/forward": float(stats["forward"]),
+            "nfe/backward": float(stats["backward"]),
+            "nfe/total": float(stats["total"]),
+            "solver/accepted_steps": float(stats["accepted"]),
+            "solver/rejected_steps": float(stats["rejected"]),
+            "time/step_seconds": seconds,
+        }
+        if self.per_block:
+            for i, block in enumerate(stats["blocks"]):
+                values[f"nfe/block_{i}/forward"] = float(block["forward"])
+                values[f"nfe/block_{i}/backward"] = float(block["backward"])
+        for name, value in values.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False,
+                          prog_bar=name in ("nfe/forward", "nfe/backward"), batch_size=1)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_start(self) -> None:
+        self._eval = []
+
+    def _eval_batch_start(self, pl_module: L.LightningModule) -> None:
+        reset_nfe(pl_module)
+
+    def _eval_batch_end(self, pl_module: L.LightningModule) -> None:
+        self._eval.append(int(collect_nfe(pl_module)["forward"]))
+
+    def _eval_end(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
+        if trainer.sanity_checking or not self._eval:
+            return
+        mean = sum(self._eval) / len(self._eval)
+        pl_module.log(name, mean, on_epoch=True, sync_dist=True, batch_size=1)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_start()
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                  batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_batch_start(pl_module)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        self._eval_batch_end(pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_end(trainer, pl_module, "val/nfe")
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_start()
+
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                            batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_batch_start(pl_module)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                          batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_batch_end(pl_module)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_end(trainer, pl_module, "test/nfe")
+        self.last_test_nfe = sum(self._eval) / max(len(self._eval), 1)
+
+    # ------------------------------------------------------------------ summary and state
+    def summary(self) -> dict[str, float]:
+        """Mean forward/backward NFE and seconds per training step, overall and over the window."""
+        out: dict[str, float] = {"steps": float(len(self.history))}
+        if not self.history:
+            return out
+        for label, rows in (("mean", self.history), ("last", self.history[-self.window:])):
+            n = len(rows)
+            out[f"forward_{label}"] = sum(r[0] for r in rows) / n
+            out[f"backward_{label}"] = sum(r[1] for r in rows) / n
+            out[f"seconds_{label}"] = sum(r[2] for r in rows) / n
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [tuple(r) for r in state_dict.get("history", [])]
