@@ -723,5 +723,7 @@ def test_constructor_argument_errors(tmp_path):
         MNISTDataModule(tmp_path, n_val=0)
     with pytest.raises(ValueError, match="sizes"):
         FreyFacesDataModule(tmp_path, sizes=(1565, 200))
+    with pytest.raises(TypeError, match="base_url"):
+        FreyFacesDataModule(tmp_path, base_url=8000)
     with pytest.raises(TypeError, match="checksums"):
         FreyFacesDataModule(tmp_path, checksums=["abc"])

@@ -49,8 +49,9 @@ class ImageDataModule(ArrayDataModule):
     runs with the same seed see the same bits and a resumed run continues the same stream. The
     uniforms are drawn on the CPU whatever the device of the batch, so the stream does not depend
     on the hardware. Validation and test batches, and any batch seen without a trainer or outside
-    the training loop, pass unchanged. Under DDP every process draws from the same stream (the
-    checkpoint holds one state); their data shards differ.
+    the training loop, pass unchanged; ``arrays()["train"]`` therefore holds the grey levels of
+    such a set, and its validation and test splits are binarized once. Under DDP every process
+    draws from the same stream (the checkpoint holds one state); their data shards differ.
 
     Args:
         data_dir: Data root holding the standard folders (``MNIST_static/``, ``OMNIGLOT/``, ...).
@@ -85,6 +86,9 @@ class ImageDataModule(ArrayDataModule):
                                                       dynamic_binarization)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
+        if base_url is not None and not isinstance(base_url, str):
+            raise TypeError(f"base_url must be a str or None, got {type(base_url).__name__}: "
+                            f"{base_url!r}")
         for name, value in (("urls", urls), ("checksums", checksums)):
             if value is not None and not isinstance(value, Mapping):
                 raise TypeError(f"{name} must be a mapping filename -> str or None, got "
