@@ -20,6 +20,7 @@ import shutil
 import tarfile
 import tempfile
 import warnings
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,8 @@ def _split_tail(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n_test = int(0.1 * data.shape[0])
     n_val = int(0.1 * (data.shape[0] - n_test))
     if n_test < 1 or n_val < 1:
-        raise ValueError(f"need at least 12 rows to split 80/10/10 as published, "
-                         f"got {data.shape[0]}")
+        raise ValueError(f"too few rows ({data.shape[0]}) to split 80/10/10 as published: "
+                         f"the test or validation split would be empty")
     test = data[-n_test:]
     rest = data[:-n_test]
     return rest[:-n_val], rest[-n_val:], test
@@ -473,34 +474,49 @@ class TabularDataModule(ArrayDataModule):
                     f"the archive from {self.archive_url} was not verified (no archive_sha256 "
                     f"given); its sha256 is {sha256sum(archive)}. Pass archive_sha256=<that "
                     f"digest> to verify future downloads.", UserWarning, stacklevel=3)
-            self._extract(archive, rels)
+            self._extract(archive, rels, tmp_dir)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
 
-    def _extract(self, archive: Path, rels: list[str]) -> None:
+    def _extract(self, archive: Path, rels: list[str], staging: Path) -> None:
+        """Unpack the members for ``rels`` in one pass into ``staging``, then move them in.
+
+        Files are moved into ``data_dir`` only once every needed member was found and read, so a
+        bad archive leaves the data folder as it was.
+        """
+        wanted = {f"data/{rel}": rel for rel in rels}
+        wanted.update({rel: rel for rel in rels})  # accept an archive without the data/ prefix
+        found: dict[str, Path] = {}
         try:
             with tarfile.open(archive, "r:gz") as tar:
-                members = {_member_name(m.name): m for m in tar.getmembers()}
-                for rel in rels:
-                    # The archive keeps everything under data/; accept a bare layout too.
-                    member = members.get(f"data/{rel}") or members.get(rel)
-                    if member is None:
-                        raise DataFileError(f"{self.archive_url}: archive has no member data/{rel}")
+                for member in tar:
+                    rel = wanted.get(_member_name(member.name))
+                    if rel is None or rel in found:
+                        continue
                     if not member.isfile():
                         raise DataFileError(f"{self.archive_url}: member {member.name} is not a "
                                             f"regular file; refusing to unpack it")
-                    # The destination comes from our own table of names, never from the archive,
-                    # so a crafted member name cannot write outside data_dir.
                     source = tar.extractfile(member)
                     if source is None:
-                        raise DataFileError(f"{self.archive_url}: cannot read member {member.name}")
-                    with atomic_path(self.data_dir / rel) as tmp, open(tmp, "wb") as out:
+                        raise DataFileError(f"{self.archive_url}: cannot read {member.name}")
+                    # The destination comes from our own table of names, never from the
+                    # archive, so a crafted member name cannot write outside data_dir.
+                    found[rel] = staging / "unpacked" / rel
+                    found[rel].parent.mkdir(parents=True, exist_ok=True)
+                    with open(found[rel], "wb") as out:
                         shutil.copyfileobj(source, out, length=1 << 20)
-        except (tarfile.TarError, EOFError, OSError) as err:
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
             if isinstance(err, DataFileError):
                 raise
             raise DataFileError(f"{self.archive_url}: not a readable .tar.gz archive "
                                 f"({type(err).__name__}: {err})") from err
+        missing = [f"data/{rel}" for rel in rels if rel not in found]
+        if missing:
+            raise DataFileError(f"{self.archive_url}: archive has no member(s) {missing}; "
+                                f"is it the MAF data.tar.gz?")
+        for rel, path in found.items():
+            (self.data_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, self.data_dir / rel)
 
     # -- cache -------------------------------------------------------------------------------
 

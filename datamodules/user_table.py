@@ -257,7 +257,9 @@ class UserTableDataModule(ArrayDataModule):
                 raise TypeError(f"columns must be a list of names or indices, got {columns!r}")
             if len(columns) == 0:
                 raise ValueError("columns must name at least one column, got []")
-            columns = list(columns)
+            # Plain str/int so the checkpoint holds no numpy scalars (weights_only loading).
+            columns = [c if isinstance(c, (str, bool)) or not isinstance(c, (int, np.integer))
+                       else int(c) for c in columns]
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not 0 < value < 1:

@@ -485,13 +485,21 @@ def test_download_refuses_missing_and_symlink_members(served, tmp_path):
     www, url = served
     sha = make_archive(www / "data.tar.gz", {"data/gas/other.pickle": b"x",
                                              "data/power/data.npy": ("->", "/etc/passwd")})
-    for name, pattern in (("gas", "no member data/gas/ethylene_CO.pickle"),
+    for name, pattern in (("gas", "no member\\(s\\) \\['data/gas/ethylene_CO.pickle'\\]"),
                           ("power", "not a regular file")):
         dm = TabularDataModule(name, tmp_path / "root", download=True,
                                archive_url=f"{url}/data.tar.gz", archive_sha256=sha)
         with pytest.raises(DataFileError, match=pattern):
             dm.prepare_data()
     assert [p for p in (tmp_path / "root").rglob("*") if p.is_file()] == []
+    # Not a gzip archive at all (unverified, so it gets as far as unpacking).
+    (www / "junk.tar.gz").write_bytes(b"this is not gzip" * 64)
+    dm = TabularDataModule("power", tmp_path / "root", download=True,
+                           archive_url=f"{url}/junk.tar.gz")
+    with pytest.warns(UserWarning, match="not verified"), \
+            pytest.raises(DataFileError, match="junk.tar.gz: not a readable .tar.gz"):
+        dm.prepare_data()
+    assert list((tmp_path / "root").iterdir()) == []
     # Unreachable server: a clear error, not a bare URLError.
     dm = TabularDataModule("power", tmp_path / "root", download=True,
                            archive_url=f"{url}/missing.tar.gz")
