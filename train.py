@@ -1,0 +1,369 @@
+#!/usr/bin/env python
+"""Train a CNF density model (or a VAE with a CNF posterior), with or without the trajectory
+polynomial regularizer.
+
+    python train.py --model cnf --data checkerboard --reg poly
+    python train.py --model cnf --data power --data-dir ~/maf-data --reg poly
+    python train.py --model cnf --data my_table.csv --reg none
+    python train.py --model vae --reg poly
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Fail fast on bad flags before the heavy imports (torch, lightning) are paid for.
+MODELS = ("cnf", "vae")
+LOGGERS = ("csv", "tensorboard", "wandb", "none")
+REGULARIZER_NAMES = ("none", "poly")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace("-", ",").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated widths like 64,64,64, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive widths like 64,64,64, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface (defaults of None are filled from the data set's preset)."""
+    p = argparse.ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--model", choices=MODELS, default="cnf")
+    g.add_argument("--reg", choices=REGULARIZER_NAMES, default="poly",
+                   help="trajectory regularizer (default: poly)")
+    g.add_argument("--data", default=None,
+                   help="a toy density (checkerboard, 8gaussians, ...), a tabular set (power, gas, "
+                        "hepmass, miniboone, bsds300), an image set for --model vae, or a path to "
+                        "your own table (.npy, .npz, .csv, .h5)")
+    g.add_argument("--data-dir", default="data", help="root folder of the standard data files")
+    g.add_argument("--download", action="store_true",
+                   help="download missing standard files (checksum-verified)")
+    g.add_argument("--columns", default=None,
+                   help="your table: comma-separated column names or indices to use")
+    g.add_argument("--drop-nonfinite", action="store_true",
+                   help="your table: drop rows with NaN/inf instead of refusing them")
+
+    g = p.add_argument_group("network")
+    g.add_argument("--hidden-dims", type=_int_list, default=None, help="e.g. 64,64,64")
+    g.add_argument("--hdim-factor", type=_positive_int, default=None,
+                   help="hidden width = factor x data dimension (tabular presets)")
+    g.add_argument("--nhidden", type=_positive_int, default=None)
+    g.add_argument("--layer-type", choices=("concat", "concatsquash"), default=None)
+    g.add_argument("--nonlinearity", choices=("tanh", "softplus", "elu", "swish", "relu"),
+                   default=None)
+    g.add_argument("--num-blocks", type=_positive_int, default=None)
+    g.add_argument("--T", type=_positive_float, default=None, help="end time of each block")
+    g.add_argument("--train-T", action="store_true", help="learn the end time")
+
+    g = p.add_argument_group("solver (paper: dopri5, train 1e-4, evaluation 1e-5)")
+    g.add_argument("--solver", default="dopri5",
+                   choices=("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler",
+                            "midpoint", "rk4"))
+    g.add_argument("--step-size", type=_positive_float, default=None,
+                   help="fixed-grid solvers only")
+    g.add_argument("--atol", type=_positive_float, default=1e-4)
+    g.add_argument("--rtol", type=_positive_float, default=1e-4)
+    g.add_argument("--eval-atol", type=_positive_float, default=1e-5)
+    g.add_argument("--eval-rtol", type=_positive_float, default=1e-5)
+    g.add_argument("--no-adjoint", dest="adjoint", action="store_false",
+                   help="backpropagate through the solver instead of the adjoint")
+    g.add_argument("--seminorm", action="store_true", help="seminorm adjoint (fewer backward NFE)")
+    g.add_argument("--max-nfe", type=_positive_int, default=None,
+                   help="fail a forward solve that needs more evaluations than this")
+    g.add_argument("--trace", choices=("hutchinson", "exact"), default=None)
+    g.add_argument("--eval-trace", choices=("hutchinson", "exact"), default=None)
+    g.add_argument("--noise", choices=("rademacher", "gaussian"), default="rademacher")
+
+    g = p.add_argument_group("trajectory polynomial regularizer (--reg poly)")
+    g.add_argument("--poly-coef", type=_nonneg_float, default=5.0)
+    g.add_argument("--poly-samples", type=_nonneg_int, default=2,
+                   help="interior time points K per solve")
+    g.add_argument("--poly-order", type=_nonneg_int, default=1, help="polynomial degree m")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=_positive_float, default=None)
+    g.add_argument("--weight-decay", type=_nonneg_float, default=0.0)
+    g.add_argument("--batch-size", type=_positive_int, default=None)
+    g.add_argument("--eval-batch-size", type=_positive_int, default=None)
+    g.add_argument("--max-steps", type=int, default=None)
+    g.add_argument("--max-epochs", type=_positive_int, default=None)
+    g.add_argument("--val-every", type=_positive_int, default=None,
+                   help="validate every N training steps (default: once per epoch)")
+    g.add_argument("--limit-val-batches", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-test", dest="test", action="store_false",
+                   help="skip the final test evaluation")
+
+    g = p.add_argument_group("hardware")
+    g.add_argument("--accelerator", default="auto", help="cpu, gpu, auto, ...")
+    g.add_argument("--devices", default="1", help="number of devices, or 'auto'")
+    g.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, ...")
+    g.add_argument("--num-nodes", type=_positive_int, default=1)
+    g.add_argument("--num-workers", type=_nonneg_int, default=0)
+
+    g = p.add_argument_group("outputs")
+    g.add_argument("--logger", choices=LOGGERS, default="csv")
+    g.add_argument("--output-dir", default="runs")
+    g.add_argument("--run-name", default=None)
+    g.add_argument("--ckpt-path", default=None, help="checkpoint to resume from")
+    g.add_argument("--ckpt-every", type=_positive_int, default=500,
+                   help="save a checkpoint every N training steps")
+    g.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+    return p
+
+
+class UsageError(ValueError):
+    """A flag combination that cannot work."""
+
+
+def data_kind(name: str) -> str:
+    """Which family --data names: "toy", "tabular" or "table" (the user's own file)."""
+    from datamodules.tabular import TABULAR_SETS
+    from datamodules.toy import TOY_DENSITIES
+    from datamodules.user_table import TABLE_FORMATS
+
+    if name in TOY_DENSITIES:
+        return "toy"
+    if name.lower() in TABULAR_SETS:
+        return "tabular"
+    if Path(name).suffix.lower() in TABLE_FORMATS:
+        return "table"
+    raise UsageError(
+        f"--data {name!r} is not a known data set or a table file; valid: toy densities "
+        f"{sorted(TOY_DENSITIES)}, tabular sets {list(TABULAR_SETS)}, or a path ending in "
+        f"{', '.join(TABLE_FORMATS)}")
+
+
+def build_datamodule(args: argparse.Namespace, kind: str) -> Any:
+    """The DataModule named by --data, with the (preset-filled) batch sizes."""
+    from datamodules.tabular import TabularDataModule
+    from datamodules.toy import ToyDataModule
+    from datamodules.user_table import UserTableDataModule
+
+    common = dict(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                  num_workers=args.num_workers)
+    if kind == "toy":
+        return ToyDataModule(args.data, seed=args.seed, **common)
+    if kind == "tabular":
+        return TabularDataModule(args.data.lower(), args.data_dir, download=args.download,
+                                 **common)
+    columns = None
+    if args.columns:
+        columns = [int(c) if c.strip().lstrip("-").isdigit() else c.strip()
+                   for c in args.columns.split(",")]
+    return UserTableDataModule(args.data, columns=columns, drop_nonfinite=args.drop_nonfinite,
+                               seed=args.seed, **common)
+
+
+def fill_from_preset(args: argparse.Namespace, preset: dict[str, Any]) -> None:
+    """Set every option the user left unset (None) from the preset."""
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def make_run_dir(args: argparse.Namespace) -> Path:
+    """runs/<name>: a fresh folder per run unless resuming (then the latest of that name)."""
+    base = args.run_name or f"{args.model}-{Path(str(args.data)).stem}-{args.reg}-s{args.seed}"
+    root = Path(args.output_dir)
+    candidates = sorted(root.glob(f"{base}*"), key=lambda p: p.stat().st_mtime) \
+        if root.exists() else []
+    candidates = [c for c in candidates if c.name == base or c.name.startswith(base + "-")]
+    if args.ckpt_path == "last" and candidates:
+        return candidates[-1]
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        # DDP children must use the folder rank 0 made; rank 0 made it before they started.
+        return Path(os.environ.get("POLYREG_RUN_DIR", root / base))
+    run = root / base
+    index = 1
+    while run.exists():
+        index += 1
+        run = root / f"{base}-{index}"
+    run.mkdir(parents=True)
+    os.environ["POLYREG_RUN_DIR"] = str(run)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, train, test, print a summary. Returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as err:
+        parser.error(str(err))
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Everything after flag parsing."""
+    if args.model == "vae":
+        raise UsageError("--model vae is not available yet in this version; use --model cnf")
+    if args.data is None:
+        args.data = "checkerboard"
+    if args.reg == "poly" and args.poly_samples < args.poly_order:
+        raise UsageError(f"--poly-samples must be >= --poly-order, got {args.poly_samples} < "
+                         f"{args.poly_order}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps must be a positive integer, got {args.max_steps}")
+    if args.solver in ("euler", "midpoint", "rk4") and args.step_size is None:
+        raise UsageError(f"--solver {args.solver} is fixed-grid and needs --step-size")
+    if args.max_steps is None and args.max_epochs is None:
+        args.max_steps = 1000
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
+    from polyreg_cnf.models import CNFDensityEstimator
+    from polyreg_cnf.presets import preset_for
+    from polyreg_cnf.solver import SolverConfig
+
+    L.seed_everything(args.seed, workers=True, verbose=False)
+    kind = data_kind(args.data)
+    fill_from_preset(args, preset_for(args.data.lower(), kind))
+    dm = build_datamodule(args, kind)
+    dm.prepare_data()
+    dm.setup("fit")
+    dim = dm.dim
+    hidden = args.hidden_dims or [args.hdim_factor * dim] * args.nhidden
+    solver = SolverConfig(method=args.solver, atol=args.atol, rtol=args.rtol,
+                          eval_atol=args.eval_atol, eval_rtol=args.eval_rtol,
+                          adjoint=args.adjoint, seminorm=args.seminorm, step_size=args.step_size,
+                          max_nfe=args.max_nfe)
+    stats: dict[str, Any] = {}
+    if kind == "table":
+        stats = dict(data_mean=dm.mean.tolist(), data_std=dm.std.tolist())
+    model = CNFDensityEstimator(
+        dim, hidden_dims=list(hidden), layer_type=args.layer_type, nonlinearity=args.nonlinearity,
+        num_blocks=args.num_blocks, T=args.T, train_T=args.train_T, solver=solver,
+        trace=args.trace, eval_trace=args.eval_trace, noise=args.noise, lr=args.lr,
+        weight_decay=args.weight_decay, **stats)
+
+    run_dir = make_run_dir(args)
+    monitor = NFEMonitor()
+    callbacks: list[L.Callback] = [monitor]
+    if args.reg == "poly":
+        callbacks.append(PolynomialTrajectoryRegularizer(
+            coef=args.poly_coef, num_samples=args.poly_samples, order=args.poly_order))
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                 every_n_train_steps=args.ckpt_every)
+    callbacks.append(checkpoint)
+    logger: Any = False
+    if args.logger == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+        logger = CSVLogger(save_dir=str(run_dir), name="", version="")
+    elif args.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+        logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="")
+    elif args.logger == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+        logger = WandbLogger(save_dir=str(run_dir), project="polyreg-cnf", name=run_dir.name)
+    if logger:
+        logger.log_hyperparams({"data": args.data, "reg": args.reg, "seed": args.seed,
+                                "poly_coef": args.poly_coef, "poly_samples": args.poly_samples,
+                                "poly_order": args.poly_order, "batch_size": args.batch_size})
+
+    devices: Any = args.devices if args.devices == "auto" else int(args.devices)
+    val_kwargs: dict[str, Any] = {}
+    if args.val_every is not None:
+        val_kwargs = dict(val_check_interval=args.val_every, check_val_every_n_epoch=None)
+    trainer = L.Trainer(
+        max_steps=args.max_steps if args.max_steps is not None else -1,
+        max_epochs=args.max_epochs, accelerator=args.accelerator, devices=devices,
+        strategy=args.strategy, num_nodes=args.num_nodes, callbacks=callbacks, logger=logger,
+        default_root_dir=str(run_dir), limit_val_batches=args.limit_val_batches,
+        num_sanity_val_steps=0, enable_progress_bar=args.progress, enable_model_summary=False,
+        log_every_n_steps=1, **val_kwargs)
+
+    ckpt_path = args.ckpt_path
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        ckpt_path = str(last) if last.exists() else None
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    wall = time.perf_counter() - start
+    test_metrics: dict[str, float] = {}
+    if args.test:
+        results = trainer.test(model, datamodule=dm, verbose=False)
+        test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+    if trainer.is_global_zero:
+        summary = monitor.summary()
+        lines = [
+            "",
+            f"== polyreg-cnf: {args.model} on {args.data}, reg={args.reg}, seed={args.seed} ==",
+            f"test NLL (nats):            {test_metrics.get('test/nll', float('nan')):.4f}",
+            f"test NFE per batch:         {test_metrics.get('test/nfe', float('nan')):.1f}",
+            f"forward NFE per step:       {summary.get('forward_mean', float('nan')):.1f} "
+            f"(last {monitor.window}: {summary.get('forward_last', float('nan')):.1f})",
+            f"backward NFE per step:      {summary.get('backward_mean', float('nan')):.1f} "
+            f"(last {monitor.window}: {summary.get('backward_last', float('nan')):.1f})",
+            f"seconds per step:           {summary.get('seconds_mean', float('nan')):.3f}",
+            f"training wall time (s):     {wall:.1f}",
+            f"checkpoint:                 {checkpoint.last_model_path or '(none)'}",
+            f"logs:                       {run_dir}",
+        ]
+        print("\n".join(lines))
+    del torch  # imported for side effects of device setup only
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
