@@ -64,7 +64,8 @@ class LossTermCallback(L.Callback):
     # -------------------------------------------------------------- public
     def raw_penalty(self, pl_module: L.LightningModule) -> Tensor | None:
         """Unweighted penalty summed over every ODE block of ``pl_module`` this step."""
-        parts = [p for b in self._find_blocks(pl_module) if (p := self._block_penalty(b)) is not None]
+        blocks = self._find_blocks(pl_module)
+        parts = [p for b in blocks if (p := self._block_penalty(b)) is not None]
         if not parts:
             return None
         return torch.stack(parts).sum()

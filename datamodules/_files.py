@@ -90,7 +90,7 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None,
 
 
 def require_file(path: str | os.PathLike, what: str, how_to_get: str) -> Path:
-    """Return ``path`` if it is an existing file, else raise a DataFileError that says how to get it.
+    """Return ``path`` if it is a file, else raise a DataFileError that says how to get it.
 
     Args:
         path: Where the file is expected.
