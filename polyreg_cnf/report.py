@@ -1,0 +1,469 @@
+"""Compare training runs from their CSV logs: NFE, NLL and training time, as a PNG (and HTML).
+
+Reads ``RUN_DIR/metrics.csv`` as written by Lightning's CSVLogger (every train.py logger kind
+except ``none`` writes one) and needs no network::
+
+    python -m polyreg_cnf.report runs/cnf-checkerboard-poly-s0 runs/cnf-checkerboard-none-s0 \\
+        --out report.png --html report.html --smooth 20
+
+Panels: forward NFE per step, backward NFE per step, NLL per step (train and validation), and
+NLL against training time (the cumulative sum of ``time/step_seconds``: the time spent in
+training steps, validation excluded). Runs are labelled by folder name, or by hyperparameters
+from ``hparams.yaml`` with ``--label reg,poly_coef``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "METRIC_ALIASES",
+    "ReportError",
+    "RunLog",
+    "find_metrics_file",
+    "load_run",
+    "main",
+    "read_metrics",
+    "render_report",
+    "smooth",
+    "summarize",
+    "text_table",
+    "write_html",
+]
+
+#: A metric and the column names Lightning may have given it: a metric logged with both
+#: ``on_step`` and ``on_epoch`` gets ``_step`` / ``_epoch`` suffixes in the CSV.
+METRIC_ALIASES: dict[str, tuple[str, ...]] = {
+    "train/nll": ("train/nll_step", "train/nll"),
+    "val/nll": ("val/nll", "val/nll_epoch"),
+    "test/nll": ("test/nll", "test/nll_epoch"),
+    "nfe/forward": ("nfe/forward", "nfe/forward_step"),
+    "nfe/backward": ("nfe/backward", "nfe/backward_step"),
+    "time/step_seconds": ("time/step_seconds", "time/step_seconds_step"),
+    "reg/poly": ("reg/poly_step", "reg/poly"),
+    "val/nfe": ("val/nfe", "val/nfe_epoch"),
+    "test/nfe": ("test/nfe", "test/nfe_epoch"),
+}
+
+_SEARCH_DEPTH = 3  # how deep below RUN_DIR to look for a single metrics.csv
+
+
+class ReportError(ValueError):
+    """A run folder or log the report cannot use; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------------------------- reading
+def read_metrics(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a Lightning ``metrics.csv`` into float columns, NaN where a cell is empty.
+
+    Lightning writes one row per logging call, with empty cells for the metrics not logged in
+    it. The reader is lenient with what interrupted or resumed runs leave behind: short rows
+    are padded, cells beyond the header and unparsable cells are ignored (NaN), and a repeated
+    header line (a resumed run appending to the file) is skipped.
+
+    Args:
+        path: The CSV file.
+
+    Returns:
+        Column name -> float64 array, all of the same length (one entry per data row).
+
+    Raises:
+        ReportError: The file is empty or has no header.
+    """
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if not rows or not any(cell.strip() for cell in rows[0]):
+        raise ReportError(f"{path} is empty; expected a CSV header line such as "
+                          f"'epoch,nfe/forward,...,step' written by Lightning's CSVLogger")
+    header = [cell.strip() for cell in rows[0]]
+    values = np.full((len(rows) - 1, len(header)), np.nan)
+    kept = 0
+    for row in rows[1:]:
+        if [cell.strip() for cell in row] == header or not any(cell.strip() for cell in row):
+            continue
+        for col, cell in enumerate(row[:len(header)]):
+            values[kept, col] = _to_float(cell)
+        kept += 1
+    return {name: values[:kept, col] for col, name in enumerate(header) if name}
+
+
+def _to_float(cell: str) -> float:
+    try:
+        return float(cell)
+    except ValueError:
+        return math.nan
+
+
+def find_metrics_file(run: str | Path) -> Path:
+    """The ``metrics.csv`` of a run: ``run`` itself if it is a file, else ``run/metrics.csv``.
+
+    When ``run/metrics.csv`` is missing, a single ``metrics.csv`` up to three folders deeper
+    (Lightning's default ``lightning_logs/version_0/``) is accepted.
+
+    Raises:
+        ReportError: The folder does not exist, has no metrics.csv, or has several below it.
+    """
+    run = Path(run)
+    if run.is_file():
+        return run
+    if not run.is_dir():
+        raise ReportError(f"run folder {str(run)!r} does not exist; expected a folder holding "
+                          f"metrics.csv (a train.py run directory) or the path of a metrics.csv")
+    direct = run / "metrics.csv"
+    if direct.is_file():
+        return direct
+    nested = sorted(p for depth in range(2, _SEARCH_DEPTH + 2)
+                    for p in run.glob("/".join(["*"] * (depth - 1) + ["metrics.csv"])))
+    if len(nested) == 1:
+        return nested[0]
+    if nested:
+        listed = ", ".join(str(p) for p in nested)
+        raise ReportError(f"run folder {str(run)!r} has no metrics.csv but several below it "
+                          f"({listed}); pass the folder of the one you mean")
+    raise ReportError(f"run folder {str(run)!r} has no metrics.csv; expected {str(direct)!r} "
+                      f"as written by Lightning's CSVLogger (train.py writes it with every "
+                      f"--logger except 'none')")
+
+
+@dataclass
+class RunLog:
+    """The logged metrics of one run.
+
+    Attributes:
+        name: Label in the legend and the table.
+        path: The metrics.csv file.
+        columns: Column name -> float array (NaN where not logged), see :func:`read_metrics`.
+        hparams: Contents of ``hparams.yaml`` next to the CSV (empty when absent).
+    """
+
+    name: str
+    path: Path
+    columns: dict[str, np.ndarray]
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def column(self, metric: str) -> str | None:
+        """The CSV column holding ``metric`` (see :data:`METRIC_ALIASES`), or None."""
+        for name in METRIC_ALIASES.get(metric, (metric,)):
+            if name in self.columns and np.isfinite(self.columns[name]).any():
+                return name
+        return None
+
+    def series(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps, values)`` of the rows where ``metric`` was logged, sorted by step.
+
+        Empty arrays when the run never logged it.
+        """
+        name = self.column(metric)
+        if name is None or "step" not in self.columns:
+            return np.empty(0), np.empty(0)
+        steps, values = self.columns["step"], self.columns[name]
+        keep = np.isfinite(values) & np.isfinite(steps)
+        order = np.argsort(steps[keep], kind="stable")
+        return steps[keep][order], values[keep][order]
+
+    def wall_time(self, steps: np.ndarray) -> np.ndarray:
+        """Training time (s) reached at each of ``steps``: cumulative ``time/step_seconds``.
+
+        NaN everywhere when the run did not log step times.
+        """
+        t_steps, seconds = self.series("time/step_seconds")
+        if t_steps.size == 0:
+            return np.full(steps.shape, np.nan)
+        # Step s logs the time of the batch that made global step s + 1, so the time spent
+        # up to step s is the sum over rows with step <= s.
+        return np.interp(steps, t_steps, np.cumsum(seconds))
+
+
+def load_run(run: str | Path, name: str | None = None) -> RunLog:
+    """Read one run: its metrics.csv (see :func:`find_metrics_file`) and hparams.yaml.
+
+    Args:
+        run: The run folder (or its metrics.csv).
+        name: Label; default the run folder's name.
+
+    Raises:
+        ReportError: No usable metrics.csv.
+    """
+    path = find_metrics_file(run)
+    columns = read_metrics(path)
+    if "step" not in columns:
+        raise ReportError(f"{path} has no 'step' column (columns: {', '.join(columns)}); "
+                          f"expected a metrics.csv written by Lightning's CSVLogger")
+    if not len(columns["step"]):
+        raise ReportError(f"{path} has a header but no metric rows yet; let the run log a few "
+                          f"steps first")
+    hparams: dict[str, Any] = {}
+    hparams_file = path.parent / "hparams.yaml"
+    if hparams_file.is_file():
+        import yaml  # a dependency of Lightning
+
+        try:
+            loaded = yaml.safe_load(hparams_file.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            loaded = None  # unreadable hyperparameters only cost the label
+        hparams = loaded if isinstance(loaded, dict) else {}
+    label = name or (Path(run).name if Path(run).is_dir() else path.parent.name)
+    return RunLog(name=label, path=path, columns=columns, hparams=hparams)
+
+
+# ---------------------------------------------------------------------------------- maths
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average over ``window`` points (the first points average fewer).
+
+    Args:
+        values: 1-D array without NaN.
+        window: Points per average; 1 returns the values unchanged.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    values = np.asarray(values, dtype=float)
+    if window == 1 or values.size == 0:
+        return values
+    total = np.concatenate([[0.0], np.cumsum(values)])
+    ends = np.arange(1, values.size + 1)
+    starts = np.maximum(ends - window, 0)
+    return (total[ends] - total[starts]) / (ends - starts)
+
+
+def summarize(run: RunLog, tail: float = 0.1) -> dict[str, float]:
+    """Headline numbers of one run (NaN where not logged).
+
+    Args:
+        run: The run.
+        tail: Fraction of the last training points averaged for the ``*_end`` numbers.
+
+    Returns:
+        ``steps``, ``train_nll_end``, ``val_nll_best``, ``val_nll_last``, ``test_nll``,
+        ``nfe_forward_mean``, ``nfe_forward_end``, ``nfe_backward_mean``, ``nfe_backward_end``,
+        ``test_nfe``, ``train_seconds``.
+    """
+    def last(metric: str) -> float:
+        values = run.series(metric)[1]
+        return float(values[-1]) if values.size else math.nan
+
+    def mean(metric: str, end: bool) -> float:
+        values = run.series(metric)[1]
+        if values.size == 0:
+            return math.nan
+        if end:
+            values = values[-max(1, int(round(values.size * tail))):]
+        return float(values.mean())
+
+    val = run.series("val/nll")[1]
+    seconds = run.series("time/step_seconds")[1]
+    steps = run.columns["step"][np.isfinite(run.columns["step"])]
+    return {
+        "steps": float(steps.max() + 1) if steps.size else math.nan,
+        "train_nll_end": mean("train/nll", end=True),
+        "val_nll_best": float(val.min()) if val.size else math.nan,
+        "val_nll_last": float(val[-1]) if val.size else math.nan,
+        "test_nll": last("test/nll"),
+        "nfe_forward_mean": mean("nfe/forward", end=False),
+        "nfe_forward_end": mean("nfe/forward", end=True),
+        "nfe_backward_mean": mean("nfe/backward", end=False),
+        "nfe_backward_end": mean("nfe/backward", end=True),
+        "test_nfe": last("test/nfe"),
+        "train_seconds": float(seconds.sum()) if seconds.size else math.nan,
+    }
+
+
+# ---------------------------------------------------------------------------------- drawing
+def render_report(runs: Sequence[RunLog], out: str | Path, smooth_window: int = 1,
+                  title: str | None = None, dpi: int = 100) -> Path:
+    """Draw the four comparison panels of ``runs`` into a PNG.
+
+    Args:
+        runs: The runs (one colour each).
+        out: PNG file to write (its folder is created).
+        smooth_window: Trailing moving average over this many points for the per-step training
+            curves (validation points are drawn as logged).
+        title: Figure title; default lists the run names.
+        dpi: Resolution (the figure is 11 x 8 inches).
+
+    Returns:
+        The PNG path.
+    """
+    if not runs:
+        raise ValueError("render_report needs at least one run, got none")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 8), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
+    (ax_fwd, ax_bwd), (ax_nll, ax_wall) = axes
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    for run, colour in zip(runs, colours):
+        for ax, metric in ((ax_fwd, "nfe/forward"), (ax_bwd, "nfe/backward")):
+            steps, values = run.series(metric)
+            if steps.size:
+                ax.plot(steps, smooth(values, smooth_window), color=colour, lw=1.2,
+                        label=run.name)
+        steps, nll = run.series("train/nll")
+        val_steps, val_nll = run.series("val/nll")
+        if steps.size:
+            nll_s = smooth(nll, smooth_window)
+            ax_nll.plot(steps, nll_s, color=colour, lw=1.2, label=f"{run.name} train")
+            wall = run.wall_time(steps)
+            if np.isfinite(wall).any():
+                ax_wall.plot(wall, nll_s, color=colour, lw=1.2, label=f"{run.name} train")
+        if val_steps.size:
+            ax_nll.plot(val_steps, val_nll, "o--", color=colour, ms=4, lw=1,
+                        label=f"{run.name} val")
+            val_wall = run.wall_time(val_steps)
+            if np.isfinite(val_wall).any():
+                ax_wall.plot(val_wall, val_nll, "o--", color=colour, ms=4, lw=1,
+                             label=f"{run.name} val")
+    smoothed = f" (moving average of {smooth_window})" if smooth_window > 1 else ""
+    labels = (
+        (ax_fwd, "training step", "function evaluations", f"forward NFE per step{smoothed}"),
+        (ax_bwd, "training step", "function evaluations", f"backward NFE per step{smoothed}"),
+        (ax_nll, "training step", "NLL (nats)", "negative log-likelihood"),
+        (ax_wall, "training time (s, sum of step times)", "NLL (nats)", "NLL against time"),
+    )
+    for ax, xlabel, ylabel, panel_title in labels:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title, fontsize=11)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes,
+                    color="grey")
+    fig.suptitle(title or "polyreg-cnf: " + " vs ".join(run.name for run in runs), fontsize=12)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+_TABLE_COLUMNS = (
+    ("steps", "steps", "{:.0f}"),
+    ("train_nll_end", "train NLL (end)", "{:.3f}"),
+    ("val_nll_best", "best val NLL", "{:.3f}"),
+    ("test_nll", "test NLL", "{:.3f}"),
+    ("nfe_forward_mean", "fwd NFE (mean)", "{:.1f}"),
+    ("nfe_forward_end", "fwd NFE (end)", "{:.1f}"),
+    ("nfe_backward_mean", "bwd NFE (mean)", "{:.1f}"),
+    ("nfe_backward_end", "bwd NFE (end)", "{:.1f}"),
+    ("test_nfe", "test NFE", "{:.1f}"),
+    ("train_seconds", "train time (s)", "{:.1f}"),
+)
+
+
+def _cell(value: float, fmt: str) -> str:
+    return "-" if not math.isfinite(value) else fmt.format(value)
+
+
+def text_table(runs: Sequence[RunLog]) -> str:
+    """The summary of every run as an aligned plain-text table."""
+    head = ["run"] + [label for _, label, _ in _TABLE_COLUMNS]
+    rows = [[run.name] + [_cell(summarize(run)[key], fmt) for key, _, fmt in _TABLE_COLUMNS]
+            for run in runs]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head, *rows])
+
+
+def write_html(runs: Sequence[RunLog], png: str | Path, out: str | Path) -> Path:
+    """A self-contained HTML page: the PNG embedded (base64) and the summary table.
+
+    Args:
+        runs: The runs of the report.
+        png: The rendered report picture.
+        out: HTML file to write.
+
+    Returns:
+        The HTML path.
+    """
+    data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in _TABLE_COLUMNS)
+    body = []
+    for run in runs:
+        stats = summarize(run)
+        cells = "".join(f"<td>{_cell(stats[key], fmt)}</td>" for key, _, fmt in _TABLE_COLUMNS)
+        body.append(f"<tr><th title=\"{html.escape(str(run.path))}\">{html.escape(run.name)}"
+                    f"</th>{cells}</tr>")
+    page = (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>polyreg-cnf report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>\n"
+        "<h1>polyreg-cnf report</h1>\n"
+        f"<img alt=\"NFE and NLL of the runs\" src=\"data:image/png;base64,{data}\">\n"
+        f"<table><tr><th>run</th>{head}</tr>\n" + "\n".join(body) + "\n</table>\n"
+        "<p>NFE: function evaluations per training step (forward solve; backward = adjoint). "
+        "End values average the last 10% of the logged steps. Training time sums "
+        "time/step_seconds (validation excluded).</p>\n</body></html>\n")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------------------------- CLI
+def _labels(runs: Sequence[RunLog], keys: Sequence[str]) -> None:
+    """Relabel runs from hparams keys; make duplicate folder names unique with the parent."""
+    for run in runs:
+        parts = [f"{key}={run.hparams[key]}" for key in keys if key in run.hparams]
+        if parts:
+            run.name = ", ".join(parts)
+    names = [run.name for run in runs]
+    for run in runs:
+        if names.count(run.name) > 1:
+            run.name = f"{run.path.parent.parent.name}/{run.name}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m polyreg_cnf.report``."""
+    p = argparse.ArgumentParser(prog="python -m polyreg_cnf.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run folders holding metrics.csv (or metrics.csv files)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--html", default=None, help="also write a self-contained HTML page here")
+    p.add_argument("--smooth", type=int, default=1,
+                   help="moving average over N steps for the training curves (default 1: none)")
+    p.add_argument("--label", default="",
+                   help="comma-separated hparams.yaml keys to label runs with, e.g. reg,poly_coef "
+                        "(default: folder names)")
+    p.add_argument("--title", default=None, help="figure title")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the report command. Returns the process exit code (2 on a usage or data error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.smooth < 1:
+        parser.error(f"--smooth must be a positive integer, got {args.smooth}")
+    if not args.out.lower().endswith(".png"):
+        parser.error(f"--out must name a .png file, got {args.out!r}")
+    try:
+        runs = [load_run(run) for run in args.runs]
+    except (ReportError, OSError) as err:
+        print(f"report: error: {err}", file=sys.stderr)
+        return 2
+    _labels(runs, [k.strip() for k in args.label.split(",") if k.strip()])
+    png = render_report(runs, args.out, smooth_window=args.smooth, title=args.title)
+    print(text_table(runs))
+    print(f"wrote {png}")
+    if args.html:
+        print(f"wrote {write_html(runs, png, args.html)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
