@@ -396,7 +396,7 @@ class NFEProgressBar(TQDMProgressBar):
     The callbacks already log ``nfe/forward``, ``nfe/backward`` and ``reg/poly`` with
     ``prog_bar=True``; this bar shows them as ``fwd``, ``bwd`` and ``poly`` (see
     :data:`PROGRESS_NAMES`), drops the W&B version ``v_num``, and keeps every other metric
-    under its own name.
+    under its own name. NFE counts are shown as integers.
 
     Args:
         refresh_rate: Update the bar every N batches.
@@ -414,5 +414,7 @@ class NFEProgressBar(TQDMProgressBar):
         for name, value in metrics.items():
             if name == "v_num" or (name.endswith("_epoch") and name[:-6] + "_step" in metrics):
                 continue
+            if isinstance(value, float) and value.is_integer() and name.startswith("nfe/"):
+                value = int(value)  # counts: "fwd=26", not "fwd=26.00"
             shown[self.names.get(name, name)] = value
         return shown
