@@ -219,11 +219,23 @@ def _wandb_logger(run_dir: Path, run_name: str, config: Mapping[str, Any]) -> Lo
                               x_disable_stats=offline, x_disable_machine_info=offline)
     logger = WandbLogger(save_dir=str(run_dir), project=WANDB_PROJECT, name=run_name,
                          config=dict(config), settings=settings, offline=False)
-    if rank_zero_only.rank == 0:
+    if _launch_rank_zero():
         # Start the run now (rank 0 only; other ranks get Lightning's dummy experiment) so the
         # dashboard layout is declared before the first metric arrives.
         define_wandb_metrics(logger.experiment)
     return logger
+
+
+def _launch_rank_zero() -> bool:
+    """Whether this process is global rank 0, also before the Trainer has assigned ranks.
+
+    Until the Trainer sets up its strategy, Lightning's rank comes from ``RANK`` /
+    ``LOCAL_RANK``, so local rank 0 of every other node would also read 0; the node rank
+    variables tell them apart.
+    """
+    if rank_zero_only.rank != 0:
+        return False
+    return all(os.environ.get(name, "0") in ("", "0") for name in ("NODE_RANK", "GROUP_RANK"))
 
 
 @rank_zero_only

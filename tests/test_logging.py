@@ -226,6 +226,12 @@ def test_no_wandb_run_on_other_ranks(tmp_path, offline_env, monkeypatch):
     assert type(loggers[0]) is WandbLogger
     assert wandb_sync_hint(loggers) is None
     assert not (tmp_path / "r" / "wandb").exists()
+    # Local rank 0 of a second node, before the Trainer has set the ranks: no run either.
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    monkeypatch.setenv("NODE_RANK", "1")
+    loggers = make_logger("wandb", tmp_path / "n1", "n1")
+    assert loggers[0]._experiment is None
+    assert not (tmp_path / "n1" / "wandb").exists()
 
 
 def test_run_config_and_git_commit(tmp_path):
