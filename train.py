@@ -20,7 +20,7 @@ from typing import Any
 
 # Fail fast on bad flags before the heavy imports (torch, lightning) are paid for.
 MODELS = ("cnf", "vae")
-LOGGERS = ("csv", "tensorboard", "wandb", "none")
+LOGGERS = ("auto", "wandb", "csv", "tensorboard", "none")  # = polyreg_cnf.run_logging.LOGGER_KINDS
 REGULARIZER_NAMES = ("none", "poly")
 
 
@@ -154,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=_nonneg_int, default=0)
 
     g = p.add_argument_group("outputs")
-    g.add_argument("--logger", choices=LOGGERS, default="csv")
+    g.add_argument("--logger", choices=LOGGERS, default="auto",
+                   help="auto: W&B (offline unless logged in) when installed; every kind but "
+                        "none also writes run_dir/metrics.csv")
+    g.add_argument("--plot-every", type=_nonneg_int, default=500,
+                   help="2-D data: density and trajectory PNGs every N steps and at the end "
+                        "(0: off)")
     g.add_argument("--output-dir", default="runs")
     g.add_argument("--run-name", default=None)
     g.add_argument("--ckpt-path", default=None, help="checkpoint to resume from")
@@ -271,8 +276,16 @@ def run(args: argparse.Namespace) -> int:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
+    from callbacks.plots import TrajectoryPlotter
     from polyreg_cnf.models import CNFDensityEstimator
     from polyreg_cnf.presets import preset_for
+    from polyreg_cnf.run_logging import (
+        NFEProgressBar,
+        finish_loggers,
+        make_logger,
+        run_config,
+        wandb_sync_hint,
+    )
     from polyreg_cnf.solver import SolverConfig
 
     L.seed_everything(args.seed, workers=True, verbose=False)
@@ -305,20 +318,11 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                                  every_n_train_steps=args.ckpt_every)
     callbacks.append(checkpoint)
-    logger: Any = False
-    if args.logger == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-        logger = CSVLogger(save_dir=str(run_dir), name="", version="")
-    elif args.logger == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-        logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="")
-    elif args.logger == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-        logger = WandbLogger(save_dir=str(run_dir), project="polyreg-cnf", name=run_dir.name)
-    if logger:
-        logger.log_hyperparams({"data": args.data, "reg": args.reg, "seed": args.seed,
-                                "poly_coef": args.poly_coef, "poly_samples": args.poly_samples,
-                                "poly_order": args.poly_order, "batch_size": args.batch_size})
+    if dim == 2 and args.plot_every > 0:
+        callbacks.append(TrajectoryPlotter(every_n_steps=args.plot_every))
+    if args.progress:
+        callbacks.append(NFEProgressBar())
+    loggers = make_logger(args.logger, run_dir, run_dir.name, run_config(vars(args)))
 
     devices: Any = args.devices if args.devices == "auto" else int(args.devices)
     val_kwargs: dict[str, Any] = {}
@@ -327,7 +331,8 @@ def run(args: argparse.Namespace) -> int:
     trainer = L.Trainer(
         max_steps=args.max_steps if args.max_steps is not None else -1,
         max_epochs=args.max_epochs, accelerator=args.accelerator, devices=devices,
-        strategy=args.strategy, num_nodes=args.num_nodes, callbacks=callbacks, logger=logger,
+        strategy=args.strategy, num_nodes=args.num_nodes, callbacks=callbacks,
+        logger=loggers or False,
         default_root_dir=str(run_dir), limit_val_batches=args.limit_val_batches,
         num_sanity_val_steps=0, enable_progress_bar=args.progress, enable_model_summary=False,
         log_every_n_steps=1, **val_kwargs)
@@ -337,12 +342,18 @@ def run(args: argparse.Namespace) -> int:
         last = run_dir / "checkpoints" / "last.ckpt"
         ckpt_path = str(last) if last.exists() else None
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    wall = time.perf_counter() - start
-    test_metrics: dict[str, float] = {}
-    if args.test:
-        results = trainer.test(model, datamodule=dm, verbose=False)
-        test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    status = "failed"
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        wall = time.perf_counter() - start
+        test_metrics: dict[str, float] = {}
+        if args.test:
+            results = trainer.test(model, datamodule=dm, verbose=False)
+            test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+        status = "success"
+    finally:
+        finish_loggers(loggers, status)
+    sync_hint = wandb_sync_hint(loggers)
 
     if trainer.is_global_zero:
         summary = monitor.summary()
@@ -359,7 +370,11 @@ def run(args: argparse.Namespace) -> int:
             f"training wall time (s):     {wall:.1f}",
             f"checkpoint:                 {checkpoint.last_model_path or '(none)'}",
             f"logs:                       {run_dir}",
+            f"compare runs:               python -m polyreg_cnf.report {run_dir} [...] "
+            f"--out report.png",
         ]
+        if sync_hint:
+            lines.append(f"W&B run is offline; upload: {sync_hint}")
         print("\n".join(lines))
     del torch  # imported for side effects of device setup only
     return 0
