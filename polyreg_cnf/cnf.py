@@ -68,6 +68,32 @@ class CNF(ODEBlock):
         self.trace = trace
         self.eval_trace = eval_trace
         self.noise = noise
+        self._kinetic_on = False
+        self._kinetic: list[tuple[Tensor, Tensor]] = []
+
+    # ------------------------------------------------------------------ RNODE terms
+    def start_kinetic_penalty(self) -> None:
+        r"""Integrate RNODE's kinetic energy and Jacobian norm on training solves until stopped.
+
+        Adds two states: :math:`\int_0^T \tfrac12\|f\|^2 dt` and
+        :math:`\int_0^T \|\epsilon^\top \partial f/\partial z\|^2 dt` (a Hutchinson estimate
+        of the Frobenius norm, with the same probe as the trace; Finlay et al., ICML 2020).
+        """
+        self._kinetic_on = True
+        self._kinetic = []
+
+    def stop_kinetic_penalty(self) -> None:
+        """Stop integrating the RNODE terms and drop what was recorded."""
+        self._kinetic_on = False
+        self._kinetic = []
+
+    def kinetic_penalty(self) -> tuple[Tensor, Tensor] | None:
+        """(kinetic energy, Jacobian Frobenius norm) summed over recorded solves, batch means."""
+        if not self._kinetic:
+            return None
+        kinetic = torch.stack([k for k, _ in self._kinetic]).sum()
+        jacobian = torch.stack([j for _, j in self._kinetic]).sum()
+        return kinetic, jacobian
 
     def forward(self, z: Tensor, context: Tensor | None = None,  # type: ignore[override]
                 reverse: bool = False) -> tuple[Tensor, Tensor]:
@@ -85,7 +111,9 @@ class CNF(ODEBlock):
             raise ValueError(f"CNF expects z of shape (B, D), got {tuple(z.shape)}")
         net = self.net
         mode = self.trace if self.training else self.eval_trace
-        eps = sample_probe(z, self.noise) if mode == "hutchinson" else None
+        kinetic = self._kinetic_on and self.training and torch.is_grad_enabled() and not reverse
+        eps = sample_probe(z, self.noise) if mode == "hutchinson" or kinetic else None
+        exact = mode == "exact"
 
         def field(t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
             y = state[0]
@@ -98,17 +126,29 @@ class CNF(ODEBlock):
                     # A fresh leaf: the trace differentiates with respect to exactly this tensor.
                     y = y.detach().requires_grad_(True)
                 dz = net(t, y) if context is None else net(t, y, context)
-                if eps is None:
+                if kinetic:
+                    # One vector-Jacobian product serves the trace estimate and the Frobenius
+                    # norm estimate ||eps^T J||^2 (both unbiased for E[eps eps^T] = I).
+                    (vjp,) = torch.autograd.grad(dz, y, eps, create_graph=keep_graph,
+                                                 retain_graph=True)
+                    div = (divergence_exact(dz, y, create_graph=keep_graph) if exact
+                           else (vjp * eps).sum(dim=1))
+                    extra = (0.5 * dz.square().sum(dim=1), vjp.square().sum(dim=1))
+                elif exact:
                     div = divergence_exact(dz, y, create_graph=keep_graph)
+                    extra = ()
                 else:
                     div = divergence_hutchinson(dz, y, eps, create_graph=keep_graph)
-            if not keep_graph:
-                dz, div = dz.detach(), div.detach()
-            return dz, div
+                    extra = ()
+            out = (dz, div, *extra)
+            return out if keep_graph else tuple(o.detach() for o in out)
 
-        ladj0 = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-        z_out, ladj = self.solve(field, (z, ladj0), extra_params=(context,), reverse=reverse)
-        return z_out, ladj
+        zeros = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        state = (z, zeros, zeros, zeros) if kinetic else (z, zeros)
+        out = self.solve(field, state, extra_params=(context,), reverse=reverse)
+        if kinetic:
+            self._kinetic.append((out[2].mean(), out[3].mean()))
+        return out[0], out[1]
 
 
 class CNFStack(nn.Module):

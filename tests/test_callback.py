@@ -279,3 +279,18 @@ def test_nfe_monitor_logs_training_and_evaluation_counts():
     s = mon.summary()
     assert s["steps"] == 2 and s["forward_mean"] >= 8 and s["backward_mean"] > 0
     assert collect_nfe(model)["forward"] > 0
+
+
+def test_kinetic_regularizer_adds_its_weighted_terms():
+    from callbacks import KineticRegularizer
+
+    L.seed_everything(0)
+    reg = KineticRegularizer(kinetic_coef=0.5, jacobian_coef=0.25)
+    spy = LossSpy(reg)
+    model = NLLSpy(2, hidden_dims=[16, 16], solver=SolverConfig(atol=1e-3, rtol=1e-3))
+    trainer([reg, spy], max_steps=2).fit(model, small_data())
+    for loss, nll, pen in zip(spy.losses, model.seen, spy.penalties):
+        assert pen.item() > 0
+        torch.testing.assert_close(loss, nll + pen)
+    with pytest.raises(ValueError, match="kinetic_coef must be a finite number >= 0"):
+        KineticRegularizer(kinetic_coef=-1)

@@ -330,3 +330,24 @@ def test_constructors_reject_bad_values(build, match):
 def test_cnf_rejects_wrong_input_shape():
     with pytest.raises(ValueError, match="shape \\(B, D\\), got \\(2, 3, 4\\)"):
         CNF(ODENet(4))(torch.zeros(2, 3, 4))
+
+
+def test_kinetic_terms_match_closed_forms_for_linear_dynamics():
+    # dz/dt = A z: kinetic energy = int_0^T 0.5 |A expm(tA) z0|^2 dt (quadrature), and the
+    # Hutchinson Frobenius term averages to T ||A||_F^2.
+    A, T = random_A(2, 7), 0.9
+    cnf = CNF(Linear(A), T=T, trace="hutchinson", noise="gaussian",
+              solver=SolverConfig(adjoint=False, **TIGHT))
+    torch.manual_seed(0)
+    z0 = torch.randn(1, 2, dtype=torch.float64).repeat(4000, 1)
+    cnf.start_kinetic_penalty()
+    z, ladj = cnf(z0)
+    kinetic, jacobian = cnf.kinetic_penalty()
+    ts = np.linspace(0, T, 2001)
+    vals = [0.5 * np.sum((A @ expm(t * A) @ z0[0].numpy()) ** 2) for t in ts]
+    np.testing.assert_allclose(kinetic.item(), np.trapezoid(vals, ts), rtol=1e-5)
+    assert jacobian.item() == pytest.approx(T * np.sum(A ** 2), rel=0.05)
+    # the flow itself is unchanged by the extra states
+    np.testing.assert_allclose(z.detach().numpy(), z0.numpy() @ expm(T * A).T, atol=1e-8)
+    cnf.stop_kinetic_penalty()
+    assert cnf.kinetic_penalty() is None
