@@ -21,7 +21,7 @@ from typing import Any
 # Fail fast on bad flags before the heavy imports (torch, lightning) are paid for.
 MODELS = ("cnf", "vae")
 LOGGERS = ("auto", "wandb", "csv", "tensorboard", "none")  # = polyreg_cnf.run_logging.LOGGER_KINDS
-REGULARIZER_NAMES = ("none", "poly")
+REGULARIZER_NAMES = ("none", "poly", "kinetic")
 
 
 def _positive_int(text: str) -> int:
@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interior time points K per solve")
     g.add_argument("--poly-order", type=_nonneg_int, default=1, help="polynomial degree m")
 
+    g = p.add_argument_group("RNODE kinetic regularizer (--reg kinetic)")
+    g.add_argument("--kinetic-coef", type=_nonneg_float, default=0.01,
+                   help="weight of the kinetic energy")
+    g.add_argument("--jacobian-coef", type=_nonneg_float, default=0.01,
+                   help="weight of the Jacobian Frobenius norm")
+
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=_positive_float, default=None)
     g.add_argument("--weight-decay", type=_nonneg_float, default=0.0)
@@ -219,6 +225,20 @@ def fill_from_preset(args: argparse.Namespace, preset: dict[str, Any]) -> None:
             setattr(args, key, value)
 
 
+def make_regularizer(args: argparse.Namespace) -> Any:
+    """The regularizer callback named by --reg (the registry of the command line), or None."""
+    from callbacks import KineticRegularizer, PolynomialTrajectoryRegularizer
+
+    registry = {
+        "none": lambda: None,
+        "poly": lambda: PolynomialTrajectoryRegularizer(
+            coef=args.poly_coef, num_samples=args.poly_samples, order=args.poly_order),
+        "kinetic": lambda: KineticRegularizer(kinetic_coef=args.kinetic_coef,
+                                              jacobian_coef=args.jacobian_coef),
+    }
+    return registry[args.reg]()
+
+
 def make_run_dir(args: argparse.Namespace) -> Path:
     """runs/<name>: a fresh folder per run unless resuming (then the latest of that name)."""
     base = args.run_name or f"{args.model}-{Path(str(args.data)).stem}-{args.reg}-s{args.seed}"
@@ -275,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
+    from callbacks import NFEMonitor
     from callbacks.plots import TrajectoryPlotter
     from polyreg_cnf.models import CNFDensityEstimator
     from polyreg_cnf.presets import preset_for
@@ -312,9 +332,9 @@ def run(args: argparse.Namespace) -> int:
     run_dir = make_run_dir(args)
     monitor = NFEMonitor()
     callbacks: list[L.Callback] = [monitor]
-    if args.reg == "poly":
-        callbacks.append(PolynomialTrajectoryRegularizer(
-            coef=args.poly_coef, num_samples=args.poly_samples, order=args.poly_order))
+    regularizer = make_regularizer(args)
+    if regularizer is not None:
+        callbacks.append(regularizer)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                                  every_n_train_steps=args.ckpt_every)
     callbacks.append(checkpoint)
