@@ -1,0 +1,299 @@
+"""Benchmark harness: train named arms on named workloads over several seeds and summarise.
+
+Each run trains with Lightning on CPU, records NFE and seconds per step (NFEMonitor), validates
+every ``eval_every`` steps at the evaluation tolerance (not counted in training time), then tests
+at the evaluation tolerance and again at the training tolerance (the gap shows a model that
+learned to exploit solver error). Summaries are medians over seeds with min/max spread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from callbacks import KineticRegularizer, NFEMonitor, PolynomialTrajectoryRegularizer  # noqa: E402
+from datamodules.toy import ToyDataModule  # noqa: E402
+from datamodules.user_table import UserTableDataModule  # noqa: E402
+from polyreg_cnf.models import CNFDensityEstimator  # noqa: E402
+from polyreg_cnf.ode import ode_blocks  # noqa: E402
+from polyreg_cnf.solver import SolverConfig  # noqa: E402
+
+EVAL_TOL = 1e-5  # the paper's evaluation tolerance, for every arm
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A data set, its network and its training length."""
+
+    name: str
+    kind: str  # "toy" or "table"
+    steps: int
+    eval_every: int
+    batch_size: int = 256
+    hidden_dims: tuple[int, ...] = (64, 64, 64)
+    layer_type: str = "concatsquash"
+    nonlinearity: str = "tanh"
+    num_blocks: int = 1
+    lr: float = 1e-3
+    num_val: int = 2000
+    num_test: int = 5000
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training configuration (regularizer, tolerances, engineering options)."""
+
+    name: str
+    label: str
+    reg: str | None = None  # None, "poly" or "kinetic"
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    adjoint: bool = True
+    adjoint_carry_step: bool = True
+    seminorm: bool = False
+    trace: str = "hutchinson"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+ARMS = {
+    "ffjord": Arm("ffjord", "(1) FFJORD, authors' baseline tolerance 1e-8/1e-6",
+                  atol=1e-8, rtol=1e-6, adjoint_carry_step=False),
+    "tpr_paper": Arm("tpr_paper", "(2) TPR, paper settings (train 1e-4, stock adjoint)",
+                     reg="poly", adjoint_carry_step=False),
+    "ffjord_matched": Arm("ffjord_matched", "(3) FFJORD at matched train tol 1e-4",
+                          adjoint_carry_step=False),
+    "rnode": Arm("rnode", "(4) RNODE (kinetic + Jacobian, 0.01 each), train 1e-4",
+                 reg="kinetic", adjoint_carry_step=False),
+    "tpr_fast": Arm("tpr_fast", "(5) TPR + restart-free seminorm adjoint", reg="poly",
+                    adjoint_carry_step=True, seminorm=True),
+}
+
+WORKLOADS = {
+    "checkerboard": Workload("checkerboard", "toy", steps=3000, eval_every=250),
+    "8gaussians": Workload("8gaussians", "toy", steps=3000, eval_every=250),
+    "breast_cancer": Workload("breast_cancer", "table", steps=2000, eval_every=200,
+                              batch_size=128, hidden_dims=(64, 64), layer_type="concat",
+                              nonlinearity="softplus", num_val=0, num_test=0),
+}
+
+
+def _datamodule(w: Workload, seed: int, tmp: Path) -> L.LightningDataModule:
+    if w.kind == "toy":
+        return ToyDataModule(w.name, num_train=50_000, num_val=w.num_val, num_test=w.num_test,
+                             seed=seed, batch_size=w.batch_size, eval_batch_size=5000)
+    from sklearn.datasets import load_breast_cancer
+
+    path = tmp / "breast_cancer.npy"
+    np.save(path, load_breast_cancer().data)
+    # The split is fixed (seed 0) so every arm and seed sees the same test rows.
+    return UserTableDataModule(path, seed=0, batch_size=w.batch_size, eval_batch_size=1000)
+
+
+class _ValCurve(L.Callback):
+    """(training seconds so far, step, val NLL) at each validation."""
+
+    def __init__(self, monitor: NFEMonitor) -> None:
+        self.monitor = monitor
+        self.curve: list[tuple[float, int, float]] = []
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or "val/nll" not in trainer.callback_metrics:
+            return
+        seconds = sum(r[2] for r in self.monitor.history)
+        self.curve.append((seconds, trainer.global_step,
+                           float(trainer.callback_metrics["val/nll"])))
+
+
+def _set_eval_tolerance(model: torch.nn.Module, atol: float, rtol: float) -> None:
+    for block in ode_blocks(model):
+        block.solver = dataclasses.replace(block.solver, eval_atol=atol, eval_rtol=rtol)
+
+
+def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None) -> dict[str, Any]:
+    """Train one arm on one workload with one seed; return its measurements."""
+    steps = steps or w.steps
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        L.seed_everything(seed, verbose=False)
+        dm = _datamodule(w, seed, Path(tmp))
+        dm.setup("fit")
+        solver = SolverConfig(atol=arm.atol, rtol=arm.rtol, eval_atol=EVAL_TOL,
+                              eval_rtol=EVAL_TOL, adjoint=arm.adjoint,
+                              adjoint_carry_step=arm.adjoint_carry_step, seminorm=arm.seminorm)
+        model = CNFDensityEstimator(dm.dim, hidden_dims=list(w.hidden_dims),
+                                    layer_type=w.layer_type, nonlinearity=w.nonlinearity,
+                                    num_blocks=w.num_blocks, solver=solver, trace=arm.trace,
+                                    eval_trace="exact", lr=w.lr)
+        monitor = NFEMonitor()
+        curve = _ValCurve(monitor)
+        callbacks: list[L.Callback] = [monitor, curve]
+        if arm.reg == "poly":
+            callbacks.append(PolynomialTrajectoryRegularizer(coef=5.0, num_samples=2, order=1))
+        elif arm.reg == "kinetic":
+            callbacks.append(KineticRegularizer(0.01, 0.01))
+        trainer = L.Trainer(max_steps=steps, val_check_interval=w.eval_every,
+                            check_val_every_n_epoch=None, callbacks=callbacks, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0,
+                            accelerator="cpu", devices=1)
+        start = time.perf_counter()
+        trainer.fit(model, dm)
+        fit_wall = time.perf_counter() - start
+        test = trainer.test(model, dm, verbose=False)[0]
+        test_nfe = monitor.last_test_nfe
+        _set_eval_tolerance(model, arm.atol, arm.rtol)
+        test_train_tol = trainer.test(model, dm, verbose=False)[0]
+    hist = monitor.history
+    fwd = [r[0] for r in hist]
+    bwd = [r[1] for r in hist]
+    secs = [r[2] for r in hist]
+    return {
+        "workload": w.name, "arm": arm.name, "seed": seed, "steps": len(hist),
+        "forward_nfe": float(np.mean(fwd)), "backward_nfe": float(np.mean(bwd)),
+        "total_nfe": float(np.mean(fwd) + np.mean(bwd)),
+        "forward_nfe_last100": float(np.mean(fwd[-100:])),
+        "backward_nfe_last100": float(np.mean(bwd[-100:])),
+        "seconds_per_step": float(np.mean(secs)), "train_seconds": float(np.sum(secs)),
+        "fit_wall_seconds": fit_wall,
+        "test_nll": float(test["test/nll"]), "test_nfe": float(test_nfe),
+        "test_nll_at_train_tol": float(test_train_tol["test/nll"]),
+        "tolerance_gap": float(test_train_tol["test/nll"] - test["test/nll"]),
+        "val_curve": curve.curve,
+        "nfe_per_step": {"forward": fwd, "backward": bwd},
+    }
+
+
+def time_to_reach(curve: list[list[float]], target: float) -> float | None:
+    """Training seconds until the validation NLL first reaches ``target`` (None: never)."""
+    for seconds, _, nll in curve:
+        if nll <= target:
+            return float(seconds)
+    return None
+
+
+def _median(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(statistics.median(vals)) if len(vals) == len(values) and vals else None
+
+
+def summarise(runs: list[dict[str, Any]], baselines: tuple[str, ...] = ("ffjord",
+                                                                          "ffjord_matched")
+              ) -> dict[str, Any]:
+    """Medians and spreads per (workload, arm), plus time to each baseline's final val NLL."""
+    out: dict[str, Any] = {}
+    keys = ("forward_nfe", "backward_nfe", "total_nfe", "forward_nfe_last100",
+            "backward_nfe_last100", "seconds_per_step", "train_seconds", "test_nll", "test_nfe",
+            "tolerance_gap")
+    by = {}
+    for r in runs:
+        by.setdefault(r["workload"], {}).setdefault(r["arm"], []).append(r)
+    for wname, arms in by.items():
+        out[wname] = {}
+        for aname, rs in arms.items():
+            entry: dict[str, Any] = {"seeds": [r["seed"] for r in rs]}
+            for k in keys:
+                vals = [r[k] for r in rs]
+                entry[k] = {"median": float(statistics.median(vals)), "min": float(min(vals)),
+                            "max": float(max(vals))}
+            for base in baselines:
+                if base not in arms:
+                    continue
+                times = []
+                for r in rs:
+                    ref = [b for b in arms[base] if b["seed"] == r["seed"]]
+                    if not ref or not ref[0]["val_curve"]:
+                        times.append(None)
+                        continue
+                    target = ref[0]["val_curve"][-1][2]
+                    times.append(time_to_reach(r["val_curve"], target))
+                entry[f"seconds_to_{base}_final_val"] = {
+                    "median": _median(times), "per_seed": times}
+            out[wname][aname] = entry
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """Where and with what the numbers were measured."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    import lightning
+    import torchdiffeq
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "lightning": lightning.__version__, "torchdiffeq": torchdiffeq.__version__,
+            "git_commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.part")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def fmt(entry: dict[str, Any] | None, digits: int = 1) -> str:
+    """'median [min, max]' for a summary entry."""
+    if entry is None or entry.get("median") is None:
+        return "not reached"
+    if "min" not in entry:
+        return f"{entry['median']:.{digits}f}"
+    return f"{entry['median']:.{digits}f} [{entry['min']:.{digits}f}, {entry['max']:.{digits}f}]"
+
+
+def plot_nfe(runs: list[dict[str, Any]], path: Path, smooth: int = 25) -> None:
+    """Total NFE per step vs step: median over seeds per arm, one panel per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = sorted({r["workload"] for r in runs})
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
+    for ax, wname in zip(axes[0], workloads):
+        arms = sorted({r["arm"] for r in runs if r["workload"] == wname})
+        for aname in arms:
+            rs = [r for r in runs if r["workload"] == wname and r["arm"] == aname]
+            n = min(len(r["nfe_per_step"]["forward"]) for r in rs)
+            total = np.median([np.add(r["nfe_per_step"]["forward"][:n],
+                                      r["nfe_per_step"]["backward"][:n]) for r in rs], axis=0)
+            k = max(1, min(smooth, n))
+            smoothed = np.convolve(total, np.ones(k) / k, mode="valid")
+            ax.plot(np.arange(len(smoothed)) + k // 2, smoothed, label=aname)
+        ax.set_title(f"{wname}: total NFE per training step (median of seeds)")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("forward + backward NFE")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
