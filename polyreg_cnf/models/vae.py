@@ -451,7 +451,7 @@ VAE_PRESETS: dict[str, dict[str, Any]] = {
                     nonlinearity="tanh"),
     "digits": dict(_PUBLISHED, z_dim=16, feature_dim=64, mlp_hidden=256, rank=4,
                    hidden_dims=[64, 64], num_blocks=1, nonlinearity="softplus", lr=2e-3,
-                   warmup_epochs=10, is_samples=500, is_chunk=50, max_epochs=40),
+                   warmup_epochs=10, is_samples=200, is_chunk=100, max_epochs=30),
 }
 
 _SOLVER_KEYS = ("method", "atol", "rtol", "eval_atol", "eval_rtol", "adjoint", "seminorm",
