@@ -382,3 +382,13 @@ def test_build_vae_and_cnfvae_reject_bad_options():
         tiny(is_chunk=0)
     with pytest.raises(ValueError, match="lr must be"):
         tiny(lr=0.0)
+
+
+def test_importance_nll_runs_under_inference_mode_without_building_graphs():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    x = digits_batch(4)
+    with torch.inference_mode():
+        nll, neg_elbo = model.importance_nll(x, 3)
+    assert not nll.requires_grad and (nll <= neg_elbo + 1e-4).all()
+    assert model.flow.blocks[0].nfe.backward == 0

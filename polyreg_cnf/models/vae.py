@@ -343,6 +343,12 @@ class CNFVAE(L.LightningModule):
         chunk = self.is_chunk if chunk is None else chunk
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+        with torch.inference_mode(False), torch.no_grad():
+            # Under inference mode (Lightning evaluation) the context made from h could not
+            # enter the trace's autograd graph inside the solve: work on an ordinary copy.
+            return self._importance_nll(x.clone(), num_samples, chunk)
+
+    def _importance_nll(self, x: Tensor, num_samples: int, chunk: int) -> tuple[Tensor, Tensor]:
         mu, log_sigma, h = self.encode(x)
         B = x.shape[0]
         lse_parts, total = [], torch.zeros(B, dtype=mu.dtype, device=mu.device)
@@ -394,12 +400,11 @@ class CNFVAE(L.LightningModule):
         """(negative ELBO, IS NLL or None) per image, with beta = 1."""
         # Lightning evaluates under inference mode; the CNF's trace needs autograd inside the
         # solve, and the per-sample context must be an ordinary tensor to enter that graph.
+        if samples > 0:
+            nll, neg_elbo = self.importance_nll(x, samples)
+            return neg_elbo, nll
         with torch.inference_mode(False), torch.no_grad():
-            x = x.clone()
-            if samples > 0:
-                nll, neg_elbo = self.importance_nll(x, samples)
-                return neg_elbo, nll
-            log_px, kl = self.elbo_terms(x)
+            log_px, kl = self.elbo_terms(x.clone())
             return kl - log_px, None
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
