@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
+from polyreg_cnf.adjoint import odeint_adjoint_carry
 from polyreg_cnf.nfe import NFECounter, NFELimitError
 from polyreg_cnf.penalty import sample_penalty_times, trajectory_polynomial_penalty
 from polyreg_cnf.solver import SolverConfig
@@ -203,8 +204,12 @@ class ODEBlock(nn.Module):
             adjoint_options = dict(self.solver.options())
             if self.solver.seminorm:
                 adjoint_options["norm"] = "seminorm"
-            traj = odeint_adjoint(counted, y0, t, adjoint_params=params,
-                                  adjoint_options=adjoint_options, **kwargs)
+            # The restart-free adjoint needs an adaptive method (it carries the step size).
+            solve = (odeint_adjoint_carry
+                     if self.solver.adaptive and self.solver.adjoint_carry_step
+                     else odeint_adjoint)
+            traj = solve(counted, y0, t, adjoint_params=params,
+                         adjoint_options=adjoint_options, **kwargs)
         else:
             traj = odeint(counted, y0, t, **kwargs)
         counted.backward = True

@@ -36,6 +36,11 @@ class SolverConfig:
             solver's operations.
         seminorm: With the adjoint, measure the backward error on the state and its adjoint
             only (Kidger, Chen & Lyons, ICML 2021): typically far fewer backward steps.
+        adjoint_carry_step: With the adjoint and an adaptive method, use the restart-free
+            adjoint (:func:`polyreg_cnf.adjoint.odeint_adjoint_carry`): the backward pass keeps
+            its step size across the output times instead of re-selecting it on every interval,
+            so the penalty's interior times cost about one evaluation each. ``False`` uses
+            torchdiffeq's stock ``odeint_adjoint`` (kept for comparison).
         first_step: Initial step size for adaptive methods; ``None`` lets the solver choose
             (costs one extra evaluation per solve).
         step_size: Step size of fixed-grid methods (required for them).
@@ -51,6 +56,7 @@ class SolverConfig:
     eval_rtol: float | None = None
     adjoint: bool = True
     seminorm: bool = False
+    adjoint_carry_step: bool = True
     first_step: float | None = None
     step_size: float | None = None
     max_num_steps: int | None = None

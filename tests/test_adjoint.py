@@ -1,0 +1,281 @@
+"""The restart-free adjoint: gradients against closed forms, direct backprop and torchdiffeq's
+adjoint; backward NFE of the trajectory penalty's extra output times; input checks."""
+
+import doctest
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import expm
+from torch import nn
+from torchdiffeq import odeint, odeint_adjoint
+
+import polyreg_cnf.adjoint as adjoint_module
+from polyreg_cnf import CNF, ODEBlock, ODENet, SolverConfig, standard_normal_logprob
+from polyreg_cnf.adjoint import odeint_adjoint_carry
+
+TIGHT = dict(rtol=1e-10, atol=1e-10, method="dopri5")
+VARIANTS = [dict(single_solve=True), dict(single_solve=False),
+            dict(single_solve=True, seed_first_step=False)]
+
+
+def _times(K, T, seed):
+    """0, K sorted interior times, T (T may be a tensor that requires grad)."""
+    u = torch.sort(torch.rand(K, dtype=torch.float64,
+                              generator=torch.Generator().manual_seed(seed))).values
+    return torch.cat([torch.zeros(1, dtype=torch.float64), u * T, T.reshape(1)])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("seminorm", [False, True])
+@pytest.mark.parametrize("K", [0, 2, 5])
+def test_linear_ode_values_and_gradients_match_the_closed_form(K, seminorm, variant):
+    # dy/dt = A y: y(t) = expm(t A) y0; L = sum_i w_i . y(t_i) gives dL/dy0 = sum expm(t_i A)^T w_i,
+    # dL/dT = w_N . A y(T)
+    rng = np.random.default_rng(K)
+    A_np = rng.normal(size=(3, 3)) * 0.5
+    A = torch.tensor(A_np, requires_grad=True)
+    y0 = torch.tensor(rng.normal(size=(2, 3)), requires_grad=True)
+    T = torch.tensor(1.2, dtype=torch.float64, requires_grad=True)
+    t = _times(K, T, seed=K)
+    w = torch.tensor(rng.normal(size=(K + 2, 2, 3)))
+    options = {"norm": "seminorm"} if seminorm else None
+    y = odeint_adjoint_carry(lambda s, y: y @ A.T, y0, t, options=None, adjoint_params=(A,),
+                             adjoint_options=options, **TIGHT, **variant)
+    tt = t.detach().numpy()
+    expected = np.stack([y0.detach().numpy() @ expm(ti * A_np).T for ti in tt])
+    np.testing.assert_allclose(y.detach().numpy(), expected, atol=1e-8)
+    g_y0, g_A, g_T = torch.autograd.grad((w * y).sum(), (y0, A, T))
+    ref_y0 = sum(w[i].numpy() @ expm(ti * A_np) for i, ti in enumerate(tt))
+    np.testing.assert_allclose(g_y0.numpy(), ref_y0, atol=1e-8)
+    yT = expected[-1]
+    # T moves the last output time and (scaled by t_i / T) every interior one
+    ref_T = sum((ti / tt[-1]) * (w[i].numpy() * (expected[i] @ A_np.T)).sum()
+                for i, ti in enumerate(tt))
+    np.testing.assert_allclose(g_T.item(), ref_T, rtol=1e-7)
+    assert yT.shape == (2, 3) and g_A.shape == (3, 3)
+
+
+def _grads_all_ways(K, seminorm, variant):
+    """Gradients of a nonlinear tuple system by direct backprop, stock adjoint and ours."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    ctx = torch.randn(5, 1, dtype=torch.float64, requires_grad=True)
+    params = tuple(net.parameters()) + (ctx,)
+
+    def field(s, state):
+        z = state[0]
+        dz = net(torch.cat([z, ctx * torch.cos(s)], dim=1))
+        return dz, (dz * z).sum(dim=1)
+
+    results = {}
+    for way in ("direct", "stock", "carry"):
+        y0 = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        y0.requires_grad_(True)
+        T = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+        t = _times(K, T, seed=3)
+        state = (y0, torch.zeros(5, dtype=torch.float64))
+        opts = {"norm": "seminorm"} if seminorm else {}
+        if way == "direct":
+            traj = odeint(field, state, t, **TIGHT)
+        elif way == "stock":
+            traj = odeint_adjoint(field, state, t, adjoint_params=params, adjoint_options=opts,
+                                  **TIGHT)
+        else:
+            traj = odeint_adjoint_carry(field, state, t, options=None, adjoint_params=params,
+                                        adjoint_options=opts, **TIGHT, **variant)
+        loss = traj[0].square().sum() + traj[1][-1].sum() + traj[0][-1, :, 0].sum()
+        results[way] = torch.autograd.grad(loss, (y0, T) + params)
+    return results
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:2])
+@pytest.mark.parametrize("seminorm", [False, True])
+@pytest.mark.parametrize("K", [0, 2, 5])
+def test_gradients_equal_direct_backprop_and_the_stock_adjoint(K, seminorm, variant):
+    results = _grads_all_ways(K, seminorm, variant)
+    for ours, direct, stock in zip(results["carry"], results["direct"], results["stock"]):
+        np.testing.assert_allclose(ours.numpy(), direct.numpy(), rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(ours.numpy(), stock.numpy(), rtol=1e-6, atol=1e-8)
+
+
+class ContextNet(nn.Module):
+    """A small vector field with per-sample context (an amortized conditioning)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = ODENet(3, (8, 8), layer_type="concatsquash", nonlinearity="softplus")
+
+    def forward(self, t, z, context):
+        return self.net(t, torch.cat([z, context], dim=1))[:, :2]
+
+
+@pytest.mark.parametrize("K", [0, 2, 5])
+def test_cnf_gradients_with_context_and_trainable_end_time(K):
+    """y0, parameters, the context and T = s**2, with the penalty on: our adjoint = backprop."""
+
+    def grads(adjoint, carry):
+        torch.manual_seed(5)
+        net = ContextNet().double()
+        cnf = CNF(net, T=0.8, train_T=True, trace="exact",
+                  solver=SolverConfig(adjoint=adjoint, adjoint_carry_step=carry, atol=1e-10,
+                                      rtol=1e-10))
+        x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+        context = torch.randn(6, 1, dtype=torch.float64, requires_grad=True)
+        if K:
+            cnf.start_trajectory_penalty(K, 1)
+        z, ladj = cnf(x, context=context)
+        loss = -(standard_normal_logprob(z) + ladj).mean()
+        if K:
+            loss = loss + 5 * cnf.trajectory_penalty()
+        loss.backward()
+        return [x.grad, context.grad] + [p.grad for p in cnf.parameters()]
+
+    direct, stock, ours = grads(False, False), grads(True, False), grads(True, True)
+    for a, b, c in zip(ours, direct, stock):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(a.numpy(), c.numpy(), rtol=1e-6, atol=1e-8)
+
+
+def _backward_nfe(seed, carry, K, seminorm=False, tol=1e-5):
+    """(forward, backward, accepted_backward, rejected_backward) of one CNF training step."""
+    torch.manual_seed(seed)
+    cnf = CNF(ODENet(2, (32, 32), layer_type="concatsquash", nonlinearity="tanh"),
+              solver=SolverConfig(atol=tol, rtol=tol, seminorm=seminorm,
+                                  adjoint_carry_step=carry))
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(100 + seed)) * 1.5
+    if K:
+        cnf.start_trajectory_penalty(K, 1)
+    torch.manual_seed(7)  # same probe and same penalty times for every variant
+    z, ladj = cnf(x)
+    loss = -(standard_normal_logprob(z) + ladj).mean()
+    if K:
+        loss = loss + 5 * cnf.trajectory_penalty()
+    loss.backward()
+    n = cnf.nfe
+    return n.forward, n.backward, n.accepted_backward, n.rejected_backward
+
+
+@pytest.mark.parametrize("seminorm", [False, True])
+def test_penalty_times_no_longer_inflate_the_backward_pass(seminorm):
+    """TPR (K = 2) with the carry adjoint: backward NFE within 10 % of the plain [0, T] solve
+    (stock adjoint, what an unregularized run pays), summed over several models and inputs;
+    torchdiffeq's adjoint is clearly above it; the forward solve is unchanged."""
+    seeds, tol = range(3), 1e-6
+    plain = [_backward_nfe(s, False, 0, seminorm, tol) for s in seeds]
+    stock = [_backward_nfe(s, False, 2, seminorm, tol) for s in seeds]
+    ours = [_backward_nfe(s, True, 2, seminorm, tol) for s in seeds]
+    plain_carry = [_backward_nfe(s, True, 0, seminorm, tol) for s in seeds]
+    assert [r[0] for r in ours] == [r[0] for r in stock] == [r[0] for r in plain]
+    b_plain, b_stock, b_ours = (sum(r[1] for r in rs) for rs in (plain, stock, ours))
+    assert b_ours <= 1.10 * b_plain, (b_ours, b_plain)
+    assert b_stock >= 1.3 * b_plain, (b_stock, b_plain)
+    # Against the plain solve with the same (carry) adjoint, what is left is the price of
+    # stopping at each interior time: one evaluation, and the step that straddled it split in two.
+    b_plain_carry = sum(r[1] for r in plain_carry)
+    print(f"backward NFE over {len(seeds)} models: [0, T] stock {b_plain}, [0, T] carry "
+          f"{b_plain_carry}, TPR stock {b_stock}, TPR carry {b_ours}")
+    assert b_ours <= b_plain_carry + len(seeds) * 2 * (1 + 6), (b_ours, b_plain_carry)
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_backward_nfe_formula_and_step_callbacks(K):
+    """dopri5, first step seeded by the forward solve: 1 to start, 1 per interior time,
+    6 per accepted or rejected backward step (counted through the *_adjoint callbacks)."""
+    for seed in range(2):
+        forward, backward, accepted, rejected = _backward_nfe(seed, True, K)
+        assert accepted > 0
+        assert backward == 1 + K + 6 * (accepted + rejected)
+
+
+def test_per_interval_variant_counts_one_restart_per_interval():
+    torch.manual_seed(0)
+    A = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    counts = {"nfe": 0, "acc": 0, "rej": 0}
+
+    class Field:
+        def __call__(self, t, y):
+            counts["nfe"] += 1
+            return (torch.tanh(y[0] @ A.T),)
+
+        def callback_accept_step_adjoint(self, t0, y0, dt):
+            counts["acc"] += 1
+
+        def callback_reject_step_adjoint(self, t0, y0, dt):
+            counts["rej"] += 1
+
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.2, 0.5, 0.7, 1.0], dtype=torch.float64)
+    traj = odeint_adjoint_carry(Field(), (y0,), t, rtol=1e-7, atol=1e-7, method="dopri5",
+                                options=None, adjoint_params=(A,), single_solve=False)
+    counts["nfe"] = 0
+    traj[0].square().sum().backward()
+    # 4 intervals, each started with one evaluation; no first-step selection anywhere
+    assert counts["nfe"] == 4 + 6 * (counts["acc"] + counts["rej"])
+
+
+def test_reverse_time_block_and_plain_tensor_state():
+    """Decreasing t (sampling direction) and a single-tensor state."""
+    torch.manual_seed(3)
+    A = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    y0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1.0, 0.6, 0.1, 0.0], dtype=torch.float64)
+
+    def f(s, y):
+        return torch.sin(y @ A.T)
+
+    out = odeint_adjoint_carry(f, y0, t, options=None, adjoint_params=(A,), **TIGHT)
+    ref = odeint(f, y0, t, **TIGHT)
+    assert isinstance(out, torch.Tensor)
+    ours = torch.autograd.grad(out.square().sum(), (y0, A))
+    direct = torch.autograd.grad(ref.square().sum(), (y0, A))
+    for a, b in zip(ours, direct):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-8)
+
+
+class TimeLinear(nn.Linear):
+    def forward(self, t, z):
+        return super().forward(z)
+
+
+def test_ode_block_dispatch_uses_the_stock_adjoint_when_asked(monkeypatch):
+    calls = []
+    original = adjoint_module.odeint_adjoint_carry
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    import polyreg_cnf.ode as ode
+    monkeypatch.setattr(ode, "odeint_adjoint_carry", spy)
+    block = ODEBlock(TimeLinear(2, 2), solver=SolverConfig())
+    block(torch.randn(3, 2)).sum().backward()
+    assert calls == [1]
+    ODEBlock(TimeLinear(2, 2), solver=SolverConfig(adjoint_carry_step=False))(
+        torch.randn(3, 2)).sum().backward()
+    ODEBlock(TimeLinear(2, 2), solver=SolverConfig(method="rk4", step_size=0.25))(
+        torch.randn(3, 2)).sum().backward()
+    with torch.no_grad():
+        ODEBlock(TimeLinear(2, 2))(torch.randn(3, 2))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(method="rk4"), ValueError, "needs an adaptive method, got 'rk4'; valid: dopri5"),
+    (dict(adjoint_options={"step_t": torch.tensor([0.5])}), ValueError, "may not set 'step_t'"),
+    (dict(adjoint_options={"norm": "l2"}), ValueError, "'seminorm' or a callable, got 'l2'"),
+    (dict(y0=[torch.zeros(2)]), TypeError, "y0 must be a tensor or a non-empty tuple"),
+    (dict(y0=(torch.zeros(2), torch.zeros(2, dtype=torch.float64))), ValueError, "one dtype"),
+    (dict(t=torch.tensor([0.0])), ValueError, "at least 2 times, got \\(1,\\)"),
+    (dict(adjoint_params=(1.0,)), TypeError, "adjoint_params must be tensors, got \\['float'\\]"),
+])
+def test_rejects_bad_input(kwargs, error, match):
+    args = dict(func=lambda t, y: y, y0=(torch.zeros(2),), t=torch.tensor([0.0, 1.0]),
+                rtol=1e-5, atol=1e-5, method="dopri5", options=None, adjoint_params=())
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        odeint_adjoint_carry(**args)
+
+
+def test_docstring_example_runs():
+    assert doctest.testmod(adjoint_module, raise_on_error=True).attempted >= 1
