@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = ("none", "poly")
 METRICS = ("test_neg_elbo", "test_is_nll", "init_neg_elbo", "forward_nfe", "backward_nfe",
            "seconds_per_epoch", "seconds_per_step", "test_nfe_per_batch")
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "?"
+    except OSError:
+        return "?"
 
 
 def trainer(max_epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
@@ -107,6 +118,8 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
         f"Setting: `digits` preset {meta['preset']}; {meta['epochs']} epochs, "
         f"{meta['is_samples']} importance samples per test image; seeds {meta['seeds']}; "
         f"both settings at the same tolerances (train 1e-4, evaluation 1e-5).  ",
+        f"Code: commit {meta.get('git_commit', '?')} (plus uncommitted edits of others in the "
+        f"tree); solver {meta.get('solver', '?')}.  ",
         f"Wall time of the whole benchmark: {meta['wall_seconds']:.0f} s.",
         "",
         "Median (min-max) across seeds. NFE: one call of the ODE right-hand side, per training "
@@ -204,7 +217,8 @@ def main() -> None:
         load_end=[round(x, 2) for x in os.getloadavg()],
         preset={k: v for k, v in VAE_PRESETS["digits"].items()}, epochs=args.epochs,
         is_samples=args.is_samples, seeds=args.seeds,
-        wall_seconds=time.perf_counter() - start, notes=[])
+        wall_seconds=time.perf_counter() - start, notes=[], git_commit=git_commit(),
+        solver=build_vae((1, 8, 8), "bernoulli", **VAE_PRESETS["digits"]).hparams["solver"])
     summary = summarise(rows)
     meta["notes"] = notes(meta, summary)
     name = "vae_digits_quick" if args.quick else "vae_digits"

@@ -319,11 +319,12 @@ def test_ddp_spawn_two_processes_keep_identical_weights(tmp_path):
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
-    # The DataLoader rather than the DataModule: DigitsDataModule holds a torch.Generator,
-    # which ddp_spawn cannot send to its processes (torch fails to share its state tensor).
+    # A plain DataLoader over the digits: the DataModule and its loader hold torch.Generators,
+    # which ddp_spawn cannot send to its processes (torch fails to share their state tensor).
     dm = DigitsDataModule(batch_size=50)
     dm.setup("fit")
-    trainer.fit(model, train_dataloaders=dm.train_dataloader())
+    data = torch.utils.data.TensorDataset(torch.from_numpy(dm.arrays()["train"]))
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=50))
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert r0["reg_steps"] == r1["reg_steps"] == [3]
     w0, w1 = r0["state"], r1["state"]
