@@ -33,15 +33,15 @@ there and evaluate the right-hand side again with the new :math:`a` (one evaluat
 time, and the step that straddled :math:`t_i` is split in two). What need not happen there is a
 step-size restart. Two exact ways to avoid it:
 
-* ``single_solve=True`` (default): one ``odeint`` call for the whole backward pass on the
+* ``single_solve=False`` (default): one ``odeint`` per interval, as torchdiffeq, but each
+  started with the step size the previous one ended on (``first_step``, recorded through
+  ``callback_step``/``callback_accept_step``) and with the state reset to its forward value.
+* ``single_solve=True``: one ``odeint`` call for the whole backward pass on the
   continuous variable :math:`\tilde a = a - G(t)`, :math:`G(t) = \sum_{t_i \text{ passed}} g_i`,
   whose right-hand side :math:`-(\tilde a + G)^\top \partial f / \partial y` jumps at the
   :math:`t_i`: torchdiffeq's ``jump_t`` stops there and re-evaluates just beyond, and its step
   controller proposes the next step from the error of the step that landed on :math:`t_i`.
   The state is integrated backwards continuously, as in a solve output at :math:`[t_0, t_N]`.
-* ``single_solve=False``: one ``odeint`` per interval, as torchdiffeq, but each started with
-  the step size the previous one ended on (``first_step``, recorded through
-  ``callback_step``/``callback_accept_step``) and with the state reset to its forward value.
 
 Either way the last step lands on :math:`t_0` (``step_t``) instead of overshooting it, and the
 first backward step is the last step the forward solve accepted (``seed_first_step``) rather than
@@ -352,7 +352,7 @@ def odeint_adjoint_carry(func: TupleField, y0: State | Tensor, t: Tensor, *, rto
                          adjoint_params: Sequence[Tensor],
                          adjoint_rtol: float | None = None, adjoint_atol: float | None = None,
                          adjoint_options: dict[str, Any] | None = None,
-                         single_solve: bool = True,
+                         single_solve: bool = False,
                          seed_first_step: bool = True) -> State | Tensor:
     r"""Solve :math:`\dot y = f(t, y)` and backpropagate with a restart-free continuous adjoint.
 
@@ -380,10 +380,10 @@ def odeint_adjoint_carry(func: TupleField, y0: State | Tensor, t: Tensor, *, rto
         adjoint_options: Backward solver options (default: ``options`` without ``norm``);
             ``{"norm": "seminorm"}`` leaves the parameter adjoints out of the error estimate.
         single_solve: Integrate the whole backward pass as one ``odeint`` call with the output
-            times as ``jump_t`` (default); ``False``: one call per interval with the step size
+            times as ``jump_t``; default ``False``: one call per interval with the step size
             carried over and the state reset to its forward values at the output times. Same
-            gradients up to the tolerance; the single solve needed fewer evaluations in
-            ``benchmarks/adjoint_overhead.py``.
+            gradients up to the tolerance; neither is always cheaper, the per-interval one was
+            on the trained toy model of ``benchmarks/adjoint_overhead.py``.
         seed_first_step: Start the backward pass with the last step the forward solve accepted
             instead of selecting a first step from scratch (ignored if ``adjoint_options`` sets
             ``first_step``).

@@ -1,0 +1,211 @@
+"""Backward cost of the trajectory penalty's extra output times: stock vs restart-free adjoint.
+
+For a 2-D CNF of the toy size (ODENet(2, (64, 64, 64), "concatsquash", "tanh"), trained for a
+few hundred steps on the checkerboard so the dynamics are not those of a random init) and a 30-D
+CNF at random init, one training step (forward + backward) is timed and its NFE counted for
+
+- ``plain_stock``: output at [0, T] only, torchdiffeq's ``odeint_adjoint`` (what an
+  unregularized FFJORD run pays);
+- ``plain_carry``: output at [0, T] only, ``polyreg_cnf.adjoint.odeint_adjoint_carry``;
+- ``tpr_stock``: TPR with K = 2 interior times (penalty coefficient 5), stock adjoint;
+- ``tpr_carry``: TPR with K = 2, the restart-free adjoint as one backward solve with the output
+  times as ``jump_t`` (``single_solve=True``);
+- ``tpr_carry_intervals``: TPR with K = 2, the restart-free adjoint, one solve per interval
+  with the step size carried over (``single_solve=False``, the default);
+- ``tpr_direct``: TPR with K = 2, backpropagation through the solver (no adjoint: backward NFE 0),
+
+each with and without the seminorm (not applicable to ``tpr_direct``), over several seeds (model
+input batch, Hutchinson probe and penalty times; for the 30-D case also the random model), and
+reports medians. Every variant of a seed sees the same model, batch, probe and penalty times,
+so the forward solve is identical across variants.
+
+Run: ``.venv/bin/python benchmarks/adjoint_overhead.py`` (writes
+``benchmarks/results/adjoint_overhead.{json,md}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchdiffeq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import polyreg_cnf.adjoint as adjoint_module  # noqa: E402
+import polyreg_cnf.ode as ode_module  # noqa: E402
+from datamodules.toy import sample_toy  # noqa: E402
+from polyreg_cnf import CNF, ODENet, SolverConfig, standard_normal_logprob  # noqa: E402
+
+__all__ = ["main", "measure", "train_toy"]
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain_stock": dict(K=0, adjoint=True, carry=False),
+    "plain_carry": dict(K=0, adjoint=True, carry=True),
+    "tpr_stock": dict(K=2, adjoint=True, carry=False),
+    "tpr_carry": dict(K=2, adjoint=True, carry=True, single_solve=True),
+    "tpr_carry_intervals": dict(K=2, adjoint=True, carry=True, single_solve=False),
+    "tpr_direct": dict(K=2, adjoint=False, carry=False),
+}
+
+
+def train_toy(steps: int, tol: float, batch: int, seed: int = 0) -> CNF:
+    """A 2-D CNF trained by plain Adam on checkerboard samples (no penalty)."""
+    torch.manual_seed(seed)
+    cnf = CNF(ODENet(2, (64, 64, 64), "concatsquash", "tanh"),
+              solver=SolverConfig(atol=tol, rtol=tol))
+    opt = torch.optim.Adam(cnf.parameters(), lr=1e-3)
+    data = torch.from_numpy(sample_toy("checkerboard", steps * batch, seed))
+    for step in range(steps):
+        x = data[step * batch:(step + 1) * batch]
+        z, ladj = cnf(x)
+        loss = -(standard_normal_logprob(z) + ladj).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return cnf
+
+
+def measure(cnf: CNF, x: torch.Tensor, variant: dict[str, Any], seminorm: bool, tol: float,
+            seed: int) -> dict[str, float]:
+    """NFE and seconds of one training step of ``cnf`` on ``x`` under ``variant``."""
+    cnf.solver = SolverConfig(atol=tol, rtol=tol, adjoint=variant["adjoint"],
+                              seminorm=seminorm and variant["adjoint"],
+                              adjoint_carry_step=variant["carry"])
+    cnf.nfe.reset()
+    cnf.zero_grad(set_to_none=True)
+    if variant["K"]:
+        cnf.start_trajectory_penalty(variant["K"], 1)
+    else:
+        cnf.stop_trajectory_penalty()
+    original = adjoint_module.odeint_adjoint_carry
+    single = variant.get("single_solve", False)
+    # ODEBlock calls odeint_adjoint_carry with its defaults; pin the variant explicitly.
+    ode_module.odeint_adjoint_carry = (
+        lambda *args, **kwargs: original(*args, single_solve=single, **kwargs))
+    try:
+        torch.manual_seed(seed)  # same probe and same penalty times for every variant
+        start = time.perf_counter()
+        z, ladj = cnf(x)
+        loss = -(standard_normal_logprob(z) + ladj).mean()
+        if variant["K"]:
+            loss = loss + 5 * cnf.trajectory_penalty()
+        middle = time.perf_counter()
+        loss.backward()
+        end = time.perf_counter()
+    finally:
+        ode_module.odeint_adjoint_carry = original
+        cnf.stop_trajectory_penalty()
+    n = cnf.nfe
+    return dict(forward_nfe=n.forward, backward_nfe=n.backward,
+                backward_steps=n.accepted_backward + n.rejected_backward,
+                forward_s=middle - start, backward_s=end - middle)
+
+
+def run_case(name: str, models: list[CNF], inputs: list[torch.Tensor], tol: float
+             ) -> dict[str, Any]:
+    """All variants, with and without seminorm, over the (model, input) seeds; medians."""
+    rows: dict[str, Any] = {}
+    # warm-up, untimed
+    measure(models[0], inputs[0], VARIANTS["tpr_carry_intervals"], False, tol, seed=0)
+    for variant_name, variant in VARIANTS.items():
+        for seminorm in ((False,) if not variant["adjoint"] else (False, True)):
+            key = variant_name + ("+seminorm" if seminorm else "")
+            runs = [measure(m, x, variant, seminorm, tol, seed=1000 + i)
+                    for i, (m, x) in enumerate(zip(models, inputs))]
+            rows[key] = dict(
+                runs=runs,
+                median={k: statistics.median(r[k] for r in runs) for k in runs[0]})
+            med = rows[key]["median"]
+            print(f"{name:>6} {key:<30} fwd {med['forward_nfe']:>6.0f}  bwd "
+                  f"{med['backward_nfe']:>6.0f}  bwd {med['backward_s']:.3f}s", flush=True)
+    return rows
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The medians as one table per case, plus the run's context."""
+    lines = ["# Backward cost of TPR's extra output times: stock vs restart-free adjoint", "",
+             f"Command: `{result['command']}`", "",
+             f"nproc: {result['nproc']}; torch {result['torch']}, torchdiffeq "
+             f"{result['torchdiffeq']}, Python {result['python']}; "
+             f"{result['seeds']} seeds, medians; tolerance atol = rtol = {result['tol']}. "
+             "Other processes may have shared the CPU, so seconds are indicative; NFE are exact.",
+             "", "Backward NFE ratio = backward NFE / that of `plain_stock` (the [0, T] solve "
+             "with torchdiffeq's adjoint, what an unregularized run pays) of the same seeds.", ""]
+    for case, info in result["cases"].items():
+        rows = info["rows"]
+        lines += [f"## {case}: {info['description']}", "",
+                  "| variant | forward NFE | backward NFE | ratio to plain_stock | "
+                  "backward steps | backward s |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for key, row in rows.items():
+            med = row["median"]
+            base_key = "plain_stock+seminorm" if "seminorm" in key else "plain_stock"
+            base = rows[base_key]["median"]["backward_nfe"]
+            ratio = med["backward_nfe"] / base if base else float("nan")
+            lines.append(f"| {key} | {med['forward_nfe']:.0f} | {med['backward_nfe']:.0f} | "
+                         f"{ratio:.2f} | {med['backward_steps']:.0f} | "
+                         f"{med['backward_s']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tol", type=float, default=1e-5)
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--train-tol", type=float, default=1e-4)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    if args.seeds < 1 or args.train_steps < 0 or args.batch < 1:
+        raise ValueError(f"need seeds >= 1, train_steps >= 0, batch >= 1, got {vars(args)}")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    cases: dict[str, Any] = {}
+    start = time.perf_counter()
+    toy = train_toy(args.train_steps, args.train_tol, args.batch)
+    train_s = time.perf_counter() - start
+    print(f"trained the 2-D CNF for {args.train_steps} steps in {train_s:.0f}s", flush=True)
+    toy_inputs = [torch.from_numpy(sample_toy("checkerboard", args.batch, 100 + s))
+                  for s in range(args.seeds)]
+    cases["toy-2d"] = dict(
+        description=f"ODENet(2, (64, 64, 64), concatsquash, tanh) after {args.train_steps} "
+                    f"Adam steps (lr 1e-3, batch {args.batch}, tol {args.train_tol}) on the "
+                    f"checkerboard; seeds vary the batch, the probe and the penalty times",
+        rows=run_case("toy-2d", [toy] * args.seeds, toy_inputs, args.tol))
+
+    models, inputs = [], []
+    for s in range(args.seeds):
+        torch.manual_seed(s)
+        models.append(CNF(ODENet(30, (64, 64, 64), "concatsquash", "tanh")))
+        inputs.append(torch.randn(args.batch, 30, generator=torch.Generator().manual_seed(s)))
+    cases["cnf-30d"] = dict(
+        description="ODENet(30, (64, 64, 64), concatsquash, tanh) at random init, standard "
+                    "normal inputs; seeds vary the model, the batch, the probe and the times",
+        rows=run_case("cnf-30d", models, inputs, args.tol))
+
+    result = dict(
+        command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        nproc=os.cpu_count(), torch=torch.__version__, torchdiffeq=torchdiffeq.__version__,
+        numpy=np.__version__, python=platform.python_version(), seeds=args.seeds,
+        tol=args.tol, train_steps=args.train_steps, train_seconds=train_s, cases=cases)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "adjoint_overhead.json").write_text(json.dumps(result, indent=2))
+    (args.out / "adjoint_overhead.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+
+
+if __name__ == "__main__":
+    main()
