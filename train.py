@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, ...")
     g.add_argument("--num-nodes", type=_positive_int, default=1)
     g.add_argument("--num-workers", type=_nonneg_int, default=0)
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="intra-op CPU threads per process (default: cores / processes on this "
+                        "node when training on CPU with several processes, else torch's default)")
 
     g = p.add_argument_group("outputs")
     g.add_argument("--logger", choices=LOGGERS, default="auto",
@@ -239,6 +242,51 @@ def make_regularizer(args: argparse.Namespace) -> Any:
     return registry[args.reg]()
 
 
+def set_threads(args: argparse.Namespace) -> None:
+    """Give each process its share of the CPU cores.
+
+    CNF right-hand sides are many small operations; when several processes each start one
+    OpenMP thread per core, every parallel region waits for a descheduled thread and a step can
+    run a hundred times slower. So several CPU processes split the cores between them.
+    """
+    import torch
+
+    threads = args.threads
+    if threads is None and args.accelerator in ("cpu", "auto") and args.devices not in ("1",
+                                                                                         "auto"):
+        if args.accelerator == "cpu" or not torch.cuda.is_available():
+            threads = max(1, (os.cpu_count() or 1) // max(1, int(args.devices)))
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def resolve_ckpt_path(value: str | None, ckpt_dir: Path) -> str | None:
+    """--ckpt-path: None (fresh run), "last" (latest checkpoint of this run name) or a file."""
+    if value is None:
+        return None
+    if value == "last":
+        last = ckpt_dir / "last.ckpt"
+        if not last.exists():
+            print(f"train.py: no checkpoint at {last}; starting a fresh run", file=sys.stderr)
+            return None
+        return str(last)
+    if not Path(value).is_file():
+        raise UsageError(f"--ckpt-path {value!r} is not a file (or use --ckpt-path last to "
+                         f"resume the latest run of this name)")
+    return value
+
+
+def keep_previous_log(run_dir: Path) -> None:
+    """Lightning's CSV logger deletes metrics.csv on start; keep a resumed run's earlier rows."""
+    log = run_dir / "metrics.csv"
+    if not log.exists() or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    index = 1
+    while (run_dir / f"metrics.part{index}.csv").exists():
+        index += 1
+    log.rename(run_dir / f"metrics.part{index}.csv")
+
+
 def make_run_dir(args: argparse.Namespace) -> Path:
     """runs/<name>: a fresh folder per run unless resuming (then the latest of that name)."""
     base = args.run_name or f"{args.model}-{Path(str(args.data)).stem}-{args.reg}-s{args.seed}"
@@ -296,7 +344,9 @@ def run(args: argparse.Namespace) -> int:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from callbacks import NFEMonitor
+    from callbacks.guard import NumericalFaultError, RunGuard, describe_solver_failure
     from callbacks.plots import TrajectoryPlotter
+    from polyreg_cnf.checkpoint import AtomicCheckpointIO
     from polyreg_cnf.models import CNFDensityEstimator
     from polyreg_cnf.presets import preset_for
     from polyreg_cnf.run_logging import (
@@ -308,6 +358,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from polyreg_cnf.solver import SolverConfig
 
+    set_threads(args)
     L.seed_everything(args.seed, workers=True, verbose=False)
     kind = data_kind(args.data)
     fill_from_preset(args, preset_for(args.data.lower(), kind))
@@ -330,12 +381,17 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, **stats)
 
     run_dir = make_run_dir(args)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path = resolve_ckpt_path(args.ckpt_path, ckpt_dir)
+    if ckpt_path is not None:
+        keep_previous_log(run_dir)
     monitor = NFEMonitor()
-    callbacks: list[L.Callback] = [monitor]
+    guard = RunGuard(ckpt_dir / "last.ckpt", ckpt_dir / "last-good.ckpt")
+    callbacks: list[L.Callback] = [monitor, guard]
     regularizer = make_regularizer(args)
     if regularizer is not None:
         callbacks.append(regularizer)
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=args.ckpt_every)
     callbacks.append(checkpoint)
     if dim == 2 and args.plot_every > 0:
@@ -355,18 +411,36 @@ def run(args: argparse.Namespace) -> int:
         logger=loggers or False,
         default_root_dir=str(run_dir), limit_val_batches=args.limit_val_batches,
         num_sanity_val_steps=0, enable_progress_bar=args.progress, enable_model_summary=False,
-        log_every_n_steps=1, **val_kwargs)
+        log_every_n_steps=1, plugins=[AtomicCheckpointIO()], **val_kwargs)
 
-    ckpt_path = args.ckpt_path
-    if ckpt_path == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        ckpt_path = str(last) if last.exists() else None
     start = time.perf_counter()
     status = "failed"
+    test_metrics: dict[str, float] = {}
     try:
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        except SystemExit:
+            if guard.interrupted is None:  # not ours: let it through
+                raise
+        except NumericalFaultError as err:
+            print(f"train.py: numerical fault: {err}", file=sys.stderr)
+            return 3
+        except (AssertionError, RuntimeError) as err:
+            described = describe_solver_failure(err, trainer.global_step)
+            if described is None:
+                raise
+            saved = (f" The weights of the last good step were saved to {guard.last_good_path}."
+                     if guard.fault_step is not None else "")
+            print(f"train.py: numerical fault: {described}{saved}", file=sys.stderr)
+            return 3
         wall = time.perf_counter() - start
-        test_metrics: dict[str, float] = {}
+        if guard.interrupted is not None:
+            if trainer.is_global_zero:
+                print(f"\ninterrupted by {guard.interrupted} at step {trainer.global_step}; "
+                      f"checkpoint saved to {guard.last_path}. Resume with the same flags plus "
+                      f"--ckpt-path last (or --ckpt-path {guard.last_path}).")
+            status = "killed"
+            return 143 if guard.interrupted == "SIGTERM" else 130
         if args.test:
             results = trainer.test(model, datamodule=dm, verbose=False)
             test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
@@ -388,7 +462,7 @@ def run(args: argparse.Namespace) -> int:
             f"(last {monitor.window}: {summary.get('backward_last', float('nan')):.1f})",
             f"seconds per step:           {summary.get('seconds_mean', float('nan')):.3f}",
             f"training wall time (s):     {wall:.1f}",
-            f"checkpoint:                 {checkpoint.last_model_path or '(none)'}",
+            f"checkpoint:                 {guard.last_path}",
             f"logs:                       {run_dir}",
             f"compare runs:               python -m polyreg_cnf.report {run_dir} [...] "
             f"--out report.png",

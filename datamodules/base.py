@@ -3,13 +3,95 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Iterator
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-__all__ = ["ArrayDataModule", "check_splits"]
+__all__ = ["ArrayDataModule", "EpochSampler", "ResumableDataLoader", "ShardSampler",
+           "check_splits"]
+
+
+def _world() -> tuple[int, int]:
+    """(number of processes, this process's rank); (1, 0) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class EpochSampler(DistributedSampler):
+    """Shuffled indices that depend only on (seed, epoch), shardable, resumable mid-epoch.
+
+    The permutation of epoch e is drawn from a generator seeded with ``seed + e``, so it is the
+    same however often it is recomputed and whatever else used the global RNG; each process takes
+    every ``num_replicas``-th index (padded to equal shards, as DistributedSampler does).
+    ``resume(epoch, batches_done, batch_size)`` skips the batches a checkpointed run already
+    trained on in that epoch; ``len()`` stays the full epoch length, which is what Lightning's
+    restored batch counters expect. Subclassing DistributedSampler keeps Lightning from
+    replacing it under DDP.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        replicas, rank = _world()
+        super().__init__(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+        self.batches_done = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, samples to skip in it)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.batches_done = 0
+        super().set_epoch(epoch)
+
+    def resume(self, epoch: int, batches_done: int, batch_size: int) -> None:
+        """Continue epoch ``epoch`` after its first ``batches_done`` batches."""
+        self.set_epoch(epoch)
+        self.batches_done = batches_done
+        self._skip = (epoch, batches_done * batch_size)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        if self._skip is not None and self._skip[0] == self.epoch:
+            indices = indices[self._skip[1]:]
+        return iter(indices)
+
+
+class ShardSampler(DistributedSampler):
+    """Evaluation sharding without padding: every sample is scored exactly once over all ranks.
+
+    DistributedSampler pads the shards to equal length by repeating samples, which would bias
+    a mean over the evaluation set; here rank r takes indices r, r + W, r + 2W, ...
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        replicas, rank = _world()
+        super().__init__(dataset, num_replicas=replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(self.rank, len(self.dataset), self.num_replicas))
+        self.total_size = len(self.dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+class ResumableDataLoader(DataLoader):
+    """A training DataLoader whose position in the epoch is saved in Lightning checkpoints.
+
+    Lightning stores ``state_dict()`` of stateful training loaders and calls ``load_state_dict``
+    before iterating again, so a run resumed mid-epoch sees exactly the batches an uninterrupted
+    run would have seen. The DataModule counts consumed batches (``sampler.batches_done``).
+    """
+
+    sampler: EpochSampler
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": int(self.sampler.epoch), "batches_done": int(self.sampler.batches_done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sampler.resume(int(state_dict["epoch"]), int(state_dict["batches_done"]),
+                            int(self.batch_size))
 
 SPLITS = ("train", "val", "test")
 
@@ -53,17 +135,21 @@ def check_splits(splits: dict[str, np.ndarray], source: str) -> dict[str, np.nda
 class ArrayDataModule(L.LightningDataModule):
     """Serves float32 arrays as ``(x,)`` batches; subclasses only say how to load the splits.
 
-    Lightning inserts a DistributedSampler under DDP, so each process sees its own shard; the
-    training order comes from the global seed (``lightning.seed_everything``).
+    Training batches come in an order fixed by ``shuffle_seed`` and the epoch (EpochSampler), and
+    the position in the epoch is saved in checkpoints, so a resumed run continues with exactly
+    the batches an uninterrupted run would see. Under DDP each process trains on its own shard,
+    and validation/test shards cover every sample exactly once (no padding), so metric means are
+    exact.
 
     Args:
         batch_size: Training batch size (per process).
         eval_batch_size: Batch size for validation and test; defaults to ``batch_size``.
         num_workers: DataLoader worker processes.
+        shuffle_seed: Seed of the training order.
     """
 
     def __init__(self, batch_size: int = 512, eval_batch_size: int | None = None,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, shuffle_seed: int = 0) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -76,7 +162,9 @@ class ArrayDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.shuffle_seed = int(shuffle_seed)
         self._splits: dict[str, np.ndarray] | None = None
+        self._train_loader: ResumableDataLoader | None = None
 
     @abstractmethod
     def load_splits(self) -> dict[str, np.ndarray]:
@@ -102,18 +190,35 @@ class ArrayDataModule(L.LightningDataModule):
         """Number of features per row."""
         return int(self.arrays()["train"].shape[1])
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        data = torch.from_numpy(self.arrays()[split])
-        batch = self.batch_size if split == "train" else self.eval_batch_size
-        return DataLoader(TensorDataset(data), batch_size=batch, shuffle=shuffle,
-                          num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+    def _dataset(self, split: str) -> TensorDataset:
+        return TensorDataset(torch.from_numpy(self.arrays()[split]))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        dataset = self._dataset("train")
+        # A private generator for worker seeds keeps the global RNG stream untouched by
+        # iterator creation, so resumed runs replay the same probes and time samples.
+        generator = torch.Generator().manual_seed(self.shuffle_seed)
+        self._train_loader = ResumableDataLoader(
+            dataset, batch_size=self.batch_size, sampler=EpochSampler(dataset, self.shuffle_seed),
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            generator=generator)
+        return self._train_loader
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        dataset = self._dataset(split)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=ShardSampler(dataset),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._eval_loader("test")
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Count training batches as they are used (not as they are prefetched), so the
+        # checkpointed position is the number of batches actually trained on.
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_loader is not None:
+            self._train_loader.sampler.batches_done += 1
+        return batch

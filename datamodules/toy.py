@@ -109,7 +109,7 @@ class ToyDataModule(ArrayDataModule):
                  num_val: int = 5_000, num_test: int = 5_000, seed: int = 0,
                  batch_size: int = 512, eval_batch_size: int | None = None,
                  num_workers: int = 0) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed=seed)
         if name not in TOY_DENSITIES:
             raise ValueError(f"unknown toy density {name!r}; valid: {', '.join(TOY_DENSITIES)}")
         for key, value in (("num_train", num_train), ("num_val", num_val),

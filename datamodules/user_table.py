@@ -245,7 +245,7 @@ class UserTableDataModule(ArrayDataModule):
                  test_fraction: float = 0.1, seed: int = 0, batch_size: int = 512,
                  eval_batch_size: int | None = None, num_workers: int = 0,
                  h5_key: str | None = None, npz_key: str | None = None) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed=seed)
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a file path, got {type(path).__name__}")
         self.path = Path(path).expanduser()

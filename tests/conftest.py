@@ -4,7 +4,12 @@ import os
 import warnings
 
 import pytest
+import torch
 
+# Tiny models on a 2-core machine: one intra-op thread per process is faster, and it avoids the
+# pathological slow-down of OpenMP threads competing with other processes (DDP tests run two).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -76,7 +76,8 @@ class ImageDataModule(ArrayDataModule):
                  dynamic_binarization: bool = False, batch_size: int = 100,
                  eval_batch_size: int | None = None, num_workers: int = 0) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size,
-                         num_workers=num_workers)
+                         num_workers=num_workers,
+                         shuffle_seed=seed if isinstance(seed, int) else 0)
         if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
             raise TypeError(f"data_dir must be a path (str or os.PathLike), got "
                             f"{type(data_dir).__name__}: {data_dir!r}")

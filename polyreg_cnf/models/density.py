@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from polyreg_cnf.checkpoint import check_checkpoint_kind, stamp_checkpoint_kind
 from polyreg_cnf.cnf import CNF, CNFStack, standard_normal_logprob
 from polyreg_cnf.nets import ODENet
 from polyreg_cnf.solver import SolverConfig
@@ -125,6 +126,13 @@ class CNFDensityEstimator(L.LightningModule):
         nll = -self.log_prob(batch[0])
         self.test_nll.update(nll)
         self.log("test/nll", self.test_nll, on_epoch=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stamp_checkpoint_kind(checkpoint, "cnf", dim=self.dim,
+                              num_blocks=len(self.flow.blocks))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_kind(checkpoint, "cnf", dim=self.dim, num_blocks=len(self.flow.blocks))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -1,0 +1,171 @@
+"""Keeps long runs safe: checkpoints on SIGTERM/SIGINT, numerical-fault stops, exact RNG resume."""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from polyreg_cnf.nfe import NFELimitError
+
+__all__ = ["NumericalFaultError", "RunGuard", "describe_solver_failure"]
+
+_HINT = ("try a looser --atol/--rtol, a smaller --lr, a --max-nfe cap, or a trajectory "
+         "regularizer (--reg poly)")
+
+
+class NumericalFaultError(RuntimeError):
+    """Training produced NaN/inf, or the ODE solver gave up; the message says what to try."""
+
+
+def _rng_state() -> dict[str, Any]:
+    # Plain Python values and tensors only, so checkpoints load with weights_only=True.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "python": list(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunGuard(L.Callback):
+    """Makes a run safe to interrupt and honest about numerical failure.
+
+    * SIGTERM (Lightning's handler) and SIGINT (our handler: the first Ctrl+C stops cleanly, a
+      second one aborts) end the run at the end of the current batch, after saving
+      ``last_path``; ``interrupted`` tells the caller.
+    * A non-finite gradient (checked after the backward pass, where all DDP processes agree)
+      saves the weights of the last good step to ``last_good_path`` and raises
+      :class:`NumericalFaultError` naming the step. torchdiffeq's "underflow in dt" and
+      :class:`polyreg_cnf.NFELimitError` are turned into the same error.
+    * The global RNG streams (torch, numpy, python) are saved with each checkpoint and restored
+      before the first batch after a resume, so Hutchinson probes and penalty times repeat.
+    * The final state is saved to ``last_path`` when training ends.
+
+    Args:
+        last_path: Where the latest checkpoint lives (``.../last.ckpt``).
+        last_good_path: Where to save the weights of the last good step on a numerical fault.
+    """
+
+    def __init__(self, last_path: str | Path, last_good_path: str | Path) -> None:
+        super().__init__()
+        self.last_path = Path(last_path)
+        self.last_good_path = Path(last_good_path)
+        self.interrupted: str | None = None
+        self._sigint = False
+        self._old_sigint: Any = None
+        self._pending_rng: dict[str, Any] | None = None
+        self.fault_step: int | None = None
+        self._saved_at: int | None = None
+
+    # ------------------------------------------------------------------ signals
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self._sigint:  # second Ctrl+C: the user really wants out now
+            raise KeyboardInterrupt
+        self._sigint = True
+        rank_zero_info("\nSIGINT received: saving a checkpoint at the end of this batch "
+                       "(press Ctrl+C again to abort at once)")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        try:
+            self._old_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread (e.g. a notebook worker): leave SIGINT alone
+            self._old_sigint = None
+
+    def _restore_sigint(self) -> None:
+        if self._old_sigint is not None:
+            signal.signal(signal.SIGINT, self._old_sigint)
+            self._old_sigint = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if self._pending_rng is not None:
+            _set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        got = "SIGTERM" if getattr(trainer, "received_sigterm", False) else (
+            "SIGINT" if self._sigint else None)
+        if got is None:
+            if 0 < trainer.max_steps <= trainer.global_step:
+                # The last step: save here, mid-epoch state included, so that extending the
+                # run later continues exactly as a longer uninterrupted run would have.
+                trainer.save_checkpoint(self.last_path)
+                self._saved_at = trainer.global_step
+            return
+        # Under DDP every process must take part in saving; SIGTERM reaches each of them.
+        trainer.save_checkpoint(self.last_path)
+        self.interrupted = got
+        trainer.should_stop = True
+        rank_zero_info(f"{got}: saved {self.last_path} at step {trainer.global_step}; resume "
+                       f"with --ckpt-path last")
+
+    # ------------------------------------------------------------------ numerical faults
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        bad = [name for name, p in pl_module.named_parameters()
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        if not bad:
+            return
+        # The optimizer has not stepped yet: the weights are still those of the last good step.
+        trainer.save_checkpoint(self.last_good_path, weights_only=False)
+        self.fault_step = trainer.global_step
+        raise NumericalFaultError(
+            f"non-finite gradient at step {trainer.global_step} (in {', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}); the weights of the last good step were saved to "
+            f"{self.last_good_path}. The loss or the ODE state diverged: {_HINT}.")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        self._restore_sigint()
+        if describe_solver_failure(exception, trainer.global_step) is not None \
+                and trainer.world_size == 1:
+            # The failing step never reached the optimizer: the weights are the last good ones.
+            # (Under DDP the other processes are not here to join the save, so it is skipped.)
+            trainer.save_checkpoint(self.last_good_path)
+            self.fault_step = trainer.global_step
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_sigint()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.interrupted is None and self._saved_at != trainer.global_step:
+            trainer.save_checkpoint(self.last_path)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": _rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_rng = state_dict.get("rng")
+
+
+def describe_solver_failure(exception: BaseException, step: int) -> NumericalFaultError | None:
+    """Turn a solver failure into a NumericalFaultError with advice, or return None."""
+    text = str(exception)
+    if isinstance(exception, AssertionError) and "underflow in dt" in text:
+        return NumericalFaultError(
+            f"the ODE solver's step size underflowed at training step {step} ({text}): the "
+            f"dynamics became too stiff to integrate; {_HINT}.")
+    if isinstance(exception, NFELimitError):
+        return NumericalFaultError(f"at training step {step}: {text}")
+    return None

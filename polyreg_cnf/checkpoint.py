@@ -1,0 +1,66 @@
+"""Checkpoints that are written atomically and refuse to load into the wrong kind of model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+__all__ = ["AtomicCheckpointIO", "CheckpointKindError", "check_checkpoint_kind",
+           "stamp_checkpoint_kind"]
+
+KIND_KEY = "polyreg_cnf"
+
+
+class CheckpointKindError(ValueError):
+    """A checkpoint was written by another kind of model (or not by polyreg-cnf at all)."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, then renames it into place.
+
+    A rename within one folder is atomic, so a reader (a resumed run, another process) sees the
+    previous complete checkpoint or the new complete one, never a half-written file, even if the
+    writer is killed mid-write.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def stamp_checkpoint_kind(checkpoint: dict[str, Any], kind: str, **facts: Any) -> None:
+    """Record which model wrote the checkpoint (called from ``on_save_checkpoint``)."""
+    checkpoint[KIND_KEY] = {"model": kind, **facts}
+
+
+def check_checkpoint_kind(checkpoint: dict[str, Any], kind: str, **facts: Any) -> None:
+    """Raise CheckpointKindError unless the checkpoint was written by ``kind`` with ``facts``.
+
+    Called from ``on_load_checkpoint``, before any weight is touched, so the user gets one clear
+    sentence instead of a wall of missing and unexpected state-dict keys.
+    """
+    stamp = checkpoint.get(KIND_KEY)
+    if not isinstance(stamp, dict):
+        raise CheckpointKindError(
+            f"this checkpoint was not written by polyreg-cnf (no '{KIND_KEY}' entry); it cannot "
+            f"be loaded into a {kind} model")
+    if stamp.get("model") != kind:
+        raise CheckpointKindError(
+            f"this checkpoint holds a {stamp.get('model')!r} model, but the run builds a {kind!r} "
+            f"model: pass the matching --model, or a checkpoint of this kind")
+    for key, value in facts.items():
+        if key in stamp and stamp[key] != value:
+            raise CheckpointKindError(
+                f"this {kind} checkpoint has {key}={stamp[key]!r}, but the run builds "
+                f"{key}={value!r}: use the same data set and network as the run that wrote it")
