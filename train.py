@@ -279,7 +279,8 @@ def resolve_ckpt_path(value: str | None, ckpt_dir: Path) -> str | None:
 def keep_previous_log(run_dir: Path) -> None:
     """Lightning's CSV logger deletes metrics.csv on start; keep a resumed run's earlier rows."""
     log = run_dir / "metrics.csv"
-    if not log.exists() or os.environ.get("LOCAL_RANK", "0") != "0":
+    if not log.exists() or os.environ.get("LOCAL_RANK", "0") != "0" \
+            or os.environ.get("NODE_RANK", "0") != "0":
         return
     index = 1
     while (run_dir / f"metrics.part{index}.csv").exists():
