@@ -153,11 +153,16 @@ def notes(meta: dict, summary: dict) -> list[str]:
     if "poly" in summary and "none" in summary:
         f = {s: summary[s]["forward_nfe"]["median"] for s in SETTINGS}
         b = {s: summary[s]["backward_nfe"]["median"] for s in SETTINGS}
+        carry = isinstance(meta.get("solver"), dict) and meta["solver"].get("adjoint_carry_step")
+        why = ("The backward pass uses the restart-free adjoint (adjoint_carry_step=True): its "
+               "step size is carried across the regularizer's K = 2 interior output times."
+               if carry else
+               "The regularizer's K = 2 interior output times make torchdiffeq's adjoint "
+               "integrate backwards interval by interval, restarting step selection on each of "
+               "the 3 intervals.")
         out.append(
             f"Median forward NFE/step: poly {f['poly']:.1f} vs none {f['none']:.1f}; backward: "
-            f"poly {b['poly']:.1f} vs none {b['none']:.1f}. The regularizer's K = 2 interior "
-            f"output times make torchdiffeq's adjoint integrate backwards interval by interval, "
-            f"restarting step selection on each of the 3 intervals.")
+            f"poly {b['poly']:.1f} vs none {b['none']:.1f}. {why}")
         if f["none"] <= 14:
             out.append(
                 f"Without the regularizer the forward solve already takes {f['none']:.0f} "
