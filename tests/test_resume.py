@@ -1,4 +1,4 @@
-"""Resuming loses nothing: a run stopped and resumed ends with the weights of an uninterrupted one."""
+"""Resuming loses nothing: a stopped and resumed run ends with the uninterrupted weights."""
 
 import os
 import signal
