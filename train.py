@@ -107,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--T", type=_positive_float, default=None, help="end time of each block")
     g.add_argument("--train-T", action="store_true", help="learn the end time")
 
+    g = p.add_argument_group("VAE (--model vae)")
+    g.add_argument("--posterior", choices=("amortized", "cnf", "gaussian"), default=None,
+                   help="amortized low-rank CNF (FFJORD), plain CNF, or no flow (plain VAE)")
+    g.add_argument("--z-dim", type=_positive_int, default=None)
+    g.add_argument("--rank", type=_positive_int, default=None,
+                   help="rank of the amortized weight updates")
+    g.add_argument("--warmup-epochs", type=_nonneg_int, default=None,
+                   help="KL warm-up: beta goes from 0 to 1 over this many epochs")
+    g.add_argument("--is-samples", type=_nonneg_int, default=None,
+                   help="importance samples for the test NLL (0: skip)")
+    g.add_argument("--is-chunk", type=_positive_int, default=None,
+                   help="importance samples evaluated at once (bounds memory)")
+
     g = p.add_argument_group("solver (paper: dopri5, train 1e-4, evaluation 1e-5)")
     g.add_argument("--solver", default="dopri5",
                    choices=("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler",
@@ -159,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-nodes", type=_positive_int, default=1)
     g.add_argument("--num-workers", type=_nonneg_int, default=0)
     g.add_argument("--threads", type=_positive_int, default=None,
-                   help="intra-op CPU threads per process (default: cores / processes on this "
-                        "node when training on CPU with several processes, else torch's default)")
+                   help="intra-op CPU threads per process (default on CPU: 1, fastest for small "
+                        "CNFs and safe next to other processes)")
 
     g = p.add_argument_group("outputs")
     g.add_argument("--logger", choices=LOGGERS, default="auto",
@@ -243,21 +256,21 @@ def make_regularizer(args: argparse.Namespace) -> Any:
 
 
 def set_threads(args: argparse.Namespace) -> None:
-    """Give each process its share of the CPU cores.
+    """Intra-op CPU threads per process: --threads, else one when training on the CPU.
 
-    CNF right-hand sides are many small operations; when several processes each start one
-    OpenMP thread per core, every parallel region waits for a descheduled thread and a step can
-    run a hundred times slower. So several CPU processes split the cores between them.
+    A CNF step is thousands of small operations. On this project's 2-core reference machine one
+    thread is as fast as two for the default models, and two threads that compete with any other
+    process (a second DDP rank, a data loader, a benchmark) make every parallel region wait for
+    a descheduled thread: steps ran 10-100x slower (see README, "Performance notes").
     """
     import torch
 
-    threads = args.threads
-    if threads is None and args.accelerator in ("cpu", "auto") and args.devices not in ("1",
-                                                                                         "auto"):
-        if args.accelerator == "cpu" or not torch.cuda.is_available():
-            threads = max(1, (os.cpu_count() or 1) // max(1, int(args.devices)))
-    if threads is not None:
-        torch.set_num_threads(threads)
+    on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto"
+                                           and not torch.cuda.is_available())
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif on_cpu:
+        torch.set_num_threads(1)
 
 
 def resolve_ckpt_path(value: str | None, ckpt_dir: Path) -> str | None:
@@ -310,6 +323,18 @@ def make_run_dir(args: argparse.Namespace) -> Path:
     return run
 
 
+def summary_metrics(model: str, metrics: dict[str, float]) -> list[str]:
+    """The test-quality lines of the end-of-run summary."""
+    nan = float("nan")
+    if model == "cnf":
+        return [f"test NLL (nats):            {metrics.get('test/nll', nan):.4f}"]
+    lines = [f"test -ELBO (nats):          {metrics.get('test/neg_elbo', nan):.4f}",
+             f"test IS-NLL (nats):         {metrics.get('test/is_nll', nan):.4f}"]
+    if "test/bits_per_dim" in metrics:
+        lines.append(f"test IS-NLL (bits/dim):     {metrics['test/bits_per_dim']:.4f}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, train, test, print a summary. Returns the process exit code."""
     parser = build_parser()
@@ -324,12 +349,76 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def solver_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The solver flags as SolverConfig keyword arguments."""
+    return dict(method=args.solver, atol=args.atol, rtol=args.rtol, eval_atol=args.eval_atol,
+                eval_rtol=args.eval_rtol, adjoint=args.adjoint, seminorm=args.seminorm,
+                step_size=args.step_size, max_nfe=args.max_nfe)
+
+
+def build_cnf(args: argparse.Namespace) -> tuple[Any, Any, int]:
+    """Density estimation: (CNFDensityEstimator, DataModule, data dimension)."""
+    from polyreg_cnf.models import CNFDensityEstimator
+    from polyreg_cnf.presets import preset_for
+    from polyreg_cnf.solver import SolverConfig
+
+    kind = data_kind(args.data)
+    fill_from_preset(args, preset_for(args.data.lower(), kind))
+    dm = build_datamodule(args, kind)
+    dm.prepare_data()
+    dm.setup("fit")
+    dim = dm.dim
+    hidden = args.hidden_dims or [args.hdim_factor * dim] * args.nhidden
+    stats: dict[str, Any] = {}
+    if kind == "table":
+        stats = dict(data_mean=dm.mean.tolist(), data_std=dm.std.tolist())
+    model = CNFDensityEstimator(
+        dim, hidden_dims=list(hidden), layer_type=args.layer_type, nonlinearity=args.nonlinearity,
+        num_blocks=args.num_blocks, T=args.T, train_T=args.train_T,
+        solver=SolverConfig(**solver_options(args)), trace=args.trace,
+        eval_trace=args.eval_trace, noise=args.noise, lr=args.lr,
+        weight_decay=args.weight_decay, **stats)
+    return model, dm, dim
+
+
+#: Options of polyreg_cnf.models.vae.build_vae that train.py flags (or presets) provide.
+VAE_OPTIONS = ("z_dim", "posterior", "hidden_dims", "rank", "nonlinearity", "num_blocks", "T",
+               "train_T", "trace", "eval_trace", "noise", "feature_dim", "architecture",
+               "mlp_hidden", "lr", "weight_decay", "warmup_epochs", "is_samples",
+               "val_is_samples", "is_chunk")
+
+
+def build_vae(args: argparse.Namespace) -> tuple[Any, Any, int]:
+    """VAE with a CNF posterior: (CNFVAE, image DataModule, latent dimension)."""
+    from datamodules.images import IMAGE_DATASETS, make_datamodule
+    from polyreg_cnf.models.vae import VAE_PRESETS
+    from polyreg_cnf.models.vae import build_vae as make_vae
+
+    name = args.data.lower()
+    if name not in IMAGE_DATASETS:
+        raise UsageError(f"--model vae needs an image data set; got --data {args.data!r}, "
+                         f"valid: {', '.join(IMAGE_DATASETS)}")
+    fill_from_preset(args, VAE_PRESETS.get(name, VAE_PRESETS["mnist"]))
+    if args.reg != "none" and args.posterior == "gaussian":
+        raise UsageError(f"--reg {args.reg} acts on the CNF posterior, but --posterior gaussian "
+                         f"has no flow; use --reg none or another --posterior")
+    data_dir = None if name == "digits" else args.data_dir
+    extra = {} if name == "digits" else {"download": args.download}
+    dm = make_datamodule(name, data_dir, seed=args.seed, batch_size=args.batch_size,
+                         eval_batch_size=args.eval_batch_size or args.batch_size,
+                         num_workers=args.num_workers, **extra)
+    dm.prepare_data()
+    dm.setup("fit")
+    options = {key: getattr(args, key) for key in VAE_OPTIONS
+               if getattr(args, key, None) is not None}
+    model = make_vae(dm.image_shape, dm.likelihood, **options, **solver_options(args))
+    return model, dm, int(args.z_dim)
+
+
 def run(args: argparse.Namespace) -> int:
     """Everything after flag parsing."""
-    if args.model == "vae":
-        raise UsageError("--model vae is not available yet in this version; use --model cnf")
     if args.data is None:
-        args.data = "checkerboard"
+        args.data = "digits" if args.model == "vae" else "checkerboard"
     if args.reg == "poly" and args.poly_samples < args.poly_order:
         raise UsageError(f"--poly-samples must be >= --poly-order, got {args.poly_samples} < "
                          f"{args.poly_order}")
@@ -337,8 +426,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-steps must be a positive integer, got {args.max_steps}")
     if args.solver in ("euler", "midpoint", "rk4") and args.step_size is None:
         raise UsageError(f"--solver {args.solver} is fixed-grid and needs --step-size")
-    if args.max_steps is None and args.max_epochs is None:
-        args.max_steps = 1000
 
     import lightning as L
     import torch
@@ -348,8 +435,6 @@ def run(args: argparse.Namespace) -> int:
     from callbacks.guard import NumericalFaultError, RunGuard, describe_solver_failure
     from callbacks.plots import TrajectoryPlotter
     from polyreg_cnf.checkpoint import AtomicCheckpointIO
-    from polyreg_cnf.models import CNFDensityEstimator
-    from polyreg_cnf.presets import preset_for
     from polyreg_cnf.run_logging import (
         NFEProgressBar,
         finish_loggers,
@@ -357,29 +442,12 @@ def run(args: argparse.Namespace) -> int:
         run_config,
         wandb_sync_hint,
     )
-    from polyreg_cnf.solver import SolverConfig
 
     set_threads(args)
     L.seed_everything(args.seed, workers=True, verbose=False)
-    kind = data_kind(args.data)
-    fill_from_preset(args, preset_for(args.data.lower(), kind))
-    dm = build_datamodule(args, kind)
-    dm.prepare_data()
-    dm.setup("fit")
-    dim = dm.dim
-    hidden = args.hidden_dims or [args.hdim_factor * dim] * args.nhidden
-    solver = SolverConfig(method=args.solver, atol=args.atol, rtol=args.rtol,
-                          eval_atol=args.eval_atol, eval_rtol=args.eval_rtol,
-                          adjoint=args.adjoint, seminorm=args.seminorm, step_size=args.step_size,
-                          max_nfe=args.max_nfe)
-    stats: dict[str, Any] = {}
-    if kind == "table":
-        stats = dict(data_mean=dm.mean.tolist(), data_std=dm.std.tolist())
-    model = CNFDensityEstimator(
-        dim, hidden_dims=list(hidden), layer_type=args.layer_type, nonlinearity=args.nonlinearity,
-        num_blocks=args.num_blocks, T=args.T, train_T=args.train_T, solver=solver,
-        trace=args.trace, eval_trace=args.eval_trace, noise=args.noise, lr=args.lr,
-        weight_decay=args.weight_decay, **stats)
+    model, dm, dim = build_vae(args) if args.model == "vae" else build_cnf(args)
+    if args.max_steps is None and args.max_epochs is None:
+        args.max_steps = 1000
 
     run_dir = make_run_dir(args)
     ckpt_dir = run_dir / "checkpoints"
@@ -395,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                  every_n_train_steps=args.ckpt_every)
     callbacks.append(checkpoint)
-    if dim == 2 and args.plot_every > 0:
+    if args.model == "cnf" and dim == 2 and args.plot_every > 0:
         callbacks.append(TrajectoryPlotter(every_n_steps=args.plot_every))
     if args.progress:
         callbacks.append(NFEProgressBar())
@@ -455,7 +523,7 @@ def run(args: argparse.Namespace) -> int:
         lines = [
             "",
             f"== polyreg-cnf: {args.model} on {args.data}, reg={args.reg}, seed={args.seed} ==",
-            f"test NLL (nats):            {test_metrics.get('test/nll', float('nan')):.4f}",
+            *summary_metrics(args.model, test_metrics),
             f"test NFE per batch:         {test_metrics.get('test/nfe', float('nan')):.1f}",
             f"forward NFE per step:       {summary.get('forward_mean', float('nan')):.1f} "
             f"(last {monitor.window}: {summary.get('forward_last', float('nan')):.1f})",

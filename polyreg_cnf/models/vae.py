@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
 from polyreg_cnf.amortized import POSTERIORS, FlowPosterior
+from polyreg_cnf.checkpoint import check_checkpoint_kind, stamp_checkpoint_kind
 from polyreg_cnf.cnf import standard_normal_logprob
 from polyreg_cnf.solver import SolverConfig
 
@@ -429,6 +430,14 @@ class CNFVAE(L.LightningModule):
             self.test_elbo_bpd.update(neg_elbo / (self.data_dim * _LN2))
             self.log("test/bits_per_dim", self.test_bpd, on_epoch=True)
             self.log("test/neg_elbo_bits_per_dim", self.test_elbo_bpd, on_epoch=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stamp_checkpoint_kind(checkpoint, "vae", image_shape=list(self.image_shape),
+                              z_dim=self.z_dim)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_kind(checkpoint, "vae", image_shape=list(self.image_shape),
+                              z_dim=self.z_dim)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adamax(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
