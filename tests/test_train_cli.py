@@ -80,3 +80,29 @@ def test_missing_standard_files_name_the_path(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert str(tmp_path / "nowhere") in err and "data.npy" in err
+
+
+def test_vae_front_door_runs_on_the_embedded_digits(tmp_path, capsys):
+    code = train.main(["--model", "vae", "--reg", "poly", "--max-steps", "3", "--is-samples",
+                       "4", "--is-chunk", "2", "--logger", "csv", "--accelerator", "cpu",
+                       "--output-dir", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 0
+    for label in ("test -ELBO (nats):", "test IS-NLL (nats):", "forward NFE per step:",
+                  "backward NFE per step:", "training wall time (s):"):
+        assert label in out
+    elbo = float(out.split("test -ELBO (nats):")[1].split()[0])
+    is_nll = float(out.split("test IS-NLL (nats):")[1].split()[0])
+    assert np.isfinite(elbo) and is_nll <= elbo + 1e-4
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model", "vae", "--data", "power"], "--model vae needs an image data set"),
+    (["--model", "vae", "--posterior", "gaussian", "--reg", "poly"], "has no flow"),
+    (["--model", "vae", "--posterior", "normal"], "invalid choice: 'normal'"),
+])
+def test_bad_vae_flags(argv, match, capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(argv)
+    assert info.value.code == 2
+    assert match in capsys.readouterr().err
