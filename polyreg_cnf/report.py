@@ -197,7 +197,11 @@ def load_run(run: str | Path, name: str | None = None) -> RunLog:
         ReportError: No usable metrics.csv.
     """
     path = find_metrics_file(run)
-    columns = read_metrics(path)
+    # A resumed train.py run keeps its earlier rows in metrics.part<k>.csv (Lightning's CSV
+    # logger starts a fresh metrics.csv); read them first so the curves cover the whole run.
+    parts = sorted(path.parent.glob("metrics.part*.csv"),
+                   key=lambda p: int("".join(ch for ch in p.stem if ch.isdigit()) or 0))
+    columns = _concatenate([read_metrics(p) for p in [*parts, path]])
     if "step" not in columns:
         raise ReportError(f"{path} has no 'step' column (columns: {', '.join(columns)}); "
                           f"expected a metrics.csv written by Lightning's CSVLogger")
@@ -216,6 +220,21 @@ def load_run(run: str | Path, name: str | None = None) -> RunLog:
         hparams = loaded if isinstance(loaded, dict) else {}
     label = name or (Path(run).name if Path(run).is_dir() else path.parent.name)
     return RunLog(name=label, path=path, columns=columns, hparams=hparams)
+
+
+def _concatenate(tables: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack column tables row-wise; a column missing from a table is NaN there."""
+    if len(tables) == 1:
+        return tables[0]
+    names = list(dict.fromkeys(name for table in tables for name in table))
+    out = {}
+    for name in names:
+        pieces = []
+        for table in tables:
+            rows = len(next(iter(table.values()))) if table else 0
+            pieces.append(table.get(name, np.full(rows, np.nan)))
+        out[name] = np.concatenate(pieces)
+    return out
 
 
 # ---------------------------------------------------------------------------------- maths

@@ -157,3 +157,16 @@ def test_module_entry_point(tmp_path):
                            str(tmp_path / "r.png"), "--smooth", "0"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--smooth must be a positive integer, got 0" in proc.stderr
+
+
+def test_resumed_run_parts_are_read_before_the_current_log(tmp_path):
+    from polyreg_cnf.report import load_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.part1.csv").write_text("nfe/forward,step,train/nll\n14,0,7.0\n16,1,6.5\n")
+    (run / "metrics.csv").write_text("nfe/backward,nfe/forward,step\n30,20,2\n31,22,3\n")
+    log = load_run(run)
+    assert list(log.columns["step"]) == [0, 1, 2, 3]
+    assert list(log.columns["nfe/forward"]) == [14, 16, 20, 22]
+    assert np.isnan(log.columns["nfe/backward"][0]) and log.columns["nfe/backward"][3] == 31

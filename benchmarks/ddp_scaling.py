@@ -1,0 +1,94 @@
+"""DDP on CPU: seconds per training epoch with 1 and 2 processes on a MINIBOONE-shaped table.
+
+    python benchmarks/ddp_scaling.py [--repeats 3] [--rows 36488]
+
+A generated table with MINIBOONE's shape (36,488 rows x 43 columns, correlated Gaussian mixture)
+is trained for one epoch through train.py with the published MINIBOONE network (2 hidden layers
+of 20 x D, softplus, concat, one block, batch 1000 per process) and TPR, once with one process
+and once with two processes through Lightning's plain DDP launcher (gloo), one thread each.
+Writes benchmarks/results/ddp_scaling.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_table(path: Path, rows: int, dim: int = 43, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    mix = rng.integers(0, 4, rows)
+    centers = rng.normal(scale=2.0, size=(4, dim))
+    mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    np.save(path, (rng.normal(size=(rows, dim)) + centers[mix]) @ mixing)
+
+
+def epoch_seconds(data: Path, out: Path, processes: int) -> float:
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model", "cnf", "--reg", "poly",
+           "--data", str(data), "--nhidden", "2", "--hdim-factor", "20", "--nonlinearity",
+           "softplus", "--layer-type", "concat", "--num-blocks", "1", "--batch-size", "1000",
+           "--max-epochs", "1", "--limit-val-batches", "0", "--no-test", "--logger", "none",
+           "--accelerator", "cpu", "--devices", str(processes), "--threads", "1",
+           "--output-dir", str(out)]
+    if processes > 1:
+        cmd += ["--strategy", "ddp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return float(re.search(r"training wall time \(s\):\s+([0-9.]+)", proc.stdout).group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=36488)
+    args = parser.parse_args()
+    results: dict[int, list[float]] = {1: [], 2: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "miniboone_shaped.npy"
+        make_table(data, args.rows)
+        for rep in range(args.repeats):
+            for n in (1, 2):
+                secs = epoch_seconds(data, Path(tmp) / f"runs{rep}-{n}", n)
+                results[n].append(secs)
+                print(f"processes={n} repeat={rep}: {secs:.1f} s/epoch", flush=True)
+    med = {n: statistics.median(v) for n, v in results.items()}
+    command = ("python benchmarks/ddp_scaling.py " + " ".join(sys.argv[1:])).strip()
+    payload = {"command": command, "machine": machine(), "rows": args.rows, "columns": 43,
+               "seconds_per_epoch": {str(n): v for n, v in results.items()},
+               "median": {str(n): m for n, m in med.items()}, "speedup": med[1] / med[2]}
+    write_json(RESULTS / "ddp_scaling.json", payload)
+    m = payload["machine"]
+    lines = ["# DDP on CPU: one epoch of a MINIBOONE-shaped table", "",
+             f"Command: `{command}`  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, lightning "
+             f"{m['lightning']}, commit {m['git_commit']}, {m['date']}.  ",
+             f"Data: generated, {args.rows} rows x 43 (train split 80 %); network: MINIBOONE "
+             "preset (2 x 860 softplus, concat, 1 block), TPR, batch 1000 per process, one "
+             "thread per process, validation off.", "",
+             "| processes | seconds per epoch (median) | all repeats | speed-up |",
+             "|---|---|---|---|"]
+    for n in (1, 2):
+        runs = ", ".join(f"{v:.1f}" for v in results[n])
+        lines.append(f"| {n} | {med[n]:.1f} | {runs} | {med[1] / med[n]:.2f}x |")
+    (RESULTS / "ddp_scaling.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
