@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from polyreg_cnf._checks import check_int, check_ints
 from polyreg_cnf.cnf import CNF
 from polyreg_cnf.nets import NONLINEARITIES, ODENet
 from polyreg_cnf.solver import SolverConfig
@@ -85,11 +86,8 @@ class AmortizedODENet(nn.Module):
     def __init__(self, dim: int, hidden_dims: Sequence[int] = (64, 64), rank: int = 8,
                  nonlinearity: str = "softplus") -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        hidden_dims = tuple(hidden_dims)
-        if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in hidden_dims):
-            raise ValueError(f"hidden_dims must be positive ints, got {hidden_dims!r}")
+        check_int("dim", dim)
+        hidden_dims = check_ints("hidden_dims", hidden_dims)
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive int, got {rank!r}")
         if nonlinearity not in NONLINEARITIES:

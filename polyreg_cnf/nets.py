@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from polyreg_cnf._checks import check_int, check_ints
+
 __all__ = ["LAYER_TYPES", "NONLINEARITIES", "ConcatLinear", "ConcatSquashLinear", "ODENet"]
 
 
@@ -68,11 +70,8 @@ class ODENet(nn.Module):
     def __init__(self, dim: int, hidden_dims: Sequence[int] = (64, 64),
                  layer_type: str = "concat", nonlinearity: str = "tanh") -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        hidden_dims = tuple(hidden_dims)
-        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden_dims):
-            raise ValueError(f"hidden_dims must be positive ints, got {hidden_dims!r}")
+        check_int("dim", dim)
+        hidden_dims = check_ints("hidden_dims", hidden_dims)
         if layer_type not in LAYER_TYPES:
             raise ValueError(f"unknown layer_type {layer_type!r}; valid: "
                              f"{', '.join(LAYER_TYPES)}")
@@ -89,10 +88,8 @@ class ODENet(nn.Module):
     def from_factor(cls, dim: int, hdim_factor: int, nhidden: int, layer_type: str = "concat",
                     nonlinearity: str = "tanh") -> ODENet:
         """The FFJORD tabular parametrisation: ``nhidden`` layers of width ``hdim_factor * dim``."""
-        if isinstance(nhidden, bool) or not isinstance(nhidden, int) or nhidden < 1:
-            raise ValueError(f"nhidden must be a positive int, got {nhidden!r}")
-        if isinstance(hdim_factor, bool) or not isinstance(hdim_factor, int) or hdim_factor < 1:
-            raise ValueError(f"hdim_factor must be a positive int, got {hdim_factor!r}")
+        check_int("nhidden", nhidden)
+        check_int("hdim_factor", hdim_factor)
         return cls(dim, (hdim_factor * dim,) * nhidden, layer_type, nonlinearity)
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:

@@ -45,7 +45,7 @@ def test_user_table_run(tmp_path, capsys):
     (["--reg", "foo"], "invalid choice: 'foo'"),
     (["--model", "gan"], "invalid choice: 'gan'"),
     (["--atol", "0"], "expected a finite number > 0, got '0'"),
-    (["--rtol", "abc"], "expected a positive number, got 'abc'"),
+    (["--rtol", "abc"], "expected a finite number > 0, got 'abc'"),
     (["--batch-size=-4"], "expected a positive integer, got '-4'"),
     (["--hidden-dims", "64,x"], "expected comma-separated widths"),
     (["--poly-coef=-1"], "expected a finite number >= 0, got '-1'"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from polyreg_cnf._checks import check_int, check_number
 from polyreg_cnf.checkpoint import check_checkpoint_kind, stamp_checkpoint_kind
 from polyreg_cnf.cnf import CNF, CNFStack, standard_normal_logprob
 from polyreg_cnf.nets import ODENet
@@ -55,13 +55,9 @@ class CNFDensityEstimator(L.LightningModule):
                  data_mean: Sequence[float] | None = None,
                  data_std: Sequence[float] | None = None) -> None:
         super().__init__()
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
-        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise ValueError(f"{name} must be a finite number "
-                                 f"{'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        check_int("num_blocks", num_blocks)
+        check_number("lr", lr, strict=True)
+        check_number("weight_decay", weight_decay)
         if isinstance(solver, dict):
             solver = SolverConfig(**solver)
         solver = SolverConfig() if solver is None else solver

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
+from polyreg_cnf._checks import check_number
 from polyreg_cnf.amortized import POSTERIORS, FlowPosterior
 from polyreg_cnf.checkpoint import check_checkpoint_kind, stamp_checkpoint_kind
 from polyreg_cnf.cnf import standard_normal_logprob
@@ -224,12 +225,9 @@ class CNFVAE(L.LightningModule):
                                  ("val_is_samples", val_is_samples, 0), ("is_chunk", is_chunk, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        for name, value in (("lr", lr), ("weight_decay", weight_decay),
-                            ("warmup_epochs", warmup_epochs)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise ValueError(f"{name} must be a finite number "
-                                 f"{'> 0' if name == 'lr' else '>= 0'}, got {value!r}")
+        check_number("lr", lr, strict=True)
+        check_number("weight_decay", weight_decay)
+        check_number("warmup_epochs", warmup_epochs)
         if isinstance(solver, dict):
             solver = SolverConfig(**solver)
         solver = SolverConfig(atol=1e-4, rtol=1e-4, eval_atol=1e-5, eval_rtol=1e-5) \

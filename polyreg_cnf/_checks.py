@@ -1,0 +1,34 @@
+"""Argument checks shared by the public constructors: one message format everywhere."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+__all__ = ["check_int", "check_ints", "check_number"]
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> int:
+    """Return ``value`` if it is an int >= ``minimum`` (bools refused), else raise ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def check_ints(name: str, values: Sequence[object], minimum: int = 1) -> tuple[int, ...]:
+    """Every element an int >= ``minimum``; returns them as a tuple."""
+    values = tuple(values)
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
+        raise ValueError(f"{name} must be ints >= {minimum}, got {values!r}")
+    return values  # type: ignore[return-value]
+
+
+def check_number(name: str, value: object, minimum: float = 0.0, strict: bool = False) -> float:
+    """A finite real number >= ``minimum`` (> when ``strict``); returns it as a float."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and math.isfinite(value) and (value > minimum if strict else value >= minimum))
+    if not ok:
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
