@@ -94,6 +94,9 @@ def _read_csv(path: Path, columns: Sequence[Column] | None) -> tuple[np.ndarray,
             pd.errors.EmptyDataError) as err:
         raise DataFileError(f"{path}: not a readable CSV table ({type(err).__name__}: {err})"
                             ) from err
+    if frame.shape[0] == 0:
+        raise DataFileError(f"{path}: the CSV file has a header but no data rows; expected one "
+                            f"row per sample")
     names = [str(c) for c in frame.columns]
     positions = _select_positions(columns, names, header, str(path))
     frame = frame.iloc[:, positions]

@@ -107,6 +107,9 @@ class CNF(ODEBlock):
         Returns:
             ``(z_out, log_abs_det)`` with shapes (B, D) and (B,).
         """
+        if not isinstance(z, Tensor) or not z.is_floating_point():
+            raise TypeError(f"CNF expects a floating-point tensor, got "
+                            f"{getattr(z, 'dtype', type(z).__name__)}")
         if z.ndim != 2:
             raise ValueError(f"CNF expects z of shape (B, D), got {tuple(z.shape)}")
         net = self.net
