@@ -33,3 +33,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run.py --suite quick
+
+bench-full: $(STAMP)
+	$(PY) benchmarks/run.py --suite full

@@ -409,7 +409,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--solver {args.solver} is fixed-grid and needs --step-size")
 
     import lightning as L
-    import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from callbacks import NFEMonitor
@@ -520,7 +519,6 @@ def run(args: argparse.Namespace) -> int:
         if sync_hint:
             lines.append(f"W&B run is offline; upload: {sync_hint}")
         print("\n".join(lines))
-    del torch  # imported for side effects of device setup only
     return 0
 
 
