@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt-path", default=None, help="checkpoint to resume from")
     g.add_argument("--ckpt-every", type=_positive_int, default=500,
                    help="save a checkpoint every N training steps")
-    g.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar with live NFE and penalty (default: on in a terminal)")
     return p
 
 
@@ -445,6 +446,8 @@ def run(args: argparse.Namespace) -> int:
     callbacks.append(checkpoint)
     if args.model == "cnf" and dim == 2 and args.plot_every > 0:
         callbacks.append(TrajectoryPlotter(every_n_steps=args.plot_every))
+    if args.progress is None:
+        args.progress = sys.stdout.isatty()
     if args.progress:
         callbacks.append(NFEProgressBar())
     loggers = make_logger(args.logger, run_dir, run_dir.name, run_config(vars(args)))

@@ -161,3 +161,30 @@ def test_sigterm_saves_and_resume_ends_with_the_uninterrupted_weights(tmp_path):
     a, b = final_weights(tmp_path / "full"), final_weights(out)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(run_train(out, 400), env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "cnf-8gaussians-poly-s0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    step = int(stdout.split("interrupted by SIGINT at step")[1].split(";")[0])
+    assert torch.load(first, weights_only=True)["global_step"] == step
+
+
+def test_max_nfe_stops_the_run_with_advice_and_the_last_good_weights(tmp_path):
+    proc = subprocess.run(run_train(tmp_path / "runs", 5, ["--max-nfe", "10"]), cwd=tmp_path,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3
+    assert "numerical fault" in proc.stderr and "max_nfe=10" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    good = tmp_path / "runs" / "cnf-8gaussians-poly-s0" / "checkpoints" / "last-good.ckpt"
+    assert good.exists() and "last-good.ckpt" in proc.stderr
