@@ -129,7 +129,9 @@ def _set_eval_tolerance(model: torch.nn.Module, atol: float, rtol: float) -> Non
 def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None) -> dict[str, Any]:
     """Train one arm on one workload with one seed; return its measurements."""
     steps = steps or w.steps
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # One intra-op thread: these small models gain nothing from two, and a second thread
+    # competing with any other process makes every parallel region wait (see README).
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         L.seed_everything(seed, verbose=False)
         dm = _datamodule(w, seed, Path(tmp))
