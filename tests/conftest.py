@@ -1,6 +1,9 @@
 """Shared fixtures: quiet, offline, small."""
 
+import functools
+import http.server
 import os
+import threading
 import warnings
 
 import pytest
@@ -20,3 +23,29 @@ warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).
 def _run_in_tmp(tmp_path, monkeypatch):
     """Every test runs in its own folder so runs/ and lightning_logs/ never leak."""
     monkeypatch.chdir(tmp_path)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # keep the test output clean
+        pass
+
+
+@pytest.fixture
+def loopback_server(tmp_path):
+    """Serve tmp_path/served on 127.0.0.1 (a free port) for one test: yields (folder, base URL).
+
+    Stands in for a download site: no test ever reaches beyond the loopback interface.
+    """
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield served, f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)

@@ -5,13 +5,10 @@ The reference computations below are written from DATA.md, independently of data
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
-import http.server
 import pickle
 import struct
-import threading
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -607,27 +604,9 @@ def test_dynamic_binarization_inside_a_trainer_and_resume_from_checkpoint(tmp_pa
 # ----------------------------------------------------------------------------- downloads
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # keep the test output clean
-        pass
-
-
 @pytest.fixture
-def server(tmp_path):
-    """A loopback HTTP server over tmp_path/served; yields (folder, base URL)."""
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(served))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield served, f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+def server(loopback_server):
+    return loopback_server
 
 
 def _serve(served: Path, name: str, tmp: Path) -> dict[str, str]:

@@ -129,6 +129,20 @@ def run_train(out, steps, extra=()):
     return cmd
 
 
+def interrupt_after_first_checkpoint(out, steps, signum, cwd):
+    """Start train.py, send ``signum`` once its first checkpoint exists, wait for the exit."""
+    proc = subprocess.Popen(run_train(out, steps), cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    first = out / "cnf-8gaussians-poly-s0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc, stdout, stderr
+
+
 def final_weights(out):
     ckpt = out / "cnf-8gaussians-poly-s0" / "checkpoints" / "last.ckpt"
     return torch.load(ckpt, weights_only=True)["state_dict"]
@@ -142,14 +156,7 @@ def test_sigterm_saves_and_resume_ends_with_the_uninterrupted_weights(tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(run_train(out, steps), env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = out / "cnf-8gaussians-poly-s0" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    proc, stdout, stderr = interrupt_after_first_checkpoint(out, steps, signal.SIGTERM, tmp_path)
     assert proc.returncode == 143, stderr[-2000:]
     assert "interrupted by SIGTERM at step" in stdout
     stopped_at = int(stdout.split("interrupted by SIGTERM at step")[1].split(";")[0])
@@ -164,17 +171,10 @@ def test_sigterm_saves_and_resume_ends_with_the_uninterrupted_weights(tmp_path):
 
 
 def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     out = tmp_path / "runs"
-    proc = subprocess.Popen(run_train(out, 400), env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = out / "cnf-8gaussians-poly-s0" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    proc, stdout, stderr = interrupt_after_first_checkpoint(out, 400, signal.SIGINT, tmp_path)
     assert proc.returncode == 130, stderr[-2000:]
+    first = out / "cnf-8gaussians-poly-s0" / "checkpoints" / "last.ckpt"
     step = int(stdout.split("interrupted by SIGINT at step")[1].split(";")[0])
     assert torch.load(first, weights_only=True)["global_step"] == step
 

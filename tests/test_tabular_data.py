@@ -6,15 +6,12 @@ reference written straight from DATA.md ("Tabular"), kept deliberately plain.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
-import http.server
 import io
 import os
 import pickle
 import tarfile
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -401,27 +398,9 @@ def test_cache_false_writes_nothing(tmp_path):
 # Download from a loopback server.
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def served(tmp_path):
-    """Serve tmp_path/www on 127.0.0.1 (a free port) for the duration of one test."""
-    www = tmp_path / "www"
-    www.mkdir()
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(www)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield www, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+def served(loopback_server):
+    return loopback_server
 
 
 def make_archive(path, members):
