@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt-path", default=None, help="checkpoint to resume from")
     g.add_argument("--ckpt-every", type=_positive_int, default=500,
                    help="save a checkpoint every N training steps")
+    g.add_argument("--verbose", action="store_true",
+                   help="show Lightning's informational messages and library warnings")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar with live NFE and penalty (default: on in a terminal)")
     return p
@@ -253,6 +255,18 @@ def set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     elif on_cpu:
         torch.set_num_threads(1)
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for what matters: our summary, errors and real warnings."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (".*does not have many workers.*", ".*LeafSpec.*",
+                    ".*The anonymous setting has no effect.*", ".*weights_only.*"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def resolve_ckpt_path(value: str | None, ckpt_dir: Path) -> str | None:
@@ -425,6 +439,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     set_threads(args)
+    if not args.verbose:
+        quiet_libraries()
     L.seed_everything(args.seed, workers=True, verbose=False)
     model, dm, dim = build_vae(args) if args.model == "vae" else build_cnf(args)
     if args.max_steps is None and args.max_epochs is None:
