@@ -80,7 +80,7 @@ class LossTermCallback(L.Callback):
         if raw is None:
             return torch.zeros((), device=pl_module.device)
         if pl_module._trainer is not None and pl_module.trainer.training:
-            pl_module.log(self.metric, raw.detach(), on_step=True, on_epoch=True, prog_bar=True,
+            pl_module.log(self.metric, raw.detach(), on_step=True, on_epoch=False, prog_bar=True,
                           batch_size=1)
         return self.coef * raw
 

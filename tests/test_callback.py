@@ -100,8 +100,8 @@ def test_penalty_logged_and_never_active_outside_training_steps():
     model = small_model()
     t = trainer([reg, Probe()], max_steps=4, val_check_interval=2)
     t.fit(model, small_data())
-    assert "reg/poly_step" in t.callback_metrics
-    assert t.callback_metrics["reg/poly_step"].item() > 0
+    assert "reg/poly" in t.callback_metrics
+    assert t.callback_metrics["reg/poly"].item() > 0
     t.test(model, small_data(), verbose=False)
     assert Probe.active and not any(Probe.active)
     # the training_step wrapper is gone once fit ends

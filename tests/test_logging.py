@@ -138,8 +138,8 @@ def test_fit_with_offline_wandb_and_csv(tmp_path, offline_env, wandb_calls):
     assert [int(r["step"]) for r in train] == [0, 1, 2, 3]
     assert [(float(r["nfe/forward"]), float(r["nfe/backward"])) for r in train] == \
         [(float(f), float(b)) for f, b, _ in monitor.history]
-    for name in ("nfe/total", "solver/accepted_steps", "time/step_seconds", "reg/poly_step",
-                 "train/nll_step", "nfe/block_0/forward"):
+    for name in ("nfe/total", "solver/accepted_steps", "time/step_seconds", "reg/poly",
+                 "train/nll", "nfe/block_0/forward"):
         assert all(r[name] for r in train), name
     assert sum(1 for r in rows if r["val/nll"]) == 2 and any(r["test/nll"] for r in rows)
     assert any(r["val/nfe"] for r in rows) and any(r["test/nfe"] for r in rows)

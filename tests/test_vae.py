@@ -256,8 +256,8 @@ class Record(L.Callback):
         m = trainer.callback_metrics
         self.rows.append(dict(backprop=outputs["loss"].detach().clone(),
                               loss=m["train/loss"].clone(),
-                              neg_elbo=float(m["train/neg_elbo_step"]),
-                              poly=m["reg/poly_step"].clone(), beta=float(m["train/beta"])))
+                              neg_elbo=float(m["train/neg_elbo"]),
+                              poly=m["reg/poly"].clone(), beta=float(m["train/beta"])))
 
 
 def test_polynomial_regularizer_works_unchanged_on_the_vae():

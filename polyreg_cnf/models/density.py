@@ -108,7 +108,7 @@ class CNFDensityEstimator(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0]
         nll = -self.log_prob(x).mean()
-        self.log("train/nll", nll, on_step=True, on_epoch=True, prog_bar=True,
+        self.log("train/nll", nll, on_step=True, on_epoch=False, prog_bar=True,
                  batch_size=x.shape[0])
         self.log("train/loss", nll, on_step=True, on_epoch=False, batch_size=x.shape[0])
         return nll

@@ -387,7 +387,7 @@ class CNFVAE(L.LightningModule):
         loss = (beta * kl - log_px).mean()
         B = x.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=B)
-        self.log("train/neg_elbo", (kl - log_px).mean().detach(), on_step=True, on_epoch=True,
+        self.log("train/neg_elbo", (kl - log_px).mean().detach(), on_step=True, on_epoch=False,
                  prog_bar=True, batch_size=B)
         self.log("train/recon", -log_px.mean().detach(), on_step=False, on_epoch=True,
                  batch_size=B)
