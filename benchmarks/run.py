@@ -32,6 +32,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SUITES = {
     "quick": dict(workloads={"checkerboard": 200}, seeds=(0, 1, 2),
                   arms=("ffjord", "tpr_paper", "ffjord_matched", "rnode", "tpr_fast")),
+    # A longer look at the matched-tolerance question only (one seed: a probe, not a verdict).
+    "matched": dict(workloads={"checkerboard": 3000}, seeds=(0,),
+                    arms=("ffjord_matched", "tpr_fast")),
     "full": dict(workloads={"checkerboard": 3000, "8gaussians": 3000, "breast_cancer": 2000},
                  seeds=(0, 1, 2),
                  arms=("ffjord", "tpr_paper", "ffjord_matched", "rnode", "tpr_fast")),
