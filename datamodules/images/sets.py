@@ -287,7 +287,8 @@ class FreyFacesDataModule(ImageDataModule):
         if not isinstance(shuffle_seed, int) or not 0 <= shuffle_seed < 2**32:
             raise ValueError(f"shuffle_seed must be an int in [0, 2**32), got {shuffle_seed!r}")
         self.sizes = tuple(sizes)
-        self.shuffle_seed = shuffle_seed
+        # Not ``shuffle_seed``: that attribute of the base class seeds the training order.
+        self.split_seed = shuffle_seed
 
     def remote_files(self) -> dict[str, Path]:
         return {self.FILE: self._root() / "Freyfaces" / self.FILE}
@@ -305,7 +306,7 @@ class FreyFacesDataModule(ImageDataModule):
         # caller's global state back.
         saved = np.random.get_state()
         try:
-            np.random.seed(self.shuffle_seed)
+            np.random.seed(self.split_seed)
             np.random.shuffle(data)
         finally:
             np.random.set_state(saved)
