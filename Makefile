@@ -35,7 +35,7 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
 bench-quick: $(STAMP)
-	$(PY) benchmarks/run.py --suite quick
+	$(PY) benchmarks/run.py --suite quick --jobs 2
 
 bench-full: $(STAMP)
-	$(PY) benchmarks/run.py --suite full
+	$(PY) benchmarks/run.py --suite full --jobs 2

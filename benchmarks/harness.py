@@ -96,6 +96,13 @@ ARMS = {
                          "without TPR)", adjoint=False),
     "tpr_carry": Arm("tpr_carry", "(5a) TPR + restart-free seminorm adjoint", reg="poly",
                      adjoint_carry_step=True, seminorm=True),
+    # One engineering change at a time (the 'engineering' suite).
+    "tpr_seminorm": Arm("tpr_seminorm", "(2s) TPR + stock seminorm adjoint", reg="poly",
+                        adjoint_carry_step=False, seminorm=True),
+    "tpr_carry_only": Arm("tpr_carry_only", "(2c) TPR + restart-free adjoint", reg="poly",
+                          adjoint_carry_step=True),
+    "tpr_fast_exact": Arm("tpr_fast_exact", "(5e) TPR + direct backprop + exact trace",
+                          reg="poly", adjoint=False, trace="exact"),
 }
 
 WORKLOADS = {

@@ -48,6 +48,10 @@ SUITES = {
     # A longer look at the matched-tolerance question only (one seed: a probe, not a verdict).
     "matched": dict(workloads={"checkerboard": 3000}, seeds=(0,),
                     arms=("ffjord_matched", "tpr_carry")),
+    # Seconds per step of each engineering option alone, TPR at matched tolerance.
+    "engineering": dict(workloads={"checkerboard": 500}, seeds=(0, 1, 2),
+                        arms=("ffjord_matched", "tpr_paper", "tpr_seminorm", "tpr_carry_only",
+                              "tpr_carry", "tpr_fast", "tpr_fast_exact", "ffjord_direct")),
     # Sized to finish in under 2 hours on 2 cores with --jobs 2 (arm (1) at 1e-8/1e-6 is the
     # long pole: about 3x the cost of a matched-tolerance run).
     "full": dict(workloads={"checkerboard": 2000, "8gaussians": 1500, "breast_cancer": 1500,
@@ -58,7 +62,8 @@ SUITES = {
 }
 
 # Rough relative cost per step, to start the longest runs first when running in parallel.
-_COST = {"ffjord": 3.0, "tpr_paper": 1.4, "rnode": 1.1, "ffjord_matched": 1.0, "tpr_carry": 0.9,
+_COST = {"ffjord": 3.0, "tpr_paper": 1.4, "tpr_seminorm": 1.2, "rnode": 1.1,
+         "ffjord_matched": 1.0, "tpr_carry_only": 1.0, "tpr_carry": 0.9, "tpr_fast_exact": 0.8,
          "tpr_fast": 0.6, "ffjord_direct": 0.6}
 _WORKLOAD_COST = {"checkerboard": 1.0, "8gaussians": 0.8, "breast_cancer": 0.4,
                   "vae_digits": 2.0}
@@ -159,6 +164,8 @@ def markdown(suite: str, payload: dict) -> str:
              f"lightning {m['lightning']}, torchdiffeq {m['torchdiffeq']}; "
              f"commit {m['git_commit']}; {m['date']}; {payload['seconds']:.0f} s in all.  ",
              f"Training steps: {payload.get('steps', '?')}.  ",
+             *([f"**Partial: {payload['missing_runs']} runs of the suite had not finished; "
+                "figures are over the runs that had.**  "] if payload.get("missing_runs") else []),
              "Figures: median [min, max] over seeds "
              f"{list(payload['seeds'])}. NFE = right-hand-side calls per training step, averaged "
              "over training (the paper's code counted 2 per call); backward = adjoint solves, 0 "
@@ -222,6 +229,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, one process and one thread each")
     parser.add_argument("--fresh", action="store_true", help="ignore cached finished runs")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="train nothing: summarise the finished runs in the cache (the "
+                             "output then says how many runs are missing)")
     args = parser.parse_args()
     suite = SUITES[args.suite]
     arms = args.arms.split(",") if args.arms else list(suite["arms"])
@@ -248,6 +258,11 @@ def main() -> None:
                     todo.append((work, arm, seed))
     print(f"{len(done)} runs cached in {cache}, {len(todo)} to run with {args.jobs} job(s)",
           flush=True)
+    missing = len(todo) if args.cached_only else 0
+    if args.cached_only:
+        todo = []
+        if not done:
+            parser.error(f"--cached-only: no finished runs of suite {args.suite!r} in {cache}")
     todo.sort(key=lambda t: -t[0].steps * _COST.get(t[1].name, 1.0)
               * _WORKLOAD_COST.get(t[0].name, 1.0))
     if args.jobs == 1:
@@ -265,13 +280,14 @@ def main() -> None:
                 done[futures[fut]] = fut.result()
                 print(f"[{time.perf_counter() - start:6.0f} s] finished "
                       f"{' '.join(map(str, futures[fut]))}", flush=True)
-    runs = [done[(w, a, s)] for w in suite["workloads"] for s in suite["seeds"] for a in arms]
+    runs = [done[(w, a, s)] for w in suite["workloads"] for s in suite["seeds"] for a in arms
+            if (w, a, s) in done]
     command = ("python benchmarks/run.py " + " ".join(sys.argv[1:])).strip()
     info = machine()
     info["parallel_jobs"] = args.jobs
     payload = {"suite": args.suite, "command": command, "machine": info,
                "seeds": list(suite["seeds"]), "seconds": time.perf_counter() - start,
-               "steps": dict(suite["workloads"]),
+               "steps": dict(suite["workloads"]), "missing_runs": missing,
                "summary": summarise(runs),
                "runs": [{k: v for k, v in r.items() if k != "nfe_per_step"} for r in runs]}
     payload["goals"] = goals(payload["summary"])

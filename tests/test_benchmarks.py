@@ -87,3 +87,27 @@ def test_bad_flags() -> None:
             finally:
                 sys.argv = old
         assert err.value.code == 2
+
+
+def test_cached_only_summarises_what_finished(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_run_one(w, arm, seed):  # noqa: ANN001, ANN202
+        return {**_fake(arm.name, seed, [(1.0, 1, 2.0)]), "workload": w.name,
+                "nfe_per_step": {"forward": [10.0], "backward": [5.0]}}
+
+    monkeypatch.setattr(bench_run, "run_one", fake_run_one)
+    monkeypatch.setattr(bench_run, "RESULTS", tmp_path)
+    monkeypatch.setitem(bench_run.SUITES, "tiny", dict(
+        workloads={"checkerboard": 2}, seeds=(0,), arms=("ffjord_matched",)))
+    monkeypatch.setattr(sys, "argv", ["run.py", "--suite", "tiny", "--cached-only"])
+    with pytest.raises(SystemExit):  # nothing cached yet
+        bench_run.main()
+    monkeypatch.setattr(sys, "argv", ["run.py", "--suite", "tiny"])
+    bench_run.main()
+    monkeypatch.setitem(bench_run.SUITES, "tiny", dict(
+        workloads={"checkerboard": 2}, seeds=(0, 1), arms=("ffjord_matched",)))
+    monkeypatch.setattr(sys, "argv", ["run.py", "--suite", "tiny", "--cached-only"])
+    bench_run.main()
+    payload = json.loads((tmp_path / "tiny.json").read_text())
+    assert payload["missing_runs"] == 1 and len(payload["runs"]) == 1
+    assert "Partial: 1 runs" in (tmp_path / "tiny.md").read_text()
