@@ -43,11 +43,13 @@ def test_speedup_is_time_to_the_baselines_final_value() -> None:
     base = _fake("ffjord_matched", 0, [(10.0, 1, 3.0), (30.0, 2, 2.0)])
     fast = _fake("tpr_fast", 0, [(5.0, 1, 2.5), (15.0, 2, 1.9)])
     slow = _fake("rnode", 0, [(10.0, 1, 3.0), (30.0, 2, 2.1)])
+    for r in (base, fast, slow):
+        r["workload"] = "checkerboard"
     summary = bench_run.summarise([base, fast, slow])
-    s = summary["w"]
+    s = summary["checkerboard"]
     assert s["tpr_fast"]["speedup_to_ffjord_matched_final_val"]["median"] == pytest.approx(2.0)
     assert s["rnode"]["speedup_to_ffjord_matched_final_val"]["median"] is None
-    g = bench_run.goals(summary)["w"]
+    g = bench_run.goals(summary)["checkerboard"]
     assert g["matched_tpr_fast"]["met"] and not g["matched_rnode"]["met"]
     assert g["test_nfe_tpr_fast"]["times_floor"] == pytest.approx(2.0)
 
