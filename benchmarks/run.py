@@ -4,9 +4,10 @@
     python benchmarks/run.py --suite full --jobs 2    # the README's comparison (under 2 hours)
 
 Arms and workloads are defined in benchmarks/harness.py. Results go to
-benchmarks/results/<suite>.json, <suite>.md and <suite>_nfe.png. Every finished run is also kept
-in benchmarks/results/.cache/<suite>/, so an interrupted suite started again with the same
-command only runs what is missing (``--fresh`` ignores the cache).
+benchmarks/results/<suite>.json, <suite>.md and <suite>_nfe.png. Every finished run is also kept,
+with its per-step NFE, in benchmarks/results/.cache/<suite>/ (committed: the raw data behind the
+tables), so an interrupted suite started again with the same command only runs what is missing
+(``--fresh`` ignores the cache).
 
 ``--jobs N`` trains N runs at once in separate processes, one torch thread each: on a 2-core
 machine two single-threaded runs do not slow each other measurably, while two threads in one
@@ -228,6 +229,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--arms", default=None, help="comma-separated subset of the arms")
+    parser.add_argument("--workloads", default=None,
+                        help="comma-separated subset of the suite's workloads")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, one process and one thread each")
     parser.add_argument("--fresh", action="store_true", help="ignore cached finished runs")
@@ -240,13 +243,21 @@ def main() -> None:
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}; valid: {', '.join(ARMS)}")
+    workloads = dict(suite["workloads"])
+    if args.workloads:
+        wanted = args.workloads.split(",")
+        bad = [w for w in wanted if w not in workloads]
+        if bad:
+            parser.error(f"workloads {bad} are not in suite {args.suite!r}; valid: "
+                         f"{', '.join(workloads)}")
+        workloads = {w: workloads[w] for w in wanted}
     if not 1 <= args.jobs <= (os.cpu_count() or 1):
         parser.error(f"--jobs must be between 1 and the {os.cpu_count()} cores, got {args.jobs}")
     cache = RESULTS / ".cache" / args.suite
     start = time.perf_counter()
     todo: list[tuple[Workload, Arm, int]] = []
     done: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for wname, steps in suite["workloads"].items():
+    for wname, steps in workloads.items():
         work = dataclasses.replace(WORKLOADS[wname], steps=steps,
                                    eval_every=max(1, min(WORKLOADS[wname].eval_every, steps // 4)))
         for seed in suite["seeds"]:
@@ -282,14 +293,14 @@ def main() -> None:
                 done[futures[fut]] = fut.result()
                 print(f"[{time.perf_counter() - start:6.0f} s] finished "
                       f"{' '.join(map(str, futures[fut]))}", flush=True)
-    runs = [done[(w, a, s)] for w in suite["workloads"] for s in suite["seeds"] for a in arms
+    runs = [done[(w, a, s)] for w in workloads for s in suite["seeds"] for a in arms
             if (w, a, s) in done]
     command = ("python benchmarks/run.py " + " ".join(sys.argv[1:])).strip()
     info = machine()
     info["parallel_jobs"] = args.jobs
     payload = {"suite": args.suite, "command": command, "machine": info,
                "seeds": list(suite["seeds"]), "seconds": time.perf_counter() - start,
-               "steps": dict(suite["workloads"]), "missing_runs": missing,
+               "steps": workloads, "missing_runs": missing,
                "summary": summarise(runs),
                "runs": [{k: v for k, v in r.items() if k != "nfe_per_step"} for r in runs]}
     payload["goals"] = goals(payload["summary"])

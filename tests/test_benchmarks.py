@@ -80,7 +80,8 @@ def test_suite_caches_finished_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_bad_flags() -> None:
-    for argv in (["--arms", "nope"], ["--jobs", "0"], ["--suite", "nope"]):
+    for argv in (["--arms", "nope"], ["--jobs", "0"], ["--suite", "nope"],
+                 ["--workloads", "mnist"]):
         sys_argv = ["run.py", *argv]
         with pytest.raises(SystemExit) as err:
             old, sys.argv = sys.argv, sys_argv
