@@ -137,9 +137,9 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
                     / _med(a, "seconds_per_step"),
                     "forward_nfe_ratio": _med(a, "forward_nfe") / _med(b, "forward_nfe"),
                     "test_nll_diff": _med(a, "test_nll") - _med(b, "test_nll")}
+        # The floor is per solve; a VAE test batch runs several (importance samples).
+        toy = wname in WORKLOADS and WORKLOADS[wname].kind == "toy"
         for aname in ("tpr_paper", "tpr_fast"):
-            # The floor is per solve; a VAE test batch runs several (importance samples).
-            toy = wname in WORKLOADS and WORKLOADS[wname].kind == "toy"
             if toy and aname in arms and "ffjord_matched" in arms:
                 g[f"test_nfe_{aname}"] = {
                     "test_nfe": _med(arms[aname], "test_nfe"),

@@ -79,16 +79,12 @@ def test_suite_caches_finished_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert len(calls) == 8
 
 
-def test_bad_flags() -> None:
+def test_bad_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     for argv in (["--arms", "nope"], ["--jobs", "0"], ["--suite", "nope"],
                  ["--workloads", "mnist"]):
-        sys_argv = ["run.py", *argv]
+        monkeypatch.setattr(sys, "argv", ["run.py", *argv])
         with pytest.raises(SystemExit) as err:
-            old, sys.argv = sys.argv, sys_argv
-            try:
-                bench_run.main()
-            finally:
-                sys.argv = old
+            bench_run.main()
         assert err.value.code == 2
 
 
