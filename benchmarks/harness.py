@@ -162,6 +162,7 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None) -> dict[
     # One intra-op thread: these small models gain nothing from two, and a second thread
     # competing with any other process makes every parallel region wait (see README).
     torch.set_num_threads(1)
+    run_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         L.seed_everything(seed, verbose=False)
         dm = _datamodule(w, seed, Path(tmp))
@@ -212,7 +213,7 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None) -> dict[
         "forward_nfe_last100": float(np.mean(fwd[-100:])),
         "backward_nfe_last100": float(np.mean(bwd[-100:])),
         "seconds_per_step": float(np.mean(secs)), "train_seconds": float(np.sum(secs)),
-        "fit_wall_seconds": fit_wall,
+        "fit_wall_seconds": fit_wall, "run_wall_seconds": time.perf_counter() - run_start,
         "test_nll": float(test["test/nll"]), "test_nfe": float(test_nfe),
         "test_nll_at_train_tol": float(test_train_tol["test/nll"]),
         "tolerance_gap": float(test_train_tol["test/nll"] - test["test/nll"]),
