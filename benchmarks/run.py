@@ -303,6 +303,7 @@ def main() -> None:
     command = ("python benchmarks/run.py " + " ".join(sys.argv[1:])).strip()
     info = machine()
     info["parallel_jobs"] = args.jobs
+    info["torch_threads"] = 1  # run_one sets one thread per run, whatever this process has
     payload = {"suite": args.suite, "command": command, "machine": info,
                "seeds": list(suite["seeds"]), "seconds": time.perf_counter() - start,
                "steps": workloads, "missing_runs": missing, "trained_runs": len(todo),
