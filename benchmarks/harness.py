@@ -199,7 +199,7 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None) -> dict[
         fit_wall = time.perf_counter() - start
         test = trainer.test(model, dm, verbose=False)[0]
         test_nfe = monitor.last_test_nfe
-        _set_eval_tolerance(model, arm.atol, arm.rtol)
+        _set_eval_tolerance(model, atol, rtol)  # the tolerance this run trained at
         test_train_tol = trainer.test(model, dm, verbose=False)[0]
         test_metrics = {k: float(v) for k, v in test.items()}
     hist = monitor.history
