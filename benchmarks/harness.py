@@ -37,6 +37,9 @@ from polyreg_cnf.ode import ode_blocks  # noqa: E402
 from polyreg_cnf.solver import SolverConfig  # noqa: E402
 
 EVAL_TOL = 1e-5  # the paper's evaluation tolerance, for every arm
+# One intra-op thread per run: these small models gain nothing from two, and a second thread
+# competing with any other process makes every parallel region wait (see README).
+RUN_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -159,9 +162,7 @@ def _set_eval_tolerance(model: torch.nn.Module, atol: float, rtol: float) -> Non
 def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None) -> dict[str, Any]:
     """Train one arm on one workload with one seed; return its measurements."""
     steps = steps or w.steps
-    # One intra-op thread: these small models gain nothing from two, and a second thread
-    # competing with any other process makes every parallel region wait (see README).
-    torch.set_num_threads(1)
+    torch.set_num_threads(RUN_THREADS)
     run_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         L.seed_everything(seed, verbose=False)

@@ -30,6 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
     ARMS,
+    RUN_THREADS,
     WORKLOADS,
     Arm,
     Workload,
@@ -276,9 +277,9 @@ def main() -> None:
                     todo.append((work, arm, seed))
     print(f"{len(done)} runs cached in {cache}, {len(todo)} to run with {args.jobs} job(s)",
           flush=True)
-    missing = len(todo) if args.cached_only else 0
+    missing = 0
     if args.cached_only:
-        todo = []
+        missing, todo = len(todo), []
         if not done:
             parser.error(f"--cached-only: no finished runs of suite {args.suite!r} in {cache}")
     todo.sort(key=lambda t: -t[0].steps * _COST.get(t[1].name, 1.0)
@@ -303,7 +304,7 @@ def main() -> None:
     command = ("python benchmarks/run.py " + " ".join(sys.argv[1:])).strip()
     info = machine()
     info["parallel_jobs"] = args.jobs
-    info["torch_threads"] = 1  # run_one sets one thread per run, whatever this process has
+    info["torch_threads"] = RUN_THREADS  # what each run uses, not this process
     payload = {"suite": args.suite, "command": command, "machine": info,
                "seeds": list(suite["seeds"]), "seconds": time.perf_counter() - start,
                "steps": workloads, "missing_runs": missing, "trained_runs": len(todo),
