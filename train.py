@@ -20,7 +20,7 @@ from typing import Any
 
 # Fail fast on bad flags before the heavy imports (torch, lightning) are paid for.
 MODELS = ("cnf", "vae")
-LOGGERS = ("auto", "wandb", "csv", "tensorboard", "none")  # = polyreg_cnf.run_logging.LOGGER_KINDS
+LOGGERS = ("auto", "wandb", "csv", "tensorboard", "none")  # = run_logging.LOGGER_KINDS
 REGULARIZER_NAMES = ("none", "poly", "kinetic")
 
 
@@ -181,9 +181,9 @@ class UsageError(ValueError):
 
 def data_kind(name: str) -> str:
     """Which family --data names: "toy", "tabular" or "table" (the user's own file)."""
-    from datamodules.tabular import TABULAR_SETS
-    from datamodules.toy import TOY_DENSITIES
-    from datamodules.user_table import TABLE_FORMATS
+    from polyreg_cnf.datamodules.tabular import TABULAR_SETS
+    from polyreg_cnf.datamodules.toy import TOY_DENSITIES
+    from polyreg_cnf.datamodules.user_table import TABLE_FORMATS
 
     if name in TOY_DENSITIES:
         return "toy"
@@ -199,9 +199,9 @@ def data_kind(name: str) -> str:
 
 def build_datamodule(args: argparse.Namespace, kind: str) -> Any:
     """The DataModule named by --data, with the (preset-filled) batch sizes."""
-    from datamodules.tabular import TabularDataModule
-    from datamodules.toy import ToyDataModule
-    from datamodules.user_table import UserTableDataModule
+    from polyreg_cnf.datamodules.tabular import TabularDataModule
+    from polyreg_cnf.datamodules.toy import ToyDataModule
+    from polyreg_cnf.datamodules.user_table import UserTableDataModule
 
     common = dict(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                   num_workers=args.num_workers)
@@ -227,7 +227,7 @@ def fill_from_preset(args: argparse.Namespace, preset: dict[str, Any]) -> None:
 
 def make_regularizer(args: argparse.Namespace) -> Any:
     """The regularizer callback named by --reg (the registry of the command line), or None."""
-    from callbacks import KineticRegularizer, PolynomialTrajectoryRegularizer
+    from polyreg_cnf.callbacks import KineticRegularizer, PolynomialTrajectoryRegularizer
 
     registry = {
         "none": lambda: None,
@@ -354,9 +354,9 @@ def solver_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_cnf(args: argparse.Namespace) -> tuple[Any, Any, int]:
     """Density estimation: (CNFDensityEstimator, DataModule, data dimension)."""
+    from polyreg_cnf.app.presets import preset_for
+    from polyreg_cnf.engine.solver import SolverConfig
     from polyreg_cnf.models import CNFDensityEstimator
-    from polyreg_cnf.presets import preset_for
-    from polyreg_cnf.solver import SolverConfig
 
     kind = data_kind(args.data)
     fill_from_preset(args, preset_for(args.data.lower(), kind))
@@ -386,7 +386,8 @@ VAE_OPTIONS = ("z_dim", "posterior", "hidden_dims", "rank", "nonlinearity", "num
 
 def build_vae(args: argparse.Namespace) -> tuple[Any, Any, int]:
     """VAE with a CNF posterior: (CNFVAE, image DataModule, latent dimension)."""
-    from datamodules.images import IMAGE_DATASETS, make_datamodule
+    from polyreg_cnf.datamodules.images import IMAGE_DATASETS, make_datamodule
+
     from polyreg_cnf.models.vae import VAE_PRESETS
     from polyreg_cnf.models.vae import build_vae as make_vae
 
@@ -425,18 +426,18 @@ def run(args: argparse.Namespace) -> int:
 
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from polyreg_cnf.callbacks import NFEMonitor
+    from polyreg_cnf.callbacks.guard import NumericalFaultError, RunGuard, describe_solver_failure
+    from polyreg_cnf.callbacks.plots import TrajectoryPlotter
 
-    from callbacks import NFEMonitor
-    from callbacks.guard import NumericalFaultError, RunGuard, describe_solver_failure
-    from callbacks.plots import TrajectoryPlotter
-    from polyreg_cnf.checkpoint import AtomicCheckpointIO
-    from polyreg_cnf.run_logging import (
+    from polyreg_cnf.app.run_logging import (
         NFEProgressBar,
         finish_loggers,
         make_logger,
         run_config,
         wandb_sync_hint,
     )
+    from polyreg_cnf.models.checkpoint import AtomicCheckpointIO
 
     set_threads(args)
     if not args.verbose:
@@ -532,7 +533,7 @@ def run(args: argparse.Namespace) -> int:
             f"training wall time (s):     {wall:.1f}",
             f"checkpoint:                 {guard.last_path}",
             f"logs:                       {run_dir}",
-            f"compare runs:               python -m polyreg_cnf.report {run_dir} [...] "
+            f"compare runs:               python -m polyreg_cnf.app.report {run_dir} [...] "
             f"--out report.png",
         ]
         if sync_hint:

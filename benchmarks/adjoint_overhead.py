@@ -6,7 +6,7 @@ CNF at random init, one training step (forward + backward) is timed and its NFE 
 
 - ``plain_stock``: output at [0, T] only, torchdiffeq's ``odeint_adjoint`` (what an
   unregularized FFJORD run pays);
-- ``plain_carry``: output at [0, T] only, ``polyreg_cnf.adjoint.odeint_adjoint_carry``;
+- ``plain_carry``: output at [0, T] only, ``polyreg_cnf.engine.adjoint.odeint_adjoint_carry``;
 - ``tpr_stock``: TPR with K = 2 interior times (penalty coefficient 5), stock adjoint;
 - ``tpr_carry``: TPR with K = 2, the restart-free adjoint as one backward solve with the output
   times as ``jump_t`` (``single_solve=True``);
@@ -42,9 +42,10 @@ import torchdiffeq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import polyreg_cnf.adjoint as adjoint_module  # noqa: E402
-import polyreg_cnf.ode as ode_module  # noqa: E402
-from datamodules.toy import sample_toy  # noqa: E402
+from polyreg_cnf.datamodules.toy import sample_toy  # noqa: E402
+
+import polyreg_cnf.engine.adjoint as adjoint_module  # noqa: E402
+import polyreg_cnf.engine.ode as ode_module  # noqa: E402
 from polyreg_cnf import CNF, ODENet, SolverConfig, standard_normal_logprob  # noqa: E402
 
 __all__ = ["main", "measure", "train_toy"]

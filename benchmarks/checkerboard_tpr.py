@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import ARMS, WORKLOADS, Arm, machine, run_one, write_json  # noqa: E402
 
-from polyreg_cnf.penalty import sample_penalty_times, trajectory_polynomial_penalty  # noqa: E402
+from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomial_penalty  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

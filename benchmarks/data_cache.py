@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules import tabular  # noqa: E402
-from datamodules.tabular import TabularDataModule  # noqa: E402
+from polyreg_cnf.datamodules import tabular  # noqa: E402
+from polyreg_cnf.datamodules.tabular import TabularDataModule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

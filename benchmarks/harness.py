@@ -28,13 +28,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from callbacks import KineticRegularizer, NFEMonitor, PolynomialTrajectoryRegularizer  # noqa: E402
-from datamodules.toy import ToyDataModule  # noqa: E402
-from datamodules.user_table import UserTableDataModule  # noqa: E402
+from polyreg_cnf.callbacks import KineticRegularizer, NFEMonitor, PolynomialTrajectoryRegularizer  # noqa: E402
+from polyreg_cnf.datamodules.toy import ToyDataModule  # noqa: E402
+from polyreg_cnf.datamodules.user_table import UserTableDataModule  # noqa: E402
+
+from polyreg_cnf.engine.ode import ode_blocks  # noqa: E402
+from polyreg_cnf.engine.solver import SolverConfig  # noqa: E402
 from polyreg_cnf.models import CNFDensityEstimator  # noqa: E402
 from polyreg_cnf.models.vae import VAE_PRESETS, build_vae  # noqa: E402
-from polyreg_cnf.ode import ode_blocks  # noqa: E402
-from polyreg_cnf.solver import SolverConfig  # noqa: E402
 
 EVAL_TOL = 1e-5  # the paper's evaluation tolerance, for every arm
 # One intra-op thread per run: these small models gain nothing from two, and a second thread
@@ -124,7 +125,7 @@ WORKLOADS = {
 
 def _datamodule(w: Workload, seed: int, tmp: Path) -> L.LightningDataModule:
     if w.kind == "vae":
-        from datamodules.images import DigitsDataModule
+        from polyreg_cnf.datamodules.images import DigitsDataModule
 
         # The split and the static binarization are fixed (seed 0) for every arm and seed.
         return DigitsDataModule(seed=0, batch_size=w.batch_size)

@@ -32,8 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from callbacks import NFEMonitor, PolynomialTrajectoryRegularizer  # noqa: E402
-from datamodules.images import DigitsDataModule  # noqa: E402
+from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer  # noqa: E402
+from polyreg_cnf.datamodules.images import DigitsDataModule  # noqa: E402
+
 from polyreg_cnf.models.vae import VAE_PRESETS, build_vae  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from polyreg_cnf.nfe import NFELimitError
+from polyreg_cnf.engine.nfe import NFELimitError
 
 __all__ = ["NumericalFaultError", "RunGuard", "describe_solver_failure"]
 

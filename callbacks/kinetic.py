@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from polyreg_cnf.callbacks.loss_term import LossTermCallback
 from torch import Tensor
 
-from callbacks.loss_term import LossTermCallback
-from polyreg_cnf.cnf import CNF
-from polyreg_cnf.ode import ODEBlock
+from polyreg_cnf.engine.cnf import CNF
+from polyreg_cnf.engine.ode import ODEBlock
 
 __all__ = ["KineticRegularizer"]
 

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from polyreg_cnf.ode import ODEBlock, ode_blocks
+from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
 
 __all__ = ["LossTermCallback"]
 

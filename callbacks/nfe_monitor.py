@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 
-from polyreg_cnf.nfe import collect_nfe, reset_nfe
+from polyreg_cnf.engine.nfe import collect_nfe, reset_nfe
 
 __all__ = ["NFEMonitor"]
 

@@ -14,8 +14,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchdiffeq import odeint
 
-from polyreg_cnf.cnf import CNF
-from polyreg_cnf.ode import ode_blocks
+from polyreg_cnf.engine.cnf import CNF
+from polyreg_cnf.engine.ode import ode_blocks
 
 __all__ = ["TrajectoryPlotter", "density_grid", "sample_trajectories"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
+from polyreg_cnf.callbacks.loss_term import LossTermCallback
 from torch import Tensor
 
-from callbacks.loss_term import LossTermCallback
-from polyreg_cnf.ode import ODEBlock
+from polyreg_cnf.engine.ode import ODEBlock
 
 __all__ = ["PolynomialTrajectoryRegularizer"]
 

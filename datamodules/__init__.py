@@ -4,9 +4,13 @@ Every DataModule serves float32 arrays as ``(x,)`` batches and exposes ``arrays(
 preprocessed ``{"train", "val", "test"}`` splits.
 """
 
-from datamodules._files import DataFileError
-from datamodules.base import ArrayDataModule
-from datamodules.images import (
+from polyreg_cnf._layout import refuse_top_level
+
+refuse_top_level(__name__, "from polyreg_cnf.datamodules import ToyDataModule")
+
+from polyreg_cnf.datamodules._files import DataFileError
+from polyreg_cnf.datamodules.base import ArrayDataModule
+from polyreg_cnf.datamodules.images import (
     IMAGE_DATASETS,
     CaltechSilhouettesDataModule,
     DigitsDataModule,
@@ -17,9 +21,9 @@ from datamodules.images import (
     StaticMNISTDataModule,
     make_datamodule,
 )
-from datamodules.tabular import PUBLISHED_DIMS, TABULAR_SETS, TabularDataModule
-from datamodules.toy import TOY_DENSITIES, ToyDataModule
-from datamodules.user_table import UserTableDataModule
+from polyreg_cnf.datamodules.tabular import PUBLISHED_DIMS, TABULAR_SETS, TabularDataModule
+from polyreg_cnf.datamodules.toy import TOY_DENSITIES, ToyDataModule
+from polyreg_cnf.datamodules.user_table import UserTableDataModule
 
 __all__ = [
     "IMAGE_DATASETS",

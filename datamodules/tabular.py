@@ -26,9 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from datamodules._files import DataFileError, atomic_path, download, require_file, sha256sum
-from datamodules.base import SPLITS, ArrayDataModule
+from polyreg_cnf.datamodules._files import (
+    DataFileError,
+    atomic_path,
+    download,
+    require_file,
+    sha256sum,
+)
+from polyreg_cnf.datamodules.base import SPLITS, ArrayDataModule
 
 __all__ = [
     "ARCHIVE_URL",

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from polyreg_cnf.datamodules.base import ArrayDataModule
 from sklearn.datasets import make_circles, make_moons, make_swiss_roll
-
-from datamodules.base import ArrayDataModule
 
 __all__ = ["TOY_DENSITIES", "ToyDataModule", "sample_toy"]
 

@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from datamodules._files import DataFileError, require_file
-from datamodules.base import ArrayDataModule
+from polyreg_cnf.datamodules._files import DataFileError, require_file
+from polyreg_cnf.datamodules.base import ArrayDataModule
 
 __all__ = ["TABLE_FORMATS", "UserTableDataModule", "read_table"]
 

@@ -1,12 +1,32 @@
-"""polyreg-cnf: continuous normalizing flows with trajectory polynomial regularization."""
+"""polyreg-cnf: continuous normalizing flows with trajectory polynomial regularization.
 
-from polyreg_cnf.cnf import CNF, CNFStack, standard_normal_logprob
-from polyreg_cnf.nets import ODENet
-from polyreg_cnf.nfe import NFECounter, NFELimitError, collect_nfe, reset_nfe
-from polyreg_cnf.ode import ODEBlock, ode_blocks
-from polyreg_cnf.penalty import sample_penalty_times, trajectory_polynomial_penalty
-from polyreg_cnf.solver import SolverConfig
-from polyreg_cnf.trace import divergence_exact, divergence_hutchinson
+Layout (every part is reached through this namespace):
+
+- ``polyreg_cnf`` / ``polyreg_cnf.engine``: ODE solves, CNFs, traces, NFE and the penalty maths
+  (torch and torchdiffeq only).
+- ``polyreg_cnf.models``: the LightningModules (density estimation, CNF-VAE).
+- ``polyreg_cnf.callbacks``: Lightning callbacks (``PolynomialTrajectoryRegularizer``, ...).
+- ``polyreg_cnf.datamodules``: DataModules (toy, tabular, the user's table, images).
+- ``polyreg_cnf.app``: the application: run config, presets, ``build``, logging, reports.
+"""
+
+from polyreg_cnf.engine import (
+    CNF,
+    CNFStack,
+    NFECounter,
+    NFELimitError,
+    ODEBlock,
+    ODENet,
+    SolverConfig,
+    collect_nfe,
+    divergence_exact,
+    divergence_hutchinson,
+    ode_blocks,
+    reset_nfe,
+    sample_penalty_times,
+    standard_normal_logprob,
+    trajectory_polynomial_penalty,
+)
 
 __all__ = [
     "CNF",

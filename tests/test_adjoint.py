@@ -10,9 +10,9 @@ from scipy.linalg import expm
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
-import polyreg_cnf.adjoint as adjoint_module
+import polyreg_cnf.engine.adjoint as adjoint_module
 from polyreg_cnf import CNF, ODEBlock, ODENet, SolverConfig, standard_normal_logprob
-from polyreg_cnf.adjoint import odeint_adjoint_carry
+from polyreg_cnf.engine.adjoint import odeint_adjoint_carry
 
 TIGHT = dict(rtol=1e-10, atol=1e-10, method="dopri5")
 VARIANTS = [dict(single_solve=True), dict(single_solve=False),
@@ -246,7 +246,7 @@ def test_ode_block_dispatch_uses_the_stock_adjoint_when_asked(monkeypatch):
         calls.append(1)
         return original(*args, **kwargs)
 
-    import polyreg_cnf.ode as ode
+    import polyreg_cnf.engine.ode as ode
     monkeypatch.setattr(ode, "odeint_adjoint_carry", spy)
     block = ODEBlock(TimeLinear(2, 2), solver=SolverConfig())
     block(torch.randn(3, 2)).sum().backward()

@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 import torch
-
-from callbacks import KineticRegularizer, NFEMonitor, PolynomialTrajectoryRegularizer
-from datamodules import (
+from polyreg_cnf.callbacks import KineticRegularizer, NFEMonitor, PolynomialTrajectoryRegularizer
+from polyreg_cnf.datamodules import (
     TabularDataModule,
     ToyDataModule,
     UserTableDataModule,
     make_datamodule,
 )
-from datamodules.base import check_splits
+from polyreg_cnf.datamodules.base import check_splits
+
 from polyreg_cnf import (
     CNF,
     ODEBlock,

@@ -3,10 +3,10 @@
 import lightning as L
 import pytest
 import torch
+from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
+from polyreg_cnf.datamodules.toy import ToyDataModule
 from torch import nn
 
-from callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
-from datamodules.toy import ToyDataModule
 from polyreg_cnf import ODEBlock, SolverConfig, collect_nfe
 from polyreg_cnf.models import CNFDensityEstimator
 
@@ -282,7 +282,7 @@ def test_nfe_monitor_logs_training_and_evaluation_counts():
 
 
 def test_kinetic_regularizer_adds_its_weighted_terms():
-    from callbacks import KineticRegularizer
+    from polyreg_cnf.callbacks import KineticRegularizer
 
     L.seed_everything(0)
     reg = KineticRegularizer(kinetic_coef=0.5, jacobian_coef=0.25)

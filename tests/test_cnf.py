@@ -95,7 +95,7 @@ def test_hutchinson_averages_to_the_exact_trace():
     f = net(torch.tensor(0.3), z)
     exact = divergence_exact(f, z, create_graph=False)[0].item()
     for kind in ("rademacher", "gaussian"):
-        from polyreg_cnf.trace import sample_probe
+        from polyreg_cnf.engine.trace import sample_probe
         est = divergence_hutchinson(f, z, sample_probe(z, kind), create_graph=False)
         se = est.std().item() / len(est) ** 0.5
         assert abs(est.mean().item() - exact) < 5 * se + 1e-12, (kind, est.mean().item(), exact)
@@ -184,7 +184,7 @@ def test_nfe_counts_forward_and_backward_apart():
     assert nfe.backward == 0
     (z.sum() + ladj.sum()).backward()
     assert nfe.backward > 0
-    # one interval [0, T]: the restart-free adjoint (polyreg_cnf.adjoint, the default) starts
+    # one interval [0, T]: the restart-free adjoint (polyreg_cnf.engine.adjoint, the default) starts
     # with the forward solve's last step instead of selecting one, so it pays 1 to start, not 2
     # (torchdiffeq's stock adjoint, adjoint_carry_step=False, pays 2)
     assert nfe.backward == 1 + 6 * (nfe.accepted_backward

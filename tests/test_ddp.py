@@ -7,9 +7,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
+from polyreg_cnf.datamodules.toy import ToyDataModule
 
-from callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
-from datamodules.toy import ToyDataModule
 from polyreg_cnf import SolverConfig
 from polyreg_cnf.models import CNFDensityEstimator
 

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-
-from datamodules._files import DataFileError
-from datamodules.images import (
+from polyreg_cnf.datamodules._files import DataFileError
+from polyreg_cnf.datamodules.images import (
     IMAGE_DATASETS,
     IMAGE_URLS,
     CaltechSilhouettesDataModule,

@@ -17,13 +17,12 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
+from polyreg_cnf.callbacks.plots import TrajectoryPlotter
+from polyreg_cnf.datamodules.toy import ToyDataModule
 
-from callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
-from callbacks.plots import TrajectoryPlotter
-from datamodules.toy import ToyDataModule
-from polyreg_cnf import run_logging
-from polyreg_cnf.models import CNFDensityEstimator
-from polyreg_cnf.run_logging import (
+from polyreg_cnf.app import run_logging
+from polyreg_cnf.app.run_logging import (
     LOGGER_KINDS,
     WANDB_SUMMARIES,
     NFEProgressBar,
@@ -34,7 +33,8 @@ from polyreg_cnf.run_logging import (
     wandb_logged_in,
     wandb_sync_hint,
 )
-from polyreg_cnf.solver import SolverConfig
+from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.models import CNFDensityEstimator
 
 wandb = pytest.importorskip("wandb")
 

@@ -87,7 +87,7 @@ def test_plain_ddp_launcher_syncs_weights_and_val_nll_is_the_exact_global_mean(t
     # unpadded shard sampler (a padded DistributedSampler would count one row twice), so the
     # DDP mean must equal the single-process mean.
     model = CNFDensityEstimator.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
-    from datamodules.user_table import UserTableDataModule
+    from polyreg_cnf.datamodules.user_table import UserTableDataModule
 
     dm = UserTableDataModule(data, batch_size=64, eval_batch_size=50)
     single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,

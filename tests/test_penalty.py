@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from polyreg_cnf import sample_penalty_times, trajectory_polynomial_penalty
-from polyreg_cnf.penalty import MAX_TIME_POINTS
+from polyreg_cnf.engine.penalty import MAX_TIME_POINTS
 
 
 def polyfit_penalty(t, z, order):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polyreg_cnf.report import (
+from polyreg_cnf.app.report import (
     ReportError,
     load_run,
     main,
@@ -148,19 +148,19 @@ def test_render_report_without_validation_or_times(tmp_path):
 
 def test_module_entry_point(tmp_path):
     run = write_run(tmp_path / "r1")
-    proc = subprocess.run([sys.executable, "-m", "polyreg_cnf.report", str(run), "--out",
+    proc = subprocess.run([sys.executable, "-m", "polyreg_cnf.app.report", str(run), "--out",
                            str(tmp_path / "r.png")], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "r.png").stat().st_size > 10_000
-    proc = subprocess.run([sys.executable, "-m", "polyreg_cnf.report", str(tmp_path), "--out",
+    proc = subprocess.run([sys.executable, "-m", "polyreg_cnf.app.report", str(tmp_path), "--out",
                            str(tmp_path / "r.png"), "--smooth", "0"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--smooth must be a positive integer, got 0" in proc.stderr
 
 
 def test_resumed_run_parts_are_read_before_the_current_log(tmp_path):
-    from polyreg_cnf.report import load_run
+    from polyreg_cnf.app.report import load_run
 
     run = tmp_path / "run"
     run.mkdir()

@@ -10,13 +10,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
+from polyreg_cnf.callbacks.guard import RunGuard
+from polyreg_cnf.datamodules.toy import ToyDataModule
 
-from callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
-from callbacks.guard import RunGuard
-from datamodules.toy import ToyDataModule
 from polyreg_cnf import SolverConfig
-from polyreg_cnf.checkpoint import AtomicCheckpointIO, CheckpointKindError
 from polyreg_cnf.models import CNFDensityEstimator
+from polyreg_cnf.models.checkpoint import AtomicCheckpointIO, CheckpointKindError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_nan_gradient_stops_with_step_and_advice_after_saving_last_good(tmp_path
     trainer = L.Trainer(max_steps=5, callbacks=[guard, Poison()], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
-    from callbacks.guard import NumericalFaultError
+    from polyreg_cnf.callbacks.guard import NumericalFaultError
 
     with pytest.raises(NumericalFaultError, match="non-finite gradient at step 2.*smaller --lr"):
         trainer.fit(model, dm)

@@ -19,10 +19,9 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-
-from datamodules import tabular
-from datamodules._files import DataFileError
-from datamodules.tabular import (
+from polyreg_cnf.datamodules import tabular
+from polyreg_cnf.datamodules._files import DataFileError
+from polyreg_cnf.datamodules.tabular import (
     PUBLISHED_DIMS,
     TabularDataModule,
     preprocess_bsds300,

@@ -11,10 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from polyreg_cnf.datamodules._files import DataFileError
+from polyreg_cnf.datamodules.user_table import UserTableDataModule, read_table
 from scipy.stats import multivariate_normal, norm
-
-from datamodules._files import DataFileError
-from datamodules.user_table import UserTableDataModule, read_table
 
 
 def table(n=200, d=3, seed=0):

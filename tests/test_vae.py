@@ -8,11 +8,11 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
+from polyreg_cnf.datamodules.images import DigitsDataModule
 
-from callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
-from datamodules.images import DigitsDataModule
 from polyreg_cnf import SolverConfig
-from polyreg_cnf.amortized import AmortizedODENet, FlowPosterior, low_rank_linear
+from polyreg_cnf.engine.amortized import AmortizedODENet, FlowPosterior, low_rank_linear
 from polyreg_cnf.models.vae import (
     CNFVAE,
     VAE_PRESETS,

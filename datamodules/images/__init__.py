@@ -1,10 +1,10 @@
 """Image DataModules for VAEs: static/dynamic MNIST, Omniglot, Caltech Silhouettes, Frey, digits."""
 
-from datamodules.images._readers import fortran_flatten
-from datamodules.images._remote import IMAGE_URLS
-from datamodules.images.base import ImageDataModule
-from datamodules.images.factory import IMAGE_DATASETS, make_datamodule
-from datamodules.images.sets import (
+from polyreg_cnf.datamodules.images._readers import fortran_flatten
+from polyreg_cnf.datamodules.images._remote import IMAGE_URLS
+from polyreg_cnf.datamodules.images.base import ImageDataModule
+from polyreg_cnf.datamodules.images.factory import IMAGE_DATASETS, make_datamodule
+from polyreg_cnf.datamodules.images.sets import (
     CaltechSilhouettesDataModule,
     DigitsDataModule,
     FreyFacesDataModule,

@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-from datamodules._files import DataFileError
+from polyreg_cnf.datamodules._files import DataFileError
 
 __all__ = [
     "IDX_IMAGE_MAGIC",

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-from datamodules._files import download, sha256sum
+from polyreg_cnf.datamodules._files import download, sha256sum
 
 __all__ = ["IMAGE_URLS", "fetch", "resolve_url"]
 

@@ -9,10 +9,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-
-from datamodules._files import DataFileError, require_file
-from datamodules.base import ArrayDataModule
-from datamodules.images._remote import fetch, resolve_url
+from polyreg_cnf.datamodules._files import DataFileError, require_file
+from polyreg_cnf.datamodules.base import ArrayDataModule
+from polyreg_cnf.datamodules.images._remote import fetch, resolve_url
 
 __all__ = ["EVAL_BINARIZATION_SEED", "LIKELIHOODS", "ImageDataModule", "binarize_once"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from datamodules.images.base import ImageDataModule
-from datamodules.images.sets import (
+from polyreg_cnf.datamodules.images.base import ImageDataModule
+from polyreg_cnf.datamodules.images.sets import (
     CaltechSilhouettesDataModule,
     DigitsDataModule,
     FreyFacesDataModule,

@@ -7,17 +7,20 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
-
-from datamodules._files import DataFileError
-from datamodules.images._readers import (
+from polyreg_cnf.datamodules._files import DataFileError
+from polyreg_cnf.datamodules.images._readers import (
     fortran_flatten,
     read_amat,
     read_frey_pickle,
     read_idx_images,
     read_mat_arrays,
 )
-from datamodules.images._remote import resolve_url
-from datamodules.images.base import EVAL_BINARIZATION_SEED, ImageDataModule, binarize_once
+from polyreg_cnf.datamodules.images._remote import resolve_url
+from polyreg_cnf.datamodules.images.base import (
+    EVAL_BINARIZATION_SEED,
+    ImageDataModule,
+    binarize_once,
+)
 
 __all__ = [
     "CaltechSilhouettesDataModule",

@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from polyreg_cnf._checks import check_int, check_number
-from polyreg_cnf.checkpoint import check_checkpoint_kind, stamp_checkpoint_kind
-from polyreg_cnf.cnf import CNF, CNFStack, standard_normal_logprob
-from polyreg_cnf.nets import ODENet
-from polyreg_cnf.solver import SolverConfig
+from polyreg_cnf.engine._checks import check_int, check_number
+from polyreg_cnf.engine.cnf import CNF, CNFStack, standard_normal_logprob
+from polyreg_cnf.engine.nets import ODENet
+from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.models.checkpoint import check_checkpoint_kind, stamp_checkpoint_kind
 
 __all__ = ["CNFDensityEstimator"]
 

@@ -23,11 +23,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
-from polyreg_cnf._checks import check_number
-from polyreg_cnf.amortized import POSTERIORS, FlowPosterior
-from polyreg_cnf.checkpoint import check_checkpoint_kind, stamp_checkpoint_kind
-from polyreg_cnf.cnf import standard_normal_logprob
-from polyreg_cnf.solver import SolverConfig
+from polyreg_cnf.engine._checks import check_number
+from polyreg_cnf.engine.amortized import POSTERIORS, FlowPosterior
+from polyreg_cnf.engine.cnf import standard_normal_logprob
+from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.models.checkpoint import check_checkpoint_kind, stamp_checkpoint_kind
 
 __all__ = [
     "ARCHITECTURES",

@@ -3,7 +3,7 @@
 Reads ``RUN_DIR/metrics.csv`` as written by Lightning's CSVLogger (every train.py logger kind
 except ``none`` writes one) and needs no network::
 
-    python -m polyreg_cnf.report runs/cnf-checkerboard-poly-s0 runs/cnf-checkerboard-none-s0 \\
+    python -m polyreg_cnf.app.report runs/cnf-checkerboard-poly-s0 runs/cnf-checkerboard-none-s0 \\
         --out report.png --html report.html --smooth 20
 
 Panels: forward NFE per step, backward NFE per step, NLL per step (train and validation), and
@@ -446,8 +446,8 @@ def _labels(runs: Sequence[RunLog], keys: Sequence[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface of ``python -m polyreg_cnf.report``."""
-    p = argparse.ArgumentParser(prog="python -m polyreg_cnf.report", description=__doc__,
+    """The command-line interface of ``python -m polyreg_cnf.app.report``."""
+    p = argparse.ArgumentParser(prog="python -m polyreg_cnf.app.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folders holding metrics.csv (or metrics.csv files)")

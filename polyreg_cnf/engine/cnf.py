@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from polyreg_cnf.ode import ODEBlock
-from polyreg_cnf.solver import SolverConfig
-from polyreg_cnf.trace import (
+from polyreg_cnf.engine.ode import ODEBlock
+from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.engine.trace import (
     NOISE_TYPES,
     divergence_exact,
     divergence_hutchinson,

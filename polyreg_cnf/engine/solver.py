@@ -37,8 +37,8 @@ class SolverConfig:
         seminorm: With the adjoint, measure the backward error on the state and its adjoint
             only (Kidger, Chen & Lyons, ICML 2021): typically far fewer backward steps.
         adjoint_carry_step: With the adjoint and an adaptive method, use the restart-free
-            adjoint (:func:`polyreg_cnf.adjoint.odeint_adjoint_carry`): the backward pass keeps
-            its step size across the output times instead of re-selecting it on every interval,
+            adjoint (:func:`polyreg_cnf.engine.adjoint.odeint_adjoint_carry`): the backward pass
+            keeps its step size across the output times instead of re-selecting it on every interval,
             so the penalty's interior times cost about one evaluation each. ``False`` uses
             torchdiffeq's stock ``odeint_adjoint`` (kept for comparison).
         first_step: Initial step size for adaptive methods; ``None`` lets the solver choose

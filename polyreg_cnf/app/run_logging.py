@@ -3,7 +3,7 @@
 Everything here works without network access: W&B runs online only when an API key is
 configured, and otherwise offline (``WANDB_MODE=offline``), so that nothing ever prompts for a
 login or waits on a server. A CSV log is written next to every other logger because the report
-(:mod:`polyreg_cnf.report`) reads it.
+(:mod:`polyreg_cnf.app.report`) reads it.
 
 Example:
     >>> config = run_config({"lr": 1e-3})
@@ -302,7 +302,7 @@ def make_logger(kind: str, run_dir: str | Path, run_name: str,
     """The Lightning loggers of a run, ready for ``Trainer(logger=...)``.
 
     Every kind except ``"none"`` includes a CSVLogger writing ``run_dir/metrics.csv`` (what
-    :mod:`polyreg_cnf.report` reads), after the main logger.
+    :mod:`polyreg_cnf.app.report` reads), after the main logger.
 
     * ``"auto"``: W&B when the ``wandb`` package is installed, plus CSV.
     * ``"wandb"``: W&B (error if not installed), plus CSV.

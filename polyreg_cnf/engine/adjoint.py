@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from polyreg_cnf.solver import ADAPTIVE_METHODS
+from polyreg_cnf.engine.solver import ADAPTIVE_METHODS
 
 __all__ = ["odeint_adjoint_carry"]
 
@@ -370,7 +370,7 @@ def odeint_adjoint_carry(func: TupleField, y0: State | Tensor, t: Tensor, *, rto
         t: Output times, 1-D, strictly increasing or decreasing; may require grad.
         rtol: Relative tolerance of the forward solve.
         atol: Absolute tolerance of the forward solve.
-        method: An adaptive torchdiffeq method (``polyreg_cnf.solver.ADAPTIVE_METHODS``).
+        method: An adaptive torchdiffeq method (``polyreg_cnf.engine.solver.ADAPTIVE_METHODS``).
         options: Forward solver options (as for ``odeint``); ``norm`` may be a callable on the
             state tuple.
         adjoint_params: Tensors ``func`` depends on that should receive gradients; those that

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from polyreg_cnf.adjoint import odeint_adjoint_carry
-from polyreg_cnf.nfe import NFECounter, NFELimitError
-from polyreg_cnf.penalty import sample_penalty_times, trajectory_polynomial_penalty
-from polyreg_cnf.solver import SolverConfig
+from polyreg_cnf.engine.adjoint import odeint_adjoint_carry
+from polyreg_cnf.engine.nfe import NFECounter, NFELimitError
+from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomial_penalty
+from polyreg_cnf.engine.solver import SolverConfig
 
 __all__ = ["ODEBlock", "ode_blocks"]
 

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from polyreg_cnf._checks import check_int, check_ints
-from polyreg_cnf.cnf import CNF
-from polyreg_cnf.nets import NONLINEARITIES, ODENet
-from polyreg_cnf.solver import SolverConfig
+from polyreg_cnf.engine._checks import check_int, check_ints
+from polyreg_cnf.engine.cnf import CNF
+from polyreg_cnf.engine.nets import NONLINEARITIES, ODENet
+from polyreg_cnf.engine.solver import SolverConfig
 
 __all__ = ["POSTERIORS", "AmortizedODENet", "FlowPosterior", "low_rank_linear"]
 
@@ -73,7 +73,7 @@ class AmortizedODENet(nn.Module):
         dim: Latent dimension D.
         hidden_dims: Hidden widths (published: 1024-1024 for MNIST, 512-512 Omniglot/Frey).
         rank: Rank r of each per-sample weight update (published: 64 MNIST, 20 otherwise).
-        nonlinearity: A name of :data:`polyreg_cnf.nets.NONLINEARITIES` (``"softplus"``,
+        nonlinearity: A name of :data:`polyreg_cnf.engine.nets.NONLINEARITIES` (``"softplus"``,
             ``"tanh"``, ...).
 
     Example:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from polyreg_cnf._checks import check_int, check_ints
+from polyreg_cnf.engine._checks import check_int, check_ints
 
 __all__ = ["LAYER_TYPES", "NONLINEARITIES", "ConcatLinear", "ConcatSquashLinear", "ODENet"]
 

@@ -1,0 +1,1 @@
+"""The application: run configuration, presets, the one builder, logging, reports."""

@@ -1,0 +1,31 @@
+"""The engine: ODE solves, CNFs, traces, NFE counting and the polynomial penalty.
+
+Depends on torch and torchdiffeq only (no Lightning): everything here works in a plain PyTorch
+training loop. ``polyreg_cnf`` re-exports the public names.
+"""
+
+from polyreg_cnf.engine.cnf import CNF, CNFStack, standard_normal_logprob
+from polyreg_cnf.engine.nets import ODENet
+from polyreg_cnf.engine.nfe import NFECounter, NFELimitError, collect_nfe, reset_nfe
+from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
+from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomial_penalty
+from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.engine.trace import divergence_exact, divergence_hutchinson
+
+__all__ = [
+    "CNF",
+    "CNFStack",
+    "NFECounter",
+    "NFELimitError",
+    "ODEBlock",
+    "ODENet",
+    "SolverConfig",
+    "collect_nfe",
+    "divergence_exact",
+    "divergence_hutchinson",
+    "ode_blocks",
+    "reset_nfe",
+    "sample_penalty_times",
+    "standard_normal_logprob",
+    "trajectory_polynomial_penalty",
+]
