@@ -1,0 +1,84 @@
+"""A generated table with a known density, for benchmarks whose NLL differences must not be noise.
+
+The density is a fixed random mixture of Gaussians in ``dim`` dimensions (random means, random
+full covariances, random weights): multimodal and correlated, so a CNF has to bend its flow, and
+its log density is known exactly, so every run's test NLL can be put next to the true one. With
+50,000 rows the user-table path's default split (10 % validation, 10 % test) gives 5,000
+validation and 5,000 test rows: the standard error of a mean NLL over 5,000 rows of this density
+is about 0.03 nats, against 0.3-1 nats for breast cancer's 56 test rows.
+
+    python benchmarks/tables.py --out /tmp/mixture16.npy   # writes the table, prints its facts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["TABLE_SEED", "mixture_log_density", "mixture_parameters", "write_mixture_table"]
+
+#: The density is fixed: every benchmark run sees the same parameters and rows.
+TABLE_SEED = 20261129
+
+
+def mixture_parameters(dim: int = 16, components: int = 6, seed: int = TABLE_SEED
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weights (K,), means (K, D) and Cholesky factors (K, D, D) of the fixed mixture."""
+    if dim < 1 or components < 1:
+        raise ValueError(f"dim and components must be >= 1, got {dim}, {components}")
+    rng = np.random.default_rng(seed)
+    weights = rng.dirichlet(np.full(components, 5.0))
+    means = rng.normal(0.0, 2.0, size=(components, dim))
+    chols = []
+    for _ in range(components):
+        a = rng.normal(0.0, 1.0, size=(dim, dim)) / np.sqrt(dim)
+        cov = a @ a.T + 0.1 * np.eye(dim)
+        chols.append(np.linalg.cholesky(cov))
+    return weights, means, np.stack(chols)
+
+
+def mixture_log_density(x: np.ndarray, weights: np.ndarray, means: np.ndarray,
+                        chols: np.ndarray) -> np.ndarray:
+    """Exact log density of each row of ``x`` (N, D) under the mixture, in nats."""
+    n, d = x.shape
+    logs = []
+    for w, mu, chol in zip(weights, means, chols):
+        # Solve L u = (x - mu): |u|^2 is the Mahalanobis distance.
+        u = np.linalg.solve(chol, (x - mu).T).T
+        log_det = np.log(np.diag(chol)).sum()
+        logs.append(np.log(w) - 0.5 * (u ** 2).sum(1) - log_det - 0.5 * d * np.log(2 * np.pi))
+    stacked = np.stack(logs, axis=1)
+    top = stacked.max(axis=1, keepdims=True)
+    return (top + np.log(np.exp(stacked - top).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def write_mixture_table(path: str | Path, rows: int = 50_000, dim: int = 16,
+                        seed: int = TABLE_SEED) -> dict[str, float]:
+    """Sample the table to ``path`` (.npy) and return its facts (true mean NLL of all rows)."""
+    weights, means, chols = mixture_parameters(dim, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    component = rng.choice(len(weights), size=rows, p=weights)
+    eps = rng.normal(size=(rows, dim))
+    x = means[component] + np.einsum("nij,nj->ni", chols[component], eps)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, x)
+    log_p = mixture_log_density(x, weights, means, chols)
+    return {"rows": rows, "dim": dim, "seed": seed, "true_nll_raw": float(-log_p.mean())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--dim", type=int, default=16)
+    args = parser.parse_args()
+    print(json.dumps(write_mixture_table(args.out, args.rows, args.dim), indent=2))
+
+
+if __name__ == "__main__":
+    main()
