@@ -8,10 +8,8 @@ CNF at random init, one training step (forward + backward) is timed and its NFE 
   unregularized FFJORD run pays);
 - ``plain_carry``: output at [0, T] only, ``polyreg_cnf.engine.adjoint.odeint_adjoint_carry``;
 - ``tpr_stock``: TPR with K = 2 interior times (penalty coefficient 5), stock adjoint;
-- ``tpr_carry``: TPR with K = 2, the restart-free adjoint as one backward solve with the output
-  times as ``jump_t`` (``single_solve=True``);
-- ``tpr_carry_intervals``: TPR with K = 2, the restart-free adjoint, one solve per interval
-  with the step size carried over (``single_solve=False``, the default);
+- ``tpr_carry_intervals``: TPR with K = 2, the restart-free adjoint (one solve per interval
+  with the step size carried over);
 - ``tpr_direct``: TPR with K = 2, backpropagation through the solver (no adjoint: backward NFE 0),
 
 each with and without the seminorm (not applicable to ``tpr_direct``), over several seeds (model
@@ -21,6 +19,12 @@ so the forward solve is identical across variants.
 
 Run: ``.venv/bin/python benchmarks/adjoint_overhead.py`` (writes
 ``benchmarks/results/adjoint_overhead.{json,md}``).
+
+The committed results also hold a ``tpr_carry`` arm: the restart-free adjoint as one backward
+solve with the output times as ``jump_t`` (``single_solve=True``). That variant was removed
+(issue 12: it integrated the state backwards without resetting it to the stored forward values,
+which gives wrong gradients when the dynamics contract and there are interior output times), so
+a rerun no longer produces those rows.
 """
 
 from __future__ import annotations
@@ -44,8 +48,6 @@ sys.path.insert(0, str(ROOT))
 
 from polyreg_cnf.datamodules.toy import sample_toy  # noqa: E402
 
-import polyreg_cnf.engine.adjoint as adjoint_module  # noqa: E402
-import polyreg_cnf.engine.ode as ode_module  # noqa: E402
 from polyreg_cnf import CNF, ODENet, SolverConfig, standard_normal_logprob  # noqa: E402
 
 __all__ = ["main", "measure", "train_toy"]
@@ -54,8 +56,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "plain_stock": dict(K=0, adjoint=True, carry=False),
     "plain_carry": dict(K=0, adjoint=True, carry=True),
     "tpr_stock": dict(K=2, adjoint=True, carry=False),
-    "tpr_carry": dict(K=2, adjoint=True, carry=True, single_solve=True),
-    "tpr_carry_intervals": dict(K=2, adjoint=True, carry=True, single_solve=False),
+    "tpr_carry_intervals": dict(K=2, adjoint=True, carry=True),
     "tpr_direct": dict(K=2, adjoint=False, carry=False),
 }
 
@@ -89,11 +90,6 @@ def measure(cnf: CNF, x: torch.Tensor, variant: dict[str, Any], seminorm: bool, 
         cnf.start_trajectory_penalty(variant["K"], 1)
     else:
         cnf.stop_trajectory_penalty()
-    original = adjoint_module.odeint_adjoint_carry
-    single = variant.get("single_solve", False)
-    # ODEBlock calls odeint_adjoint_carry with its defaults; pin the variant explicitly.
-    ode_module.odeint_adjoint_carry = (
-        lambda *args, **kwargs: original(*args, single_solve=single, **kwargs))
     try:
         torch.manual_seed(seed)  # same probe and same penalty times for every variant
         start = time.perf_counter()
@@ -105,7 +101,6 @@ def measure(cnf: CNF, x: torch.Tensor, variant: dict[str, Any], seminorm: bool, 
         loss.backward()
         end = time.perf_counter()
     finally:
-        ode_module.odeint_adjoint_carry = original
         cnf.stop_trajectory_penalty()
     n = cnf.nfe
     return dict(forward_nfe=n.forward, backward_nfe=n.backward,

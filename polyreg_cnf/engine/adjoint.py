@@ -31,24 +31,21 @@ Why the output times stay step barriers: the jump :math:`g_i` makes :math:`a` di
 :math:`t_i`; a Runge-Kutta step across it would lose its order, so the backward solve must stop
 there and evaluate the right-hand side again with the new :math:`a` (one evaluation per output
 time, and the step that straddled :math:`t_i` is split in two). What need not happen there is a
-step-size restart. Two exact ways to avoid it:
+step-size restart: the backward pass is one ``odeint`` per interval, as torchdiffeq's, but each
+started with the step size the previous one ended on (``first_step``, recorded through
+``callback_step``/``callback_accept_step``) and with the state reset to its stored forward value.
+The last step of every interval lands on the interval's end (``step_t``) instead of overshooting
+it, and the first backward step is the last step the forward solve accepted
+(``seed_first_step``) rather than a fresh selection (which costs an evaluation and starts ~100
+times too small). With dopri5 a backward pass therefore costs :math:`N + 6\,(\text{accepted} +
+\text{rejected})` evaluations: one to start each interval, six per step (plus one per user
+``jump_t`` passed, and :math:`N` evaluations of :math:`f(t_i, y_i)` if ``t`` requires grad).
 
-* ``single_solve=False`` (default): one ``odeint`` per interval, as torchdiffeq, but each
-  started with the step size the previous one ended on (``first_step``, recorded through
-  ``callback_step``/``callback_accept_step``) and with the state reset to its forward value.
-* ``single_solve=True``: one ``odeint`` call for the whole backward pass on the
-  continuous variable :math:`\tilde a = a - G(t)`, :math:`G(t) = \sum_{t_i \text{ passed}} g_i`,
-  whose right-hand side :math:`-(\tilde a + G)^\top \partial f / \partial y` jumps at the
-  :math:`t_i`: torchdiffeq's ``jump_t`` stops there and re-evaluates just beyond, and its step
-  controller proposes the next step from the error of the step that landed on :math:`t_i`.
-  The state is integrated backwards continuously, as in a solve output at :math:`[t_0, t_N]`.
-
-Either way the last step lands on :math:`t_0` (``step_t``) instead of overshooting it, and the
-first backward step is the last step the forward solve accepted (``seed_first_step``) rather than
-a fresh selection (which costs an evaluation and starts ~100 times too small). With dopri5 a
-backward pass therefore costs :math:`N + 6\,(\text{accepted} + \text{rejected})` evaluations:
-one to start, one per interior output time, six per step (plus :math:`N` evaluations of
-:math:`f(t_i, y_i)` if ``t`` requires grad).
+The forward options' ``jump_t`` (times where :math:`f` is discontinuous) and ``step_t`` (times a
+step must land on) hold for the backward system too, whose right-hand side evaluates :math:`f`:
+inside an interval they become that interval's ``jump_t``/``step_t``, and an interval that starts
+on a jump time evaluates its first right-hand side one ulp inside the interval (on the side of the
+discontinuity it integrates into, as torchdiffeq does after stopping at a jump).
 
 References:
     R. T. Q. Chen, Y. Rubanova, J. Bettencourt, D. Duvenaud, "Neural Ordinary Differential
@@ -78,6 +75,8 @@ Norm = Callable[[State], Tensor]
 #: torchdiffeq callbacks a solver calls during a solve; the adjoint passes them on under
 #: the ``*_adjoint`` names, so the field can tell backward steps from forward ones.
 _CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
+#: torchdiffeq options that place steps: the forward solve's hold for the backward one too.
+_BARRIERS = ("step_t", "jump_t")
 
 
 def _rms(x: Tensor) -> Tensor:
@@ -105,9 +104,12 @@ class _Settings:
     seminorm: bool
     state_norm: Norm | None
     adjoint_norm: Norm | None
-    single_solve: bool
     seed_first_step: bool
     t_requires_grad: bool
+    #: Sorted, unique float64 times where the backward solve must stop and re-evaluate (``f`` is
+    #: discontinuous there) or only land, from the forward and the adjoint options; disjoint.
+    jump_t: Tensor
+    step_t: Tensor
 
 
 class _AugmentedDynamics:
@@ -124,35 +126,17 @@ class _AugmentedDynamics:
     """
 
     def __init__(self, func: Any, n_state: int, params: tuple[Tensor, ...],
-                 t_requires_grad: bool,
-                 jumps: tuple[Tensor, Sequence[State], float] | None = None) -> None:
+                 t_requires_grad: bool) -> None:
         self.func = func
         self.n_state = n_state
         self.params = params
         self.t_requires_grad = t_requires_grad
-        # (times, jumps, direction): for single_solve, a = a_tilde + sum of the g_i passed so far
-        self.jumps = jumps
         self._proposed: Tensor | None = None
         self.accepted_step: Tensor | None = None
 
-    def _passed_jumps(self, t: Tensor) -> list[Tensor] | None:
-        if self.jumps is None:
-            return None
-        times, grads, direction = self.jumps
-        total: list[Tensor] | None = None
-        for ti, gi in zip(times, grads):
-            # torchdiffeq evaluates just beyond a jump time (perturbed by one ulp) once it has
-            # stopped there, so a strict comparison puts the evaluation on the correct side.
-            if float((t - ti) * direction) > 0:
-                total = list(gi) if total is None else [a + b for a, b in zip(total, gi)]
-        return total
-
     def __call__(self, t: Tensor, aug: State) -> State:
         n = self.n_state
-        y, adj = aug[1:1 + n], list(aug[1 + n:1 + 2 * n])
-        passed = self._passed_jumps(t)
-        if passed is not None:
-            adj = [a + g for a, g in zip(adj, passed)]
+        y, adj = aug[1:1 + n], aug[1 + n:1 + 2 * n]
         with torch.enable_grad():
             t_in = t.detach().requires_grad_(self.t_requires_grad)
             y_in = tuple(x.detach().requires_grad_(True) for x in y)
@@ -216,12 +200,7 @@ class _CarryAdjoint(torch.autograd.Function):
         t, traj, params = saved[0], saved[1:1 + n], tuple(saved[1 + n:])
         grads = tuple(torch.zeros_like(y) if g is None else g for y, g in zip(traj, grad_traj))
         with torch.no_grad():
-            if settings.single_solve:
-                adj_y0, adj_params, time_vjps = _backward_single_solve(settings, t, traj, grads,
-                                                                       params)
-            else:
-                adj_y0, adj_params, time_vjps = _backward_intervals(settings, t, traj, grads,
-                                                                    params)
+            adj_y0, adj_params, time_vjps = _backward_intervals(settings, t, traj, grads, params)
         return (None, time_vjps, *adj_y0, *adj_params)
 
 
@@ -264,6 +243,42 @@ def _adjoint_solve_options(settings: _Settings, params: tuple[Tensor, ...]) -> d
     return opts
 
 
+def _interval_grid(settings: _Settings, start: Tensor, end: Tensor, state_dtype: torch.dtype
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Time grid and ``step_t``/``jump_t`` of the backward solve over one output interval.
+
+    The interval's end is a ``step_t`` (the final step lands on it instead of overshooting); the
+    user's barrier times strictly inside the interval keep their kind. If ``f`` jumps at the
+    start, the solve starts one ulp (of the dtype ``f`` sees) inside the interval, so its first
+    evaluation is on the side it integrates into.
+    """
+    lo, hi = torch.minimum(start, end), torch.maximum(start, end)
+
+    def inside(times: Tensor) -> Tensor:
+        return times[(times > lo) & (times < hi)]
+
+    barriers = {"step_t": torch.cat([end.reshape(1), inside(settings.step_t)])}
+    jumps = inside(settings.jump_t)
+    if len(jumps):
+        barriers["jump_t"] = jumps
+    if bool((settings.jump_t == start).any()):
+        start = torch.nextafter(start.to(state_dtype), end.to(state_dtype)).to(start.dtype)
+    return torch.stack([start, end]), barriers
+
+
+def _barrier_times(name: str, value: Any, device: torch.device) -> Tensor:
+    """``step_t``/``jump_t`` as a 1-D float64 tensor (torchdiffeq flips only tensors when t
+    decreases, so a list would silently point the wrong way)."""
+    try:
+        times = torch.as_tensor(value.detach() if isinstance(value, Tensor) else value,
+                                dtype=torch.float64, device=device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be a 1-D tensor or sequence of times, got {value!r}") from err
+    if times.ndim != 1 or not bool(torch.isfinite(times).all()):
+        raise ValueError(f"{name} must be a 1-D tensor of finite times, got {value!r}")
+    return times
+
+
 def _backward_intervals(settings: _Settings, t: Tensor, traj: State, grads: State,
                         params: tuple[Tensor, ...]
                         ) -> tuple[State, tuple[Tensor, ...], Tensor | None]:
@@ -275,6 +290,8 @@ def _backward_intervals(settings: _Settings, t: Tensor, traj: State, grads: Stat
     n = settings.n_state
     dtype = traj[0].dtype
     t = t.detach()
+    # torchdiffeq keeps time in float64 whatever the state's dtype; so do the barriers.
+    t64 = t.to(torch.float64)
     a_t = torch.zeros((), dtype=dtype, device=t.device)
     adj = [g[-1] for g in grads]
     adj_params = [torch.zeros_like(p) for p in params]
@@ -285,13 +302,12 @@ def _backward_intervals(settings: _Settings, t: Tensor, traj: State, grads: Stat
     carried = _seed_step(settings, base)
     for i in range(len(t) - 1, 0, -1):
         a_t = _time_jumps(settings, t, traj, grads, time_vjps, a_t, i)
-        opts = dict(base)
+        grid, barriers = _interval_grid(settings, t64[i], t64[i - 1], dtype)
+        opts = {**base, **barriers}
         if carried is not None:
             opts["first_step"] = carried
-        # step_t = the interval's end: the final step lands on it instead of overshooting.
-        opts["step_t"] = t[i - 1:i]
         aug0 = (a_t, *(y[i] for y in traj), *adj, *adj_params)
-        sol = odeint(dynamics, aug0, t[[i, i - 1]], rtol=settings.adjoint_rtol,
+        sol = odeint(dynamics, aug0, grid, rtol=settings.adjoint_rtol,
                      atol=settings.adjoint_atol, method=settings.method, options=opts)
         end = [s[1] for s in sol]
         a_t = end[0]
@@ -305,54 +321,11 @@ def _backward_intervals(settings: _Settings, t: Tensor, traj: State, grads: Stat
     return tuple(adj), tuple(adj_params), time_vjps
 
 
-def _backward_single_solve(settings: _Settings, t: Tensor, traj: State, grads: State,
-                           params: tuple[Tensor, ...]
-                           ) -> tuple[State, tuple[Tensor, ...], Tensor | None]:
-    r"""One ``odeint`` for the whole backward pass on :math:`\tilde a = a - G(t)`.
-
-    The interior output times are ``jump_t`` (the solver stops there and re-evaluates the
-    right-hand side on the far side of the jump), the first output time is a ``step_t`` (the
-    last step lands on it).
-    """
-    n = settings.n_state
-    dtype = traj[0].dtype
-    t = t.detach()
-    a_t = torch.zeros((), dtype=dtype, device=t.device)
-    time_vjps = torch.empty(len(t), dtype=t.dtype, device=t.device) \
-        if settings.t_requires_grad else None
-    for i in range(len(t) - 1, 0, -1):
-        a_t = _time_jumps(settings, t, traj, grads, time_vjps, a_t, i)
-    interior = t[1:-1]
-    direction = float(torch.sign(t[0] - t[-1]))
-    jumps = (interior, [tuple(g[i] for g in grads) for i in range(1, len(t) - 1)], direction)
-    dynamics = _AugmentedDynamics(settings.func, n, params, settings.t_requires_grad, jumps)
-    opts = _adjoint_solve_options(settings, params)
-    seed = _seed_step(settings, opts)
-    if seed is not None:
-        opts["first_step"] = seed
-    opts["step_t"] = t[:1]
-    if len(interior):
-        opts["jump_t"] = interior
-    aug0 = (a_t, *(y[-1] for y in traj), *(g[-1] for g in grads),
-            *(torch.zeros_like(p) for p in params))
-    sol = odeint(dynamics, aug0, t[[-1, 0]], rtol=settings.adjoint_rtol,
-                 atol=settings.adjoint_atol, method=settings.method, options=opts)
-    end = [s[1] for s in sol]
-    # a(t_0) = a_tilde(t_0) + every interior jump + the jump at t_0 itself
-    adj = [a + g[0] for a, g in zip(end[1 + n:1 + 2 * n], grads)]
-    for i in range(1, len(t) - 1):
-        adj = [a + g[i] for a, g in zip(adj, grads)]
-    if time_vjps is not None:
-        time_vjps[0] = end[0].to(time_vjps.dtype)
-    return tuple(adj), tuple(end[1 + 2 * n:]), time_vjps
-
-
 def odeint_adjoint_carry(func: TupleField, y0: State | Tensor, t: Tensor, *, rtol: float,
                          atol: float, method: str, options: dict[str, Any] | None,
                          adjoint_params: Sequence[Tensor],
                          adjoint_rtol: float | None = None, adjoint_atol: float | None = None,
                          adjoint_options: dict[str, Any] | None = None,
-                         single_solve: bool = False,
                          seed_first_step: bool = True) -> State | Tensor:
     r"""Solve :math:`\dot y = f(t, y)` and backpropagate with a restart-free continuous adjoint.
 
@@ -372,18 +345,16 @@ def odeint_adjoint_carry(func: TupleField, y0: State | Tensor, t: Tensor, *, rto
         atol: Absolute tolerance of the forward solve.
         method: An adaptive torchdiffeq method (``polyreg_cnf.engine.solver.ADAPTIVE_METHODS``).
         options: Forward solver options (as for ``odeint``); ``norm`` may be a callable on the
-            state tuple.
+            state tuple. Its ``jump_t`` and ``step_t`` (tensors or sequences of times) also
+            apply to the backward pass.
         adjoint_params: Tensors ``func`` depends on that should receive gradients; those that
             do not require grad are dropped.
         adjoint_rtol: Backward relative tolerance (default ``rtol``).
         adjoint_atol: Backward absolute tolerance (default ``atol``).
         adjoint_options: Backward solver options (default: ``options`` without ``norm``);
             ``{"norm": "seminorm"}`` leaves the parameter adjoints out of the error estimate.
-        single_solve: Integrate the whole backward pass as one ``odeint`` call with the output
-            times as ``jump_t``; default ``False``: one call per interval with the step size
-            carried over and the state reset to its forward values at the output times. Same
-            gradients up to the tolerance; neither is always cheaper, the per-interval one was
-            on the trained toy model of ``benchmarks/adjoint_overhead.py``.
+            Its ``jump_t``/``step_t`` are added to those of ``options``; the output times are
+            step barriers of the backward pass in any case.
         seed_first_step: Start the backward pass with the last step the forward solve accepted
             instead of selecting a first step from scratch (ignored if ``adjoint_options`` sets
             ``first_step``).
@@ -395,8 +366,9 @@ def odeint_adjoint_carry(func: TupleField, y0: State | Tensor, t: Tensor, *, rto
     Raises:
         TypeError: If ``y0`` or ``t`` is not a tensor (tuple) or ``adjoint_params`` holds a
             non-tensor.
-        ValueError: For a fixed-grid method, fewer than 2 times, mixed dtypes, or solver options
-            this function needs for itself (``step_t``, ``jump_t``).
+        ValueError: For a fixed-grid method, fewer than 2 times, mixed dtypes, an adjoint
+            ``norm`` that is neither ``"seminorm"`` nor callable, or ``step_t``/``jump_t`` that
+            are not 1-D finite times.
 
     Example:
         >>> A = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], requires_grad=True)
@@ -424,12 +396,22 @@ def odeint_adjoint_carry(func: TupleField, y0: State | Tensor, t: Tensor, *, rto
         raise TypeError(f"adjoint_params must be tensors, got {[type(p).__name__ for p in params]}")
     params = tuple(p for p in params if p.requires_grad)
     options = dict(options or {})
-    adjoint_options = ({k: v for k, v in options.items() if k != "norm"}
+    barriers = {key: [] for key in _BARRIERS}
+    for key in _BARRIERS:
+        if key in options:
+            options[key] = _barrier_times(f"options[{key!r}]", options[key], t.device)
+            barriers[key].append(options[key])
+    adjoint_options = ({k: v for k, v in options.items() if k not in ("norm", *_BARRIERS)}
                        if adjoint_options is None else dict(adjoint_options))
-    for key in ("step_t", "jump_t"):
+    for key in _BARRIERS:
         if key in adjoint_options:
-            raise ValueError(f"adjoint_options may not set {key!r}: the carry adjoint places the "
-                             f"backward steps on the output times itself")
+            barriers[key].append(_barrier_times(f"adjoint_options[{key!r}]",
+                                                adjoint_options.pop(key), t.device))
+    # torchdiffeq refuses a time listed twice; a time that is both a jump and a step is a jump.
+    jump_t, step_t = (torch.cat(barriers[key]).unique() if barriers[key]
+                      else torch.empty(0, dtype=torch.float64, device=t.device)
+                      for key in ("jump_t", "step_t"))
+    step_t = step_t[~torch.isin(step_t, jump_t)]
     norm = adjoint_options.pop("norm", None)
     if norm is not None and norm != "seminorm" and not callable(norm):
         raise ValueError(f"adjoint_options['norm'] must be 'seminorm' or a callable, got {norm!r}")
@@ -444,8 +426,8 @@ def odeint_adjoint_carry(func: TupleField, y0: State | Tensor, t: Tensor, *, rto
         adjoint_atol=atol if adjoint_atol is None else adjoint_atol,
         adjoint_options=adjoint_options, seminorm=norm == "seminorm",
         state_norm=state_norm, adjoint_norm=norm if callable(norm) else None,
-        single_solve=bool(single_solve), seed_first_step=bool(seed_first_step),
-        t_requires_grad=t.requires_grad)
+        seed_first_step=bool(seed_first_step), t_requires_grad=t.requires_grad,
+        jump_t=jump_t, step_t=step_t)
     traj = _CarryAdjoint.apply(settings, t, *state, *params)
     return traj[0] if is_tensor else tuple(traj)
 
