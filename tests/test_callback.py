@@ -1,6 +1,9 @@
 """The regularizer callback on our model and on a plain user LightningModule."""
 
+import importlib
+
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
@@ -8,6 +11,7 @@ from polyreg_cnf.datamodules.toy import ToyDataModule
 from torch import nn
 
 from polyreg_cnf import ODEBlock, SolverConfig, collect_nfe
+from polyreg_cnf.engine.ode import ode_blocks
 from polyreg_cnf.models import CNFDensityEstimator
 
 
@@ -45,6 +49,43 @@ class LossSpy(L.Callback):
             self.returned.append(outputs["loss"].detach().clone())
 
 
+def polyfit_penalty(t, z, order):
+    """Reference: numpy.polyfit residuals summed over samples and dims, divided by n * B."""
+    n, batch = z.shape[:2]
+    flat = z.reshape(n, -1)
+    residuals = [np.polyval(np.polyfit(t, flat[:, j], order), t) - flat[:, j]
+                 for j in range(flat.shape[1])]
+    return float(np.square(residuals).sum()) / (n * batch)
+
+
+class TrajectoryRecorder:
+    """Records every (t, z, order) the engine hands to the penalty, wherever it computes it."""
+
+    MODULES = ("polyreg_cnf.engine.ode", "polyreg_cnf.engine.odeint")
+
+    def __init__(self, monkeypatch):
+        from polyreg_cnf.engine.penalty import trajectory_polynomial_penalty
+
+        self.records = []
+
+        def spy(t, z, order=1):
+            self.records.append((t.detach().double().numpy(), z.detach().double().numpy(), order))
+            return trajectory_polynomial_penalty(t, z, order)
+
+        for name in self.MODULES:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            if hasattr(module, "trajectory_polynomial_penalty"):
+                monkeypatch.setattr(module, "trajectory_polynomial_penalty", spy)
+
+    def take(self):
+        """Sum of the numpy reference penalties recorded since the last call, and their count."""
+        records, self.records = self.records, []
+        return sum(polyfit_penalty(*r) for r in records), len(records)
+
+
 class NLLSpy(CNFDensityEstimator):
     """Our model, remembering the NLL its own training_step returned."""
 
@@ -55,19 +96,29 @@ class NLLSpy(CNFDensityEstimator):
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_loss_changes_by_exactly_coef_times_penalty_with_one_backward(accumulate):
+def test_loss_changes_by_exactly_coef_times_penalty_with_one_backward(accumulate, monkeypatch):
+    """loss = (nll + coef * penalty) / accumulate, the penalty recomputed here with
+    numpy.polyfit from the trajectory the block recorded (not through the code under test)."""
     L.seed_everything(0)
+    recorder = TrajectoryRecorder(monkeypatch)
     reg = PolynomialTrajectoryRegularizer(coef=3.0, num_samples=2, order=1)
-    spy = LossSpy(reg)
+
+    class PolyfitSpy(LossSpy):
+        def on_before_backward(self, trainer, pl_module, loss):
+            super().on_before_backward(trainer, pl_module, loss)
+            self.penalties[-1] = recorder.take()
+
+    spy = PolyfitSpy(reg)
     model = NLLSpy(2, hidden_dims=[16, 16], solver=SolverConfig(atol=1e-3, rtol=1e-3))
     trainer([reg, spy], max_steps=2, accumulate_grad_batches=accumulate).fit(model, small_data())
     batches = 2 * accumulate
-    assert len(spy.losses) == batches  # exactly one backward per batch
-    assert len(model.seen) == batches
-    for loss, nll, pen in zip(spy.losses, model.seen, spy.penalties):
-        assert pen is not None and pen.item() > 0
-        expected = (nll + 3.0 * pen) / accumulate  # Lightning scales for accumulation
-        torch.testing.assert_close(loss, expected)
+    # exactly one backward per batch
+    assert len(spy.losses) == len(model.seen) == len(spy.penalties) == batches
+    for loss, nll, (pen, recorded) in zip(spy.losses, model.seen, spy.penalties):
+        assert recorded == len(ode_blocks(model)) >= 1 and pen > 0
+        expected = (nll.double() + 3.0 * pen) / accumulate  # Lightning scales for accumulation
+        np.testing.assert_allclose(loss.item(), expected.item(), rtol=1e-5)
+        assert 3.0 * pen / accumulate > 20 * 1e-5 * abs(loss.item())  # 20x the tolerance
     assert reg.steps == batches
 
 
@@ -76,6 +127,7 @@ def test_without_callback_the_loss_is_the_nll():
     spy = LossSpy(None)
     model = NLLSpy(2, hidden_dims=[16, 16], solver=SolverConfig(atol=1e-3, rtol=1e-3))
     trainer([spy], max_steps=2).fit(model, small_data())
+    assert len(spy.losses) == len(model.seen) == 2
     for loss, nll in zip(spy.losses, model.seen):
         torch.testing.assert_close(loss, nll)
 
@@ -209,6 +261,7 @@ def test_callback_works_on_a_plain_user_module_returning_a_dict():
     model = NeuralODERegressor()
     t = trainer([reg, spy, NFEMonitor()], max_steps=4)
     t.fit(model, regression_data())
+    assert len(spy.losses) == len(spy.returned) == len(spy.penalties) == 4
     for loss, returned, pen in zip(spy.losses, spy.returned, spy.penalties):
         assert pen.item() > 0
         torch.testing.assert_close(loss, returned)
@@ -254,7 +307,8 @@ def test_manual_optimization_uses_the_public_penalty_method():
     reg = PolynomialTrajectoryRegularizer()
     spy = LossSpy(reg)
     trainer([reg, spy], max_steps=2).fit(ManualRegressor(reg), regression_data())
-    assert reg.steps == 2 and all(p.item() > 0 for p in spy.penalties)
+    assert reg.steps == 2 and len(spy.penalties) == 2
+    assert all(p.item() > 0 for p in spy.penalties)
 
 
 def test_manual_optimization_warns_when_the_penalty_is_never_added():
@@ -286,11 +340,29 @@ def test_kinetic_regularizer_adds_its_weighted_terms():
 
     L.seed_everything(0)
     reg = KineticRegularizer(kinetic_coef=0.5, jacobian_coef=0.25)
-    spy = LossSpy(reg)
+
+    class TermSpy(LossSpy):
+        """The blocks' unweighted (kinetic, Jacobian) integrals, read from the engine."""
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            super().on_before_backward(trainer, pl_module, loss)
+            self.penalties[-1] = [None if (k := b.kinetic_penalty()) is None
+                                  else (k[0].item(), k[1].item()) for b in ode_blocks(pl_module)]
+
+    spy = TermSpy(reg)
     model = NLLSpy(2, hidden_dims=[16, 16], solver=SolverConfig(atol=1e-3, rtol=1e-3))
     trainer([reg, spy], max_steps=2).fit(model, small_data())
-    for loss, nll, pen in zip(spy.losses, model.seen, spy.penalties):
-        assert pen.item() > 0
-        torch.testing.assert_close(loss, nll + pen)
+    assert len(spy.losses) == len(model.seen) == len(spy.penalties) == 2
+    for loss, nll, terms in zip(spy.losses, model.seen, spy.penalties):
+        assert terms and all(t is not None for t in terms)
+        kinetic = sum(t[0] for t in terms)
+        jacobian = sum(t[1] for t in terms)
+        assert kinetic > 0 and jacobian > 0
+        # the weights are applied here, by hand: kinetic_coef * K + jacobian_coef * J
+        expected = float(nll) + 0.5 * kinetic + 0.25 * jacobian
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+        # and swapped weights would be told apart
+        assert abs(0.25 * kinetic + 0.5 * jacobian - (0.5 * kinetic + 0.25 * jacobian)) > \
+            1e-4 * abs(expected)
     with pytest.raises(ValueError, match="kinetic_coef must be a finite number >= 0"):
         KineticRegularizer(kinetic_coef=-1)
