@@ -98,17 +98,42 @@ def test_importance_sampled_nll_is_below_the_neg_elbo_and_tightens_with_samples(
 
 
 def test_chunking_does_not_change_the_estimate():
-    model = tiny().eval()
-    x = digits_batch(8)
-    torch.manual_seed(3)
-    a = model.importance_nll(x, 12, chunk=12)
-    torch.manual_seed(3)
-    b = model.importance_nll(x, 12, chunk=5)
-    # Different chunks draw different noise; the same seed with chunk = S reproduces exactly.
-    torch.manual_seed(3)
-    c = model.importance_nll(x, 12, chunk=12)
-    torch.testing.assert_close(a, c)
-    assert all(torch.isfinite(t).all() for t in b)
+    """Chunk sizes 12, 5 (does not divide S = 12) and 20 (> S) on the same noise give the NLL
+    and -ELBO of the S log-weights computed one sample at a time: -(logsumexp - log S) and
+    minus their mean. Rows are ordered (sample, image)."""
+    torch.manual_seed(0)
+    model = CNFVAE((1, 8, 8), "bernoulli", solver=SolverConfig(atol=1e-9, rtol=1e-9),
+                   **TINY).eval()
+    x = digits_batch(4)
+    S, B = 12, x.shape[0]
+    noise = torch.randn(S, B, model.z_dim, generator=torch.Generator().manual_seed(3))
+    log_weights = model.log_weights
+
+    with torch.no_grad():
+        mu, log_sigma, h = model.encode(x)
+        w = torch.stack([log_px - kl for log_px, kl in
+                         (log_weights(x, mu, log_sigma, h, eps=noise[s]) for s in range(S))])
+    expected_nll = -(torch.logsumexp(w, dim=0) - math.log(S))
+    expected_neg_elbo = -w.mean(dim=0)
+    assert (expected_neg_elbo - expected_nll).min() > 1e-3  # Jensen gap: the two differ
+
+    for chunk in (12, 5, 20):
+        used = []
+
+        def fixed_noise(x_, mu_, log_sigma_, h_, eps=None, _used=used):
+            # The s samples of this chunk take the next s rows of the noise table.
+            assert eps is None and x_.shape[0] % B == 0
+            s = x_.shape[0] // B
+            start = sum(_used)
+            _used.append(s)
+            eps = noise[start:start + s].reshape(s * B, model.z_dim)
+            return log_weights(x_, mu_, log_sigma_, h_, eps=eps)
+
+        model.log_weights = fixed_noise
+        nll, neg_elbo = model.importance_nll(x, S, chunk=chunk)
+        assert used == [min(chunk, S - i) for i in range(0, S, chunk)]
+        torch.testing.assert_close(nll, expected_nll, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(neg_elbo, expected_neg_elbo, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape,likelihood,arch", [
@@ -363,7 +388,14 @@ def test_published_presets_build_and_run(name, shape, likelihood):
     model = build_vae(shape, likelihood, **VAE_PRESETS[name])
     x = torch.rand(2, math.prod(shape)).round()
     log_px, kl = model.elbo_terms(x)
+    assert log_px.shape == kl.shape == (2,)
     assert torch.isfinite(log_px).all() and torch.isfinite(kl).all()
+    # log-probabilities of binary or 8-bit images are negative; one sample of the KL part
+    # is not sign-definite, but the decoder's mean image is a probability
+    assert (log_px < 0).all()
+    mean_image = model.sample(1)
+    assert mean_image.shape == (1, math.prod(shape))
+    assert ((mean_image >= 0) & (mean_image <= 1)).all()
 
 
 def test_build_vae_and_cnfvae_reject_bad_options():
