@@ -686,10 +686,16 @@ def test_download_404(server, tmp_path):
 
 def test_download_skips_files_already_present(tmp_path):
     make_files(tmp_path, "caltech")
+    path = tmp_path / "Caltech101Silhouettes" / "caltech101_silhouettes_28_split1.mat"
+    before = path.read_bytes()
     # An unreachable URL proves nothing is fetched when the file is there.
     dm = CaltechSilhouettesDataModule(tmp_path, download=True, base_url="http://127.0.0.1:9")
     dm.prepare_data()
     dm.setup()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    expected = 1.0 - CALTECH["test_data"].reshape(-1, 28, 28).reshape(-1, 784, order="F")
+    np.testing.assert_array_equal(dm.arrays()["test"], expected.astype(np.float32))
 
 
 def test_constructor_argument_errors(tmp_path):
