@@ -36,6 +36,9 @@ class LossTermCallback(L.Callback):
 
     #: Metric name of the (unweighted) penalty, e.g. ``"reg/poly"``.
     metric: str = "reg/penalty"
+    #: Whether the penalty can come from something other than ODE blocks (then a module without
+    #: blocks is only rejected after its first training step recorded nothing).
+    needs_blocks: bool = True
 
     def __init__(self, coef: float) -> None:
         super().__init__()
@@ -47,6 +50,8 @@ class LossTermCallback(L.Callback):
         self._blocks: list[ODEBlock] = []
         self._wrapped: L.LightningModule | None = None
         self._added_this_step = False
+        self._in_training_step = False
+        self._checked_first_step = False
 
     # -------------------------------------------------------------- what subclasses provide
     @abstractmethod
@@ -61,11 +66,25 @@ class LossTermCallback(L.Callback):
     def _block_penalty(self, block: ODEBlock) -> Tensor | None:
         """The unweighted penalty the block recorded this step, or None."""
 
+    def _extra_penalty(self) -> Tensor | None:
+        """The unweighted penalty recorded this step outside ODE blocks (none by default)."""
+        return None
+
+    def _nothing_to_regularize(self, pl_module: L.LightningModule) -> str | None:
+        """After the first training step: why nothing could be regularized, or None if fine.
+
+        The default needs ODE blocks, which :meth:`on_fit_start` already checked.
+        """
+        return None
+
     # -------------------------------------------------------------- public
     def raw_penalty(self, pl_module: L.LightningModule) -> Tensor | None:
         """Unweighted penalty summed over every ODE block of ``pl_module`` this step."""
         blocks = self._find_blocks(pl_module)
         parts = [p for b in blocks if (p := self._block_penalty(b)) is not None]
+        extra = self._extra_penalty()
+        if extra is not None:
+            parts.append(extra)
         if not parts:
             return None
         return torch.stack(parts).sum()
@@ -79,7 +98,7 @@ class LossTermCallback(L.Callback):
         self._added_this_step = True
         if raw is None:
             return torch.zeros((), device=pl_module.device)
-        if pl_module._trainer is not None and pl_module.trainer.training:
+        if self._in_training_step:
             pl_module.log(self.metric, raw.detach(), on_step=True, on_epoch=False, prog_bar=True,
                           batch_size=1)
         return self.coef * raw
@@ -87,7 +106,8 @@ class LossTermCallback(L.Callback):
     # -------------------------------------------------------------- Lightning hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._blocks = ode_blocks(pl_module)
-        if not self._blocks:
+        self._checked_first_step = False
+        if not self._blocks and self.needs_blocks:
             raise ValueError(
                 f"{type(self).__name__} found no ODE block in {type(pl_module).__name__}: build "
                 "the dynamics with polyreg_cnf.ODEBlock (neural ODE) or polyreg_cnf.CNF (flow) "
@@ -107,16 +127,21 @@ class LossTermCallback(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
+        self._in_training_step = False
         self._unwrap()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         self._added_this_step = False
+        self._in_training_step = True
         for block in self._find_blocks(pl_module):
             self._start(block)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not pl_module.automatic_optimization:
+            self._check_first_step(pl_module)
+        self._in_training_step = False
         recorded = self.raw_penalty(pl_module) is not None
         if recorded and not self._added_this_step:
             rank_zero_warn(f"{type(self).__name__}: the ODE blocks recorded a penalty but it was "
@@ -140,6 +165,14 @@ class LossTermCallback(L.Callback):
     def _find_blocks(self, pl_module: L.LightningModule) -> list[ODEBlock]:
         return self._blocks or ode_blocks(pl_module)
 
+    def _check_first_step(self, pl_module: L.LightningModule) -> None:
+        if self._checked_first_step:
+            return
+        self._checked_first_step = True
+        problem = self._nothing_to_regularize(pl_module)
+        if problem is not None:
+            raise ValueError(problem)
+
     def _wrap(self, pl_module: L.LightningModule) -> None:
         if self._wrapped is not None:
             return
@@ -150,6 +183,7 @@ class LossTermCallback(L.Callback):
             out = original(*args, **kwargs)
             if out is None:  # the user skipped this batch
                 return out
+            self._check_first_step(pl_module)
             if isinstance(out, Tensor):
                 return out + self.penalty(pl_module)
             if isinstance(out, dict) and "loss" in out:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from typing import Any
 
 import lightning as L
 
-from polyreg_cnf.engine.nfe import collect_nfe, reset_nfe
+from polyreg_cnf.engine.nfe import NFECounter, collect_nfe, reset_nfe
+from polyreg_cnf.engine.odeint import record_nfe
 
 __all__ = ["NFEMonitor"]
 
@@ -19,6 +21,12 @@ class NFEMonitor(L.Callback):
     ``nfe/block_<i>/forward|backward``, ``solver/accepted_steps``, ``solver/rejected_steps``,
     ``time/step_seconds``. Evaluation (per epoch): ``val/nfe`` and ``test/nfe``, the mean forward
     NFE per batch. One evaluation is one call of the ODE right-hand side.
+
+    Counted: every ODE block of the module, and the solves made through the drop-in
+    :func:`polyreg_cnf.odeint` / :func:`polyreg_cnf.odeint_adjoint` (directly or through the
+    regularizer's ``intercept_torchdiffeq``) during training and evaluation batches, which add up
+    in the totals and are logged as ``nfe/odeint/forward|backward`` (the user's function object
+    is left alone). Bare torchdiffeq calls are invisible.
 
     The monitor also keeps a running summary (:meth:`summary`) that survives checkpoints.
 
@@ -36,17 +44,41 @@ class NFEMonitor(L.Callback):
         self.history: list[tuple[int, int, float]] = []  # (forward, backward, seconds) per step
         self._t0 = 0.0
         self._eval: list[int] = []
+        #: Counts of the drop-in solves of the current batch.
+        self.dropin = NFECounter()
+        self._counting: ExitStack | None = None
+
+    def _count_dropin(self) -> None:
+        """Reset the drop-in counter and count the batch's drop-in solves into it."""
+        self._stop_counting()
+        self.dropin.reset()
+        self._counting = ExitStack()
+        self._counting.enter_context(record_nfe(self.dropin))
+
+    def _stop_counting(self) -> None:
+        # Backward evaluations still reach the counter: each solve keeps a reference to it.
+        if self._counting is not None:
+            self._counting.close()
+            self._counting = None
+
+    def _collect(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        return collect_nfe(pl_module, extra=[self.dropin] if self.dropin.solves else [])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_counting": None}
 
     # ------------------------------------------------------------------ training
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         reset_nfe(pl_module)
+        self._count_dropin()
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         seconds = time.perf_counter() - self._t0
-        stats = collect_nfe(pl_module)
+        self._stop_counting()
+        stats = self._collect(pl_module)
         self.history.append((int(stats["forward"]), int(stats["backward"]), seconds))
         values = {
             "nfe/forward": float(stats["forward"]),
@@ -56,8 +88,13 @@ class NFEMonitor(L.Callback):
             "solver/rejected_steps": float(stats["rejected"]),
             "time/step_seconds": seconds,
         }
+        blocks = stats["blocks"]
+        if self.dropin.solves:
+            *blocks, dropin = blocks
+            values["nfe/odeint/forward"] = float(dropin["forward"])
+            values["nfe/odeint/backward"] = float(dropin["backward"])
         if self.per_block:
-            for i, block in enumerate(stats["blocks"]):
+            for i, block in enumerate(blocks):
                 values[f"nfe/block_{i}/forward"] = float(block["forward"])
                 values[f"nfe/block_{i}/backward"] = float(block["backward"])
         for name, value in values.items():
@@ -70,9 +107,15 @@ class NFEMonitor(L.Callback):
 
     def _eval_batch_start(self, pl_module: L.LightningModule) -> None:
         reset_nfe(pl_module)
+        self._count_dropin()
 
     def _eval_batch_end(self, pl_module: L.LightningModule) -> None:
-        self._eval.append(int(collect_nfe(pl_module)["forward"]))
+        self._stop_counting()
+        self._eval.append(int(self._collect(pl_module)["forward"]))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        self._stop_counting()
 
     def _eval_end(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         if trainer.sanity_checking or not self._eval:

@@ -3,7 +3,8 @@
 Layout (every part is reached through this namespace):
 
 - ``polyreg_cnf`` / ``polyreg_cnf.engine``: ODE solves, CNFs, traces, NFE and the penalty maths
-  (torch and torchdiffeq only).
+  (torch and torchdiffeq only); ``polyreg_cnf.odeint`` / ``polyreg_cnf.odeint_adjoint`` are
+  drop-in replacements for torchdiffeq's that the regularizer callback can see.
 - ``polyreg_cnf.models``: the LightningModules (density estimation, CNF-VAE).
 - ``polyreg_cnf.callbacks``: Lightning callbacks (``PolynomialTrajectoryRegularizer``, ...).
 - ``polyreg_cnf.datamodules``: DataModules (toy, tabular, the user's table, images).
@@ -22,6 +23,8 @@ from polyreg_cnf.engine import (
     divergence_exact,
     divergence_hutchinson,
     ode_blocks,
+    odeint,
+    odeint_adjoint,
     reset_nfe,
     sample_penalty_times,
     standard_normal_logprob,
@@ -40,6 +43,8 @@ __all__ = [
     "divergence_exact",
     "divergence_hutchinson",
     "ode_blocks",
+    "odeint",
+    "odeint_adjoint",
     "reset_nfe",
     "sample_penalty_times",
     "standard_normal_logprob",

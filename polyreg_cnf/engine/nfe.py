@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from torch import nn
@@ -45,14 +46,21 @@ def _counters(module: nn.Module) -> list[NFECounter]:
     return [m.nfe for m in module.modules() if isinstance(getattr(m, "nfe", None), NFECounter)]
 
 
-def collect_nfe(module: nn.Module) -> dict[str, int | list[dict[str, int]]]:
-    """Sum the NFE counters of every ODE block inside ``module``.
+def collect_nfe(module: nn.Module, extra: Sequence[NFECounter] = ()
+                ) -> dict[str, int | list[dict[str, int]]]:
+    """Sum the NFE counters of every ODE block inside ``module`` (and of ``extra`` counters).
+
+    Args:
+        module: Searched for submodules whose ``nfe`` attribute is an :class:`NFECounter`
+            (an integer ``nfe`` that a user keeps on a function object is ignored).
+        extra: More counters to add, e.g. the one :func:`polyreg_cnf.engine.odeint.record_nfe`
+            fills with the drop-in ``odeint`` solves; they are listed after the blocks.
 
     Returns:
         ``{"forward", "backward", "total", "accepted", "rejected", "accepted_backward",
-        "rejected_backward", "solves", "blocks": [per-block dicts in module order]}``.
+        "rejected_backward", "solves", "blocks": [per-counter dicts in module order]}``.
     """
-    blocks = [c.as_dict() for c in _counters(module)]
+    blocks = [c.as_dict() for c in [*_counters(module), *extra]]
     totals: dict[str, int | list[dict[str, int]]] = {
         key: sum(b[key] for b in blocks) for key in NFECounter.__dataclass_fields__}
     totals["total"] = int(totals["forward"]) + int(totals["backward"])

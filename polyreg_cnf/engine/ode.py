@@ -3,7 +3,8 @@
 The block is the unit the regularizer callbacks act on: a callback switches trajectory
 recording on for a training step, the block then asks the solver for the state at K extra
 interior times (dense output: the solver takes exactly the same steps) and stores the penalty,
-and the callback adds it to the loss.
+and the callback adds it to the loss. Solves over a given grid of times (any start, increasing
+or decreasing) and reversed solves are penalised the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from polyreg_cnf.engine.adjoint import odeint_adjoint_carry
 from polyreg_cnf.engine.nfe import NFECounter, NFELimitError
-from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomial_penalty
+from polyreg_cnf.engine.odeint import penalty_grid
 from polyreg_cnf.engine.solver import SolverConfig
 
 __all__ = ["ODEBlock", "ode_blocks"]
@@ -72,20 +73,25 @@ class _CountedAdaptiveField(_CountedField):
 
 
 class ODEBlock(nn.Module):
-    r"""Integrates :math:`dy/dt = f(t, y)` from 0 to T and returns y(T).
+    r"""Integrates :math:`dy/dt = f(t, y)` from 0 to T (or over a given grid of times).
 
     Use it to put any neural ODE into a Lightning model: the regularizer callbacks find every
-    ODEBlock inside a LightningModule and need nothing else.
+    ODEBlock inside a LightningModule and need nothing else. (For a model that calls torchdiffeq
+    directly, :func:`polyreg_cnf.odeint` is the one-line alternative.)
 
     Args:
         net: The vector field, called as ``net(t, y)`` or ``net(t, y, context)``; y has shape
             (B, ...).
-        T: End time (> 0).
+        T: End time (> 0) of solves without an explicit grid.
         train_T: Learn the end time (parametrised as ``T = s**2``, as FFJORD does).
         solver: Solver settings; defaults to ``SolverConfig()`` (dopri5, adjoint).
 
     Example:
-        >>> block = ODEBlock(nn.Linear(2, 2), solver=SolverConfig(adjoint=False))  # doctest: +SKIP
+        >>> from polyreg_cnf.engine.nets import ODENet
+        >>> block = ODEBlock(ODENet(2, (8,)), solver=SolverConfig(adjoint=False))
+        >>> y0 = torch.ones(3, 2)
+        >>> block(y0).shape, block(y0, t=torch.tensor([0.5, 0.0, -1.0])).shape
+        (torch.Size([3, 2]), torch.Size([3, 3, 2]))
     """
 
     def __init__(self, net: nn.Module, T: float = 1.0, train_T: bool = False,
@@ -107,8 +113,9 @@ class ODEBlock(nn.Module):
         if self.train_T:
             self.sqrt_T = nn.Parameter(torch.tensor(float(T) ** 0.5))
         self.nfe = NFECounter()
-        self._poly: tuple[int, int] | None = None
+        self._poly: tuple[int, int, torch.Generator | None] | None = None
         self._penalties: list[Tensor] = []
+        self._adjoint_checked = False
 
     def end_time_tensor(self, like: Tensor) -> Tensor:
         """End time T as a tensor of ``like``'s dtype and device (differentiable if ``train_T``)."""
@@ -117,9 +124,16 @@ class ODEBlock(nn.Module):
         return torch.tensor(self.end_time, dtype=like.dtype, device=like.device)
 
     # ------------------------------------------------------------------ regularization hooks
-    def start_trajectory_penalty(self, num_samples: int, order: int) -> None:
-        """Record the polynomial penalty on every training solve until :meth:`stop_...`."""
-        self._poly = (num_samples, order)
+    def start_trajectory_penalty(self, num_samples: int, order: int,
+                                 generator: torch.Generator | None = None) -> None:
+        """Record the polynomial penalty on every training solve until :meth:`stop_...`.
+
+        Args:
+            num_samples: K interior times per solve.
+            order: Polynomial degree m.
+            generator: Source of the interior times (the global RNG if None).
+        """
+        self._poly = (num_samples, order, generator)
         self._penalties = []
 
     def stop_trajectory_penalty(self) -> None:
@@ -139,59 +153,96 @@ class ODEBlock(nn.Module):
         return self._poly is not None and self.training and torch.is_grad_enabled()
 
     # ------------------------------------------------------------------ solving
-    def forward(self, y0: Tensor, context: Tensor | None = None) -> Tensor:
-        """Solve from 0 to T.
+    def forward(self, y0: Tensor, context: Tensor | None = None,
+                t: Tensor | None = None) -> Tensor:
+        """Solve from 0 to T, or over the grid ``t``.
 
         Args:
             y0: Initial state, shape (B, ...).
             context: Optional per-sample conditioning passed to ``net`` as a third argument.
+            t: Optional output grid: 1-D, strictly increasing or decreasing, any start; y0 is
+                the state at ``t[0]``.
 
         Returns:
-            y(T), same shape as y0.
+            y(T), same shape as y0; with ``t``, the trajectory at ``t``, shape (len(t), B, ...).
         """
         net = self.net
 
-        def field(t: Tensor, state: State) -> State:
-            return (net(t, state[0]) if context is None else net(t, state[0], context),)
+        def field(s: Tensor, state: State) -> State:
+            return (net(s, state[0]) if context is None else net(s, state[0], context),)
 
-        return self.solve(field, (y0,), extra_params=(context,))[0]
+        return self.solve(field, (y0,), extra_params=(context,), t=t)[0]
 
     def solve(self, field: VectorField, y0: State, extra_params: Sequence[Tensor | None] = (),
-              reverse: bool = False) -> State:
-        """Integrate a tuple state and return its value at the end time.
+              reverse: bool = False, t: Tensor | None = None) -> State:
+        """Integrate a tuple state; return its value at the end time, or its trajectory at ``t``.
 
-        The first element of the state is the trajectory the penalty looks at.
+        The first element of the state is the trajectory the penalty looks at (reversed solves
+        and grids included: the same trajectory, its times sorted increasing for the fit).
 
         Args:
             field: ``field(t, state) -> d state / dt``.
             y0: Initial state tuple.
             extra_params: Tensors the field depends on besides ``net``'s parameters (e.g. an
-                amortized context); the adjoint needs them to send gradients back.
-            reverse: Integrate from T down to 0.
+                amortized context); the adjoint needs them to send gradients back. Under the
+                adjoint, the first solve of the block checks that the field depends on no other
+                tensor requiring gradients (the adjoint would drop its gradient silently).
+            reverse: Integrate from T down to 0 (only without ``t``; give a decreasing grid
+                otherwise).
+            t: Optional output grid, 1-D and strictly monotone, at least 2 times.
 
         Returns:
-            The state tuple at the final time.
+            The state tuple at the final time; with ``t``, a tuple of trajectories of shape
+            (len(t), ...).
+
+        Raises:
+            ValueError: For an invalid grid, ``reverse`` together with ``t``, or (adjoint only)
+                a field depending on tensors requiring gradients outside ``net`` and
+                ``extra_params``.
         """
+        if t is not None:
+            t = self._check_grid(t, y0[0], reverse)
         escape = torch.inference_mode(False) if torch.is_inference_mode_enabled() else None
         with escape or nullcontext():
             if escape is not None:
                 # Tensors made under inference mode cannot enter autograd, and the trace needs
                 # autograd even in evaluation: work on ordinary copies.
                 y0 = tuple(y.clone() for y in y0)
-            return self._solve(field, y0, extra_params, reverse)
+                t = None if t is None else t.clone()
+            return self._solve(field, y0, extra_params, reverse, t)
+
+    @staticmethod
+    def _check_grid(t: Tensor, ref: Tensor, reverse: bool) -> Tensor:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"t must be a 1-D tensor of times, got {type(t).__name__}")
+        if reverse:
+            raise ValueError("reverse=True applies to the default [0, T] solve only; with a grid "
+                             "t, give a decreasing grid instead")
+        if t.ndim != 1 or len(t) < 2 or not t.is_floating_point():
+            raise ValueError(f"t must be a 1-D floating-point tensor of at least 2 times, got "
+                             f"shape {tuple(t.shape)} and dtype {t.dtype}")
+        steps = t[1:] - t[:-1]
+        if not (bool((steps > 0).all()) or bool((steps < 0).all())):
+            raise ValueError(f"t must be strictly increasing or strictly decreasing, got "
+                             f"{t.tolist()}")
+        return t.to(device=ref.device, dtype=ref.dtype)
 
     def _solve(self, field: VectorField, y0: State, extra_params: Sequence[Tensor | None],
-               reverse: bool) -> State:
+               reverse: bool, t: Tensor | None) -> State:
         ref = y0[0]
-        record = self.recording and not reverse
-        end = self.end_time_tensor(ref)
-        if record:
-            num_samples, order = self._poly
-            t = sample_penalty_times(num_samples, 0.0, end, device=ref.device, dtype=ref.dtype)
-        else:
+        if t is None:
+            end = self.end_time_tensor(ref)
             t = torch.stack([torch.zeros_like(end), end])
-        if reverse:
-            t = t.flip(0)
+            if reverse:
+                t = t.flip(0)
+            requested_end_only = True
+        else:
+            requested_end_only = False
+        grid = None
+        if self.recording:
+            num_samples, order, generator = self._poly
+            grid = penalty_grid(t, num_samples, generator)
+        times = t if grid is None else grid.times
         atol, rtol = self.solver.tolerances(self.training)
         kind = _CountedAdaptiveField if self.solver.adaptive else _CountedField
         counted = kind(field, self.nfe, self.solver.max_nfe)
@@ -201,6 +252,9 @@ class ODEBlock(nn.Module):
         if self.solver.adjoint and torch.is_grad_enabled():
             params = tuple(p for p in self.net.parameters() if p.requires_grad)
             params += tuple(p for p in extra_params if p is not None and p.requires_grad)
+            if not self._adjoint_checked:
+                _check_adjoint_sees_everything(field, times[0], y0, params)
+                self._adjoint_checked = True
             adjoint_options = dict(self.solver.options())
             if self.solver.seminorm:
                 adjoint_options["norm"] = "seminorm"
@@ -208,14 +262,54 @@ class ODEBlock(nn.Module):
             solve = (odeint_adjoint_carry
                      if self.solver.adaptive and self.solver.adjoint_carry_step
                      else odeint_adjoint)
-            traj = solve(counted, y0, t, adjoint_params=params,
+            traj = solve(counted, y0, times, adjoint_params=params,
                          adjoint_options=adjoint_options, **kwargs)
         else:
-            traj = odeint(counted, y0, t, **kwargs)
+            traj = odeint(counted, y0, times, **kwargs)
         counted.backward = True
-        if record:
-            self._penalties.append(trajectory_polynomial_penalty(t, traj[0], order))
-        return tuple(x[-1] for x in traj)
+        if grid is not None:
+            self._penalties.append(grid.penalty(traj[0], order))
+        if requested_end_only:
+            return tuple(x[-1] for x in traj)
+        return traj if grid is None else tuple(grid.select(x) for x in traj)
+
+
+def _check_adjoint_sees_everything(field: VectorField, t: Tensor, y0: State,
+                                   params: tuple[Tensor, ...]) -> None:
+    """Raise if one evaluation of ``field`` depends on tensors requiring grad outside ``params``.
+
+    The adjoint differentiates the field with respect to the state and ``params`` only: the
+    gradient of anything else the field reads (a tensor in a closure, a non-parameter attribute)
+    would be dropped without a word. One evaluation's autograd graph is walked back to its leaves
+    (stopping at ``params``, which may be non-leaf tensors such as a context); this evaluation is
+    not counted as NFE.
+    """
+    with torch.enable_grad():
+        state = tuple(y.detach().requires_grad_(y.is_floating_point()) for y in y0)
+        out = field(t.detach(), state)
+    allowed = {id(x) for x in params + state}
+    stop = {p.grad_fn for p in params if p.grad_fn is not None}
+    pending = [o.grad_fn for o in out if isinstance(o, Tensor) and o.grad_fn is not None]
+    seen: set[object] = set()
+    missing: list[Tensor] = []
+    while pending:
+        node = pending.pop()
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf requiring grad
+        if leaf is not None:
+            if id(leaf) not in allowed:
+                missing.append(leaf)
+            continue
+        pending.extend(n for n, _ in node.next_functions if n is not None)
+    if missing:
+        shapes = ", ".join(str(tuple(x.shape)) for x in missing)
+        raise ValueError(
+            f"the vector field depends on {len(missing)} tensor(s) requiring gradients that the "
+            f"adjoint cannot see (shapes {shapes}): their gradients would be dropped silently. "
+            f"Pass them in extra_params, make them parameters of net, or solve with "
+            f"SolverConfig(adjoint=False).")
 
 
 def ode_blocks(module: nn.Module) -> list[ODEBlock]:
