@@ -27,7 +27,12 @@ TRACE_TYPES = ("exact", "hutchinson")
 
 
 def standard_normal_logprob(z: Tensor) -> Tensor:
-    r"""Log density of N(0, I) summed over all but the first axis: shape (B,)."""
+    r"""Log density of N(0, I) summed over all but the first axis: shape (B,).
+
+    Example:
+        >>> standard_normal_logprob(torch.zeros(2, 3))  # -(3/2) log(2 pi)
+        tensor([-2.7568, -2.7568])
+    """
     flat = z.reshape(z.shape[0], -1)
     return -0.5 * (flat.square().sum(dim=1) + flat.shape[1] * math.log(2 * math.pi))
 
@@ -54,6 +59,24 @@ class CNF(ODEBlock):
             (D backward passes).
         eval_trace: Trace estimator in evaluation (default exact, as published numbers use).
         noise: Hutchinson probe: ``"rademacher"`` or ``"gaussian"``.
+
+    Example:
+        For linear dynamics :math:`f = A z` the flow is :math:`z(T) = e^{TA} z(0)` and
+        :math:`\ell(T) = T \operatorname{tr} A`:
+
+        >>> class Linear(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.A = nn.Parameter(torch.tensor([[0.5, 1.0], [0.0, -0.3]]))
+        ...     def forward(self, t, z):
+        ...         return z @ self.A.T
+        >>> cnf = CNF(Linear(), T=2.0, trace="exact", solver=SolverConfig(atol=1e-7, rtol=1e-7))
+        >>> z, ladj = cnf(torch.randn(4, 2))
+        >>> ladj  # 2.0 * (0.5 - 0.3)
+        tensor([0.4000, 0.4000, 0.4000, 0.4000], grad_fn=<...>)
+        >>> x_back, ladj_back = cnf(z, reverse=True)
+        >>> float((ladj + ladj_back).abs().max().detach()) < 1e-5
+        True
     """
 
     def __init__(self, net: nn.Module, T: float = 1.0, train_T: bool = False,

@@ -37,9 +37,9 @@ class SolverConfig:
         seminorm: With the adjoint, measure the backward error on the state and its adjoint
             only (Kidger, Chen & Lyons, ICML 2021): typically far fewer backward steps.
         adjoint_carry_step: With the adjoint and an adaptive method, use the restart-free
-            adjoint (:func:`polyreg_cnf.engine.adjoint.odeint_adjoint_carry`): the backward pass
-            keeps its step size across the output times instead of re-selecting it on every interval,
-            so the penalty's interior times cost about one evaluation each. ``False`` uses
+            adjoint (:func:`polyreg_cnf.engine.adjoint.odeint_adjoint_carry`): the backward
+            pass keeps its step size across the output times instead of re-selecting it on every
+            interval, so the penalty's interior times cost about one evaluation each. ``False`` uses
             torchdiffeq's stock ``odeint_adjoint`` (kept for comparison).
         first_step: Initial step size for adaptive methods; ``None`` lets the solver choose
             (costs one extra evaluation per solve).
@@ -47,6 +47,17 @@ class SolverConfig:
         max_num_steps: Solver steps allowed per solve before torchdiffeq gives up.
         max_nfe: Cap on function evaluations per forward solve; exceeding it raises
             :class:`polyreg_cnf.NFELimitError` at once instead of grinding on for hours.
+
+    Example:
+        >>> solver = SolverConfig(atol=1e-4, rtol=1e-4, eval_atol=1e-6, first_step=0.1)
+        >>> solver.tolerances(training=True), solver.tolerances(training=False)
+        ((0.0001, 0.0001), (1e-06, 0.0001))
+        >>> solver.options()
+        {'first_step': 0.1}
+        >>> SolverConfig(method="rk4")
+        Traceback (most recent call last):
+        ...
+        ValueError: fixed-grid method 'rk4' needs step_size, got None
     """
 
     method: str = "dopri5"

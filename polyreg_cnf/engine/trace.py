@@ -20,6 +20,12 @@ def divergence_exact(f: Tensor, z: Tensor, create_graph: bool) -> Tensor:
 
     Returns:
         Shape (B,).
+
+    Example:
+        >>> A = torch.tensor([[1.0, 2.0], [3.0, -4.0]])
+        >>> z = torch.randn(5, 2, requires_grad=True)
+        >>> divergence_exact(z @ A.T, z, create_graph=False)  # tr A = -3
+        tensor([-3., -3., -3., -3., -3.])
     """
     flat_f = f.reshape(f.shape[0], -1)
     total = torch.zeros(f.shape[0], dtype=f.dtype, device=f.device)
@@ -45,6 +51,16 @@ def divergence_hutchinson(f: Tensor, z: Tensor, eps: Tensor, create_graph: bool)
 
     Returns:
         Shape (B,).
+
+    Example:
+        With a Rademacher probe the estimate is :math:`\operatorname{tr} A` plus the
+        off-diagonal terms :math:`\sum_{i \ne j} \epsilon_i A_{ij} \epsilon_j`, exact for a
+        diagonal Jacobian:
+
+        >>> z = torch.randn(3, 2, requires_grad=True)
+        >>> f = z * torch.tensor([2.0, -0.5])
+        >>> divergence_hutchinson(f, z, sample_probe(z), create_graph=False)
+        tensor([1.5000, 1.5000, 1.5000])
     """
     (vjp,) = torch.autograd.grad(f, z, eps, create_graph=create_graph, retain_graph=True)
     return (vjp * eps).reshape(f.shape[0], -1).sum(dim=1)
@@ -52,7 +68,13 @@ def divergence_hutchinson(f: Tensor, z: Tensor, eps: Tensor, create_graph: bool)
 
 def sample_probe(like: Tensor, kind: str = "rademacher",
                  generator: torch.Generator | None = None) -> Tensor:
-    """A Hutchinson probe shaped like ``like``: Rademacher (+-1) or standard Gaussian."""
+    """A Hutchinson probe shaped like ``like``: Rademacher (+-1) or standard Gaussian.
+
+    Example:
+        >>> sample_probe(torch.zeros(2, 3), generator=torch.Generator().manual_seed(0)).abs()
+        tensor([[1., 1., 1.],
+                [1., 1., 1.]])
+    """
     if kind == "gaussian":
         return torch.randn(like.shape, generator=generator, dtype=like.dtype,
                            device=like.device)
