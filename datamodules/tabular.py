@@ -415,10 +415,21 @@ class TabularDataModule(ArrayDataModule):
             with the digest it got, so it can be pinned on the next run.
 
     Example:
-        >>> dm = TabularDataModule("power", "~/data/maf")  # doctest: +SKIP
-        >>> dm.prepare_data(); dm.setup()  # doctest: +SKIP
-        >>> dm.arrays()["train"].shape[1]  # doctest: +SKIP
-        6
+        The files are looked up under ``data_dir`` as the archive unpacks them; here a small
+        stand-in for ``power/data.npy`` (1,000 rows of the raw width 8):
+
+        >>> import tempfile
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> dm = TabularDataModule("power", folder.name, cache=False)
+        >>> [p.relative_to(folder.name).as_posix() for p in dm.paths]
+        ['power/data.npy']
+        >>> dm.paths[0].parent.mkdir(parents=True)
+        >>> np.save(dm.paths[0], np.random.default_rng(0).normal(size=(1000, 8)))
+        >>> dm.prepare_data()
+        >>> dm.setup()
+        >>> {split: a.shape for split, a in dm.arrays().items()}
+        {'train': (810, 6), 'val': (90, 6), 'test': (100, 6)}
+        >>> folder.cleanup()
     """
 
     def __init__(self, name: str, data_dir: str | os.PathLike, batch_size: int | None = None,

@@ -82,7 +82,15 @@ TOY_DENSITIES = {
 
 
 def sample_toy(name: str, n: int, seed: int = 0) -> np.ndarray:
-    """Draw ``n`` float32 points of a named 2-D toy density with a seeded RandomState."""
+    """Draw ``n`` float32 points of a named 2-D toy density with a seeded RandomState.
+
+    Example:
+        >>> x = sample_toy("checkerboard", 1000, seed=0)
+        >>> x.shape, x.dtype, bool((np.abs(x) <= 4).all())
+        ((1000, 2), dtype('float32'), True)
+        >>> bool((sample_toy("checkerboard", 5, seed=1) == sample_toy("checkerboard", 5, 1)).all())
+        True
+    """
     if name not in TOY_DENSITIES:
         raise ValueError(f"unknown toy density {name!r}; valid: {', '.join(TOY_DENSITIES)}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -102,6 +110,13 @@ class ToyDataModule(ArrayDataModule):
         batch_size: Training batch size.
         eval_batch_size: Evaluation batch size.
         num_workers: DataLoader workers.
+
+    Example:
+        >>> dm = ToyDataModule("8gaussians", num_train=256, num_val=64, num_test=64,
+        ...                    batch_size=64)
+        >>> dm.setup()
+        >>> dm.dim, len(dm.train_dataloader())
+        (2, 4)
     """
 
     def __init__(self, name: str = "checkerboard", num_train: int = 50_000,
