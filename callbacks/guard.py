@@ -63,6 +63,13 @@ class RunGuard(L.Callback):
     Args:
         last_path: Where the latest checkpoint lives (``.../last.ckpt``).
         last_good_path: Where to save the weights of the last good step on a numerical fault.
+
+    Example:
+        >>> guard = RunGuard("runs/a/last.ckpt", "runs/a/last_good.ckpt")
+        >>> guard.interrupted is None, guard.last_path.name
+        (True, 'last.ckpt')
+        >>> sorted(guard.state_dict())
+        ['rng']
     """
 
     def __init__(self, last_path: str | Path, last_good_path: str | Path) -> None:
@@ -160,7 +167,15 @@ class RunGuard(L.Callback):
 
 
 def describe_solver_failure(exception: BaseException, step: int) -> NumericalFaultError | None:
-    """Turn a solver failure into a NumericalFaultError with advice, or return None."""
+    """Turn a solver failure into a NumericalFaultError with advice, or return None.
+
+    Example:
+        >>> error = describe_solver_failure(AssertionError("underflow in dt 1e-17"), step=12)
+        >>> type(error).__name__, "training step 12" in str(error), "--rtol" in str(error)
+        ('NumericalFaultError', True, True)
+        >>> describe_solver_failure(KeyError("x"), step=12) is None
+        True
+    """
     text = str(exception)
     if isinstance(exception, AssertionError) and "underflow in dt" in text:
         return NumericalFaultError(

@@ -66,6 +66,15 @@ def sample_trajectories(blocks: list[CNF], num_points: int, num_times: int,
     Returns:
         ``(times, paths)``: flow time running from the total end time down to 0, shape (S,),
         and the states, shape (S, num_points, D), where S = len(blocks) * (num_times - 1) + 1.
+
+    Example:
+        >>> from polyreg_cnf import CNF, ODENet
+        >>> blocks = [CNF(ODENet(2, (8,)), T=0.5), CNF(ODENet(2, (8,)), T=1.0)]
+        >>> times, paths = sample_trajectories(blocks, num_points=10, num_times=5)
+        >>> times
+        tensor([1.5000, 1.2500, 1.0000, 0.7500, 0.5000, 0.3750, 0.2500, 0.1250, 0.0000])
+        >>> paths.shape
+        torch.Size([9, 10, 2])
     """
     first = blocks[-1]
     param = next(first.net.parameters())
@@ -123,7 +132,11 @@ class TrajectoryPlotter(L.Callback):
         seed: Seed of the base samples (the same points in every frame).
 
     Example:
-        >>> trainer = L.Trainer(callbacks=[TrajectoryPlotter(every_n_steps=200)])  # doctest: +SKIP
+        >>> plotter = TrajectoryPlotter(every_n_steps=200, num_points=50)
+        >>> trainer = L.Trainer(callbacks=[plotter], logger=False, enable_progress_bar=False,
+        ...                     enable_model_summary=False)
+        >>> plotter in trainer.callbacks
+        True
     """
 
     def __init__(self, every_n_steps: int | None = 500, num_points: int = 300,
