@@ -32,10 +32,11 @@ from polyreg_cnf.callbacks import KineticRegularizer, NFEMonitor, PolynomialTraj
 from polyreg_cnf.datamodules.toy import ToyDataModule  # noqa: E402
 from polyreg_cnf.datamodules.user_table import UserTableDataModule  # noqa: E402
 
+from polyreg_cnf.app.presets import VAE_PRESETS  # noqa: E402
 from polyreg_cnf.engine.ode import ode_blocks  # noqa: E402
 from polyreg_cnf.engine.solver import SolverConfig  # noqa: E402
 from polyreg_cnf.models import CNFDensityEstimator  # noqa: E402
-from polyreg_cnf.models.vae import VAE_PRESETS, build_vae  # noqa: E402
+from polyreg_cnf.models.vae import build_vae  # noqa: E402
 
 EVAL_TOL = 1e-5  # the paper's evaluation tolerance, for every arm
 # One intra-op thread per run: these small models gain nothing from two, and a second thread

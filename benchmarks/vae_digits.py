@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer  # noqa: E402
 from polyreg_cnf.datamodules.images import DigitsDataModule  # noqa: E402
 
-from polyreg_cnf.models.vae import VAE_PRESETS, build_vae  # noqa: E402
+from polyreg_cnf.app.presets import VAE_PRESETS  # noqa: E402
+from polyreg_cnf.models.vae import build_vae  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = ("none", "poly")

@@ -47,12 +47,13 @@ def test_user_table_run(tmp_path, capsys):
     (["--atol", "0"], "expected a finite number > 0, got '0'"),
     (["--rtol", "abc"], "expected a finite number > 0, got 'abc'"),
     (["--batch-size=-4"], "expected a positive integer, got '-4'"),
-    (["--hidden-dims", "64,x"], "expected comma-separated widths"),
+    (["--hidden-dims", "64,x"], "expected comma-separated positive widths like 64,64,64, got "
+                                "'64,x'"),
     (["--poly-coef=-1"], "expected a finite number >= 0, got '-1'"),
     (["--data", "nosuchset"], "'nosuchset' is not a known data set or a table file"),
     (["--poly-samples", "0", "--poly-order", "1"], "--poly-samples must be >= --poly-order"),
     (["--solver", "rk4"], "fixed-grid and needs --step-size"),
-    (["--max-steps", "0"], "--max-steps must be a positive integer, got 0"),
+    (["--max-steps", "0"], "expected a positive integer, got '0'"),
 ])
 def test_bad_flags_stop_with_a_clear_message(argv, match, capsys):
     with pytest.raises(SystemExit) as info:

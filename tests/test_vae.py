@@ -12,10 +12,10 @@ from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
 from polyreg_cnf.datamodules.images import DigitsDataModule
 
 from polyreg_cnf import SolverConfig
+from polyreg_cnf.app.presets import VAE_PRESETS
 from polyreg_cnf.engine.amortized import AmortizedODENet, FlowPosterior, low_rank_linear
 from polyreg_cnf.models.vae import (
     CNFVAE,
-    VAE_PRESETS,
     bernoulli_log_prob,
     build_vae,
     categorical256_log_prob,

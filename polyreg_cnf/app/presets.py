@@ -1,18 +1,34 @@
-"""Published hyperparameters per data set (the paper's run scripts, see shared DATA.md).
+"""Published hyperparameters per data set, in one place (the paper's run scripts, shared DATA.md).
 
-Values are plain dicts of train.py option names; command-line flags override them.
+Every preset is a plain dict of run-configuration option names (the fields of
+:class:`polyreg_cnf.app.config.RunConfig`, e.g. ``lr``, ``hidden_dims``, ``atol``);
+:func:`polyreg_cnf.app.config.resolve` fills the options a user did not give from the preset of
+the data set, and options given on the command line or in a config file win.
+
+Example:
+    >>> preset_for("power", "tabular")["hdim_factor"]
+    10
+    >>> preset_for("digits", "image")["z_dim"]
+    16
+    >>> preset_for("moons", "toy")["hidden_dims"]
+    [64, 64, 64]
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRESETS", "preset_for"]
+__all__ = ["DATA_KINDS", "PRESETS", "TABLE_PRESET", "TOY_PRESET", "VAE_PRESETS", "preset_for"]
 
-_TABULAR = dict(lr=1e-3, T=1.0, trace="hutchinson", eval_trace="exact")
+#: The families of data a run can name (see :func:`polyreg_cnf.app.config.data_kind`).
+DATA_KINDS = ("toy", "tabular", "table", "image")
 
+# hidden_dims=None: the widths are hdim_factor x D (D known once the data is read), nhidden times.
+_TABULAR = dict(lr=1e-3, T=1.0, trace="hutchinson", eval_trace="exact", hidden_dims=None)
+
+#: Density estimation on the tabular sets: hidden width = hdim_factor x D, all "concat" except
+#: BSDS300.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tabular: hidden width = hdim_factor x D, all "concat" except BSDS300.
     "power": dict(_TABULAR, nonlinearity="tanh", nhidden=3, hdim_factor=10, num_blocks=5,
                   layer_type="concat", batch_size=10000),
     "gas": dict(_TABULAR, nonlinearity="tanh", nhidden=3, hdim_factor=20, num_blocks=5,
@@ -34,11 +50,50 @@ TOY_PRESET: dict[str, Any] = dict(lr=1e-3, T=1.0, hidden_dims=[64, 64, 64],
 TABLE_PRESET: dict[str, Any] = dict(_TABULAR, nonlinearity="softplus", nhidden=2, hdim_factor=10,
                                     num_blocks=2, layer_type="concat", batch_size=512)
 
+_PUBLISHED_VAE: dict[str, Any] = dict(
+    z_dim=64, posterior="amortized", T=0.5, feature_dim=256, lr=5e-4, warmup_epochs=100,
+    trace="hutchinson", eval_trace="exact", atol=1e-4, rtol=1e-4, eval_atol=1e-5,
+    eval_rtol=1e-5, is_samples=1000, is_chunk=10, batch_size=100)
+
+#: The VAE with a CNF posterior, per image set: FFJORD's published settings (shared DATA.md)
+#: and a small, fast setting for the embedded 8 x 8 digits.
+VAE_PRESETS: dict[str, dict[str, Any]] = {
+    "mnist": dict(_PUBLISHED_VAE, rank=64, hidden_dims=[1024, 1024], num_blocks=2,
+                  nonlinearity="softplus"),
+    "static_mnist": dict(_PUBLISHED_VAE, rank=64, hidden_dims=[1024, 1024], num_blocks=2,
+                         nonlinearity="softplus"),
+    "omniglot": dict(_PUBLISHED_VAE, rank=20, hidden_dims=[512, 512], num_blocks=5,
+                     nonlinearity="softplus"),
+    "freyfaces": dict(_PUBLISHED_VAE, rank=20, hidden_dims=[512, 512], num_blocks=2,
+                      nonlinearity="softplus"),
+    "caltech": dict(_PUBLISHED_VAE, rank=20, hidden_dims=[2048], num_blocks=1,
+                    nonlinearity="tanh"),
+    "digits": dict(_PUBLISHED_VAE, z_dim=16, feature_dim=64, mlp_hidden=256, rank=4,
+                   hidden_dims=[64, 64], num_blocks=1, nonlinearity="softplus", lr=2e-3,
+                   warmup_epochs=10, is_samples=200, is_chunk=100, max_epochs=30),
+}
+
 
 def preset_for(name: str, kind: str) -> dict[str, Any]:
-    """Preset of a data set (``kind`` is "toy", "tabular" or "table")."""
+    """A copy of the preset of data set ``name`` of family ``kind``.
+
+    Args:
+        name: The data set (lower case): a toy density, a tabular or image set, or a file.
+        kind: One of :data:`DATA_KINDS`.
+
+    Returns:
+        Option name -> value (a fresh dict: the caller may change it).
+
+    Raises:
+        ValueError: ``kind`` is unknown, or ``name`` has no preset of that kind.
+    """
+    if kind not in DATA_KINDS:
+        raise ValueError(f"unknown data kind {kind!r}; valid: {', '.join(DATA_KINDS)}")
     if kind == "toy":
         return dict(TOY_PRESET)
-    if kind == "tabular":
-        return dict(PRESETS[name])
-    return dict(TABLE_PRESET)
+    if kind == "table":
+        return dict(TABLE_PRESET)
+    table = PRESETS if kind == "tabular" else VAE_PRESETS
+    if name not in table:
+        raise ValueError(f"no {kind} preset named {name!r}; valid: {', '.join(table)}")
+    return dict(table[name])

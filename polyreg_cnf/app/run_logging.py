@@ -6,9 +6,13 @@ login or waits on a server. A CSV log is written next to every other logger beca
 (:mod:`polyreg_cnf.app.report`) reads it.
 
 Example:
-    >>> config = run_config({"lr": 1e-3})
-    >>> loggers = make_logger("auto", "runs/demo", "demo", config)  # doctest: +SKIP
-    >>> trainer = L.Trainer(logger=loggers, callbacks=[NFEProgressBar()])  # doctest: +SKIP
+    >>> import tempfile
+    >>> config = run_config({"reg": "poly", "poly_coef": 5.0, "lr": 1e-3})
+    >>> config["regularizer"]
+    {'name': 'poly', 'coef': 5.0}
+    >>> loggers = make_logger("csv", tempfile.mkdtemp(), "demo", config)
+    >>> [type(logger).__name__ for logger in loggers]
+    ['CSVLogger']
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 __all__ = [
@@ -209,7 +213,6 @@ def _choose_wandb_mode() -> str:
 
 def _wandb_logger(run_dir: Path, run_name: str, config: Mapping[str, Any]) -> Logger:
     import wandb
-    from lightning.pytorch.loggers import WandbLogger
 
     mode = _choose_wandb_mode()
     offline = mode != "online"
@@ -260,10 +263,19 @@ def define_wandb_metrics(run: Any, summaries: Mapping[str, str] | None = None) -
         define(name, step_metric=STEP_METRIC, summary=summary)
 
 
-def _offline_run_dir(logger: Logger) -> Path | None:
+def _started_run(logger: WandbLogger) -> Any:
+    """The W&B run of ``logger`` if this process started one (see :func:`make_logger`), else
+    None.
+
+    Only the launch's global rank 0 starts a run, when the logger is made; reading
+    ``logger.experiment`` anywhere else would start one, so it is not read there.
+    """
+    return logger.experiment if _launch_rank_zero() else None
+
+
+def _offline_run_dir(logger: WandbLogger) -> Path | None:
     """The ``offline-run-*`` folder of an offline WandbLogger whose run started, else None."""
-    experiment = getattr(logger, "_experiment", None)
-    settings = getattr(experiment, "settings", None)
+    settings = getattr(_started_run(logger), "settings", None)
     if settings is None or getattr(settings, "mode", None) not in ("offline", "dryrun"):
         return None
     sync_dir = getattr(settings, "sync_dir", None)
@@ -273,17 +285,20 @@ def _offline_run_dir(logger: Logger) -> Path | None:
 def wandb_sync_hint(loggers: Sequence[Logger] | Logger | None) -> str | None:
     """The command that uploads an offline W&B run later, or None if there is nothing to sync.
 
+    For an offline run it reads e.g. ``'wandb sync
+    runs/demo/wandb/offline-run-20260101_120000-abc123'``.
+
     Example:
-        >>> hint = wandb_sync_hint(trainer.loggers)  # doctest: +SKIP
-        >>> hint
-        'wandb sync runs/demo/wandb/offline-run-20260101_120000-abc123'
+        >>> import tempfile
+        >>> print(wandb_sync_hint(make_logger("csv", tempfile.mkdtemp(), "demo")))
+        None
     """
     if loggers is None:
         return None
     if isinstance(loggers, Logger):
         loggers = [loggers]
     for logger in loggers:
-        if type(logger).__name__ != "WandbLogger":
+        if not isinstance(logger, WandbLogger):
             continue
         folder = _offline_run_dir(logger)
         if folder is not None:
@@ -374,14 +389,13 @@ def finish_loggers(loggers: Sequence[Logger] | Logger | None, status: str = "suc
         loggers = [loggers]
     for logger in loggers:
         logger.finalize(status)
-        if type(logger).__name__ == "WandbLogger":
+        if isinstance(logger, WandbLogger):
             _finish_wandb_run(logger, status)
 
 
 @rank_zero_only
-def _finish_wandb_run(logger: Logger, status: str) -> None:
-    experiment = getattr(logger, "_experiment", None)
-    finish = getattr(experiment, "finish", None)
+def _finish_wandb_run(logger: WandbLogger, status: str) -> None:
+    finish = getattr(_started_run(logger), "finish", None)
     if callable(finish):
         finish(exit_code=0 if status == "success" else 1)
 

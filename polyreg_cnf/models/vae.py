@@ -13,6 +13,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +33,6 @@ from polyreg_cnf.models.checkpoint import check_checkpoint_kind, stamp_checkpoin
 __all__ = [
     "ARCHITECTURES",
     "LIKELIHOODS",
-    "VAE_PRESETS",
     "CNFVAE",
     "GatedConv2d",
     "GatedConvTranspose2d",
@@ -441,51 +441,31 @@ class CNFVAE(L.LightningModule):
         return torch.optim.Adamax(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-# ---------------------------------------------------------------------------- presets, factory
-_PUBLISHED: dict[str, Any] = dict(
-    z_dim=64, posterior="amortized", T=0.5, feature_dim=256, lr=5e-4, warmup_epochs=100,
-    trace="hutchinson", eval_trace="exact", atol=1e-4, rtol=1e-4, eval_atol=1e-5,
-    eval_rtol=1e-5, is_samples=1000, is_chunk=10, batch_size=100)
-
-#: Hyperparameters per data set: FFJORD's published VAE settings (shared DATA.md) and a small,
-#: fast setting for the embedded 8 x 8 digits. Keys are :func:`build_vae` options plus the
-#: Trainer/DataModule keys ``batch_size`` and ``max_epochs``, which build_vae accepts and ignores.
-VAE_PRESETS: dict[str, dict[str, Any]] = {
-    "mnist": dict(_PUBLISHED, rank=64, hidden_dims=[1024, 1024], num_blocks=2,
-                  nonlinearity="softplus"),
-    "static_mnist": dict(_PUBLISHED, rank=64, hidden_dims=[1024, 1024], num_blocks=2,
-                         nonlinearity="softplus"),
-    "omniglot": dict(_PUBLISHED, rank=20, hidden_dims=[512, 512], num_blocks=5,
-                     nonlinearity="softplus"),
-    "freyfaces": dict(_PUBLISHED, rank=20, hidden_dims=[512, 512], num_blocks=2,
-                      nonlinearity="softplus"),
-    "caltech": dict(_PUBLISHED, rank=20, hidden_dims=[2048], num_blocks=1,
-                    nonlinearity="tanh"),
-    "digits": dict(_PUBLISHED, z_dim=16, feature_dim=64, mlp_hidden=256, rank=4,
-                   hidden_dims=[64, 64], num_blocks=1, nonlinearity="softplus", lr=2e-3,
-                   warmup_epochs=10, is_samples=200, is_chunk=100, max_epochs=30),
-}
-
-_SOLVER_KEYS = ("method", "atol", "rtol", "eval_atol", "eval_rtol", "adjoint", "seminorm",
-                "first_step", "step_size", "max_num_steps", "max_nfe")
+# ---------------------------------------------------------------------------- factory
+#: Solver options :func:`build_vae` gathers into a :class:`SolverConfig` (its fields).
+_SOLVER_KEYS = tuple(f for f in SolverConfig.__dataclass_fields__ if f != "extra_options")
+#: Keys of a whole preset (polyreg_cnf.app.presets) that belong to the Trainer or DataModule.
 _IGNORED_KEYS = ("batch_size", "max_epochs")
-_MODEL_KEYS = ("z_dim", "posterior", "hidden_dims", "rank", "nonlinearity", "num_blocks", "T",
-               "train_T", "solver", "trace", "eval_trace", "noise", "feature_dim",
-               "architecture", "mlp_hidden", "lr", "weight_decay", "warmup_epochs",
-               "is_samples", "val_is_samples", "is_chunk")
+#: :class:`CNFVAE` keyword arguments, read from its signature (no list to keep in step by hand).
+_MODEL_KEYS = tuple(name for name in inspect.signature(CNFVAE.__init__).parameters
+                    if name not in ("self", "image_shape", "likelihood"))
 
 
 def build_vae(image_shape: Sequence[int], likelihood: str, **options: Any) -> CNFVAE:
-    """Build a :class:`CNFVAE` from flat options (what train.py and the presets hold).
+    """Build a :class:`CNFVAE` from flat options (what a preset or a run configuration holds).
 
-    Solver options (``method``, ``atol``, ``rtol``, ``eval_atol``, ``eval_rtol``, ``adjoint``,
-    ``seminorm``, ``first_step``, ``step_size``, ``max_num_steps``, ``max_nfe``) are gathered
-    into a :class:`SolverConfig` (or pass ``solver=`` itself, not both); ``batch_size`` and
-    ``max_epochs`` are accepted and ignored so a whole preset can be passed; every other key is
-    a :class:`CNFVAE` argument.
+    Solver options (the fields of :class:`SolverConfig`: ``method``, ``atol``, ``rtol``,
+    ``eval_atol``, ``eval_rtol``, ``adjoint``, ...) are gathered into a :class:`SolverConfig`
+    (or pass ``solver=`` itself, not both); ``batch_size`` and ``max_epochs`` are accepted and
+    ignored so a whole preset of :data:`polyreg_cnf.app.presets.VAE_PRESETS` can be passed;
+    every other key is a :class:`CNFVAE` argument.
 
     Example:
-        >>> model = build_vae((1, 8, 8), "bernoulli", **VAE_PRESETS["digits"])  # doctest: +SKIP
+        >>> model = build_vae((1, 8, 8), "bernoulli", z_dim=4, hidden_dims=[16], rank=2,
+        ...                   feature_dim=16, mlp_hidden=32, atol=1e-3, batch_size=100)
+        >>> solver = model.hparams["solver"]
+        >>> model.architecture, solver["atol"], solver["eval_atol"]
+        ('mlp', 0.001, 1e-05)
     """
     unknown = sorted(set(options) - set(_SOLVER_KEYS + _IGNORED_KEYS + _MODEL_KEYS))
     if unknown:

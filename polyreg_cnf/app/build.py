@@ -1,0 +1,431 @@
+"""One builder: a :class:`~polyreg_cnf.app.config.RunConfig` in, model, DataModule, callbacks,
+loggers and Trainer out.
+
+``train.py``, the benchmarks and the tests all make their runs here. What a caller needs beyond
+the configuration goes through :func:`build`'s keyword arguments: its own DataModule, extra
+callbacks and Trainer plugins, or any Trainer argument (``trainer_kwargs``).
+
+Example:
+    >>> import tempfile
+    >>> from polyreg_cnf.app.config import resolve
+    >>> config = resolve({"data": "8gaussians", "hidden_dims": (8,), "max_steps": 2,
+    ...                   "logger": "none", "accelerator": "cpu", "plot_every": 0,
+    ...                   "output_dir": tempfile.mkdtemp(), "atol": 1e-3, "rtol": 1e-3})
+    >>> run = build(config)
+    >>> run.trainer.max_steps, [type(c).__name__ for c in run.callbacks[:3]]
+    (2, ['NFEMonitor', 'RunGuard', 'PolynomialTrajectoryRegularizer'])
+    >>> (run.run_dir / "config.yaml").is_file()
+    True
+    >>> execute(run, quiet=True)
+    0
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+
+from polyreg_cnf.app.config import REGULARIZERS, RunConfig, data_kind, dump_config
+from polyreg_cnf.app.run_logging import (
+    NFEProgressBar,
+    finish_loggers,
+    make_logger,
+    run_config,
+    wandb_sync_hint,
+)
+from polyreg_cnf.callbacks import KineticRegularizer, NFEMonitor, PolynomialTrajectoryRegularizer
+from polyreg_cnf.callbacks.guard import NumericalFaultError, RunGuard, describe_solver_failure
+from polyreg_cnf.callbacks.plots import TrajectoryPlotter
+from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.models import CNFDensityEstimator
+from polyreg_cnf.models.checkpoint import AtomicCheckpointIO
+from polyreg_cnf.models.vae import CNFVAE
+
+__all__ = ["Run", "build", "execute", "make_datamodule", "make_model", "make_regularizer",
+           "solver_config", "summary_lines"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything :func:`build` made, ready for ``run.trainer.fit(run.model, run.datamodule,
+    ckpt_path=run.ckpt_path)`` (or :func:`execute`).
+
+    Attributes:
+        config: The configuration it was built from.
+        model: The LightningModule.
+        datamodule: The DataModule, set up for fitting.
+        callbacks: Every callback given to the Trainer (the caller's last).
+        loggers: The Lightning loggers (empty for ``logger="none"``).
+        trainer: The Trainer.
+        run_dir: The run's folder (logs, checkpoints, ``config.yaml``).
+        ckpt_path: The checkpoint to resume from, or None for a fresh run.
+        monitor: The NFE monitor among ``callbacks``.
+        guard: The run guard among ``callbacks`` (signals, numerical faults).
+    """
+
+    config: RunConfig
+    model: L.LightningModule
+    datamodule: L.LightningDataModule
+    callbacks: list[L.Callback]
+    loggers: list[Logger]
+    trainer: L.Trainer
+    run_dir: Path
+    ckpt_path: str | None
+    monitor: NFEMonitor
+    guard: RunGuard
+
+
+# ------------------------------------------------------------------------------ parts
+def solver_config(config: RunConfig) -> SolverConfig:
+    """The solver settings of ``config``."""
+    ode = config.ode
+    return SolverConfig(method=ode.solver, atol=ode.atol, rtol=ode.rtol, eval_atol=ode.eval_atol,
+                        eval_rtol=ode.eval_rtol, adjoint=ode.adjoint, seminorm=ode.seminorm,
+                        adjoint_carry_step=ode.adjoint_carry_step, step_size=ode.step_size,
+                        max_nfe=ode.max_nfe)
+
+
+def make_datamodule(config: RunConfig) -> L.LightningDataModule:
+    """The DataModule that ``config.data`` names (not yet prepared nor set up)."""
+    from polyreg_cnf.datamodules.images import make_datamodule as make_image_datamodule
+    from polyreg_cnf.datamodules.tabular import TabularDataModule
+    from polyreg_cnf.datamodules.toy import ToyDataModule
+    from polyreg_cnf.datamodules.user_table import UserTableDataModule
+
+    t, source, name = config.training, config.source, config.data
+    common = dict(batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
+                  num_workers=config.hardware.num_workers)
+    kind = data_kind(name, config.model)
+    if kind == "image":
+        name = name.lower()
+        common["eval_batch_size"] = t.eval_batch_size or t.batch_size
+        if name == "digits":  # bundled with scikit-learn: no folder, nothing to download
+            return make_image_datamodule(name, None, seed=t.seed, **common)
+        return make_image_datamodule(name, source.data_dir, seed=t.seed,
+                                     download=source.download, **common)
+    if kind == "toy":
+        return ToyDataModule(name, seed=t.seed, **common)
+    if kind == "tabular":
+        return TabularDataModule(name.lower(), source.data_dir, download=source.download,
+                                 **common)
+    columns = None
+    if source.columns:
+        columns = [int(c) if c.strip().lstrip("-").isdigit() else c.strip()
+                   for c in source.columns.split(",")]
+    return UserTableDataModule(name, columns=columns, drop_nonfinite=source.drop_nonfinite,
+                               seed=t.seed, **common)
+
+
+def make_model(config: RunConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
+    """The LightningModule of ``config`` for the (set-up) ``datamodule``."""
+    flow, t, solver = config.flow, config.training, solver_config(config)
+    common = dict(nonlinearity=flow.nonlinearity, num_blocks=flow.num_blocks, T=flow.T,
+                  train_T=flow.train_T, solver=solver, trace=flow.trace,
+                  eval_trace=flow.eval_trace, noise=flow.noise, lr=t.lr,
+                  weight_decay=t.weight_decay)
+    if config.model == "vae":
+        v = config.vae
+        return CNFVAE(datamodule.image_shape, datamodule.likelihood, z_dim=v.z_dim,
+                      posterior=v.posterior, hidden_dims=list(flow.hidden_dims),
+                      rank=v.rank, feature_dim=v.feature_dim, architecture=v.architecture,
+                      mlp_hidden=v.mlp_hidden, warmup_epochs=v.warmup_epochs,
+                      is_samples=v.is_samples, val_is_samples=v.val_is_samples,
+                      is_chunk=v.is_chunk, **common)
+    dim = datamodule.dim
+    hidden = flow.hidden_dims or [flow.hdim_factor * dim] * flow.nhidden
+    stats: dict[str, Any] = {}
+    if data_kind(config.data) == "table":  # saved with the model, to score raw rows later
+        stats = dict(data_mean=datamodule.mean.tolist(), data_std=datamodule.std.tolist())
+    return CNFDensityEstimator(dim, hidden_dims=list(hidden), layer_type=flow.layer_type,
+                               **common, **stats)
+
+
+def make_regularizer(config: RunConfig) -> L.Callback | None:
+    """The regularizer callback ``config.reg`` names (:data:`REGULARIZERS`), or None."""
+    cls = REGULARIZERS[config.reg]
+    if cls is PolynomialTrajectoryRegularizer:
+        p = config.poly
+        return cls(coef=p.poly_coef, num_samples=p.poly_samples, order=p.poly_order)
+    if cls is KineticRegularizer:
+        k = config.kinetic
+        return cls(kinetic_coef=k.kinetic_coef, jacobian_coef=k.jacobian_coef)
+    return None
+
+
+def _set_threads(config: RunConfig) -> None:
+    """Intra-op CPU threads per process: ``threads``, else one when training on the CPU.
+
+    A CNF step is thousands of small operations. On this project's 2-core reference machine one
+    thread is as fast as two for the default models, and two threads that compete with any other
+    process (a second DDP rank, a data loader, a benchmark) make every parallel region wait for
+    a descheduled thread: steps ran 10-100x slower (see README, "Performance notes").
+    """
+    hw = config.hardware
+    on_cpu = hw.accelerator == "cpu" or (hw.accelerator == "auto"
+                                         and not torch.cuda.is_available())
+    if hw.threads is not None:
+        torch.set_num_threads(hw.threads)
+    elif on_cpu:
+        torch.set_num_threads(1)
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for what matters: our summary, errors and real warnings."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (".*does not have many workers.*", ".*LeafSpec.*",
+                    ".*The anonymous setting has no effect.*", ".*weights_only.*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def _launcher_child() -> bool:
+    """Whether this process is a DDP child that the launcher (rank 0 of node 0) started."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def _run_dir(config: RunConfig, resume_last: bool) -> Path:
+    """runs/<name>: a fresh folder per run unless resuming (then the latest of that name)."""
+    out = config.output
+    base = out.run_name or f"{config.model}-{Path(config.data).stem}-{config.reg}-" \
+                           f"s{config.training.seed}"
+    root = Path(out.output_dir)
+    candidates = sorted(root.glob(f"{base}*"), key=lambda p: p.stat().st_mtime) \
+        if root.exists() else []
+    candidates = [c for c in candidates if c.name == base or c.name.startswith(base + "-")]
+    if resume_last and candidates:
+        return candidates[-1]
+    if _launcher_child():
+        # DDP children must use the folder rank 0 made; rank 0 made it before they started.
+        return Path(os.environ.get("POLYREG_RUN_DIR", root / base))
+    run = root / base
+    index = 1
+    while run.exists():
+        index += 1
+        run = root / f"{base}-{index}"
+    run.mkdir(parents=True)
+    os.environ["POLYREG_RUN_DIR"] = str(run)
+    return run
+
+
+def _resolve_ckpt_path(value: str | os.PathLike | None, ckpt_dir: Path) -> str | None:
+    """None (fresh run), "last" (latest checkpoint of this run name) or a file."""
+    if value is None:
+        return None
+    if value == "last":
+        last = ckpt_dir / "last.ckpt"
+        if not last.exists():
+            print(f"no checkpoint at {last}; starting a fresh run", file=sys.stderr)
+            return None
+        return str(last)
+    if not Path(value).is_file():
+        raise ValueError(f"--ckpt-path {str(value)!r} is not a file (or use --ckpt-path last to "
+                         f"resume the latest run of this name)")
+    return str(value)
+
+
+def _keep_previous_log(run_dir: Path) -> None:
+    """Lightning's CSV logger deletes metrics.csv on start; keep a resumed run's earlier rows."""
+    log = run_dir / "metrics.csv"
+    if not log.exists() or _launcher_child():
+        return
+    index = 1
+    while (run_dir / f"metrics.part{index}.csv").exists():
+        index += 1
+    log.rename(run_dir / f"metrics.part{index}.csv")
+
+
+def _write_config(config: RunConfig, run_dir: Path) -> None:
+    """Store the resolved configuration as run_dir/config.yaml (written atomically)."""
+    if _launcher_child():
+        return
+    path = run_dir / "config.yaml"
+    tmp = path.with_name(f".config.yaml.{os.getpid()}.part")
+    tmp.write_text(dump_config(config), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ build
+def build(config: RunConfig, *, ckpt_path: str | os.PathLike | None = None,
+          datamodule: L.LightningDataModule | None = None,
+          callbacks: Sequence[L.Callback] = (), plugins: Sequence[Any] = (),
+          trainer_kwargs: dict[str, Any] | None = None) -> Run:
+    """Make the run ``config`` describes: seed, data, model, run folder, callbacks, loggers,
+    Trainer.
+
+    Sets the torch thread count and the seed, prepares and sets up the data, creates the run
+    folder (``output_dir/<run name>``, or the latest one of that name when resuming with
+    ``ckpt_path="last"``) and writes ``config.yaml`` there.
+
+    Args:
+        config: The run configuration (:func:`polyreg_cnf.app.config.resolve`).
+        ckpt_path: Resume from this checkpoint file, or ``"last"``: the latest checkpoint of
+            the latest run folder of this name (a fresh run when there is none).
+        datamodule: Use this DataModule instead of the one ``config.data`` names (it is
+            prepared and set up here); ``config.data`` still says which kind of data it is.
+        callbacks: Extra callbacks, after the run's own.
+        plugins: Extra Trainer plugins, after the atomic checkpoint writer.
+        trainer_kwargs: Trainer arguments that replace the ones derived from ``config``
+            (e.g. ``{"enable_checkpointing": False}`` or ``{"limit_test_batches": 2}``).
+
+    Returns:
+        The :class:`Run`.
+
+    Raises:
+        ValueError: ``ckpt_path`` names no file; bad data (from the DataModule).
+        FileNotFoundError: Missing data files.
+    """
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"config must be a RunConfig (see polyreg_cnf.app.config.resolve), got "
+                        f"{type(config).__name__}")
+    _set_threads(config)
+    if not config.output.verbose:
+        _quiet_libraries()
+    L.seed_everything(config.training.seed, workers=True, verbose=False)
+    dm = make_datamodule(config) if datamodule is None else datamodule
+    dm.prepare_data()
+    dm.setup("fit")
+    model = make_model(config, dm)
+
+    run_dir = _run_dir(config, resume_last=ckpt_path == "last")
+    ckpt_dir = run_dir / "checkpoints"
+    resume = _resolve_ckpt_path(ckpt_path, ckpt_dir)
+    if resume is not None:
+        _keep_previous_log(run_dir)
+
+    out = config.output
+    monitor = NFEMonitor()
+    guard = RunGuard(ckpt_dir / "last.ckpt", ckpt_dir / "last-good.ckpt")
+    own: list[L.Callback] = [monitor, guard]
+    regularizer = make_regularizer(config)
+    if regularizer is not None:
+        own.append(regularizer)
+    if out.ckpt_every > 0:
+        own.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                   every_n_train_steps=out.ckpt_every))
+    if config.model == "cnf" and model.dim == 2 and out.plot_every > 0:
+        own.append(TrajectoryPlotter(every_n_steps=out.plot_every))
+    progress = sys.stdout.isatty() if out.progress is None else out.progress
+    if progress:
+        own.append(NFEProgressBar())
+    all_callbacks = [*own, *callbacks]
+    loggers = make_logger(out.logger, run_dir, run_dir.name, run_config(config.flat()))
+    _write_config(config, run_dir)  # after the CSV logger, which warns about a non-empty folder
+
+    t, hw = config.training, config.hardware
+    limit_val: float | int = t.limit_val_batches
+    if limit_val > 1 and float(limit_val).is_integer():
+        limit_val = int(limit_val)  # Lightning: a float is a fraction, an int a batch count
+    kwargs: dict[str, Any] = dict(
+        max_steps=-1 if t.max_steps is None else t.max_steps, max_epochs=t.max_epochs,
+        accelerator=hw.accelerator, devices=hw.devices if hw.devices == "auto"
+        else int(hw.devices), strategy=hw.strategy, num_nodes=hw.num_nodes,
+        callbacks=all_callbacks, logger=loggers or False, default_root_dir=str(run_dir),
+        limit_val_batches=limit_val, num_sanity_val_steps=0, enable_progress_bar=progress,
+        enable_model_summary=False, enable_checkpointing=out.ckpt_every > 0,
+        log_every_n_steps=1, plugins=[AtomicCheckpointIO(), *plugins])
+    if t.val_every is not None:
+        kwargs.update(val_check_interval=t.val_every, check_val_every_n_epoch=None)
+    kwargs.update(trainer_kwargs or {})
+    trainer = L.Trainer(**kwargs)
+    return Run(config=config, model=model, datamodule=dm, callbacks=all_callbacks,
+               loggers=loggers, trainer=trainer, run_dir=run_dir, ckpt_path=resume,
+               monitor=monitor, guard=guard)
+
+
+# ------------------------------------------------------------------------------ execute
+def execute(run: Run, prog: str = "train.py", quiet: bool = False) -> int:
+    """Fit, test (unless ``test`` is off), close the loggers and print the summary.
+
+    Args:
+        run: What :func:`build` returned.
+        prog: Name used in messages.
+        quiet: Print no summary.
+
+    Returns:
+        The process exit code: 0 done, 3 numerical fault (the last good weights are saved),
+        130 / 143 interrupted by SIGINT / SIGTERM (a checkpoint to resume from is saved).
+    """
+    trainer, guard, model, dm = run.trainer, run.guard, run.model, run.datamodule
+    start = time.perf_counter()
+    status = "failed"
+    test_metrics: dict[str, float] = {}
+    try:
+        try:
+            trainer.fit(model, datamodule=dm, ckpt_path=run.ckpt_path)
+        except SystemExit:
+            if guard.interrupted is None:  # not ours: let it through
+                raise
+        except NumericalFaultError as err:
+            print(f"{prog}: numerical fault: {err}", file=sys.stderr)
+            return 3
+        except (AssertionError, RuntimeError) as err:
+            described = describe_solver_failure(err, trainer.global_step)
+            if described is None:
+                raise
+            saved = (f" The weights of the last good step were saved to {guard.last_good_path}."
+                     if guard.fault_step is not None else "")
+            print(f"{prog}: numerical fault: {described}{saved}", file=sys.stderr)
+            return 3
+        wall = time.perf_counter() - start
+        if guard.interrupted is not None:
+            if trainer.is_global_zero:
+                print(f"\ninterrupted by {guard.interrupted} at step {trainer.global_step}; "
+                      f"checkpoint saved to {guard.last_path}. Resume with the same flags plus "
+                      f"--ckpt-path last (or --ckpt-path {guard.last_path}).")
+            status = "killed"
+            return 143 if guard.interrupted == "SIGTERM" else 130
+        if run.config.training.test:
+            results = trainer.test(model, datamodule=dm, verbose=False)
+            test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+        status = "success"
+    finally:
+        finish_loggers(run.loggers, status)
+    if trainer.is_global_zero and not quiet:
+        print("\n".join(summary_lines(run, test_metrics, wall)))
+    return 0
+
+
+def summary_lines(run: Run, test_metrics: dict[str, float], wall: float) -> list[str]:
+    """The end-of-run summary: test quality, NFE, time, where the files are."""
+    c, nan = run.config, float("nan")
+    summary, window = run.monitor.summary(), run.monitor.window
+    if c.model == "cnf":
+        quality = [f"test NLL (nats):            {test_metrics.get('test/nll', nan):.4f}"]
+    else:
+        quality = [f"test -ELBO (nats):          {test_metrics.get('test/neg_elbo', nan):.4f}",
+                   f"test IS-NLL (nats):         {test_metrics.get('test/is_nll', nan):.4f}"]
+        if "test/bits_per_dim" in test_metrics:
+            quality.append(f"test IS-NLL (bits/dim):     {test_metrics['test/bits_per_dim']:.4f}")
+    lines = [
+        "",
+        f"== polyreg-cnf: {c.model} on {c.data}, reg={c.reg}, seed={c.training.seed} ==",
+        *quality,
+        f"test NFE per batch:         {test_metrics.get('test/nfe', nan):.1f}",
+        f"forward NFE per step:       {summary.get('forward_mean', nan):.1f} "
+        f"(last {window}: {summary.get('forward_last', nan):.1f})",
+        f"backward NFE per step:      {summary.get('backward_mean', nan):.1f} "
+        f"(last {window}: {summary.get('backward_last', nan):.1f})",
+        f"seconds per step:           {summary.get('seconds_mean', nan):.3f}",
+        f"training wall time (s):     {wall:.1f}",
+        f"checkpoint:                 {run.guard.last_path}",
+        f"logs:                       {run.run_dir}",
+        f"configuration:              {run.run_dir / 'config.yaml'}",
+        f"compare runs:               python -m polyreg_cnf.app.report {run.run_dir} [...] "
+        f"--out report.png",
+    ]
+    sync_hint = wandb_sync_hint(run.loggers)
+    if sync_hint:
+        lines.append(f"W&B run is offline; upload: {sync_hint}")
+    return lines
