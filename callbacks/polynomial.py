@@ -13,8 +13,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from polyreg_cnf.callbacks.loss_term import LossTermCallback
 from torch import Tensor, nn
 
+from polyreg_cnf.engine.dropin import TrajectoryRecorder, redirect_torchdiffeq
 from polyreg_cnf.engine.ode import ODEBlock
-from polyreg_cnf.engine.odeint import TrajectoryRecorder, redirect_torchdiffeq
 
 __all__ = ["PolynomialTrajectoryRegularizer"]
 

@@ -61,7 +61,7 @@ def polyfit_penalty(t, z, order):
 class TrajectoryRecorder:
     """Records every (t, z, order) the engine hands to the penalty, wherever it computes it."""
 
-    MODULES = ("polyreg_cnf.engine.ode", "polyreg_cnf.engine.odeint")
+    MODULES = ("polyreg_cnf.engine.ode", "polyreg_cnf.engine.dropin")
 
     def __init__(self, monkeypatch):
         from polyreg_cnf.engine.penalty import trajectory_polynomial_penalty

@@ -5,16 +5,16 @@ training loop. ``polyreg_cnf`` re-exports the public names.
 """
 
 from polyreg_cnf.engine.cnf import CNF, CNFStack, standard_normal_logprob
-from polyreg_cnf.engine.nets import ODENet
-from polyreg_cnf.engine.nfe import NFECounter, NFELimitError, collect_nfe, reset_nfe
-from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
-from polyreg_cnf.engine.odeint import (
+from polyreg_cnf.engine.dropin import (
     TrajectoryRecorder,
     odeint,
     odeint_adjoint,
     record_nfe,
     redirect_torchdiffeq,
 )
+from polyreg_cnf.engine.nets import ODENet
+from polyreg_cnf.engine.nfe import NFECounter, NFELimitError, collect_nfe, reset_nfe
+from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
 from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomial_penalty
 from polyreg_cnf.engine.solver import SolverConfig
 from polyreg_cnf.engine.trace import divergence_exact, divergence_hutchinson

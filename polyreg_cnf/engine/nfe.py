@@ -65,7 +65,7 @@ def collect_nfe(module: nn.Module, extra: Sequence[NFECounter] = ()
     Args:
         module: Searched for submodules whose ``nfe`` attribute is an :class:`NFECounter`
             (an integer ``nfe`` that a user keeps on a function object is ignored).
-        extra: More counters to add, e.g. the one :func:`polyreg_cnf.engine.odeint.record_nfe`
+        extra: More counters to add, e.g. the one :func:`polyreg_cnf.engine.dropin.record_nfe`
             fills with the drop-in ``odeint`` solves; they are listed after the blocks.
 
     Returns:

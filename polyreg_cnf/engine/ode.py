@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from polyreg_cnf.engine.adjoint import odeint_adjoint_carry
+from polyreg_cnf.engine.dropin import penalty_grid
 from polyreg_cnf.engine.nfe import NFECounter, NFELimitError
-from polyreg_cnf.engine.odeint import penalty_grid
 from polyreg_cnf.engine.solver import SolverConfig
 
 __all__ = ["ODEBlock", "ode_blocks"]
