@@ -370,7 +370,8 @@ def test_adjoint_options_barriers_are_added_to_the_forward_ones():
     t = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
     field = _SwitchedField(W, [0.4])
     grads = []
-    for adjoint_options in (None, {"step_t": torch.tensor([0.25, 1.3], dtype=torch.float64), "jump_t": [0.4]}):
+    extra = {"step_t": torch.tensor([0.25, 1.3], dtype=torch.float64), "jump_t": [0.4]}
+    for adjoint_options in (None, extra):
         y = odeint_adjoint_carry(field, y0, t, rtol=1e-10, atol=1e-10, method="dopri5",
                                  options={"jump_t": [0.4]}, adjoint_options=adjoint_options,
                                  adjoint_params=(W,))
