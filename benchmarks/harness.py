@@ -1,9 +1,11 @@
 """Benchmark harness: train named arms on named workloads over several seeds and summarise.
 
-Each run trains with Lightning on CPU, records NFE and seconds per step (NFEMonitor), validates
-every ``eval_every`` steps at the evaluation tolerance (not counted in training time), then tests
-at the evaluation tolerance and again at the training tolerance (the gap shows a model that
-learned to exploit solver error). Summaries are medians over seeds with min/max spread.
+Each run is a :class:`polyreg_cnf.app.config.RunConfig` (:func:`run_config`: an arm's and a
+workload's settings as options) made by :func:`polyreg_cnf.app.build.build`, as train.py makes
+its runs. It trains on CPU, records NFE and seconds per step (NFEMonitor), validates every
+``eval_every`` steps at the evaluation tolerance (not counted in training time), then tests at
+the evaluation tolerance and again at the training tolerance (the gap shows a model that learned
+to exploit solver error). Summaries are medians over seeds with min/max spread.
 """
 
 from __future__ import annotations
@@ -28,15 +30,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from polyreg_cnf.callbacks import KineticRegularizer, NFEMonitor, PolynomialTrajectoryRegularizer  # noqa: E402
+from polyreg_cnf.callbacks import NFEMonitor  # noqa: E402
 from polyreg_cnf.datamodules.toy import ToyDataModule  # noqa: E402
 from polyreg_cnf.datamodules.user_table import UserTableDataModule  # noqa: E402
 
-from polyreg_cnf.app.presets import VAE_PRESETS  # noqa: E402
+from polyreg_cnf.app.build import build  # noqa: E402
+from polyreg_cnf.app.config import RunConfig, resolve  # noqa: E402
 from polyreg_cnf.engine.ode import ode_blocks  # noqa: E402
-from polyreg_cnf.engine.solver import SolverConfig  # noqa: E402
-from polyreg_cnf.models import CNFDensityEstimator  # noqa: E402
-from polyreg_cnf.models.vae import build_vae  # noqa: E402
 
 EVAL_TOL = 1e-5  # the paper's evaluation tolerance, for every arm
 # One intra-op thread per run: these small models gain nothing from two, and a second thread
@@ -142,16 +142,17 @@ def _datamodule(w: Workload, seed: int, tmp: Path) -> L.LightningDataModule:
 
 
 class _ValCurve(L.Callback):
-    """(training seconds so far, step, val NLL) at each validation."""
+    """(training seconds so far, step, val NLL) at each validation (seconds from the run's
+    NFEMonitor)."""
 
-    def __init__(self, monitor: NFEMonitor) -> None:
-        self.monitor = monitor
+    def __init__(self) -> None:
         self.curve: list[tuple[float, int, float]] = []
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or "val/nll" not in trainer.callback_metrics:
             return
-        seconds = sum(r[2] for r in self.monitor.history)
+        monitor = next(c for c in trainer.callbacks if isinstance(c, NFEMonitor))
+        seconds = sum(r[2] for r in monitor.history)
         self.curve.append((seconds, trainer.global_step,
                            float(trainer.callback_metrics["val/nll"])))
 
@@ -161,42 +162,36 @@ def _set_eval_tolerance(model: torch.nn.Module, atol: float, rtol: float) -> Non
         block.solver = dataclasses.replace(block.solver, eval_atol=atol, eval_rtol=rtol)
 
 
+def run_config(w: Workload, arm: Arm, seed: int, steps: int, out_dir: Path,
+               data: str | None = None) -> RunConfig:
+    """The run configuration of one arm on one workload: every setting of the two, as options."""
+    atol, rtol = w.baseline_tol if arm.baseline_tol else (arm.atol, arm.rtol)
+    given: dict[str, Any] = dict(
+        model="vae" if w.kind == "vae" else "cnf", data=data or w.name, reg=arm.reg or "none",
+        hidden_dims=w.hidden_dims, nonlinearity=w.nonlinearity, lr=w.lr,
+        batch_size=w.batch_size, trace=arm.trace, eval_trace="exact", atol=atol, rtol=rtol,
+        eval_atol=EVAL_TOL, eval_rtol=EVAL_TOL, adjoint=arm.adjoint,
+        adjoint_carry_step=arm.adjoint_carry_step, seminorm=arm.seminorm, max_steps=steps,
+        max_epochs=None, val_every=w.eval_every, seed=seed, threads=RUN_THREADS,
+        accelerator="cpu", devices="1", logger="none", plot_every=0, ckpt_every=0,
+        progress=False, output_dir=str(out_dir))
+    if w.kind != "vae":  # the VAE's other settings are the digits preset's
+        given.update(layer_type=w.layer_type, num_blocks=w.num_blocks)
+    return resolve({**given, **arm.extra})
+
+
 def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None) -> dict[str, Any]:
     """Train one arm on one workload with one seed; return its measurements."""
     steps = steps or w.steps
-    torch.set_num_threads(RUN_THREADS)
     run_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        L.seed_everything(seed, verbose=False)
         dm = _datamodule(w, seed, Path(tmp))
-        dm.setup("fit")
-        atol, rtol = w.baseline_tol if arm.baseline_tol else (arm.atol, arm.rtol)
-        solver = SolverConfig(atol=atol, rtol=rtol, eval_atol=EVAL_TOL,
-                              eval_rtol=EVAL_TOL, adjoint=arm.adjoint,
-                              adjoint_carry_step=arm.adjoint_carry_step, seminorm=arm.seminorm)
-        if w.kind == "vae":
-            preset = {k: v for k, v in VAE_PRESETS["digits"].items()
-                      if k not in SolverConfig.__dataclass_fields__}
-            preset.update(hidden_dims=list(w.hidden_dims), nonlinearity=w.nonlinearity,
-                          lr=w.lr, trace=arm.trace)
-            model = build_vae(dm.image_shape, dm.likelihood, solver=solver, **preset)
-        else:
-            model = CNFDensityEstimator(dm.dim, hidden_dims=list(w.hidden_dims),
-                                        layer_type=w.layer_type, nonlinearity=w.nonlinearity,
-                                        num_blocks=w.num_blocks, solver=solver,
-                                        trace=arm.trace, eval_trace="exact", lr=w.lr)
-        monitor = NFEMonitor()
-        curve = _ValCurve(monitor)
-        callbacks: list[L.Callback] = [monitor, curve]
-        if arm.reg == "poly":
-            callbacks.append(PolynomialTrajectoryRegularizer(coef=5.0, num_samples=2, order=1))
-        elif arm.reg == "kinetic":
-            callbacks.append(KineticRegularizer(0.01, 0.01))
-        trainer = L.Trainer(max_steps=steps, val_check_interval=w.eval_every,
-                            check_val_every_n_epoch=None, callbacks=callbacks, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, num_sanity_val_steps=0,
-                            accelerator="cpu", devices=1)
+        data = {"table": str(Path(tmp) / "breast_cancer.npy"), "vae": "digits"}.get(w.kind)
+        config = run_config(w, arm, seed, steps, Path(tmp) / "runs", data)
+        atol, rtol = config.ode.atol, config.ode.rtol
+        curve = _ValCurve()
+        run = build(config, datamodule=dm, callbacks=[curve])
+        model, trainer, monitor = run.model, run.trainer, run.monitor
         start = time.perf_counter()
         trainer.fit(model, dm)
         fit_wall = time.perf_counter() - start
