@@ -188,3 +188,69 @@ def test_max_nfe_stops_the_run_with_advice_and_the_last_good_weights(tmp_path):
     assert "Traceback" not in proc.stderr
     good = tmp_path / "runs" / "cnf-8gaussians-poly-s0" / "checkpoints" / "last-good.ckpt"
     assert good.exists() and "last-good.ckpt" in proc.stderr
+
+
+# A checkpoint written before the layout change (commit 02c38e8, the old package and train.py):
+#   PYTHONPATH=<02c38e8 checkout> python train.py --data 8gaussians --reg poly --hidden-dims 8,8
+#       --batch-size 32 --max-steps 2 --ckpt-every 1 --atol 1e-3 --rtol 1e-3 --eval-atol 1e-3
+#       --eval-rtol 1e-3 --limit-val-batches 0 --no-test --logger none --accelerator cpu
+#       --plot-every 0
+OLD_CKPT = ROOT / "tests" / "data" / "cnf_8gaussians_02c38e8.ckpt"
+OLD_FLAGS = ["--data", "8gaussians", "--reg", "poly", "--hidden-dims", "8,8", "--batch-size",
+             "32", "--ckpt-every", "1", "--atol", "1e-3", "--rtol", "1e-3", "--eval-atol", "1e-3",
+             "--eval-rtol", "1e-3", "--limit-val-batches", "0", "--no-test", "--logger", "none",
+             "--accelerator", "cpu", "--plot-every", "0"]
+
+
+def test_checkpoint_from_before_the_layout_change_loads():
+    old = torch.load(OLD_CKPT, weights_only=True)  # plain values only: no old module paths
+    assert old["global_step"] == 2 and old["polyreg_cnf"]["model"] == "cnf"
+    model = CNFDensityEstimator.load_from_checkpoint(OLD_CKPT)
+    assert model.hparams["hidden_dims"] == [8, 8] and model.solver.atol == 1e-3
+    for key, value in old["state_dict"].items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    logp = model.eval().log_prob(torch.zeros(3, 2))
+    assert torch.isfinite(logp).all()
+
+
+def test_train_py_resumes_a_checkpoint_from_before_the_layout_change(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    out = tmp_path / "runs"
+    code = train.main([*OLD_FLAGS, "--max-steps", "4", "--ckpt-path", str(OLD_CKPT),
+                       "--output-dir", str(out)])
+    assert code == 0
+    new = torch.load(out / "cnf-8gaussians-poly-s0" / "checkpoints" / "last.ckpt",
+                     weights_only=True)
+    old = torch.load(OLD_CKPT, weights_only=True)
+    # Resumed, not restarted: two more steps, and the NFE history goes on from the old one.
+    assert new["global_step"] == 4
+    history = new["callbacks"]["NFEMonitor"]["history"]
+    assert len(history) == 4 and history[:2] == old["callbacks"]["NFEMonitor"]["history"]
+    assert new["callbacks"]["PolynomialTrajectoryRegularizer"]["steps"] == 4
+
+
+def test_atomic_save_is_one_write_renamed_within_the_folder(tmp_path, monkeypatch):
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Lightning's own save was called")
+
+    renames = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        renames.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", refuse)
+    monkeypatch.setattr(os, "replace", spy)
+    path = tmp_path / "sub" / "x.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"a": torch.arange(3)}, path)
+    assert len(renames) == 1 and renames[0][1] == path
+    assert renames[0][0].parent == path.parent and renames[0][0] != path  # same file system
+    assert torch.equal(torch.load(path)["a"], torch.arange(3))
+    assert [p.name for p in path.parent.iterdir()] == ["x.ckpt"]
+    with pytest.raises(TypeError, match="storage_options"):
+        AtomicCheckpointIO().save_checkpoint({}, path, storage_options={"x": 1})
