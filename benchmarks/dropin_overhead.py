@@ -1,0 +1,242 @@
+"""What the drop-in ``polyreg_cnf.odeint`` costs next to torchdiffeq's, with and without TPR.
+
+1. **No regularizer** (validation, plots, a run without the callback): ``polyreg_cnf.odeint`` /
+   ``odeint_adjoint`` against ``torchdiffeq.odeint`` / ``odeint_adjoint`` on the same solve,
+   forward + backward, seconds per solve (median over many interleaved repeats, one torch
+   thread). Also with NFE counting on (what ``NFEMonitor`` adds during evaluation).
+2. **TPR on a 5-point observation grid** (a user's trajectory model, trained a little so the
+   field is not a random init's): backward NFE of the drop-in's adjoint (the restart-free
+   ``odeint_adjoint_carry``) against torchdiffeq's stock ``odeint_adjoint`` on the SAME merged
+   grid (the 5 requested times plus the same K interior times) and the same loss
+   (MSE on the requested times + coef x penalty), over several seeds (batch and interior times);
+   medians. For reference: the stock adjoint on the 5 requested times without TPR (what an
+   unregularized run pays).
+
+Run: ``.venv/bin/python benchmarks/dropin_overhead.py`` (writes
+``benchmarks/results/dropin_overhead.{json,md}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchdiffeq
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import polyreg_cnf  # noqa: E402
+from polyreg_cnf.engine import NFECounter, TrajectoryRecorder, record_nfe  # noqa: E402
+from polyreg_cnf.engine.dropin import penalty_grid  # noqa: E402
+
+__all__ = ["main"]
+
+GRID = torch.linspace(0.0, 1.0, 5)
+A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]])
+
+
+class Field(nn.Module):
+    """A user's vector field: an MLP of the state."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, width),
+                                 nn.Tanh(), nn.Linear(width, 2))
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class Counted(nn.Module):
+    """Counts calls: forward until ``backward`` is set, then backward."""
+
+    def __init__(self, field: nn.Module) -> None:
+        super().__init__()
+        self.field = field
+        self.forward_nfe = 0
+        self.backward_nfe = 0
+        self.backward = False
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.backward:
+            self.backward_nfe += 1
+        else:
+            self.forward_nfe += 1
+        return self.field(t, x)
+
+
+def spiral(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial points and their exact linear-spiral trajectories at GRID, shape (5, B, 2)."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(batch, 2, generator=g)
+    ys = torch.stack([x0 @ torch.linalg.matrix_exp(s * A).T for s in GRID])
+    return x0, ys
+
+
+def train(steps: int, tol: float, seed: int = 0) -> Field:
+    """The trajectory model fitted by plain Adam (no penalty), as a user would have it."""
+    torch.manual_seed(seed)
+    field = Field()
+    opt = torch.optim.Adam(field.parameters(), lr=3e-3)
+    for step in range(steps):
+        x0, ys = spiral(128, 10_000 + step)
+        pred = torchdiffeq.odeint(field, x0, GRID, rtol=tol, atol=tol)
+        loss = (pred - ys).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return field
+
+
+# ------------------------------------------------------------------ 1. no regularizer
+def time_solves(field: Field, repeats: int, tol: float) -> dict[str, Any]:
+    x0, ys = spiral(256, 1)
+    pairs = {"odeint": (torchdiffeq.odeint, polyreg_cnf.odeint),
+             "odeint_adjoint": (torchdiffeq.odeint_adjoint, polyreg_cnf.odeint_adjoint)}
+    rows = {}
+    for name, (stock, dropin) in pairs.items():
+        arms = {"torchdiffeq": (stock, False), "drop-in": (dropin, False),
+                "drop-in, NFE counted": (dropin, True)}
+        seconds: dict[str, list[float]] = {arm: [] for arm in arms}
+        for r in range(repeats + 3):
+            order = list(arms) if r % 2 == 0 else list(reversed(arms))  # interleaved
+            for arm in order:
+                solve, count = arms[arm]
+                field.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                if count:
+                    with record_nfe(NFECounter()):
+                        pred = solve(field, x0, GRID, rtol=tol, atol=tol)
+                else:
+                    pred = solve(field, x0, GRID, rtol=tol, atol=tol)
+                (pred - ys).square().mean().backward()
+                if r >= 3:  # warm-up
+                    seconds[arm].append(time.perf_counter() - start)
+        base = statistics.median(seconds["torchdiffeq"])
+        rows[name] = {arm: {"median_s": statistics.median(s), "ratio": statistics.median(s) / base,
+                            "repeats": len(s)} for arm, s in seconds.items()}
+    return rows
+
+
+# ------------------------------------------------------------------ 2. TPR backward NFE
+def tpr_nfe(field: Field, seeds: int, tol: float, num_samples: int, coef: float
+            ) -> dict[str, Any]:
+    arms: dict[str, list[tuple[int, int]]] = {"stock, no TPR": [], "stock, TPR": [],
+                                              "drop-in, TPR": []}
+    for seed in range(seeds):
+        x0, ys = spiral(256, 100 + seed)
+        gen_state = torch.Generator().manual_seed(seed).get_state()
+
+        # the drop-in, inside a recorder (what a training step with the callback runs)
+        counted = Counted(field)
+        recorder = TrajectoryRecorder(num_samples, 1, generator=torch.Generator())
+        recorder.generator.set_state(gen_state)
+        with recorder:
+            pred = polyreg_cnf.odeint_adjoint(counted, x0, GRID, rtol=tol, atol=tol)
+        counted.backward = True
+        ((pred - ys).square().mean() + coef * recorder.penalty()).backward()
+        arms["drop-in, TPR"].append((counted.forward_nfe, counted.backward_nfe))
+
+        # torchdiffeq's adjoint on the same merged grid, the same loss
+        generator = torch.Generator()
+        generator.set_state(gen_state)
+        grid = penalty_grid(GRID, num_samples, generator)
+        counted = Counted(field)
+        traj = torchdiffeq.odeint_adjoint(counted, x0, grid.times, rtol=tol, atol=tol)
+        counted.backward = True
+        loss = (grid.select(traj) - ys).square().mean() + coef * grid.penalty(traj, 1)
+        loss.backward()
+        arms["stock, TPR"].append((counted.forward_nfe, counted.backward_nfe))
+
+        counted = Counted(field)
+        pred = torchdiffeq.odeint_adjoint(counted, x0, GRID, rtol=tol, atol=tol)
+        counted.backward = True
+        (pred - ys).square().mean().backward()
+        arms["stock, no TPR"].append((counted.forward_nfe, counted.backward_nfe))
+    field.zero_grad(set_to_none=True)
+    base = statistics.median(b for _, b in arms["stock, no TPR"])
+    return {arm: {"forward_nfe": statistics.median(f for f, _ in rows),
+                  "backward_nfe": statistics.median(b for _, b in rows),
+                  "backward_ratio": statistics.median(b for _, b in rows) / base,
+                  "backward_per_seed": [b for _, b in rows]}
+            for arm, rows in arms.items()}
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Drop-in odeint: overhead without the regularizer, backward NFE with TPR", "",
+        f"Command: `{result['command']}`", "",
+        f"Machine: {result['cpu']}, nproc {result['nproc']}, 1 torch thread; torch "
+        f"{result['torch']}, torchdiffeq {result['torchdiffeq']}, Python {result['python']}. "
+        f"Other processes may have shared the CPU: seconds are indicative, NFE exact.", "",
+        f"Model: a trajectory model (MLP 2-64-64-2, tanh) fitted for {result['train_steps']} Adam "
+        f"steps to a linear spiral observed at t = {GRID.tolist()}; dopri5, rtol = atol = "
+        f"{result['tol']}; batch 256.", "",
+        "## 1. No regularizer: seconds per solve (forward + backward), median of "
+        f"{result['repeats']} interleaved repeats", "",
+        "| call | arm | median s | ratio to torchdiffeq |", "|---|---|---:|---:|"]
+    for call, arms in result["timing"].items():
+        for arm, row in arms.items():
+            lines.append(f"| {call} | {arm} | {row['median_s']:.4f} | {row['ratio']:.3f} |")
+    lines += [
+        "", f"## 2. TPR on the 5-point grid (K = {result['num_samples']} interior times, m = 1, "
+        f"coef {result['coef']}): NFE, median of {result['seeds']} seeds", "",
+        "The stock arm with TPR solves on the same merged grid (the same interior times) and "
+        "backpropagates the same loss; the drop-in's values at the requested times are "
+        "torchdiffeq's.", "",
+        "| arm | forward NFE | backward NFE | backward / stock without TPR | backward NFE per "
+        "seed |", "|---|---:|---:|---:|---|"]
+    for arm, row in result["tpr"].items():
+        lines.append(f"| {arm} | {row['forward_nfe']:g} | {row['backward_nfe']:g} | "
+                     f"{row['backward_ratio']:.2f} | {row['backward_per_seed']} |")
+    return "\n".join(lines) + "\n"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--seeds", type=int, default=7)
+    parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--tol", type=float, default=1e-5)
+    parser.add_argument("--num-samples", type=int, default=2)
+    parser.add_argument("--coef", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    field = train(args.train_steps, args.tol)
+    result = dict(
+        command="python benchmarks/dropin_overhead.py " + " ".join(sys.argv[1:]),
+        cpu=cpu_name(), nproc=os.cpu_count(), torch=torch.__version__,
+        torchdiffeq=torchdiffeq.__version__, python=platform.python_version(),
+        train_steps=args.train_steps, tol=args.tol, repeats=args.repeats, seeds=args.seeds,
+        num_samples=args.num_samples, coef=args.coef,
+        timing=time_solves(field, args.repeats, args.tol),
+        tpr=tpr_nfe(field, args.seeds, args.tol, args.num_samples, args.coef))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "dropin_overhead.json").write_text(json.dumps(result, indent=2))
+    (args.out / "dropin_overhead.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+
+
+if __name__ == "__main__":
+    main()
