@@ -72,6 +72,7 @@ __all__ = [
     "RunConfig",
     "TrainingOptions",
     "VAEOptions",
+    "command_line",
     "data_kind",
     "dump_config",
     "load_config",
@@ -649,3 +650,36 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]
                 run[key] = parsed.pop(key)
         options.update(parsed)
     return options, run
+
+
+def command_line(config: RunConfig) -> list[str]:
+    """The ``train.py`` flags that give ``config``: ``--model``, ``--data`` and every option
+    whose value differs from what the data set's preset gives.
+
+    Example:
+        >>> command_line(resolve({"data": "power", "lr": 0.01, "adjoint": False}))
+        ['--model', 'cnf', '--data', 'power', '--no-adjoint', '--lr', '0.01']
+
+    Raises:
+        ConfigError: ``config`` holds a value no flag can give (e.g. ``hidden_dims=None`` for
+            a data set whose preset sets the widths).
+    """
+    base = resolve({"model": config.model, "data": config.data}).flat()
+    argv = ["--model", config.model, "--data", config.data]
+    for name, value in config.flat().items():
+        spec = _OPTIONS[name]
+        if name in ("model", "data") or value == base[name] or value is None:
+            continue
+        if spec.kind is bool:
+            stem = name.replace("_", "-")
+            argv.append(f"--{stem}" if spec.optional and value else
+                        f"--no-{stem}" if spec.optional else spec.flag)
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            argv += [spec.flag, text]
+    given, _ = parse_command_line(make_parser(), argv)
+    if resolve(given) != config:
+        differ = sorted(k for k, v in resolve(given).flat().items() if config.flat()[k] != v)
+        raise ConfigError(f"no flags give this configuration: options {differ} hold values "
+                          f"that only a config file can set")
+    return argv
