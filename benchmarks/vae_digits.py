@@ -2,7 +2,7 @@
 
 For each seed and each setting (``poly``: PolynomialTrajectoryRegularizer(coef=5,
 num_samples=2, order=1); ``none``: no regularizer), trains the ``digits`` preset of
-``polyreg_cnf.models.vae.VAE_PRESETS`` at the SAME tolerances (train atol = rtol = 1e-4,
+``polyreg_cnf.app.presets.VAE_PRESETS`` at the SAME tolerances (train atol = rtol = 1e-4,
 evaluation 1e-5, dopri5, adjoint), then tests it. Reports test negative ELBO, importance-sampled
 NLL, forward and backward NFE per training step (mean over all steps, from NFEMonitor), seconds
 per epoch (training only, no validation), with medians and min-max across seeds. One NFE is one
@@ -24,6 +24,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,11 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer  # noqa: E402
 from polyreg_cnf.datamodules.images import DigitsDataModule  # noqa: E402
 
+from polyreg_cnf.app.build import build, solver_config  # noqa: E402
+from polyreg_cnf.app.config import resolve  # noqa: E402
 from polyreg_cnf.app.presets import VAE_PRESETS  # noqa: E402
-from polyreg_cnf.models.vae import build_vae  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = ("none", "poly")
@@ -54,35 +55,30 @@ def git_commit() -> str:
         return "?"
 
 
-def trainer(max_epochs: int, callbacks: list[L.Callback]) -> L.Trainer:
-    return L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
-                     limit_val_batches=0)
+def run_one(seed: int, setting: str, epochs: int, is_samples: int,
+            threads: int | None = None) -> dict[str, float]:
+    """Train the digits preset with (``poly``) or without (``none``) the regularizer; test it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = resolve(dict(
+            model="vae", data="digits", reg=setting, is_samples=is_samples, max_epochs=epochs,
+            max_steps=None, limit_val_batches=0, seed=seed, threads=threads,
+            accelerator="cpu", devices="1", logger="none", plot_every=0, ckpt_every=0,
+            progress=False, output_dir=tmp))
+        # The data split is fixed (seed 0) for every seed.
+        dm = DigitsDataModule(batch_size=config.training.batch_size)
+        run = build(config, datamodule=dm)
+        model, trainer = run.model, run.trainer
 
+        # Initial -ELBO (one sample per image), for "did it learn".
+        model.is_samples = 0
+        init = trainer.test(model, datamodule=dm, verbose=False)[0]["test/neg_elbo"]
+        model.is_samples = is_samples
 
-def run_one(seed: int, setting: str, epochs: int, is_samples: int) -> dict[str, float]:
-    preset = dict(VAE_PRESETS["digits"], is_samples=is_samples)
-    L.seed_everything(seed, verbose=False)
-    dm = DigitsDataModule(batch_size=preset["batch_size"])  # fixed data split (seed 0)
-    model = build_vae(DigitsDataModule.image_shape, DigitsDataModule.likelihood, **preset)
-    monitor = NFEMonitor(per_block=False)
-    callbacks: list[L.Callback] = [monitor]
-    if setting == "poly":
-        callbacks.append(PolynomialTrajectoryRegularizer(coef=5.0, num_samples=2, order=1))
-
-    # Initial -ELBO (one sample per image), for "did it learn".
-    model.is_samples = 0
-    init = trainer(1, []).test(model, datamodule=dm, verbose=False)[0]["test/neg_elbo"]
-    model.is_samples = is_samples
-
-    fit = trainer(epochs, callbacks)
-    start = time.perf_counter()
-    fit.fit(model, datamodule=dm)
-    seconds = time.perf_counter() - start
-    summary = monitor.summary()
-    test_monitor = NFEMonitor(per_block=False)
-    out = trainer(1, [test_monitor]).test(model, datamodule=dm, verbose=False)[0]
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=dm)
+        seconds = time.perf_counter() - start
+        summary = run.monitor.summary()
+        out = trainer.test(model, datamodule=dm, verbose=False)[0]
     return dict(seed=seed, setting=setting, init_neg_elbo=float(init),
                 test_neg_elbo=float(out["test/neg_elbo"]),
                 test_is_nll=float(out["test/is_nll"]),
@@ -210,7 +206,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for setting in SETTINGS:
-            row = run_one(seed, setting, args.epochs, args.is_samples)
+            row = run_one(seed, setting, args.epochs, args.is_samples, args.threads)
             print(json.dumps(row), flush=True)
             rows.append(row)
     import torchdiffeq
@@ -225,7 +221,7 @@ def main() -> None:
         preset={k: v for k, v in VAE_PRESETS["digits"].items()}, epochs=args.epochs,
         is_samples=args.is_samples, seeds=args.seeds,
         wall_seconds=time.perf_counter() - start, notes=[], git_commit=git_commit(),
-        solver=build_vae((1, 8, 8), "bernoulli", **VAE_PRESETS["digits"]).hparams["solver"])
+        solver=solver_config(resolve({"model": "vae", "data": "digits"})).to_dict())
     summary = summarise(rows)
     meta["notes"] = notes(meta, summary)
     name = "vae_digits_quick" if args.quick else "vae_digits"
