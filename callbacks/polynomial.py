@@ -57,7 +57,8 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
             torchdiffeq's ``odeint``/``odeint_adjoint`` (any alias) or to the ``torchdiffeq``
             module in the model's modules, so unchanged code is regularized; everything is
             restored when fit ends, fails or is interrupted. Not caught: references kept in
-            attributes, closures, ``functools.partial`` or modules other than the model's.
+            attributes, closures, ``functools.partial``, imports inside function bodies, or
+            modules other than the model's.
         state_index: Which element of a tuple state the drop-in penalises (a tensor state is
             penalised whole; ODE blocks always penalise their first element).
         seed: Seed of the interior times; default: the run's seed (``L.seed_everything``'s, else

@@ -498,7 +498,8 @@ def redirect_torchdiffeq(modules: Iterable[types.ModuleType | str]
     solvers are the drop-in's (for ``torchdiffeq.odeint(...)`` calls). Names are looked up when
     the code runs, so the calls inside those modules' functions and methods go through the
     drop-in. Not caught: references kept elsewhere (an attribute ``self.solve = odeint``, a
-    closure, ``functools.partial``, a default argument), and modules not listed. On exit, each
+    closure, ``functools.partial``, a default argument), imports inside function bodies, and
+    modules not listed. On exit, each
     name still bound to the replacement gets its original back.
 
     Args:
