@@ -235,7 +235,8 @@ class PenaltyGrid:
 
     def select(self, x: Tensor) -> Tensor:
         """The rows of a trajectory (time first) at the requested times."""
-        return x.index_select(0, self.requested)
+        # torchdiffeq accepts t on another device than y0 (it moves t): so must the selection
+        return x.index_select(0, self.requested.to(x.device))
 
     def penalty(self, z: Tensor, order: int) -> Tensor:
         """The penalty of the trajectory ``z`` (time first) over every time, sorted increasing."""
