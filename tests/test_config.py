@@ -30,7 +30,7 @@ from polyreg_cnf.app.run_logging import LOGGER_KINDS
 from polyreg_cnf.engine.amortized import POSTERIORS
 from polyreg_cnf.engine.cnf import TRACE_TYPES
 from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
-from polyreg_cnf.engine.solver import ADAPTIVE_METHODS, FIXED_METHODS
+from polyreg_cnf.engine.solver import ADAPTIVE_METHODS, BACKPROP_MODES, FIXED_METHODS
 from polyreg_cnf.engine.trace import NOISE_TYPES
 from polyreg_cnf.models import CNFDensityEstimator
 from polyreg_cnf.models.vae import ARCHITECTURES, CNFVAE
@@ -57,6 +57,7 @@ REGISTRIES = {
     "trace": TRACE_TYPES, "eval_trace": TRACE_TYPES, "noise": NOISE_TYPES,
     "posterior": POSTERIORS, "architecture": ARCHITECTURES,
     "solver": ADAPTIVE_METHODS + FIXED_METHODS, "logger": LOGGER_KINDS,
+    "backprop": BACKPROP_MODES,
 }
 
 
@@ -92,10 +93,11 @@ def test_a_bad_choice_echoes_the_value_and_lists_the_choices(name, capsys):
     ({"poly_order": -1}, "--poly-order must be an integer >= 0, got -1"),
     ({"hidden_dims": [64, 0]}, "--hidden-dims must be comma-separated positive widths like "
                                "64,64,64, got [64, 0]"),
-    ({"adjoint": "yes"}, "--adjoint must be true or false, got 'yes'"),
+    ({"seminorm": "yes"}, "--seminorm must be true or false, got 'yes'"),
+    ({"memory_share": 2.0}, "--memory-share must be in (0, 1], got 2.0"),
     ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
     ({"devices": "two"}, "--devices must be a positive integer or 'auto', got 'two'"),
-    ({"seminorm": True, "adjoint": False}, "--seminorm applies to the adjoint only"),
+    ({"seminorm": True, "backprop": "direct"}, "--seminorm applies to the adjoint only"),
     ({"data": "power", "hidden_dims": None, "nhidden": None},
      "give --hidden-dims, or --hdim-factor and --nhidden"),
     ({"lrate": 1}, "unknown options ['lrate']; valid: model, reg, data"),
@@ -123,11 +125,11 @@ def test_todays_flag_spellings_and_behaviours():
     c = parse(["--model", "vae", "--reg", "poly"])
     assert (c.model, c.data, c.reg, c.vae.z_dim, c.flow.hidden_dims) == \
         ("vae", "digits", "poly", 16, (64, 64))
-    c = parse(["--no-adjoint", "--hidden-dims", "32,16", "--no-test", "--no-progress",
+    c = parse(["--backprop", "direct", "--hidden-dims", "32,16", "--no-test", "--no-progress",
                "--solver", "implicit_adams", "--step-size", "0.1", "--T", "0.5", "--train-T",
                "--limit-val-batches", "0", "--devices", "auto"])
-    assert (c.ode.adjoint, c.flow.hidden_dims, c.training.test, c.output.progress) == \
-        (False, (32, 16), False, False)
+    assert (c.ode.backprop, c.flow.hidden_dims, c.training.test, c.output.progress) == \
+        ("direct", (32, 16), False, False)
     assert (c.ode.solver, c.ode.step_size, c.flow.T, c.flow.train_T) == \
         ("implicit_adams", 0.1, 0.5, True)
     assert parse(["--hidden-dims", "8-8"]).flow.hidden_dims == (8, 8)  # old dash spelling
@@ -161,7 +163,8 @@ def test_every_preset_key_is_an_option_and_every_image_set_has_a_preset():
 @pytest.mark.parametrize("argv", [
     [],
     ["--model", "vae", "--reg", "none", "--posterior", "gaussian", "--is-samples", "0"],
-    ["--data", "power", "--no-adjoint", "--lr", "1e-05", "--seed", "-3", "--max-epochs", "2"],
+    ["--data", "power", "--backprop", "adjoint", "--lr", "1e-05", "--seed", "-3",
+     "--max-epochs", "2"],
     ["--data", "t.npz", "--reg", "kinetic", "--kinetic-coef", "0.5", "--columns", "a,2",
      "--progress", "--logger", "csv", "--val-every", "7", "--hidden-dims", "5"],
 ])

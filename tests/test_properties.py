@@ -188,8 +188,12 @@ def test_state_dict_round_trip(case):
     x = inputs()
     outputs = []
     for m in (module, fresh):
-        torch.manual_seed(7)  # the same Hutchinson probe
-        outputs.append([o.detach() for o in case.run(m, x, False)])
+        # Two runs: backprop="auto" uses the adjoint on a block's first training solve (it
+        # measures) and direct backprop after; compare outputs of one backprop mode only.
+        for _ in range(2):
+            torch.manual_seed(7)  # the same Hutchinson probe
+            out = [o.detach() for o in case.run(m, x, False)]
+        outputs.append(out)
     assert not torch.equal(outputs[0][0], outputs[1][0])  # different weights, different map
     fresh.load_state_dict(module.state_dict())
     torch.manual_seed(7)

@@ -92,7 +92,8 @@ def solver_config(config: RunConfig) -> SolverConfig:
     """The solver settings of ``config``."""
     ode = config.ode
     return SolverConfig(method=ode.solver, atol=ode.atol, rtol=ode.rtol, eval_atol=ode.eval_atol,
-                        eval_rtol=ode.eval_rtol, adjoint=ode.adjoint, seminorm=ode.seminorm,
+                        eval_rtol=ode.eval_rtol, backprop=ode.backprop, seminorm=ode.seminorm,
+                        memory_share=ode.memory_share,
                         adjoint_carry_step=ode.adjoint_carry_step, step_size=ode.step_size,
                         max_nfe=ode.max_nfe)
 

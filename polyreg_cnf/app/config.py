@@ -52,7 +52,7 @@ from polyreg_cnf.datamodules.user_table import TABLE_FORMATS
 from polyreg_cnf.engine.amortized import POSTERIORS
 from polyreg_cnf.engine.cnf import TRACE_TYPES
 from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
-from polyreg_cnf.engine.solver import ADAPTIVE_METHODS, FIXED_METHODS
+from polyreg_cnf.engine.solver import ADAPTIVE_METHODS, BACKPROP_MODES, FIXED_METHODS
 from polyreg_cnf.engine.trace import NOISE_TYPES
 from polyreg_cnf.models import CNFDensityEstimator
 from polyreg_cnf.models.vae import ARCHITECTURES, CNFVAE
@@ -181,8 +181,12 @@ class OdeOptions:
     rtol: float = option(1e-4, "relative tolerance while training", low=0.0, strict=True)
     eval_atol: float = option(1e-5, "absolute tolerance in evaluation", low=0.0, strict=True)
     eval_rtol: float = option(1e-5, "relative tolerance in evaluation", low=0.0, strict=True)
-    adjoint: bool = option(True, "adjoint backward pass (--no-adjoint: backpropagate through "
-                                 "the solver instead)")
+    backprop: str = option("auto", "gradients: auto (direct backprop while its memory fits "
+                                   "--memory-share of the free memory, else the adjoint), direct "
+                                   "(through the solver) or adjoint", choices=BACKPROP_MODES)
+    memory_share: float | None = option(None, "--backprop auto: share of free memory direct "
+                                              "backprop may use (default 0.25 on CPU, 0.5 on "
+                                              "CUDA)", low=0.0, strict=True)
     adjoint_carry_step: bool = option(True, "restart-free adjoint (--no-adjoint-carry-step: "
                                             "torchdiffeq's stock adjoint)")
     seminorm: bool = option(False, "seminorm adjoint (fewer backward NFE)")
@@ -276,7 +280,7 @@ class _Option:
 
     @property
     def flag(self) -> str:
-        """``--hidden-dims``; ``--no-adjoint`` for a switch that is on by default."""
+        """``--hidden-dims``; ``--no-test`` for a switch that is on by default."""
         stem = self.name.replace("_", "-")
         return f"--no-{stem}" if self.kind is bool and self.default is True else f"--{stem}"
 
@@ -403,8 +407,11 @@ class RunConfig:
                               f"{self.poly.poly_samples} < {self.poly.poly_order}")
         if ode.solver in FIXED_METHODS and ode.step_size is None:
             raise ConfigError(f"--solver {ode.solver} is fixed-grid and needs --step-size")
-        if ode.seminorm and not ode.adjoint:
-            raise ConfigError("--seminorm applies to the adjoint only; drop it or --no-adjoint")
+        if ode.seminorm and ode.backprop == "direct":
+            raise ConfigError("--seminorm applies to the adjoint only; drop it or use --backprop "
+                              "auto or adjoint")
+        if ode.memory_share is not None and ode.memory_share > 1:
+            raise ConfigError(f"--memory-share must be in (0, 1], got {ode.memory_share!r}")
         if flow.hidden_dims is None and (kind == "image" or None in (flow.hdim_factor,
                                                                      flow.nhidden)):
             needs = "--hidden-dims" if kind == "image" else \
@@ -657,8 +664,8 @@ def command_line(config: RunConfig) -> list[str]:
     whose value differs from what the data set's preset gives.
 
     Example:
-        >>> command_line(resolve({"data": "power", "lr": 0.01, "adjoint": False}))
-        ['--model', 'cnf', '--data', 'power', '--no-adjoint', '--lr', '0.01']
+        >>> command_line(resolve({"data": "power", "lr": 0.01, "backprop": "direct"}))
+        ['--model', 'cnf', '--data', 'power', '--backprop', 'direct', '--lr', '0.01']
 
     Raises:
         ConfigError: ``config`` holds a value no flag can give (e.g. ``hidden_dims=None`` for

@@ -26,12 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BACKPROP_MODES", "available_memory", "choose_backprop", "default_memory_share",
+__all__ = ["available_memory", "choose_backprop", "default_memory_share",
            "saved_tensor_bytes"]
-
-#: How gradients of a solve are computed: chosen from the memory estimate, through the solver's
-#: operations, or with the (restart-free) continuous adjoint.
-BACKPROP_MODES = ("auto", "direct", "adjoint")
 
 #: Direct backprop is chosen when NFE x bytes per evaluation x headroom fits this share of the
 #: free memory. On CPU an overrun is not an exception but the kernel's OOM killer, so the CPU

@@ -9,6 +9,7 @@ or decreasing) and reversed solves are penalised the same way.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
@@ -18,6 +19,12 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from polyreg_cnf.engine.adjoint import odeint_adjoint_carry
 from polyreg_cnf.engine.dropin import penalty_grid
+from polyreg_cnf.engine.memory import (
+    available_memory,
+    choose_backprop,
+    default_memory_share,
+    saved_tensor_bytes,
+)
 from polyreg_cnf.engine.nfe import NFECounter, NFELimitError
 from polyreg_cnf.engine.solver import SolverConfig
 
@@ -116,6 +123,14 @@ class ODEBlock(nn.Module):
         self._poly: tuple[int, int, torch.Generator | None] | None = None
         self._penalties: list[Tensor] = []
         self._adjoint_checked = False
+        # backprop="auto" (see SolverConfig): the choice in force, this block's own proposal
+        # from its last training solve (a callback may overrule it, e.g. to agree across DDP
+        # ranks), whether a direct solve ran out of memory (then the adjoint for good), and the
+        # measured bytes autograd keeps per evaluation and batch row.
+        self.backprop_choice: str | None = None
+        self.backprop_proposal: str | None = None
+        self.backprop_fell_back = False
+        self._bytes_per_row: float | None = None
 
     def end_time_tensor(self, like: Tensor) -> Tensor:
         """End time T as a tensor of ``like``'s dtype and device (differentiable if ``train_T``)."""
@@ -249,29 +264,78 @@ class ODEBlock(nn.Module):
         kwargs = dict(rtol=rtol, atol=atol, method=self.solver.method,
                       options=self.solver.options())
         self.nfe.solves += 1
-        if self.solver.adjoint and torch.is_grad_enabled():
-            params = tuple(p for p in self.net.parameters() if p.requires_grad)
-            params += tuple(p for p in extra_params if p is not None and p.requires_grad)
-            if not self._adjoint_checked:
-                _check_adjoint_sees_everything(field, times[0], y0, params)
-                self._adjoint_checked = True
-            adjoint_options = dict(self.solver.options())
-            if self.solver.seminorm:
-                adjoint_options["norm"] = "seminorm"
-            # The restart-free adjoint needs an adaptive method (it carries the step size).
-            solve = (odeint_adjoint_carry
-                     if self.solver.adaptive and self.solver.adjoint_carry_step
-                     else odeint_adjoint)
-            traj = solve(counted, y0, times, adjoint_params=params,
-                         adjoint_options=adjoint_options, **kwargs)
+        grad = torch.is_grad_enabled()
+        auto = grad and self.training and self.solver.backprop == "auto"
+        if auto and self._bytes_per_row is None:
+            self._measure(field, times[0], y0)
+        if grad and self._uses_adjoint():
+            traj = self._adjoint_solve(counted, y0, times, extra_params, field, kwargs)
         else:
-            traj = odeint(counted, y0, times, **kwargs)
+            try:
+                traj = odeint(counted, y0, times, **kwargs)
+            except torch.OutOfMemoryError:
+                if not auto:
+                    raise
+                self._fall_back(ref)
+                traj = self._adjoint_solve(counted, y0, times, extra_params, field, kwargs)
+        if auto:
+            self._propose(counted.calls, ref)
         counted.backward = True
         if grid is not None:
             self._penalties.append(grid.penalty(traj[0], order))
         if requested_end_only:
             return tuple(x[-1] for x in traj)
         return traj if grid is None else tuple(grid.select(x) for x in traj)
+
+    def _adjoint_solve(self, counted: _CountedField, y0: State, times: Tensor,
+                       extra_params: Sequence[Tensor | None], field: VectorField,
+                       kwargs: dict) -> State:
+        params = tuple(p for p in self.net.parameters() if p.requires_grad)
+        params += tuple(p for p in extra_params if p is not None and p.requires_grad)
+        if not self._adjoint_checked:
+            _check_adjoint_sees_everything(field, times[0], y0, params)
+            self._adjoint_checked = True
+        adjoint_options = dict(self.solver.options())
+        if self.solver.seminorm:
+            adjoint_options["norm"] = "seminorm"
+        # The restart-free adjoint needs an adaptive method (it carries the step size).
+        solve = (odeint_adjoint_carry if self.solver.adaptive and self.solver.adjoint_carry_step
+                 else odeint_adjoint)
+        return solve(counted, y0, times, adjoint_params=params, adjoint_options=adjoint_options,
+                     **kwargs)
+
+    # ------------------------------------------------------------------ backprop="auto"
+    def _uses_adjoint(self) -> bool:
+        mode = self.solver.backprop
+        if mode != "auto":
+            return mode == "adjoint"
+        # Undecided (the first training solve, while the block measures) means the adjoint:
+        # it is the choice that cannot run out of memory.
+        return self.backprop_fell_back or self.backprop_choice != "direct"
+
+    def _measure(self, field: VectorField, t: Tensor, y0: State) -> None:
+        """Bytes autograd keeps per evaluation and batch row (one uncounted evaluation)."""
+        with torch.enable_grad():
+            state = tuple(y.detach().requires_grad_(y.is_floating_point()) for y in y0)
+            _, nbytes = saved_tensor_bytes(field, t.detach(), state)
+        self._bytes_per_row = nbytes / max(int(y0[0].shape[0]), 1)
+
+    def _propose(self, forward_nfe: int, ref: Tensor) -> None:
+        """Direct or adjoint for the next training solve, from this solve's NFE and memory."""
+        share = self.solver.memory_share or default_memory_share(ref.device)
+        need = int(self._bytes_per_row * max(int(ref.shape[0]), 1))
+        self.backprop_proposal = ("adjoint" if self.backprop_fell_back else
+                                  choose_backprop(need, forward_nfe, available_memory(ref.device),
+                                                  share))
+        self.backprop_choice = self.backprop_proposal
+
+    def _fall_back(self, ref: Tensor) -> None:
+        self.backprop_fell_back = True
+        self.backprop_choice = self.backprop_proposal = "adjoint"
+        if ref.device.type == "cuda":
+            torch.cuda.empty_cache()
+        warnings.warn("backprop='auto': a direct-backprop solve ran out of memory; this block "
+                      "uses the adjoint for the rest of the run.", RuntimeWarning, stacklevel=3)
 
 
 def _check_adjoint_sees_everything(field: VectorField, t: Tensor, y0: State,

@@ -6,7 +6,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["ADAPTIVE_METHODS", "FIXED_METHODS", "SolverConfig"]
+__all__ = ["ADAPTIVE_METHODS", "BACKPROP_MODES", "FIXED_METHODS", "SolverConfig"]
+
+#: How gradients of a training solve are computed (see :mod:`polyreg_cnf.engine.memory`).
+BACKPROP_MODES = ("auto", "direct", "adjoint")
 
 #: Adaptive-step methods of torchdiffeq (their NFE grows with stiffness: what TPR targets).
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -32,8 +35,16 @@ class SolverConfig:
         rtol: Relative tolerance while training.
         eval_atol: Absolute tolerance in evaluation (module in eval mode); defaults to ``atol``.
         eval_rtol: Relative tolerance in evaluation; defaults to ``rtol``.
-        adjoint: Backpropagate with the adjoint method (O(1) memory) instead of through the
-            solver's operations.
+        backprop: How gradients are computed: ``"direct"`` backpropagates through the solver's
+            operations (fastest, memory grows with NFE), ``"adjoint"`` solves the adjoint ODE
+            backwards (O(1) memory in NFE, a second solve), ``"auto"`` (default) uses direct
+            backprop while the step's activations fit a share of the free memory (measured:
+            bytes kept per evaluation x forward NFE x 2, see :mod:`polyreg_cnf.engine.memory`)
+            and the adjoint otherwise; a block's first training solve uses the adjoint while
+            it measures. On CUDA, a direct solve that runs out of memory is redone with the
+            adjoint, which the block then keeps.
+        adjoint: Shorthand kept for older code: ``True`` means ``backprop="adjoint"``,
+            ``False`` means ``backprop="direct"`` (it stays as given; read ``backprop``).
         seminorm: With the adjoint, measure the backward error on the state and its adjoint
             only (Kidger, Chen & Lyons, ICML 2021): typically far fewer backward steps.
         adjoint_carry_step: With the adjoint and an adaptive method, use the restart-free
@@ -45,6 +56,9 @@ class SolverConfig:
             (costs one extra evaluation per solve).
         step_size: Step size of fixed-grid methods (required for them).
         max_num_steps: Solver steps allowed per solve before torchdiffeq gives up.
+        memory_share: With ``backprop="auto"``, the share of free memory direct backprop may
+            use; default 0.25 on CPU (an overrun is the kernel's OOM killer, not an
+            exception) and 0.5 on CUDA.
         max_nfe: Cap on function evaluations per forward solve; exceeding it raises
             :class:`polyreg_cnf.NFELimitError` at once instead of grinding on for hours.
 
@@ -65,13 +79,15 @@ class SolverConfig:
     rtol: float = 1e-5
     eval_atol: float | None = None
     eval_rtol: float | None = None
-    adjoint: bool = True
+    backprop: str = "auto"
+    adjoint: bool | None = None
     seminorm: bool = False
     adjoint_carry_step: bool = True
     first_step: float | None = None
     step_size: float | None = None
     max_num_steps: int | None = None
     max_nfe: int | None = None
+    memory_share: float | None = None
     extra_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,8 +107,23 @@ class SolverConfig:
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if self.method in FIXED_METHODS and self.step_size is None:
             raise ValueError(f"fixed-grid method {self.method!r} needs step_size, got None")
-        if self.seminorm and not self.adjoint:
-            raise ValueError("seminorm=True only applies to the adjoint; got adjoint=False")
+        if self.backprop not in BACKPROP_MODES:
+            raise ValueError(f"backprop must be one of {', '.join(BACKPROP_MODES)}, got "
+                             f"{self.backprop!r}")
+        if self.adjoint is not None:
+            implied = "adjoint" if self.adjoint else "direct"
+            if self.backprop not in ("auto", implied):
+                raise ValueError(f"adjoint={self.adjoint} contradicts backprop={self.backprop!r}; "
+                                 f"give one of them")
+            object.__setattr__(self, "backprop", implied)
+        if self.memory_share is not None and (
+                isinstance(self.memory_share, bool) or not isinstance(self.memory_share,
+                                                                      (int, float))
+                or not 0 < self.memory_share <= 1):
+            raise ValueError(f"memory_share must be a number in (0, 1], got "
+                             f"{self.memory_share!r}")
+        if self.seminorm and self.backprop == "direct":
+            raise ValueError("seminorm=True only applies to the adjoint; got backprop='direct'")
 
     @property
     def adaptive(self) -> bool:

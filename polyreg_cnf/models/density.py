@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from polyreg_cnf.callbacks.backprop import auto_backprop_callbacks
 from polyreg_cnf.engine._checks import check_int, check_number
 from polyreg_cnf.engine.cnf import CNF, CNFStack, standard_normal_logprob
 from polyreg_cnf.engine.nets import ODENet
@@ -145,6 +146,10 @@ class CNFDensityEstimator(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_kind(checkpoint, "cnf", dim=self.dim, num_blocks=len(self.flow.blocks))
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The backprop selector when a block has ``backprop="auto"`` (agreed across ranks)."""
+        return auto_backprop_callbacks(self)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

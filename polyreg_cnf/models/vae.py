@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
+from polyreg_cnf.callbacks.backprop import auto_backprop_callbacks
 from polyreg_cnf.engine._checks import check_number
 from polyreg_cnf.engine.amortized import POSTERIORS, FlowPosterior
 from polyreg_cnf.engine.cnf import standard_normal_logprob
@@ -436,6 +437,10 @@ class CNFVAE(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_kind(checkpoint, "vae", image_shape=list(self.image_shape),
                               z_dim=self.z_dim)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The backprop selector when a block has ``backprop="auto"`` (agreed across ranks)."""
+        return auto_backprop_callbacks(self)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adamax(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
