@@ -36,7 +36,8 @@ from polyreg_cnf.datamodules.user_table import UserTableDataModule  # noqa: E402
 
 from polyreg_cnf.app.build import build  # noqa: E402
 from polyreg_cnf.app.config import RunConfig, resolve  # noqa: E402
-from polyreg_cnf.engine.ode import ode_blocks  # noqa: E402
+from polyreg_cnf.engine.ode import ODEBlock, ode_blocks  # noqa: E402
+from polyreg_cnf.engine.penalty import trajectory_polynomial_penalty  # noqa: E402
 
 EVAL_TOL = 1e-5  # the paper's evaluation tolerance, for every arm
 # One intra-op thread per run: these small models gain nothing from two, and a second thread
@@ -108,6 +109,17 @@ ARMS = {
                           adjoint_carry_step=True),
     "tpr_fast_exact": Arm("tpr_fast_exact", "(5e) TPR + direct backprop + exact trace",
                           reg="poly", adjoint=False, trace="exact"),
+    # The settings sweep: arm (5) with one factor changed from the paper's (coef 5, K 2, m 1).
+    "tpr_fast_c1": Arm("tpr_fast_c1", "(5) with coef 1", reg="poly", adjoint=False,
+                       extra={"poly_coef": 1.0}),
+    "tpr_fast_c20": Arm("tpr_fast_c20", "(5) with coef 20", reg="poly", adjoint=False,
+                        extra={"poly_coef": 20.0}),
+    "tpr_fast_c50": Arm("tpr_fast_c50", "(5) with coef 50", reg="poly", adjoint=False,
+                        extra={"poly_coef": 50.0}),
+    "tpr_fast_k4": Arm("tpr_fast_k4", "(5) with K = 4 interior times", reg="poly",
+                       adjoint=False, extra={"poly_samples": 4}),
+    "tpr_fast_m2": Arm("tpr_fast_m2", "(5) with degree m = 2", reg="poly", adjoint=False,
+                       extra={"poly_order": 2}),
 }
 
 WORKLOADS = {
@@ -118,6 +130,11 @@ WORKLOADS = {
                               nonlinearity="softplus", num_val=0, num_test=0),
     # The digits preset of polyreg_cnf.models.vae (14 steps per epoch); its other settings are
     # the preset's.
+    # A 16-D table with a known density (benchmarks/tables.py): 5,000 validation and 5,000 test
+    # rows through the user-table split, so NLL differences of 0.01 nats are not noise.
+    "mixture16": Workload("mixture16", "table", steps=4000, eval_every=250, batch_size=256,
+                          hidden_dims=(128, 128), layer_type="concat", nonlinearity="softplus",
+                          num_val=0, num_test=0),
     "vae_digits": Workload("vae_digits", "vae", steps=420, eval_every=42, batch_size=100,
                            hidden_dims=(64, 64), nonlinearity="softplus", lr=2e-3,
                            baseline_tol=(1e-5, 1e-5)),
@@ -133,12 +150,27 @@ def _datamodule(w: Workload, seed: int, tmp: Path) -> L.LightningDataModule:
     if w.kind == "toy":
         return ToyDataModule(w.name, num_train=50_000, num_val=w.num_val, num_test=w.num_test,
                              seed=seed, batch_size=w.batch_size, eval_batch_size=5000)
-    from sklearn.datasets import load_breast_cancer
-
-    path = tmp / "breast_cancer.npy"
-    np.save(path, load_breast_cancer().data)
+    path = _table_path(w, tmp)
     # The split is fixed (seed 0) so every arm and seed sees the same test rows.
     return UserTableDataModule(path, seed=0, batch_size=w.batch_size, eval_batch_size=1000)
+
+
+def _table_path(w: Workload, tmp: Path) -> Path:
+    """Write the workload's table into ``tmp`` (once) and return its path."""
+    path = tmp / f"{w.name}.npy"
+    if path.exists():
+        return path
+    if w.name == "breast_cancer":
+        from sklearn.datasets import load_breast_cancer
+
+        np.save(path, load_breast_cancer().data)
+    elif w.name == "mixture16":
+        from tables import write_mixture_table
+
+        write_mixture_table(path, rows=50_000, dim=16)
+    else:
+        raise ValueError(f"no table for workload {w.name!r}")
+    return path
 
 
 class _ValCurve(L.Callback):
@@ -148,6 +180,12 @@ class _ValCurve(L.Callback):
     def __init__(self) -> None:
         self.curve: list[tuple[float, int, float]] = []
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"curve": [list(c) for c in self.curve]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.curve = [tuple(c) for c in state_dict.get("curve", [])]
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or "val/nll" not in trainer.callback_metrics:
             return
@@ -155,6 +193,84 @@ class _ValCurve(L.Callback):
         seconds = sum(r[2] for r in monitor.history)
         self.curve.append((seconds, trainer.global_step,
                            float(trainer.callback_metrics["val/nll"])))
+
+
+class _ResumePoint(L.Callback):
+    """Writes ``last.ckpt`` after the validation of every ``every``-th step.
+
+    After the validation, not at the end of the training batch as Lightning's step-based
+    checkpoint does: a run resumed from it then keeps that step's validation point and probe.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.path: Path | None = None  # set once build() has chosen the run folder
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if self.path is None or trainer.sanity_checking or step == 0 or step % self.every:
+            return
+        trainer.save_checkpoint(self.path)
+
+
+class _EvalProbe(L.Callback):
+    """Test-time cost and straightness of the flow every ``every`` steps, on fixed test rows.
+
+    At each probe (after that step's validation, outside the training time): the forward NFE
+    of one solve of the rows at the evaluation tolerance (``log_prob``, exact trace), and for
+    the state trajectory at 16 equally spaced times of every block: the degree-1 polynomial
+    penalty (the regularizer's own measure, unweighted) and the path length over the
+    displacement (1 for straight lines; the mean over rows).
+    """
+
+    def __init__(self, every: int, rows: torch.Tensor) -> None:
+        self.every = every
+        self.rows = rows
+        self.probes: list[dict[str, float]] = []
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if trainer.sanity_checking or step == 0 or step % self.every \
+                or any(p["step"] == step for p in self.probes):
+            return
+        self.probes.append({"step": step, **straightness(pl_module, self.rows)})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"probes": self.probes}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.probes = list(state_dict.get("probes", []))
+
+
+def straightness(model: L.LightningModule, rows: torch.Tensor) -> dict[str, float]:
+    """Test NFE, polynomial penalty and path length / displacement of ``model``'s flow."""
+    blocks = ode_blocks(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for b in blocks:
+            b.nfe.reset()
+        with torch.no_grad():
+            model.log_prob(rows.to(model.device))
+        test_nfe = float(sum(b.nfe.forward for b in blocks))
+        penalty, ratio, z = 0.0, [], rows.to(model.device)
+        with torch.no_grad():
+            for b in blocks:
+                end = float(b.end_time_tensor(z))
+                grid = torch.linspace(0.0, end, 16, dtype=z.dtype, device=z.device)
+                # The state's own dynamics (a CNF's log-density is a passenger).
+                traj = ODEBlock.forward(b, z, t=grid)
+                penalty += float(trajectory_polynomial_penalty(grid, traj, order=1))
+                length = (traj[1:] - traj[:-1]).flatten(2).norm(dim=2).sum(0)
+                shift = (traj[-1] - traj[0]).flatten(1).norm(dim=1)
+                ratio.append(length / shift.clamp_min(1e-12))
+                z = traj[-1]
+        for b in blocks:
+            b.nfe.reset()
+    finally:
+        model.train(was_training)
+    return {"test_nfe": test_nfe, "penalty": penalty,
+            "path_ratio": float(torch.cat(ratio).mean())}
 
 
 def _set_eval_tolerance(model: torch.nn.Module, atol: float, rtol: float) -> None:
@@ -180,20 +296,56 @@ def run_config(w: Workload, arm: Arm, seed: int, steps: int, out_dir: Path,
     return resolve({**given, **arm.extra})
 
 
-def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None) -> dict[str, Any]:
-    """Train one arm on one workload with one seed; return its measurements."""
+def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
+            work_dir: Path | None = None, ckpt_every: int = 0,
+            probe_every: int = 0) -> dict[str, Any]:
+    """Train one arm on one workload with one seed; return its measurements.
+
+    Args:
+        w: The workload.
+        arm: The arm.
+        seed: The run's seed.
+        steps: Training steps (default: the workload's).
+        work_dir: A folder that outlives the call: the run checkpoints there every
+            ``ckpt_every`` steps and a later call with the same folder resumes from the latest
+            checkpoint (NFE history, validation curve and probes included), so an interrupted
+            long run loses at most ``ckpt_every`` steps. None: a temporary folder, no resume.
+        ckpt_every: Checkpoint interval in steps (with ``work_dir``).
+        probe_every: Every this many steps, measure test NFE and straightness
+            (:func:`straightness`) on 2,000 fixed test rows (density workloads only).
+    """
     steps = steps or w.steps
     run_start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        dm = _datamodule(w, seed, Path(tmp))
-        data = {"table": str(Path(tmp) / "breast_cancer.npy"), "vae": "digits"}.get(w.kind)
-        config = run_config(w, arm, seed, steps, Path(tmp) / "runs", data)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch) if work_dir is None else Path(work_dir)
+        tmp.mkdir(parents=True, exist_ok=True)
+        dm = _datamodule(w, seed, tmp)
+        data = {"table": str(tmp / f"{w.name}.npy"), "vae": "digits"}.get(w.kind)
+        config = run_config(w, arm, seed, steps, tmp / "runs", data)
         atol, rtol = config.ode.atol, config.ode.rtol
         curve = _ValCurve()
-        run = build(config, datamodule=dm, callbacks=[curve])
+        extra: list[L.Callback] = [curve]
+        resume_point = None
+        if work_dir is not None and ckpt_every:
+            if ckpt_every % w.eval_every:
+                raise ValueError(f"ckpt_every ({ckpt_every}) must be a multiple of the "
+                                 f"workload's eval_every ({w.eval_every})")
+            resume_point = _ResumePoint(ckpt_every)
+            extra.append(resume_point)
+        probe = None
+        if probe_every and w.kind != "vae":
+            dm.prepare_data()
+            dm.setup("test")
+            rows = torch.as_tensor(np.asarray(dm.arrays()["test"][:2000]), dtype=torch.float32)
+            probe = _EvalProbe(probe_every, rows)
+            extra.append(probe)
+        resume = "last" if work_dir is not None and ckpt_every else None
+        run = build(config, datamodule=dm, callbacks=extra, ckpt_path=resume)
+        if resume_point is not None:
+            resume_point.path = run.run_dir / "checkpoints" / "last.ckpt"
         model, trainer, monitor = run.model, run.trainer, run.monitor
         start = time.perf_counter()
-        trainer.fit(model, dm)
+        trainer.fit(model, dm, ckpt_path=run.ckpt_path)
         fit_wall = time.perf_counter() - start
         test = trainer.test(model, dm, verbose=False)[0]
         test_nfe = monitor.last_test_nfe
@@ -209,6 +361,8 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None) -> dict[
         "forward_nfe": float(np.mean(fwd)), "backward_nfe": float(np.mean(bwd)),
         "total_nfe": float(np.mean(fwd) + np.mean(bwd)),
         "forward_nfe_last100": float(np.mean(fwd[-100:])),
+        # The last tenth of training: where TPR's effect on the forward NFE shows.
+        "forward_nfe_last10pct": float(np.mean(fwd[-max(1, len(fwd) // 10):])),
         "backward_nfe_last100": float(np.mean(bwd[-100:])),
         "seconds_per_step": float(np.mean(secs)), "train_seconds": float(np.sum(secs)),
         "fit_wall_seconds": fit_wall, "run_wall_seconds": time.perf_counter() - run_start,
@@ -217,6 +371,8 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None) -> dict[
         "tolerance_gap": float(test_train_tol["test/nll"] - test["test/nll"]),
         "train_tol": [atol, rtol], "test_metrics": test_metrics,
         "val_curve": curve.curve,
+        "probes": [] if probe is None else probe.probes,
+        "resumed_from": run.ckpt_path,
         "nfe_per_step": {"forward": fwd, "backward": bwd},
     }
 
@@ -240,6 +396,7 @@ def summarise(runs: list[dict[str, Any]], baselines: tuple[str, ...] = ("ffjord"
     """Medians and spreads per (workload, arm), plus time to each baseline's final val NLL."""
     out: dict[str, Any] = {}
     keys = ("forward_nfe", "backward_nfe", "total_nfe", "forward_nfe_last100",
+            "forward_nfe_last10pct",
             "backward_nfe_last100", "seconds_per_step", "train_seconds", "test_nll", "test_nfe",
             "tolerance_gap")
     by = {}
@@ -256,24 +413,27 @@ def summarise(runs: list[dict[str, Any]], baselines: tuple[str, ...] = ("ffjord"
             for base in baselines:
                 if base not in arms:
                     continue
-                times, speedups = [], []
-                for r in rs:
-                    ref = [b for b in arms[base] if b["seed"] == r["seed"]]
-                    if not ref or not ref[0]["val_curve"]:
-                        times.append(None)
-                        speedups.append(None)
-                        continue
-                    target = ref[0]["val_curve"][-1][2]
-                    mine = time_to_reach(r["val_curve"], target)
-                    # The baseline's own time to its final value (it may touch it earlier).
-                    theirs = time_to_reach(ref[0]["val_curve"], target)
-                    times.append(mine)
-                    speedups.append(None if mine is None or theirs is None else theirs / mine)
-                entry[f"seconds_to_{base}_final_val"] = {
-                    "median": _median(times), "per_seed": times}
-                entry[f"speedup_to_{base}_final_val"] = {
-                    "median": _median(speedups), "per_seed": speedups,
-                    "reached": sum(v is not None for v in speedups), "of": len(speedups)}
+                # Exactly the baseline's final validation NLL, and within 0.01 nats of it.
+                for margin, suffix in ((0.0, ""), (0.01, "_within_0.01")):
+                    times, speedups = [], []
+                    for r in rs:
+                        ref = [b for b in arms[base] if b["seed"] == r["seed"]]
+                        if not ref or not ref[0]["val_curve"]:
+                            times.append(None)
+                            speedups.append(None)
+                            continue
+                        target = ref[0]["val_curve"][-1][2] + margin
+                        mine = time_to_reach(r["val_curve"], target)
+                        # The baseline's own time to that value (it may touch it earlier).
+                        theirs = time_to_reach(ref[0]["val_curve"], target)
+                        times.append(mine)
+                        speedups.append(None if mine is None or theirs is None
+                                        else theirs / mine)
+                    entry[f"seconds_to_{base}_final_val{suffix}"] = {
+                        "median": _median(times), "per_seed": times}
+                    entry[f"speedup_to_{base}_final_val{suffix}"] = {
+                        "median": _median(speedups), "per_seed": speedups,
+                        "reached": sum(v is not None for v in speedups), "of": len(speedups)}
             out[wname][aname] = entry
     return out
 

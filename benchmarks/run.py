@@ -2,6 +2,8 @@
 
     python benchmarks/run.py --suite quick            # smoke run, minutes
     python benchmarks/run.py --suite full --jobs 2    # the README's comparison (under 2 hours)
+    python benchmarks/run.py --suite sweep --jobs 2   # TPR settings, one factor at a time
+    python benchmarks/run.py --suite long --workloads checkerboard --jobs 2   # one workload
 
 Arms and workloads are defined in benchmarks/harness.py. Results go to
 benchmarks/results/<suite>.json, <suite>.md and <suite>_nfe.png. Every finished run is also kept,
@@ -26,6 +28,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
@@ -63,6 +67,23 @@ SUITES = {
                  seeds=(0, 1, 2),
                  arms=("ffjord", "tpr_paper", "ffjord_matched", "rnode", "tpr_fast",
                        "ffjord_direct")),
+    # The settings sweep (issue 14): one factor at a time around the paper's setting (coef 5,
+    # K 2, m 1), all with arm (5)'s engineering and matched tolerance, against arm (3b), the same
+    # engineering without TPR. One seed: a screen for the long suite, not a verdict. Lengths:
+    # checkerboard 6000 steps (past the 5000 where a 10,000-step probe showed TPR's forward NFE
+    # levelling off while the baseline's kept climbing); the 16-D table 4000 steps.
+    "sweep": dict(workloads={"checkerboard": 6000, "mixture16": 4000}, seeds=(0,),
+                  arms=("ffjord_direct", "tpr_fast", "tpr_fast_c1", "tpr_fast_c20",
+                        "tpr_fast_c50", "tpr_fast_k4", "tpr_fast_m2"),
+                  baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000),
+    # Long runs (issue 14), where TPR's effect lives: the baseline's NFE keeps growing late in
+    # training. Each `--workloads X` invocation is sized for 150 minutes on 2 cores with
+    # --jobs 2 (9 runs); every run checkpoints every 1000 steps in benchmarks/results/.work/
+    # and the same command resumes it. Arms: (3b) and (5) at matched tolerance with the same
+    # engineering, plus the sweep's best setting.
+    "long": dict(workloads={"checkerboard": 10000, "8gaussians": 8000, "mixture16": 8000},
+                 seeds=(0, 1, 2), arms=("ffjord_direct", "tpr_fast", "tpr_fast_c20"),
+                 baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000),
 }
 
 # Rough relative cost per step, to start the longest runs first when running in parallel.
@@ -70,7 +91,7 @@ _COST = {"ffjord": 3.0, "tpr_paper": 1.4, "tpr_seminorm": 1.2, "rnode": 1.1,
          "ffjord_matched": 1.0, "tpr_carry_only": 1.0, "tpr_carry": 0.9, "tpr_fast_exact": 0.8,
          "tpr_fast": 0.6, "ffjord_direct": 0.6}
 _WORKLOAD_COST = {"checkerboard": 1.0, "8gaussians": 0.8, "breast_cancer": 0.4,
-                  "vae_digits": 2.0}
+                  "vae_digits": 2.0, "mixture16": 0.8}
 
 
 def _cache_file(cache: Path, w: Workload, arm: Arm, seed: int) -> Path:
@@ -95,8 +116,13 @@ def _load_cached(path: Path, w: Workload, arm: Arm) -> dict[str, Any] | None:
     return data["run"]
 
 
-def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path) -> dict[str, Any]:
-    run = run_one(w, arm, seed)
+def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: int = 0,
+                   probe_every: int = 0) -> dict[str, Any]:
+    # Long runs keep a work folder (checkpoints) beside the cache, outside git: started again,
+    # the same command resumes them from their last checkpoint.
+    work = (RESULTS / ".work" / cache.name / _cache_file(cache, w, arm, seed).stem
+            if ckpt_every else None)
+    run = run_one(w, arm, seed, work_dir=work, ckpt_every=ckpt_every, probe_every=probe_every)
     write_json(_cache_file(cache, w, arm, seed), {**_definitions(w, arm), "run": run})
     return run
 
@@ -230,6 +256,160 @@ def markdown(suite: str, payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+BASE = "ffjord_direct"  # arm (3b): the baseline of the sweep and long suites
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def long_goals(summary: dict[str, Any]) -> dict[str, Any]:
+    """Issue 14's long-run goals per workload and TPR arm, against arm (3b)."""
+    out: dict[str, Any] = {}
+    for wname, arms in summary.items():
+        if BASE not in arms:
+            continue
+        base, g = arms[BASE], {}
+        for aname, e in arms.items():
+            if aname == BASE:
+                continue
+            within = e[f"speedup_to_{BASE}_final_val_within_0.01"]
+            exact = e[f"speedup_to_{BASE}_final_val"]
+            fewer = 1 - _ratio(_med(e, "forward_nfe_last10pct"),
+                               _med(base, "forward_nfe_last10pct"))
+            gap = _med(e, "test_nll") - _med(base, "test_nll")
+            test_nfe = _ratio(_med(e, "test_nfe"), _med(base, "test_nfe"))
+            g[aname] = {
+                "speedup_within_0.01": within["median"], "speedup_exact": exact["median"],
+                "reached_within_0.01": f"{within['reached']}/{within['of']}",
+                "reached_exact": f"{exact['reached']}/{exact['of']}",
+                "forward_nfe_last10pct_reduction": fewer, "test_nll_diff": gap,
+                "test_nfe_ratio": test_nfe,
+                "met": (within["median"] is not None and within["median"] >= 1.3
+                        and fewer >= 0.20 and gap <= 0.05),
+                "test_nfe_met": test_nfe is not None and test_nfe <= 1.0}
+        out[wname] = g
+    return out
+
+
+def _x(value: float | None, digits: int = 2, suffix: str = "x") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def long_markdown(suite: str, payload: dict) -> str:
+    """The sweep and long suites: everything against arm (3b), the same engineering."""
+    m = payload["machine"]
+    lines = [f"# Benchmark suite `{suite}`", "",
+             f"Command: `{payload['command']}`  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s) "
+             f"per run, {m.get('parallel_jobs', 1)} run(s) at once; torch {m['torch']}, "
+             f"lightning {m['lightning']}, torchdiffeq {m['torchdiffeq']}; "
+             f"commit {m['git_commit']}; {m['date']}; {payload['seconds']:.0f} s in all "
+             f"({payload.get('trained_runs', '?')} runs trained by this command, "
+             f"{payload.get('cached_runs', 0)} taken from the cache).  ",
+             f"Training steps: {payload.get('steps', '?')}; seeds {list(payload['seeds'])}.  ",
+             *([f"**Partial: {payload['missing_runs']} runs of the suite had not finished; "
+                "figures are over the runs that had.**  "] if payload.get("missing_runs") else []),
+             "Every arm trains at matched tolerance (1e-4) with direct backprop through the "
+             "solver; (3b) is the same without TPR. Figures are medians over seeds. fwd NFE = "
+             "forward evaluations per training step (over all of training / over the last 10 "
+             "%); s to (3b) = training seconds until the validation NLL first reaches (3b)'s "
+             "final validation NLL (exactly / within 0.01 nats); speed-up = (3b)'s time to that "
+             "value / this arm's ('k/n' = reached in k of n seeds, no median). Test NLL and test "
+             "NFE (per solve of 5,000 rows) at 1e-5 with the exact trace.", ""]
+    for wname, arms in payload["summary"].items():
+        lines += [f"## {wname}", "",
+                  "| arm | fwd NFE (all / last 10 %) | s/step | train s | s to (3b) final val "
+                  "(exact / within 0.01) | speed-up (exact / within 0.01) | test NLL | "
+                  "test NFE |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for aname, e in arms.items():
+            def sp(key: str, e: dict = e) -> str:
+                v = e.get(f"speedup_to_{BASE}_final_val{key}")
+                if v is None:
+                    return "-"
+                return _x(v["median"]) if v["median"] is not None else \
+                    f"{v['reached']}/{v['of']}"
+            lines.append(
+                f"| {ARMS[aname].label} | {fmt(e['forward_nfe'])} / "
+                f"{fmt(e['forward_nfe_last10pct'])} | {fmt(e['seconds_per_step'], 3)} | "
+                f"{fmt(e['train_seconds'], 0)} | "
+                f"{fmt(e.get(f'seconds_to_{BASE}_final_val'), 0)} / "
+                f"{fmt(e.get(f'seconds_to_{BASE}_final_val_within_0.01'), 0)} | "
+                f"{sp('')} / {sp('_within_0.01')} | {fmt(e['test_nll'], 4)} | "
+                f"{fmt(e['test_nfe'])} |")
+        lines.append("")
+        probes = {}
+        for r in payload["runs"]:
+            if r["workload"] == wname and r.get("probes"):
+                probes.setdefault(r["arm"], []).append(r["probes"])
+        if probes:
+            lines += ["Over training (medians of seeds; test NFE per solve of 2,000 test rows at "
+                      "1e-5 / polynomial penalty / path length over displacement):", "",
+                      "| arm | " + " | ".join(f"step {p['step']}" for p in
+                                              next(iter(probes.values()))[0]) + " |",
+                      "|---|" + "---|" * len(next(iter(probes.values()))[0])]
+            for aname, per_seed in probes.items():
+                n = min(len(p) for p in per_seed)
+                cells = []
+                for k in range(n):
+                    med = {key: float(np.median([p[k][key] for p in per_seed]))
+                           for key in ("test_nfe", "penalty", "path_ratio")}
+                    cells.append(f"{med['test_nfe']:.0f} / {med['penalty']:.3g} / "
+                                 f"{med['path_ratio']:.3f}")
+                lines.append(f"| {aname} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines += ["## Goals (against (3b))", "",
+              "| workload | arm | speed-up to (3b)'s final val within 0.01 (>= 1.3) | fewer fwd "
+              "NFE, last 10 % (>= 20 %) | test NLL diff (<= 0.05) | met | test NFE / (3b)'s "
+              "(<= 1) |", "|---|---|---|---|---|---|---|"]
+    for wname, g in payload.get("goals", {}).items():
+        for aname, v in g.items():
+            lines.append(
+                f"| {wname} | {aname} | {_x(v['speedup_within_0.01'])} "
+                f"(reached {v['reached_within_0.01']}) | "
+                f"{100 * v['forward_nfe_last10pct_reduction']:.0f} % | "
+                f"{v['test_nll_diff']:+.4f} | {'met' if v['met'] else 'not met'} | "
+                f"{_x(v['test_nfe_ratio'])} ({'met' if v['test_nfe_met'] else 'not met'}) |")
+    lines += ["", f"![forward NFE per step]({suite}_nfe.png)", "",
+              f"![test NFE and straightness over training]({suite}_probes.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_probes(runs: list[dict[str, Any]], path: Path) -> None:
+    """Test NFE and path length / displacement over training, per workload and arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = sorted({r["workload"] for r in runs if r.get("probes")})
+    if not workloads:
+        return
+    fig, axes = plt.subplots(2, len(workloads), figsize=(6 * len(workloads), 7), squeeze=False)
+    for col, wname in enumerate(workloads):
+        for aname in sorted({r["arm"] for r in runs if r["workload"] == wname}):
+            per_seed = [r["probes"] for r in runs
+                        if r["workload"] == wname and r["arm"] == aname and r.get("probes")]
+            if not per_seed:
+                continue
+            n = min(len(p) for p in per_seed)
+            steps = [per_seed[0][k]["step"] for k in range(n)]
+            for row, key in enumerate(("test_nfe", "path_ratio")):
+                med = [float(np.median([p[k][key] for p in per_seed])) for k in range(n)]
+                axes[row][col].plot(steps, med, marker="o", label=aname)
+        axes[0][col].set_title(f"{wname}: test NFE at 1e-5 (median of seeds)")
+        axes[1][col].set_title(f"{wname}: path length / displacement")
+        for row in (0, 1):
+            axes[row][col].set_xlabel("training step")
+            axes[row][col].grid(alpha=0.3)
+            axes[row][col].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,16 +464,17 @@ def main() -> None:
             parser.error(f"--cached-only: no finished runs of suite {args.suite!r} in {cache}")
     todo.sort(key=lambda t: -t[0].steps * _COST.get(t[1].name, 1.0)
               * _WORKLOAD_COST.get(t[0].name, 1.0))
+    opts = {k: suite[k] for k in ("ckpt_every", "probe_every") if k in suite}
     if args.jobs == 1:
         for work, arm, seed in todo:
             print(f"[{time.perf_counter() - start:6.0f} s] {work.name} {arm.name} seed {seed}",
                   flush=True)
-            done[(work.name, arm.name, seed)] = _run_and_cache(work, arm, seed, cache)
+            done[(work.name, arm.name, seed)] = _run_and_cache(work, arm, seed, cache, **opts)
     else:
         # spawn: a forked child would inherit torch's thread pools and Lightning state.
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(_run_and_cache, work, arm, seed, cache):
+            futures = {pool.submit(_run_and_cache, work, arm, seed, cache, **opts):
                        (work.name, arm.name, seed) for work, arm, seed in todo}
             for fut in as_completed(futures):
                 done[futures[fut]] = fut.result()
@@ -309,12 +490,16 @@ def main() -> None:
                "seeds": list(suite["seeds"]), "seconds": time.perf_counter() - start,
                "steps": workloads, "missing_runs": missing, "trained_runs": len(todo),
                "cached_runs": len(runs) - len(todo),
-               "summary": summarise(runs),
+               "summary": summarise(runs, **({"baselines": suite["baselines"]}
+                                             if "baselines" in suite else {})),
                "runs": [{k: v for k, v in r.items() if k != "nfe_per_step"} for r in runs]}
-    payload["goals"] = goals(payload["summary"])
+    long_form = "baselines" in suite
+    payload["goals"] = (long_goals if long_form else goals)(payload["summary"])
     write_json(RESULTS / f"{args.suite}.json", payload)
     plot_nfe(runs, RESULTS / f"{args.suite}_nfe.png")
-    text = markdown(args.suite, payload)
+    if long_form:
+        plot_probes(runs, RESULTS / f"{args.suite}_probes.png")
+    text = (long_markdown if long_form else markdown)(args.suite, payload)
     (RESULTS / f"{args.suite}.md").write_text(text)
     print(text)
 
