@@ -120,9 +120,13 @@ def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: in
                    probe_every: int = 0) -> dict[str, Any]:
     # Long runs keep a work folder (checkpoints) beside the cache, outside git: started again,
     # the same command resumes them from their last checkpoint.
-    work = (RESULTS / ".work" / cache.name / _cache_file(cache, w, arm, seed).stem
-            if ckpt_every else None)
-    run = run_one(w, arm, seed, work_dir=work, ckpt_every=ckpt_every, probe_every=probe_every)
+    extra: dict[str, Any] = {}
+    if ckpt_every:
+        extra.update(work_dir=RESULTS / ".work" / cache.name
+                     / _cache_file(cache, w, arm, seed).stem, ckpt_every=ckpt_every)
+    if probe_every:
+        extra["probe_every"] = probe_every
+    run = run_one(w, arm, seed, **extra)
     write_json(_cache_file(cache, w, arm, seed), {**_definitions(w, arm), "run": run})
     return run
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
+
+from polyreg_cnf import CNF, SolverConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -46,6 +51,7 @@ def test_run_one_tiny(workload: str, arm: str, monkeypatch: pytest.MonkeyPatch) 
 def _fake(arm: str, seed: int, curve: list[tuple[float, int, float]]) -> dict:
     return {"workload": "w", "arm": arm, "seed": seed, "forward_nfe": 10.0,
             "backward_nfe": 5.0, "total_nfe": 15.0, "forward_nfe_last100": 10.0,
+            "forward_nfe_last10pct": 10.0,
             "backward_nfe_last100": 5.0, "seconds_per_step": 0.1, "train_seconds": 1.0,
             "test_nll": 1.0, "test_nfe": 16.0, "tolerance_gap": 0.0, "val_curve": curve}
 
@@ -121,3 +127,100 @@ def test_cached_only_summarises_what_finished(tmp_path: Path,
     payload = json.loads((tmp_path / "tiny.json").read_text())
     assert payload["missing_runs"] == 1 and len(payload["runs"]) == 1
     assert "Partial: 1 runs" in (tmp_path / "tiny.md").read_text()
+
+
+def test_speedup_within_a_margin_and_the_long_goals() -> None:
+    # (3b) ends at 2.00; TPR touches 2.009 (within 0.01) at 20 s and never 2.00 itself.
+    base = _fake("ffjord_direct", 0, [(10.0, 1, 3.0), (30.0, 2, 2.05), (60.0, 3, 2.0)])
+    tpr = _fake("tpr_fast", 0, [(10.0, 1, 2.5), (20.0, 2, 2.009), (40.0, 3, 2.004)])
+    base.update(forward_nfe_last10pct=100.0, test_nfe=50.0, test_nll=2.0)
+    tpr.update(forward_nfe_last10pct=75.0, test_nfe=40.0, test_nll=2.03)
+    summary = bench_run.summarise([base, tpr], baselines=("ffjord_direct",))
+    e = summary["w"]["tpr_fast"]
+    assert e["speedup_to_ffjord_direct_final_val"]["median"] is None  # never exactly
+    within = e["speedup_to_ffjord_direct_final_val_within_0.01"]
+    assert within["median"] == pytest.approx(60.0 / 20.0)  # (3b) reaches 2.01 only at 60 s
+    g = bench_run.long_goals(summary)["w"]["tpr_fast"]
+    assert g["forward_nfe_last10pct_reduction"] == pytest.approx(0.25)
+    assert g["test_nll_diff"] == pytest.approx(0.03) and g["met"]
+    assert g["test_nfe_ratio"] == pytest.approx(0.8) and g["test_nfe_met"]
+    tpr["test_nll"] = 2.06  # 0.06 nats worse: the goal is not met whatever the speed
+    summary = bench_run.summarise([base, tpr], baselines=("ffjord_direct",))
+    assert not bench_run.long_goals(summary)["w"]["tpr_fast"]["met"]
+
+
+class _Rotation(torch.nn.Module):
+    """dz/dt = R z with R a rotation generator: trajectories are circular arcs of 1 radian."""
+
+    def forward(self, t, z):  # noqa: ANN001, ANN201
+        return torch.stack([-z[:, 1], z[:, 0]], dim=1)
+
+
+class _Flow(L.LightningModule):
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.flow = CNF(net, solver=SolverConfig(atol=1e-8, rtol=1e-8), eval_trace="exact")
+
+    def log_prob(self, x):  # noqa: ANN001, ANN201
+        z, logdet = self.flow(x)
+        return -0.5 * z.square().sum(1) + logdet
+
+
+def test_straightness_of_a_rotation_is_the_arc_over_the_chord() -> None:
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)) + 3.0
+    out = harness.straightness(_Flow(_Rotation()), x)
+    # 15 chords of 1/15 rad against the chord of the whole 1-rad arc
+    expected = 15 * math.sin(1 / 30) / math.sin(0.5)
+    assert out["path_ratio"] == pytest.approx(expected, rel=1e-6)
+    assert out["penalty"] > 1e-3 and out["test_nfe"] > 8
+
+
+def test_straightness_of_a_constant_field_is_one() -> None:
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight.zero_()
+        net.bias.copy_(torch.tensor([1.0, -2.0]))
+    model, x = _Flow(lambda_free(net)), torch.randn(32, 2)
+    out = harness.straightness(model, x)
+    assert out["path_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert out["penalty"] < 1e-12
+    # test NFE = one evaluation-mode solve of the rows, counted as the block counts it
+    model.eval()
+    model.flow.nfe.reset()
+    model.log_prob(x)
+    assert out["test_nfe"] == model.flow.nfe.forward >= 8
+    assert model.training is False  # (set here); straightness restores the mode it found
+    model.train()
+    harness.straightness(model, x)
+    assert model.training
+
+
+def lambda_free(linear: torch.nn.Linear) -> torch.nn.Module:
+    class Field(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, t, z):  # noqa: ANN001, ANN201
+            return self.linear(z)
+
+    return Field()
+
+
+def test_long_runs_resume_from_their_last_checkpoint(tmp_path: Path) -> None:
+    w = dataclasses.replace(harness.WORKLOADS["checkerboard"], steps=4, eval_every=2,
+                            num_val=100, num_test=100, hidden_dims=(8,))
+    arm = harness.ARMS["tpr_fast"]
+    first = harness.run_one(w, arm, 0, work_dir=tmp_path, ckpt_every=2, probe_every=2)
+    assert first["resumed_from"] is None
+    assert [p["step"] for p in first["probes"]] == [2, 4]
+    assert [c[1] for c in first["val_curve"]] == [2, 4]
+    # Longer now: the same folder resumes at step 4 and keeps what was measured before it.
+    again = harness.run_one(dataclasses.replace(w, steps=6), arm, 0, work_dir=tmp_path,
+                            ckpt_every=2, probe_every=2)
+    assert again["resumed_from"] is not None and again["steps"] == 6
+    assert [p["step"] for p in again["probes"]] == [2, 4, 6]
+    assert [c[1] for c in again["val_curve"]] == [2, 4, 6]
+    assert again["probes"][:2] == first["probes"]
+    with pytest.raises(ValueError, match="multiple of the workload's eval_every"):
+        harness.run_one(w, arm, 0, work_dir=tmp_path / "x", ckpt_every=3)
