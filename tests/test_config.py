@@ -57,7 +57,7 @@ REGISTRIES = {
     "trace": TRACE_TYPES, "eval_trace": TRACE_TYPES, "noise": NOISE_TYPES,
     "posterior": POSTERIORS, "architecture": ARCHITECTURES,
     "solver": ADAPTIVE_METHODS + FIXED_METHODS, "logger": LOGGER_KINDS,
-    "backprop": BACKPROP_MODES,
+    "backprop": BACKPROP_MODES, "poly_preset": ("paper",),
 }
 
 
@@ -327,3 +327,25 @@ def test_build_refuses_a_missing_checkpoint_and_a_non_config(tmp_path):
     with pytest.raises(TypeError, match="config must be a RunConfig"):
         build(dataclasses.asdict(config))
     assert isinstance(config, RunConfig)
+
+
+def test_poly_preset_gives_the_paper_settings_and_flags_override_it():
+    from polyreg_cnf.callbacks.polynomial import POLY_PRESETS
+
+    from polyreg_cnf.app.build import make_regularizer
+
+    assert POLY_PRESETS["paper"] == {"coef": 5.0, "num_samples": 2, "order": 1}
+    reg = make_regularizer(parse(["--reg", "poly"]))
+    assert (reg.coef, reg.num_samples, reg.order) == (5.0, 2, 1)
+    reg = make_regularizer(parse(["--reg", "poly", "--poly-preset", "paper", "--poly-coef", "1",
+                                  "--poly-samples", "4"]))
+    assert (reg.coef, reg.num_samples, reg.order) == (1.0, 4, 1)
+    with pytest.raises(ConfigError, match="--poly-samples must be >= --poly-order, got 2 < 3"):
+        resolve({"reg": "poly", "poly_order": 3})
+    with pytest.raises(ConfigError, match="invalid choice 'fastest'"):
+        resolve({"poly_preset": "fastest"})
+    same = PolynomialTrajectoryRegularizer.from_preset("paper", intercept_torchdiffeq=True)
+    assert (same.coef, same.num_samples, same.order, same.intercept_torchdiffeq) == \
+        (5.0, 2, 1, True)
+    with pytest.raises(ValueError, match="unknown poly preset 'x'; valid: paper"):
+        PolynomialTrajectoryRegularizer.from_preset("x")

@@ -157,8 +157,7 @@ def make_regularizer(config: RunConfig) -> L.Callback | None:
     """The regularizer callback ``config.reg`` names (:data:`REGULARIZERS`), or None."""
     cls = REGULARIZERS[config.reg]
     if cls is PolynomialTrajectoryRegularizer:
-        p = config.poly
-        return cls(coef=p.poly_coef, num_samples=p.poly_samples, order=p.poly_order)
+        return cls(**config.poly.settings())
     if cls is KineticRegularizer:
         k = config.kinetic
         return cls(kinetic_coef=k.kinetic_coef, jacobian_coef=k.jacobian_coef)
@@ -321,7 +320,10 @@ def build(config: RunConfig, *, ckpt_path: str | os.PathLike | None = None,
     if progress:
         own.append(NFEProgressBar())
     all_callbacks = [*own, *callbacks]
-    loggers = make_logger(out.logger, run_dir, run_dir.name, run_config(config.flat()))
+    poly = config.poly.settings()  # the preset's values where no flag gave one
+    hparams = {**config.flat(), "poly_coef": poly["coef"], "poly_samples": poly["num_samples"],
+               "poly_order": poly["order"]}
+    loggers = make_logger(out.logger, run_dir, run_dir.name, run_config(hparams))
     _write_config(config, run_dir)  # after the CSV logger, which warns about a non-empty folder
 
     t, hw = config.training, config.hardware

@@ -45,6 +45,7 @@ import yaml
 from polyreg_cnf.app.presets import preset_for
 from polyreg_cnf.app.run_logging import LOGGER_KINDS
 from polyreg_cnf.callbacks import KineticRegularizer, PolynomialTrajectoryRegularizer
+from polyreg_cnf.callbacks.polynomial import POLY_PRESETS
 from polyreg_cnf.datamodules.images import IMAGE_DATASETS
 from polyreg_cnf.datamodules.tabular import TABULAR_SETS
 from polyreg_cnf.datamodules.toy import TOY_DENSITIES
@@ -87,6 +88,8 @@ MODELS: dict[str, type] = {"cnf": CNFDensityEstimator, "vae": CNFVAE}
 #: The trajectory regularizer callback of each ``--reg`` (None: no regularizer).
 REGULARIZERS: dict[str, type | None] = {"none": None, "poly": PolynomialTrajectoryRegularizer,
                                         "kinetic": KineticRegularizer}
+#: The named settings of the polynomial regularizer (``--poly-preset``).
+POLY_PRESET_NAMES = tuple(POLY_PRESETS)
 #: Every torchdiffeq method the solver accepts.
 SOLVER_METHODS = ADAPTIVE_METHODS + FIXED_METHODS
 
@@ -198,9 +201,20 @@ class OdeOptions:
 class PolyOptions:
     """The trajectory polynomial regularizer (``--reg poly``)."""
 
-    poly_coef: float = option(5.0, "weight of the penalty", low=0.0)
-    poly_samples: int = option(2, "interior time points K per solve", low=0)
-    poly_order: int = option(1, "polynomial degree m", low=0)
+    poly_preset: str = option("paper", "named setting of coef, K and m (paper: 5, 2, 1); the "
+                                       "three flags below override it", choices=POLY_PRESET_NAMES)
+    poly_coef: float | None = option(None, "weight of the penalty (default: the preset's)",
+                                     low=0.0)
+    poly_samples: int | None = option(None, "interior time points K per solve (default: the "
+                                            "preset's)", low=0)
+    poly_order: int | None = option(None, "polynomial degree m (default: the preset's)", low=0)
+
+    def settings(self) -> dict[str, float | int]:
+        """``coef``, ``num_samples`` and ``order``: the preset's, overridden where given."""
+        given = {"coef": self.poly_coef, "num_samples": self.poly_samples,
+                 "order": self.poly_order}
+        return {**POLY_PRESETS[self.poly_preset],
+                **{k: v for k, v in given.items() if v is not None}}
 
 
 @dataclass(frozen=True)
@@ -402,9 +416,10 @@ class RunConfig:
         devices = self.hardware.devices
         if devices != "auto" and not (devices.isdigit() and int(devices) >= 1):
             raise ConfigError(f"--devices must be a positive integer or 'auto', got {devices!r}")
-        if self.reg == "poly" and self.poly.poly_samples < self.poly.poly_order:
+        poly = self.poly.settings()
+        if self.reg == "poly" and poly["num_samples"] < poly["order"]:
             raise ConfigError(f"--poly-samples must be >= --poly-order, got "
-                              f"{self.poly.poly_samples} < {self.poly.poly_order}")
+                              f"{poly['num_samples']} < {poly['order']}")
         if ode.solver in FIXED_METHODS and ode.step_size is None:
             raise ConfigError(f"--solver {ode.solver} is fixed-grid and needs --step-size")
         if ode.seminorm and ode.backprop == "direct":
