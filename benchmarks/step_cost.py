@@ -1,0 +1,526 @@
+"""Seconds per training step with the trajectory polynomial regularizer vs without, per preset.
+
+Issue 14's goal: on every preset (toy, tabular, table, VAE) and on the front door
+(``python train.py --model vae --reg poly``), TPR's seconds per step, averaged over a run, are
+at most 1.05x those of the unregularized run with the same seed. Every run here uses the
+defaults a user gets (``backprop="auto"``, the preset's network, batch and tolerances); only the
+length of the run is cut, and validation and test are skipped where the run allows it.
+
+- ``toy``: ``--data checkerboard``.
+- ``power``, ``miniboone``: the tabular presets, on stand-in files written in exactly the
+  standard formats (``power/data.npy`` N x 8, ``miniboone/data.npy`` N x 43; shared DATA.md)
+  from a fixed random Gaussian mixture, since the real archive cannot be downloaded here. The row
+  counts make the training split a whole number of batches.
+- ``table``: the user-table preset on a generated 16-D mixture table
+  (:func:`tables.write_mixture_table`).
+- ``vae``: the ``digits`` VAE preset.
+- ``front_door``: ``python train.py --model vae --reg poly`` and ``--reg none`` exactly (the
+  whole preset run: 30 epochs, validation, importance-sampled test), in a subprocess; per-step
+  figures from the run's ``metrics.csv``. Also with ``--backprop adjoint`` (the old default) for
+  comparison.
+
+Seconds per step are NFEMonitor's (from the start to the end of each training batch: forward,
+backward and optimizer step), averaged over the run's steps except the first: with
+``backprop="auto"`` the first training solve uses the adjoint while the block measures its
+memory per evaluation. The two arms of a pair run one after the other with the same seed, in
+alternating order from seed to seed, so that background load falls on both alike. Torch runs
+one intra-op thread per process (what :func:`polyreg_cnf.app.build.build` sets on CPU).
+
+Usage:
+    python benchmarks/step_cost.py [--seeds 0 1] [--presets toy power ...] [--steps toy=300 ...]
+    python benchmarks/step_cost.py --render benchmarks/results/step_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from tables import mixture_parameters, write_mixture_table  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+#: The goal of issue 14: TPR's seconds per step at most this multiple of the baseline's.
+GOAL = 1.05
+#: Training steps per run of each build-made preset (the front door runs its whole preset).
+#: power and miniboone take 2-3 s per step on one CPU thread, so their runs are short.
+PRESET_STEPS = {"toy": 300, "power": 25, "miniboone": 25, "table": 250, "vae": 300}
+PRESETS = (*PRESET_STEPS, "front_door")
+#: Training rows of the generated files: whole batches of each preset's batch size.
+TRAIN_ROWS = {"power": 80_000, "miniboone": 20_000, "table": 16_384}
+#: Raw columns of the standard files (POWER keeps 6 of 8 after preprocessing).
+RAW_COLUMNS = {"power": 8, "miniboone": 43}
+FRONT_DOOR = ("--model", "vae")
+
+
+# ------------------------------------------------------------------------------ data
+def maf_split_sizes(n: int) -> tuple[int, int, int]:
+    """(train, validation, test) rows of the MAF split of ``n`` rows (POWER, MINIBOONE).
+
+    Test is the last ``int(0.1 n)`` rows, validation the last ``int(0.1 rest)`` of the rest.
+
+    Example:
+        >>> maf_split_sizes(1000)
+        (810, 90, 100)
+    """
+    test = int(0.1 * n)
+    val = int(0.1 * (n - test))
+    return n - test - val, val, test
+
+
+def table_split_sizes(n: int) -> tuple[int, int, int]:
+    """(train, validation, test) rows of the user-table split (10 % validation, 10 % test).
+
+    Example:
+        >>> table_split_sizes(1000)
+        (800, 100, 100)
+    """
+    test, val = int(0.1 * n), int(0.1 * n)
+    return n - test - val, val, test
+
+
+def rows_for_train(train: int, split: Callable[[int], tuple[int, int, int]]) -> int:
+    """The smallest row count whose ``split`` leaves exactly ``train`` training rows.
+
+    Example:
+        >>> n = rows_for_train(80_000, maf_split_sizes)
+        >>> n, maf_split_sizes(n)[0]
+        (98764, 80000)
+
+    Raises:
+        ValueError: No row count gives ``train`` training rows.
+    """
+    if train < 1:
+        raise ValueError(f"train must be a positive number of rows, got {train!r}")
+    n = train
+    while split(n)[0] <= train:
+        if split(n)[0] == train:
+            return n
+        n += 1
+    raise ValueError(f"no row count leaves exactly {train} training rows")
+
+
+def mixture_rows(rows: int, dim: int, seed: int) -> np.ndarray:
+    """``rows`` samples of the fixed random Gaussian mixture of :mod:`tables` in ``dim`` D."""
+    weights, means, chols = mixture_parameters(dim, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    component = rng.choice(len(weights), size=rows, p=weights)
+    eps = rng.normal(size=(rows, dim))
+    return means[component] + np.einsum("nij,nj->ni", chols[component], eps)
+
+
+def write_standin_data(root: Path) -> dict[str, Any]:
+    """Write POWER, MINIBOONE (standard layout under ``root``) and the 16-D table.
+
+    Returns:
+        What was written: path and rows per set.
+    """
+    root = Path(root)
+    out: dict[str, Any] = {}
+    for offset, (name, dim) in enumerate(RAW_COLUMNS.items()):
+        rows = rows_for_train(TRAIN_ROWS[name], maf_split_sizes)
+        path = root / name / "data.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, mixture_rows(rows, dim, seed=1000 + offset))
+        out[name] = dict(path=str(path), rows=rows, raw_columns=dim)
+    rows = rows_for_train(TRAIN_ROWS["table"], table_split_sizes)
+    facts = write_mixture_table(root / "mixture16.npy", rows=rows, dim=16)
+    out["table"] = dict(path=str(root / "mixture16.npy"), rows=rows, raw_columns=16,
+                        true_nll_raw=facts["true_nll_raw"])
+    return out
+
+
+def preset_options(preset: str, data_root: Path) -> dict[str, Any]:
+    """The options naming ``preset``'s data (everything else comes from the preset)."""
+    return {"toy": dict(data="checkerboard"),
+            "power": dict(data="power", data_dir=str(data_root)),
+            "miniboone": dict(data="miniboone", data_dir=str(data_root)),
+            "table": dict(data=str(Path(data_root) / "mixture16.npy")),
+            "vae": dict(model="vae", data="digits", max_epochs=None)}[preset]
+
+
+# ------------------------------------------------------------------------------ measuring
+def step_stats(history: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Per-step means of a run's (forward NFE, backward NFE, seconds) rows, first step excluded.
+
+    The first step is left out of the means (with ``backprop="auto"`` it solves with the
+    adjoint while it measures); ``seconds_all`` is the mean over every step and
+    ``seconds_median`` the median step (less sensitive to bursts of background load).
+    ``adjoint_steps`` counts the later steps whose gradient came from an adjoint solve
+    (backward NFE > 0: direct backprop evaluates nothing backwards).
+
+    Example:
+        >>> s = step_stats([(14, 21, 0.25), (14, 0, 0.5), (20, 0, 1.0)])
+        >>> s["seconds"], s["forward"], s["backward"], s["adjoint_steps"], s["seconds_all"]
+        (0.75, 17.0, 0.0, 0, 0.5833333333333334)
+
+    Raises:
+        ValueError: Fewer than two steps.
+    """
+    if len(history) < 2:
+        raise ValueError(f"need at least 2 training steps, got {len(history)}")
+    rest = history[1:]
+    return dict(steps=len(history), seconds=float(np.mean([r[2] for r in rest])),
+                seconds_median=float(np.median([r[2] for r in rest])),
+                seconds_all=float(np.mean([r[2] for r in history])),
+                forward=float(np.mean([r[0] for r in rest])),
+                backward=float(np.mean([r[1] for r in rest])),
+                adjoint_steps=int(sum(r[1] > 0 for r in rest)),
+                first_seconds=float(history[0][2]))
+
+
+def backprop_label(stats: dict[str, float]) -> str:
+    """``direct``, ``adjoint`` or ``mixed (k/n adjoint)`` for the steps after the first."""
+    k, n = int(stats["adjoint_steps"]), int(stats["steps"]) - 1
+    return "direct" if k == 0 else "adjoint" if k == n else f"mixed ({k}/{n} adjoint)"
+
+
+def read_metrics_csv(path: str | Path) -> list[tuple[int, int, float]]:
+    """(forward NFE, backward NFE, seconds) per training step from a run's ``metrics.csv``.
+
+    Training-step rows are those with ``time/step_seconds`` (validation and test rows have
+    none), in step order.
+
+    Example:
+        >>> import tempfile
+        >>> f = Path(tempfile.mkdtemp()) / "metrics.csv"
+        >>> _ = f.write_text("nfe/backward,nfe/forward,step,time/step_seconds,val/nll\\n"
+        ...                  "21.0,14.0,0,0.14,\\n,,0,,3.2\\n0.0,14.0,1,0.04,\\n")
+        >>> read_metrics_csv(f)
+        [(14, 21, 0.14), (14, 0, 0.04)]
+    """
+    rows = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("time/step_seconds"):
+                rows.append((int(row["step"]), int(float(row["nfe/forward"])),
+                             int(float(row["nfe/backward"])), float(row["time/step_seconds"])))
+    rows.sort(key=lambda r: r[0])
+    return [(f, b, s) for _, f, b, s in rows]
+
+
+def run_preset(preset: str, reg: str, seed: int, steps: int, data_root: Path,
+               **extra: Any) -> dict[str, Any]:
+    """Train one build-made run of ``preset`` for ``steps`` steps; its per-step figures.
+
+    ``extra`` options (e.g. ``accelerator="gpu"``) are added to the preset's.
+    """
+    from polyreg_cnf.app.build import build
+    from polyreg_cnf.app.config import resolve
+    from polyreg_cnf.engine.ode import ode_blocks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = resolve(dict(preset_options(preset, data_root), reg=reg, seed=seed,
+                              max_steps=steps, limit_val_batches=0, test=False, logger="none",
+                              plot_every=0, ckpt_every=0, progress=False, output_dir=tmp,
+                              **extra))
+        run = build(config)
+        threads = torch.get_num_threads()
+        load = os.getloadavg()[0]
+        start = time.perf_counter()
+        run.trainer.fit(run.model, run.datamodule)
+        wall = time.perf_counter() - start
+        blocks = ode_blocks(run.model)
+        stats = step_stats(run.monitor.history)
+    return dict(preset=preset, reg=reg, seed=seed, **stats, backprop=backprop_label(stats),
+                backprop_config=config.ode.backprop,
+                final_choice=sorted({str(b.backprop_choice) for b in blocks}),
+                torch_threads=threads, fit_wall=wall, load_start=load,
+                load_end=os.getloadavg()[0])
+
+
+def front_door_command(reg: str, seed: int | None = None,
+                       backprop: str | None = None) -> list[str]:
+    """The ``train.py`` flags of the front door with ``--reg reg`` (plus the given changes).
+
+    Example:
+        >>> " ".join(front_door_command("poly"))
+        '--model vae --reg poly'
+        >>> " ".join(front_door_command("none", seed=1, backprop="adjoint"))
+        '--model vae --reg none --seed 1 --backprop adjoint'
+    """
+    argv = [*FRONT_DOOR, "--reg", reg]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    if backprop is not None:
+        argv += ["--backprop", backprop]
+    return argv
+
+
+def run_front_door(reg: str, seed: int | None = None, backprop: str | None = None,
+                   timeout: float = 1800) -> dict[str, Any]:
+    """Run ``python train.py`` + :func:`front_door_command` in a fresh folder; its figures.
+
+    The process runs in a temporary folder (so ``runs/`` lands there) with the environment
+    unchanged; per-step figures come from the run's ``metrics.csv``.
+    """
+    argv = front_door_command(reg, seed, backprop)
+    with tempfile.TemporaryDirectory() as tmp:
+        load = os.getloadavg()[0]
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=tmp,
+                              capture_output=True, text=True, timeout=timeout)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"train.py {' '.join(argv)} exited {proc.returncode}:\n"
+                               f"{proc.stderr[-3000:]}")
+        csvs = sorted(Path(tmp, "runs").glob("*/metrics.csv"))
+        if len(csvs) != 1:
+            raise RuntimeError(f"expected one metrics.csv under {tmp}/runs, found {csvs}")
+        stats = step_stats(read_metrics_csv(csvs[0]))
+        config_text = (csvs[0].parent / "config.yaml").read_text()
+    train_wall = float("nan")
+    for line in proc.stdout.splitlines():
+        if line.startswith("training wall time (s):"):
+            train_wall = float(line.split(":")[1])
+    return dict(preset="front_door" if backprop is None else f"front_door_{backprop}",
+                reg=reg, seed=0 if seed is None else seed, command="python train.py "
+                + " ".join(argv), **stats, backprop=backprop_label(stats),
+                backprop_config=backprop or "auto", process_wall=wall, train_wall=train_wall,
+                threads_option="threads: null" in config_text, load_start=load,
+                load_end=os.getloadavg()[0])
+
+
+# ------------------------------------------------------------------------------ summary
+def summarise(runs: Sequence[dict[str, Any]], goal: float = GOAL) -> list[dict[str, Any]]:
+    """One row per preset: medians over seeds of each arm and of the per-seed ratio poly/none.
+
+    Only seeds with both arms count.
+
+    Example:
+        >>> runs = [dict(preset="toy", reg=r, seed=s, seconds=v, seconds_all=v,
+        ...              seconds_median=v, forward=14.0, backward=0.0, backprop="direct")
+        ...         for r, s, v in [("none", 0, 1.0), ("poly", 0, 1.02), ("none", 1, 2.0),
+        ...                         ("poly", 1, 2.2)]]
+        >>> row = summarise(runs)[0]
+        >>> row["ratio"], row["ratio_min"], row["ratio_max"], row["met"]
+        (1.06, 1.02, 1.1, False)
+    """
+    out = []
+    for preset in dict.fromkeys(r["preset"] for r in runs):
+        arms = {(r["reg"], r["seed"]): r for r in runs if r["preset"] == preset}
+        seeds = sorted(s for reg, s in arms if reg == "none" and ("poly", s) in arms)
+        if not seeds:
+            continue
+        ratios = [arms["poly", s]["seconds"] / arms["none", s]["seconds"] for s in seeds]
+        ratios_all = [arms["poly", s]["seconds_all"] / arms["none", s]["seconds_all"]
+                      for s in seeds]
+        ratios_med = [arms["poly", s]["seconds_median"] / arms["none", s]["seconds_median"]
+                      for s in seeds]
+        row: dict[str, Any] = dict(preset=preset, seeds=seeds)
+        for reg in ("none", "poly"):
+            sel = [arms[reg, s] for s in seeds]
+            row[f"seconds_{reg}"] = statistics.median(r["seconds"] for r in sel)
+            row[f"forward_{reg}"] = statistics.median(r["forward"] for r in sel)
+            row[f"backward_{reg}"] = statistics.median(r["backward"] for r in sel)
+            row[f"backprop_{reg}"] = "/".join(dict.fromkeys(r["backprop"] for r in sel))
+        row.update(ratio=round(statistics.median(ratios), 6), ratio_min=round(min(ratios), 6),
+                   ratio_max=round(max(ratios), 6),
+                   ratio_all_steps=round(statistics.median(ratios_all), 6),
+                   ratio_median_step=round(statistics.median(ratios_med), 6))
+        row["met"] = bool(row["ratio"] <= goal)
+        out.append(row)
+    return out
+
+
+def markdown(meta: dict[str, Any], summary: Sequence[dict[str, Any]],
+             runs: Sequence[dict[str, Any]]) -> str:
+    """The results page: command, machine, the per-preset table, every run, notes."""
+    lines = [
+        "# Seconds per training step: TPR (`--reg poly`) vs none, per preset (issue 14)",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}  ",
+        f"Versions: Python {meta['python']}, torch {meta['torch']}, lightning "
+        f"{meta['lightning']}, torchdiffeq {meta['torchdiffeq']}; code at commit "
+        f"{meta['git_commit']}.  ",
+        f"Load average (1 min) at start {meta['load_start']:.2f}, at end {meta['load_end']:.2f}; "
+        f"wall time of the whole benchmark {meta['wall_seconds']:.0f} s.  ",
+        f"Seeds {meta['seeds']}; steps per run {meta['steps']} (the front door: its whole "
+        f"preset run, 30 epochs of 14 steps, with validation and test). Every run: the "
+        f"preset's defaults (`backprop=auto`), one torch thread.",
+        "",
+        f"Goal: TPR's seconds per step at most {GOAL}x the unregularized run's with the same "
+        f"seed. s/step: mean over the run's steps except the first (which, with "
+        f"`backprop=auto`, measures memory with the adjoint), median over seeds. Ratio: "
+        f"median over seeds of poly / none (min-max); 'all steps' includes the first step; "
+        f"'median step' compares the runs' median step times (robust to bursts of load). "
+        f"NFE: evaluations of the ODE right-hand side per step (steps after the first), "
+        f"medians over seeds; backprop: what the steps after the first used (backward NFE > 0 "
+        f"means an adjoint solve).",
+        "",
+        "| preset | s/step none | s/step poly | ratio poly/none | ratio, all steps | "
+        "ratio, median step | fwd NFE none / poly | bwd NFE none / poly | "
+        "backprop none / poly | <= 1.05x |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary:
+        lines.append(
+            f"| {r['preset']} | {r['seconds_none']:.4f} | {r['seconds_poly']:.4f} | "
+            f"{r['ratio']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) | "
+            f"{r['ratio_all_steps']:.3f} | {r['ratio_median_step']:.3f} | "
+            f"{r['forward_none']:.1f} / {r['forward_poly']:.1f} | "
+            f"{r['backward_none']:.1f} / {r['backward_poly']:.1f} | {r['backprop_none']} / "
+            f"{r['backprop_poly']} | {'met' if r['met'] else 'NOT met'} |")
+    lines += ["", "Every run:", "",
+              "| preset | reg | seed | steps | s/step | s/step all | median step s | "
+              "first step s | fwd NFE | bwd NFE | backprop | load at start |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(
+            f"| {r['preset']} | {r['reg']} | {r['seed']} | {r['steps']} | {r['seconds']:.4f} | "
+            f"{r['seconds_all']:.4f} | {r['seconds_median']:.4f} | {r['first_seconds']:.3f} | "
+            f"{r['forward']:.1f} | {r['backward']:.1f} | {r['backprop']} | {r['load_start']:.2f} |")
+    doors = [r for r in runs if "command" in r]
+    if doors:
+        lines += ["", "Front door runs (whole preset run, in a subprocess):", "",
+                  "| command | training wall s | process wall s |", "|---|---|---|"]
+        lines += [f"| `{r['command']}` | {r['train_wall']:.1f} | {r['process_wall']:.1f} |"
+                  for r in doors]
+    lines += ["", "Data:", ""] + [f"- {n}" for n in meta["data_notes"]]
+    lines += ["", "Notes:", ""] + [f"- {n}" for n in meta.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def git_commit() -> str:
+    """Short hash of HEAD (``?`` outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def machine() -> str:
+    """CPU model, core count and OS in one line."""
+    model = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores (nproc), {platform.platform()}"
+
+
+def _parse_steps(items: Sequence[str]) -> dict[str, int]:
+    steps = dict(PRESET_STEPS)
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in PRESET_STEPS or not value.isdigit() or int(value) < 2:
+            raise SystemExit(f"--steps wants NAME=N with NAME in {', '.join(PRESET_STEPS)} and "
+                             f"N >= 2, got {item!r}")
+        steps[name] = int(value)
+    return steps
+
+
+def _save(out: Path, meta: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    summary = summarise(runs)
+    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, summary=summary, runs=runs),
+                                                   indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(meta, summary, runs))
+
+
+def render(path: Path) -> None:
+    """Rewrite the markdown from a saved JSON (e.g. after editing its notes)."""
+    data = json.loads(path.read_text())
+    _save(path.with_suffix(""), data["meta"], data["runs"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument("--steps", nargs="*", default=[], metavar="NAME=N",
+                        help=f"steps per run (default {PRESET_STEPS})")
+    parser.add_argument("--no-adjoint-door", action="store_true",
+                        help="skip the front door with --backprop adjoint (old default)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "step_cost")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="only rewrite the markdown from this saved JSON")
+    args = parser.parse_args(argv)
+    if args.render is not None:
+        render(args.render)
+        return 0
+    steps = _parse_steps(args.steps)
+    import lightning
+    import torchdiffeq
+
+    given = sys.argv[1:] if argv is None else list(argv)
+    meta: dict[str, Any] = dict(
+        command="python benchmarks/step_cost.py" + "".join(f" {a}" for a in given),
+        machine=machine(), python=platform.python_version(), torch=torch.__version__,
+        lightning=lightning.__version__, torchdiffeq=torchdiffeq.__version__,
+        git_commit=git_commit(), seeds=args.seeds,
+        steps={p: steps[p] for p in args.presets if p in steps},
+        load_start=os.getloadavg()[0], notes=[])
+    start = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as data_root:
+        written = write_standin_data(Path(data_root))
+        meta["data_notes"] = [
+            "toy: checkerboard, generated (50,000 training points).",
+            *(f"{name}: stand-in `{name}/data.npy` of {w['rows']} rows x {w['raw_columns']} "
+              f"columns (a fixed random Gaussian mixture) in the standard format, through the "
+              f"standard preprocessing; {TRAIN_ROWS[name]} training rows. Not the real data: "
+              f"NFE (and so seconds) differ from a run on the real files."
+              for name, w in written.items() if name in RAW_COLUMNS),
+            f"table: `benchmarks/tables.py` mixture, {written['table']['rows']} rows x 16, "
+            f"{TRAIN_ROWS['table']} training rows.",
+            "vae / front door: the embedded 8 x 8 digits (scikit-learn)."]
+        for preset in args.presets:
+            for i, seed in enumerate(args.seeds):
+                order = ("none", "poly") if i % 2 == 0 else ("poly", "none")
+                for reg in order:
+                    if preset == "front_door":
+                        # Seed 0 is the front door exactly; other seeds add --seed.
+                        r = run_front_door(reg, None if seed == 0 else seed)
+                    else:
+                        r = run_preset(preset, reg, seed, steps[preset], Path(data_root))
+                    runs.append(r)
+                    print(f"{r['preset']:>12} {reg:>4} seed {seed}: {r['seconds']:.4f} s/step, "
+                          f"NFE {r['forward']:.1f} + {r['backward']:.1f}, {r['backprop']}",
+                          flush=True)
+                    meta.update(wall_seconds=time.perf_counter() - start,
+                                load_end=os.getloadavg()[0])
+                    _save(args.out, meta, runs)
+            if preset == "front_door" and not args.no_adjoint_door:
+                for reg in ("none", "poly"):
+                    r = run_front_door(reg, None, backprop="adjoint")
+                    runs.append(r)
+                    print(f"{r['preset']:>12} {reg:>4}: {r['seconds']:.4f} s/step, NFE "
+                          f"{r['forward']:.1f} + {r['backward']:.1f}", flush=True)
+                    meta.update(wall_seconds=time.perf_counter() - start,
+                                load_end=os.getloadavg()[0])
+                    _save(args.out, meta, runs)
+    threads = sorted({r["torch_threads"] for r in runs if "torch_threads" in r})
+    meta["torch_threads_seen"] = threads
+    meta.update(wall_seconds=time.perf_counter() - start, load_end=os.getloadavg()[0])
+    _save(args.out, meta, runs)
+    print(args.out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
