@@ -109,6 +109,16 @@ ARMS = {
                           adjoint_carry_step=True),
     "tpr_fast_exact": Arm("tpr_fast_exact", "(5e) TPR + direct backprop + exact trace",
                           reg="poly", adjoint=False, trace="exact"),
+    # The VAE at the paper's settings with the same engineering for both arms (issue 14): the
+    # authors' FFJORD tolerance (VAE 1e-5) against TPR at 1e-4, both with direct backprop; and
+    # the same pair on a harder posterior (z 64, T 2 instead of the digits preset's z 16, T 0.5).
+    "ffjord_base_direct": Arm("ffjord_base_direct", "(1d) FFJORD at the authors' tolerance + "
+                              "direct backprop", adjoint=False, baseline_tol=True),
+    "ffjord_base_direct_hard": Arm("ffjord_base_direct_hard", "(1d) on z 64, T 2",
+                                   adjoint=False, baseline_tol=True,
+                                   extra={"z_dim": 64, "T": 2.0}),
+    "tpr_fast_hard": Arm("tpr_fast_hard", "(5) on z 64, T 2", reg="poly", adjoint=False,
+                         extra={"z_dim": 64, "T": 2.0}),
     # The settings sweep: arm (5) with one factor changed from the paper's (coef 5, K 2, m 1).
     "tpr_fast_c1": Arm("tpr_fast_c1", "(5) with coef 1", reg="poly", adjoint=False,
                        extra={"poly_coef": 1.0}),

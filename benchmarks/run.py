@@ -67,6 +67,11 @@ SUITES = {
                  seeds=(0, 1, 2),
                  arms=("ffjord", "tpr_paper", "ffjord_matched", "rnode", "tpr_fast",
                        "ffjord_direct")),
+    # The VAE at the paper's settings, same backprop (direct) for both arms, 3 seeds; plus a
+    # harder posterior (z 64, T 2) where the flow needs more than two dopri5 steps.
+    "vae": dict(workloads={"vae_digits": 420}, seeds=(0, 1, 2),
+                arms=("ffjord_base_direct", "tpr_fast", "ffjord_base_direct_hard",
+                      "tpr_fast_hard")),
     # The settings sweep (issue 14): one factor at a time around the paper's setting (coef 5,
     # K 2, m 1), all with arm (5)'s engineering and matched tolerance, against arm (3b), the same
     # engineering without TPR. One seed: a screen for the long suite, not a verdict. Lengths:
