@@ -1,0 +1,338 @@
+"""One command for the first machine with a CUDA GPU: device tests, DDP, timings, memory estimate.
+
+    python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check]
+
+On a machine with CUDA (a CUDA build of torch: this project's Makefile installs the CPU wheel)
+it runs, in about 5 minutes on one GPU:
+
+1. ``tests/test_gpu.py`` (pytest, in a subprocess): CNF and ODEBlock on CUDA agree with the CPU
+   in float64, the drop-in ``polyreg_cnf.odeint`` on CUDA returns torchdiffeq's values,
+   ``backprop="auto"`` measures, chooses and runs on CUDA (and falls back to the adjoint when a
+   direct solve really runs out of memory), a short fit through ``build`` with
+   ``--accelerator gpu``; with two or more GPUs also 2-process DDP (``ddp_spawn`` and the plain
+   ``train.py --strategy ddp`` launcher, NCCL). A CUDA test that was skipped counts as a failure.
+2. Seconds per training step, ``--reg none`` vs ``--reg poly`` with the same seed: the front door
+   (``python train.py --model vae --reg ...``, the whole preset run) and the POWER preset on a
+   stand-in file in the standard format (:mod:`step_cost`).
+3. ``backprop="auto"``'s memory estimate against what CUDA allocates: on direct-backprop
+   training steps, the sum over ODE blocks of bytes kept per evaluation and row (measured by the
+   block on its first solve) x rows x the block's forward NFE, next to the growth of
+   ``torch.cuda.max_memory_allocated`` over the step (from its start to the end of the
+   optimizer step). The rule gives direct backprop a headroom of 2 over this estimate.
+
+Writes ``<out>.json`` and ``<out>.md`` with what it measured (a part that failed is reported as
+failed, with its error, never filled in). Exit status: 0 all passed, 1 something failed,
+2 no CUDA device (nothing measured, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import step_cost  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+#: Exit status when there is no CUDA device.
+EXIT_NO_CUDA = 2
+#: Steps per timed POWER run and per memory-check run.
+POWER_STEPS = 40
+MEMORY_STEPS = 4
+#: Wall-clock limit of the pytest subprocess (seconds).
+TEST_TIMEOUT = 240
+#: The skip reason tests/test_gpu.py gives its CUDA tests (a skipped CUDA test is a failure here).
+CUDA_SKIP_REASON = "needs a CUDA device"
+
+
+# ------------------------------------------------------------------------------ no CUDA
+def no_cuda_message() -> str:
+    """Why nothing can run here: what torch reports, and what to do."""
+    built = torch.version.cuda or "none (a CPU-only build)"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"gpu_check.py: no CUDA device: torch.cuda.is_available() is False (torch "
+            f"{torch.__version__}, built with CUDA {built}; CUDA_VISIBLE_DEVICES="
+            f"{'unset' if visible is None else repr(visible)}). Nothing was measured and no "
+            f"results were written. Run it on a machine with an NVIDIA GPU and a CUDA build of "
+            f"torch (this project's Makefile installs the CPU wheel).")
+
+
+# ------------------------------------------------------------------------------ tests
+def junit_outcomes(xml_text: str) -> list[dict[str, str]]:
+    """Each test case of a pytest ``--junitxml`` report: name, outcome and message.
+
+    Outcome is ``passed``, ``failed`` (a failure or an error) or ``skipped``.
+
+    Example:
+        >>> junit_outcomes('<testsuites><testsuite><testcase classname="tests.test_gpu" '
+        ...                'name="test_a"/><testcase classname="tests.test_gpu" name="test_b">'
+        ...                '<skipped message="needs a CUDA device"/></testcase></testsuite>'
+        ...                '</testsuites>')  # doctest: +NORMALIZE_WHITESPACE
+        [{'name': 'tests.test_gpu::test_a', 'outcome': 'passed', 'message': ''},
+         {'name': 'tests.test_gpu::test_b', 'outcome': 'skipped',
+          'message': 'needs a CUDA device'}]
+    """
+    out = []
+    for case in ET.fromstring(xml_text).iter("testcase"):
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome, message = "failed", child.get("message", "")
+                break
+            if child.tag == "skipped":
+                outcome, message = "skipped", child.get("message", "")
+        out.append(dict(name=f"{case.get('classname', '')}::{case.get('name', '')}",
+                        outcome=outcome, message=message))
+    return out
+
+
+def run_device_tests(timeout: float = TEST_TIMEOUT) -> dict[str, Any]:
+    """Run tests/test_gpu.py in a subprocess; its outcomes (CUDA tests skipped count as failed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = Path(tmp) / "report.xml"
+        start = time.perf_counter()
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               str(ROOT / "tests" / "test_gpu.py"), f"--junitxml={xml}"]
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                  timeout=timeout)
+            returncode, tail = proc.returncode, (proc.stdout + proc.stderr)[-4000:]
+        except subprocess.TimeoutExpired as err:
+            returncode = None
+            out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else ""
+            tail = f"timed out after {timeout:.0f} s\n{out[-4000:]}"
+        outcomes = junit_outcomes(xml.read_text()) if xml.exists() else []
+    for o in outcomes:
+        if o["outcome"] == "skipped" and CUDA_SKIP_REASON in o["message"]:
+            o["outcome"] = "failed"
+            o["message"] = f"skipped although CUDA is available here: {o['message']}"
+    counts = {k: sum(o["outcome"] == k for o in outcomes) for k in ("passed", "failed",
+                                                                     "skipped")}
+    ok = returncode == 0 and counts["failed"] == 0 and bool(outcomes)
+    return dict(command=" ".join(["python", *cmd[1:-1]]), returncode=returncode,
+                seconds=time.perf_counter() - start, counts=counts, outcomes=outcomes, ok=ok,
+                output_tail=tail)
+
+
+# ------------------------------------------------------------------------------ memory
+def memory_estimate(blocks: Sequence[tuple[float, int, int]]) -> float:
+    """Bytes direct backprop keeps by the estimate: sum of bytes per evaluation and row x rows x
+    forward NFE over the blocks ``(bytes_per_row, rows, forward_nfe)``.
+
+    Example:
+        >>> memory_estimate([(100.0, 10, 14), (50.0, 10, 20)])
+        24000.0
+    """
+    return float(sum(b * r * n for b, r, n in blocks))
+
+
+def _batch_rows(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return int(first.shape[0])
+
+
+def memory_probe(allocated: Callable[[], int] | None = None,
+                 peak: Callable[[], int] | None = None,
+                 reset: Callable[[], None] | None = None) -> Any:
+    """A Lightning callback recording, per training step, the memory estimate of the model's
+    ODE blocks and the allocator's growth over the step (in ``.records``).
+
+    Each record: ``step``, ``direct`` (no block evaluated anything backwards), ``blocks``
+    (``(bytes_per_row, rows, forward_nfe)`` per block), ``estimate`` (:func:`memory_estimate`)
+    and ``growth`` (``peak() - allocated()`` taken at the step's start).
+
+    Args:
+        allocated: Bytes in use now (default ``torch.cuda.memory_allocated``).
+        peak: Peak bytes in use since the last reset (default ``torch.cuda.max_memory_allocated``).
+        reset: Start a new peak (default ``torch.cuda.reset_peak_memory_stats``).
+    """
+    import lightning as L
+
+    from polyreg_cnf.engine.ode import ode_blocks
+
+    allocated = allocated or torch.cuda.memory_allocated
+    peak = peak or torch.cuda.max_memory_allocated
+    reset = reset or torch.cuda.reset_peak_memory_stats
+
+    class MemoryProbe(L.Callback):
+        def __init__(self) -> None:
+            self.records: list[dict[str, Any]] = []
+            self._base = 0
+
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 batch: Any, batch_idx: int) -> None:
+            reset()
+            self._base = int(allocated())
+
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                               outputs: Any, batch: Any, batch_idx: int) -> None:
+            growth = int(peak()) - self._base
+            rows = _batch_rows(batch)
+            blocks = [(float(b._bytes_per_row or 0.0), rows, int(b.nfe.forward))
+                      for b in ode_blocks(pl_module)]
+            direct = all(b.nfe.backward == 0 for b in ode_blocks(pl_module))
+            self.records.append(dict(step=len(self.records), direct=direct, blocks=blocks,
+                                     estimate=memory_estimate(blocks), growth=growth))
+
+    return MemoryProbe()
+
+
+def memory_check(preset: str, data_root: Path, steps: int = MEMORY_STEPS) -> dict[str, Any]:
+    """Train ``preset`` for ``steps`` steps on CUDA with a :func:`memory_probe`; compare."""
+    probe = memory_probe()
+    step_cost.run_preset(preset, "none", 0, steps, data_root, callbacks=[probe],
+                         accelerator="gpu", devices="1")
+    direct = [r for r in probe.records if r["direct"]]
+    ratios = [r["growth"] / r["estimate"] for r in direct if r["estimate"] > 0]
+    return dict(preset=preset, records=probe.records,
+                measured_over_estimate=ratios,
+                max_ratio=max(ratios) if ratios else None,
+                within_headroom=bool(ratios) and max(ratios) <= 2.0)
+
+
+# ------------------------------------------------------------------------------ report
+def markdown(results: dict[str, Any]) -> str:
+    """The results page: machine, tests, timings, memory, errors (only what was measured)."""
+    meta = results["meta"]
+    lines = ["# GPU check (issue 14, item 6)", "",
+             f"Command: `{meta['command']}`  ",
+             f"Machine: {meta['gpus']}; {meta['cpu']}  ",
+             f"Versions: Python {meta['python']}, torch {meta['torch']} (CUDA "
+             f"{meta['cuda']}), code at commit {meta['git_commit']}.  ",
+             f"Wall time: {meta['wall_seconds']:.0f} s. Exit status: {meta['exit_status']}.", ""]
+    tests = results.get("tests")
+    lines += ["## Device tests (tests/test_gpu.py)", ""]
+    if tests is None:
+        lines.append("Not run.")
+    else:
+        c = tests["counts"]
+        lines += [f"`{tests['command']}`: {c['passed']} passed, {c['failed']} failed, "
+                  f"{c['skipped']} skipped in {tests['seconds']:.0f} s (exit "
+                  f"{tests['returncode']}).", "", "| test | outcome | message |",
+                  "|---|---|---|"]
+        lines += [f"| {o['name']} | {o['outcome']} | {o['message'][:200]} |"
+                  for o in tests["outcomes"]]
+    lines += ["", "## Seconds per training step, none vs poly (same seed)", ""]
+    timing = results.get("timing")
+    if not timing or not timing.get("summary"):
+        lines.append("Not measured.")
+    else:
+        lines += ["| preset | s/step none | s/step poly | ratio poly/none | fwd NFE none / poly "
+                  "| bwd NFE none / poly | backprop none / poly |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['preset']} | {r['seconds_none']:.4f} | {r['seconds_poly']:.4f} | "
+                  f"{r['ratio']:.3f} | {r['forward_none']:.1f} / {r['forward_poly']:.1f} | "
+                  f"{r['backward_none']:.1f} / {r['backward_poly']:.1f} | "
+                  f"{r['backprop_none']} / {r['backprop_poly']} |" for r in timing["summary"]]
+        lines += ["", "s/step: mean over the steps after the first (NFEMonitor; on CUDA a step's "
+                  "asynchronous tail is counted in the next step). front_door: `python train.py "
+                  "--model vae --reg ...`, the whole preset run; power: the preset on a stand-in "
+                  f"file, {POWER_STEPS} steps."]
+    lines += ["", "## backprop=auto memory estimate vs CUDA allocations", ""]
+    memory = results.get("memory")
+    if not memory:
+        lines.append("Not measured.")
+    else:
+        lines += ["| preset | step | direct | blocks | estimate MB | measured growth MB | "
+                  "measured / estimate |", "|---|---|---|---|---|---|---|"]
+        for m in memory:
+            for r in m["records"]:
+                ratio = f"{r['growth'] / r['estimate']:.2f}" if r["estimate"] else "-"
+                lines.append(f"| {m['preset']} | {r['step']} | {r['direct']} | "
+                             f"{len(r['blocks'])} | {r['estimate'] / 2**20:.1f} | "
+                             f"{r['growth'] / 2**20:.1f} | {ratio} |")
+        lines += ["", "Estimate: sum over blocks of bytes per evaluation and row (measured by "
+                  "the block on its first training solve) x rows x forward NFE; measured: "
+                  "`torch.cuda.max_memory_allocated()` at the end of the step minus "
+                  "`memory_allocated()` at its start. The rule allows direct backprop while "
+                  "2 x a block's estimate fits the memory share, so measured / estimate above 2 "
+                  "would mean the headroom does not cover what the step really allocates. "
+                  "Step 0 measures on the adjoint."]
+    errors = results.get("errors") or []
+    if errors:
+        lines += ["", "## Errors", ""] + [f"- {e['part']}: {e['error']}" for e in errors]
+    return "\n".join(lines) + "\n"
+
+
+def _gpu_line() -> str:
+    count = torch.cuda.device_count()
+    names = [torch.cuda.get_device_name(i) for i in range(count)]
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return f"{count} x {names[0]} ({total:.0f} GiB)" if len(set(names)) == 1 else \
+        f"{count} GPUs: {', '.join(names)}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS / "gpu_check",
+                        help="results path without suffix (writes .json and .md)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(no_cuda_message(), file=sys.stderr)
+        return EXIT_NO_CUDA
+
+    start = time.perf_counter()
+    given = sys.argv[1:] if argv is None else list(argv)
+    results: dict[str, Any] = dict(meta=dict(
+        command="python benchmarks/gpu_check.py" + "".join(f" {a}" for a in given),
+        gpus=_gpu_line(), cpu=step_cost.machine(), python=platform.python_version(),
+        torch=torch.__version__, cuda=torch.version.cuda, git_commit=step_cost.git_commit()),
+        errors=[])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(status: int) -> None:
+        results["meta"].update(wall_seconds=time.perf_counter() - start, exit_status=status)
+        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(results))
+
+    def attempt(part: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as err:  # report it and carry on with the other parts
+            results["errors"].append(dict(part=part, error=f"{type(err).__name__}: {err}",
+                                          traceback=traceback.format_exc()[-4000:]))
+            print(f"gpu_check: {part} failed: {err}", file=sys.stderr)
+            return None
+
+    results["tests"] = attempt("device tests", run_device_tests)
+    save(1)
+    with tempfile.TemporaryDirectory() as data_root:
+        root = Path(data_root)
+        attempt("stand-in data", lambda: step_cost.write_standin_data(root))
+        runs: list[dict[str, Any]] = []
+        for reg in ("none", "poly"):
+            r = attempt(f"front door --reg {reg}", lambda reg=reg: step_cost.run_front_door(reg))
+            runs += [r] if r else []
+        for reg in ("poly", "none"):
+            r = attempt(f"power --reg {reg}", lambda reg=reg: step_cost.run_preset(
+                "power", reg, 0, POWER_STEPS, root, accelerator="gpu", devices="1"))
+            runs += [r] if r else []
+        results["timing"] = dict(runs=runs, summary=step_cost.summarise(runs))
+        save(1)
+        memory = [attempt(f"memory {p}", lambda p=p: memory_check(p, root))
+                  for p in ("power", "vae")]
+        results["memory"] = [m for m in memory if m]
+    tests_ok = bool(results["tests"] and results["tests"]["ok"])
+    status = 0 if tests_ok and not results["errors"] else 1
+    save(status)
+    print(args.out.with_suffix(".md").read_text())
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
