@@ -346,10 +346,6 @@ class _OOMOnDirect(torch.nn.Module):
         return self.net(t, z)
 
 
-@pytest.mark.xfail(strict=True, reason="engine/ode.py redoes the solve with the adjoint inside "
-                   "the `except torch.OutOfMemoryError` block, where the exception's traceback "
-                   "still holds the failed direct solve's frames and so its whole graph: on a GPU "
-                   "the fallback starts with memory as full as when the direct solve failed")
 def test_the_fallback_adjoint_starts_after_the_failed_direct_solve_is_released():
     import gc
     import weakref
@@ -378,11 +374,6 @@ def test_the_fallback_adjoint_starts_after_the_failed_direct_solve_is_released()
     assert field.at_fallback < 0.1 * field.before_oom, (field.at_fallback, field.before_oom)
 
 
-@pytest.mark.xfail(strict=True, reason="engine/memory.saved_tensor_bytes packs each saved tensor "
-                   "as itself: an op that saves its own output (tanh, softplus) then holds that "
-                   "output through its own graph node, a cycle through C++ that Python's garbage "
-                   "collector cannot see, so the measured evaluation is never freed (on a GPU: "
-                   "one evaluation's activations per ODE block for the rest of the process)")
 def test_measuring_bytes_per_evaluation_frees_the_measured_evaluation():
     import gc
     import weakref

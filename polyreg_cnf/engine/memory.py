@@ -48,7 +48,9 @@ def saved_tensor_bytes(fn: Callable[..., Any], *args: Any) -> tuple[Any, int]:
     """Call ``fn(*args)`` and count the bytes autograd saves for its backward pass.
 
     Leaf tensors that require grad (parameters) are not counted: they are resident anyway.
-    Storages are counted once however many views of them are saved.
+    Storages are counted once however many views of them are saved. The saved tensors are kept
+    detached, so the measured graph is freed with its result; first-order gradients through the
+    result are exact, higher-order ones are not available (this is a measuring tool).
 
     Returns:
         ``(fn's result, bytes)``.
@@ -71,7 +73,11 @@ def saved_tensor_bytes(fn: Callable[..., Any], *args: Any) -> tuple[Any, int]:
             if key not in seen:
                 seen.add(key)
                 total += storage.nbytes()
-        return t
+        # Detached: an op that saves its own output (tanh) would otherwise hold that output
+        # through its own graph node, a cycle the garbage collector cannot see, and the measured
+        # evaluation would never be freed. Same data: first-order gradients through the
+        # result are unchanged (higher-order ones do not flow through detached saved tensors).
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args)

@@ -271,11 +271,16 @@ class ODEBlock(nn.Module):
         if grad and self._uses_adjoint():
             traj = self._adjoint_solve(counted, y0, times, extra_params, field, kwargs)
         else:
+            out_of_memory = False
             try:
                 traj = odeint(counted, y0, times, **kwargs)
             except torch.OutOfMemoryError:
                 if not auto:
                     raise
+                out_of_memory = True
+            # Outside the except block: there the traceback would still hold the failed direct
+            # solve's frames, and with them its whole graph, while the adjoint runs.
+            if out_of_memory:
                 self._fall_back(ref)
                 traj = self._adjoint_solve(counted, y0, times, extra_params, field, kwargs)
         if auto:
