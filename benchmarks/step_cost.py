@@ -22,9 +22,12 @@ length of the run is cut, and validation and test are skipped where the run allo
 Seconds per step are NFEMonitor's (from the start to the end of each training batch: forward,
 backward and optimizer step), averaged over the run's steps except the first: with
 ``backprop="auto"`` the first training solve uses the adjoint while the block measures its
-memory per evaluation. The two arms of a pair run one after the other with the same seed, in
-alternating order from seed to seed, so that background load falls on both alike. Torch runs
-one intra-op thread per process (what :func:`polyreg_cnf.app.build.build` sets on CPU).
+memory per evaluation. The two arms of a pair (same seed) train in two processes in lockstep,
+one step each in turn while the other waits outside its measured window (:func:`lockstep`), so
+that background load falls on both alike; which arm starts alternates from seed to seed. The
+front door's runs (whole ``train.py`` processes) alternate run by run instead. Torch runs one
+intra-op thread per process (what :func:`polyreg_cnf.app.build.build` sets on CPU); the
+process's CPU seconds per step are reported next to the wall clock.
 
 Usage:
     python benchmarks/step_cost.py [--seeds 0 1] [--presets toy power ...] [--steps toy=300 ...]
@@ -44,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,6 +145,12 @@ def write_standin_data(root: Path) -> dict[str, Any]:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, mixture_rows(rows, dim, seed=1000 + offset))
         out[name] = dict(path=str(path), rows=rows, raw_columns=dim)
+    from polyreg_cnf.datamodules.tabular import TabularDataModule
+
+    for name in RAW_COLUMNS:  # preprocess once here, not in two lockstep processes at once
+        dm = TabularDataModule(name, root)
+        dm.prepare_data()
+        dm.setup()
     rows = rows_for_train(TRAIN_ROWS["table"], table_split_sizes)
     facts = write_mixture_table(root / "mixture16.npy", rows=rows, dim=16)
     out["table"] = dict(path=str(root / "mixture16.npy"), rows=rows, raw_columns=16,
@@ -264,8 +274,8 @@ def run_preset(preset: str, reg: str, seed: int, steps: int, data_root: Path,
                               max_steps=steps, limit_val_batches=0, test=False, logger="none",
                               plot_every=0, ckpt_every=0, progress=False, output_dir=tmp,
                               **extra))
-        clock = cpu_clock()
-        run = build(config, callbacks=[*callbacks, clock])
+        clock = cpu_clock()  # before the caller's: a lockstep wait must come after its reading
+        run = build(config, callbacks=[clock, *callbacks])
         threads = torch.get_num_threads()
         load = os.getloadavg()[0]
         start = time.perf_counter()
@@ -296,6 +306,82 @@ def front_door_command(reg: str, seed: int | None = None,
     if backprop is not None:
         argv += ["--backprop", backprop]
     return argv
+
+
+def lockstep(mine: Any, other: Any, timeout: float = 900) -> Any:
+    """A Lightning callback for strict turn-taking between two training processes.
+
+    The process trains a step only while holding ``mine``; at the end of each step (after the
+    NFE monitor and CPU clock have read their clocks, so waiting is never measured) it hands the
+    turn to the other process (``other.release()``) and waits for it back. Background load then
+    falls on both runs of a pair alike, one step apart.
+
+    Args:
+        mine: This process's semaphore (a ``multiprocessing`` semaphore starting at 0 or 1).
+        other: The partner's semaphore.
+        timeout: Seconds to wait for the turn before giving up (the partner died).
+    """
+    import lightning as L
+
+    def take_turn() -> None:
+        if not mine.acquire(timeout=timeout):
+            raise RuntimeError(f"lockstep: the partner process did not hand back the turn "
+                               f"within {timeout:.0f} s")
+
+    class Lockstep(L.Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            take_turn()
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                               batch_idx: int) -> None:
+            other.release()
+            take_turn()
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            other.release()
+
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            other.release()
+
+    return Lockstep()
+
+
+def _pair_worker(results: Any, mine: Any, other: Any, preset: str, reg: str, seed: int,
+                 steps: int, data_root: str) -> None:
+    try:
+        results.put((reg, run_preset(preset, reg, seed, steps, Path(data_root),
+                                     callbacks=[lockstep(mine, other)])))
+    except BaseException as err:  # report it; the parent raises
+        other.release()
+        results.put((reg, f"{type(err).__name__}: {err}\n{traceback.format_exc()[-3000:]}"))
+
+
+def run_pair(preset: str, seed: int, steps: int, data_root: Path,
+             order: Sequence[str] = ("none", "poly")) -> list[dict[str, Any]]:
+    """Both arms of a pair in two processes training in lockstep (:func:`lockstep`).
+
+    ``order[0]`` trains the first step. Returns the two runs' figures in ``order``.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    turns = {reg: ctx.Semaphore(0) for reg in order}
+    a, b = order
+    procs = [ctx.Process(target=_pair_worker, args=(results, turns[reg], turns[b if reg == a
+                                                                              else a],
+                                                    preset, reg, seed, steps, str(data_root)))
+             for reg in order]
+    for proc in procs:
+        proc.start()
+    turns[a].release()  # the first arm starts
+    got = dict(results.get(timeout=3600) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    failed = {reg: r for reg, r in got.items() if isinstance(r, str)}
+    if failed:
+        raise RuntimeError(f"{preset} seed {seed}: {failed}")
+    return [dict(got[reg], paired="lockstep") for reg in order]
 
 
 def _children_cpu() -> float:
@@ -401,7 +487,11 @@ def markdown(meta: dict[str, Any], summary: Sequence[dict[str, Any]],
         f"wall time of the whole benchmark {meta['wall_seconds']:.0f} s.  ",
         f"Seeds {meta['seeds']}; steps per run {meta['steps']} (the front door: its whole "
         f"preset run, 30 epochs of 14 steps, with validation and test). Every run: the "
-        f"preset's defaults (`backprop=auto`), one torch thread.",
+        f"preset's defaults (`backprop=auto`), one torch thread. "
+        + ("The two arms of a pair train in two processes in lockstep, one step each in turn "
+           "(the waiting is outside the measured step); the front door's whole runs alternate. "
+           if any(r.get("paired") == "lockstep" for r in runs) else
+           "The two arms of a pair run one after the other, in alternating order. "),
         "",
         f"Goal: TPR's seconds per step at most {GOAL}x the unregularized run's with the same "
         f"seed. s/step: mean over the run's steps except the first (which, with "
@@ -573,6 +663,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     parser.add_argument("--steps", nargs="*", default=[], metavar="NAME=N",
                         help=f"steps per run (default {PRESET_STEPS})")
+    parser.add_argument("--sequential", action="store_true",
+                        help="run the two arms of a build-made pair one after the other (default: "
+                             "two processes in lockstep, one step each in turn)")
     parser.add_argument("--no-adjoint-door", action="store_true",
                         help="skip the front door with --backprop adjoint (old default)")
     parser.add_argument("--out", type=Path, default=RESULTS / "step_cost")
@@ -612,16 +705,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for preset in args.presets:
             for i, seed in enumerate(args.seeds):
                 order = ("none", "poly") if i % 2 == 0 else ("poly", "none")
-                for reg in order:
-                    if preset == "front_door":
-                        # Seed 0 is the front door exactly; other seeds add --seed.
-                        r = run_front_door(reg, None if seed == 0 else seed)
-                    else:
-                        r = run_preset(preset, reg, seed, steps[preset], Path(data_root))
+                if preset != "front_door" and not args.sequential:
+                    pair = run_pair(preset, seed, steps[preset], Path(data_root), order)
+                else:
+                    # Seed 0 is the front door exactly; other seeds add --seed.
+                    pair = [run_front_door(reg, None if seed == 0 else seed)
+                            if preset == "front_door" else
+                            dict(run_preset(preset, reg, seed, steps[preset], Path(data_root)),
+                                 paired="sequential") for reg in order]
+                for r in pair:
                     runs.append(r)
-                    print(f"{r['preset']:>12} {reg:>4} seed {seed}: {r['seconds']:.4f} s/step, "
-                          f"NFE {r['forward']:.1f} + {r['backward']:.1f}, {r['backprop']}",
-                          flush=True)
+                    print(f"{r['preset']:>12} {r['reg']:>4} seed {seed}: {r['seconds']:.4f} "
+                          f"s/step, NFE {r['forward']:.1f} + {r['backward']:.1f}, "
+                          f"{r['backprop']}", flush=True)
                     meta.update(wall_seconds=time.perf_counter() - start,
                                 load_end=os.getloadavg()[0])
                     _save(args.out, meta, runs)
