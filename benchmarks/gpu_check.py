@@ -228,6 +228,11 @@ def markdown(results: dict[str, Any]) -> str:
                   "|---|---|---|"]
         lines += [f"| {o['name']} | {o['outcome']} | {o['message'][:200]} |"
                   for o in tests["outcomes"]]
+        ddp = [o for o in tests["outcomes"] if "ddp" in o["name"].lower()]
+        lines += ["", "2-process DDP (NCCL): " + ("; ".join(
+            f"{o['name'].split('::')[-1]} {o['outcome']}" + (f" ({o['message']})"
+                                                            if o["message"] else "")
+            for o in ddp) if ddp else "no DDP test found.")]
     lines += ["", "## Seconds per training step, none vs poly (same seed)", ""]
     timing = results.get("timing")
     if not timing or not timing.get("summary"):
