@@ -587,14 +587,30 @@ def notes(meta: dict[str, Any], summary: Sequence[dict[str, Any]]) -> list[str]:
             f"{old['ratio']:.3f}x ({old['seconds_poly']:.4f} vs {old['seconds_none']:.4f} s/step;"
             f" backward NFE {old['backward_poly']:.1f} vs {old['backward_none']:.1f}: the "
             f"adjoint's backward solve has to stop at the K = 2 interior times).")
+    vae = rows.get("vae")
+    if door and vae:
+        extra = {k: (r["seconds_poly"] - r["seconds_none"]) * 1000 for k, r in
+                 (("door", door), ("vae", vae))}
+        out.append(
+            f"Same model, data and NFE, different harness: the front door's pair is "
+            f"{door['ratio']:.3f}x ({extra['door']:+.2f} ms per step for poly), the build-made "
+            f"VAE preset's {vae['ratio']:.3f}x ({extra['vae']:+.2f} ms). The front door also "
+            f"logs every step to W&B (offline) and CSV, the penalty among the metrics, and its "
+            f"pair alternates run by run rather than step by step; the difference is not broken "
+            f"down further here.")
     out.append("Every run's first step (excluded above, included in 'all steps') solves with the "
                "adjoint while each ODE block measures its bytes per evaluation; poly's first step "
                "costs more because its adjoint stops at the interior times.")
     load = max(meta["load_start"], meta.get("load_end", 0.0))
     out.append(f"Load average (1 min) {meta['load_start']:.1f} at the start and "
                f"{meta.get('load_end', float('nan')):.1f} at the end on {os.cpu_count()} cores"
-               + (": other jobs shared the machine, which is why pairs run alternately and the "
-                  "CPU-time ratio is reported next to the wall-clock one." if load > 1.5 else "."))
+               + (": other jobs shared the machine, which is why the arms of a pair alternate "
+                  "(step by step for the build-made presets) and the CPU-time ratio is reported "
+                  "next to the wall-clock one." if load > 1.5 else "."))
+    threads = meta.get("torch_threads_seen")
+    if threads:
+        out.append(f"Torch intra-op threads in the build-made runs: {threads}; the front door "
+                   f"goes through the same build(), which sets one thread on CPU.")
     return out
 
 
