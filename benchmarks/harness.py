@@ -395,6 +395,20 @@ def time_to_reach(curve: list[list[float]], target: float) -> float | None:
     return None
 
 
+def nfe_to_reach(run: dict[str, Any], target: float) -> float | None:
+    """Function evaluations (forward + backward, summed over training steps) until the
+    validation NLL first reaches ``target`` (None: never). Unlike seconds, this does not depend on
+    what else the machine was doing."""
+    nfe = run.get("nfe_per_step")
+    if not nfe:
+        return None
+    work = np.cumsum(np.add(nfe["forward"], nfe["backward"]))
+    for _, step, nll in run["val_curve"]:
+        if nll <= target:
+            return float(work[min(int(step), len(work)) - 1])
+    return None
+
+
 def _median(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return float(statistics.median(vals)) if len(vals) == len(values) and vals else None
@@ -425,12 +439,13 @@ def summarise(runs: list[dict[str, Any]], baselines: tuple[str, ...] = ("ffjord"
                     continue
                 # Exactly the baseline's final validation NLL, and within 0.01 nats of it.
                 for margin, suffix in ((0.0, ""), (0.01, "_within_0.01")):
-                    times, speedups = [], []
+                    times, speedups, work_ratios = [], [], []
                     for r in rs:
                         ref = [b for b in arms[base] if b["seed"] == r["seed"]]
                         if not ref or not ref[0]["val_curve"]:
                             times.append(None)
                             speedups.append(None)
+                            work_ratios.append(None)
                             continue
                         target = ref[0]["val_curve"][-1][2] + margin
                         mine = time_to_reach(r["val_curve"], target)
@@ -439,11 +454,20 @@ def summarise(runs: list[dict[str, Any]], baselines: tuple[str, ...] = ("ffjord"
                         times.append(mine)
                         speedups.append(None if mine is None or theirs is None
                                         else theirs / mine)
+                        my_nfe = nfe_to_reach(r, target)
+                        their_nfe = nfe_to_reach(ref[0], target)
+                        work_ratios.append(None if not my_nfe or their_nfe is None
+                                           else their_nfe / my_nfe)
                     entry[f"seconds_to_{base}_final_val{suffix}"] = {
                         "median": _median(times), "per_seed": times}
                     entry[f"speedup_to_{base}_final_val{suffix}"] = {
                         "median": _median(speedups), "per_seed": speedups,
                         "reached": sum(v is not None for v in speedups), "of": len(speedups)}
+                    # The same ratio in function evaluations: independent of machine load.
+                    entry[f"nfe_speedup_to_{base}_final_val{suffix}"] = {
+                        "median": _median(work_ratios), "per_seed": work_ratios,
+                        "reached": sum(v is not None for v in work_ratios),
+                        "of": len(work_ratios)}
             out[wname][aname] = entry
     return out
 

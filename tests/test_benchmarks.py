@@ -144,6 +144,14 @@ def test_speedup_within_a_margin_and_the_long_goals() -> None:
     assert g["forward_nfe_last10pct_reduction"] == pytest.approx(0.25)
     assert g["test_nll_diff"] == pytest.approx(0.03) and g["met"]
     assert g["test_nfe_ratio"] == pytest.approx(0.8) and g["test_nfe_met"]
+    assert bench_run.long_goals(summary)["w"]["tpr_fast"]["nfe_speedup_within_0.01"] is None
+    # in function evaluations: (3b) needs 3 x 100 to reach 2.01, TPR 2 x 50 to reach 2.009
+    base["nfe_per_step"] = {"forward": [100.0] * 3, "backward": [0.0] * 3}
+    tpr["nfe_per_step"] = {"forward": [50.0] * 3, "backward": [0.0] * 3}
+    summary = bench_run.summarise([base, tpr], baselines=("ffjord_direct",))
+    assert bench_run.long_goals(summary)["w"]["tpr_fast"]["nfe_speedup_within_0.01"] == \
+        pytest.approx(300.0 / 100.0)
+    assert harness.nfe_to_reach(tpr, 2.004) == 150.0 and harness.nfe_to_reach(tpr, 1.0) is None
     tpr["test_nll"] = 2.06  # 0.06 nats worse: the goal is not met whatever the speed
     summary = bench_run.summarise([base, tpr], baselines=("ffjord_direct",))
     assert not bench_run.long_goals(summary)["w"]["tpr_fast"]["met"]
