@@ -202,19 +202,24 @@ def _speedup(entry: dict[str, Any]) -> str:
     return f"reached in {sp['reached']}/{sp['of']} seeds"
 
 
-def markdown(suite: str, payload: dict) -> str:
+def _header(suite: str, payload: dict) -> list[str]:
+    """Title, command, machine, steps and seeds of a suite's markdown."""
     m = payload["machine"]
-    lines = [f"# Benchmark suite `{suite}`", "",
-             f"Command: `{payload['command']}`  ",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s) "
-             f"per run, {m.get('parallel_jobs', 1)} run(s) at once; torch {m['torch']}, "
-             f"lightning {m['lightning']}, torchdiffeq {m['torchdiffeq']}; "
-             f"commit {m['git_commit']}; {m['date']}; {payload['seconds']:.0f} s in all "
-             f"({payload.get('trained_runs', '?')} runs trained by this command, "
-             f"{payload.get('cached_runs', 0)} taken from the cache).  ",
-             f"Training steps: {payload.get('steps', '?')}.  ",
-             *([f"**Partial: {payload['missing_runs']} runs of the suite had not finished; "
-                "figures are over the runs that had.**  "] if payload.get("missing_runs") else []),
+    return [f"# Benchmark suite `{suite}`", "",
+            f"Command: `{payload['command']}`  ",
+            f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s) "
+            f"per run, {m.get('parallel_jobs', 1)} run(s) at once; torch {m['torch']}, "
+            f"lightning {m['lightning']}, torchdiffeq {m['torchdiffeq']}; "
+            f"commit {m['git_commit']}; {m['date']}; {payload['seconds']:.0f} s in all "
+            f"({payload.get('trained_runs', '?')} runs trained by this command, "
+            f"{payload.get('cached_runs', 0)} taken from the cache).  ",
+            f"Training steps: {payload.get('steps', '?')}; seeds {list(payload['seeds'])}.  ",
+            *([f"**Partial: {payload['missing_runs']} runs of the suite had not finished; "
+               "figures are over the runs that had.**  "] if payload.get("missing_runs") else [])]
+
+
+def markdown(suite: str, payload: dict) -> str:
+    lines = [*_header(suite, payload),
              "Figures: median [min, max] over seeds "
              f"{list(payload['seeds'])}. NFE = right-hand-side calls per training step, averaged "
              "over training (the paper's code counted 2 per call); backward = adjoint solves, 0 "
@@ -314,18 +319,7 @@ def _x(value: float | None, digits: int = 2, suffix: str = "x") -> str:
 
 def long_markdown(suite: str, payload: dict) -> str:
     """The sweep and long suites: everything against arm (3b), the same engineering."""
-    m = payload["machine"]
-    lines = [f"# Benchmark suite `{suite}`", "",
-             f"Command: `{payload['command']}`  ",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s) "
-             f"per run, {m.get('parallel_jobs', 1)} run(s) at once; torch {m['torch']}, "
-             f"lightning {m['lightning']}, torchdiffeq {m['torchdiffeq']}; "
-             f"commit {m['git_commit']}; {m['date']}; {payload['seconds']:.0f} s in all "
-             f"({payload.get('trained_runs', '?')} runs trained by this command, "
-             f"{payload.get('cached_runs', 0)} taken from the cache).  ",
-             f"Training steps: {payload.get('steps', '?')}; seeds {list(payload['seeds'])}.  ",
-             *([f"**Partial: {payload['missing_runs']} runs of the suite had not finished; "
-                "figures are over the runs that had.**  "] if payload.get("missing_runs") else []),
+    lines = [*_header(suite, payload),
              "Every arm trains at matched tolerance (1e-4) with direct backprop through the "
              "solver; (3b) is the same without TPR. Figures are medians over seeds. fwd NFE = "
              "forward evaluations per training step (over all of training / over the last 10 "
