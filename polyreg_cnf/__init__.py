@@ -11,42 +11,6 @@ Layout (every part is reached through this namespace):
 - ``polyreg_cnf.app``: the application: run config, presets, ``build``, logging, reports.
 """
 
-from polyreg_cnf.engine import (
-    CNF,
-    CNFStack,
-    NFECounter,
-    NFELimitError,
-    ODEBlock,
-    ODENet,
-    SolverConfig,
-    collect_nfe,
-    divergence_exact,
-    divergence_hutchinson,
-    ode_blocks,
-    odeint,
-    odeint_adjoint,
-    reset_nfe,
-    sample_penalty_times,
-    standard_normal_logprob,
-    trajectory_polynomial_penalty,
-)
-
-__all__ = [
-    "CNF",
-    "CNFStack",
-    "NFECounter",
-    "NFELimitError",
-    "ODEBlock",
-    "ODENet",
-    "SolverConfig",
-    "collect_nfe",
-    "divergence_exact",
-    "divergence_hutchinson",
-    "ode_blocks",
-    "odeint",
-    "odeint_adjoint",
-    "reset_nfe",
-    "sample_penalty_times",
-    "standard_normal_logprob",
-    "trajectory_polynomial_penalty",
-]
+# The package's public names are the engine's: one list, kept in polyreg_cnf/engine/__init__.py.
+from polyreg_cnf.engine import *  # noqa: F403
+from polyreg_cnf.engine import __all__  # noqa: F401
