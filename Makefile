@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --constraint constraints.txt
 STAMP := $(VENV)/.installed
 TRAIN_ARGS ?=
 
-.PHONY: install train test test-slow lint bench-quick bench-full clean
+.PHONY: install train test test-slow lint bench-quick bench-full bench-sweep bench-long clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,13 @@ bench-quick: $(STAMP)
 
 bench-full: $(STAMP)
 	$(PY) benchmarks/run.py --suite full --jobs 2
+
+bench-sweep: $(STAMP)
+	$(PY) benchmarks/run.py --suite sweep --jobs 2
+
+# One workload per invocation (each about 2-2.5 hours on 2 cores); the same command resumes.
+# The last line summarises every finished run of the suite into benchmarks/results/long.md.
+bench-long: $(STAMP)
+	for w in checkerboard 8gaussians mixture16; do \
+		$(PY) benchmarks/run.py --suite long --workloads $$w --jobs 2 || exit 1; done
+	$(PY) benchmarks/run.py --suite long --cached-only
