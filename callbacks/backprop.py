@@ -34,6 +34,7 @@ class BackpropSelector(L.Callback):
         self.choice: str | None = None
         self.fell_back = False
         self._announced: str | None = None
+        self._blocks: list[ODEBlock] = []
 
     @staticmethod
     def _auto_blocks(pl_module: L.LightningModule) -> list[ODEBlock]:
@@ -46,14 +47,16 @@ class BackpropSelector(L.Callback):
                 block.backprop_fell_back = True
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The model's blocks do not change during fit: find them once, not on every step.
+        self._blocks = self._auto_blocks(pl_module)
         # A resumed run restores the choice before the first step (load_state_dict ran first).
         if self.choice is not None:
-            self._apply(self._auto_blocks(pl_module))
+            self._apply(self._blocks)
             self._announce(self.choice, "restored from the checkpoint")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        blocks = self._auto_blocks(pl_module)
+        blocks = self._blocks
         if not blocks:
             return
         fell_back = any(b.backprop_fell_back for b in blocks)

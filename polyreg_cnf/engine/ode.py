@@ -328,6 +328,9 @@ class ODEBlock(nn.Module):
     def _propose(self, forward_nfe: int, ref: Tensor) -> None:
         """Direct or adjoint for the next training solve, from this solve's NFE and memory."""
         share = self.solver.memory_share or default_memory_share(ref.device)
+        # Free memory is read after every training solve (about 40 us: /proc/meminfo and the
+        # cgroup files, or the CUDA driver), so memory taken meanwhile by other processes or
+        # other blocks counts in the next decision.
         need = int(self._bytes_per_row * max(int(ref.shape[0]), 1))
         self.backprop_proposal = ("adjoint" if self.backprop_fell_back else
                                   choose_backprop(need, forward_nfe, available_memory(ref.device),
