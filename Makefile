@@ -43,9 +43,9 @@ bench-full: $(STAMP)
 bench-sweep: $(STAMP)
 	$(PY) benchmarks/run.py --suite sweep --jobs 2
 
-# One workload per invocation (each about 2-2.5 hours on 2 cores); the same command resumes.
+# One workload per invocation (each sized for 150 minutes on 2 cores); the same command resumes.
 # The last line summarises every finished run of the suite into benchmarks/results/long.md.
 bench-long: $(STAMP)
-	for w in checkerboard 8gaussians mixture16; do \
+	for w in mixture16 8gaussians checkerboard; do \
 		$(PY) benchmarks/run.py --suite long --workloads $$w --jobs 2 || exit 1; done
 	$(PY) benchmarks/run.py --suite long --cached-only
