@@ -592,7 +592,8 @@ def test_odeblock_refuses_a_field_whose_gradient_the_adjoint_would_drop():
     block = ODEBlock(net, solver=SolverConfig(adjoint=True, atol=1e-7, rtol=1e-7))
     calls = net.nfe
     with pytest.raises(ValueError, match=r"depends on 1 tensor\(s\) requiring gradients that "
-                                         r"the adjoint cannot see \(shapes \(\)\).*extra_params"):
+                                         r"the adjoint or the step checkpoints cannot see "
+                                         r"\(shapes \(\)\).*extra_params"):
         block.solve(field, (x0,))
     assert block.nfe.forward == 0 and net.nfe == calls + 1  # one uncounted check evaluation
     # passed in extra_params it is fine, and its gradient is direct backprop's

@@ -1,4 +1,4 @@
-"""The torchdiffeq behaviours polyreg_cnf.engine.adjoint relies on (torchdiffeq 0.2.5).
+"""The torchdiffeq behaviours polyreg_cnf.engine.adjoint and .step_checkpoint rely on (0.2.5).
 
 The restart-free adjoint steers torchdiffeq's adaptive Runge-Kutta solvers through options and
 callbacks whose exact semantics are not documented API. pyproject.toml pins torchdiffeq to the
@@ -182,3 +182,40 @@ def test_dopri5_evaluation_count(first_step):
         assert steps > 0 and len(field.evals) == expected, broken(
             f"dopri5 made {len(field.evals)} evaluations for {steps} steps, {len(jumps)} jumps, "
             f"first_step={first_step}; expected {expected}")
+
+
+def test_the_internals_the_step_checkpoints_recompute_with():
+    """odeint_checkpoint recomputes accepted steps with torchdiffeq's own tableau, step and
+    interpolation functions (private), so that the recomputation IS the forward solve. Every
+    adaptive method must expose them; an accepted step recomputed from the state the accept
+    callback saw must land exactly where the solver's next step starts."""
+    from torchdiffeq._impl.interp import _interp_evaluate, _interp_fit  # noqa: F401
+    from torchdiffeq._impl.misc import Perturb, _mixed_norm, _PerturbFunc
+    from torchdiffeq._impl.odeint import SOLVERS
+    from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _runge_kutta_step
+
+    adaptive = [n for n, c in SOLVERS.items()
+                if isinstance(c, type) and issubclass(c, RKAdaptiveStepsizeODESolver)]
+    assert {"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"} <= set(adaptive), broken(
+        f"adaptive Runge-Kutta solvers are now {adaptive}")
+    for name in adaptive:
+        assert hasattr(SOLVERS[name], "tableau") and hasattr(SOLVERS[name], "mid"), broken(
+            f"{name} has no class-level tableau/mid")
+    assert callable(_mixed_norm) and Perturb.PREV is not Perturb.NONE
+    accepted = []
+
+    class Field(Recorder):
+        def callback_accept_step(self, t0, y0, dt):
+            accepted.append((t0, y0.clone(), dt))
+
+    odeint(Field(), torch.ones(2, dtype=torch.float64),
+           torch.tensor([0.0, 2.0], dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    func = _PerturbFunc(Recorder())
+    tableau = SOLVERS["dopri5"].tableau
+    tableau = type(tableau)(alpha=tableau.alpha.double(), beta=[b.double() for b in tableau.beta],
+                            c_sol=tableau.c_sol.double(), c_error=tableau.c_error.double())
+    for (t0, y0, dt), (t_next, y_next, _) in zip(accepted, accepted[1:]):
+        f0 = func(t0, y0, perturb=Perturb.PREV if t0 > 0 else Perturb.NONE)
+        y1 = _runge_kutta_step(func, y0, f0, t0, dt, t0 + dt, tableau=tableau)[0]
+        assert torch.equal(t0 + dt, t_next) and torch.equal(y1, y_next), broken(
+            "recomputing an accepted dopri5 step does not reproduce the next step's start")

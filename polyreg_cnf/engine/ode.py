@@ -27,6 +27,7 @@ from polyreg_cnf.engine.memory import (
 )
 from polyreg_cnf.engine.nfe import NFECounter, NFELimitError
 from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.engine.step_checkpoint import odeint_checkpoint
 
 __all__ = ["ODEBlock", "ode_blocks"]
 
@@ -114,6 +115,10 @@ class ODEBlock(nn.Module):
         self.net = net
         self.solver = solver
         self.train_T = bool(train_T)
+        if self.train_T and solver.backprop == "checkpoint":
+            raise ValueError("train_T=True needs gradients with respect to the end time, which "
+                             "backprop='checkpoint' does not give (its step sizes are fixed); "
+                             "use backprop='direct', 'adjoint' or 'auto'")
         # A fixed end time stays a Python float: a float32 parameter would round it, and every
         # solve would then end slightly off T.
         self.end_time = float(T)
@@ -268,8 +273,14 @@ class ODEBlock(nn.Module):
         auto = grad and self.training and self.solver.backprop == "auto"
         if auto and self._bytes_per_row is None:
             self._measure(field, times[0], y0)
-        if grad and self._uses_adjoint():
+        mode = self._backprop_mode() if grad else "direct"
+        if mode == "adjoint":
             traj = self._adjoint_solve(counted, y0, times, extra_params, field, kwargs)
+        elif mode == "checkpoint":
+            traj = odeint_checkpoint(counted, y0, times,
+                                     params=self._gradient_params(field, times, y0,
+                                                                  extra_params),
+                                     **kwargs)
         else:
             out_of_memory = False
             try:
@@ -292,14 +303,20 @@ class ODEBlock(nn.Module):
             return tuple(x[-1] for x in traj)
         return traj if grid is None else tuple(grid.select(x) for x in traj)
 
-    def _adjoint_solve(self, counted: _CountedField, y0: State, times: Tensor,
-                       extra_params: Sequence[Tensor | None], field: VectorField,
-                       kwargs: dict) -> State:
+    def _gradient_params(self, field: VectorField, times: Tensor, y0: State,
+                         extra_params: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+        """The tensors the adjoint or the step checkpoints send gradients to (checked once)."""
         params = tuple(p for p in self.net.parameters() if p.requires_grad)
         params += tuple(p for p in extra_params if p is not None and p.requires_grad)
         if not self._adjoint_checked:
             _check_adjoint_sees_everything(field, times[0], y0, params)
             self._adjoint_checked = True
+        return params
+
+    def _adjoint_solve(self, counted: _CountedField, y0: State, times: Tensor,
+                       extra_params: Sequence[Tensor | None], field: VectorField,
+                       kwargs: dict) -> State:
+        params = self._gradient_params(field, times, y0, extra_params)
         adjoint_options = dict(self.solver.options())
         if self.solver.seminorm:
             adjoint_options["norm"] = "seminorm"
@@ -310,13 +327,16 @@ class ODEBlock(nn.Module):
                      **kwargs)
 
     # ------------------------------------------------------------------ backprop="auto"
-    def _uses_adjoint(self) -> bool:
+    def _backprop_mode(self) -> str:
+        """How this training solve backpropagates: "direct", "adjoint" or "checkpoint"."""
         mode = self.solver.backprop
         if mode != "auto":
-            return mode == "adjoint"
+            return mode
         # Undecided (the first training solve, while the block measures) means the adjoint:
         # it is the choice that cannot run out of memory.
-        return self.backprop_fell_back or self.backprop_choice != "direct"
+        if self.backprop_fell_back or self.backprop_choice != "direct":
+            return "adjoint"
+        return "direct"
 
     def _measure(self, field: VectorField, t: Tensor, y0: State) -> None:
         """Bytes autograd keeps per evaluation and batch row (one uncounted evaluation)."""
@@ -350,7 +370,8 @@ def _check_adjoint_sees_everything(field: VectorField, t: Tensor, y0: State,
                                    params: tuple[Tensor, ...]) -> None:
     """Raise if one evaluation of ``field`` depends on tensors requiring grad outside ``params``.
 
-    The adjoint differentiates the field with respect to the state and ``params`` only: the
+    The adjoint (and the step checkpoints) differentiate the field with respect to the state and
+    ``params`` only: the
     gradient of anything else the field reads (a tensor in a closure, a non-parameter attribute)
     would be dropped without a word. One evaluation's autograd graph is walked back to its leaves
     (stopping at ``params``, which may be non-leaf tensors such as a context); this evaluation is
@@ -379,9 +400,9 @@ def _check_adjoint_sees_everything(field: VectorField, t: Tensor, y0: State,
         shapes = ", ".join(str(tuple(x.shape)) for x in missing)
         raise ValueError(
             f"the vector field depends on {len(missing)} tensor(s) requiring gradients that the "
-            f"adjoint cannot see (shapes {shapes}): their gradients would be dropped silently. "
-            f"Pass them in extra_params, make them parameters of net, or solve with "
-            f"SolverConfig(adjoint=False).")
+            f"adjoint or the step checkpoints cannot see (shapes {shapes}): their gradients "
+            f"would be dropped silently. Pass them in extra_params, make them parameters of "
+            f"net, or solve with SolverConfig(backprop='direct').")
 
 
 def ode_blocks(module: nn.Module) -> list[ODEBlock]:

@@ -9,7 +9,7 @@ from typing import Any
 __all__ = ["ADAPTIVE_METHODS", "BACKPROP_MODES", "FIXED_METHODS", "SolverConfig"]
 
 #: How gradients of a training solve are computed (see :mod:`polyreg_cnf.engine.memory`).
-BACKPROP_MODES = ("auto", "direct", "adjoint")
+BACKPROP_MODES = ("auto", "direct", "adjoint", "checkpoint")
 
 #: Adaptive-step methods of torchdiffeq (their NFE grows with stiffness: what TPR targets).
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -42,7 +42,11 @@ class SolverConfig:
             bytes kept per evaluation x forward NFE x 2, see :mod:`polyreg_cnf.engine.memory`)
             and the adjoint otherwise; a block's first training solve uses the adjoint while
             it measures. On CUDA, a direct solve that runs out of memory is redone with the
-            adjoint, which the block then keeps.
+            adjoint, which the block then keeps. ``"checkpoint"`` (adaptive methods only)
+            stores the state at every accepted step and backpropagates through one recomputed
+            step at a time (:func:`polyreg_cnf.engine.step_checkpoint.odeint_checkpoint`): the
+            gradients of direct backprop with the step sizes held fixed, the memory of one step,
+            and no extra cost for output times (the adjoint stops at each of them).
         adjoint: Shorthand kept for older code: ``True`` means ``backprop="adjoint"``,
             ``False`` means ``backprop="direct"`` (it stays as given; read ``backprop``).
         seminorm: With the adjoint, measure the backward error on the state and its adjoint
@@ -122,8 +126,13 @@ class SolverConfig:
                 or not 0 < self.memory_share <= 1):
             raise ValueError(f"memory_share must be a number in (0, 1], got "
                              f"{self.memory_share!r}")
-        if self.seminorm and self.backprop == "direct":
-            raise ValueError("seminorm=True only applies to the adjoint; got backprop='direct'")
+        if self.seminorm and self.backprop in ("direct", "checkpoint"):
+            raise ValueError(f"seminorm=True only applies to the adjoint; got "
+                             f"backprop={self.backprop!r}")
+        if self.backprop == "checkpoint" and self.method not in ADAPTIVE_METHODS:
+            raise ValueError(f"backprop='checkpoint' recomputes adaptive Runge-Kutta steps; "
+                             f"method {self.method!r} is fixed-grid (use one of "
+                             f"{', '.join(ADAPTIVE_METHODS)}, or backprop='direct')")
 
     @property
     def adaptive(self) -> bool:
