@@ -11,6 +11,9 @@ CNF at random init, one training step (forward + backward) is timed and its NFE 
 - ``tpr_carry_intervals``: TPR with K = 2, the restart-free adjoint (one solve per interval
   with the step size carried over);
 - ``tpr_direct``: TPR with K = 2, backpropagation through the solver (no adjoint: backward NFE 0),
+- ``plain_checkpoint`` / ``tpr_checkpoint``: without / with TPR (K = 2), step checkpoints
+  (``backprop="checkpoint"``: each accepted step recomputed and backpropagated in turn, memory of
+  one step; the backward NFE counts the recomputed evaluations),
 
 each with and without the seminorm (not applicable to ``tpr_direct``), over several seeds (model
 input batch, Hutchinson probe and penalty times; for the 30-D case also the random model), and
@@ -19,6 +22,10 @@ so the forward solve is identical across variants.
 
 Run: ``.venv/bin/python benchmarks/adjoint_overhead.py`` (writes
 ``benchmarks/results/adjoint_overhead.{json,md}``).
+
+A third case, ``short-16d``, is the VAE's situation: a 16-D CNF over T = 0.5 at random init
+(the digits preset's posterior size and length), whose solve takes one or two steps, so the
+adjoint's stops at the penalty's interior times dominate its backward pass.
 
 The committed results also hold a ``tpr_carry`` arm: the restart-free adjoint as one backward
 solve with the output times as ``jump_t`` (``single_solve=True``). That variant was removed
@@ -53,11 +60,15 @@ from polyreg_cnf import CNF, ODENet, SolverConfig, standard_normal_logprob  # no
 __all__ = ["main", "measure", "train_toy"]
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "plain_stock": dict(K=0, adjoint=True, carry=False),
-    "plain_carry": dict(K=0, adjoint=True, carry=True),
-    "tpr_stock": dict(K=2, adjoint=True, carry=False),
-    "tpr_carry_intervals": dict(K=2, adjoint=True, carry=True),
-    "tpr_direct": dict(K=2, adjoint=False, carry=False),
+    "plain_stock": dict(K=0, backprop="adjoint", carry=False),
+    "plain_carry": dict(K=0, backprop="adjoint", carry=True),
+    "tpr_stock": dict(K=2, backprop="adjoint", carry=False),
+    "tpr_carry_intervals": dict(K=2, backprop="adjoint", carry=True),
+    "tpr_direct": dict(K=2, backprop="direct", carry=False),
+    # Step checkpoints (issue 14: what makes the penalty's stops cheaper where the adjoint's
+    # memory bound is needed): no backward solve, one recomputed step at a time.
+    "plain_checkpoint": dict(K=0, backprop="checkpoint", carry=False),
+    "tpr_checkpoint": dict(K=2, backprop="checkpoint", carry=False),
 }
 
 
@@ -81,9 +92,9 @@ def train_toy(steps: int, tol: float, batch: int, seed: int = 0) -> CNF:
 def measure(cnf: CNF, x: torch.Tensor, variant: dict[str, Any], seminorm: bool, tol: float,
             seed: int) -> dict[str, float]:
     """NFE and seconds of one training step of ``cnf`` on ``x`` under ``variant``."""
-    cnf.solver = SolverConfig(atol=tol, rtol=tol, adjoint=variant["adjoint"],
-                              seminorm=seminorm and variant["adjoint"],
-                              adjoint_carry_step=variant["carry"])
+    adjoint = variant["backprop"] == "adjoint"
+    cnf.solver = SolverConfig(atol=tol, rtol=tol, backprop=variant["backprop"],
+                              seminorm=seminorm and adjoint, adjoint_carry_step=variant["carry"])
     cnf.nfe.reset()
     cnf.zero_grad(set_to_none=True)
     if variant["K"]:
@@ -92,20 +103,22 @@ def measure(cnf: CNF, x: torch.Tensor, variant: dict[str, Any], seminorm: bool, 
         cnf.stop_trajectory_penalty()
     try:
         torch.manual_seed(seed)  # same probe and same penalty times for every variant
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         z, ladj = cnf(x)
         loss = -(standard_normal_logprob(z) + ladj).mean()
         if variant["K"]:
             loss = loss + 5 * cnf.trajectory_penalty()
-        middle = time.perf_counter()
+        middle, cpu_middle = time.perf_counter(), time.process_time()
         loss.backward()
-        end = time.perf_counter()
+        end, cpu_end = time.perf_counter(), time.process_time()
     finally:
         cnf.stop_trajectory_penalty()
     n = cnf.nfe
     return dict(forward_nfe=n.forward, backward_nfe=n.backward,
                 backward_steps=n.accepted_backward + n.rejected_backward,
-                forward_s=middle - start, backward_s=end - middle)
+                forward_s=middle - start, backward_s=end - middle,
+                # CPU time of this process: what the step cost, whatever else ran meanwhile
+                forward_cpu_s=cpu_middle - cpu_start, backward_cpu_s=cpu_end - cpu_middle)
 
 
 def run_case(name: str, models: list[CNF], inputs: list[torch.Tensor], tol: float
@@ -115,7 +128,7 @@ def run_case(name: str, models: list[CNF], inputs: list[torch.Tensor], tol: floa
     # warm-up, untimed
     measure(models[0], inputs[0], VARIANTS["tpr_carry_intervals"], False, tol, seed=0)
     for variant_name, variant in VARIANTS.items():
-        for seminorm in ((False,) if not variant["adjoint"] else (False, True)):
+        for seminorm in ((False,) if variant["backprop"] != "adjoint" else (False, True)):
             key = variant_name + ("+seminorm" if seminorm else "")
             runs = [measure(m, x, variant, seminorm, tol, seed=1000 + i)
                     for i, (m, x) in enumerate(zip(models, inputs))]
@@ -130,20 +143,24 @@ def run_case(name: str, models: list[CNF], inputs: list[torch.Tensor], tol: floa
 
 def to_markdown(result: dict[str, Any]) -> str:
     """The medians as one table per case, plus the run's context."""
-    lines = ["# Backward cost of TPR's extra output times: stock vs restart-free adjoint", "",
+    lines = ["# Backward cost of TPR's extra output times: stock adjoint, restart-free adjoint, "
+             "step checkpoints", "",
              f"Command: `{result['command']}`", "",
              f"nproc: {result['nproc']}; torch {result['torch']}, torchdiffeq "
              f"{result['torchdiffeq']}, Python {result['python']}; "
              f"{result['seeds']} seeds, medians; tolerance atol = rtol = {result['tol']}. "
-             "Other processes may have shared the CPU, so seconds are indicative; NFE are exact.",
+             "Other processes may have shared the CPU, so wall seconds are indicative (CPU seconds of "
+             "the process are less sensitive to that); NFE are exact. Backward steps count "
+             "adjoint solver steps (step checkpoints take none: they recompute the forward "
+             "steps).",
              "", "Backward NFE ratio = backward NFE / that of `plain_stock` (the [0, T] solve "
              "with torchdiffeq's adjoint, what an unregularized run pays) of the same seeds.", ""]
     for case, info in result["cases"].items():
         rows = info["rows"]
         lines += [f"## {case}: {info['description']}", "",
                   "| variant | forward NFE | backward NFE | ratio to plain_stock | "
-                  "backward steps | backward s |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "backward steps | backward s | backward CPU s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for key, row in rows.items():
             med = row["median"]
             base_key = "plain_stock+seminorm" if "seminorm" in key else "plain_stock"
@@ -151,7 +168,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             ratio = med["backward_nfe"] / base if base else float("nan")
             lines.append(f"| {key} | {med['forward_nfe']:.0f} | {med['backward_nfe']:.0f} | "
                          f"{ratio:.2f} | {med['backward_steps']:.0f} | "
-                         f"{med['backward_s']:.3f} |")
+                         f"{med['backward_s']:.3f} | {med['backward_cpu_s']:.3f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -167,7 +184,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.seeds < 1 or args.train_steps < 0 or args.batch < 1:
         raise ValueError(f"need seeds >= 1, train_steps >= 0, batch >= 1, got {vars(args)}")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # one thread per process, as train.py (see the README)
 
     cases: dict[str, Any] = {}
     start = time.perf_counter()
@@ -191,6 +208,17 @@ def main() -> None:
         description="ODENet(30, (64, 64, 64), concatsquash, tanh) at random init, standard "
                     "normal inputs; seeds vary the model, the batch, the probe and the times",
         rows=run_case("cnf-30d", models, inputs, args.tol))
+
+    models, inputs = [], []
+    for s in range(args.seeds):
+        torch.manual_seed(s)
+        models.append(CNF(ODENet(16, (64, 64), "concatsquash", "softplus"), T=0.5))
+        inputs.append(torch.randn(100, 16, generator=torch.Generator().manual_seed(s)))
+    cases["short-16d"] = dict(
+        description="ODENet(16, (64, 64), concatsquash, softplus), T = 0.5, at random init, "
+                    "batch 100 (the digits VAE posterior's size): a one- or two-step solve; "
+                    "seeds vary the model, the batch, the probe and the times",
+        rows=run_case("short-16d", models, inputs, args.tol))
 
     result = dict(
         command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),

@@ -18,6 +18,9 @@ class BackpropSelector(L.Callback):
 
     Each ODE block whose solver has ``backprop="auto"`` proposes direct backprop or the adjoint
     after every training solve from its own memory estimate (:mod:`polyreg_cnf.engine.memory`).
+    "adjoint" here means memory-bounded backprop: the block uses the adjoint for solves output
+    at their ends only and step checkpoints for solves with interior output times (the
+    penalty's), where the adjoint would stop at each of them (see ``ODEBlock``).
     This callback, added by the project's LightningModules themselves (``configure_callbacks``),
     turns the proposals into one decision per step:
 
@@ -78,7 +81,9 @@ class BackpropSelector(L.Callback):
 
     def _announce(self, choice: str, why: str) -> None:
         if choice != self._announced:
-            rank_zero_info(f"backprop=auto: using {choice} backprop ({why}).")
+            what = ("direct" if choice == "direct" else "memory-bounded (the adjoint; step "
+                    "checkpoints for penalised solves)")
+            rank_zero_info(f"backprop=auto: using {what} backprop ({why}).")
             self._announced = choice
 
     def state_dict(self) -> dict[str, Any]:

@@ -154,6 +154,45 @@ def test_measured_bytes_scale_with_the_batch_and_decide_by_the_rule(monkeypatch)
     assert cnf.nfe.forward == nfe and cnf.backprop_choice == "adjoint"
 
 
+def test_memory_bounded_auto_uses_step_checkpoints_where_the_adjoint_would_stop(monkeypatch):
+    # Direct backprop does not fit, one step's graph does: penalised solves (interior output
+    # times) use the step checkpoints, plain [0, T] solves the adjoint, as measured in
+    # benchmarks/results/adjoint_overhead.md.
+    torch.manual_seed(0)
+    cnf = CNF(ODENet(2, (16, 16)), solver=SolverConfig(atol=1e-6, rtol=1e-6))
+    x = torch.randn(64, 2)
+    cnf(x)  # measures
+    need = cnf._bytes_per_row * 64 * memory.HEADROOM / memory.CPU_MEMORY_SHARE
+    nfe = cnf.nfe.forward
+    assert nfe >= 20  # so that the budget below fits 7 evaluations but not the whole solve
+    monkeypatch.setattr("polyreg_cnf.engine.ode.available_memory", lambda device: int(need * 10))
+    cnf(x)
+    assert cnf.backprop_choice == "adjoint" and cnf._checkpoint_fits
+
+    def step(penalised):
+        cnf.nfe.reset()
+        if penalised:
+            cnf.start_trajectory_penalty(2, 1, generator=torch.Generator().manual_seed(1))
+        z, ladj = cnf(x)
+        loss = (z.square().sum(1) / 2 - ladj).mean()
+        if penalised:
+            loss = loss + 5 * cnf.trajectory_penalty()
+            cnf.stop_trajectory_penalty()
+        loss.backward()
+        return cnf.nfe
+
+    n = step(penalised=True)
+    assert n.accepted_backward == 0 and n.backward == 7 * n.accepted  # recomputed steps
+    n = step(penalised=False)
+    assert n.accepted_backward > 0  # the adjoint's own steps
+    # not even one step's graph fits: the adjoint, stops and all
+    monkeypatch.setattr("polyreg_cnf.engine.ode.available_memory", lambda device: int(need))
+    cnf(x)
+    assert not cnf._checkpoint_fits
+    n = step(penalised=True)
+    assert n.accepted_backward > 0
+
+
 class RankOneIsShort(CNFDensityEstimator):
     """Rank 1 has (as if) no memory to spare: its blocks propose the adjoint."""
 

@@ -40,8 +40,9 @@ class SolverConfig:
             backwards (O(1) memory in NFE, a second solve), ``"auto"`` (default) uses direct
             backprop while the step's activations fit a share of the free memory (measured:
             bytes kept per evaluation x forward NFE x 2, see :mod:`polyreg_cnf.engine.memory`)
-            and the adjoint otherwise; a block's first training solve uses the adjoint while
-            it measures. On CUDA, a direct solve that runs out of memory is redone with the
+            and memory-bounded backprop otherwise (the adjoint, or the step checkpoints for
+            solves with interior output times, such as the penalty's, when one step's graph
+            fits); a block's first training solve uses the adjoint while it measures. On CUDA, a direct solve that runs out of memory is redone with the
             adjoint, which the block then keeps. ``"checkpoint"`` (adaptive methods only)
             stores the state at every accepted step and backpropagates through one recomputed
             step at a time (:func:`polyreg_cnf.engine.step_checkpoint.odeint_checkpoint`): the

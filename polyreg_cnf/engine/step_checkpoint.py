@@ -47,7 +47,7 @@ from torchdiffeq._impl.misc import Perturb, _mixed_norm, _PerturbFunc
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _runge_kutta_step
 
-__all__ = ["CHECKPOINT_METHODS", "odeint_checkpoint"]
+__all__ = ["CHECKPOINT_METHODS", "evaluations_per_step", "odeint_checkpoint"]
 
 State = tuple[Tensor, ...]
 TupleField = Callable[[Tensor, State], State]
@@ -56,6 +56,17 @@ TupleField = Callable[[Tensor, State], State]
 CHECKPOINT_METHODS = tuple(name for name, cls in SOLVERS.items()
                            if isinstance(cls, type)
                            and issubclass(cls, RKAdaptiveStepsizeODESolver))
+
+
+def evaluations_per_step(method: str) -> int:
+    """Evaluations the backward pass makes per recomputed step of ``method`` (dopri5: 7).
+
+    Also the number of evaluations whose graph the backward pass holds at once.
+    """
+    if method not in CHECKPOINT_METHODS:
+        raise ValueError(f"not an adaptive Runge-Kutta method: {method!r}; valid: "
+                         f"{', '.join(CHECKPOINT_METHODS)}")
+    return len(SOLVERS[method].tableau.alpha) + 1
 
 
 class _FlatField:
