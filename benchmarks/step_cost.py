@@ -389,6 +389,10 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+#: Fixed-backprop variants of the front door (``--door-backprop``).
+DOOR_MODES = ("adjoint", "checkpoint", "bounded")
+
+
 def run_front_door(reg: str, seed: int | None = None, backprop: str | None = None,
                    timeout: float = 1800) -> dict[str, Any]:
     """Run ``python train.py`` + :func:`front_door_command` in a fresh folder; its figures.
@@ -417,7 +421,8 @@ def run_front_door(reg: str, seed: int | None = None, backprop: str | None = Non
             train_wall = float(line.split(":")[1])
     return dict(preset="front_door" if backprop is None else f"front_door_{backprop}",
                 reg=reg, seed=0 if seed is None else seed, command="python train.py "
-                + " ".join(argv), **stats, backprop=backprop_label(stats),
+                + " ".join(argv), **stats,
+                backprop="checkpoint" if backprop == "checkpoint" else backprop_label(stats),
                 backprop_config=backprop or "auto", process_wall=wall, process_cpu=cpu,
                 train_wall=train_wall,
                 threads_option="threads: null" in config_text, load_start=load,
@@ -587,6 +592,14 @@ def notes(meta: dict[str, Any], summary: Sequence[dict[str, Any]]) -> list[str]:
             f"{old['ratio']:.3f}x ({old['seconds_poly']:.4f} vs {old['seconds_none']:.4f} s/step;"
             f" backward NFE {old['backward_poly']:.1f} vs {old['backward_none']:.1f}: the "
             f"adjoint's backward solve has to stop at the K = 2 interior times).")
+    bounded = rows.get("front_door_bounded")
+    if bounded:
+        out.append(
+            f"Front door when direct backprop does not fit (`bounded`: what backprop=auto does "
+            f"then, the adjoint for --reg none and step checkpoints for --reg poly, whose solves "
+            f"have the penalty's interior output times): {bounded['ratio']:.3f}x "
+            f"({bounded['seconds_poly']:.4f} vs {bounded['seconds_none']:.4f} s/step; backward "
+            f"NFE {bounded['backward_poly']:.1f} vs {bounded['backward_none']:.1f}).")
     vae = rows.get("vae")
     if door and vae:
         extra = {k: (r["seconds_poly"] - r["seconds_none"]) * 1000 for k, r in
@@ -684,6 +697,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "two processes in lockstep, one step each in turn)")
     parser.add_argument("--no-adjoint-door", action="store_true",
                         help="skip the front door with --backprop adjoint (old default)")
+    parser.add_argument("--door-backprop", nargs="*", default=["adjoint"], choices=DOOR_MODES,
+                        help="front-door pairs with a fixed backprop besides the default auto: "
+                             "adjoint (the old default), checkpoint, or bounded (what auto does "
+                             "when direct backprop does not fit: the adjoint for --reg none, "
+                             "step checkpoints for --reg poly); default: adjoint")
     parser.add_argument("--out", type=Path, default=RESULTS / "step_cost")
     parser.add_argument("--render", type=Path, default=None,
                         help="only rewrite the markdown from this saved JSON")
@@ -737,9 +755,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     meta.update(wall_seconds=time.perf_counter() - start,
                                 load_end=os.getloadavg()[0])
                     _save(args.out, meta, runs)
-            if preset == "front_door" and not args.no_adjoint_door:
+            modes = [] if args.no_adjoint_door else args.door_backprop
+            for mode in modes if preset == "front_door" else []:
                 for reg in ("none", "poly"):
-                    r = run_front_door(reg, None, backprop="adjoint")
+                    backprop = (("checkpoint" if reg == "poly" else "adjoint")
+                                if mode == "bounded" else mode)
+                    r = run_front_door(reg, None, backprop=backprop)
+                    r["preset"] = f"front_door_{mode}"
                     runs.append(r)
                     print(f"{r['preset']:>12} {reg:>4}: {r['seconds']:.4f} s/step, NFE "
                           f"{r['forward']:.1f} + {r['backward']:.1f}", flush=True)

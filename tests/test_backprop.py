@@ -193,6 +193,17 @@ def test_memory_bounded_auto_uses_step_checkpoints_where_the_adjoint_would_stop(
     assert n.accepted_backward > 0
 
 
+def test_a_model_trains_with_step_checkpoints_and_the_regularizer():
+    spy = StepNFE()
+    m = model(tol=1e-5, backprop="checkpoint")
+    assert m.configure_callbacks() == []  # a fixed choice: nothing to agree on
+    fit(m, steps=3, callbacks=[spy, PolynomialTrajectoryRegularizer()])
+    block = m.flow.blocks[0]
+    assert all(n > 0 for n in spy.backward)
+    # the last step: 7 recomputed evaluations per accepted forward step, no adjoint steps
+    assert block.nfe.accepted_backward == 0 and spy.backward[-1] == 7 * block.nfe.accepted
+
+
 class RankOneIsShort(CNFDensityEstimator):
     """Rank 1 has (as if) no memory to spare: its blocks propose the adjoint."""
 

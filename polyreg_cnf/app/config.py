@@ -185,8 +185,10 @@ class OdeOptions:
     eval_atol: float = option(1e-5, "absolute tolerance in evaluation", low=0.0, strict=True)
     eval_rtol: float = option(1e-5, "relative tolerance in evaluation", low=0.0, strict=True)
     backprop: str = option("auto", "gradients: auto (direct backprop while its memory fits "
-                                   "--memory-share of the free memory, else the adjoint), direct "
-                                   "(through the solver) or adjoint", choices=BACKPROP_MODES)
+                                   "--memory-share of the free memory, else memory-bounded: step "
+                                   "checkpoints for penalised solves, the adjoint for others), "
+                                   "direct (through the solver), adjoint, or checkpoint (one "
+                                   "recomputed step at a time)", choices=BACKPROP_MODES)
     memory_share: float | None = option(None, "--backprop auto: share of free memory direct "
                                               "backprop may use (default 0.25 on CPU, 0.5 on "
                                               "CUDA)", low=0.0, strict=True)
@@ -422,9 +424,15 @@ class RunConfig:
                               f"{poly['num_samples']} < {poly['order']}")
         if ode.solver in FIXED_METHODS and ode.step_size is None:
             raise ConfigError(f"--solver {ode.solver} is fixed-grid and needs --step-size")
-        if ode.seminorm and ode.backprop == "direct":
-            raise ConfigError("--seminorm applies to the adjoint only; drop it or use --backprop "
-                              "auto or adjoint")
+        if ode.seminorm and ode.backprop in ("direct", "checkpoint"):
+            raise ConfigError(f"--seminorm applies to the adjoint only (got --backprop "
+                              f"{ode.backprop}); drop it or use --backprop auto or adjoint")
+        if ode.backprop == "checkpoint" and ode.solver in FIXED_METHODS:
+            raise ConfigError(f"--backprop checkpoint recomputes adaptive steps; --solver "
+                              f"{ode.solver} is fixed-grid (use --backprop direct)")
+        if ode.backprop == "checkpoint" and flow.train_T:
+            raise ConfigError("--backprop checkpoint cannot learn the end time (--train-T); "
+                              "use --backprop auto, direct or adjoint")
         if ode.memory_share is not None and ode.memory_share > 1:
             raise ConfigError(f"--memory-share must be in (0, 1], got {ode.memory_share!r}")
         if flow.hidden_dims is None and (kind == "image" or None in (flow.hdim_factor,
