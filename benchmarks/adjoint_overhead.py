@@ -149,8 +149,8 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"nproc: {result['nproc']}; torch {result['torch']}, torchdiffeq "
              f"{result['torchdiffeq']}, Python {result['python']}; "
              f"{result['seeds']} seeds, medians; tolerance atol = rtol = {result['tol']}. "
-             "Other processes may have shared the CPU, so wall seconds are indicative (CPU seconds of "
-             "the process are less sensitive to that); NFE are exact. Backward steps count "
+             "Other processes may have shared the CPU, so wall seconds are indicative (CPU "
+             "seconds of the process are less sensitive to that); NFE are exact. Backward steps count "
              "adjoint solver steps (step checkpoints take none: they recompute the forward "
              "steps).",
              "", "Backward NFE ratio = backward NFE / that of `plain_stock` (the [0, T] solve "

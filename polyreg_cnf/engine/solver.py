@@ -42,8 +42,9 @@ class SolverConfig:
             bytes kept per evaluation x forward NFE x 2, see :mod:`polyreg_cnf.engine.memory`)
             and memory-bounded backprop otherwise (the adjoint, or the step checkpoints for
             solves with interior output times, such as the penalty's, when one step's graph
-            fits); a block's first training solve uses the adjoint while it measures. On CUDA, a direct solve that runs out of memory is redone with the
-            adjoint, which the block then keeps. ``"checkpoint"`` (adaptive methods only)
+            fits); a block's first training solve uses the adjoint while it measures. On
+            CUDA, a direct solve that runs out of memory is redone with the adjoint, and the
+            block stays memory-bounded. ``"checkpoint"`` (adaptive methods only)
             stores the state at every accepted step and backpropagates through one recomputed
             step at a time (:func:`polyreg_cnf.engine.step_checkpoint.odeint_checkpoint`): the
             gradients of direct backprop with the step sizes held fixed, the memory of one step,
