@@ -150,9 +150,9 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"{result['torchdiffeq']}, Python {result['python']}; "
              f"{result['seeds']} seeds, medians; tolerance atol = rtol = {result['tol']}. "
              "Other processes may have shared the CPU, so wall seconds are indicative (CPU "
-             "seconds of the process are less sensitive to that); NFE are exact. Backward steps count "
-             "adjoint solver steps (step checkpoints take none: they recompute the forward "
-             "steps).",
+             "seconds of the process are less sensitive to that); NFE are exact. Backward "
+             "steps count adjoint solver steps (step checkpoints take none: they recompute "
+             "the forward steps).",
              "", "Backward NFE ratio = backward NFE / that of `plain_stock` (the [0, T] solve "
              "with torchdiffeq's adjoint, what an unregularized run pays) of the same seeds.", ""]
     for case, info in result["cases"].items():
