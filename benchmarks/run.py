@@ -206,13 +206,19 @@ def _speedup(entry: dict[str, Any]) -> str:
     return f"reached in {sp['reached']}/{sp['of']} seeds"
 
 
+def _jobs_text(m: dict[str, Any]) -> str:
+    jobs = m.get("parallel_jobs", 1)
+    return (f"{jobs} run(s) at once" if jobs else
+            "runs trained by earlier invocations (this one only summarised the cache)")
+
+
 def _header(suite: str, payload: dict) -> list[str]:
     """Title, command, machine, steps and seeds of a suite's markdown."""
     m = payload["machine"]
     return [f"# Benchmark suite `{suite}`", "",
             f"Command: `{payload['command']}`  ",
             f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s) "
-            f"per run, {m.get('parallel_jobs', 1)} run(s) at once; torch {m['torch']}, "
+            f"per run, {_jobs_text(m)}; torch {m['torch']}, "
             f"lightning {m['lightning']}, torchdiffeq {m['torchdiffeq']}; "
             f"commit {m['git_commit']}; {m['date']}; {payload['seconds']:.0f} s in all "
             f"({payload.get('trained_runs', '?')} runs trained by this command, "
@@ -502,7 +508,9 @@ def main() -> None:
             if (w, a, s) in done]
     command = ("python benchmarks/run.py " + " ".join(sys.argv[1:])).strip()
     info = machine()
-    info["parallel_jobs"] = args.jobs
+    # A summary of the cache trained nothing itself: how the runs shared the machine is the
+    # training invocations' business (the suite's docs name them).
+    info["parallel_jobs"] = None if args.cached_only else args.jobs
     info["torch_threads"] = RUN_THREADS  # what each run uses, not this process
     payload = {"suite": args.suite, "command": command, "machine": info,
                "seeds": list(suite["seeds"]), "seconds": time.perf_counter() - start,
