@@ -53,7 +53,7 @@ def _cpu(values):
 
 # ------------------------------------------------------------------------------ engine on CUDA
 @cuda
-@pytest.mark.parametrize("backprop", ["direct", "adjoint"])
+@pytest.mark.parametrize("backprop", ["direct", "adjoint", "checkpoint"])
 def test_cnf_on_cuda_matches_cpu_in_float64(backprop):
     torch.manual_seed(0)
     solver = SolverConfig(atol=1e-9, rtol=1e-9, backprop=backprop)
@@ -75,13 +75,13 @@ def test_cnf_on_cuda_matches_cpu_in_float64(backprop):
                         model.nfe.backward))
     (values_c, grads_c, fwd_c, bwd_c), (values_g, grads_g, fwd_g, bwd_g) = results
     assert fwd_g == fwd_c and bwd_g == bwd_c
-    assert (bwd_c > 0) == (backprop == "adjoint")
+    assert (bwd_c > 0) == (backprop != "direct")
     for a, b in zip(values_g + grads_g, values_c + grads_c):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
 
 
 @cuda
-@pytest.mark.parametrize("backprop", ["direct", "adjoint"])
+@pytest.mark.parametrize("backprop", ["direct", "adjoint", "checkpoint"])
 @pytest.mark.parametrize("grid", [[0.0, 0.3, 1.0], [1.0, 0.4, -0.5]])
 def test_odeblock_grid_on_cuda_matches_cpu_in_float64(backprop, grid):
     torch.manual_seed(1)
