@@ -9,7 +9,10 @@ but the backward pass is one reverse sweep with no extra function evaluations. T
 O(1) memory in NFE but solves a second ODE backwards (typically as many evaluations again, more
 with the penalty's interior output times). On the models this project trains, direct backprop
 was 1.5-2x faster per step whenever it fits (``benchmarks/results/full.md``, arms 5 and 3b), so
-the rule is: direct when the estimate fits a share of the free memory, else the adjoint.
+the rule is: direct when the estimate fits a share of the free memory, else memory-bounded
+backprop (``"adjoint"`` here; the block then uses the step checkpoints of
+:mod:`polyreg_cnf.engine.step_checkpoint` for solves with interior output times when one step's
+graph fits the same budget, and the adjoint otherwise).
 
 :math:`M_\text{eval}` is measured, not guessed: one evaluation of the vector field runs under
 :func:`torch.autograd.graph.saved_tensors_hooks`, which sees every tensor autograd keeps for
