@@ -414,6 +414,12 @@ def _median(values: list[float | None]) -> float | None:
     return float(statistics.median(vals)) if len(vals) == len(values) and vals else None
 
 
+def _median_unreached_as_zero(speedups: list[float | None]) -> float | None:
+    """Median speed-up where a seed that never reached the target counts as 0 (the slowest)."""
+    return float(statistics.median([0.0 if v is None else v for v in speedups])) \
+        if speedups else None
+
+
 def summarise(runs: list[dict[str, Any]], baselines: tuple[str, ...] = ("ffjord",
                                                                           "ffjord_matched")
               ) -> dict[str, Any]:
@@ -462,10 +468,12 @@ def summarise(runs: list[dict[str, Any]], baselines: tuple[str, ...] = ("ffjord"
                         "median": _median(times), "per_seed": times}
                     entry[f"speedup_to_{base}_final_val{suffix}"] = {
                         "median": _median(speedups), "per_seed": speedups,
+                        "median_unreached_as_zero": _median_unreached_as_zero(speedups),
                         "reached": sum(v is not None for v in speedups), "of": len(speedups)}
                     # The same ratio in function evaluations: independent of machine load.
                     entry[f"nfe_speedup_to_{base}_final_val{suffix}"] = {
                         "median": _median(work_ratios), "per_seed": work_ratios,
+                        "median_unreached_as_zero": _median_unreached_as_zero(work_ratios),
                         "reached": sum(v is not None for v in work_ratios),
                         "of": len(work_ratios)}
             out[wname][aname] = entry

@@ -247,3 +247,18 @@ def test_long_runs_resume_from_their_last_checkpoint(tmp_path: Path) -> None:
     assert again["probes"][:2] == first["probes"]
     with pytest.raises(ValueError, match="multiple of the workload's eval_every"):
         harness.run_one(w, arm, 0, work_dir=tmp_path / "x", ckpt_every=3)
+
+
+def test_a_seed_that_never_reaches_the_target_counts_as_the_slowest() -> None:
+    # (3b) ends at 2.0 in every seed; TPR gets there (within 0.01) in seeds 0 and 2 only.
+    runs = []
+    for seed, tpr_curve in enumerate([[(10.0, 1, 2.5), (40.0, 2, 2.0)],
+                                      [(10.0, 1, 2.5), (40.0, 2, 2.3)],
+                                      [(10.0, 1, 2.0)]]):
+        runs += [_fake("ffjord_direct", seed, [(10.0, 1, 3.0), (20.0, 2, 2.0)]),
+                 _fake("tpr_fast", seed, tpr_curve)]
+    summary = bench_run.summarise(runs, baselines=("ffjord_direct",))
+    sp = summary["w"]["tpr_fast"]["speedup_to_ffjord_direct_final_val_within_0.01"]
+    assert sp["per_seed"] == [0.5, None, 2.0] and sp["median"] is None
+    assert sp["median_unreached_as_zero"] == 0.5  # median of (0.5, 0, 2.0)
+    assert bench_run.long_goals(summary)["w"]["tpr_fast"]["speedup_within_0.01"] == 0.5
