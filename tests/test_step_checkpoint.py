@@ -17,7 +17,7 @@ from torchdiffeq._impl import rk_common
 
 from polyreg_cnf import CNF, ODEBlock, ODENet, SolverConfig, standard_normal_logprob
 from polyreg_cnf.engine.memory import saved_tensor_bytes
-from polyreg_cnf.engine.step_checkpoint import CHECKPOINT_METHODS, odeint_checkpoint
+from polyreg_cnf.engine.step_checkpoint import CHECKPOINT_METHODS, checkpointed_solve
 
 
 class Field(nn.Module):
@@ -78,7 +78,7 @@ def test_gradients_equal_direct_backprop_through_the_same_steps(frozen_steps, gr
 
     out_direct = torchdiffeq.odeint(field, y0, t, **kwargs)
     ref = torch.autograd.grad(_loss(out_direct), [y0[0], *params])
-    out = odeint_checkpoint(field, y0, t, params=params, **kwargs)
+    out = checkpointed_solve(field, y0, t, params=params, **kwargs)
     # the forward solve is torchdiffeq's, to the bit (same steps, same error norm)
     assert all(torch.equal(a, b) for a, b in zip(out, out_direct))
     got = torch.autograd.grad(_loss(out), [y0[0], *params])
@@ -97,7 +97,7 @@ def test_without_the_frozen_steps_direct_backprop_differs_by_the_controller_term
         ref = torch.autograd.grad(_loss(torchdiffeq.odeint(field, y0, t, rtol=tol, atol=tol)),
                                   params)
         got = torch.autograd.grad(
-            _loss(odeint_checkpoint(field, y0, t, params=params, rtol=tol, atol=tol)), params)
+            _loss(checkpointed_solve(field, y0, t, params=params, rtol=tol, atol=tol)), params)
         errors.append(max(float((g - r).norm() / r.norm()) for g, r in zip(got, ref)))
     assert errors[0] > 1e-7  # the controller term is there at 1e-3...
     assert errors[1] < 1e-8 and errors[1] < errors[0] / 100  # ...and shrinks with the tolerance
@@ -114,7 +114,7 @@ def test_linear_ode_gradient_matches_the_matrix_exponential():
     def field(s, state):
         return (state[0] @ A.T,)
 
-    (y,) = odeint_checkpoint(field, (y0[None],), t, params=[A], rtol=1e-11, atol=1e-11)
+    (y,) = checkpointed_solve(field, (y0[None],), t, params=[A], rtol=1e-11, atol=1e-11)
     got = torch.autograd.grad((c * y[:, 0]).sum(), [A, y0])
     exact_y = torch.stack([torch.linalg.matrix_exp(A * ti) @ y0 for ti in t])
     ref = torch.autograd.grad((c * exact_y).sum(), [A, y0])
@@ -140,7 +140,7 @@ def test_backward_costs_seven_evaluations_per_accepted_step_whatever_the_output_
 
         t = torch.tensor(times, dtype=torch.float64)
         counted = Counted()
-        out = odeint_checkpoint(counted, y0, t, params=params, rtol=1e-6, atol=1e-6)
+        out = checkpointed_solve(counted, y0, t, params=params, rtol=1e-6, atol=1e-6)
         field.calls = 0
         _loss(out).backward()
         costs[name] = (field.calls, len(counted.accepted))
@@ -221,15 +221,15 @@ def test_bad_requests_are_refused_with_what_was_given():
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
     params = list(field.parameters())
     with pytest.raises(ValueError, match=r"adaptive Runge-Kutta method .*got 'rk4'"):
-        odeint_checkpoint(field, y0, t, params=params, rtol=1e-5, atol=1e-5, method="rk4")
+        checkpointed_solve(field, y0, t, params=params, rtol=1e-5, atol=1e-5, method="rk4")
     with pytest.raises(ValueError, match=r"cannot differentiate the output times"):
-        odeint_checkpoint(field, y0, t.clone().requires_grad_(), params=params, rtol=1e-5,
+        checkpointed_solve(field, y0, t.clone().requires_grad_(), params=params, rtol=1e-5,
                           atol=1e-5)
     with pytest.raises(ValueError, match=r"\['jump_t'\]"):
-        odeint_checkpoint(field, y0, t, params=params, rtol=1e-5, atol=1e-5,
+        checkpointed_solve(field, y0, t, params=params, rtol=1e-5, atol=1e-5,
                           options=dict(jump_t=torch.tensor([0.5])))
     with pytest.raises(ValueError, match=r"strictly increasing or strictly decreasing"):
-        odeint_checkpoint(field, y0, torch.tensor([0.0, 1.0, 0.5]), params=params, rtol=1e-5,
+        checkpointed_solve(field, y0, torch.tensor([0.0, 1.0, 0.5]), params=params, rtol=1e-5,
                           atol=1e-5)
     with pytest.raises(ValueError, match=r"fixed-grid"):
         SolverConfig(method="rk4", step_size=0.1, backprop="checkpoint")
@@ -240,3 +240,56 @@ def test_bad_requests_are_refused_with_what_was_given():
         ODEBlock(nn.Linear(2, 2), train_T=True, solver=SolverConfig(backprop="checkpoint"))
     assert set(CHECKPOINT_METHODS) >= {"dopri5", "dopri8", "bosh3", "fehlberg2",
                                        "adaptive_heun"}
+
+
+# ------------------------------------------------------------------------------ the drop-in
+def test_dropin_penalises_a_users_own_solve_and_keeps_its_gradients():
+    from polyreg_cnf import TrajectoryRecorder, odeint, odeint_checkpoint, record_nfe
+    from polyreg_cnf.engine.nfe import NFECounter
+
+    torch.manual_seed(8)
+    func = ODENet(2, (16,), "concatsquash", "tanh")
+    y0 = torch.randn(6, 2)
+    t = torch.tensor([0.0, 0.5, 1.0])
+    results = {}
+    for name, solve in (("direct", odeint), ("checkpoint", odeint_checkpoint)):
+        func.zero_grad()
+        counter = NFECounter()
+        with TrajectoryRecorder(2, 1, generator=torch.Generator().manual_seed(0)) as rec, \
+                record_nfe(counter):
+            y = solve(func, y0, t, rtol=1e-7, atol=1e-7)
+            (y.square().sum() + 5 * rec.penalty()).backward()
+        results[name] = (y.detach(), rec.penalty().detach(), counter,
+                         [p.grad.clone() for p in func.parameters()])
+    (yd, pd, nd, gd), (yc, pc, nc, gc) = results["direct"], results["checkpoint"]
+    assert yc.shape == (3, 6, 2) and torch.equal(yc, yd) and torch.equal(pc, pd)
+    assert nc.forward == nd.forward and nc.accepted == nd.accepted
+    assert nc.backward == 7 * nc.accepted and nd.backward == 0
+    for g, r in zip(gc, gd):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-6)
+
+
+def test_dropin_takes_tuples_closures_with_params_and_a_tensor_norm():
+    from polyreg_cnf import odeint_checkpoint
+
+    w = torch.tensor(0.3, requires_grad=True)
+    y0 = torch.ones(4, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"func is a function, not an nn.Module.*params="):
+        odeint_checkpoint(lambda s, y: -w * y, y0, t)
+    seen = []
+
+    def norm(x):
+        seen.append(type(x))
+        return x.abs().max()
+
+    y = odeint_checkpoint(lambda s, y: -w * y, y0, t, params=[w], rtol=1e-10, atol=1e-10,
+                          options=dict(norm=norm))
+    assert seen and all(k is torch.Tensor for k in seen)
+    (g,) = torch.autograd.grad(y[-1].sum(), w)  # d/dw 4 exp(-w) = -4 exp(-w)
+    torch.testing.assert_close(g, -4 * torch.exp(-w.detach()), rtol=1e-6, atol=0)
+    a, b = odeint_checkpoint(lambda s, st: (-w * st[0], st[0]), (y0, y0 * 0), t, params=[w],
+                             rtol=1e-10, atol=1e-10)
+    # b' = a = exp(-w s): b(1) = (1 - exp(-w)) / w
+    torch.testing.assert_close(b[-1], ((1 - torch.exp(-w.detach())) / w.detach()).double()
+                               .expand(4), rtol=1e-6, atol=1e-8)

@@ -185,7 +185,7 @@ def test_dopri5_evaluation_count(first_step):
 
 
 def test_the_internals_the_step_checkpoints_recompute_with():
-    """odeint_checkpoint recomputes accepted steps with torchdiffeq's own tableau, step and
+    """checkpointed_solve recomputes accepted steps with torchdiffeq's own tableau, step and
     interpolation functions (private), so that the recomputation IS the forward solve. Every
     adaptive method must expose them; an accepted step recomputed from the state the accept
     callback saw must land exactly where the solver's next step starts."""

@@ -9,6 +9,7 @@ from polyreg_cnf.engine.dropin import (
     TrajectoryRecorder,
     odeint,
     odeint_adjoint,
+    odeint_checkpoint,
     record_nfe,
     redirect_torchdiffeq,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "ode_blocks",
     "odeint",
     "odeint_adjoint",
+    "odeint_checkpoint",
     "record_nfe",
     "redirect_torchdiffeq",
     "reset_nfe",

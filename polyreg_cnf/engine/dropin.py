@@ -22,7 +22,9 @@ backpropagates with the restart-free adjoint
 :func:`~polyreg_cnf.engine.adjoint.odeint_adjoint_carry` for adaptive methods (the interior
 times then cost about one backward evaluation each) and with torchdiffeq's own adjoint where that
 one cannot honour an argument (fixed-grid methods, an ``adjoint_method`` other than ``method``,
-tensor tolerances, ...).
+tensor tolerances, ...). :func:`odeint_checkpoint` (not a torchdiffeq function: the same call as
+``odeint``, plus ``params``) backpropagates by step checkpoints: the memory of one step, and the
+interior times cost nothing backward either.
 
 Not penalised (passed through unchanged, with a one-time warning per recorder): calls with
 ``event_fn``, and fixed-grid methods without ``options["step_size"]`` (they step on the output
@@ -53,8 +55,9 @@ from torch import Tensor, nn
 from polyreg_cnf.engine.adjoint import odeint_adjoint_carry
 from polyreg_cnf.engine.nfe import NFECounter
 from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomial_penalty
+from polyreg_cnf.engine.step_checkpoint import checkpointed_solve
 
-__all__ = ["TrajectoryRecorder", "odeint", "odeint_adjoint", "record_nfe",
+__all__ = ["TrajectoryRecorder", "odeint", "odeint_adjoint", "odeint_checkpoint", "record_nfe",
            "redirect_torchdiffeq"]
 
 _TORCHDIFFEQ_ODEINT = torchdiffeq.odeint
@@ -460,6 +463,86 @@ def odeint_adjoint(func: Callable[..., Any], y0: Tensor | tuple[Tensor, ...], t:
         solution = _TORCHDIFFEQ_ADJOINT(counted, y0, plan[1].times,
                                         adjoint_params=adjoint_params, **kwargs)
     _done(counted)
+    return solution if plan is None else _finish(plan, solution)
+
+
+class _AsTuple:
+    """A field on one tensor seen as a field on a 1-tuple (callbacks included)."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+        for name in _CALLBACKS:
+            user = getattr(func, name, None)
+            if user is not None:
+                setattr(self, name, lambda t0, y0, dt, user=user: user(t0, y0[0], dt))
+
+    def __call__(self, t: Tensor, y: tuple[Tensor]) -> tuple[Tensor]:
+        return (self.func(t, y[0]),)
+
+
+def odeint_checkpoint(func: Callable[..., Any], y0: Tensor | tuple[Tensor, ...], t: Tensor, *,
+                      rtol: float | Tensor = 1e-7, atol: float | Tensor = 1e-9,
+                      method: str | None = None, options: dict[str, Any] | None = None,
+                      params: Iterable[Tensor] | None = None) -> Any:
+    r"""``torchdiffeq.odeint``'s call, backpropagating by step checkpoints; penalised in a recorder.
+
+    A third choice next to :func:`odeint` (direct backprop: memory grows with NFE) and
+    :func:`odeint_adjoint` (memory independent of NFE, but the backward solve stops at every
+    output time): the forward solve keeps only the state at each accepted step, the backward pass
+    recomputes and backpropagates one step at a time
+    (:func:`polyreg_cnf.engine.step_checkpoint.checkpointed_solve`). Gradients are direct
+    backprop's with the step sizes held fixed; the penalty's interior times cost no evaluation
+    forward or backward. Swap it in where a model calls ``odeint_adjoint`` to save memory and
+    the regularizer is attached.
+
+    Args:
+        func: ``func(t, y) -> dy/dt``; y a tensor or a tuple of tensors (one dtype).
+        y0: Initial state at ``t[0]``.
+        t: 1-D tensor of output times, strictly increasing or decreasing, not requiring grad.
+        rtol: Relative tolerance.
+        atol: Absolute tolerance.
+        method: An adaptive Runge-Kutta method of torchdiffeq (default dopri5).
+        options: The method's options (``step_t``/``jump_t`` not supported).
+        params: Every tensor ``func`` depends on that needs a gradient (default:
+            ``func.parameters()``, which requires ``func`` to be an ``nn.Module``).
+
+    Returns:
+        The solution at ``t`` (time first), a tensor or a tuple as ``y0``.
+
+    Raises:
+        ValueError: For a non-Module ``func`` without ``params``, and for the cases
+            :func:`~polyreg_cnf.engine.step_checkpoint.checkpointed_solve` refuses.
+
+    Example:
+        >>> from polyreg_cnf.engine.nets import ODENet
+        >>> func = ODENet(2, (8,))
+        >>> y = odeint_checkpoint(func, torch.ones(3, 2), torch.linspace(0, 1, 4))
+        >>> y.sum().backward()
+        >>> y.shape, all(p.grad is not None for p in func.parameters())
+        (torch.Size([4, 3, 2]), True)
+    """
+    if params is None:
+        if not isinstance(func, nn.Module):
+            raise ValueError(f"odeint_checkpoint: func is a {type(func).__name__}, not an "
+                             f"nn.Module, so its parameters cannot be found; pass params= "
+                             f"(every tensor func depends on that needs a gradient)")
+        params = _find_parameters(func)
+    params = tuple(params)
+    plan = _plan(y0, t, method, options, None)
+    counted = _wrap(func, method)
+    times = t if plan is None else plan[1].times
+    options = dict(options or {})
+    single = isinstance(y0, Tensor)
+    if single and callable(options.get("norm")):
+        norm = options["norm"]
+        options["norm"] = lambda state: norm(state[0])  # the caller's norm takes the tensor
+    solution = checkpointed_solve(_AsTuple(counted) if single else counted,
+                                  (y0,) if single else tuple(y0), times, params=params,
+                                  rtol=rtol, atol=atol, method=method or "dopri5",
+                                  options=options)
+    _done(counted)
+    if single:
+        solution = solution[0]
     return solution if plan is None else _finish(plan, solution)
 
 

@@ -27,7 +27,7 @@ from polyreg_cnf.engine.memory import (
 )
 from polyreg_cnf.engine.nfe import NFECounter, NFELimitError
 from polyreg_cnf.engine.solver import SolverConfig
-from polyreg_cnf.engine.step_checkpoint import evaluations_per_step, odeint_checkpoint
+from polyreg_cnf.engine.step_checkpoint import checkpointed_solve, evaluations_per_step
 
 __all__ = ["ODEBlock", "ode_blocks"]
 
@@ -278,7 +278,7 @@ class ODEBlock(nn.Module):
         if mode == "adjoint":
             traj = self._adjoint_solve(counted, y0, times, extra_params, field, kwargs)
         elif mode == "checkpoint":
-            traj = odeint_checkpoint(counted, y0, times,
+            traj = checkpointed_solve(counted, y0, times,
                                      params=self._gradient_params(field, times, y0,
                                                                   extra_params),
                                      **kwargs)

@@ -46,7 +46,7 @@ class SolverConfig:
             CUDA, a direct solve that runs out of memory is redone with the adjoint, and the
             block stays memory-bounded. ``"checkpoint"`` (adaptive methods only)
             stores the state at every accepted step and backpropagates through one recomputed
-            step at a time (:func:`polyreg_cnf.engine.step_checkpoint.odeint_checkpoint`): the
+            step at a time (:func:`polyreg_cnf.engine.step_checkpoint.checkpointed_solve`): the
             gradients of direct backprop with the step sizes held fixed, the memory of one step,
             and no extra cost for output times (the adjoint stops at each of them).
         adjoint: Shorthand kept for older code: ``True`` means ``backprop="adjoint"``,

@@ -5,7 +5,7 @@ the forward NFE. The continuous adjoint keeps nothing but solves a second ODE ba
 every output time is a barrier for it (the adjoint jumps there): the trajectory penalty's K
 interior times add one step and one restart each, which triples a one-step backward solve.
 
-:func:`odeint_checkpoint` does neither. The forward solve runs without a graph and records the
+:func:`checkpointed_solve` does neither. The forward solve runs without a graph and records the
 state at the start of every ACCEPTED step (and the step size). The backward pass walks the steps
 from last to first: it recomputes one step from its stored start (the same Runge-Kutta stages,
 same step size), builds the dense-output polynomial of that step where an output time falls in
@@ -47,7 +47,7 @@ from torchdiffeq._impl.misc import Perturb, _mixed_norm, _PerturbFunc
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _runge_kutta_step
 
-__all__ = ["CHECKPOINT_METHODS", "evaluations_per_step", "odeint_checkpoint"]
+__all__ = ["CHECKPOINT_METHODS", "evaluations_per_step", "checkpointed_solve"]
 
 State = tuple[Tensor, ...]
 TupleField = Callable[[Tensor, State], State]
@@ -105,6 +105,11 @@ class _FlatField:
 
     def callback_reject_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
         callback = getattr(self.func, "callback_reject_step", None)
+        if callback is not None:
+            callback(t0 * self.sign, self.unflatten(y0), dt)
+
+    def callback_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+        callback = getattr(self.func, "callback_step", None)
         if callback is not None:
             callback(t0 * self.sign, self.unflatten(y0), dt)
 
@@ -186,7 +191,7 @@ class _CheckpointedSolve(torch.autograd.Function):
         return (None, None, None, grad_y0, *grads)
 
 
-def odeint_checkpoint(func: TupleField, y0: State, t: Tensor, *, params: Sequence[Tensor],
+def checkpointed_solve(func: TupleField, y0: State, t: Tensor, *, params: Sequence[Tensor],
                       rtol: float, atol: float, method: str = "dopri5",
                       options: dict[str, Any] | None = None) -> State:
     """Solve like ``torchdiffeq.odeint``; backprop by recomputing one accepted step at a time.
@@ -215,18 +220,18 @@ def odeint_checkpoint(func: TupleField, y0: State, t: Tensor, *, params: Sequenc
             gradients, step barriers in ``options``, a bad grid or states of mixed dtypes.
     """
     if method not in CHECKPOINT_METHODS:
-        raise ValueError(f"odeint_checkpoint needs an adaptive Runge-Kutta method "
+        raise ValueError(f"checkpointed_solve needs an adaptive Runge-Kutta method "
                          f"({', '.join(CHECKPOINT_METHODS)}), got {method!r}")
     options = dict(options or {})
     barriers = sorted({"step_t", "jump_t"} & set(options))
     if barriers:
-        raise ValueError(f"odeint_checkpoint does not support {barriers} in options; use "
+        raise ValueError(f"checkpointed_solve does not support {barriers} in options; use "
                          f"direct backprop or the adjoint for solves with step barriers")
     if not isinstance(t, Tensor) or t.dim() != 1 or len(t) < 2:
         raise ValueError(f"t must be a 1-D tensor of at least 2 times, got "
                          f"{getattr(t, 'shape', type(t).__name__)}")
     if t.requires_grad:
-        raise ValueError("odeint_checkpoint cannot differentiate the output times (t requires "
+        raise ValueError("checkpointed_solve cannot differentiate the output times (t requires "
                          "grad); use direct backprop or the adjoint to learn them")
     steps = t[1:] - t[:-1]
     if not (bool((steps > 0).all()) or bool((steps < 0).all())):
