@@ -86,8 +86,8 @@ SUITES = {
     # Long runs (issue 14), where TPR's effect lives: the baseline's NFE keeps growing late in
     # training. Each `--workloads X` invocation is meant to fit 150 minutes on 2 cores with
     # --jobs 2 (mixture16 took 57 minutes; the checkerboard's 9 runs need about 170, so
-    # `make bench-long` splits it by arms); every run checkpoints every 1000 steps in benchmarks/results/.work/ and the same
-    # command resumes it. Arms: (3b) and (5) at matched tolerance with the same engineering, plus
+    # `make bench-long` splits it by arms); every run checkpoints every 1000 steps in
+    # benchmarks/results/.work/ and the same command resumes it. Arms: (3b) and (5) at matched tolerance with the same engineering, plus
     # the sweep's best tuned setting, coef 1: the only one that reached (3b)'s final validation
     # NLL on the checkerboard (1.32x within 0.01 nats); the paper's setting (5) is the other of
     # the sweep's best two. 9 runs per workload. Lengths: checkerboard 10,000 steps (the issue's;
