@@ -87,16 +87,16 @@ SUITES = {
     # training. Each `--workloads X` invocation is meant to fit 150 minutes on 2 cores with
     # --jobs 2 (mixture16 took 57 minutes; the checkerboard's 9 runs need about 170, so
     # `make bench-long` splits it by arms); every run checkpoints every 1000 steps in
-    # benchmarks/results/.work/ and the same command resumes it. Arms: (3b) and (5) at matched tolerance with the same engineering, plus
-    # the sweep's best tuned setting, coef 1: the only one that reached (3b)'s final validation
-    # NLL on the checkerboard (1.32x within 0.01 nats); the paper's setting (5) is the other of
-    # the sweep's best two. 9 runs per workload. Lengths: checkerboard 10,000 steps (the issue's;
-    # a 10,000-step probe showed TPR's forward NFE levelling off after step 5000 while the
-    # baseline's kept climbing); 8gaussians 6000 steps (its NFE grows earlier: 63 forward NFE
-    # per step by step 1000, against the checkerboard's 44 at step 1500; 6000 steps of 9 runs
-    # fit the 150 minutes at the sweep's measured 2.5-3 ms per function evaluation and step);
-    # the 16-D table 8000 steps (twice the sweep's, whose baseline test NFE had stopped growing
-    # by step 3000).
+    # benchmarks/results/.work/ and the same command resumes it. Arms: (3b) and (5) at matched
+    # tolerance with the same engineering, plus the sweep's best tuned setting, coef 1: the only
+    # one that reached (3b)'s final validation NLL on the checkerboard (1.32x within 0.01
+    # nats); the paper's setting (5) is the other of the sweep's best two. 9 runs per workload.
+    # Lengths: checkerboard 10,000 steps (the issue's; a 10,000-step probe showed TPR's forward
+    # NFE levelling off after step 5000 while the baseline's kept climbing); 8gaussians 6000
+    # steps (its NFE grows earlier: 63 forward NFE per step by step 1000, against the
+    # checkerboard's 44 at step 1500; 6000 steps of 9 runs fit the 150 minutes at the sweep's
+    # measured 2.5-3 ms per function evaluation and step); the 16-D table 8000 steps (twice the
+    # sweep's, whose baseline test NFE had stopped growing by step 3000).
     "long": dict(workloads={"checkerboard": 10000, "8gaussians": 6000, "mixture16": 8000},
                  seeds=(0, 1, 2),
                  arms=("ffjord_direct", "tpr_fast", "tpr_fast_c1"),
