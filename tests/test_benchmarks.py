@@ -262,3 +262,22 @@ def test_a_seed_that_never_reaches_the_target_counts_as_the_slowest() -> None:
     assert sp["per_seed"] == [0.5, None, 2.0] and sp["median"] is None
     assert sp["median_unreached_as_zero"] == 0.5  # median of (0.5, 0, 2.0)
     assert bench_run.long_goals(summary)["w"]["tpr_fast"]["speedup_within_0.01"] == 0.5
+
+
+def test_smoothed_curves_take_the_luck_out_of_a_one_evaluation_target() -> None:
+    curve = [[1.0, 1, 3.0], [2.0, 2, 2.0], [3.0, 3, 2.2], [4.0, 4, 1.9], [5.0, 5, 2.1]]
+    assert [c[2] for c in harness.smooth_curve(curve, k=2)] == pytest.approx(
+        [3.0, 2.5, 2.1, 2.05, 2.0])
+    # (3b) ends on a lucky low evaluation (1.90 after hovering at 2.00); TPR hovers at 1.98 from
+    # its second evaluation on: it never gets within 0.01 of 1.90, but on averaged curves it
+    # reaches (3b)'s level sooner.
+    base = _fake("ffjord_direct", 0, [[10.0 * i, i, v] for i, v in
+                                      enumerate([3.0, 2.5] + [2.0] * 7 + [1.9], start=1)])
+    tpr = _fake("tpr_fast", 0, [[10.0 * i, i, v] for i, v in
+                                enumerate([2.5] + [1.98] * 9, start=1)])
+    summary = bench_run.summarise([base, tpr], baselines=("ffjord_direct",))
+    e = summary["w"]["tpr_fast"]
+    assert e["speedup_to_ffjord_direct_final_val_within_0.01"]["per_seed"] == [None]
+    smoothed = e["speedup_to_ffjord_direct_final_val_smoothed_within_0.01"]["per_seed"][0]
+    # averaged over 5: (3b) reaches 1.98 + 0.01 at its 10th evaluation only; TPR at its 6th
+    assert smoothed == pytest.approx(100.0 / 60.0)
