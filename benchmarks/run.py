@@ -5,7 +5,7 @@
     python benchmarks/run.py --suite sweep --jobs 2   # TPR settings, one factor at a time
     python benchmarks/run.py --suite long --workloads mixture16 --jobs 2      # one workload
     python benchmarks/run.py --suite long --cached-only   # summarise every finished long run
-    (``make bench-long`` runs every invocation of the long suite, the checkerboard split by arms)
+    (``make bench-long`` runs the long suite's invocations, one per workload, then the summary)
 
 Arms and workloads are defined in benchmarks/harness.py. Results go to
 benchmarks/results/<suite>.json, <suite>.md and <suite>_nfe.png. Every finished run is also kept,
@@ -85,8 +85,8 @@ SUITES = {
                   baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000),
     # Long runs (issue 14), where TPR's effect lives: the baseline's NFE keeps growing late in
     # training. Each `--workloads X` invocation is meant to fit 150 minutes on 2 cores with
-    # --jobs 2 (mixture16 took 57 minutes; the checkerboard's 9 runs need about 170, so
-    # `make bench-long` splits it by arms); every run checkpoints every 1000 steps in
+    # --jobs 2 (measured: mixture16 57 minutes, 8gaussians 36, the checkerboard's runs 18-24
+    # minutes each, about 100 for its 9); every run checkpoints every 1000 steps in
     # benchmarks/results/.work/ and the same command resumes it. Arms: (3b) and (5) at matched
     # tolerance with the same engineering, plus the sweep's best tuned setting, coef 1: the only
     # one that reached (3b)'s final validation NLL on the checkerboard (1.32x within 0.01
