@@ -295,6 +295,18 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def _speedup_median(entry: dict[str, Any] | None) -> float | None:
+    """A speed-up's median over all seeds, a seed that never reached the target counting as 0
+    (so a median exists whenever most seeds got there); None if none did."""
+    if entry is None:
+        return None
+    return entry.get("median_unreached_as_zero", entry["median"]) or None
+
+
+def _reached(entry: dict[str, Any] | None) -> str:
+    return "-" if entry is None else f"{entry['reached']}/{entry['of']}"
+
+
 def long_goals(summary: dict[str, Any],
                runs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Issue 14's long-run goals per workload and TPR arm, against arm (3b).
@@ -313,11 +325,6 @@ def long_goals(summary: dict[str, Any],
                 continue
             within = e[f"speedup_to_{BASE}_final_val_within_0.01"]
             exact = e[f"speedup_to_{BASE}_final_val"]
-            # A seed that never reaches the target counts as the slowest (speed-up 0), so a
-            # median over all seeds exists whenever most of them got there.
-            def med(entry: dict[str, Any]) -> float | None:
-                value = entry.get("median_unreached_as_zero", entry["median"])
-                return value if value else None
             fewer = 1 - _ratio(_med(e, "forward_nfe_last10pct"),
                                _med(base, "forward_nfe_last10pct"))
             gap = _med(e, "test_nll") - _med(base, "test_nll")
@@ -325,20 +332,19 @@ def long_goals(summary: dict[str, Any],
             nfe_within = e[f"nfe_speedup_to_{BASE}_final_val_within_0.01"]
             smoothed = e.get(f"speedup_to_{BASE}_final_val_smoothed_within_0.01")
             nfe_smoothed = e.get(f"nfe_speedup_to_{BASE}_final_val_smoothed_within_0.01")
+            speedup = _speedup_median(within)
             g[aname] = {
-                "speedup_within_0.01": med(within), "speedup_exact": med(exact),
-                "nfe_speedup_within_0.01": med(nfe_within),
-                "reached_within_0.01": f"{within['reached']}/{within['of']}",
-                "reached_exact": f"{exact['reached']}/{exact['of']}",
+                "speedup_within_0.01": speedup, "speedup_exact": _speedup_median(exact),
+                "nfe_speedup_within_0.01": _speedup_median(nfe_within),
+                "reached_within_0.01": _reached(within), "reached_exact": _reached(exact),
                 # The same on curves averaged over 5 evaluations (a robustness check).
-                "speedup_smoothed_within_0.01": med(smoothed) if smoothed else None,
-                "nfe_speedup_smoothed_within_0.01": med(nfe_smoothed) if nfe_smoothed else None,
-                "reached_smoothed_within_0.01":
-                    f"{smoothed['reached']}/{smoothed['of']}" if smoothed else "-",
+                "speedup_smoothed_within_0.01": _speedup_median(smoothed),
+                "nfe_speedup_smoothed_within_0.01": _speedup_median(nfe_smoothed),
+                "reached_smoothed_within_0.01": _reached(smoothed),
                 "forward_nfe_last10pct_reduction": fewer, "test_nll_diff": gap,
                 "test_nfe_ratio": test_nfe,
-                "met": (med(within) is not None and med(within) >= 1.3
-                        and fewer >= 0.20 and gap <= 0.05),
+                "met": (speedup is not None and speedup >= 1.3 and fewer >= 0.20
+                        and gap <= 0.05),
                 "test_nfe_met": test_nfe is not None and test_nfe <= 1.0}
             pairs = [(r["test_nfe"], by_run[wname, BASE, seed]["test_nfe"])
                      for (w, a, seed), r in by_run.items()

@@ -422,7 +422,8 @@ def run_front_door(reg: str, seed: int | None = None, backprop: str | None = Non
     return dict(preset="front_door" if backprop is None else f"front_door_{backprop}",
                 reg=reg, seed=0 if seed is None else seed, command="python train.py "
                 + " ".join(argv), **stats,
-                backprop="checkpoint" if backprop == "checkpoint" else backprop_label(stats),
+                # A fixed choice is what ran; under auto, the backward NFE tell.
+                backprop=backprop or backprop_label(stats),
                 backprop_config=backprop or "auto", process_wall=wall, process_cpu=cpu,
                 train_wall=train_wall,
                 threads_option="threads: null" in config_text, load_start=load,
@@ -695,13 +696,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sequential", action="store_true",
                         help="run the two arms of a build-made pair one after the other (default: "
                              "two processes in lockstep, one step each in turn)")
-    parser.add_argument("--no-adjoint-door", action="store_true",
-                        help="skip the front door with --backprop adjoint (old default)")
     parser.add_argument("--door-backprop", nargs="*", default=["adjoint"], choices=DOOR_MODES,
                         help="front-door pairs with a fixed backprop besides the default auto: "
                              "adjoint (the old default), checkpoint, or bounded (what auto does "
                              "when direct backprop does not fit: the adjoint for --reg none, "
-                             "step checkpoints for --reg poly); default: adjoint")
+                             "step checkpoints for --reg poly); default: adjoint; give the flag "
+                             "alone for none")
     parser.add_argument("--out", type=Path, default=RESULTS / "step_cost")
     parser.add_argument("--render", type=Path, default=None,
                         help="only rewrite the markdown from this saved JSON")
@@ -755,8 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     meta.update(wall_seconds=time.perf_counter() - start,
                                 load_end=os.getloadavg()[0])
                     _save(args.out, meta, runs)
-            modes = [] if args.no_adjoint_door else args.door_backprop
-            for mode in modes if preset == "front_door" else []:
+            for mode in args.door_backprop if preset == "front_door" else []:
                 for reg in ("none", "poly"):
                     backprop = (("checkpoint" if reg == "poly" else "adjoint")
                                 if mode == "bounded" else mode)

@@ -466,20 +466,6 @@ def odeint_adjoint(func: Callable[..., Any], y0: Tensor | tuple[Tensor, ...], t:
     return solution if plan is None else _finish(plan, solution)
 
 
-class _AsTuple:
-    """A field on one tensor seen as a field on a 1-tuple (callbacks included)."""
-
-    def __init__(self, func: Callable[..., Any]) -> None:
-        self.func = func
-        for name in _CALLBACKS:
-            user = getattr(func, name, None)
-            if user is not None:
-                setattr(self, name, lambda t0, y0, dt, user=user: user(t0, y0[0], dt))
-
-    def __call__(self, t: Tensor, y: tuple[Tensor]) -> tuple[Tensor]:
-        return (self.func(t, y[0]),)
-
-
 def odeint_checkpoint(func: Callable[..., Any], y0: Tensor | tuple[Tensor, ...], t: Tensor, *,
                       rtol: float | Tensor = 1e-7, atol: float | Tensor = 1e-9,
                       method: str | None = None, options: dict[str, Any] | None = None,
@@ -532,18 +518,9 @@ def odeint_checkpoint(func: Callable[..., Any], y0: Tensor | tuple[Tensor, ...],
     plan = _plan(y0, t, method, options, None)
     counted = _wrap(func, method)
     times = t if plan is None else plan[1].times
-    options = dict(options or {})
-    single = isinstance(y0, Tensor)
-    if single and callable(options.get("norm")):
-        norm = options["norm"]
-        options["norm"] = lambda state: norm(state[0])  # the caller's norm takes the tensor
-    solution = checkpointed_solve(_AsTuple(counted) if single else counted,
-                                  (y0,) if single else tuple(y0), times, params=params,
-                                  rtol=rtol, atol=atol, method=method or "dopri5",
-                                  options=options)
+    solution = checkpointed_solve(counted, y0, times, params=params, rtol=rtol, atol=atol,
+                                  method=method or "dopri5", options=options)
     _done(counted)
-    if single:
-        solution = solution[0]
     return solution if plan is None else _finish(plan, solution)
 
 

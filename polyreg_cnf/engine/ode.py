@@ -344,9 +344,8 @@ class ODEBlock(nn.Module):
         if not self.backprop_fell_back and self.backprop_choice == "direct":
             return "direct"
         # Undecided (the first training solve, while the block measures) means the adjoint:
-        # it is the choice that cannot run out of memory.
-        if (self._checkpoint_fits and len(times) > 2 and self.solver.adaptive
-                and not times.requires_grad):
+        # it is the choice that cannot run out of memory (_checkpoint_fits is still False).
+        if self._checkpoint_fits and len(times) > 2 and not times.requires_grad:
             return "checkpoint"
         return "adjoint"
 
@@ -386,11 +385,10 @@ def _check_adjoint_sees_everything(field: VectorField, t: Tensor, y0: State,
     """Raise if one evaluation of ``field`` depends on tensors requiring grad outside ``params``.
 
     The adjoint (and the step checkpoints) differentiate the field with respect to the state and
-    ``params`` only: the
-    gradient of anything else the field reads (a tensor in a closure, a non-parameter attribute)
-    would be dropped without a word. One evaluation's autograd graph is walked back to its leaves
-    (stopping at ``params``, which may be non-leaf tensors such as a context); this evaluation is
-    not counted as NFE.
+    ``params`` only: the gradient of anything else the field reads (a tensor in a closure, a
+    non-parameter attribute) would be dropped without a word. One evaluation's autograd graph is
+    walked back to its leaves (stopping at ``params``, which may be non-leaf tensors such as a
+    context); this evaluation is not counted as NFE.
     """
     with torch.enable_grad():
         state = tuple(y.detach().requires_grad_(y.is_floating_point()) for y in y0)

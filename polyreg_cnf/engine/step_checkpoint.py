@@ -50,7 +50,7 @@ from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _runge_kutt
 __all__ = ["CHECKPOINT_METHODS", "evaluations_per_step", "checkpointed_solve"]
 
 State = tuple[Tensor, ...]
-TupleField = Callable[[Tensor, State], State]
+Field = Callable[[Tensor, Any], Any]
 
 #: Adaptive Runge-Kutta methods whose steps can be recomputed (every adaptive torchdiffeq method).
 CHECKPOINT_METHODS = tuple(name for name, cls in SOLVERS.items()
@@ -70,16 +70,18 @@ def evaluations_per_step(method: str) -> int:
 
 
 class _FlatField:
-    """A tuple-state field as torchdiffeq's solvers see it: one flat state, increasing time.
+    """A field as torchdiffeq's solvers see it: one flat state, increasing time.
 
-    A decreasing grid t is solved in s = -t (dy/ds = -f(-s, y)), as torchdiffeq does, so the
-    recorded steps and the recomputation live in one increasing time. Step callbacks go to
-    ``recorder`` (which keeps the accepted steps) and to the user's field, if it has them.
+    The caller's state is a tensor or a tuple of tensors (``single`` says which); it is handed
+    to the field, its step callbacks and its error norm in that form. A decreasing grid t is
+    solved in s = -t (dy/ds = -f(-s, y)), as torchdiffeq does, so the recorded steps and the
+    recomputation live in one increasing time. The accepted steps are kept in ``steps``.
     """
 
-    def __init__(self, func: TupleField, shapes: list[torch.Size], sign: float) -> None:
+    def __init__(self, func: Field, shapes: list[torch.Size], single: bool, sign: float) -> None:
         self.func = func
         self.shapes = shapes
+        self.single = single
         self.sign = sign
         self.steps: list[tuple[Tensor, Tensor, Tensor]] = []
 
@@ -91,27 +93,31 @@ class _FlatField:
             start += size
         return tuple(out)
 
+    def state(self, y: Tensor, lead: tuple[int, ...] = ()) -> Tensor | State:
+        """The flat ``y`` in the caller's form."""
+        parts = self.unflatten(y, lead)
+        return parts[0] if self.single else parts
+
     def __call__(self, s: Tensor, y: Tensor) -> Tensor:
-        dy = self.func(s * self.sign, self.unflatten(y))
-        flat = torch.cat([d.reshape(-1) for d in dy])
+        dy = self.func(s * self.sign, self.state(y))
+        flat = dy.reshape(-1) if self.single else torch.cat([d.reshape(-1) for d in dy])
         return flat if self.sign > 0 else -flat
+
+    def _pass_on(self, name: str, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+        callback = getattr(self.func, name, None)
+        if callback is not None:
+            callback(t0 * self.sign, self.state(y0), dt)
 
     def callback_accept_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
         # Only the forward solve calls this (the backward pass takes no adaptive steps).
         self.steps.append((t0, y0, dt))
-        callback = getattr(self.func, "callback_accept_step", None)
-        if callback is not None:
-            callback(t0 * self.sign, self.unflatten(y0), dt)
+        self._pass_on("callback_accept_step", t0, y0, dt)
 
     def callback_reject_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-        callback = getattr(self.func, "callback_reject_step", None)
-        if callback is not None:
-            callback(t0 * self.sign, self.unflatten(y0), dt)
+        self._pass_on("callback_reject_step", t0, y0, dt)
 
     def callback_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-        callback = getattr(self.func, "callback_step", None)
-        if callback is not None:
-            callback(t0 * self.sign, self.unflatten(y0), dt)
+        self._pass_on("callback_step", t0, y0, dt)
 
 
 class _CheckpointedSolve(torch.autograd.Function):
@@ -134,7 +140,7 @@ class _CheckpointedSolve(torch.autograd.Function):
         params = ctx.saved_tensors
         steps = flat.steps
         solver = SOLVERS[ctx.method]
-        y_dtype = steps[0][1].dtype if steps else grad_solution.dtype
+        y_dtype = steps[0][1].dtype
         device = grad_solution.device
         tableau = type(solver.tableau)(
             alpha=solver.tableau.alpha.to(device=device, dtype=y_dtype),
@@ -147,11 +153,12 @@ class _CheckpointedSolve(torch.autograd.Function):
         # Which step produced each output: torchdiffeq steps until a step ends at or beyond
         # the output time, then interpolates inside that step.
         owner: dict[int, list[int]] = {}
-        ends = [float(t0 + dt) for t0, _, dt in steps]
-        times = ctx.s.to(steps[0][0].dtype) if steps else ctx.s
+        times = ctx.s.to(steps[0][0].dtype)
+        ends = (torch.stack([t0 for t0, _, _ in steps])
+                + torch.stack([dt for _, _, dt in steps])).tolist()
         n = -1
-        for i in range(1, len(times)):
-            while n < 0 or float(times[i]) > ends[n]:
+        for i, t in enumerate(times.tolist()[1:], start=1):
+            while n < 0 or t > ends[n]:
                 n += 1
             owner.setdefault(n, []).append(i)
 
@@ -191,16 +198,16 @@ class _CheckpointedSolve(torch.autograd.Function):
         return (None, None, None, grad_y0, *grads)
 
 
-def checkpointed_solve(func: TupleField, y0: State, t: Tensor, *, params: Sequence[Tensor],
-                      rtol: float, atol: float, method: str = "dopri5",
-                      options: dict[str, Any] | None = None) -> State:
+def checkpointed_solve(func: Field, y0: Tensor | State, t: Tensor, *, params: Sequence[Tensor],
+                       rtol: float, atol: float, method: str = "dopri5",
+                       options: dict[str, Any] | None = None) -> Tensor | State:
     """Solve like ``torchdiffeq.odeint``; backprop by recomputing one accepted step at a time.
 
     Args:
-        func: The field ``func(t, state) -> dstate`` on a tuple of tensors (one dtype). It may
-            have torchdiffeq's ``callback_accept_step``/``callback_reject_step``; they are
-            called during the forward solve, in the caller's time.
-        y0: The initial state.
+        func: The field ``func(t, y) -> dy/dt`` on a tensor or a tuple of tensors (one dtype),
+            as ``y0``. It may have torchdiffeq's step callbacks; they are called during the
+            forward solve, in the caller's time and state form.
+        y0: The initial state: a tensor or a tuple of tensors.
         t: Output times, 1-D, strictly increasing or strictly decreasing. They may not require
             gradients (the recorded step sizes are constants here); use direct backprop or the
             adjoint to learn them.
@@ -209,11 +216,11 @@ def checkpointed_solve(func: TupleField, y0: State, t: Tensor, *, params: Sequen
         rtol: Relative tolerance.
         atol: Absolute tolerance.
         method: An adaptive Runge-Kutta method (one of ``CHECKPOINT_METHODS``).
-        options: torchdiffeq options (``first_step``, ``max_num_steps``, ...); ``step_t`` and
-            ``jump_t`` are not supported.
+        options: torchdiffeq options (``first_step``, ``max_num_steps``, ``norm`` taking the
+            state in ``y0``'s form, ...); ``step_t`` and ``jump_t`` are not supported.
 
     Returns:
-        The state at every time of ``t``, each tensor with a leading time dimension.
+        The state at every time of ``t`` in ``y0``'s form, with a leading time dimension.
 
     Raises:
         ValueError: For a method that is not an adaptive Runge-Kutta method, times that require
@@ -237,17 +244,21 @@ def checkpointed_solve(func: TupleField, y0: State, t: Tensor, *, params: Sequen
     if not (bool((steps > 0).all()) or bool((steps < 0).all())):
         raise ValueError(f"t must be strictly increasing or strictly decreasing, got "
                          f"{t.tolist()}")
-    if not y0 or len({y.dtype for y in y0}) != 1:
-        raise ValueError(f"y0 must be a non-empty tuple of tensors of one dtype, got dtypes "
-                         f"{[y.dtype for y in y0]}")
+    single = isinstance(y0, Tensor)
+    states = (y0,) if single else tuple(y0)
+    if not states or len({y.dtype for y in states}) != 1:
+        raise ValueError(f"y0 must be a tensor or a non-empty tuple of tensors of one dtype, "
+                         f"got dtypes {[y.dtype for y in states]}")
     sign = 1.0 if bool(steps[0] > 0) else -1.0
-    flat = _FlatField(func, [y.shape for y in y0], sign)
-    y0_flat = torch.cat([y.reshape(-1) for y in y0])
-    # The error norm of a tuple state, as torchdiffeq measures it (the largest RMS over the
-    # tensors, or the caller's norm of the tuple), so the steps are those of a tuple solve.
-    norm = options.get("norm", _mixed_norm)
-    options["norm"] = lambda y: norm(flat.unflatten(y))
+    flat = _FlatField(func, [y.shape for y in states], single, sign)
+    y0_flat = torch.cat([y.reshape(-1) for y in states])
+    # The error norm as torchdiffeq measures it for this state (the largest RMS over the
+    # tensors of a tuple, the RMS of a tensor, or the caller's norm of the state in its form),
+    # so the steps are those torchdiffeq's own solve would take.
+    norm = options.get("norm")
+    options["norm"] = ((lambda y: _mixed_norm(flat.unflatten(y))) if norm is None
+                       else (lambda y: norm(flat.state(y))))
     kwargs = dict(rtol=rtol, atol=atol, method=method, options=options)
     params = tuple(p for p in params if p.requires_grad)
     solution = _CheckpointedSolve.apply(flat, (t * sign).detach(), kwargs, y0_flat, *params)
-    return flat.unflatten(solution, (len(t),))
+    return flat.state(solution, (len(t),))
