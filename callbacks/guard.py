@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from polyreg_cnf.engine.nfe import NFELimitError
 
@@ -51,7 +52,8 @@ class RunGuard(L.Callback):
 
     * SIGTERM (Lightning's handler) and SIGINT (our handler: the first Ctrl+C stops cleanly, a
       second one aborts) end the run at the end of the current batch, after saving
-      ``last_path``; ``interrupted`` tells the caller.
+      ``last_path``; ``interrupted`` tells the caller. A SIGTERM that lands at an epoch's end or
+      during validation (where Lightning stops the run itself) is saved the same way.
     * A non-finite gradient (checked after the backward pass, where all DDP processes agree)
       saves the weights of the last good step to ``last_good_path`` and raises
       :class:`NumericalFaultError` naming the step. torchdiffeq's "underflow in dt" and
@@ -119,6 +121,16 @@ class RunGuard(L.Callback):
                 trainer.save_checkpoint(self.last_path)
                 self._saved_at = trainer.global_step
             return
+        self._stop(trainer, got)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A SIGTERM that arrived after the last batch's check: Lightning ends the run itself
+        # once the epoch-end hooks are done, so save now, where an epoch-end checkpoint resumes
+        # exactly (the epoch counted as processed, not yet completed).
+        if self.interrupted is None and getattr(trainer, "received_sigterm", False):
+            self._stop(trainer, "SIGTERM")
+
+    def _stop(self, trainer: L.Trainer, got: str) -> None:
         # Under DDP every process must take part in saving; SIGTERM reaches each of them.
         trainer.save_checkpoint(self.last_path)
         self.interrupted = got
@@ -144,6 +156,18 @@ class RunGuard(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
         self._restore_sigint()
+        if isinstance(exception, SIGTERMException) and self.interrupted is None:
+            # Lightning raises this itself when the signal came after every check of ours:
+            # inside validation (which resumes exactly), or in the last epoch-end hooks after
+            # ours (the resumed run then counts one epoch more; the weights, optimizer and step
+            # are those of the stop). Without this save the run would end with exit code 0 and
+            # nothing to resume from. Every DDP process raises it at the same point (the flag is
+            # broadcast), so all of them take part in the save.
+            trainer.save_checkpoint(self.last_path)
+            self.interrupted = "SIGTERM"
+            rank_zero_info(f"SIGTERM: saved {self.last_path} at step {trainer.global_step}; "
+                           f"resume with --ckpt-path last")
+            return
         if describe_solver_failure(exception, trainer.global_step) is not None \
                 and trainer.world_size == 1:
             # The failing step never reached the optimizer: the weights are the last good ones.

@@ -1,10 +1,9 @@
 """Resuming loses nothing: a stopped and resumed run ends with the uninterrupted weights."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
+import textwrap
 from pathlib import Path
 
 import lightning as L
@@ -129,56 +128,111 @@ def run_train(out, steps, extra=()):
     return cmd
 
 
-def interrupt_after_first_checkpoint(out, steps, signum, cwd):
-    """Start train.py, send ``signum`` once its first checkpoint exists, wait for the exit."""
-    proc = subprocess.Popen(run_train(out, steps), cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    first = out / "cnf-8gaussians-poly-s0" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=120)
-    return proc, stdout, stderr
+# A launcher around train.py (through build's extension points) with a small training set, so
+# that an epoch is 5 steps, and one extra callback that sends the process a real OS signal at a
+# chosen hook and step: the handlers run exactly as they do for a signal from a scheduler, with no
+# race between the signal and the end of the run (signalling from outside once a checkpoint file
+# appeared lost that race on a loaded machine).
+SIGNAL_LAUNCHER = textwrap.dedent("""
+    import os, signal, sys
+    import lightning as L
+    sys.path.insert(0, {root!r})
+    import train
+    from polyreg_cnf.datamodules.toy import ToyDataModule
+
+    HOOK, STEP, NAME = os.environ.get("SIGNAL_AT", "none:0:SIGTERM").split(":")
+
+    class SignalAt(L.Callback):
+        def _maybe(self, trainer, hook):
+            if hook == HOOK and trainer.global_step == int(STEP):
+                os.kill(os.getpid(), getattr(signal, NAME))
+
+        def on_before_backward(self, trainer, pl_module, loss):  # mid-step, after the solve
+            self._maybe(trainer, "step")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self._maybe(trainer, "batch_end")  # after the guard's own check of this batch
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self._maybe(trainer, "epoch_end")  # after the guard's epoch-end check
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, *args):
+            if batch_idx == 0:
+                self._maybe(trainer, "validation")
+
+    dm = ToyDataModule("8gaussians", num_train=160, num_val=96, num_test=32, batch_size=32)
+    sys.exit(train.main(sys.argv[1:], callbacks=[SignalAt()], datamodule=dm))
+""")
 
 
-def final_weights(out):
-    ckpt = out / "cnf-8gaussians-poly-s0" / "checkpoints" / "last.ckpt"
-    return torch.load(ckpt, weights_only=True)["state_dict"]
-
-
-def test_sigterm_saves_and_resume_ends_with_the_uninterrupted_weights(tmp_path):
+def launch(tmp_path, out, steps, extra=(), signal_at=None):
+    """Run train.py through the launcher; ``signal_at`` is ``(hook, step, signal name)``."""
+    script = tmp_path / "launch.py"
+    script.write_text(SIGNAL_LAUNCHER.format(root=str(ROOT)))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # Long enough that the signal, sent once the step-5 checkpoint exists, arrives before the
-    # run ends even on a loaded machine (150 steps lost that race under a load of 4 on 2 cores).
-    steps = 400
-    full = subprocess.run(run_train(tmp_path / "full", steps), env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    if signal_at is not None:
+        env["SIGNAL_AT"] = ":".join(map(str, signal_at))
+    return subprocess.run([sys.executable, str(script), *run_train(out, steps, extra)[2:]],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+
+
+def last_checkpoint(out):
+    return torch.load(out / "cnf-8gaussians-poly-s0" / "checkpoints" / "last.ckpt",
+                      weights_only=True)
+
+
+def stopped_step(stdout, signame):
+    return int(stdout.split(f"interrupted by {signame} at step")[1].split(";")[0])
+
+
+# (hook, step the signal is sent at, step the run stops and saves at). "step": mid-step, the step
+# in flight is finished; "batch_end": after the guard's check of the epoch's last batch (step 10),
+# where Lightning would end the run itself at the epoch's end; "validation": in the first of 3
+# validation batches after step 10 (--val-every 10), where Lightning stops the run too.
+SIGTERM_CASES = [("step", 17, 18), ("batch_end", 10, 10), ("validation", 10, 10)]
+
+
+@pytest.mark.parametrize("hook, at, stops", SIGTERM_CASES, ids=[c[0] for c in SIGTERM_CASES])
+def test_sigterm_saves_and_resume_ends_with_the_uninterrupted_weights(tmp_path, hook, at, stops):
+    steps = 30
+    flags = ["--val-every", "10", "--limit-val-batches", "3"]
+    full = launch(tmp_path, tmp_path / "full", steps, flags)
     assert full.returncode == 0, full.stderr[-2000:]
 
     out = tmp_path / "killed"
-    proc, stdout, stderr = interrupt_after_first_checkpoint(out, steps, signal.SIGTERM, tmp_path)
-    assert proc.returncode == 143, stderr[-2000:]
-    assert "interrupted by SIGTERM at step" in stdout
-    stopped_at = int(stdout.split("interrupted by SIGTERM at step")[1].split(";")[0])
-    assert 5 <= stopped_at < steps
+    proc = launch(tmp_path, out, steps, flags, signal_at=(hook, at, "SIGTERM"))
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert stopped_step(proc.stdout, "SIGTERM") == stops
+    assert last_checkpoint(out)["global_step"] == stops
 
-    resumed = subprocess.run(run_train(out, steps, ["--ckpt-path", "last"]), env=env,
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    resumed = launch(tmp_path, out, steps, [*flags, "--ckpt-path", "last"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = final_weights(tmp_path / "full"), final_weights(out)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    a, b = last_checkpoint(tmp_path / "full"), last_checkpoint(out)
+    assert a["global_step"] == b["global_step"] == steps
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5,
+                                   atol=1e-6, msg=key)
+
+
+def test_sigterm_after_every_epoch_end_check_still_saves_and_resumes(tmp_path):
+    # The narrowest window: after the guard's epoch-end hook, before Lightning's own stop. The
+    # run must still save and exit 143, and the resumed run must finish from the saved step.
+    out = tmp_path / "killed"
+    proc = launch(tmp_path, out, 30, signal_at=("epoch_end", 10, "SIGTERM"))
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert stopped_step(proc.stdout, "SIGTERM") == 10
+    assert last_checkpoint(out)["global_step"] == 10
+    resumed = launch(tmp_path, out, 30, ["--ckpt-path", "last"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert last_checkpoint(out)["global_step"] == 30
 
 
 def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):
     out = tmp_path / "runs"
-    proc, stdout, stderr = interrupt_after_first_checkpoint(out, 400, signal.SIGINT, tmp_path)
-    assert proc.returncode == 130, stderr[-2000:]
-    first = out / "cnf-8gaussians-poly-s0" / "checkpoints" / "last.ckpt"
-    step = int(stdout.split("interrupted by SIGINT at step")[1].split(";")[0])
-    assert torch.load(first, weights_only=True)["global_step"] == step
+    proc = launch(tmp_path, out, 30, signal_at=("step", 12, "SIGINT"))
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert stopped_step(proc.stdout, "SIGINT") == 13
+    assert last_checkpoint(out)["global_step"] == 13
 
 
 def test_max_nfe_stops_the_run_with_advice_and_the_last_good_weights(tmp_path):
