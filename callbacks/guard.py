@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -50,10 +51,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 class RunGuard(L.Callback):
     """Makes a run safe to interrupt and honest about numerical failure.
 
-    * SIGTERM (Lightning's handler) and SIGINT (our handler: the first Ctrl+C stops cleanly, a
-      second one aborts) end the run at the end of the current batch, after saving
-      ``last_path``; ``interrupted`` tells the caller. A SIGTERM that lands at an epoch's end or
-      during validation (where Lightning stops the run itself) is saved the same way.
+    * SIGTERM (e.g. a scheduler's pre-emption) and SIGINT (the first Ctrl+C; a second one
+      aborts) end the run at the end of the current batch, after saving ``last_path``;
+      ``interrupted`` tells the caller. Under DDP the processes agree on the batch, whichever of
+      them got the signal. In one process a SIGTERM during validation stops at the end of the
+      current validation batch (the checkpoint resumes the validation).
     * A non-finite gradient (checked after the backward pass, where all DDP processes agree)
       saves the weights of the last good step to ``last_good_path`` and raises
       :class:`NumericalFaultError` naming the step. torchdiffeq's "underflow in dt" and
@@ -80,12 +82,20 @@ class RunGuard(L.Callback):
         self.last_good_path = Path(last_good_path)
         self.interrupted: str | None = None
         self._sigint = False
+        self._sigterm = False
+        self._launcher: Any = None
         self._old_sigint: Any = None
         self._pending_rng: dict[str, Any] | None = None
         self.fault_step: int | None = None
         self._saved_at: int | None = None
 
     # ------------------------------------------------------------------ signals
+    # Both handlers only set a flag; the run stops at a batch end where every process agrees
+    # (_signal_seen). For SIGTERM ours replaces Lightning's handler for the training: Lightning's
+    # own handler calls a collective broadcast inside the handler and stops each process at its
+    # own epoch end, which hangs a DDP run when one process gets the signal (seen here with the
+    # signal on the second of two processes) and, in one process, ended a run signalled between
+    # batches with exit code 0 and no checkpoint.
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         if self._sigint:  # second Ctrl+C: the user really wants out now
             raise KeyboardInterrupt
@@ -93,11 +103,28 @@ class RunGuard(L.Callback):
         rank_zero_info("\nSIGINT received: saving a checkpoint at the end of this batch "
                        "(press Ctrl+C again to abort at once)")
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if not self._sigterm and self._launcher is not None:
+            # Processes that Lightning's launcher started get the signal too, as Lightning's
+            # own handler does it.
+            self._launcher.kill(signum)
+        self._sigterm = True
+
+    @staticmethod
+    def _install(signum: int, handler: Any) -> Any:
         try:
-            self._old_sigint = signal.signal(signal.SIGINT, self._on_sigint)
-        except ValueError:  # not the main thread (e.g. a notebook worker): leave SIGINT alone
-            self._old_sigint = None
+            return signal.signal(signum, handler)
+        except ValueError:  # not the main thread (e.g. a notebook worker): leave it alone
+            return None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._old_sigint = self._install(signal.SIGINT, self._on_sigint)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning installs its SIGTERM handler after on_fit_start and puts back the one from
+        # before the fit when the fit ends, so ours goes in here and needs no restoring.
+        self._launcher = trainer.strategy.launcher
+        self._install(signal.SIGTERM, self._on_sigterm)
 
     def _restore_sigint(self) -> None:
         if self._old_sigint is not None:
@@ -112,8 +139,7 @@ class RunGuard(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        got = "SIGTERM" if getattr(trainer, "received_sigterm", False) else (
-            "SIGINT" if self._sigint else None)
+        got = self._signal_seen(trainer)
         if got is None:
             if 0 < trainer.max_steps <= trainer.global_step:
                 # The last step: save here, mid-epoch state included, so that extending the
@@ -124,14 +150,42 @@ class RunGuard(L.Callback):
         self._stop(trainer, got)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A SIGTERM that arrived after the last batch's check: Lightning ends the run itself
-        # once the epoch-end hooks are done, so save now, where an epoch-end checkpoint resumes
-        # exactly (the epoch counted as processed, not yet completed).
-        if self.interrupted is None and getattr(trainer, "received_sigterm", False):
-            self._stop(trainer, "SIGTERM")
+        # A signal that came after the epoch's last batch-end check: stop here rather than one
+        # batch into the next epoch (an epoch-end checkpoint resumes exactly).
+        got = None if self.interrupted is not None else self._signal_seen(trainer)
+        if got is not None:
+            self._stop(trainer, got)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        # A SIGTERM's grace period may be shorter than a validation at the evaluation
+        # tolerance: in one process, stop now (on_exception saves, and the checkpoint resumes
+        # inside this validation). Under DDP the processes may hold different numbers of
+        # validation batches, so no agreement is possible here: they stop after validation.
+        if (self._sigterm and self.interrupted is None and trainer.world_size == 1
+                and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking):
+            raise SIGTERMException
+
+    def _signal_seen(self, trainer: L.Trainer, sigint: bool = True) -> str | None:
+        """The signal any process has received ("SIGTERM" first), the same on every process.
+
+        A scheduler's SIGTERM (or a terminal's Ctrl+C) reaches the processes of a DDP run at
+        slightly different points of a step, and saving is collective, so every process must
+        decide to stop at the same batch: the flags are reduced with "any" (a no-op in one
+        process; two one-element all-reduces per step under DDP).
+        """
+        reduce = trainer.strategy.reduce_boolean_decision
+        # Lightning's flag too, in case its handler is the one installed (a non-main thread).
+        term = self._sigterm or bool(getattr(trainer, "received_sigterm", False))
+        if reduce(term, all=False):
+            return "SIGTERM"
+        if sigint and reduce(self._sigint, all=False):
+            return "SIGINT"
+        return None
 
     def _stop(self, trainer: L.Trainer, got: str) -> None:
-        # Under DDP every process must take part in saving; SIGTERM reaches each of them.
+        # Every process gets here at the same batch (see _signal_seen) and takes part in saving.
         trainer.save_checkpoint(self.last_path)
         self.interrupted = got
         trainer.should_stop = True
@@ -156,13 +210,11 @@ class RunGuard(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
         self._restore_sigint()
-        if isinstance(exception, SIGTERMException) and self.interrupted is None:
-            # Lightning raises this itself when the signal came after every check of ours:
-            # inside validation (which resumes exactly), or in the last epoch-end hooks after
-            # ours (the resumed run then counts one epoch more; the weights, optimizer and step
-            # are those of the stop). Without this save the run would end with exit code 0 and
-            # nothing to resume from. Every DDP process raises it at the same point (the flag is
-            # broadcast), so all of them take part in the save.
+        if isinstance(exception, SIGTERMException) and self.interrupted is None \
+                and trainer.world_size == 1:
+            # Raised inside validation, by on_validation_batch_end above (or by Lightning, if its
+            # handler is the one installed): the checkpoint resumes inside the validation.
+            # Under DDP the processes need not all be here, so the collective save is skipped.
             trainer.save_checkpoint(self.last_path)
             self.interrupted = "SIGTERM"
             rank_zero_info(f"SIGTERM: saved {self.last_path} at step {trainer.global_step}; "

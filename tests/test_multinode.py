@@ -115,3 +115,48 @@ def test_two_nodes_on_loopback(tmp_path):
     assert "== polyreg-cnf" in results[0][0]  # the summary comes from global rank 0 only
     assert "== polyreg-cnf" not in results[1][0]
     assert_same_weights(tmp_path, 2)
+
+
+# The same launcher, but global rank 1 alone sends itself a real SIGTERM in the middle of step 3
+# (a scheduler's signal reaches the processes at different points). Saving is collective, so
+# both processes must agree to stop at the same batch, or the run hangs in the save's barrier.
+SIGTERM_ONE_RANK = textwrap.dedent("""
+    import os, signal, sys
+    import lightning as L
+    sys.path.insert(0, {root!r})
+    import train
+
+    class SigtermOnRankOne(L.Callback):
+        def on_before_backward(self, trainer, pl_module, loss):
+            if trainer.global_rank == 1 and trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    sys.exit(train.main(callbacks=[SigtermOnRankOne()]))
+""")
+
+
+def test_sigterm_on_one_process_stops_every_process_at_the_same_step(tmp_path):
+    data = table(tmp_path)
+    script = tmp_path / "launch_sigterm.py"
+    script.write_text(SIGTERM_ONE_RANK.format(root=str(ROOT)))
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(node))
+        procs.append(subprocess.Popen(
+            command(script, data, tmp_path / f"node{node}",
+                    ["--devices", "1", "--num-nodes", "2", "--max-steps", "12"]),
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        results = [p.communicate(timeout=180) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("the DDP run hung after one process received SIGTERM")
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 143, err[-3000:]
+    # Rank 0 never received the signal itself, yet stopped after the same step and saved.
+    assert "interrupted by SIGTERM at step 4;" in results[0][0]
+    saved = tmp_path / "node0" / "cnf-table-poly-s0" / "checkpoints" / "last.ckpt"
+    assert torch.load(saved, weights_only=True)["global_step"] == 4
