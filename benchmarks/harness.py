@@ -130,6 +130,11 @@ ARMS = {
                        adjoint=False, extra={"poly_samples": 4}),
     "tpr_fast_m2": Arm("tpr_fast_m2", "(5) with degree m = 2", reg="poly", adjoint=False,
                        extra={"poly_order": 2}),
+    # (3b) and (5) with the learning rate decayed along a cosine to 0 (--lr-schedule cosine).
+    "ffjord_direct_cos": Arm("ffjord_direct_cos", "(3b) with a cosine learning rate",
+                             adjoint=False, extra={"lr_schedule": "cosine"}),
+    "tpr_fast_cos": Arm("tpr_fast_cos", "(5) with a cosine learning rate", reg="poly",
+                        adjoint=False, extra={"lr_schedule": "cosine"}),
 }
 
 WORKLOADS = {

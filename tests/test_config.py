@@ -57,7 +57,7 @@ REGISTRIES = {
     "trace": TRACE_TYPES, "eval_trace": TRACE_TYPES, "noise": NOISE_TYPES,
     "posterior": POSTERIORS, "architecture": ARCHITECTURES,
     "solver": ADAPTIVE_METHODS + FIXED_METHODS, "logger": LOGGER_KINDS,
-    "backprop": BACKPROP_MODES, "poly_preset": ("paper",),
+    "backprop": BACKPROP_MODES, "poly_preset": ("paper",), "lr_schedule": ("constant", "cosine"),
 }
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from polyreg_cnf.app.config import REGULARIZERS, RunConfig, data_kind, dump_config
@@ -135,7 +135,7 @@ def make_model(config: RunConfig, datamodule: L.LightningDataModule) -> L.Lightn
     common = dict(nonlinearity=flow.nonlinearity, num_blocks=flow.num_blocks, T=flow.T,
                   train_T=flow.train_T, solver=solver, trace=flow.trace,
                   eval_trace=flow.eval_trace, noise=flow.noise, lr=t.lr,
-                  weight_decay=t.weight_decay)
+                  weight_decay=t.weight_decay, lr_schedule=t.lr_schedule)
     if config.model == "vae":
         v = config.vae
         return CNFVAE(datamodule.image_shape, datamodule.likelihood, z_dim=v.z_dim,
@@ -319,11 +319,13 @@ def build(config: RunConfig, *, ckpt_path: str | os.PathLike | None = None,
     progress = sys.stdout.isatty() if out.progress is None else out.progress
     if progress:
         own.append(NFEProgressBar())
-    all_callbacks = [*own, *callbacks]
     poly = config.poly.settings()  # the preset's values where no flag gave one
     hparams = {**config.flat(), "poly_coef": poly["coef"], "poly_samples": poly["num_samples"],
                "poly_order": poly["order"]}
     loggers = make_logger(out.logger, run_dir, run_dir.name, run_config(hparams))
+    if config.training.lr_schedule != "constant" and loggers:
+        own.append(LearningRateMonitor(logging_interval="step"))  # logged as lr-<optimizer>
+    all_callbacks = [*own, *callbacks]
     _write_config(config, run_dir)  # after the CSV logger, which warns about a non-empty folder
 
     t, hw = config.training, config.hardware

@@ -56,6 +56,7 @@ from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
 from polyreg_cnf.engine.solver import ADAPTIVE_METHODS, BACKPROP_MODES, FIXED_METHODS
 from polyreg_cnf.engine.trace import NOISE_TYPES
 from polyreg_cnf.models import CNFDensityEstimator
+from polyreg_cnf.models.schedule import LR_SCHEDULES
 from polyreg_cnf.models.vae import ARCHITECTURES, CNFVAE
 
 __all__ = [
@@ -233,6 +234,8 @@ class TrainingOptions:
 
     lr: float = option(1e-3, "learning rate", low=0.0, strict=True)
     weight_decay: float = option(0.0, "weight decay", low=0.0)
+    lr_schedule: str = option("constant", "learning rate over the training steps: constant, or "
+                                          "cosine from --lr down to 0", choices=LR_SCHEDULES)
     batch_size: int = option(512, "training batch size", low=1)
     eval_batch_size: int | None = option(None, "evaluation batch size (default: the data "
                                                "set's)", low=1)

@@ -16,6 +16,7 @@ from polyreg_cnf.engine.cnf import CNF, CNFStack, standard_normal_logprob
 from polyreg_cnf.engine.nets import ODENet
 from polyreg_cnf.engine.solver import SolverConfig
 from polyreg_cnf.models.checkpoint import check_checkpoint_kind, stamp_checkpoint_kind
+from polyreg_cnf.models.schedule import check_schedule, optimizer_config
 
 __all__ = ["CNFDensityEstimator"]
 
@@ -43,6 +44,8 @@ class CNFDensityEstimator(L.LightningModule):
         noise: Hutchinson probe distribution.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (from ``lr`` down to 0 over the run's
+            training steps; see :mod:`polyreg_cnf.models.schedule`).
         data_mean: Per-feature mean used to standardise the data (for raw scoring).
         data_std: Per-feature std used to standardise the data.
 
@@ -69,12 +72,14 @@ class CNFDensityEstimator(L.LightningModule):
                  solver: SolverConfig | dict[str, Any] | None = None,
                  trace: str = "hutchinson", eval_trace: str = "exact",
                  noise: str = "rademacher", lr: float = 1e-3, weight_decay: float = 0.0,
+                 lr_schedule: str = "constant",
                  data_mean: Sequence[float] | None = None,
                  data_std: Sequence[float] | None = None) -> None:
         super().__init__()
         check_int("num_blocks", num_blocks)
         check_number("lr", lr, strict=True)
         check_number("weight_decay", weight_decay)
+        self.lr_schedule = check_schedule(lr_schedule)
         if isinstance(solver, dict):
             solver = SolverConfig(**solver)
         solver = SolverConfig() if solver is None else solver
@@ -151,5 +156,6 @@ class CNFDensityEstimator(L.LightningModule):
         """The backprop selector when a block has ``backprop="auto"`` (agreed across ranks)."""
         return auto_backprop_callbacks(self)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def configure_optimizers(self) -> Any:
+        adam = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return optimizer_config(adam, self.lr_schedule, self.trainer.estimated_stepping_batches)

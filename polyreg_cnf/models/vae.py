@@ -30,6 +30,7 @@ from polyreg_cnf.engine.amortized import POSTERIORS, FlowPosterior
 from polyreg_cnf.engine.cnf import standard_normal_logprob
 from polyreg_cnf.engine.solver import SolverConfig
 from polyreg_cnf.models.checkpoint import check_checkpoint_kind, stamp_checkpoint_kind
+from polyreg_cnf.models.schedule import check_schedule, optimizer_config
 
 __all__ = [
     "ARCHITECTURES",
@@ -192,6 +193,7 @@ class CNFVAE(L.LightningModule):
         mlp_hidden: Hidden width of the MLP encoder/decoder.
         lr: Adamax learning rate (published: 5e-4).
         weight_decay: Adamax weight decay.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (see :mod:`polyreg_cnf.models.schedule`).
         warmup_epochs: Epochs over which beta rises from 0 to 1 (published: 100; 0 = none).
         is_samples: Importance samples S per test image (0 = skip the IS estimate).
         val_is_samples: Importance samples per validation image (0 = skip).
@@ -206,6 +208,7 @@ class CNFVAE(L.LightningModule):
                  trace: str = "hutchinson", eval_trace: str = "exact",
                  noise: str = "rademacher", feature_dim: int = 256, architecture: str = "auto",
                  mlp_hidden: int = 256, lr: float = 5e-4, weight_decay: float = 0.0,
+                 lr_schedule: str = "constant",
                  warmup_epochs: float = 100, is_samples: int = 1000, val_is_samples: int = 0,
                  is_chunk: int = 10) -> None:
         super().__init__()
@@ -228,6 +231,7 @@ class CNFVAE(L.LightningModule):
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         check_number("lr", lr, strict=True)
         check_number("weight_decay", weight_decay)
+        self.lr_schedule = check_schedule(lr_schedule)
         check_number("warmup_epochs", warmup_epochs)
         if isinstance(solver, dict):
             solver = SolverConfig(**solver)
@@ -442,8 +446,9 @@ class CNFVAE(L.LightningModule):
         """The backprop selector when a block has ``backprop="auto"`` (agreed across ranks)."""
         return auto_backprop_callbacks(self)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adamax(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def configure_optimizers(self) -> Any:
+        adamax = torch.optim.Adamax(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return optimizer_config(adamax, self.lr_schedule, self.trainer.estimated_stepping_batches)
 
 
 # ---------------------------------------------------------------------------- factory
