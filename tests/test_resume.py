@@ -195,13 +195,22 @@ SIGTERM_CASES = [("step", 17, 18), ("batch_end", 10, 10), ("epoch_end", 10, 11),
                  ("validation", 10, 10)]
 
 
-@pytest.mark.parametrize("hook, at, stops", SIGTERM_CASES, ids=[c[0] for c in SIGTERM_CASES])
-def test_sigterm_saves_and_resume_ends_with_the_uninterrupted_weights(tmp_path, hook, at, stops):
-    steps = 30
-    flags = ["--val-every", "10", "--limit-val-batches", "3"]
-    full = launch(tmp_path, tmp_path / "full", steps, flags)
-    assert full.returncode == 0, full.stderr[-2000:]
+SIGTERM_STEPS, SIGTERM_FLAGS = 30, ["--val-every", "10", "--limit-val-batches", "3"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The last checkpoint of the run the interrupted ones must end up matching."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    full = launch(tmp, tmp / "full", SIGTERM_STEPS, SIGTERM_FLAGS)
+    assert full.returncode == 0, full.stderr[-2000:]
+    return last_checkpoint(tmp / "full")
+
+
+@pytest.mark.parametrize("hook, at, stops", SIGTERM_CASES, ids=[c[0] for c in SIGTERM_CASES])
+def test_sigterm_saves_and_resume_ends_with_the_uninterrupted_weights(tmp_path, uninterrupted,
+                                                                      hook, at, stops):
+    steps, flags = SIGTERM_STEPS, SIGTERM_FLAGS
     out = tmp_path / "killed"
     proc = launch(tmp_path, out, steps, flags, signal_at=(hook, at, "SIGTERM"))
     assert proc.returncode == 143, proc.stderr[-2000:]
@@ -210,7 +219,7 @@ def test_sigterm_saves_and_resume_ends_with_the_uninterrupted_weights(tmp_path, 
 
     resumed = launch(tmp_path, out, steps, [*flags, "--ckpt-path", "last"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = last_checkpoint(tmp_path / "full"), last_checkpoint(out)
+    a, b = uninterrupted, last_checkpoint(out)
     assert a["global_step"] == b["global_step"] == steps
     for key in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5,
