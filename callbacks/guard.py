@@ -167,22 +167,23 @@ class RunGuard(L.Callback):
                 and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking):
             raise SIGTERMException
 
-    def _signal_seen(self, trainer: L.Trainer, sigint: bool = True) -> str | None:
+    def _signal_seen(self, trainer: L.Trainer) -> str | None:
         """The signal any process has received ("SIGTERM" first), the same on every process.
 
         A scheduler's SIGTERM (or a terminal's Ctrl+C) reaches the processes of a DDP run at
         slightly different points of a step, and saving is collective, so every process must
-        decide to stop at the same batch: the flags are reduced with "any" (a no-op in one
-        process; two one-element all-reduces per step under DDP).
+        decide to stop at the same batch: the flags are reduced with "any" (nothing in one
+        process; one two-element all-reduce per step under DDP).
         """
-        reduce = trainer.strategy.reduce_boolean_decision
         # Lightning's flag too, in case its handler is the one installed (a non-main thread).
         term = self._sigterm or bool(getattr(trainer, "received_sigterm", False))
-        if reduce(term, all=False):
-            return "SIGTERM"
-        if sigint and reduce(self._sigint, all=False):
-            return "SIGINT"
-        return None
+        interrupt = self._sigint
+        if trainer.world_size > 1:
+            flags = torch.tensor([term, interrupt], dtype=torch.float32,
+                                 device=trainer.strategy.root_device)
+            term, interrupt = (bool(v) for v in
+                               trainer.strategy.reduce(flags, reduce_op="max").tolist())
+        return "SIGTERM" if term else "SIGINT" if interrupt else None
 
     def _stop(self, trainer: L.Trainer, got: str) -> None:
         # Every process gets here at the same batch (see _signal_seen) and takes part in saving.
