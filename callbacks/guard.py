@@ -83,7 +83,6 @@ class RunGuard(L.Callback):
         self.interrupted: str | None = None
         self._sigint = False
         self._sigterm = False
-        self._launcher: Any = None
         self._old_sigint: Any = None
         self._pending_rng: dict[str, Any] | None = None
         self.fault_step: int | None = None
@@ -104,10 +103,8 @@ class RunGuard(L.Callback):
                        "(press Ctrl+C again to abort at once)")
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        if not self._sigterm and self._launcher is not None:
-            # Processes that Lightning's launcher started get the signal too, as Lightning's
-            # own handler does it.
-            self._launcher.kill(signum)
+        # No forwarding to the processes Lightning's launcher started (Lightning's handler does
+        # that): they learn of it at the next batch end, where every process agrees.
         self._sigterm = True
 
     @staticmethod
@@ -123,7 +120,6 @@ class RunGuard(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning installs its SIGTERM handler after on_fit_start and puts back the one from
         # before the fit when the fit ends, so ours goes in here and needs no restoring.
-        self._launcher = trainer.strategy.launcher
         self._install(signal.SIGTERM, self._on_sigterm)
 
     def _restore_sigint(self) -> None:

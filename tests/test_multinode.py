@@ -117,7 +117,7 @@ def test_two_nodes_on_loopback(tmp_path):
     assert_same_weights(tmp_path, 2)
 
 
-# The same launcher, but global rank 1 alone sends itself a real SIGTERM in the middle of step 3
+# The same launcher, but one global rank alone sends itself a real SIGTERM in the middle of step 3
 # (a scheduler's signal reaches the processes at different points). Saving is collective, so
 # both processes must agree to stop at the same batch, or the run hangs in the save's barrier.
 SIGTERM_ONE_RANK = textwrap.dedent("""
@@ -126,19 +126,19 @@ SIGTERM_ONE_RANK = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import train
 
-    class SigtermOnRankOne(L.Callback):
+    class SigtermOnOneRank(L.Callback):
         def on_before_backward(self, trainer, pl_module, loss):
-            if trainer.global_rank == 1 and trainer.global_step == 3:
+            if trainer.global_rank == {rank} and trainer.global_step == 3:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    sys.exit(train.main(callbacks=[SigtermOnRankOne()]))
+    sys.exit(train.main(callbacks=[SigtermOnOneRank()]))
 """)
 
 
 def test_sigterm_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     data = table(tmp_path)
     script = tmp_path / "launch_sigterm.py"
-    script.write_text(SIGTERM_ONE_RANK.format(root=str(ROOT)))
+    script.write_text(SIGTERM_ONE_RANK.format(root=str(ROOT), rank=1))
     port = free_port()
     procs = []
     for node in (0, 1):
@@ -159,4 +159,23 @@ def test_sigterm_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     # Rank 0 never received the signal itself, yet stopped after the same step and saved.
     assert "interrupted by SIGTERM at step 4;" in results[0][0]
     saved = tmp_path / "node0" / "cnf-table-poly-s0" / "checkpoints" / "last.ckpt"
+    assert torch.load(saved, weights_only=True)["global_step"] == 4
+
+
+def test_sigterm_on_the_launching_process_stops_the_processes_it_started(tmp_path):
+    # Lightning's plain launcher (--devices 2): rank 0 starts rank 1; the signal reaches rank 0
+    # only (as `kill <pid>` does), and the whole run still stops at one step, saved, exit 143.
+    data = table(tmp_path)
+    script = tmp_path / "launch_sigterm.py"
+    script.write_text(SIGTERM_ONE_RANK.format(root=str(ROOT), rank=0))
+    out = tmp_path / "runs"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    try:
+        proc = subprocess.run(command(script, data, out, ["--devices", "2", "--max-steps", "12"]),
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the DDP run hung after its launching process received SIGTERM")
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "interrupted by SIGTERM at step 4;" in proc.stdout
+    saved = out / "cnf-table-poly-s0" / "checkpoints" / "last.ckpt"
     assert torch.load(saved, weights_only=True)["global_step"] == 4
