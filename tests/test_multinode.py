@@ -98,17 +98,23 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_nodes_on_loopback(tmp_path):
-    data, script = table(tmp_path), write_wrapper(tmp_path)
+def start_two_nodes(script, data, tmp_path, extra=()):
+    """One process per "node" on loopback, each writing to ``tmp_path / node<k>``."""
     port = free_port()
     procs = []
     for node in (0, 1):
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(node))
-        out = tmp_path / f"node{node}"
         procs.append(subprocess.Popen(
-            command(script, data, out, ["--devices", "1", "--num-nodes", "2"]), cwd=tmp_path,
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            command(script, data, tmp_path / f"node{node}",
+                    ["--devices", "1", "--num-nodes", "2", *extra]),
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_two_nodes_on_loopback(tmp_path):
+    data, script = table(tmp_path), write_wrapper(tmp_path)
+    procs = start_two_nodes(script, data, tmp_path)
     results = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
@@ -139,15 +145,7 @@ def test_sigterm_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     data = table(tmp_path)
     script = tmp_path / "launch_sigterm.py"
     script.write_text(SIGTERM_ONE_RANK.format(root=str(ROOT), rank=1))
-    port = free_port()
-    procs = []
-    for node in (0, 1):
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(node))
-        procs.append(subprocess.Popen(
-            command(script, data, tmp_path / f"node{node}",
-                    ["--devices", "1", "--num-nodes", "2", "--max-steps", "12"]),
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = start_two_nodes(script, data, tmp_path, ["--max-steps", "12"])
     try:
         results = [p.communicate(timeout=180) for p in procs]
     except subprocess.TimeoutExpired:

@@ -158,6 +158,5 @@ class CNFDensityEstimator(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         adam = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        if self.lr_schedule == "constant":  # usable without a Trainer, too
-            return adam
-        return optimizer_config(adam, self.lr_schedule, self.trainer.estimated_stepping_batches)
+        return optimizer_config(adam, self.lr_schedule,
+                                lambda: self.trainer.estimated_stepping_batches)

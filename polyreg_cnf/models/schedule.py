@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,16 +30,18 @@ def check_schedule(name: str) -> str:
 
 
 def optimizer_config(optimizer: torch.optim.Optimizer, schedule: str,
-                     total_steps: int | float) -> Any:
+                     total_steps: Callable[[], int | float]) -> Any:
     """What ``configure_optimizers`` returns for ``optimizer`` under ``schedule``.
 
-    ``"cosine"`` decays every parameter group's rate along :func:`cosine_lr` once per
-    optimizer step, reaching 0 after ``total_steps`` (the trainer's
-    ``estimated_stepping_batches``); its state is saved in checkpoints, so a resumed run
+    ``"constant"``: the optimizer itself. ``"cosine"`` decays every parameter group's rate
+    along :func:`cosine_lr` once per optimizer step, reaching 0 after ``total_steps()`` steps
+    (the trainer's ``estimated_stepping_batches``: asked only here, so that a module with a
+    constant rate needs no Trainer); its state is saved in checkpoints, so a resumed run
     continues the same curve.
     """
     if check_schedule(schedule) == "constant":
         return optimizer
+    total_steps = total_steps()
     if not math.isfinite(total_steps) or total_steps < 1:
         raise ValueError(f"lr_schedule='cosine' needs a finite number of training steps "
                          f"(max_steps or max_epochs), got {total_steps}")

@@ -448,9 +448,8 @@ class CNFVAE(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         adamax = torch.optim.Adamax(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        if self.lr_schedule == "constant":  # usable without a Trainer, too
-            return adamax
-        return optimizer_config(adamax, self.lr_schedule, self.trainer.estimated_stepping_batches)
+        return optimizer_config(adamax, self.lr_schedule,
+                                lambda: self.trainer.estimated_stepping_batches)
 
 
 # ---------------------------------------------------------------------------- factory
