@@ -37,6 +37,7 @@ a rerun no longer produces those rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -55,7 +56,14 @@ sys.path.insert(0, str(ROOT))
 
 from polyreg_cnf.datamodules.toy import sample_toy  # noqa: E402
 
-from polyreg_cnf import CNF, ODENet, SolverConfig, standard_normal_logprob  # noqa: E402
+from polyreg_cnf import (  # noqa: E402
+    CNF,
+    Adjoint,
+    ODENet,
+    SolverConfig,
+    TrajectoryRecorder,
+    standard_normal_logprob,
+)
 
 __all__ = ["main", "measure", "train_toy"]
 
@@ -92,27 +100,23 @@ def train_toy(steps: int, tol: float, batch: int, seed: int = 0) -> CNF:
 def measure(cnf: CNF, x: torch.Tensor, variant: dict[str, Any], seminorm: bool, tol: float,
             seed: int) -> dict[str, float]:
     """NFE and seconds of one training step of ``cnf`` on ``x`` under ``variant``."""
-    adjoint = variant["backprop"] == "adjoint"
-    cnf.solver = SolverConfig(atol=tol, rtol=tol, backprop=variant["backprop"],
-                              seminorm=seminorm and adjoint, adjoint_carry_step=variant["carry"])
+    backprop = (Adjoint(carry=variant["carry"], seminorm=seminorm)
+                if variant["backprop"] == "adjoint" else variant["backprop"])
+    cnf.solver = SolverConfig(atol=tol, rtol=tol, backprop=backprop)
     cnf.nfe.reset()
     cnf.zero_grad(set_to_none=True)
-    if variant["K"]:
-        cnf.start_trajectory_penalty(variant["K"], 1)
-    else:
-        cnf.stop_trajectory_penalty()
-    try:
-        torch.manual_seed(seed)  # same probe and same penalty times for every variant
-        start, cpu_start = time.perf_counter(), time.process_time()
+    # the same probe and the same penalty times for every variant
+    recorder = TrajectoryRecorder(variant["K"], 1, generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with recorder if variant["K"] else contextlib.nullcontext():
         z, ladj = cnf(x)
-        loss = -(standard_normal_logprob(z) + ladj).mean()
-        if variant["K"]:
-            loss = loss + 5 * cnf.trajectory_penalty()
-        middle, cpu_middle = time.perf_counter(), time.process_time()
-        loss.backward()
-        end, cpu_end = time.perf_counter(), time.process_time()
-    finally:
-        cnf.stop_trajectory_penalty()
+    loss = -(standard_normal_logprob(z) + ladj).mean()
+    if variant["K"]:
+        loss = loss + 5 * recorder.penalty()
+    middle, cpu_middle = time.perf_counter(), time.process_time()
+    loss.backward()
+    end, cpu_end = time.perf_counter(), time.process_time()
     n = cnf.nfe
     return dict(forward_nfe=n.forward, backward_nfe=n.backward,
                 backward_steps=n.accepted_backward + n.rejected_backward,

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import polyreg_cnf  # noqa: E402
 from polyreg_cnf.engine import NFECounter, TrajectoryRecorder, record_nfe  # noqa: E402
-from polyreg_cnf.engine.dropin import penalty_grid  # noqa: E402
+from polyreg_cnf.engine.recording import penalty_grid  # noqa: E402
 
 __all__ = ["main"]
 

@@ -285,7 +285,8 @@ def run_preset(preset: str, reg: str, seed: int, steps: int, data_root: Path,
         stats = step_stats(run.monitor.history, clock.seconds)
     return dict(preset=preset, reg=reg, seed=seed, **stats, backprop=backprop_label(stats),
                 backprop_config=config.ode.backprop,
-                final_choice=sorted({str(b.backprop_choice) for b in blocks}),
+                final_choice=sorted({str(getattr(b.solver.backprop, "choice", None))
+                                     for b in blocks}),
                 torch_threads=threads, fit_wall=wall, load_start=load,
                 load_end=os.getloadavg()[0])
 

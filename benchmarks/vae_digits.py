@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from polyreg_cnf.datamodules.images import DigitsDataModule  # noqa: E402
 
-from polyreg_cnf.app.build import build, solver_config  # noqa: E402
+from polyreg_cnf.app.build import build  # noqa: E402
 from polyreg_cnf.app.config import resolve  # noqa: E402
 from polyreg_cnf.app.presets import VAE_PRESETS  # noqa: E402
 
@@ -221,7 +221,7 @@ def main() -> None:
         preset={k: v for k, v in VAE_PRESETS["digits"].items()}, epochs=args.epochs,
         is_samples=args.is_samples, seeds=args.seeds,
         wall_seconds=time.perf_counter() - start, notes=[], git_commit=git_commit(),
-        solver=solver_config(resolve({"model": "vae", "data": "digits"})).to_dict())
+        solver=resolve({"model": "vae", "data": "digits"}).solver().to_dict())
     summary = summarise(rows)
     meta["notes"] = notes(meta, summary)
     name = "vae_digits_quick" if args.quick else "vae_digits"

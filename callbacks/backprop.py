@@ -8,28 +8,27 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
+from polyreg_cnf.engine.backprop import Auto
+from polyreg_cnf.engine.ode import ode_blocks
 
 __all__ = ["BackpropSelector", "auto_backprop_callbacks"]
 
 
 class BackpropSelector(L.Callback):
-    """Agrees, logs and checkpoints the ``backprop="auto"`` choice of the model's ODE blocks.
+    """Agrees, logs and checkpoints the decision of the model's :class:`~polyreg_cnf.Auto`
+    backprop strategies.
 
-    Each ODE block whose solver has ``backprop="auto"`` proposes direct backprop or the adjoint
-    after every training solve from its own memory estimate (:mod:`polyreg_cnf.engine.memory`).
-    "adjoint" here means memory-bounded backprop: the block uses the adjoint for solves output
-    at their ends only and step checkpoints for solves with interior output times (the
-    penalty's), where the adjoint would stop at each of them (see ``ODEBlock``).
-    This callback, added by the project's LightningModules themselves (``configure_callbacks``),
-    turns the proposals into one decision per step:
+    The decision is made and kept in the ``Auto`` objects themselves (one per model, shared by
+    its blocks): after every training solve each block proposes direct or memory-bounded
+    backprop from its memory estimate (:mod:`polyreg_cnf.engine.memory`). This callback, added
+    by the project's LightningModules themselves (``configure_callbacks``), turns the proposals
+    into one decision per step with :meth:`Auto.agree`:
 
-    - the same on every DDP rank: if any rank's estimate does not fit, every rank uses the
-      adjoint (gradients are the same either way, the ranks only differ in memory);
+    - the same on every DDP rank: if any rank's estimate does not fit, every rank is
+      memory-bounded (gradients are the same either way, the ranks only differ in memory);
     - printed once whenever it changes and logged per step as ``backprop/adjoint`` (0 or 1);
     - saved in checkpoints, so a resumed run continues with the choice it had;
-    - sticky after an out-of-memory fallback: a block that ran out of memory in a direct solve
-      stays on the adjoint for the rest of the run.
+    - sticky after an out-of-memory fallback.
     """
 
     def __init__(self) -> None:
@@ -37,43 +36,42 @@ class BackpropSelector(L.Callback):
         self.choice: str | None = None
         self.fell_back = False
         self._announced: str | None = None
-        self._blocks: list[ODEBlock] = []
+        self._autos: list[Auto] = []
 
     @staticmethod
-    def _auto_blocks(pl_module: L.LightningModule) -> list[ODEBlock]:
-        return [b for b in ode_blocks(pl_module) if b.solver.backprop == "auto"]
-
-    def _apply(self, blocks: list[ODEBlock]) -> None:
-        for block in blocks:
-            block.backprop_choice = self.choice
-            if self.fell_back:
-                block.backprop_fell_back = True
+    def _find(pl_module: L.LightningModule) -> list[Auto]:
+        found: dict[int, Auto] = {}
+        for block in ode_blocks(pl_module):
+            if isinstance(block.solver.backprop, Auto):
+                found.setdefault(id(block.solver.backprop), block.solver.backprop)
+        return list(found.values())
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The model's blocks do not change during fit: find them once, not on every step.
-        self._blocks = self._auto_blocks(pl_module)
+        self._autos = self._find(pl_module)
         # A resumed run restores the choice before the first step (load_state_dict ran first).
         if self.choice is not None:
-            self._apply(self._blocks)
+            for auto in self._autos:
+                auto.agree(self.choice, self.fell_back)
             self._announce(self.choice, "restored from the checkpoint")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        blocks = self._blocks
-        if not blocks:
+        if not self._autos:
             return
-        fell_back = any(b.backprop_fell_back for b in blocks)
-        wants_adjoint = fell_back or any(b.backprop_proposal == "adjoint" for b in blocks)
-        # One decision for all ranks: the adjoint wins if any rank needs it.
-        flags = torch.tensor([float(wants_adjoint), float(fell_back)], device=pl_module.device)
+        fell_back = any(a.fell_back for a in self._autos)
+        wants_bound = any(a.wants_memory_bound() for a in self._autos)
+        # One decision for all ranks: memory-bounded wins if any rank needs it.
+        flags = torch.tensor([float(wants_bound), float(fell_back)], device=pl_module.device)
         flags = trainer.strategy.reduce(flags, reduce_op="max")
         self.fell_back = self.fell_back or bool(flags[1] > 0)
         choice = "adjoint" if bool(flags[0] > 0) else "direct"
         changed = choice != self.choice
         self.choice = choice
-        self._apply(blocks)
+        for auto in self._autos:
+            auto.agree(choice, self.fell_back)
         if changed:
-            why = ("a direct solve ran out of memory; staying on the adjoint for the rest of the "
+            why = ("a direct solve ran out of memory; staying memory-bounded for the rest of the "
                    "run" if self.fell_back else "from the memory estimate")
             self._announce(choice, why)
         pl_module.log("backprop/adjoint", float(choice == "adjoint"), on_step=True,
@@ -95,11 +93,11 @@ class BackpropSelector(L.Callback):
 
 
 def auto_backprop_callbacks(pl_module: L.LightningModule) -> list[L.Callback]:
-    """``[BackpropSelector()]`` if any ODE block of ``pl_module`` has ``backprop="auto"``.
+    """``[BackpropSelector()]`` if any ODE block of ``pl_module`` backpropagates with ``Auto``.
 
     The project's LightningModules return this from ``configure_callbacks``, so the choice is
     agreed, logged and checkpointed whoever builds the Trainer.
     """
-    if any(b.solver.backprop == "auto" for b in ode_blocks(pl_module)):
+    if any(isinstance(b.solver.backprop, Auto) for b in ode_blocks(pl_module)):
         return [BackpropSelector()]
     return []

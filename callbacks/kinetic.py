@@ -4,24 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 from polyreg_cnf.callbacks.loss_term import LossTermCallback
 from torch import Tensor
 
-from polyreg_cnf.engine.cnf import CNF
-from polyreg_cnf.engine.ode import ODEBlock
+from polyreg_cnf.engine._checks import check_number
+from polyreg_cnf.engine.kinetic import KineticRecorder
 
 __all__ = ["KineticRegularizer"]
 
 
 class KineticRegularizer(LossTermCallback):
-    r"""Adds RNODE's transport-cost penalty to the training loss of every CNF block.
+    r"""Adds RNODE's transport-cost penalty to the training loss of every CNF solve.
 
     .. math:: \lambda_K \int_0^T \tfrac12 \|f(t, z)\|^2 dt
               + \lambda_J \int_0^T \|\partial f / \partial z\|_F^2 dt
 
-    both integrated as extra ODE states (batch means), the Frobenius norm estimated with the
-    block's Hutchinson probe. Reference: Finlay, Jacobsen, Nurbekyan & Oberman, "How to train
-    your neural ODE: the world of Jacobian and kinetic regularization", ICML 2020.
+    both integrated as extra ODE states (batch means) by a
+    :class:`~polyreg_cnf.engine.kinetic.KineticRecorder`, the Frobenius norm estimated with the
+    solve's Hutchinson probe. ``reg/kinetic`` and ``reg/jacobian`` log the two integrals
+    unweighted. Reference: Finlay, Jacobsen, Nurbekyan & Oberman, "How to train your neural ODE:
+    the world of Jacobian and kinetic regularization", ICML 2020.
 
     Args:
         kinetic_coef: Weight of the kinetic energy (RNODE: 0.01).
@@ -32,28 +35,27 @@ class KineticRegularizer(LossTermCallback):
 
     def __init__(self, kinetic_coef: float = 0.01, jacobian_coef: float = 0.01) -> None:
         super().__init__(coef=1.0)
-        for name, value in (("kinetic_coef", kinetic_coef), ("jacobian_coef", jacobian_coef)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not 0 <= value < float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        self.kinetic_coef = float(kinetic_coef)
-        self.jacobian_coef = float(jacobian_coef)
+        self.kinetic_coef = check_number("kinetic_coef", kinetic_coef)
+        self.jacobian_coef = check_number("jacobian_coef", jacobian_coef)
 
-    def _start(self, block: ODEBlock) -> None:
-        if isinstance(block, CNF):
-            block.start_kinetic_penalty()
+    def make_observer(self, pl_module: L.LightningModule) -> KineticRecorder:
+        return KineticRecorder()
 
-    def _stop(self, block: ODEBlock) -> None:
-        if isinstance(block, CNF):
-            block.stop_kinetic_penalty()
+    def terms(self) -> dict[str, tuple[float, Tensor]]:
+        if self.observer is None or not self.observer.solves:
+            return {}
+        return {"reg/kinetic": (self.kinetic_coef, self.observer.kinetic),
+                "reg/jacobian": (self.jacobian_coef, self.observer.jacobian)}
 
-    def _block_penalty(self, block: ODEBlock) -> Tensor | None:
-        if not isinstance(block, CNF):
+    def settings(self) -> dict[str, float | int]:
+        return {"kinetic_coef": self.kinetic_coef, "jacobian_coef": self.jacobian_coef}
+
+    def _nothing_to_regularize(self, pl_module: L.LightningModule) -> str | None:
+        if self.observer is not None and self.observer.solves:
             return None
-        terms = block.kinetic_penalty()
-        if terms is None:
-            return None
-        return self.kinetic_coef * terms[0] + self.jacobian_coef * terms[1]
+        return (f"{type(self).__name__} found no CNF solve to regularize in the first training "
+                f"step of {type(pl_module).__name__}: the kinetic terms are integrated along "
+                f"polyreg_cnf.CNF solves; build the flow with polyreg_cnf.CNF.")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "kinetic_coef": self.kinetic_coef,

@@ -1,9 +1,15 @@
-"""Base for callbacks that add a penalty to the training loss of any LightningModule."""
+"""Base for callbacks that add a penalty to the training loss of any LightningModule.
+
+A regularizer is an engine observer (:mod:`polyreg_cnf.engine.observers`), made active around
+every training step, plus the loss term this base adds: it never reaches into the model's ODE
+blocks.
+"""
 
 from __future__ import annotations
 
 import functools
 from abc import abstractmethod
+from contextlib import ExitStack
 from typing import Any
 
 import lightning as L
@@ -11,7 +17,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
+from polyreg_cnf.engine._checks import check_number
+from polyreg_cnf.engine.observers import Observer
 
 __all__ = ["LossTermCallback"]
 
@@ -28,7 +35,8 @@ class LossTermCallback(L.Callback):
         loss = nll + self.regularizer.penalty(self)
         self.manual_backward(loss)
 
-    Subclasses say how blocks are switched on and off and how their penalties are collected.
+    Subclasses make the observer that records the penalty during a training step and say how
+    its records become loss terms.
 
     Args:
         coef: Weight of the penalty (>= 0).
@@ -36,82 +44,68 @@ class LossTermCallback(L.Callback):
 
     #: Metric name of the (unweighted) penalty, e.g. ``"reg/poly"``.
     metric: str = "reg/penalty"
-    #: Whether the penalty can come from something other than ODE blocks (then a module without
-    #: blocks is only rejected after its first training step recorded nothing).
-    needs_blocks: bool = True
 
     def __init__(self, coef: float) -> None:
         super().__init__()
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0 \
-                or coef == float("inf"):
-            raise ValueError(f"coef must be a finite number >= 0, got {coef!r}")
-        self.coef = float(coef)
+        self.coef = check_number("coef", coef)
         self.steps = 0
-        self._blocks: list[ODEBlock] = []
+        self.observer: Observer | None = None
         self._wrapped: L.LightningModule | None = None
+        self._step_stack: ExitStack | None = None
         self._added_this_step = False
         self._in_training_step = False
         self._checked_first_step = False
 
     # -------------------------------------------------------------- what subclasses provide
     @abstractmethod
-    def _start(self, block: ODEBlock) -> None:
-        """Switch the block's recording on for one training step."""
+    def make_observer(self, pl_module: L.LightningModule) -> Observer:
+        """The observer that records this step's penalty (made at fit start)."""
 
     @abstractmethod
-    def _stop(self, block: ODEBlock) -> None:
-        """Switch the block's recording off and drop what it recorded."""
+    def terms(self) -> dict[str, tuple[float, Tensor]]:
+        """This step's records as metric name -> (weight, unweighted value); empty if none."""
 
     @abstractmethod
-    def _block_penalty(self, block: ODEBlock) -> Tensor | None:
-        """The unweighted penalty the block recorded this step, or None."""
+    def settings(self) -> dict[str, float | int]:
+        """Every setting of the regularizer, as plain values (what a run logs)."""
 
-    def _extra_penalty(self) -> Tensor | None:
-        """The unweighted penalty recorded this step outside ODE blocks (none by default)."""
-        return None
-
+    @abstractmethod
     def _nothing_to_regularize(self, pl_module: L.LightningModule) -> str | None:
-        """After the first training step: why nothing could be regularized, or None if fine.
+        """After the first training step: why nothing could be regularized, or None if fine."""
 
-        The default needs ODE blocks, which :meth:`on_fit_start` already checked.
-        """
-        return None
+    def _clear(self) -> None:
+        """Drop what the observer recorded."""
+        if self.observer is not None:
+            self.observer.clear()
 
     # -------------------------------------------------------------- public
-    def raw_penalty(self, pl_module: L.LightningModule) -> Tensor | None:
-        """Unweighted penalty summed over every ODE block of ``pl_module`` this step."""
-        blocks = self._find_blocks(pl_module)
-        parts = [p for b in blocks if (p := self._block_penalty(b)) is not None]
-        extra = self._extra_penalty()
-        if extra is not None:
-            parts.append(extra)
-        if not parts:
+    def raw_penalty(self, pl_module: L.LightningModule | None = None) -> Tensor | None:
+        """This step's penalty without ``coef`` (inner weights applied), or None."""
+        terms = self.terms()
+        if not terms:
             return None
-        return torch.stack(parts).sum()
+        return torch.stack([w * v for w, v in terms.values()]).sum()
 
     def penalty(self, pl_module: L.LightningModule) -> Tensor:
-        """``coef * penalty`` for the current training step, to add to the loss; logs it.
+        """``coef * penalty`` for the current training step, to add to the loss; logs each
+        unweighted term under its metric name.
 
-        Returns a zero tensor when no block recorded anything (outside training steps).
+        Returns a zero tensor when nothing was recorded (outside training steps).
         """
-        raw = self.raw_penalty(pl_module)
         self._added_this_step = True
-        if raw is None:
+        terms = self.terms()
+        if not terms:
             return torch.zeros((), device=pl_module.device)
         if self._in_training_step:
-            pl_module.log(self.metric, raw.detach(), on_step=True, on_epoch=False, prog_bar=True,
-                          batch_size=1)
-        return self.coef * raw
+            for name, (_, value) in terms.items():
+                pl_module.log(name, value.detach(), on_step=True, on_epoch=False,
+                              prog_bar=name == self.metric, batch_size=1)
+        return self.coef * self.raw_penalty()
 
     # -------------------------------------------------------------- Lightning hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._blocks = ode_blocks(pl_module)
         self._checked_first_step = False
-        if not self._blocks and self.needs_blocks:
-            raise ValueError(
-                f"{type(self).__name__} found no ODE block in {type(pl_module).__name__}: build "
-                "the dynamics with polyreg_cnf.ODEBlock (neural ODE) or polyreg_cnf.CNF (flow) "
-                "so the callback can reach the trajectories.")
+        self.observer = self.make_observer(pl_module)
         if pl_module.automatic_optimization:
             self._wrap(pl_module)
         else:
@@ -122,35 +116,38 @@ class LossTermCallback(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._unwrap()
-        for block in self._blocks:
-            self._stop(block)
+        self._close_step()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
         self._in_training_step = False
         self._unwrap()
+        self._close_step()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         self._added_this_step = False
         self._in_training_step = True
-        for block in self._find_blocks(pl_module):
-            self._start(block)
+        self._close_step()
+        self._clear()
+        if self.observer is not None:
+            self._step_stack = ExitStack()
+            self._step_stack.enter_context(self.observer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._close_step()
         if not pl_module.automatic_optimization:
             self._check_first_step(pl_module)
         self._in_training_step = False
-        recorded = self.raw_penalty(pl_module) is not None
+        recorded = bool(self.terms())
         if recorded and not self._added_this_step:
-            rank_zero_warn(f"{type(self).__name__}: the ODE blocks recorded a penalty but it was "
+            rank_zero_warn(f"{type(self).__name__}: the solves recorded a penalty but it was "
                            "never added to the loss (manual optimization?): call "
                            "`callback.penalty(self)` in training_step.")
         if recorded:
             self.steps += 1
-        for block in self._find_blocks(pl_module):
-            self._stop(block)
+        self._clear()
 
     def state_dict(self) -> dict[str, Any]:
         return {"coef": self.coef, "steps": self.steps}
@@ -162,8 +159,10 @@ class LossTermCallback(L.Callback):
                            f"continuing with coef={self.coef} as configured now.")
 
     # -------------------------------------------------------------- internals
-    def _find_blocks(self, pl_module: L.LightningModule) -> list[ODEBlock]:
-        return self._blocks or ode_blocks(pl_module)
+    def _close_step(self) -> None:
+        if self._step_stack is not None:
+            self._step_stack.close()
+            self._step_stack = None
 
     def _check_first_step(self, pl_module: L.LightningModule) -> None:
         if self._checked_first_step:

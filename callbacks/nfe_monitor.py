@@ -8,8 +8,7 @@ from typing import Any
 
 import lightning as L
 
-from polyreg_cnf.engine.dropin import record_nfe
-from polyreg_cnf.engine.nfe import NFECounter, collect_nfe, reset_nfe
+from polyreg_cnf.engine.nfe import NFECounter, collect_nfe, record_nfe, reset_nfe
 
 __all__ = ["NFEMonitor"]
 

@@ -13,8 +13,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from polyreg_cnf.callbacks.loss_term import LossTermCallback
 from torch import Tensor, nn
 
-from polyreg_cnf.engine.dropin import TrajectoryRecorder, redirect_torchdiffeq
-from polyreg_cnf.engine.ode import ODEBlock
+from polyreg_cnf.engine._checks import check_int
+from polyreg_cnf.engine.dropin import redirect_torchdiffeq
+from polyreg_cnf.engine.recording import TrajectoryRecorder
 
 __all__ = ["POLY_PRESETS", "PolynomialTrajectoryRegularizer"]
 
@@ -79,16 +80,16 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
     """
 
     metric = "reg/poly"
-    needs_blocks = False
 
-    def __init__(self, coef: float = 5.0, num_samples: int = 2, order: int = 1, *,
+    def __init__(self, coef: float = POLY_PRESETS["paper"]["coef"],
+                 num_samples: int = POLY_PRESETS["paper"]["num_samples"],
+                 order: int = POLY_PRESETS["paper"]["order"], *,
                  intercept_torchdiffeq: bool = False, state_index: int = 0,
                  seed: int | None = None) -> None:
         super().__init__(coef)
         for name, value in (("num_samples", num_samples), ("order", order),
                             ("state_index", state_index)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            check_int(name, value, minimum=0)
         if num_samples < order:
             raise ValueError(
                 f"num_samples must be >= order (a degree-{order} fit through num_samples + 2 "
@@ -107,9 +108,7 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
         # Made at fit start (a Generator does not pickle, and ddp_spawn pickles callbacks).
         self._generator: torch.Generator | None = None
         self._restored = False
-        self._recorder: TrajectoryRecorder | None = None
         self._fit_stack: ExitStack | None = None
-        self._step_stack: ExitStack | None = None
         #: ``(module, name)`` of the names rebound for the current fit.
         self.redirected: list[tuple[str, str]] = []
 
@@ -121,20 +120,19 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
         return self._generator
 
     # ------------------------------------------------------------------ LossTermCallback
-    def _start(self, block: ODEBlock) -> None:
-        block.start_trajectory_penalty(self.num_samples, self.order, generator=self.generator)
+    def make_observer(self, pl_module: L.LightningModule) -> TrajectoryRecorder:
+        return TrajectoryRecorder(self.num_samples, self.order, state_index=self.state_index,
+                                  generator=self.generator)
 
-    def _stop(self, block: ODEBlock) -> None:
-        block.stop_trajectory_penalty()
+    def terms(self) -> dict[str, tuple[float, Tensor]]:
+        penalty = None if self.observer is None else self.observer.penalty()
+        return {} if penalty is None else {self.metric: (1.0, penalty)}
 
-    def _block_penalty(self, block: ODEBlock) -> Tensor | None:
-        return block.trajectory_penalty()
-
-    def _extra_penalty(self) -> Tensor | None:
-        return None if self._recorder is None else self._recorder.penalty()
+    def settings(self) -> dict[str, float | int]:
+        return {"coef": self.coef, "num_samples": self.num_samples, "order": self.order}
 
     def _nothing_to_regularize(self, pl_module: L.LightningModule) -> str | None:
-        if self._blocks or (self._recorder is not None and self._recorder.solves):
+        if self.observer is not None and self.observer.solves:
             return None
         name = type(pl_module).__name__
         seen = ("" if not self.intercept_torchdiffeq else
@@ -150,34 +148,15 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
         if not self._restored:
             seed = trainer.strategy.broadcast(self._run_seed(), src=0)
             self.generator.manual_seed(int(seed))
-        self._recorder = TrajectoryRecorder(self.num_samples, self.order,
-                                            state_index=self.state_index,
-                                            generator=self.generator)
+        super().on_fit_start(trainer, pl_module)
         self._close_fit()
         self._fit_stack = ExitStack()
         if self.intercept_torchdiffeq:
             self.redirected = self._fit_stack.enter_context(
                 redirect_torchdiffeq(_model_modules(pl_module)))
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self._close_step()
-        if self._recorder is not None:
-            self._recorder.clear()
-            self._step_stack = ExitStack()
-            self._step_stack.enter_context(self._recorder)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._close_step()
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._recorder is not None:
-            self._recorder.clear()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
@@ -218,11 +197,6 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
             base = torch.initial_seed()
         return (base + _SEED_OFFSET) % 2**63
 
-    def _close_step(self) -> None:
-        if self._step_stack is not None:
-            self._step_stack.close()
-            self._step_stack = None
-
     def _close_fit(self) -> None:
         if self._fit_stack is not None:
             self._fit_stack.close()
@@ -239,7 +213,7 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
         state = dict(self.__dict__)
         generator = state.pop("_generator")
         state["_generator_state"] = None if generator is None else generator.get_state()
-        state.update(_recorder=None, _fit_stack=None, _step_stack=None)
+        state.update(observer=None, _fit_stack=None, _step_stack=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -25,6 +25,17 @@ def _run_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _no_observer_left_active():
+    """No test may leave an observer (recorder, counter) active: it would watch later solves."""
+    from polyreg_cnf.engine import observers as observe
+
+    yield
+    left = observe._ACTIVE.get()
+    observe._ACTIVE.set(())
+    assert left == (), f"observers left active after the test: {left}"
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format, *args):  # keep the test output clean
         pass

@@ -9,8 +9,16 @@ from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
 import polyreg_cnf.engine.adjoint as adjoint_module
-from polyreg_cnf import CNF, ODEBlock, ODENet, SolverConfig, standard_normal_logprob
+from polyreg_cnf import (
+    CNF,
+    ODEBlock,
+    ODENet,
+    SolverConfig,
+    TrajectoryRecorder,
+    standard_normal_logprob,
+)
 from polyreg_cnf.engine.adjoint import odeint_adjoint_carry
+from polyreg_cnf.engine.backprop import Adjoint
 
 TIGHT = dict(rtol=1e-10, atol=1e-10, method="dopri5")
 VARIANTS = [dict(), dict(seed_first_step=False)]
@@ -115,16 +123,15 @@ def test_cnf_gradients_with_context_and_trainable_end_time(K):
         torch.manual_seed(5)
         net = ContextNet().double()
         cnf = CNF(net, T=0.8, train_T=True, trace="exact",
-                  solver=SolverConfig(adjoint=adjoint, adjoint_carry_step=carry, atol=1e-10,
-                                      rtol=1e-10))
+                  solver=SolverConfig(backprop=Adjoint(carry=carry) if adjoint else "direct",
+                                      atol=1e-10, rtol=1e-10))
         x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
         context = torch.randn(6, 1, dtype=torch.float64, requires_grad=True)
-        if K:
-            cnf.start_trajectory_penalty(K, 1)
-        z, ladj = cnf(x, context=context)
+        with TrajectoryRecorder(K, 1) as recorder:
+            z, ladj = cnf(x, context=context)
         loss = -(standard_normal_logprob(z) + ladj).mean()
         if K:
-            loss = loss + 5 * cnf.trajectory_penalty()
+            loss = loss + 5 * recorder.penalty()
         loss.backward()
         return [x.grad, context.grad] + [p.grad for p in cnf.parameters()]
 
@@ -138,16 +145,15 @@ def _backward_nfe(seed, carry, K, seminorm=False, tol=1e-5):
     """(forward, backward, accepted_backward, rejected_backward) of one CNF training step."""
     torch.manual_seed(seed)
     cnf = CNF(ODENet(2, (32, 32), layer_type="concatsquash", nonlinearity="tanh"),
-              solver=SolverConfig(atol=tol, rtol=tol, seminorm=seminorm,
-                                  adjoint_carry_step=carry))
+              solver=SolverConfig(atol=tol, rtol=tol,
+                                  backprop=Adjoint(carry=carry, seminorm=seminorm)))
     x = torch.randn(64, 2, generator=torch.Generator().manual_seed(100 + seed)) * 1.5
-    if K:
-        cnf.start_trajectory_penalty(K, 1)
-    torch.manual_seed(7)  # same probe and same penalty times for every variant
-    z, ladj = cnf(x)
+    torch.manual_seed(7)  # same probe for every variant; the recorder's own times
+    with TrajectoryRecorder(K, 1) as recorder:
+        z, ladj = cnf(x)
     loss = -(standard_normal_logprob(z) + ladj).mean()
     if K:
-        loss = loss + 5 * cnf.trajectory_penalty()
+        loss = loss + 5 * recorder.penalty()
     loss.backward()
     n = cnf.nfe
     return n.forward, n.backward, n.accepted_backward, n.rejected_backward
@@ -243,12 +249,12 @@ def test_ode_block_dispatch_uses_the_stock_adjoint_when_asked(monkeypatch):
         calls.append(1)
         return original(*args, **kwargs)
 
-    import polyreg_cnf.engine.ode as ode
-    monkeypatch.setattr(ode, "odeint_adjoint_carry", spy)
+    import polyreg_cnf.engine.solving as solve_module
+    monkeypatch.setattr(solve_module, "odeint_adjoint_carry", spy)
     block = ODEBlock(TimeLinear(2, 2), solver=SolverConfig())
     block(torch.randn(3, 2)).sum().backward()
     assert calls == [1]
-    ODEBlock(TimeLinear(2, 2), solver=SolverConfig(adjoint_carry_step=False))(
+    ODEBlock(TimeLinear(2, 2), solver=SolverConfig(backprop=Adjoint(carry=False)))(
         torch.randn(3, 2)).sum().backward()
     ODEBlock(TimeLinear(2, 2), solver=SolverConfig(method="rk4", step_size=0.25))(
         torch.randn(3, 2)).sum().backward()
@@ -392,7 +398,8 @@ def test_solver_config_with_jump_times_trains_through_the_carry_adjoint():
         torch.manual_seed(4)
         cnf = CNF(ODENet(2, (8,), layer_type="concatsquash", nonlinearity="tanh").double(),
                   trace="exact",
-                  solver=SolverConfig(adjoint=adjoint, atol=1e-10, rtol=1e-10,
+                  solver=SolverConfig(backprop="adjoint" if adjoint else "direct", atol=1e-10,
+                                      rtol=1e-10,
                                       extra_options={"jump_t": torch.tensor([0.3]),
                                                      "step_t": torch.tensor([0.6])}))
         x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

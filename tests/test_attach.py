@@ -479,11 +479,11 @@ def test_adjoint_penalty_gradient_matches_direct_backprop():
 
 def test_adjoint_backward_nfe_counted_and_stock_adjoint_kept_where_carry_cannot_follow(
         monkeypatch):
-    import polyreg_cnf.engine.dropin as dropin
+    import polyreg_cnf.engine.solving as solving
 
     carried = []
-    carry = dropin.odeint_adjoint_carry
-    monkeypatch.setattr(dropin, "odeint_adjoint_carry",
+    carry = solving.odeint_adjoint_carry
+    monkeypatch.setattr(solving, "odeint_adjoint_carry",
                         lambda *a, **k: carried.append(1) or carry(*a, **k))
     field = Field()
     x0 = torch.randn(3, 2)
@@ -550,32 +550,33 @@ def test_odeblock_grid_output_equals_torchdiffeq(grid, adjoint):
     t = GRIDS[grid]
     torch.manual_seed(0)
     field = Field()
-    block = ODEBlock(field, solver=SolverConfig(adjoint=adjoint, atol=1e-6, rtol=1e-6))
+    block = ODEBlock(field, solver=SolverConfig(backprop="adjoint" if adjoint else "direct",
+                                                atol=1e-6, rtol=1e-6))
     x0 = torch.randn(3, 2)
     ours = block(x0, t=t)
     theirs = real().odeint(field, x0, t, rtol=1e-6, atol=1e-6)
     assert ours.shape == (len(t), 3, 2)
     assert torch.equal(ours, theirs)
-    block.start_trajectory_penalty(3, 1, generator=torch.Generator().manual_seed(2))
-    recorded = block(x0, t=t)
+    with TrajectoryRecorder(3, 1, generator=torch.Generator().manual_seed(2)) as recorder:
+        recorded = block(x0, t=t)
     assert torch.equal(recorded, theirs)  # the interior times change nothing it returns
     expected = expected_penalty(lambda s, y: field(s, y), x0, t,
                                 torch.Generator().manual_seed(2), 1)
-    torch.testing.assert_close(block.trajectory_penalty(), expected, rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(recorder.penalty(), expected, rtol=1e-3, atol=1e-7)
 
 
 def test_reversed_odeblock_solve_is_penalised_like_its_trajectory():
     torch.manual_seed(0)
     field = Field()
-    block = ODEBlock(field, T=1.5, solver=SolverConfig(adjoint=False, atol=1e-7, rtol=1e-7))
+    block = ODEBlock(field, T=1.5, solver=SolverConfig(backprop="direct", atol=1e-7, rtol=1e-7))
     y1 = torch.randn(4, 2)
-    block.start_trajectory_penalty(3, 1, generator=torch.Generator().manual_seed(3))
-    (y0,) = block.solve(lambda s, st: (field(s, st[0]),), (y1,), reverse=True)
+    with TrajectoryRecorder(3, 1, generator=torch.Generator().manual_seed(3)) as recorder:
+        (y0,) = block.solve(lambda s, st: (field(s, st[0]),), (y1,), reverse=True)
     t = torch.tensor([1.5, 0.0])
     assert torch.equal(y0, real().odeint(field, y1, t, rtol=1e-7, atol=1e-7)[-1])
     expected = expected_penalty(field, y1, t, torch.Generator().manual_seed(3), 1)
-    assert block.trajectory_penalty().item() > 0
-    torch.testing.assert_close(block.trajectory_penalty(), expected, rtol=1e-4, atol=1e-8)
+    assert recorder.penalty().item() > 0
+    torch.testing.assert_close(recorder.penalty(), expected, rtol=1e-4, atol=1e-8)
     with pytest.raises(ValueError, match="give a decreasing grid"):
         block.solve(lambda s, st: st, (y1,), reverse=True, t=t)
 
@@ -589,7 +590,7 @@ def test_odeblock_refuses_a_field_whose_gradient_the_adjoint_would_drop():
     def field(s, state):  # closes over `scale`, which the adjoint cannot see
         return (scale * net(s, state[0]),)
 
-    block = ODEBlock(net, solver=SolverConfig(adjoint=True, atol=1e-7, rtol=1e-7))
+    block = ODEBlock(net, solver=SolverConfig(backprop="adjoint", atol=1e-7, rtol=1e-7))
     calls = net.nfe
     with pytest.raises(ValueError, match=r"depends on 1 tensor\(s\) requiring gradients that "
                                          r"the adjoint or the step checkpoints cannot see "
@@ -599,15 +600,15 @@ def test_odeblock_refuses_a_field_whose_gradient_the_adjoint_would_drop():
     # passed in extra_params it is fine, and its gradient is direct backprop's
     (y,) = block.solve(field, (x0,), extra_params=(scale,))
     (g_adjoint,) = torch.autograd.grad(y.sum(), scale)
-    direct = ODEBlock(net, solver=SolverConfig(adjoint=False, atol=1e-7, rtol=1e-7))
+    direct = ODEBlock(net, solver=SolverConfig(backprop="direct", atol=1e-7, rtol=1e-7))
     (g_direct,) = torch.autograd.grad(direct.solve(field, (x0,))[0].sum(), scale)
     torch.testing.assert_close(g_adjoint, g_direct, rtol=1e-4, atol=1e-6)
     with torch.no_grad():  # without gradients nothing can be dropped: no check, no error
-        ODEBlock(net, solver=SolverConfig(adjoint=True)).solve(field, (x0,))
+        ODEBlock(net, solver=SolverConfig(backprop="adjoint")).solve(field, (x0,))
 
 
 def test_odeblock_grid_is_validated():
-    block = ODEBlock(Field(), solver=SolverConfig(adjoint=False))
+    block = ODEBlock(Field(), solver=SolverConfig(backprop="direct"))
     for t, match in ((torch.tensor([0.0, 1.0, 0.5]), "strictly increasing or strictly "
                                                      "decreasing, got \\[0.0, 1.0, 0.5\\]"),
                      (torch.tensor([1.0]), "at least 2 times"),

@@ -10,14 +10,15 @@ from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
 from polyreg_cnf.datamodules.toy import ToyDataModule
 from torch import nn
 
-from polyreg_cnf import ODEBlock, SolverConfig, collect_nfe
+from polyreg_cnf import ODEBlock, SolverConfig, TrajectoryRecorder, collect_nfe
+from polyreg_cnf.engine.observers import active
 from polyreg_cnf.engine.ode import ode_blocks
 from polyreg_cnf.models import CNFDensityEstimator
 
 
 def small_model(**kw):
     solver = SolverConfig(atol=1e-3, rtol=1e-3, eval_atol=1e-4, eval_rtol=1e-4,
-                          adjoint=kw.pop("adjoint", True))
+                          backprop="adjoint" if kw.pop("adjoint", True) else "direct")
     return CNFDensityEstimator(2, hidden_dims=[16, 16], solver=solver, **kw)
 
 
@@ -58,10 +59,10 @@ def polyfit_penalty(t, z, order):
     return float(np.square(residuals).sum()) / (n * batch)
 
 
-class TrajectoryRecorder:
+class PenaltySpy:
     """Records every (t, z, order) the engine hands to the penalty, wherever it computes it."""
 
-    MODULES = ("polyreg_cnf.engine.ode", "polyreg_cnf.engine.dropin")
+    MODULES = ("polyreg_cnf.engine.recording",)
 
     def __init__(self, monkeypatch):
         from polyreg_cnf.engine.penalty import trajectory_polynomial_penalty
@@ -73,12 +74,8 @@ class TrajectoryRecorder:
             return trajectory_polynomial_penalty(t, z, order)
 
         for name in self.MODULES:
-            try:
-                module = importlib.import_module(name)
-            except ImportError:
-                continue
-            if hasattr(module, "trajectory_polynomial_penalty"):
-                monkeypatch.setattr(module, "trajectory_polynomial_penalty", spy)
+            monkeypatch.setattr(importlib.import_module(name), "trajectory_polynomial_penalty",
+                                spy)
 
     def take(self):
         """Sum of the numpy reference penalties recorded since the last call, and their count."""
@@ -100,7 +97,7 @@ def test_loss_changes_by_exactly_coef_times_penalty_with_one_backward(accumulate
     """loss = (nll + coef * penalty) / accumulate, the penalty recomputed here with
     numpy.polyfit from the trajectory the block recorded (not through the code under test)."""
     L.seed_everything(0)
-    recorder = TrajectoryRecorder(monkeypatch)
+    recorder = PenaltySpy(monkeypatch)
     reg = PolynomialTrajectoryRegularizer(coef=3.0, num_samples=2, order=1)
 
     class PolyfitSpy(LossSpy):
@@ -139,8 +136,7 @@ def test_penalty_logged_and_never_active_outside_training_steps():
         active = []
 
         def _check(self, pl_module):
-            self.active.append(any(b._poly is not None for b in
-                                   pl_module.flow.blocks))
+            self.active.append(active(TrajectoryRecorder) is not None)
 
         def on_validation_batch_start(self, trainer, pl_module, *args):
             self._check(pl_module)
@@ -273,7 +269,7 @@ def test_callback_works_on_a_plain_user_module_returning_a_dict():
     assert t.callback_metrics["nfe/forward"].item() >= 8
     # backprop="auto" (the default) measured on the first step and chose direct backprop
     assert t.callback_metrics["nfe/backward"].item() == 0
-    assert model.ode.backprop_choice == "direct"
+    assert model.ode.solver.backprop.site(model.ode).choice == "direct"
 
 
 def test_regularizer_straightens_the_user_trajectories():
@@ -283,11 +279,11 @@ def test_regularizer_straightens_the_user_trajectories():
         model = NeuralODERegressor()
         cbs = [PolynomialTrajectoryRegularizer(coef=coef)] if coef else []
         trainer(cbs, max_steps=25).fit(model, regression_data())
-        model.ode.start_trajectory_penalty(4, 1)
         x = next(iter(regression_data()))[0]
         torch.manual_seed(3)
-        model.ode(x)
-        return model.ode.trajectory_penalty().item()
+        with TrajectoryRecorder(4, 1) as recorder:
+            model.ode(x)
+        return recorder.penalty().item()
 
     assert curvature(50.0) < 0.5 * curvature(0.0)
 
@@ -349,12 +345,11 @@ def test_kinetic_regularizer_adds_its_weighted_terms():
     reg = KineticRegularizer(kinetic_coef=0.5, jacobian_coef=0.25)
 
     class TermSpy(LossSpy):
-        """The blocks' unweighted (kinetic, Jacobian) integrals, read from the engine."""
+        """The solves' unweighted (kinetic, Jacobian) integrals, read from the recorder."""
 
         def on_before_backward(self, trainer, pl_module, loss):
             super().on_before_backward(trainer, pl_module, loss)
-            self.penalties[-1] = [None if (k := b.kinetic_penalty()) is None
-                                  else (k[0].item(), k[1].item()) for b in ode_blocks(pl_module)]
+            self.penalties[-1] = [(k.item(), j.item()) for k, j in reg.observer.terms]
 
     spy = TermSpy(reg)
     model = NLLSpy(2, hidden_dims=[16, 16], solver=SolverConfig(atol=1e-3, rtol=1e-3))

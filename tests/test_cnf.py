@@ -10,16 +10,19 @@ from torch import nn
 from polyreg_cnf import (
     CNF,
     CNFStack,
+    KineticRecorder,
     NFELimitError,
     ODEBlock,
     ODENet,
     SolverConfig,
+    TrajectoryRecorder,
     collect_nfe,
     divergence_exact,
     divergence_hutchinson,
     reset_nfe,
     standard_normal_logprob,
 )
+from polyreg_cnf.engine.backprop import Adjoint
 
 TIGHT = dict(atol=1e-10, rtol=1e-10)
 
@@ -46,7 +49,8 @@ def random_A(d, seed):
 @pytest.mark.parametrize("adjoint", [False, True])
 def test_linear_ode_matches_expm_and_trace(trace, adjoint):
     A, T = random_A(3, 0), 1.3
-    cnf = CNF(Linear(A), T=T, trace=trace, solver=SolverConfig(adjoint=adjoint, **TIGHT))
+    backprop = "adjoint" if adjoint else "direct"
+    cnf = CNF(Linear(A), T=T, trace=trace, solver=SolverConfig(backprop=backprop, **TIGHT))
     z0 = torch.randn(5, 3, dtype=torch.float64)
     zT, ladj = cnf(z0)
     np.testing.assert_allclose(zT.detach().numpy(), z0.numpy() @ expm(T * A).T, atol=1e-8)
@@ -60,7 +64,7 @@ def test_linear_ode_matches_expm_and_trace(trace, adjoint):
 
 
 def test_reverse_inverts_the_forward_map():
-    cnf = CNF(ODENet(2, (16, 16)), T=0.7, solver=SolverConfig(adjoint=False, **TIGHT),
+    cnf = CNF(ODENet(2, (16, 16)), T=0.7, solver=SolverConfig(backprop="direct", **TIGHT),
               trace="exact").double()
     x = torch.randn(6, 2, dtype=torch.float64)
     z, ladj = cnf(x)
@@ -80,7 +84,7 @@ def test_gaussian_to_gaussian_flow_gives_the_exact_log_likelihood():
     # z(T) = e^{TA} x + A^{-1}(e^{TA} - I) b; choose b so that z(T) = e^{TA}(x - mu)
     E = expm(T * A)
     b = A @ np.linalg.solve(E - np.eye(3), -E @ mu)
-    cnf = CNF(Linear(A, b), T=T, trace="exact", solver=SolverConfig(adjoint=False, **TIGHT))
+    cnf = CNF(Linear(A, b), T=T, trace="exact", solver=SolverConfig(backprop="direct", **TIGHT))
     x = torch.from_numpy(rng.multivariate_normal(mu, M @ M.T, size=50))
     z, ladj = cnf(x)
     logp = standard_normal_logprob(z) + ladj
@@ -105,7 +109,7 @@ def test_gradcheck_through_a_fixed_step_solve():
     torch.manual_seed(1)
     net = ODENet(2, (5,), nonlinearity="tanh").double()
     cnf = CNF(net, T=0.5, trace="exact",
-              solver=SolverConfig(method="rk4", step_size=0.125, adjoint=False))
+              solver=SolverConfig(method="rk4", step_size=0.125, backprop="direct"))
     x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     w = net.layers[0].linear.weight
 
@@ -142,11 +146,12 @@ def test_adjoint_gradients_equal_direct_backprop(seminorm, train_T):
         torch.manual_seed(5)
         net = ODENet(2, (8, 8), layer_type="concatsquash", nonlinearity="softplus").double()
         cnf = CNF(net, T=0.8, train_T=train_T, trace="exact",
-                  solver=SolverConfig(adjoint=adjoint, seminorm=seminorm and adjoint, **TIGHT))
+                  solver=SolverConfig(backprop=Adjoint(seminorm=seminorm) if adjoint else "direct",
+                                      **TIGHT))
         x = torch.randn(7, 2, dtype=torch.float64, requires_grad=True)
-        cnf.start_trajectory_penalty(3, 1)
-        z, ladj = cnf(x)
-        loss = -(standard_normal_logprob(z) + ladj).mean() + 5 * cnf.trajectory_penalty()
+        with TrajectoryRecorder(3, 1) as recorder:
+            z, ladj = cnf(x)
+        loss = -(standard_normal_logprob(z) + ladj).mean() + 5 * recorder.penalty()
         loss.backward()
         return [x.grad] + [p.grad for p in cnf.parameters()]
 
@@ -164,10 +169,10 @@ def test_penalty_times_cost_no_extra_forward_steps(trace):
     cnf(x)
     plain = collect_nfe(cnf)
     reset_nfe(cnf)
-    cnf.start_trajectory_penalty(num_samples=5, order=2)
     torch.manual_seed(9)
-    cnf(x)
-    penalty = cnf.trajectory_penalty()
+    with TrajectoryRecorder(num_samples=5, order=2) as recorder:
+        cnf(x)
+    penalty = recorder.penalty()
     assert penalty is not None and penalty.item() > 0  # a curved trajectory is penalised
     regularized = collect_nfe(cnf)
     assert regularized["forward"] == plain["forward"] > 8
@@ -177,7 +182,7 @@ def test_penalty_times_cost_no_extra_forward_steps(trace):
 
 def test_nfe_counts_forward_and_backward_apart():
     torch.manual_seed(0)
-    cnf = CNF(ODENet(2, (16,)), solver=SolverConfig(adjoint=True, atol=1e-4, rtol=1e-4))
+    cnf = CNF(ODENet(2, (16,)), solver=SolverConfig(backprop="adjoint", atol=1e-4, rtol=1e-4))
     z, ladj = cnf(torch.randn(10, 2))
     nfe = cnf.nfe
     # dopri5: 2 evaluations to pick the first step, then 6 per step (first same as last)
@@ -195,7 +200,7 @@ def test_nfe_counts_forward_and_backward_apart():
 
 
 def test_direct_backprop_has_no_backward_evaluations():
-    cnf = CNF(ODENet(2, (16,)), solver=SolverConfig(adjoint=False))
+    cnf = CNF(ODENet(2, (16,)), solver=SolverConfig(backprop="direct"))
     z, ladj = cnf(torch.randn(10, 2))
     (z.sum() + ladj.sum()).backward()
     assert cnf.nfe.backward == 0 and cnf.nfe.forward > 0
@@ -212,7 +217,7 @@ def test_probe_is_fixed_within_a_solve_and_redrawn_between_solves():
         def forward(self, t, z):
             return torch.tanh(self.lin(z))
 
-    cnf = CNF(Spy(), trace="hutchinson", solver=SolverConfig(adjoint=False))
+    cnf = CNF(Spy(), trace="hutchinson", solver=SolverConfig(backprop="direct"))
     original = torch.autograd.grad
 
     def spy_grad(outputs, inputs, grad_outputs=None, **kw):
@@ -235,22 +240,21 @@ def test_probe_is_fixed_within_a_solve_and_redrawn_between_solves():
 
 
 def test_penalty_recorded_only_when_training_with_grad():
-    cnf = CNF(ODENet(2, (8,)), solver=SolverConfig(adjoint=False))
+    cnf = CNF(ODENet(2, (8,)), solver=SolverConfig(backprop="direct"))
     x = torch.randn(4, 2)
-    cnf.start_trajectory_penalty(2, 1)
-    cnf.eval()
-    cnf(x)
-    assert cnf.trajectory_penalty() is None
-    cnf.train()
-    with torch.no_grad():
+    with TrajectoryRecorder(2, 1) as recorder:
+        cnf.eval()
         cnf(x)
-    assert cnf.trajectory_penalty() is None
+        assert recorder.penalty() is None
+        cnf.train()
+        with torch.no_grad():
+            cnf(x)
+        assert recorder.penalty() is None
+        cnf(x)
+        cnf(x)
+        assert recorder.penalty() is not None and len(recorder.penalties) == 2
     cnf(x)
-    cnf(x)
-    assert cnf.trajectory_penalty() is not None and len(cnf._penalties) == 2
-    cnf.stop_trajectory_penalty()
-    cnf(x)
-    assert cnf.trajectory_penalty() is None
+    assert len(recorder.penalties) == 2
 
 
 def test_evaluation_uses_evaluation_tolerances():
@@ -287,7 +291,7 @@ def test_max_nfe_fails_fast():
 
 
 def test_plain_ode_block_and_stack():
-    block = ODEBlock(Linear(random_A(2, 1)), T=1.0, solver=SolverConfig(adjoint=False, **TIGHT))
+    block = ODEBlock(Linear(random_A(2, 1)), T=1.0, solver=SolverConfig(backprop="direct", **TIGHT))
     y0 = torch.randn(3, 2, dtype=torch.float64)
     np.testing.assert_allclose(block(y0).detach().numpy(),
                                y0.numpy() @ expm(random_A(2, 1)).T, atol=1e-8)
@@ -309,7 +313,8 @@ def test_plain_ode_block_and_stack():
     (dict(eval_atol=float("nan")), "eval_atol"),
     (dict(method="rk4"), "needs step_size"),
     (dict(max_nfe=0), "max_nfe must be a positive int"),
-    (dict(adjoint=False, seminorm=True), "seminorm=True only applies"),
+    (dict(backprop="sideways"), "backprop must be one of auto, direct, adjoint, checkpoint"),
+    (dict(method="euler", step_size=0.1, backprop="checkpoint"), "fixed-grid"),
 ])
 def test_solver_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -340,17 +345,17 @@ def test_kinetic_terms_match_closed_forms_for_linear_dynamics():
     # Hutchinson Frobenius term averages to T ||A||_F^2.
     A, T = random_A(2, 7), 0.9
     cnf = CNF(Linear(A), T=T, trace="hutchinson", noise="gaussian",
-              solver=SolverConfig(adjoint=False, **TIGHT))
+              solver=SolverConfig(backprop="direct", **TIGHT))
     torch.manual_seed(0)
     z0 = torch.randn(1, 2, dtype=torch.float64).repeat(4000, 1)
-    cnf.start_kinetic_penalty()
-    z, ladj = cnf(z0)
-    kinetic, jacobian = cnf.kinetic_penalty()
+    with KineticRecorder() as recorder:
+        z, ladj = cnf(z0)
+    kinetic, jacobian = recorder.kinetic, recorder.jacobian
     ts = np.linspace(0, T, 2001)
     vals = [0.5 * np.sum((A @ expm(t * A) @ z0[0].numpy()) ** 2) for t in ts]
     np.testing.assert_allclose(kinetic.item(), np.trapezoid(vals, ts), rtol=1e-5)
     assert jacobian.item() == pytest.approx(T * np.sum(A ** 2), rel=0.05)
     # the flow itself is unchanged by the extra states
     np.testing.assert_allclose(z.detach().numpy(), z0.numpy() @ expm(T * A).T, atol=1e-8)
-    cnf.stop_kinetic_penalty()
-    assert cnf.kinetic_penalty() is None
+    cnf(z0)
+    assert recorder.solves == 1

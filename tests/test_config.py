@@ -1,6 +1,7 @@
 """The run configuration: one typed definition, its command line, files, presets and build."""
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -28,9 +29,10 @@ from polyreg_cnf.app.config import (
 from polyreg_cnf.app.presets import PRESETS, TABLE_PRESET, TOY_PRESET, VAE_PRESETS
 from polyreg_cnf.app.run_logging import LOGGER_KINDS
 from polyreg_cnf.engine.amortized import POSTERIORS
+from polyreg_cnf.engine.backprop import BACKPROP_KINDS
 from polyreg_cnf.engine.cnf import TRACE_TYPES
 from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
-from polyreg_cnf.engine.solver import ADAPTIVE_METHODS, BACKPROP_MODES, FIXED_METHODS
+from polyreg_cnf.engine.solver import METHODS
 from polyreg_cnf.engine.trace import NOISE_TYPES
 from polyreg_cnf.models import CNFDensityEstimator
 from polyreg_cnf.models.vae import ARCHITECTURES, CNFVAE
@@ -56,8 +58,9 @@ REGISTRIES = {
     "layer_type": tuple(LAYER_TYPES), "nonlinearity": tuple(NONLINEARITIES),
     "trace": TRACE_TYPES, "eval_trace": TRACE_TYPES, "noise": NOISE_TYPES,
     "posterior": POSTERIORS, "architecture": ARCHITECTURES,
-    "solver": ADAPTIVE_METHODS + FIXED_METHODS, "logger": LOGGER_KINDS,
-    "backprop": BACKPROP_MODES, "poly_preset": ("paper",), "lr_schedule": ("constant", "cosine"),
+    "solver": METHODS, "logger": LOGGER_KINDS,
+    "backprop": tuple(BACKPROP_KINDS), "poly_preset": ("paper",),
+    "lr_schedule": ("constant", "cosine"),
 }
 
 
@@ -94,15 +97,18 @@ def test_a_bad_choice_echoes_the_value_and_lists_the_choices(name, capsys):
     ({"hidden_dims": [64, 0]}, "--hidden-dims must be comma-separated positive widths like "
                                "64,64,64, got [64, 0]"),
     ({"seminorm": "yes"}, "--seminorm must be true or false, got 'yes'"),
-    ({"memory_share": 2.0}, "--memory-share must be in (0, 1], got 2.0"),
+    ({"memory_share": 2.0},
+     "--backprop auto: Auto: memory_share must be a number in (0, 1] or None, got 2.0"),
     ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
     ({"devices": "two"}, "--devices must be a positive integer or 'auto', got 'two'"),
-    ({"seminorm": True, "backprop": "direct"}, "--seminorm applies to the adjoint only"),
+    ({"seminorm": True, "backprop": "direct"}, "--seminorm does not apply to --backprop direct"),
     ({"seminorm": True, "backprop": "checkpoint"},
-     "--seminorm applies to the adjoint only (got --backprop checkpoint)"),
+     "--seminorm does not apply to --backprop checkpoint"),
     ({"backprop": "checkpoint", "solver": "rk4", "step_size": 0.1},
-     "--solver rk4 is fixed-grid (use --backprop direct)"),
-    ({"backprop": "checkpoint", "train_T": True}, "cannot learn the end time (--train-T)"),
+     "--solver rk4 --backprop checkpoint: StepCheckpoint recomputes adaptive Runge-Kutta "
+     "steps; method 'rk4' is fixed-grid"),
+    ({"backprop": "checkpoint", "train_T": True},
+     "StepCheckpoint cannot learn the end time (train_T=True)"),
     ({"data": "power", "hidden_dims": None, "nhidden": None},
      "give --hidden-dims, or --hdim-factor and --nhidden"),
     ({"lrate": 1}, "unknown options ['lrate']; valid: model, reg, data"),
@@ -354,3 +360,35 @@ def test_poly_preset_gives_the_paper_settings_and_flags_override_it():
         (5.0, 2, 1, True)
     with pytest.raises(ValueError, match="unknown poly preset 'x'; valid: paper"):
         PolynomialTrajectoryRegularizer.from_preset("x")
+
+
+def _plain(hparams):
+    """Hyperparameters as plain JSON values (tuples and lists alike)."""
+    return json.loads(json.dumps(dict(hparams), default=list))
+
+
+@pytest.mark.parametrize("model,data,shape", [
+    ("cnf", "checkerboard", None),  # the toy network is every default
+    ("vae", "mnist", (1, 28, 28)),  # FFJORD's published MNIST VAE is CNFVAE's defaults
+])
+def test_a_directly_built_model_resolves_the_settings_train_py_does(model, data, shape):
+    from types import SimpleNamespace
+
+    from polyreg_cnf.callbacks import KineticRegularizer, PolynomialTrajectoryRegularizer
+
+    from polyreg_cnf.app.build import make_model, make_regularizer
+    from polyreg_cnf.models import CNFDensityEstimator
+    from polyreg_cnf.models.vae import CNFVAE
+
+    config = resolve({"model": model, "data": data})
+    if model == "cnf":
+        built = make_model(config, SimpleNamespace(dim=2))
+        direct = CNFDensityEstimator(2)
+    else:
+        built = make_model(config, SimpleNamespace(image_shape=shape, likelihood="bernoulli"))
+        direct = CNFVAE(shape, "bernoulli")
+    assert _plain(built.hparams) == _plain(direct.hparams)
+    # the tolerances in force, one source: 1e-4 while training, 1e-5 in evaluation (paper)
+    assert built.hparams["solver"]["atol"] == 1e-4 and built.hparams["solver"]["eval_atol"] == 1e-5
+    for reg, cls in (("poly", PolynomialTrajectoryRegularizer), ("kinetic", KineticRegularizer)):
+        assert make_regularizer(config.replace(reg=reg)).settings() == cls().settings()

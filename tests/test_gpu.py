@@ -32,7 +32,9 @@ from polyreg_cnf import (
     standard_normal_logprob,
     trajectory_polynomial_penalty,
 )
-from polyreg_cnf.engine.dropin import TrajectoryRecorder, record_nfe
+from polyreg_cnf.engine.backprop import Auto
+from polyreg_cnf.engine.nfe import record_nfe
+from polyreg_cnf.engine.recording import TrajectoryRecorder
 from polyreg_cnf.models import CNFDensityEstimator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,7 +197,8 @@ def test_auto_backprop_measures_chooses_direct_and_trains_on_cuda():
 
     L.seed_everything(0)
     tight = CNFDensityEstimator(2, hidden_dims=[16, 16],
-                                solver=SolverConfig(atol=1e-3, rtol=1e-3, memory_share=1e-12))
+                                solver=SolverConfig(atol=1e-3, rtol=1e-3,
+                                                    backprop=Auto(memory_share=1e-12)))
     spy = StepBackward()
     _fit_on_gpu(tight, 3, [spy])
     assert all(n > 0 for n in spy.backward)  # the estimate does not fit: the adjoint throughout

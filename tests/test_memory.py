@@ -34,7 +34,7 @@ def test_bytes_per_evaluation_times_nfe_predicts_a_direct_solve(dim, batch):
     # times the forward NFE, must equal what a whole direct-backprop solve keeps (within 5 %).
     torch.manual_seed(0)
     net = ODENet(dim, (32, 32), layer_type="concatsquash", nonlinearity="tanh")
-    cnf = CNF(net, solver=SolverConfig(adjoint=False, atol=1e-5, rtol=1e-5))
+    cnf = CNF(net, solver=SolverConfig(backprop="direct", atol=1e-5, rtol=1e-5))
     x = torch.randn(batch, dim)
     _, whole = saved_tensor_bytes(cnf, x)
     nfe = cnf.nfe.forward
@@ -62,13 +62,45 @@ def test_choice_rule_is_the_documented_inequality():
         choose_backprop(1, 1, 1, share=0.5, headroom=0.5)
 
 
-def test_default_share_is_more_conservative_on_cpu():
-    assert memory.default_memory_share("cpu") == memory.CPU_MEMORY_SHARE == 0.25
-    assert memory.default_memory_share("cuda") == memory.CUDA_MEMORY_SHARE == 0.5
+def _write(folder, name, text):
+    path = folder / name
+    path.write_text(text)
+    return str(path)
 
 
-def test_available_memory_reads_meminfo_and_respects_a_cgroup_limit(monkeypatch):
-    free = available_memory("cpu")
-    assert free > 0
-    monkeypatch.setattr(memory, "_cgroup_available", lambda: 12345.0)
-    assert available_memory("cpu") == 12345
+@pytest.mark.parametrize("files,expected", [
+    # cgroup v2: limit and usage in bytes
+    ({"v2": ("4000000000\n", "1500000000\n")}, 2_500_000_000),
+    # v2 unlimited ("max"): v1 is consulted next
+    ({"v2": ("max\n", "100\n"), "v1": ("3000000000\n", "1000000000\n")}, 2_000_000_000),
+    # v1's "unlimited" is a number near 2**63
+    ({"v1": (f"{2**63 - 4096}\n", "100\n")}, None),
+    # usage above the limit: nothing left, never negative
+    ({"v2": ("1000\n", "5000\n")}, 0),
+    # corrupt usage: skipped, like a missing file
+    ({"v2": ("1000000\n", "lots\n")}, None),
+    ({}, None),
+])
+def test_cgroup_limit_is_read_from_the_controller_files(tmp_path, monkeypatch, files, expected):
+    # meminfo says 3 GB available; the cgroup (when it has a limit) says how much is left
+    monkeypatch.setattr(memory, "MEMINFO", _write(tmp_path, "meminfo",
+                                                  "MemTotal: 8000000 kB\n"
+                                                  "MemAvailable: 3000000 kB\n"))
+    pairs = []
+    for version in ("v2", "v1"):
+        if version in files:
+            limit, usage = files[version]
+            pairs.append((_write(tmp_path, f"{version}.limit", limit),
+                          _write(tmp_path, f"{version}.usage", usage)))
+        else:
+            pairs.append((str(tmp_path / f"{version}.missing"), str(tmp_path / "nope")))
+    monkeypatch.setattr(memory, "CGROUP_FILES", tuple(pairs))
+    meminfo = 3_000_000 * 1024
+    assert available_memory("cpu") == (meminfo if expected is None else expected)
+
+
+def test_meminfo_without_the_line_or_file_counts_as_no_free_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "CGROUP_FILES", ())
+    monkeypatch.setattr(memory, "MEMINFO", _write(tmp_path, "meminfo", "MemTotal: 1 kB\n"))
+    assert available_memory("cpu") == 0  # the safe side: choose_backprop then picks the adjoint
+    assert choose_backprop(1, 1, available_memory("cpu"), share=1.0) == "adjoint"

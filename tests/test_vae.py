@@ -11,7 +11,7 @@ import torch
 from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
 from polyreg_cnf.datamodules.images import DigitsDataModule
 
-from polyreg_cnf import SolverConfig
+from polyreg_cnf import SolverConfig, TrajectoryRecorder
 from polyreg_cnf.app.presets import VAE_PRESETS
 from polyreg_cnf.engine.amortized import AmortizedODENet, FlowPosterior, low_rank_linear
 from polyreg_cnf.models.vae import (
@@ -243,14 +243,15 @@ def test_adjoint_gradients_equal_direct_backprop_and_reach_the_encoder(posterior
         torch.manual_seed(4)
         model = CNFVAE((1, 8, 8), "bernoulli", posterior=posterior, z_dim=3, hidden_dims=[8],
                        rank=2, feature_dim=8, mlp_hidden=16, num_blocks=2, trace="exact",
-                       solver=SolverConfig(adjoint=adjoint, **tight)).double()
+                       solver=SolverConfig(backprop="adjoint" if adjoint else "direct",
+                                           **tight)).double()
         with torch.no_grad():  # larger dynamics than at initialisation, for a real test
             for p in model.flow.parameters():
                 p.mul_(3)
-        for block in model.flow.blocks:
-            block.start_trajectory_penalty(2, 1)
-        log_px, kl = model.elbo_terms(x, eps)
-        penalty = sum(b.trajectory_penalty() for b in model.flow.blocks)
+        with TrajectoryRecorder(2, 1) as recorder:
+            log_px, kl = model.elbo_terms(x, eps)
+        assert len(recorder.penalties) == len(model.flow.blocks)
+        penalty = recorder.penalty()
         ((kl - log_px).mean() + 5 * penalty).backward()
         return {n: p.grad for n, p in model.named_parameters()}
 

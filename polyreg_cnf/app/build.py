@@ -48,13 +48,12 @@ from polyreg_cnf.app.run_logging import (
 from polyreg_cnf.callbacks import KineticRegularizer, NFEMonitor, PolynomialTrajectoryRegularizer
 from polyreg_cnf.callbacks.guard import NumericalFaultError, RunGuard, describe_solver_failure
 from polyreg_cnf.callbacks.plots import TrajectoryPlotter
-from polyreg_cnf.engine.solver import SolverConfig
 from polyreg_cnf.models import CNFDensityEstimator
 from polyreg_cnf.models.checkpoint import AtomicCheckpointIO
 from polyreg_cnf.models.vae import CNFVAE
 
 __all__ = ["Run", "build", "execute", "make_datamodule", "make_model", "make_regularizer",
-           "solver_config", "summary_lines"]
+           "summary_lines"]
 
 
 @dataclass(frozen=True)
@@ -88,16 +87,6 @@ class Run:
 
 
 # ------------------------------------------------------------------------------ parts
-def solver_config(config: RunConfig) -> SolverConfig:
-    """The solver settings of ``config``."""
-    ode = config.ode
-    return SolverConfig(method=ode.solver, atol=ode.atol, rtol=ode.rtol, eval_atol=ode.eval_atol,
-                        eval_rtol=ode.eval_rtol, backprop=ode.backprop, seminorm=ode.seminorm,
-                        memory_share=ode.memory_share,
-                        adjoint_carry_step=ode.adjoint_carry_step, step_size=ode.step_size,
-                        max_nfe=ode.max_nfe)
-
-
 def make_datamodule(config: RunConfig) -> L.LightningDataModule:
     """The DataModule that ``config.data`` names (not yet prepared nor set up)."""
     from polyreg_cnf.datamodules.images import make_datamodule as make_image_datamodule
@@ -131,7 +120,7 @@ def make_datamodule(config: RunConfig) -> L.LightningDataModule:
 
 def make_model(config: RunConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
     """The LightningModule of ``config`` for the (set-up) ``datamodule``."""
-    flow, t, solver = config.flow, config.training, solver_config(config)
+    flow, t, solver = config.flow, config.training, config.solver()
     common = dict(nonlinearity=flow.nonlinearity, num_blocks=flow.num_blocks, T=flow.T,
                   train_T=flow.train_T, solver=solver, trace=flow.trace,
                   eval_trace=flow.eval_trace, noise=flow.noise, lr=t.lr,
@@ -322,7 +311,7 @@ def build(config: RunConfig, *, ckpt_path: str | os.PathLike | None = None,
     poly = config.poly.settings()  # the preset's values where no flag gave one
     hparams = {**config.flat(), "poly_coef": poly["coef"], "poly_samples": poly["num_samples"],
                "poly_order": poly["order"]}
-    loggers = make_logger(out.logger, run_dir, run_dir.name, run_config(hparams))
+    loggers = make_logger(out.logger, run_dir, run_dir.name, run_config(hparams, regularizer))
     if config.training.lr_schedule != "constant" and loggers:
         own.append(LearningRateMonitor(logging_interval="step"))  # logged as lr-<optimizer>
     all_callbacks = [*own, *callbacks]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -51,9 +52,10 @@ from polyreg_cnf.datamodules.tabular import TABULAR_SETS
 from polyreg_cnf.datamodules.toy import TOY_DENSITIES
 from polyreg_cnf.datamodules.user_table import TABLE_FORMATS
 from polyreg_cnf.engine.amortized import POSTERIORS
+from polyreg_cnf.engine.backprop import BACKPROP_KINDS, Adjoint, Auto, Backprop, make_backprop
 from polyreg_cnf.engine.cnf import TRACE_TYPES
 from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
-from polyreg_cnf.engine.solver import ADAPTIVE_METHODS, BACKPROP_MODES, FIXED_METHODS
+from polyreg_cnf.engine.solver import METHODS, SolverConfig
 from polyreg_cnf.engine.trace import NOISE_TYPES
 from polyreg_cnf.models import CNFDensityEstimator
 from polyreg_cnf.models.schedule import LR_SCHEDULES
@@ -91,8 +93,32 @@ REGULARIZERS: dict[str, type | None] = {"none": None, "poly": PolynomialTrajecto
                                         "kinetic": KineticRegularizer}
 #: The named settings of the polynomial regularizer (``--poly-preset``).
 POLY_PRESET_NAMES = tuple(POLY_PRESETS)
-#: Every torchdiffeq method the solver accepts.
-SOLVER_METHODS = ADAPTIVE_METHODS + FIXED_METHODS
+#: Every torchdiffeq method the solver accepts (torchdiffeq's registry).
+SOLVER_METHODS = METHODS
+
+
+def _default(owner: Any, name: str) -> Any:
+    """The default of argument or field ``name`` of ``owner`` (a class or a function): every
+    default of a run is defined once, where the thing it configures is defined."""
+    fields = getattr(owner, "__dataclass_fields__", None)
+    if fields is not None and name in fields:
+        f = fields[name]
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    else:
+        value = inspect.signature(owner).parameters[name].default
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _flow(name: str) -> Any:
+    return _default(CNFDensityEstimator, name)
+
+
+def _vae(name: str) -> Any:
+    return _default(CNFVAE, name)
+
+
+def _solver(name: str) -> Any:
+    return _default(SolverConfig, name)
 
 
 class ConfigError(ValueError):
@@ -137,67 +163,78 @@ class DataOptions:
 class FlowOptions:
     """The CNF blocks: network, end time, trace estimator."""
 
-    hidden_dims: tuple[int, ...] | None = option((64, 64, 64), "hidden widths, e.g. 64,64,64 "
-                                                 "(None: hdim_factor x D, nhidden times)")
+    hidden_dims: tuple[int, ...] | None = option(_flow("hidden_dims"),
+                                                 "hidden widths, e.g. 64,64,64 (None: "
+                                                 "hdim_factor x D, nhidden times)")
     hdim_factor: int | None = option(None, "hidden width = factor x data dimension (tabular "
                                            "presets)", low=1)
     nhidden: int | None = option(None, "number of hidden layers of width hdim_factor x D",
                                  low=1)
-    layer_type: str = option("concatsquash", "layer of the ODE net", choices=LAYER_TYPES)
-    nonlinearity: str = option("tanh", "nonlinearity of the ODE net", choices=NONLINEARITIES)
-    num_blocks: int = option(1, "number of CNF blocks", low=1)
-    T: float = option(1.0, "end time of each block", low=0.0, strict=True)
-    train_T: bool = option(False, "learn the end time")
-    trace: str = option("hutchinson", "trace estimator while training", choices=TRACE_TYPES)
-    eval_trace: str = option("exact", "trace estimator in evaluation", choices=TRACE_TYPES)
-    noise: str = option("rademacher", "Hutchinson probe distribution", choices=NOISE_TYPES)
+    layer_type: str = option(_flow("layer_type"), "layer of the ODE net", choices=LAYER_TYPES)
+    nonlinearity: str = option(_flow("nonlinearity"), "nonlinearity of the ODE net",
+                               choices=NONLINEARITIES)
+    num_blocks: int = option(_flow("num_blocks"), "number of CNF blocks", low=1)
+    T: float = option(_flow("T"), "end time of each block", low=0.0, strict=True)
+    train_T: bool = option(_flow("train_T"), "learn the end time")
+    trace: str = option(_flow("trace"), "trace estimator while training", choices=TRACE_TYPES)
+    eval_trace: str = option(_flow("eval_trace"), "trace estimator in evaluation",
+                             choices=TRACE_TYPES)
+    noise: str = option(_flow("noise"), "Hutchinson probe distribution", choices=NOISE_TYPES)
 
 
 @dataclass(frozen=True)
 class VAEOptions:
     """The VAE with a CNF posterior (``--model vae``)."""
 
-    posterior: str = option("amortized", "amortized low-rank CNF (FFJORD), plain CNF, or no "
-                                         "flow (plain VAE)", choices=POSTERIORS)
-    z_dim: int = option(64, "latent dimension", low=1)
-    rank: int = option(64, "rank of the amortized weight updates", low=1)
-    warmup_epochs: int = option(100, "KL warm-up: beta goes from 0 to 1 over this many epochs",
-                                low=0)
-    is_samples: int = option(1000, "importance samples for the test NLL (0: skip)", low=0)
-    val_is_samples: int = option(0, "importance samples for the validation NLL (0: -ELBO)",
-                                 low=0)
-    is_chunk: int = option(10, "importance samples evaluated at once (bounds memory)", low=1)
-    feature_dim: int = option(256, "width of the encoder feature", low=1)
-    architecture: str = option("auto", "encoder/decoder: gated convolutions, MLP, or auto "
-                                       "(conv for images of 16 x 16 and larger)",
+    posterior: str = option(_vae("posterior"), "amortized low-rank CNF (FFJORD), plain CNF, "
+                            "or no flow (plain VAE)", choices=POSTERIORS)
+    z_dim: int = option(_vae("z_dim"), "latent dimension", low=1)
+    rank: int = option(_vae("rank"), "rank of the amortized weight updates", low=1)
+    warmup_epochs: int = option(_vae("warmup_epochs"), "KL warm-up: beta goes from 0 to 1 over "
+                                "this many epochs", low=0)
+    is_samples: int = option(_vae("is_samples"), "importance samples for the test NLL (0: skip)",
+                             low=0)
+    val_is_samples: int = option(_vae("val_is_samples"), "importance samples for the validation "
+                                 "NLL (0: -ELBO)", low=0)
+    is_chunk: int = option(_vae("is_chunk"), "importance samples evaluated at once (bounds "
+                           "memory)", low=1)
+    feature_dim: int = option(_vae("feature_dim"), "width of the encoder feature", low=1)
+    architecture: str = option(_vae("architecture"), "encoder/decoder: gated convolutions, MLP, "
+                               "or auto (conv for images of 16 x 16 and larger)",
                                choices=ARCHITECTURES)
-    mlp_hidden: int = option(256, "hidden width of the MLP encoder/decoder", low=1)
+    mlp_hidden: int = option(_vae("mlp_hidden"), "hidden width of the MLP encoder/decoder", low=1)
 
 
 @dataclass(frozen=True)
 class OdeOptions:
     """How each block's ODE is solved and differentiated (paper: dopri5, train 1e-4, eval
-    1e-5)."""
+    1e-5). Defaults are :class:`~polyreg_cnf.engine.solver.SolverConfig`'s and its backprop
+    strategies'."""
 
-    solver: str = option("dopri5", "torchdiffeq method", choices=SOLVER_METHODS)
+    solver: str = option(_solver("method"), "torchdiffeq method", choices=SOLVER_METHODS)
     step_size: float | None = option(None, "fixed-grid solvers only", low=0.0, strict=True)
-    atol: float = option(1e-4, "absolute tolerance while training", low=0.0, strict=True)
-    rtol: float = option(1e-4, "relative tolerance while training", low=0.0, strict=True)
-    eval_atol: float = option(1e-5, "absolute tolerance in evaluation", low=0.0, strict=True)
-    eval_rtol: float = option(1e-5, "relative tolerance in evaluation", low=0.0, strict=True)
-    backprop: str = option("auto", "gradients: auto (direct backprop while its memory fits "
-                                   "--memory-share of the free memory, else memory-bounded: step "
-                                   "checkpoints for penalised solves, the adjoint for others), "
-                                   "direct (through the solver), adjoint, or checkpoint (one "
-                                   "recomputed step at a time)", choices=BACKPROP_MODES)
-    memory_share: float | None = option(None, "--backprop auto: share of free memory direct "
-                                              "backprop may use (default 0.25 on CPU, 0.5 on "
-                                              "CUDA)", low=0.0, strict=True)
-    adjoint_carry_step: bool = option(True, "restart-free adjoint (--no-adjoint-carry-step: "
-                                            "torchdiffeq's stock adjoint)")
-    seminorm: bool = option(False, "seminorm adjoint (fewer backward NFE)")
-    max_nfe: int | None = option(None, "fail a forward solve that needs more evaluations than "
-                                       "this", low=1)
+    atol: float = option(_solver("atol"), "absolute tolerance while training", low=0.0,
+                         strict=True)
+    rtol: float = option(_solver("rtol"), "relative tolerance while training", low=0.0,
+                         strict=True)
+    eval_atol: float = option(_solver("eval_atol"), "absolute tolerance in evaluation", low=0.0,
+                              strict=True)
+    eval_rtol: float = option(_solver("eval_rtol"), "relative tolerance in evaluation", low=0.0,
+                              strict=True)
+    backprop: str = option(_solver("backprop").kind, "gradients: auto (direct backprop while its "
+                           "memory fits --memory-share of the free memory, else memory-bounded: "
+                           "step checkpoints for penalised solves, the adjoint for others), "
+                           "direct (through the solver), adjoint, or checkpoint (one recomputed "
+                           "step at a time)", choices=BACKPROP_KINDS)
+    memory_share: float | None = option(_default(Auto, "memory_share"), "--backprop auto: share "
+                                        "of free memory direct backprop may use (default 0.25 "
+                                        "on CPU, 0.5 on CUDA)", low=0.0, strict=True)
+    adjoint_carry_step: bool = option(_default(Adjoint, "carry"), "restart-free adjoint "
+                                      "(--no-adjoint-carry-step: torchdiffeq's stock adjoint)")
+    seminorm: bool = option(_default(Adjoint, "seminorm"), "seminorm adjoint (fewer backward "
+                            "NFE)")
+    max_nfe: int | None = option(_solver("max_nfe"), "fail a forward solve that needs more "
+                                 "evaluations than this", low=1)
 
 
 @dataclass(frozen=True)
@@ -224,17 +261,20 @@ class PolyOptions:
 class KineticOptions:
     """The RNODE kinetic regularizer (``--reg kinetic``)."""
 
-    kinetic_coef: float = option(0.01, "weight of the kinetic energy", low=0.0)
-    jacobian_coef: float = option(0.01, "weight of the Jacobian Frobenius norm", low=0.0)
+    kinetic_coef: float = option(_default(KineticRegularizer, "kinetic_coef"),
+                                 "weight of the kinetic energy", low=0.0)
+    jacobian_coef: float = option(_default(KineticRegularizer, "jacobian_coef"),
+                                  "weight of the Jacobian Frobenius norm", low=0.0)
 
 
 @dataclass(frozen=True)
 class TrainingOptions:
     """Optimisation and evaluation."""
 
-    lr: float = option(1e-3, "learning rate", low=0.0, strict=True)
-    weight_decay: float = option(0.0, "weight decay", low=0.0)
-    lr_schedule: str = option("constant", "learning rate over the training steps: constant, or "
+    lr: float = option(_flow("lr"), "learning rate", low=0.0, strict=True)
+    weight_decay: float = option(_flow("weight_decay"), "weight decay", low=0.0)
+    lr_schedule: str = option(_flow("lr_schedule"),
+                              "learning rate over the training steps: constant, or "
                                           "cosine from --lr down to 0", choices=LR_SCHEDULES)
     batch_size: int = option(512, "training batch size", low=1)
     eval_batch_size: int | None = option(None, "evaluation batch size (default: the data "
@@ -305,7 +345,7 @@ class _Option:
 
     @property
     def label(self) -> str:
-        """How messages name the option: its flag (``--adjoint`` for a negated switch)."""
+        """How messages name the option: ``--`` plus its name (``--test`` for ``--no-test``)."""
         return f"--{self.name.replace('_', '-')}"
 
     def expected(self) -> str:
@@ -425,19 +465,10 @@ class RunConfig:
         if self.reg == "poly" and poly["num_samples"] < poly["order"]:
             raise ConfigError(f"--poly-samples must be >= --poly-order, got "
                               f"{poly['num_samples']} < {poly['order']}")
-        if ode.solver in FIXED_METHODS and ode.step_size is None:
-            raise ConfigError(f"--solver {ode.solver} is fixed-grid and needs --step-size")
-        if ode.seminorm and ode.backprop in ("direct", "checkpoint"):
-            raise ConfigError(f"--seminorm applies to the adjoint only (got --backprop "
-                              f"{ode.backprop}); drop it or use --backprop auto or adjoint")
-        if ode.backprop == "checkpoint" and ode.solver in FIXED_METHODS:
-            raise ConfigError(f"--backprop checkpoint recomputes adaptive steps; --solver "
-                              f"{ode.solver} is fixed-grid (use --backprop direct)")
-        if ode.backprop == "checkpoint" and flow.train_T:
-            raise ConfigError("--backprop checkpoint cannot learn the end time (--train-T); "
-                              "use --backprop auto, direct or adjoint")
-        if ode.memory_share is not None and ode.memory_share > 1:
-            raise ConfigError(f"--memory-share must be in (0, 1], got {ode.memory_share!r}")
+        try:
+            self.solver().backprop.check(ode.solver, train_T=flow.train_T)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"--solver {ode.solver} --backprop {ode.backprop}: {err}") from None
         if flow.hidden_dims is None and (kind == "image" or None in (flow.hdim_factor,
                                                                      flow.nhidden)):
             needs = "--hidden-dims" if kind == "image" else \
@@ -447,6 +478,14 @@ class RunConfig:
         if self.model == "vae" and self.reg != "none" and self.vae.posterior == "gaussian":
             raise ConfigError(f"--reg {self.reg} acts on the CNF posterior, but --posterior "
                               f"gaussian has no flow; use --reg none or another --posterior")
+
+    def solver(self) -> SolverConfig:
+        """The solver settings of this run (the checks of the solver and its strategy apply)."""
+        ode = self.ode
+        return SolverConfig(method=ode.solver, atol=ode.atol, rtol=ode.rtol,
+                            eval_atol=ode.eval_atol, eval_rtol=ode.eval_rtol,
+                            backprop=backprop_from_options(ode), step_size=ode.step_size,
+                            max_nfe=ode.max_nfe)
 
     # -------------------------------------------------------------------- flat view
     def flat(self) -> dict[str, Any]:
@@ -487,6 +526,35 @@ class RunConfig:
             out[f.name] = {k: plain(v) for k, v in dataclasses.asdict(value).items()} \
                 if f.name in _GROUPS else plain(value)
         return out
+
+
+def backprop_from_options(ode: OdeOptions) -> Backprop:
+    """The strategy ``--backprop`` names, with the settings of the flags that belong to it.
+
+    ``--seminorm`` and ``--no-adjoint-carry-step`` set the adjoint (of ``--backprop adjoint``,
+    or the one ``auto`` falls back to); ``--memory-share`` belongs to ``auto``.
+
+    Raises:
+        ConfigError: A flag given for a strategy it does not apply to.
+    """
+    adjoint = dict(carry=ode.adjoint_carry_step, seminorm=ode.seminorm)
+    settings: dict[str, Any] = {"memory_share": ode.memory_share}
+    if ode.backprop in ("adjoint", "auto"):
+        settings.update(adjoint if ode.backprop == "adjoint" else {"adjoint": Adjoint(**adjoint)})
+    else:
+        settings.update(adjoint)
+    flags = {"memory_share": "--memory-share", "seminorm": "--seminorm",
+             "carry": "--no-adjoint-carry-step"}
+    given = {k: v for k, v in settings.items()
+             if k in flags and v != _default(Auto if k == "memory_share" else Adjoint, k)}
+    kind = BACKPROP_KINDS[ode.backprop]
+    fields = getattr(kind, "__dataclass_fields__", {})
+    wrong = sorted(flags[k] for k in given if k not in fields)
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} does not apply to --backprop {ode.backprop}; it "
+                          f"sets --backprop {'auto' if 'memory_share' in given else 'adjoint'} "
+                          f"(or auto)")
+    return make_backprop(ode.backprop, **{k: v for k, v in settings.items() if k in fields})
 
 
 _GROUPS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)

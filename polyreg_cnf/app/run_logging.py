@@ -7,9 +7,10 @@ login or waits on a server. A CSV log is written next to every other logger beca
 
 Example:
     >>> import tempfile
-    >>> config = run_config({"reg": "poly", "poly_coef": 5.0, "lr": 1e-3})
+    >>> from polyreg_cnf.callbacks import PolynomialTrajectoryRegularizer
+    >>> config = run_config({"reg": "poly", "lr": 1e-3}, PolynomialTrajectoryRegularizer(1.0))
     >>> config["regularizer"]
-    {'name': 'poly', 'coef': 5.0}
+    {'name': 'poly', 'coef': 1.0, 'num_samples': 2, 'order': 1}
     >>> loggers = make_logger("csv", tempfile.mkdtemp(), "demo", config)
     >>> [type(logger).__name__ for logger in loggers]
     ['CSVLogger']
@@ -136,15 +137,17 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-def run_config(args: Mapping[str, Any]) -> dict[str, Any]:
+def run_config(args: Mapping[str, Any], regularizer: Any = None) -> dict[str, Any]:
     """The config stored with a run: every hyperparameter plus what makes it reproducible.
 
     Args:
         args: The parsed options, e.g. ``vars(argparse_namespace)`` after presets were filled.
+        regularizer: The regularizer callback the run trains with (None: none); its
+            ``settings()`` are logged as the values in force (a preset's included).
 
     Returns:
-        A JSON-friendly dict: every entry of ``args``; ``regularizer`` (name and its settings,
-        gathered from ``reg`` and the ``poly_*`` options); ``versions`` (see
+        A JSON-friendly dict: every entry of ``args``; ``regularizer`` (``reg``'s name and the
+        callback's settings); ``versions`` (see
         :func:`library_versions`); ``git_commit`` (None outside a git checkout).
 
     Raises:
@@ -154,12 +157,8 @@ def run_config(args: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(f"args must be a mapping such as vars(namespace), got "
                         f"{type(args).__name__}")
     config = {str(k): _plain(v) for k, v in args.items()}
-    reg = config.get("reg")
-    regularizer: dict[str, Any] = {"name": reg}
-    if reg not in (None, "none"):
-        prefix = f"{reg}_"
-        regularizer.update({k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)})
-    config["regularizer"] = regularizer
+    config["regularizer"] = {"name": config.get("reg"),
+                             **({} if regularizer is None else regularizer.settings())}
     config["versions"] = library_versions()
     config["git_commit"] = git_commit()
     return config

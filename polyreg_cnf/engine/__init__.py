@@ -4,34 +4,44 @@ Depends on torch and torchdiffeq only (no Lightning): everything here works in a
 training loop. ``polyreg_cnf`` re-exports the public names.
 """
 
+from polyreg_cnf.engine.backprop import Adjoint, Auto, Backprop, Direct, StepCheckpoint
 from polyreg_cnf.engine.cnf import CNF, CNFStack, standard_normal_logprob
 from polyreg_cnf.engine.dropin import (
-    TrajectoryRecorder,
     odeint,
     odeint_adjoint,
     odeint_checkpoint,
-    record_nfe,
     redirect_torchdiffeq,
 )
+from polyreg_cnf.engine.kinetic import KineticRecorder
 from polyreg_cnf.engine.nets import ODENet
-from polyreg_cnf.engine.nfe import NFECounter, NFELimitError, collect_nfe, reset_nfe
+from polyreg_cnf.engine.nfe import NFECounter, NFELimitError, collect_nfe, record_nfe, reset_nfe
+from polyreg_cnf.engine.observers import observe
 from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
 from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomial_penalty
+from polyreg_cnf.engine.recording import TrajectoryRecorder
 from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.engine.solving import solve
 from polyreg_cnf.engine.trace import divergence_exact, divergence_hutchinson
 
 __all__ = [
     "CNF",
+    "Adjoint",
+    "Auto",
+    "Backprop",
     "CNFStack",
+    "Direct",
+    "KineticRecorder",
     "NFECounter",
     "NFELimitError",
     "ODEBlock",
     "ODENet",
     "SolverConfig",
+    "StepCheckpoint",
     "TrajectoryRecorder",
     "collect_nfe",
     "divergence_exact",
     "divergence_hutchinson",
+    "observe",
     "ode_blocks",
     "odeint",
     "odeint_adjoint",
@@ -40,6 +50,7 @@ __all__ = [
     "redirect_torchdiffeq",
     "reset_nfe",
     "sample_penalty_times",
+    "solve",
     "standard_normal_logprob",
     "trajectory_polynomial_penalty",
 ]

@@ -11,7 +11,7 @@ __all__ = ["check_int", "check_ints", "check_number"]
 def check_int(name: str, value: object, minimum: int = 1) -> int:
     """Return ``value`` if it is an int >= ``minimum`` (bools refused), else raise ValueError."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        what = {1: "a positive int", 0: "a non-negative int"}.get(minimum, f"an int >= {minimum}")
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return value
 

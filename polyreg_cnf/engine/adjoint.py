@@ -62,9 +62,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
-from polyreg_cnf.engine.solver import ADAPTIVE_METHODS
+from polyreg_cnf.engine._torchdiffeq import ADAPTIVE_METHODS, CALLBACKS, mixed_norm
+from polyreg_cnf.engine._torchdiffeq import odeint as tde_odeint
 
 __all__ = ["odeint_adjoint_carry"]
 
@@ -72,20 +72,8 @@ State = tuple[Tensor, ...]
 TupleField = Callable[[Tensor, State], State]
 Norm = Callable[[State], Tensor]
 
-#: torchdiffeq callbacks a solver calls during a solve; the adjoint passes them on under
-#: the ``*_adjoint`` names, so the field can tell backward steps from forward ones.
-_CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
 #: torchdiffeq options that place steps: the forward solve's hold for the backward one too.
 _BARRIERS = ("step_t", "jump_t")
-
-
-def _rms(x: Tensor) -> Tensor:
-    return x.abs().pow(2).mean().sqrt()
-
-
-def _mixed_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """Max over the tensors of their RMS norm (torchdiffeq's default for tuple states)."""
-    return torch.stack([_rms(x) for x in tensors]).max()
 
 
 @dataclass
@@ -112,27 +100,61 @@ class _Settings:
     step_t: Tensor
 
 
-class _AugmentedDynamics:
+class _StepTracker:
+    """Relays torchdiffeq's step callbacks to the caller's function and remembers the size of
+    the last accepted step *as proposed by the error control* (the value ``callback_step``
+    receives, before a step is clipped to land on a barrier), so the next solve can start
+    with it.
+
+    Args:
+        func: The caller's right-hand side; its callbacks are called as ``name + suffix``.
+        unwrap: Hand the callbacks the state's only tensor rather than the tuple.
+    """
+
+    suffix = ""
+
+    def __init__(self, func: Any, unwrap: bool = False) -> None:
+        self.func = func
+        self.unwrap = unwrap
+        self._proposed: Tensor | None = None
+        self.accepted_step: Tensor | None = None
+
+    # torchdiffeq calls these with (t0, y0, dt); dt is positive in the solver's own time.
+    def callback_step(self, t0: Tensor, y0: State, dt: Tensor) -> None:
+        self._proposed = dt.detach().clone()
+        self._relay("callback_step", t0, y0, dt)
+
+    def callback_accept_step(self, t0: Tensor, y0: State, dt: Tensor) -> None:
+        self.accepted_step = self._proposed if self._proposed is not None else dt.detach()
+        self._relay("callback_accept_step", t0, y0, dt)
+
+    def callback_reject_step(self, t0: Tensor, y0: State, dt: Tensor) -> None:
+        self._relay("callback_reject_step", t0, y0, dt)
+
+    def _relay(self, name: str, t0: Tensor, y0: State, dt: Tensor) -> None:
+        callback = getattr(self.func, name + self.suffix, None)
+        if callback is not None:
+            callback(t0, y0[0] if self.unwrap else y0, dt)
+
+
+class _AugmentedDynamics(_StepTracker):
     r"""Right-hand side of the augmented backward system for one backward pass.
 
     State: ``(a_t, *y, *a_y, *a_theta)`` where ``a_t`` is the scalar time adjoint. Returns
     :math:`(-a^\top \partial f / \partial t,\ f,\ -a^\top \partial f / \partial y,\
     -a^\top \partial f / \partial \theta)`, the vector-Jacobian products from one evaluation of
-    ``func`` under ``enable_grad`` and one ``torch.autograd.grad``.
-
-    It also records the size of the last accepted step *as proposed by the error control* (the
-    value ``callback_step`` receives, before a step is clipped to land on a barrier), so the
-    next interval can start with it.
+    ``func`` under ``enable_grad`` and one ``torch.autograd.grad``. Its backward steps reach
+    the caller's ``callback_*_adjoint`` methods, and the last one seeds the next interval.
     """
+
+    suffix = "_adjoint"
 
     def __init__(self, func: Any, n_state: int, params: tuple[Tensor, ...],
                  t_requires_grad: bool) -> None:
-        self.func = func
+        super().__init__(func)
         self.n_state = n_state
         self.params = params
         self.t_requires_grad = t_requires_grad
-        self._proposed: Tensor | None = None
-        self.accepted_step: Tensor | None = None
 
     def __call__(self, t: Tensor, aug: State) -> State:
         n = self.n_state
@@ -160,23 +182,6 @@ class _AugmentedDynamics:
         vjp_y, vjp_params = grads[:n], grads[n:]
         return (vjp_t, *(fi.detach() for fi in f), *vjp_y, *vjp_params)
 
-    # torchdiffeq calls these with (t0, y0, dt); dt is positive in the solver's own time.
-    def callback_step(self, t0: Tensor, y0: State, dt: Tensor) -> None:
-        self._proposed = dt.detach().clone()
-        self._forward("callback_step_adjoint", t0, y0, dt)
-
-    def callback_accept_step(self, t0: Tensor, y0: State, dt: Tensor) -> None:
-        self.accepted_step = self._proposed if self._proposed is not None else dt.detach()
-        self._forward("callback_accept_step_adjoint", t0, y0, dt)
-
-    def callback_reject_step(self, t0: Tensor, y0: State, dt: Tensor) -> None:
-        self._forward("callback_reject_step_adjoint", t0, y0, dt)
-
-    def _forward(self, name: str, t0: Tensor, y0: State, dt: Tensor) -> None:
-        callback = getattr(self.func, name, None)
-        if callback is not None:
-            callback(t0, y0, dt)
-
 
 class _CarryAdjoint(torch.autograd.Function):
     """Forward: ``odeint`` without a graph. Backward: the augmented system, restart-free."""
@@ -186,7 +191,7 @@ class _CarryAdjoint(torch.autograd.Function):
         n = settings.n_state
         y0, params = tensors[:n], tensors[n:]
         with torch.no_grad():
-            traj = tuple(odeint(settings.func, y0, t, rtol=settings.rtol, atol=settings.atol,
+            traj = tuple(tde_odeint(settings.func, y0, t, rtol=settings.rtol, atol=settings.atol,
                                 method=settings.method, options=settings.options))
         ctx.settings = settings
         ctx.save_for_backward(t, *traj, *params)
@@ -219,7 +224,7 @@ def _seed_step(settings: _Settings, opts: dict[str, Any]) -> Tensor | None:
     """First backward step: the forward solve's last one, unless the caller fixed a first step."""
     if not settings.seed_first_step or "first_step" in opts:
         return None
-    return settings.func.last_forward_step
+    return settings.func.accepted_step
 
 
 def _adjoint_solve_options(settings: _Settings, params: tuple[Tensor, ...]) -> dict[str, Any]:
@@ -229,14 +234,14 @@ def _adjoint_solve_options(settings: _Settings, params: tuple[Tensor, ...]) -> d
     if settings.adjoint_norm is not None:
         opts["norm"] = settings.adjoint_norm
         return opts
-    state_norm = settings.state_norm or _mixed_norm
+    state_norm = settings.state_norm or mixed_norm
 
     def norm(aug: State) -> Tensor:
         # The time adjoint and the state/adjoint-of-state always count; the parameter adjoints
         # only without seminorm (they never feed back into the dynamics, Kidger et al. 2021).
         parts = [aug[0].abs(), state_norm(aug[1:1 + n]), state_norm(aug[1 + n:1 + 2 * n])]
         if not settings.seminorm and params:
-            parts.append(_mixed_norm(aug[1 + 2 * n:]))
+            parts.append(mixed_norm(aug[1 + 2 * n:]))
         return torch.stack([torch.as_tensor(p, dtype=aug[0].dtype) for p in parts]).max()
 
     opts["norm"] = norm
@@ -307,7 +312,7 @@ def _backward_intervals(settings: _Settings, t: Tensor, traj: State, grads: Stat
         if carried is not None:
             opts["first_step"] = carried
         aug0 = (a_t, *(y[i] for y in traj), *adj, *adj_params)
-        sol = odeint(dynamics, aug0, grid, rtol=settings.adjoint_rtol,
+        sol = tde_odeint(dynamics, aug0, grid, rtol=settings.adjoint_rtol,
                      atol=settings.adjoint_atol, method=settings.method, options=opts)
         end = [s[1] for s in sol]
         a_t = end[0]
@@ -432,7 +437,7 @@ def odeint_adjoint_carry(func: TupleField, y0: State | Tensor, t: Tensor, *, rto
     return traj[0] if is_tensor else tuple(traj)
 
 
-class _TupleField:
+class _TupleField(_StepTracker):
     """``func`` on a tuple state; forwards the caller's callbacks and remembers the forward step.
 
     The last step the forward solve accepted (as proposed by its error control) seeds the first
@@ -445,11 +450,8 @@ class _TupleField:
     """
 
     def __init__(self, func: Callable[..., Any], unwrap: bool) -> None:
-        self.func = func
-        self.unwrap = unwrap
-        self.last_forward_step: Tensor | None = None
-        self._proposed: Tensor | None = None
-        for name in _CALLBACKS:
+        super().__init__(func, unwrap)
+        for name in CALLBACKS:
             adjoint_callback = getattr(func, name + "_adjoint", None)
             if adjoint_callback is not None:
                 setattr(self, name + "_adjoint", adjoint_callback)
@@ -458,19 +460,3 @@ class _TupleField:
         if self.unwrap:
             return (self.func(t, y[0]),)
         return tuple(self.func(t, y))
-
-    def callback_step(self, t0: Tensor, y0: State, dt: Tensor) -> None:
-        self._proposed = dt.detach().clone()
-        self._call("callback_step", t0, y0, dt)
-
-    def callback_accept_step(self, t0: Tensor, y0: State, dt: Tensor) -> None:
-        self.last_forward_step = self._proposed
-        self._call("callback_accept_step", t0, y0, dt)
-
-    def callback_reject_step(self, t0: Tensor, y0: State, dt: Tensor) -> None:
-        self._call("callback_reject_step", t0, y0, dt)
-
-    def _call(self, name: str, t0: Tensor, y0: State, dt: Tensor) -> None:
-        callback = getattr(self.func, name, None)
-        if callback is not None:
-            callback(t0, y0[0] if self.unwrap else y0, dt)

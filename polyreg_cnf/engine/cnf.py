@@ -12,14 +12,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from polyreg_cnf.engine.observers import IntegrandObserver, active
 from polyreg_cnf.engine.ode import ODEBlock
 from polyreg_cnf.engine.solver import SolverConfig
-from polyreg_cnf.engine.trace import (
-    NOISE_TYPES,
-    divergence_exact,
-    divergence_hutchinson,
-    sample_probe,
-)
+from polyreg_cnf.engine.trace import NOISE_TYPES, divergence_exact, sample_probe
 
 __all__ = ["CNF", "TRACE_TYPES", "CNFStack", "standard_normal_logprob"]
 
@@ -91,32 +87,6 @@ class CNF(ODEBlock):
         self.trace = trace
         self.eval_trace = eval_trace
         self.noise = noise
-        self._kinetic_on = False
-        self._kinetic: list[tuple[Tensor, Tensor]] = []
-
-    # ------------------------------------------------------------------ RNODE terms
-    def start_kinetic_penalty(self) -> None:
-        r"""Integrate RNODE's kinetic energy and Jacobian norm on training solves until stopped.
-
-        Adds two states: :math:`\int_0^T \tfrac12\|f\|^2 dt` and
-        :math:`\int_0^T \|\epsilon^\top \partial f/\partial z\|^2 dt` (a Hutchinson estimate
-        of the Frobenius norm, with the same probe as the trace; Finlay et al., ICML 2020).
-        """
-        self._kinetic_on = True
-        self._kinetic = []
-
-    def stop_kinetic_penalty(self) -> None:
-        """Stop integrating the RNODE terms and drop what was recorded."""
-        self._kinetic_on = False
-        self._kinetic = []
-
-    def kinetic_penalty(self) -> tuple[Tensor, Tensor] | None:
-        """(kinetic energy, Jacobian Frobenius norm) summed over recorded solves, batch means."""
-        if not self._kinetic:
-            return None
-        kinetic = torch.stack([k for k, _ in self._kinetic]).sum()
-        jacobian = torch.stack([j for _, j in self._kinetic]).sum()
-        return kinetic, jacobian
 
     def forward(self, z: Tensor, context: Tensor | None = None,  # type: ignore[override]
                 reverse: bool = False) -> tuple[Tensor, Tensor]:
@@ -137,11 +107,16 @@ class CNF(ODEBlock):
             raise ValueError(f"CNF expects z of shape (B, D), got {tuple(z.shape)}")
         net = self.net
         mode = self.trace if self.training else self.eval_trace
-        kinetic = self._kinetic_on and self.training and torch.is_grad_enabled() and not reverse
-        eps = sample_probe(z, self.noise) if mode == "hutchinson" or kinetic else None
+        # An integrand observer (RNODE's kinetic terms) adds states to training solves only.
+        observer = active(IntegrandObserver)
+        if observer is not None and not (self.training and torch.is_grad_enabled()
+                                         and not reverse):
+            observer = None
+        wants_vjp = observer is not None and observer.needs_vjp
+        eps = sample_probe(z, self.noise) if mode == "hutchinson" or wants_vjp else None
         exact = mode == "exact"
 
-        def field(t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        def field(t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             y = state[0]
             # Gradients wanted from this call: direct backprop in training, or the adjoint's
             # backward pass (which calls us under enable_grad). In evaluation and in the adjoint's
@@ -152,28 +127,22 @@ class CNF(ODEBlock):
                     # A fresh leaf: the trace differentiates with respect to exactly this tensor.
                     y = y.detach().requires_grad_(True)
                 dz = net(t, y) if context is None else net(t, y, context)
-                if kinetic:
-                    # One vector-Jacobian product serves the trace estimate and the Frobenius
-                    # norm estimate ||eps^T J||^2 (both unbiased for E[eps eps^T] = I).
+                vjp = None
+                if wants_vjp or not exact:
+                    # One vector-Jacobian product serves the trace estimate and the observer.
                     (vjp,) = torch.autograd.grad(dz, y, eps, create_graph=keep_graph,
                                                  retain_graph=True)
-                    div = (divergence_exact(dz, y, create_graph=keep_graph) if exact
-                           else (vjp * eps).sum(dim=1))
-                    extra = (0.5 * dz.square().sum(dim=1), vjp.square().sum(dim=1))
-                elif exact:
-                    div = divergence_exact(dz, y, create_graph=keep_graph)
-                    extra = ()
-                else:
-                    div = divergence_hutchinson(dz, y, eps, create_graph=keep_graph)
-                    extra = ()
+                div = (divergence_exact(dz, y, create_graph=keep_graph) if exact
+                       else (vjp * eps).reshape(dz.shape[0], -1).sum(dim=1))
+                extra = () if observer is None else observer.integrands(dz, vjp)
             out = (dz, div, *extra)
             return out if keep_graph else tuple(o.detach() for o in out)
 
         zeros = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-        state = (z, zeros, zeros, zeros) if kinetic else (z, zeros)
+        state = (z, zeros) + ((zeros,) * observer.size if observer is not None else ())
         out = self.solve(field, state, extra_params=(context,), reverse=reverse)
-        if kinetic:
-            self._kinetic.append((out[2].mean(), out[3].mean()))
+        if observer is not None:
+            observer.record(tuple(out[2:]))
         return out[0], out[1]
 
 

@@ -87,11 +87,21 @@ def saved_tensor_bytes(fn: Callable[..., Any], *args: Any) -> tuple[Any, int]:
     return out, total
 
 
+#: (limit, usage) files of the cgroup memory controller: version 2, then version 1.
+CGROUP_FILES: tuple[tuple[str, str], ...] = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+#: The kernel's memory report (its ``MemAvailable`` line).
+MEMINFO = "/proc/meminfo"
+
+
 def _cgroup_available() -> float:
-    """Bytes left under this process's cgroup memory limit (inf where there is none)."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    """Bytes left under this process's cgroup memory limit (inf where there is none).
+
+    A limit of ``max`` (v2) or a huge number (v1's "unlimited") means none; unreadable or
+    corrupt files are skipped.
+    """
+    for limit_file, usage_file in CGROUP_FILES:
         try:
             with open(limit_file) as f:
                 limit = f.read().strip()
@@ -118,7 +128,7 @@ def available_memory(device: torch.device | str) -> int:
         return int(free + max(cached, 0))
     available = 0.0
     try:
-        with open("/proc/meminfo") as f:
+        with open(MEMINFO) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     available = float(line.split()[1]) * 1024

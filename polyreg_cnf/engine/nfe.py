@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from torch import nn
 
-__all__ = ["NFECounter", "NFELimitError", "collect_nfe", "reset_nfe"]
+from polyreg_cnf.engine.observers import Observer, observe
+
+__all__ = ["NFECounter", "NFELimitError", "collect_nfe", "record_nfe", "reset_nfe"]
 
 
 class NFELimitError(RuntimeError):
@@ -15,13 +18,15 @@ class NFELimitError(RuntimeError):
 
 
 @dataclass
-class NFECounter:
-    """Running counts of one ODE block.
+class NFECounter(Observer):
+    """Running counts of function evaluations and steps: an observer of solves.
 
-    One evaluation is one call of the right-hand side f (whatever it computes alongside, e.g.
-    the trace). ``forward`` counts the solves of the forward pass, ``backward`` the adjoint
-    solves of the backward pass (zero when backpropagating through the solver). Step counts come
-    from torchdiffeq's step callbacks (adaptive methods only).
+    Every ODE block owns one and makes it active for its own solves; :func:`record_nfe` makes
+    one active around any code (the innermost active counter counts a solve). One evaluation
+    is one call of the right-hand side f (whatever it computes alongside, e.g. the trace).
+    ``forward`` counts the solves of the forward pass, ``backward`` the adjoint solves of the
+    backward pass (zero when backpropagating through the solver). Step counts come from
+    torchdiffeq's step callbacks (adaptive methods only).
 
     Example:
         dopri5 costs 2 evaluations to start (one of them choosing the first step) and 6 per
@@ -29,7 +34,7 @@ class NFECounter:
 
         >>> import torch
         >>> from polyreg_cnf import CNF, ODENet, SolverConfig
-        >>> cnf = CNF(ODENet(2, (8,)), solver=SolverConfig(adjoint=False))
+        >>> cnf = CNF(ODENet(2, (8,)), solver=SolverConfig(backprop="direct"))
         >>> _ = cnf(torch.randn(4, 2))
         >>> n = cnf.nfe
         >>> n.forward == 2 + 6 * (n.accepted + n.rejected), n.backward
@@ -53,6 +58,18 @@ class NFECounter:
         """The counts as a plain dict."""
         return asdict(self)
 
+    def evaluation(self, backward: bool) -> None:
+        """Count one evaluation of the right-hand side."""
+        if backward:
+            self.backward += 1
+        else:
+            self.forward += 1
+
+    def step(self, accepted: bool, backward: bool) -> None:
+        """Count one step of an adaptive solver."""
+        name = ("accepted" if accepted else "rejected") + ("_backward" if backward else "")
+        setattr(self, name, getattr(self, name) + 1)
+
 
 def _counters(module: nn.Module) -> list[NFECounter]:
     return [m.nfe for m in module.modules() if isinstance(getattr(m, "nfe", None), NFECounter)]
@@ -65,7 +82,7 @@ def collect_nfe(module: nn.Module, extra: Sequence[NFECounter] = ()
     Args:
         module: Searched for submodules whose ``nfe`` attribute is an :class:`NFECounter`
             (an integer ``nfe`` that a user keeps on a function object is ignored).
-        extra: More counters to add, e.g. the one :func:`polyreg_cnf.engine.dropin.record_nfe`
+        extra: More counters to add, e.g. the one :func:`record_nfe`
             fills with the drop-in ``odeint`` solves; they are listed after the blocks.
 
     Returns:
@@ -78,6 +95,30 @@ def collect_nfe(module: nn.Module, extra: Sequence[NFECounter] = ()
     totals["total"] = int(totals["forward"]) + int(totals["backward"])
     totals["blocks"] = blocks
     return totals
+
+
+@contextmanager
+def record_nfe(counter: NFECounter) -> Iterator[NFECounter]:
+    """Count the function evaluations of the solves made inside into ``counter``.
+
+    ODE blocks count into their own counters (the innermost active counter counts), so this
+    sees the drop-in ``odeint`` solves. Evaluations made after a solve returned (the adjoint's
+    backward pass) count as backward, even when backward runs after the block exits. The user's
+    function object is never modified.
+
+    Example:
+        >>> import torch
+        >>> from polyreg_cnf import odeint
+        >>> counter = NFECounter()
+        >>> with record_nfe(counter):
+        ...     _ = odeint(lambda t, y: -y, torch.ones(3), torch.tensor([0.0, 1.0]))
+        >>> counter.forward > 0 and counter.solves == 1
+        True
+    """
+    if not isinstance(counter, NFECounter):
+        raise TypeError(f"counter must be an NFECounter, got {type(counter).__name__}")
+    with observe(counter):
+        yield counter
 
 
 def reset_nfe(module: nn.Module) -> None:

@@ -1,83 +1,29 @@
-"""ODEBlock: one neural ODE solve with torchdiffeq, NFE accounting and trajectory recording.
+"""ODEBlock: one neural ODE solve, the unit the regularizer callbacks and NFE reports see.
 
-The block is the unit the regularizer callbacks act on: a callback switches trajectory
-recording on for a training step, the block then asks the solver for the state at K extra
-interior times (dense output: the solver takes exactly the same steps) and stores the penalty,
-and the callback adds it to the loss. Solves over a given grid of times (any start, increasing
-or decreasing) and reversed solves are penalised the same way.
+The block owns the vector field, the end time, the solver settings and an NFE counter; the
+solve itself is :func:`polyreg_cnf.engine.solving.solve`, with the block's counter active. Solves
+over a given grid of times (any start, increasing or decreasing) and reversed solves are
+penalised like the default [0, T] solve while a
+:class:`~polyreg_cnf.engine.recording.TrajectoryRecorder` is active.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
-from torchdiffeq import odeint, odeint_adjoint
 
-from polyreg_cnf.engine.adjoint import odeint_adjoint_carry
-from polyreg_cnf.engine.dropin import penalty_grid
-from polyreg_cnf.engine.memory import (
-    available_memory,
-    choose_backprop,
-    default_memory_share,
-    saved_tensor_bytes,
-)
-from polyreg_cnf.engine.nfe import NFECounter, NFELimitError
+from polyreg_cnf.engine.nfe import NFECounter
+from polyreg_cnf.engine.observers import observe
 from polyreg_cnf.engine.solver import SolverConfig
-from polyreg_cnf.engine.step_checkpoint import checkpointed_solve, evaluations_per_step
+from polyreg_cnf.engine.solving import solve
 
 __all__ = ["ODEBlock", "ode_blocks"]
 
 State = tuple[Tensor, ...]
 VectorField = Callable[[Tensor, State], State]
-
-
-class _CountedField:
-    """The right-hand side handed to torchdiffeq for ONE solve.
-
-    A fresh object per solve keeps per-solve data (the Hutchinson probe, the context) alive for
-    the adjoint's backward pass even if the block is solved again before backward runs. Calls made
-    after the forward solve returned can only come from the adjoint, so they count as backward.
-    """
-
-    def __init__(self, field: VectorField, counter: NFECounter, max_nfe: int | None) -> None:
-        self.field = field
-        self.counter = counter
-        self.max_nfe = max_nfe
-        self.backward = False
-        self.calls = 0
-
-    def __call__(self, t: Tensor, state: State) -> State:
-        if self.backward:
-            self.counter.backward += 1
-        else:
-            self.counter.forward += 1
-            self.calls += 1
-            if self.max_nfe is not None and self.calls > self.max_nfe:
-                raise NFELimitError(
-                    f"forward solve exceeded max_nfe={self.max_nfe} function evaluations "
-                    f"(at t={float(t):.6g}); the dynamics have become stiff. Try a looser "
-                    f"tolerance, a smaller learning rate, or a trajectory regularizer.")
-        return self.field(t, state)
-
-
-class _CountedAdaptiveField(_CountedField):
-    """Adds torchdiffeq's step callbacks (adaptive solvers only): accepted/rejected steps."""
-
-    def callback_accept_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-        self.counter.accepted += 1
-
-    def callback_reject_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-        self.counter.rejected += 1
-
-    def callback_accept_step_adjoint(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-        self.counter.accepted_backward += 1
-
-    def callback_reject_step_adjoint(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-        self.counter.rejected_backward += 1
 
 
 class ODEBlock(nn.Module):
@@ -92,11 +38,12 @@ class ODEBlock(nn.Module):
             (B, ...).
         T: End time (> 0) of solves without an explicit grid.
         train_T: Learn the end time (parametrised as ``T = s**2``, as FFJORD does).
-        solver: Solver settings; defaults to ``SolverConfig()`` (dopri5, adjoint).
+        solver: Solver settings; defaults to ``SolverConfig()`` (dopri5, the paper's
+            tolerances, automatic backprop).
 
     Example:
         >>> from polyreg_cnf.engine.nets import ODENet
-        >>> block = ODEBlock(ODENet(2, (8,)), solver=SolverConfig(adjoint=False))
+        >>> block = ODEBlock(ODENet(2, (8,)), solver=SolverConfig(backprop="direct"))
         >>> y0 = torch.ones(3, 2)
         >>> block(y0).shape, block(y0, t=torch.tensor([0.5, 0.0, -1.0])).shape
         (torch.Size([3, 2]), torch.Size([3, 3, 2]))
@@ -112,66 +59,23 @@ class ODEBlock(nn.Module):
         solver = SolverConfig() if solver is None else solver
         if not isinstance(solver, SolverConfig):
             raise TypeError(f"solver must be a SolverConfig, got {type(solver).__name__}")
+        solver.backprop.check(solver.method, train_T=bool(train_T))
         self.net = net
         self.solver = solver
         self.train_T = bool(train_T)
-        if self.train_T and solver.backprop == "checkpoint":
-            raise ValueError("train_T=True needs gradients with respect to the end time, which "
-                             "backprop='checkpoint' does not give (its step sizes are fixed); "
-                             "use backprop='direct', 'adjoint' or 'auto'")
         # A fixed end time stays a Python float: a float32 parameter would round it, and every
         # solve would then end slightly off T.
         self.end_time = float(T)
         if self.train_T:
             self.sqrt_T = nn.Parameter(torch.tensor(float(T) ** 0.5))
         self.nfe = NFECounter()
-        self._poly: tuple[int, int, torch.Generator | None] | None = None
-        self._penalties: list[Tensor] = []
-        self._adjoint_checked = False
-        # backprop="auto" (see SolverConfig): the choice in force, this block's own proposal
-        # from its last training solve (a callback may overrule it, e.g. to agree across DDP
-        # ranks), whether a direct solve ran out of memory (then the adjoint for good), and the
-        # measured bytes autograd keeps per evaluation and batch row.
-        self.backprop_choice: str | None = None
-        self.backprop_proposal: str | None = None
-        self.backprop_fell_back = False
-        self._bytes_per_row: float | None = None
-        self._checkpoint_fits = False
+        self._params_checked = False
 
     def end_time_tensor(self, like: Tensor) -> Tensor:
         """End time T as a tensor of ``like``'s dtype and device (differentiable if ``train_T``)."""
         if self.train_T:
             return self.sqrt_T.square().to(like.dtype)
         return torch.tensor(self.end_time, dtype=like.dtype, device=like.device)
-
-    # ------------------------------------------------------------------ regularization hooks
-    def start_trajectory_penalty(self, num_samples: int, order: int,
-                                 generator: torch.Generator | None = None) -> None:
-        """Record the polynomial penalty on every training solve until :meth:`stop_...`.
-
-        Args:
-            num_samples: K interior times per solve.
-            order: Polynomial degree m.
-            generator: Source of the interior times (the global RNG if None).
-        """
-        self._poly = (num_samples, order, generator)
-        self._penalties = []
-
-    def stop_trajectory_penalty(self) -> None:
-        """Stop recording and drop what was recorded."""
-        self._poly = None
-        self._penalties = []
-
-    def trajectory_penalty(self) -> Tensor | None:
-        """Sum of the penalties recorded since recording started, or None if none was."""
-        if not self._penalties:
-            return None
-        return torch.stack(self._penalties).sum()
-
-    @property
-    def recording(self) -> bool:
-        """Whether the next solve records a penalty (training mode, gradients on, switched on)."""
-        return self._poly is not None and self.training and torch.is_grad_enabled()
 
     # ------------------------------------------------------------------ solving
     def forward(self, y0: Tensor, context: Tensor | None = None,
@@ -250,134 +154,29 @@ class ODEBlock(nn.Module):
 
     def _solve(self, field: VectorField, y0: State, extra_params: Sequence[Tensor | None],
                reverse: bool, t: Tensor | None) -> State:
-        ref = y0[0]
-        if t is None:
-            end = self.end_time_tensor(ref)
+        ends_only = t is None
+        if ends_only:
+            end = self.end_time_tensor(y0[0])
             t = torch.stack([torch.zeros_like(end), end])
             if reverse:
                 t = t.flip(0)
-            requested_end_only = True
-        else:
-            requested_end_only = False
-        grid = None
-        if self.recording:
-            num_samples, order, generator = self._poly
-            grid = penalty_grid(t, num_samples, generator)
-        times = t if grid is None else grid.times
         atol, rtol = self.solver.tolerances(self.training)
-        kind = _CountedAdaptiveField if self.solver.adaptive else _CountedField
-        counted = kind(field, self.nfe, self.solver.max_nfe)
-        kwargs = dict(rtol=rtol, atol=atol, method=self.solver.method,
-                      options=self.solver.options())
-        self.nfe.solves += 1
-        grad = torch.is_grad_enabled()
-        auto = grad and self.training and self.solver.backprop == "auto"
-        if auto and self._bytes_per_row is None:
-            self._measure(field, times[0], y0)
-        mode = self._backprop_mode(times) if grad else "direct"
-        if mode == "adjoint":
-            traj = self._adjoint_solve(counted, y0, times, extra_params, field, kwargs)
-        elif mode == "checkpoint":
-            traj = checkpointed_solve(counted, y0, times,
-                                     params=self._gradient_params(field, times, y0,
-                                                                  extra_params),
-                                     **kwargs)
-        else:
-            out_of_memory = False
-            try:
-                traj = odeint(counted, y0, times, **kwargs)
-            except torch.OutOfMemoryError:
-                if not auto:
-                    raise
-                out_of_memory = True
-            # Outside the except block: there the traceback would still hold the failed direct
-            # solve's frames, and with them its whole graph, while the adjoint runs.
-            if out_of_memory:
-                self._fall_back(ref)
-                traj = self._adjoint_solve(counted, y0, times, extra_params, field, kwargs)
-        if auto:
-            self._propose(counted.calls, ref)
-        counted.backward = True
-        if grid is not None:
-            self._penalties.append(grid.penalty(traj[0], order))
-        if requested_end_only:
-            return tuple(x[-1] for x in traj)
-        return traj if grid is None else tuple(grid.select(x) for x in traj)
 
-    def _gradient_params(self, field: VectorField, times: Tensor, y0: State,
-                         extra_params: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
-        """The tensors the adjoint or the step checkpoints send gradients to (checked once)."""
-        params = tuple(p for p in self.net.parameters() if p.requires_grad)
-        params += tuple(p for p in extra_params if p is not None and p.requires_grad)
-        if not self._adjoint_checked:
-            _check_adjoint_sees_everything(field, times[0], y0, params)
-            self._adjoint_checked = True
-        return params
+        def params() -> tuple[Tensor, ...]:
+            # The tensors the adjoint or the step checkpoints send gradients to (checked once).
+            found = tuple(p for p in self.net.parameters() if p.requires_grad)
+            found += tuple(p for p in extra_params if p is not None and p.requires_grad)
+            if not self._params_checked:
+                _check_adjoint_sees_everything(field, t[0], y0, found)
+                self._params_checked = True
+            return found
 
-    def _adjoint_solve(self, counted: _CountedField, y0: State, times: Tensor,
-                       extra_params: Sequence[Tensor | None], field: VectorField,
-                       kwargs: dict) -> State:
-        params = self._gradient_params(field, times, y0, extra_params)
-        adjoint_options = dict(self.solver.options())
-        if self.solver.seminorm:
-            adjoint_options["norm"] = "seminorm"
-        # The restart-free adjoint needs an adaptive method (it carries the step size).
-        solve = (odeint_adjoint_carry if self.solver.adaptive and self.solver.adjoint_carry_step
-                 else odeint_adjoint)
-        return solve(counted, y0, times, adjoint_params=params, adjoint_options=adjoint_options,
-                     **kwargs)
-
-    # ------------------------------------------------------------------ backprop="auto"
-    def _backprop_mode(self, times: Tensor) -> str:
-        """How this training solve backpropagates: "direct", "adjoint" or "checkpoint".
-
-        With ``backprop="auto"`` the agreed choice is direct or memory-bounded ("adjoint").
-        Memory-bounded means the adjoint for a solve output at its ends only, and the step
-        checkpoints for one with interior output times (the penalty's, or a grid's): the
-        adjoint must stop at each of those, which cost 21 backward evaluations instead of 14 on
-        a two-step solve and as much as the checkpoints elsewhere, while on an ends-only solve
-        the adjoint is the cheaper of the two (``benchmarks/results/adjoint_overhead.md``).
-        """
-        mode = self.solver.backprop
-        if mode != "auto":
-            return mode
-        if not self.backprop_fell_back and self.backprop_choice == "direct":
-            return "direct"
-        # Undecided (the first training solve, while the block measures) means the adjoint:
-        # it is the choice that cannot run out of memory (_checkpoint_fits is still False).
-        if self._checkpoint_fits and len(times) > 2 and not times.requires_grad:
-            return "checkpoint"
-        return "adjoint"
-
-    def _measure(self, field: VectorField, t: Tensor, y0: State) -> None:
-        """Bytes autograd keeps per evaluation and batch row (one uncounted evaluation)."""
-        with torch.enable_grad():
-            state = tuple(y.detach().requires_grad_(y.is_floating_point()) for y in y0)
-            _, nbytes = saved_tensor_bytes(field, t.detach(), state)
-        self._bytes_per_row = nbytes / max(int(y0[0].shape[0]), 1)
-
-    def _propose(self, forward_nfe: int, ref: Tensor) -> None:
-        """Direct or adjoint for the next training solve, from this solve's NFE and memory."""
-        share = self.solver.memory_share or default_memory_share(ref.device)
-        # Free memory is read after every training solve (about 40 us: /proc/meminfo and the
-        # cgroup files, or the CUDA driver), so memory taken meanwhile by other processes or
-        # other blocks counts in the next decision.
-        need = int(self._bytes_per_row * max(int(ref.shape[0]), 1))
-        free = available_memory(ref.device)
-        self.backprop_proposal = ("adjoint" if self.backprop_fell_back else
-                                  choose_backprop(need, forward_nfe, free, share))
-        self.backprop_choice = self.backprop_proposal
-        # The step checkpoints hold one step's graph at a time.
-        self._checkpoint_fits = self.solver.adaptive and choose_backprop(
-            need, evaluations_per_step(self.solver.method), free, share) == "direct"
-
-    def _fall_back(self, ref: Tensor) -> None:
-        self.backprop_fell_back = True
-        self.backprop_choice = self.backprop_proposal = "adjoint"
-        if ref.device.type == "cuda":
-            torch.cuda.empty_cache()
-        warnings.warn("backprop='auto': a direct-backprop solve ran out of memory; this block "
-                      "uses the adjoint for the rest of the run.", RuntimeWarning, stacklevel=3)
+        with observe(self.nfe):
+            traj = solve(field, y0, t, rtol=rtol, atol=atol, method=self.solver.method,
+                         options=self.solver.options(), backprop=self.solver.backprop,
+                         params=params, max_nfe=self.solver.max_nfe, site=self, state_index=0,
+                         penalise=self.training)
+        return tuple(x[-1] for x in traj) if ends_only else traj
 
 
 def _check_adjoint_sees_everything(field: VectorField, t: Tensor, y0: State,

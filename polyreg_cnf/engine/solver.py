@@ -1,79 +1,53 @@
-"""Typed solver settings: one object instead of loose string keys."""
+"""Typed solver settings: one object instead of loose string keys, and every solver default."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ADAPTIVE_METHODS", "BACKPROP_MODES", "FIXED_METHODS", "SolverConfig"]
+from polyreg_cnf.engine._checks import check_int, check_number
+from polyreg_cnf.engine._torchdiffeq import ADAPTIVE_METHODS, FIXED_METHODS, METHODS
+from polyreg_cnf.engine.backprop import (
+    Adjoint,
+    Auto,
+    Backprop,
+    backprop_from_dict,
+    make_backprop,
+)
 
-#: How gradients of a training solve are computed (see :mod:`polyreg_cnf.engine.memory`).
-BACKPROP_MODES = ("auto", "direct", "adjoint", "checkpoint")
-
-#: Adaptive-step methods of torchdiffeq (their NFE grows with stiffness: what TPR targets).
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-#: Fixed-grid methods of torchdiffeq (need ``step_size``).
-FIXED_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
-
-
-def _positive(name: str, value: object, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-            value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+__all__ = ["ADAPTIVE_METHODS", "FIXED_METHODS", "METHODS", "SolverConfig"]
 
 
 @dataclass(frozen=True)
 class SolverConfig:
-    """How a block integrates its ODE.
+    """How a block integrates its ODE. The defaults are the paper's and every entry point's.
 
     Args:
-        method: A torchdiffeq method: one of ``ADAPTIVE_METHODS`` or ``FIXED_METHODS``.
-        atol: Absolute tolerance while training.
-        rtol: Relative tolerance while training.
-        eval_atol: Absolute tolerance in evaluation (module in eval mode); defaults to ``atol``.
-        eval_rtol: Relative tolerance in evaluation; defaults to ``rtol``.
-        backprop: How gradients are computed: ``"direct"`` backpropagates through the solver's
-            operations (fastest, memory grows with NFE), ``"adjoint"`` solves the adjoint ODE
-            backwards (O(1) memory in NFE, a second solve), ``"auto"`` (default) uses direct
-            backprop while the step's activations fit a share of the free memory (measured:
-            bytes kept per evaluation x forward NFE x 2, see :mod:`polyreg_cnf.engine.memory`)
-            and memory-bounded backprop otherwise (the adjoint, or the step checkpoints for
-            solves with interior output times, such as the penalty's, when one step's graph
-            fits); a block's first training solve uses the adjoint while it measures. On
-            CUDA, a direct solve that runs out of memory is redone with the adjoint, and the
-            block stays memory-bounded. ``"checkpoint"`` (adaptive methods only)
-            stores the state at every accepted step and backpropagates through one recomputed
-            step at a time (:func:`polyreg_cnf.engine.step_checkpoint.checkpointed_solve`): the
-            gradients of direct backprop with the step sizes held fixed, the memory of one step,
-            and no extra cost for output times (the adjoint stops at each of them).
-        adjoint: Shorthand kept for older code: ``True`` means ``backprop="adjoint"``,
-            ``False`` means ``backprop="direct"`` (it stays as given; read ``backprop``).
-        seminorm: With the adjoint, measure the backward error on the state and its adjoint
-            only (Kidger, Chen & Lyons, ICML 2021): typically far fewer backward steps.
-        adjoint_carry_step: With the adjoint and an adaptive method, use the restart-free
-            adjoint (:func:`polyreg_cnf.engine.adjoint.odeint_adjoint_carry`): the backward
-            pass keeps its step size across the output times instead of re-selecting it on every
-            interval, so the penalty's interior times cost about one evaluation each. ``False`` uses
-            torchdiffeq's stock ``odeint_adjoint`` (kept for comparison).
+        method: A torchdiffeq method: one of ``METHODS`` (adaptive ``ADAPTIVE_METHODS`` or
+            fixed-grid ``FIXED_METHODS``).
+        atol: Absolute tolerance while training (paper: 1e-4).
+        rtol: Relative tolerance while training (paper: 1e-4).
+        eval_atol: Absolute tolerance in evaluation, module in eval mode (paper: 1e-5).
+        eval_rtol: Relative tolerance in evaluation (paper: 1e-5).
+        backprop: How gradients are computed: a strategy of :mod:`polyreg_cnf.engine.backprop`
+            (:class:`~polyreg_cnf.engine.backprop.Auto` by default: direct backprop while it fits
+            a share of the free memory, memory-bounded otherwise), or its name (``"auto"``,
+            ``"direct"``, ``"adjoint"``, ``"checkpoint"``) for the strategy with its defaults.
         first_step: Initial step size for adaptive methods; ``None`` lets the solver choose
             (costs one extra evaluation per solve).
         step_size: Step size of fixed-grid methods (required for them).
         max_num_steps: Solver steps allowed per solve before torchdiffeq gives up.
-        memory_share: With ``backprop="auto"``, the share of free memory direct backprop may
-            use; default 0.25 on CPU (an overrun is the kernel's OOM killer, not an
-            exception) and 0.5 on CUDA.
         max_nfe: Cap on function evaluations per forward solve; exceeding it raises
             :class:`polyreg_cnf.NFELimitError` at once instead of grinding on for hours.
+        extra_options: More torchdiffeq options, passed as they are.
 
     Example:
-        >>> solver = SolverConfig(atol=1e-4, rtol=1e-4, eval_atol=1e-6, first_step=0.1)
+        >>> solver = SolverConfig(eval_atol=1e-6, first_step=0.1)
         >>> solver.tolerances(training=True), solver.tolerances(training=False)
-        ((0.0001, 0.0001), (1e-06, 0.0001))
-        >>> solver.options()
-        {'first_step': 0.1}
+        ((0.0001, 0.0001), (1e-06, 1e-05))
+        >>> solver.options(), solver.backprop
+        ({'first_step': 0.1}, Auto(memory_share=None, adjoint=Adjoint(carry=True, seminorm=False)))
         >>> SolverConfig(method="rk4")
         Traceback (most recent call last):
         ...
@@ -81,60 +55,31 @@ class SolverConfig:
     """
 
     method: str = "dopri5"
-    atol: float = 1e-5
-    rtol: float = 1e-5
-    eval_atol: float | None = None
-    eval_rtol: float | None = None
-    backprop: str = "auto"
-    adjoint: bool | None = None
-    seminorm: bool = False
-    adjoint_carry_step: bool = True
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    eval_atol: float = 1e-5
+    eval_rtol: float = 1e-5
+    backprop: Backprop = field(default_factory=Auto)
     first_step: float | None = None
     step_size: float | None = None
     max_num_steps: int | None = None
     max_nfe: int | None = None
-    memory_share: float | None = None
     extra_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        valid = ADAPTIVE_METHODS + FIXED_METHODS
-        if self.method not in valid:
-            raise ValueError(f"unknown solver method {self.method!r}; valid: {', '.join(valid)}")
-        _positive("atol", self.atol)
-        _positive("rtol", self.rtol)
-        _positive("eval_atol", self.eval_atol, allow_none=True)
-        _positive("eval_rtol", self.eval_rtol, allow_none=True)
-        _positive("first_step", self.first_step, allow_none=True)
-        _positive("step_size", self.step_size, allow_none=True)
-        for name in ("max_num_steps", "max_nfe"):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown solver method {self.method!r}; valid: {', '.join(METHODS)}")
+        for name in ("atol", "rtol", "eval_atol", "eval_rtol", "first_step", "step_size"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+            if value is not None or name in ("atol", "rtol", "eval_atol", "eval_rtol"):
+                check_number(name, value, strict=True)
+        for name in ("max_num_steps", "max_nfe"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name))
         if self.method in FIXED_METHODS and self.step_size is None:
             raise ValueError(f"fixed-grid method {self.method!r} needs step_size, got None")
-        if self.backprop not in BACKPROP_MODES:
-            raise ValueError(f"backprop must be one of {', '.join(BACKPROP_MODES)}, got "
-                             f"{self.backprop!r}")
-        if self.adjoint is not None:
-            implied = "adjoint" if self.adjoint else "direct"
-            if self.backprop not in ("auto", implied):
-                raise ValueError(f"adjoint={self.adjoint} contradicts backprop={self.backprop!r}; "
-                                 f"give one of them")
-            object.__setattr__(self, "backprop", implied)
-        if self.memory_share is not None and (
-                isinstance(self.memory_share, bool) or not isinstance(self.memory_share,
-                                                                      (int, float))
-                or not 0 < self.memory_share <= 1):
-            raise ValueError(f"memory_share must be a number in (0, 1], got "
-                             f"{self.memory_share!r}")
-        if self.seminorm and self.backprop in ("direct", "checkpoint"):
-            raise ValueError(f"seminorm=True only applies to the adjoint; got "
-                             f"backprop={self.backprop!r}")
-        if self.backprop == "checkpoint" and self.method not in ADAPTIVE_METHODS:
-            raise ValueError(f"backprop='checkpoint' recomputes adaptive Runge-Kutta steps; "
-                             f"method {self.method!r} is fixed-grid (use one of "
-                             f"{', '.join(ADAPTIVE_METHODS)}, or backprop='direct')")
+        object.__setattr__(self, "backprop", make_backprop(self.backprop))
+        self.backprop.check(self.method)
 
     @property
     def adaptive(self) -> bool:
@@ -143,10 +88,7 @@ class SolverConfig:
 
     def tolerances(self, training: bool) -> tuple[float, float]:
         """(atol, rtol) for training or for evaluation."""
-        if training:
-            return self.atol, self.rtol
-        return (self.eval_atol if self.eval_atol is not None else self.atol,
-                self.eval_rtol if self.eval_rtol is not None else self.rtol)
+        return (self.atol, self.rtol) if training else (self.eval_atol, self.eval_rtol)
 
     def options(self) -> dict[str, Any]:
         """The ``options`` dict torchdiffeq's odeint takes for this method."""
@@ -160,6 +102,66 @@ class SolverConfig:
             opts["step_size"] = self.step_size
         return opts
 
+    def fresh(self) -> SolverConfig:
+        """The same settings with a strategy holding no decisions (one per model)."""
+        if isinstance(self.backprop, Auto):
+            return dataclasses.replace(self, backprop=self.backprop.fresh())
+        return self
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict for hyperparameter logging."""
-        return asdict(self)
+        """Plain dict for hyperparameter logging and checkpoints (:meth:`from_dict` reads it)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["backprop"] = self.backprop.to_dict()
+        out["extra_options"] = dict(self.extra_options)
+        return out
+
+    @classmethod
+    def for_model(cls, solver: SolverConfig | dict[str, Any] | None) -> SolverConfig:
+        """A model's own solver settings from what its constructor received.
+
+        ``None`` gives the defaults, a dict is read with :meth:`from_dict` (a checkpoint's
+        hyperparameters), a config is taken as is; each model gets its own :meth:`fresh` copy,
+        shared by its blocks.
+
+        Raises:
+            TypeError: Anything else.
+        """
+        if solver is None:
+            solver = cls()
+        elif isinstance(solver, dict):
+            solver = cls.from_dict(solver)
+        elif not isinstance(solver, cls):
+            raise TypeError(f"solver must be a SolverConfig or dict, got {type(solver).__name__}")
+        return solver.fresh()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SolverConfig:
+        """A config from :meth:`to_dict`'s form, or from the flat form older checkpoints hold.
+
+        Older checkpoints stored ``backprop`` as a name beside ``adjoint``, ``seminorm``,
+        ``adjoint_carry_step`` and ``memory_share``, and ``None`` for an evaluation tolerance
+        equal to the training one.
+        """
+        data = dict(data)
+        legacy = {k: data.pop(k) for k in ("adjoint", "seminorm", "adjoint_carry_step",
+                                           "memory_share") if k in data}
+        backprop = data.pop("backprop", None)
+        if isinstance(backprop, dict):
+            data["backprop"] = backprop_from_dict(backprop)
+        elif backprop is not None or legacy:
+            name = backprop or "auto"
+            if legacy.get("adjoint") is not None:
+                name = "adjoint" if legacy["adjoint"] else "direct"
+            settings: dict[str, Any] = {}
+            adjoint = Adjoint(carry=legacy.get("adjoint_carry_step", True),
+                              seminorm=legacy.get("seminorm", False))
+            if name == "adjoint":
+                settings = dict(carry=adjoint.carry, seminorm=adjoint.seminorm)
+            elif name == "auto":
+                settings = dict(memory_share=legacy.get("memory_share"), adjoint=adjoint)
+            data["backprop"] = make_backprop(name, **settings)
+        for name, train in (("eval_atol", "atol"), ("eval_rtol", "rtol")):
+            if name in data and data[name] is None:
+                data[name] = data.get(train, getattr(cls, train))
+        return cls(**data)
+

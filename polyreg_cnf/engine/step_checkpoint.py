@@ -38,14 +38,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
 # torchdiffeq internals the recomputation must share with the forward solve to reproduce it
 # exactly; torchdiffeq is pinned (0.2.5) and tests/test_torchdiffeq_contract.py names them.
 from torchdiffeq._impl.interp import _interp_evaluate, _interp_fit
-from torchdiffeq._impl.misc import Perturb, _mixed_norm, _PerturbFunc
+from torchdiffeq._impl.misc import Perturb, _PerturbFunc
 from torchdiffeq._impl.odeint import SOLVERS
 from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _runge_kutta_step
+
+from polyreg_cnf.engine._torchdiffeq import ADAPTIVE_METHODS, mixed_norm, odeint
 
 __all__ = ["CHECKPOINT_METHODS", "evaluations_per_step", "checkpointed_solve"]
 
@@ -53,9 +54,8 @@ State = tuple[Tensor, ...]
 Field = Callable[[Tensor, Any], Any]
 
 #: Adaptive Runge-Kutta methods whose steps can be recomputed (every adaptive torchdiffeq method).
-CHECKPOINT_METHODS = tuple(name for name, cls in SOLVERS.items()
-                           if isinstance(cls, type)
-                           and issubclass(cls, RKAdaptiveStepsizeODESolver))
+CHECKPOINT_METHODS = tuple(name for name in ADAPTIVE_METHODS
+                           if issubclass(SOLVERS[name], RKAdaptiveStepsizeODESolver))
 
 
 def evaluations_per_step(method: str) -> int:
@@ -256,7 +256,7 @@ def checkpointed_solve(func: Field, y0: Tensor | State, t: Tensor, *, params: Se
     # tensors of a tuple, the RMS of a tensor, or the caller's norm of the state in its form),
     # so the steps are those torchdiffeq's own solve would take.
     norm = options.get("norm")
-    options["norm"] = ((lambda y: _mixed_norm(flat.unflatten(y))) if norm is None
+    options["norm"] = ((lambda y: mixed_norm(flat.unflatten(y))) if norm is None
                        else (lambda y: norm(flat.state(y))))
     kwargs = dict(rtol=rtol, atol=atol, method=method, options=options)
     params = tuple(p for p in params if p.requires_grad)

@@ -5,23 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from polyreg_cnf.callbacks.backprop import auto_backprop_callbacks
 from polyreg_cnf.engine._checks import check_int, check_number
 from polyreg_cnf.engine.cnf import CNF, CNFStack, standard_normal_logprob
 from polyreg_cnf.engine.nets import ODENet
 from polyreg_cnf.engine.solver import SolverConfig
-from polyreg_cnf.models.checkpoint import check_checkpoint_kind, stamp_checkpoint_kind
-from polyreg_cnf.models.schedule import check_schedule, optimizer_config
+from polyreg_cnf.models.schedule import check_schedule
+from polyreg_cnf.models.system import FlowSystem
 
 __all__ = ["CNFDensityEstimator"]
 
 
-class CNFDensityEstimator(L.LightningModule):
+class CNFDensityEstimator(FlowSystem):
     r"""Density estimation :math:`\log p(x) = \log \mathcal{N}(z(T); 0, I) + \log|\det J|`.
 
     Training minimises the mean negative log-likelihood (nats) of standardised data; validation
@@ -38,7 +36,7 @@ class CNFDensityEstimator(L.LightningModule):
         num_blocks: Number of CNF blocks.
         T: End time of each block.
         train_T: Learn each block's end time.
-        solver: Solver settings (tolerances for training and evaluation, adjoint, ...).
+        solver: Solver settings (tolerances for training and evaluation, backprop, ...).
         trace: Trace estimator in training (``"hutchinson"`` or ``"exact"``).
         eval_trace: Trace estimator in evaluation.
         noise: Hutchinson probe distribution.
@@ -80,11 +78,7 @@ class CNFDensityEstimator(L.LightningModule):
         check_number("lr", lr, strict=True)
         check_number("weight_decay", weight_decay)
         self.lr_schedule = check_schedule(lr_schedule)
-        if isinstance(solver, dict):
-            solver = SolverConfig(**solver)
-        solver = SolverConfig() if solver is None else solver
-        if not isinstance(solver, SolverConfig):
-            raise TypeError(f"solver must be a SolverConfig or dict, got {type(solver).__name__}")
+        solver = SolverConfig.for_model(solver)
         # Hyperparameters as plain values so checkpoints reload without this package's classes.
         self.save_hyperparameters(ignore=["solver", "data_mean", "data_std"])
         self.hparams["solver"] = solver.to_dict()
@@ -145,18 +139,5 @@ class CNFDensityEstimator(L.LightningModule):
         self.test_nll.update(nll)
         self.log("test/nll", self.test_nll, on_epoch=True)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        stamp_checkpoint_kind(checkpoint, "cnf", dim=self.dim,
-                              num_blocks=len(self.flow.blocks))
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_checkpoint_kind(checkpoint, "cnf", dim=self.dim, num_blocks=len(self.flow.blocks))
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        """The backprop selector when a block has ``backprop="auto"`` (agreed across ranks)."""
-        return auto_backprop_callbacks(self)
-
-    def configure_optimizers(self) -> Any:
-        adam = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        return optimizer_config(adam, self.lr_schedule,
-                                lambda: self.trainer.estimated_stepping_batches)
+    def checkpoint_kind(self) -> tuple[str, dict[str, Any]]:
+        return "cnf", {"dim": self.dim, "num_blocks": len(self.flow.blocks)}

@@ -18,19 +18,17 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
-from polyreg_cnf.callbacks.backprop import auto_backprop_callbacks
 from polyreg_cnf.engine._checks import check_number
 from polyreg_cnf.engine.amortized import POSTERIORS, FlowPosterior
 from polyreg_cnf.engine.cnf import standard_normal_logprob
 from polyreg_cnf.engine.solver import SolverConfig
-from polyreg_cnf.models.checkpoint import check_checkpoint_kind, stamp_checkpoint_kind
-from polyreg_cnf.models.schedule import check_schedule, optimizer_config
+from polyreg_cnf.models.schedule import check_schedule
+from polyreg_cnf.models.system import FlowSystem
 
 __all__ = [
     "ARCHITECTURES",
@@ -144,7 +142,7 @@ def _mlp(sizes: Sequence[int], last_act: bool) -> nn.Sequential:
 
 
 # ---------------------------------------------------------------------------- the system
-class CNFVAE(L.LightningModule):
+class CNFVAE(FlowSystem):
     r"""VAE whose approximate posterior is a (low-rank amortized) CNF, as in FFJORD.
 
     Encoder: :math:`x \mapsto (\mu, \log\sigma, h)`; :math:`z_0 = \mu + \sigma \odot \epsilon`;
@@ -200,6 +198,8 @@ class CNFVAE(L.LightningModule):
         is_chunk: Samples per image evaluated at once in the IS estimate.
     """
 
+    optimizer = torch.optim.Adamax
+
     def __init__(self, image_shape: Sequence[int], likelihood: str = "bernoulli",
                  z_dim: int = 64, posterior: str = "amortized",
                  hidden_dims: Sequence[int] = (1024, 1024), rank: int = 64,
@@ -233,12 +233,7 @@ class CNFVAE(L.LightningModule):
         check_number("weight_decay", weight_decay)
         self.lr_schedule = check_schedule(lr_schedule)
         check_number("warmup_epochs", warmup_epochs)
-        if isinstance(solver, dict):
-            solver = SolverConfig(**solver)
-        solver = SolverConfig(atol=1e-4, rtol=1e-4, eval_atol=1e-5, eval_rtol=1e-5) \
-            if solver is None else solver
-        if not isinstance(solver, SolverConfig):
-            raise TypeError(f"solver must be a SolverConfig or dict, got {type(solver).__name__}")
+        solver = SolverConfig.for_model(solver)
         C, H, W = image_shape
         if architecture == "auto":
             architecture = "conv" if H >= 16 and W >= 16 and H % 4 == 0 and W % 4 == 0 \
@@ -434,22 +429,8 @@ class CNFVAE(L.LightningModule):
             self.log("test/bits_per_dim", self.test_bpd, on_epoch=True)
             self.log("test/neg_elbo_bits_per_dim", self.test_elbo_bpd, on_epoch=True)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        stamp_checkpoint_kind(checkpoint, "vae", image_shape=list(self.image_shape),
-                              z_dim=self.z_dim)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_checkpoint_kind(checkpoint, "vae", image_shape=list(self.image_shape),
-                              z_dim=self.z_dim)
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        """The backprop selector when a block has ``backprop="auto"`` (agreed across ranks)."""
-        return auto_backprop_callbacks(self)
-
-    def configure_optimizers(self) -> Any:
-        adamax = torch.optim.Adamax(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        return optimizer_config(adamax, self.lr_schedule,
-                                lambda: self.trainer.estimated_stepping_batches)
+    def checkpoint_kind(self) -> tuple[str, dict[str, Any]]:
+        return "vae", {"image_shape": list(self.image_shape), "z_dim": self.z_dim}
 
 
 # ---------------------------------------------------------------------------- factory
@@ -466,7 +447,7 @@ def build_vae(image_shape: Sequence[int], likelihood: str, **options: Any) -> CN
     """Build a :class:`CNFVAE` from flat options (what a preset or a run configuration holds).
 
     Solver options (the fields of :class:`SolverConfig`: ``method``, ``atol``, ``rtol``,
-    ``eval_atol``, ``eval_rtol``, ``adjoint``, ...) are gathered into a :class:`SolverConfig`
+    ``eval_atol``, ``eval_rtol``, ``backprop``, ...) are gathered into a :class:`SolverConfig`
     (or pass ``solver=`` itself, not both); ``batch_size`` and ``max_epochs`` are accepted and
     ignored so a whole preset of :data:`polyreg_cnf.app.presets.VAE_PRESETS` can be passed;
     every other key is a :class:`CNFVAE` argument.
@@ -489,8 +470,7 @@ def build_vae(image_shape: Sequence[int], likelihood: str, **options: Any) -> CN
         if options.get("solver") is not None:
             raise TypeError(f"build_vae: pass either solver= or the solver options "
                             f"{sorted(solver_opts)}, not both")
-        defaults = dict(atol=1e-4, rtol=1e-4, eval_atol=1e-5, eval_rtol=1e-5)
-        options["solver"] = SolverConfig(**{**defaults, **solver_opts})
+        options["solver"] = SolverConfig(**solver_opts)
     if "hidden_dims" in options:
         options["hidden_dims"] = list(options["hidden_dims"])
     return CNFVAE(tuple(image_shape), likelihood, **options)
