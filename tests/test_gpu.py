@@ -67,9 +67,9 @@ def test_cnf_on_cuda_matches_cpu_in_float64(backprop):
     for model in (on_cpu, on_gpu):
         device = next(model.parameters()).device
         # Interior times from a CPU generator: the same on both devices.
-        model.start_trajectory_penalty(2, 1, generator=torch.Generator().manual_seed(3))
-        z, ladj = model(x.to(device))
-        penalty = model.trajectory_penalty()
+        with TrajectoryRecorder(2, 1, generator=torch.Generator().manual_seed(3)) as recorder:
+            z, ladj = model(x.to(device))
+        penalty = recorder.penalty()
         loss = -(standard_normal_logprob(z) + ladj).mean() + 5 * penalty
         grads = torch.autograd.grad(loss, list(model.parameters()))
         assert z.device.type == device.type and all(g.device == device for g in grads)
@@ -95,11 +95,11 @@ def test_odeblock_grid_on_cuda_matches_cpu_in_float64(backprop, grid):
     results = []
     for model in (on_cpu, on_gpu):
         start = y0.to(next(model.parameters()).device).requires_grad_(True)
-        model.start_trajectory_penalty(2, 1, generator=torch.Generator().manual_seed(4))
-        traj = model(start, t=t)
-        loss = traj.square().sum() + 3 * model.trajectory_penalty()
+        with TrajectoryRecorder(2, 1, generator=torch.Generator().manual_seed(4)) as recorder:
+            traj = model(start, t=t)
+        loss = traj.square().sum() + 3 * recorder.penalty()
         grads = torch.autograd.grad(loss, [start, *model.parameters()])
-        results.append(_cpu([traj, model.trajectory_penalty(), *grads]))
+        results.append(_cpu([traj, recorder.penalty(), *grads]))
     assert results[0][0].shape == (3, 5, 2)
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9)
@@ -191,7 +191,7 @@ def test_auto_backprop_measures_chooses_direct_and_trains_on_cuda():
     assert next(model.parameters()).device.type == "cuda"
     # step 1 on the adjoint while measuring, then direct backprop (nothing evaluated backwards)
     assert spy.backward[0] > 0 and spy.backward[1:] == [0, 0, 0]
-    assert block._bytes_per_row > 0 and block.backprop_choice == "direct"
+    assert _site(block).bytes_per_row > 0 and _site(block).choice == "direct"
     selector = next(c for c in trainer.callbacks if isinstance(c, BackpropSelector))
     assert selector.state_dict() == {"choice": "direct", "fell_back": False}
 
@@ -221,8 +221,8 @@ def test_auto_backprop_falls_back_when_a_direct_solve_really_runs_out_of_cuda_me
     base = torch.cuda.memory_allocated()
     step()  # measures on the adjoint, then proposes direct backprop (the device is large)
     adjoint_peak = torch.cuda.max_memory_allocated() - base
-    direct_need = cnf._bytes_per_row * x.shape[0] * cnf.nfe.forward
-    assert cnf.backprop_choice == "direct" and cnf.nfe.backward > 0
+    direct_need = _site(cnf).bytes_per_row * x.shape[0] * cnf.nfe.forward
+    assert _site(cnf).choice == "direct" and cnf.nfe.backward > 0
     assert direct_need > 3 * adjoint_peak, "set-up: direct backprop must need far more memory"
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.empty_cache()
@@ -232,11 +232,11 @@ def test_auto_backprop_falls_back_when_a_direct_solve_really_runs_out_of_cuda_me
     try:
         with pytest.warns(RuntimeWarning, match="ran out of memory"):
             step()
-        assert cnf.backprop_fell_back and cnf.backprop_choice == "adjoint"
+        assert _site(cnf).fell_back and _site(cnf).choice == "adjoint"
         assert cnf.nfe.backward > 0  # the redone solve was the adjoint
         assert all(torch.isfinite(p.grad).all() for p in cnf.parameters())
         step()  # and it stays there
-        assert cnf.nfe.backward > 0 and cnf.backprop_choice == "adjoint"
+        assert cnf.nfe.backward > 0 and _site(cnf).choice == "adjoint"
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
@@ -272,7 +272,7 @@ class SaveState(L.Callback):
 
     def on_fit_end(self, trainer, pl_module):
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        choices = [b.backprop_choice for b in pl_module.flow.blocks]
+        choices = [_site(b).choice for b in pl_module.flow.blocks]
         torch.save({"state": state, "choices": choices},
                    os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
 
@@ -366,13 +366,13 @@ def test_the_fallback_adjoint_starts_after_the_failed_direct_solve_is_released()
     cnf = CNF(field, solver=SolverConfig(atol=1e-6, rtol=1e-6), trace="exact")
     x = torch.randn(256, 2)
     cnf(x)  # measures, chooses direct
-    assert cnf.backprop_choice == "direct"
+    assert _site(cnf).choice == "direct"
     field.armed = True
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
         with pytest.warns(RuntimeWarning, match="ran out of memory"):
             z, _ = cnf(x)
     gc.collect()
-    assert cnf.backprop_fell_back and field.before_oom > 0
+    assert _site(cnf).fell_back and field.before_oom > 0
     # What the failed direct solve had allocated must be free before the adjoint solve starts.
     assert field.at_fallback < 0.1 * field.before_oom, (field.at_fallback, field.before_oom)
 
@@ -468,7 +468,7 @@ def test_memory_probe_records_each_step_against_the_nfe_monitor():
     assert [r["step"] for r in records] == [0, 1, 2]
     assert [r["direct"] for r in records] == [False, True, True]  # step 0 measures (adjoint)
     assert [r["growth"] for r in records] == [10_000 - 0, 10_001 - 100, 10_002 - 200]
-    per_row = [b._bytes_per_row for b in model.flow.blocks]
+    per_row = [_site(b).bytes_per_row for b in model.flow.blocks]
     for record, (forward, _, _) in zip(records, monitor.history):
         assert [rows for _, rows, _ in record["blocks"]] == [64, 64]
         assert [b for b, _, _ in record["blocks"]] == per_row
@@ -496,3 +496,8 @@ def test_markdown_reports_failures_and_leaves_out_what_was_not_measured():
     assert "needs 2 CUDA devices, found 1" in text
     assert text.count("Not measured.") == 2
     assert "- power --reg poly: RuntimeError: x" in text
+
+
+def _site(block):
+    """What the block's Auto strategy decided for it (the decision lives in the strategy)."""
+    return block.solver.backprop.site(block)

@@ -107,7 +107,8 @@ def test_fit_with_offline_wandb_and_csv(tmp_path, offline_env, wandb_calls):
     run_dir = tmp_path / "runs" / "toy-poly"
     args = {"data": "checkerboard", "reg": "poly", "poly_coef": 5.0, "poly_samples": 2,
             "poly_order": 1, "hidden_dims": [16, 16], "lr": 1e-3, "output_dir": tmp_path}
-    loggers = make_logger("auto", run_dir, "toy-poly", run_config(args))
+    loggers = make_logger("auto", run_dir, "toy-poly",
+                          run_config(args, PolynomialTrajectoryRegularizer(5.0, 2, 1)))
     assert [type(lg) for lg in loggers] == [WandbLogger, CSVLogger]
     dm = ToyDataModule("checkerboard", num_train=256, num_val=64, num_test=64, batch_size=64)
     model = CNFDensityEstimator(2, hidden_dims=(16, 16), solver=FAST)
@@ -164,7 +165,7 @@ def test_fit_with_offline_wandb_and_csv(tmp_path, offline_env, wandb_calls):
 
     # The run config made it into W&B and the CSV hparams.
     config = loggers[0].experiment.config
-    assert config["regularizer"] == {"name": "poly", "coef": 5.0, "samples": 2, "order": 1}
+    assert config["regularizer"] == {"name": "poly", "coef": 5.0, "num_samples": 2, "order": 1}
     assert config["versions"]["torch"] == torch.__version__.split("+")[0] or \
         config["versions"]["torch"] == torch.__version__
     assert "regularizer/coef" in (run_dir / "hparams.yaml").read_text()
@@ -273,3 +274,28 @@ def test_plotter_rejects_bad_arguments():
         TrajectoryPlotter(every_n_steps=0)
     with pytest.raises(ValueError, match="num_times.*got 1"):
         TrajectoryPlotter(num_times=1)
+
+
+@pytest.mark.parametrize("reg,expected", [
+    ("poly", {"coef": 1.5, "num_samples": 2, "order": 1}),  # K and m from the paper preset
+    ("kinetic", {"kinetic_coef": 0.05, "jacobian_coef": 0.01}),  # jacobian_coef: the default
+])
+def test_every_setting_of_the_regularizer_is_in_the_run_folder(reg, expected, tmp_path):
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train
+
+    flags = {"poly": ["--poly-coef", "1.5"], "kinetic": ["--kinetic-coef", "0.05"]}[reg]
+    argv = ["--data", "8gaussians", "--reg", reg, *flags, "--hidden-dims", "8", "--max-steps",
+            "2", "--batch-size", "32", "--limit-val-batches", "0", "--no-test",
+            "--plot-every", "0", "--logger", "csv", "--output-dir", str(tmp_path / "runs"),
+            "--run-name", "r"]
+    assert train.main(argv) == 0
+    logged = yaml.safe_load((tmp_path / "runs" / "r" / "hparams.yaml").read_text())
+    settings = {k.split("/", 1)[1]: v for k, v in logged.items()
+                if k.startswith("regularizer/") and k != "regularizer/name"}
+    assert settings == expected
+    assert logged["regularizer/name"] == reg

@@ -20,7 +20,7 @@ from polyreg_cnf import CNF, CNFStack, ODENet, SolverConfig
 from polyreg_cnf.engine.amortized import AmortizedODENet, FlowPosterior
 
 D, B, FEATURES = 2, 3, 5
-SOLVER = SolverConfig(atol=1e-10, rtol=1e-10)
+SOLVER = SolverConfig(atol=1e-10, rtol=1e-10, eval_atol=1e-10, eval_rtol=1e-10)
 
 
 class Conditioned(nn.Module):

@@ -52,7 +52,7 @@ def test_user_table_run(tmp_path, capsys):
     (["--poly-coef=-1"], "expected a finite number >= 0, got '-1'"),
     (["--data", "nosuchset"], "'nosuchset' is not a known data set or a table file"),
     (["--poly-samples", "0", "--poly-order", "1"], "--poly-samples must be >= --poly-order"),
-    (["--solver", "rk4"], "fixed-grid and needs --step-size"),
+    (["--solver", "rk4"], "fixed-grid method 'rk4' needs step_size"),
     (["--max-steps", "0"], "expected a positive integer, got '0'"),
 ])
 def test_bad_flags_stop_with_a_clear_message(argv, match, capsys):
