@@ -13,6 +13,8 @@ from polyreg_cnf.datamodules._files import DataFileError, require_file
 from polyreg_cnf.datamodules.base import ArrayDataModule
 from polyreg_cnf.datamodules.images._remote import fetch, resolve_url
 
+from polyreg_cnf.engine._checks import check_bool, check_int
+
 __all__ = ["EVAL_BINARIZATION_SEED", "LIKELIHOODS", "ImageDataModule", "binarize_once"]
 
 LIKELIHOODS = ("bernoulli", "categorical256")
@@ -80,12 +82,9 @@ class ImageDataModule(ArrayDataModule):
         if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
             raise TypeError(f"data_dir must be a path (str or os.PathLike), got "
                             f"{type(data_dir).__name__}: {data_dir!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        for name, value in (("download", download), ("dynamic_binarization",
-                                                      dynamic_binarization)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
+        check_int("seed", seed, minimum=0)
+        check_bool("download", download)
+        check_bool("dynamic_binarization", dynamic_binarization)
         if base_url is not None and not isinstance(base_url, str):
             raise TypeError(f"base_url must be a str or None, got {type(base_url).__name__}: "
                             f"{base_url!r}")

@@ -22,6 +22,8 @@ from polyreg_cnf.datamodules.images.base import (
     binarize_once,
 )
 
+from polyreg_cnf.engine._checks import check_int, check_ints
+
 __all__ = [
     "CaltechSilhouettesDataModule",
     "DigitsDataModule",
@@ -97,9 +99,7 @@ class MNISTDataModule(ImageDataModule):
     def __init__(self, data_dir: str | os.PathLike, n_val: int = 10000, seed: int = 0,
                  **kwargs: object) -> None:
         super().__init__(data_dir, seed=seed, dynamic_binarization=True, **kwargs)
-        if not isinstance(n_val, int) or isinstance(n_val, bool) or n_val < 1:
-            raise ValueError(f"n_val must be a positive int, got {n_val!r}")
-        self.n_val = n_val
+        self.n_val = check_int("n_val", n_val)
 
     def candidates(self, name: str) -> list[Path]:
         """Where ``name`` is looked for, in order: raw then gzipped, root then ``MNIST/raw``."""
@@ -179,9 +179,7 @@ class OmniglotDataModule(ImageDataModule):
     def __init__(self, data_dir: str | os.PathLike, n_val: int = 1345, seed: int = 0,
                  **kwargs: object) -> None:
         super().__init__(data_dir, seed=seed, dynamic_binarization=True, **kwargs)
-        if not isinstance(n_val, int) or isinstance(n_val, bool) or n_val < 1:
-            raise ValueError(f"n_val must be a positive int, got {n_val!r}")
-        self.n_val = n_val
+        self.n_val = check_int("n_val", n_val)
 
     def remote_files(self) -> dict[str, Path]:
         return {self.FILE: self._root() / "OMNIGLOT" / self.FILE}
@@ -283,10 +281,9 @@ class FreyFacesDataModule(ImageDataModule):
     def __init__(self, data_dir: str | os.PathLike, sizes: tuple[int, int, int] = (1565, 200, 200),
                  shuffle_seed: int = 123, **kwargs: object) -> None:
         super().__init__(data_dir, **kwargs)
-        if (not isinstance(sizes, (tuple, list)) or len(sizes) != 3
-                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
-                           for n in sizes)):
+        if not isinstance(sizes, (tuple, list)) or len(sizes) != 3:
             raise ValueError(f"sizes must be three positive ints (train, val, test), got {sizes!r}")
+        check_ints("sizes", sizes)
         if not isinstance(shuffle_seed, int) or not 0 <= shuffle_seed < 2**32:
             raise ValueError(f"shuffle_seed must be an int in [0, 2**32), got {shuffle_seed!r}")
         self.sizes = tuple(sizes)
@@ -357,9 +354,8 @@ class DigitsDataModule(ImageDataModule):
         super().__init__(None, seed=seed, dynamic_binarization=binarization == "dynamic",
                          batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers)
-        for name, value in (("n_val", n_val), ("n_test", n_test)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("n_val", n_val)
+        check_int("n_test", n_test)
         if n_val + n_test >= self.N_IMAGES:
             raise ValueError(f"n_val + n_test must leave training images out of "
                              f"{self.N_IMAGES}, got n_val={n_val}, n_test={n_test}")
