@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,6 +36,17 @@ def binarize_once(rng: np.random.RandomState, probs: np.ndarray) -> np.ndarray:
         ``float32`` array of 0 and 1 with the shape of ``probs``.
     """
     return rng.binomial(1, probs).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A data set stored as one file: its standard name, the folder under ``data_dir`` that
+    holds it, and what it is (for the message when it is missing)."""
+
+    name: str
+    folder: str
+    title: str
+    content: str
 
 
 class ImageDataModule(ArrayDataModule):
@@ -111,9 +123,19 @@ class ImageDataModule(ArrayDataModule):
         where = "" if self.data_dir is None else f"({self.data_dir})"
         return f"{type(self).__name__}{where}"
 
+    #: The file of a data set stored as one (None: several files).
+    FILE: ClassVar[DataFile | None] = None
+
     def remote_files(self) -> dict[str, Path]:
         """Files this module can download: ``{standard filename: destination path}``."""
-        return {}
+        if self.FILE is None:
+            return {}
+        return {self.FILE.name: self._root() / self.FILE.folder / self.FILE.name}
+
+    def _single_file(self) -> Path:
+        """The path of :attr:`FILE`, checked to exist."""
+        return self._require(self.remote_files()[self.FILE.name],
+                             f"{self.FILE.title} {self.FILE.name!r} ({self.FILE.content})")
 
     def _root(self) -> Path:
         if self.data_dir is None:

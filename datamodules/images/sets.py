@@ -18,6 +18,7 @@ from polyreg_cnf.datamodules.images._readers import (
 from polyreg_cnf.datamodules.images._remote import resolve_url
 from polyreg_cnf.datamodules.images.base import (
     EVAL_BINARIZATION_SEED,
+    DataFile,
     ImageDataModule,
     binarize_once,
 )
@@ -174,20 +175,16 @@ class OmniglotDataModule(ImageDataModule):
 
     image_shape: ClassVar[tuple[int, int, int]] = (1, 28, 28)
     likelihood: ClassVar[str] = "bernoulli"
-    FILE: ClassVar[str] = "chardata.mat"
+    FILE = DataFile("chardata.mat", "OMNIGLOT", "Omniglot",
+                    "MATLAB .mat with keys 'data' and 'testdata', each 784 x N")
 
     def __init__(self, data_dir: str | os.PathLike, n_val: int = 1345, seed: int = 0,
                  **kwargs: object) -> None:
         super().__init__(data_dir, seed=seed, dynamic_binarization=True, **kwargs)
         self.n_val = check_int("n_val", n_val)
 
-    def remote_files(self) -> dict[str, Path]:
-        return {self.FILE: self._root() / "OMNIGLOT" / self.FILE}
-
     def load_splits(self) -> dict[str, np.ndarray]:
-        path = self._require(self.remote_files()[self.FILE],
-                             f"Omniglot {self.FILE!r} (MATLAB .mat with keys 'data' and "
-                             f"'testdata', each 784 x N)")
+        path = self._single_file()
         arrays = read_mat_arrays(path, ("data", "testdata"))
         images = {}
         for key, array in arrays.items():
@@ -226,20 +223,17 @@ class CaltechSilhouettesDataModule(ImageDataModule):
 
     image_shape: ClassVar[tuple[int, int, int]] = (1, 28, 28)
     likelihood: ClassVar[str] = "bernoulli"
-    FILE: ClassVar[str] = "caltech101_silhouettes_28_split1.mat"
+    FILE = DataFile("caltech101_silhouettes_28_split1.mat", "Caltech101Silhouettes",
+                    "Caltech 101 Silhouettes", "MATLAB .mat with keys train_data, val_data, "
+                    "test_data, each N x 784 in {0, 1}")
     KEYS: ClassVar[dict[str, str]] = {"train": "train_data", "val": "val_data",
                                       "test": "test_data"}
 
     def __init__(self, data_dir: str | os.PathLike, **kwargs: object) -> None:
         super().__init__(data_dir, **kwargs)
 
-    def remote_files(self) -> dict[str, Path]:
-        return {self.FILE: self._root() / "Caltech101Silhouettes" / self.FILE}
-
     def load_splits(self) -> dict[str, np.ndarray]:
-        path = self._require(self.remote_files()[self.FILE],
-                             f"Caltech 101 Silhouettes {self.FILE!r} (MATLAB .mat with keys "
-                             f"train_data, val_data, test_data, each N x 784 in {{0, 1}})")
+        path = self._single_file()
         arrays = read_mat_arrays(path, tuple(self.KEYS.values()))
         out = {}
         for split, key in self.KEYS.items():
@@ -276,7 +270,8 @@ class FreyFacesDataModule(ImageDataModule):
 
     image_shape: ClassVar[tuple[int, int, int]] = (1, 28, 20)
     likelihood: ClassVar[str] = "categorical256"
-    FILE: ClassVar[str] = "freyfaces.pkl"
+    FILE = DataFile("freyfaces.pkl", "Freyfaces", "Frey Faces",
+                    "pickle, latin1, whose element [0] is an N x 560 array in 0..255")
 
     def __init__(self, data_dir: str | os.PathLike, sizes: tuple[int, int, int] = (1565, 200, 200),
                  shuffle_seed: int = 123, **kwargs: object) -> None:
@@ -290,13 +285,8 @@ class FreyFacesDataModule(ImageDataModule):
         # Not ``shuffle_seed``: that attribute of the base class seeds the training order.
         self.split_seed = shuffle_seed
 
-    def remote_files(self) -> dict[str, Path]:
-        return {self.FILE: self._root() / "Freyfaces" / self.FILE}
-
     def load_splits(self) -> dict[str, np.ndarray]:
-        path = self._require(self.remote_files()[self.FILE],
-                             f"Frey Faces {self.FILE!r} (pickle, latin1, whose element [0] is an "
-                             f"N x 560 array in 0..255)")
+        path = self._single_file()
         data = read_frey_pickle(path, width=560) / 255.0
         n_train, n_val, n_test = self.sizes
         if len(data) < n_train + n_val + n_test:
