@@ -34,7 +34,7 @@ from polyreg_cnf.callbacks import NFEMonitor  # noqa: E402
 from polyreg_cnf.datamodules.toy import ToyDataModule  # noqa: E402
 from polyreg_cnf.datamodules.user_table import UserTableDataModule  # noqa: E402
 
-from polyreg_cnf.app.build import build  # noqa: E402
+from polyreg_cnf.app.build import build, make_model  # noqa: E402
 from polyreg_cnf.app.config import RunConfig, resolve  # noqa: E402
 from polyreg_cnf.engine.ode import ODEBlock, ode_blocks  # noqa: E402
 from polyreg_cnf.engine.penalty import trajectory_polynomial_penalty  # noqa: E402
@@ -313,7 +313,7 @@ def run_config(w: Workload, arm: Arm, seed: int, steps: int, out_dir: Path,
 
 def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
             work_dir: Path | None = None, ckpt_every: int = 0,
-            probe_every: int = 0) -> dict[str, Any]:
+            probe_every: int = 0, model_path: Path | None = None) -> dict[str, Any]:
     """Train one arm on one workload with one seed; return its measurements.
 
     Args:
@@ -328,6 +328,8 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         ckpt_every: Checkpoint interval in steps (with ``work_dir``).
         probe_every: Every this many steps, measure test NFE and straightness
             (:func:`straightness`) on 2,000 fixed test rows (density workloads only).
+        model_path: Keep the final model there (:func:`save_final_model`), for evaluations
+            after the run (benchmarks/frontier.py). None: the model is not kept.
     """
     steps = steps or w.steps
     run_start = time.perf_counter()
@@ -362,6 +364,8 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         start = time.perf_counter()
         trainer.fit(model, dm, ckpt_path=run.ckpt_path)
         fit_wall = time.perf_counter() - start
+        if model_path is not None:
+            save_final_model(model, w, arm, seed, Path(model_path))
         test = trainer.test(model, dm, verbose=False)[0]
         test_nfe = monitor.last_test_nfe
         _set_eval_tolerance(model, atol, rtol)  # the tolerance this run trained at
@@ -390,6 +394,47 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         "resumed_from": run.ckpt_path,
         "nfe_per_step": {"forward": fwd, "backward": bwd},
     }
+
+
+def save_final_model(model: torch.nn.Module, w: Workload, arm: Arm, seed: int,
+                     path: Path) -> None:
+    """Write ``model``'s weights with the workload, arm and seed that made them (atomically).
+
+    The weights alone (no optimizer state): :func:`load_final_model` rebuilds the module from
+    the same definitions through the app's build path.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    torch.save({"workload_def": dataclasses.asdict(w), "arm_def": dataclasses.asdict(arm),
+                "seed": seed, "state_dict": {k: v.detach().cpu().clone()
+                                             for k, v in model.state_dict().items()}}, tmp)
+    os.replace(tmp, path)
+
+
+def load_final_model(path: Path, w: Workload, arm: Arm, seed: int, tmp: Path
+                     ) -> tuple[L.LightningModule, L.LightningDataModule]:
+    """The model :func:`save_final_model` kept for (``w``, ``arm``, ``seed``), in eval mode,
+    with the run's data module (set up for testing; table files are written into ``tmp``).
+
+    Raises:
+        ValueError: The file was made by another workload, arm or seed definition.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    made_by = json.loads(json.dumps({"workload_def": dataclasses.asdict(w),
+                                     "arm_def": dataclasses.asdict(arm), "seed": seed}))
+    got = {k: saved.get(k) for k in made_by}
+    if json.loads(json.dumps(got)) != made_by:
+        raise ValueError(f"{path} was made by {got}, not by {made_by}")
+    dm = _datamodule(w, seed, tmp)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    data = {"table": str(tmp / f"{w.name}.npy"), "vae": "digits"}.get(w.kind)
+    config = run_config(w, arm, seed, w.steps, tmp / "runs", data)
+    model = make_model(config, dm)
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    return model, dm
 
 
 def time_to_reach(curve: list[list[float]], target: float) -> float | None:

@@ -100,7 +100,8 @@ SUITES = {
     "long": dict(workloads={"checkerboard": 10000, "8gaussians": 6000, "mixture16": 8000},
                  seeds=(0, 1, 2),
                  arms=("ffjord_direct", "tpr_fast", "tpr_fast_c1"),
-                 baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000),
+                 baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000,
+                 keep_models=True),
     # The long suite's two workloads where TPR's NFE saving did not arrive at (3b)'s final
     # quality sooner, again with the learning rate decayed along a cosine to 0 (both arms), so
     # that the final validation NLL is a converged value rather than one noisy evaluation at a
@@ -108,7 +109,13 @@ SUITES = {
     # same lengths as the long suite (12 runs, about an hour with --jobs 2).
     "long_cosine": dict(workloads={"8gaussians": 6000, "mixture16": 8000}, seeds=(0, 1, 2),
                         arms=("ffjord_direct_cos", "tpr_fast_cos"),
-                        baselines=("ffjord_direct_cos",), ckpt_every=1000, probe_every=1000),
+                        baselines=("ffjord_direct_cos",), ckpt_every=1000, probe_every=1000,
+                        keep_models=True),
+    # A small test-cost frontier (benchmarks/frontier.py) that fits 25 minutes on 2 cores:
+    # (3b) against (5) on the checkerboard, 2 seeds, 2000 steps (the long suite's is 10,000).
+    "long_small": dict(workloads={"checkerboard": 2000}, seeds=(0, 1),
+                       arms=("ffjord_direct", "tpr_fast"), baselines=("ffjord_direct",),
+                       ckpt_every=500, probe_every=500, keep_models=True),
 }
 
 # Rough relative cost per step, to start the longest runs first when running in parallel.
@@ -142,8 +149,20 @@ def _load_cached(path: Path, w: Workload, arm: Arm) -> dict[str, Any] | None:
     return data["run"]
 
 
+def model_file(suite: str, w: Workload, arm: Arm, seed: int) -> Path:
+    """Where a suite that keeps its models (``keep_models``) keeps this run's final model."""
+    return RESULTS / ".models" / suite / (_cache_file(Path(suite), w, arm, seed).stem + ".pt")
+
+
+def suite_workload(suite: str, wname: str) -> Workload:
+    """Workload ``wname`` as suite ``suite`` trains it (its length and validation interval)."""
+    steps = SUITES[suite]["workloads"][wname]
+    return dataclasses.replace(WORKLOADS[wname], steps=steps,
+                               eval_every=max(1, min(WORKLOADS[wname].eval_every, steps // 4)))
+
+
 def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: int = 0,
-                   probe_every: int = 0) -> dict[str, Any]:
+                   probe_every: int = 0, keep_models: bool = False) -> dict[str, Any]:
     # Long runs keep a work folder (checkpoints) beside the cache, outside git: started again,
     # the same command resumes them from their last checkpoint.
     extra: dict[str, Any] = {}
@@ -152,6 +171,8 @@ def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: in
                      / _cache_file(cache, w, arm, seed).stem, ckpt_every=ckpt_every)
     if probe_every:
         extra["probe_every"] = probe_every
+    if keep_models:
+        extra["model_path"] = model_file(cache.name, w, arm, seed)
     run = run_one(w, arm, seed, **extra)
     write_json(_cache_file(cache, w, arm, seed), {**_definitions(w, arm), "run": run})
     return run
@@ -518,9 +539,8 @@ def main() -> None:
     start = time.perf_counter()
     todo: list[tuple[Workload, Arm, int]] = []
     done: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for wname, steps in workloads.items():
-        work = dataclasses.replace(WORKLOADS[wname], steps=steps,
-                                   eval_every=max(1, min(WORKLOADS[wname].eval_every, steps // 4)))
+    for wname in workloads:
+        work = suite_workload(args.suite, wname)
         for seed in suite["seeds"]:
             for aname in arms:
                 arm = ARMS[aname]
@@ -539,7 +559,7 @@ def main() -> None:
             parser.error(f"--cached-only: no finished runs of suite {args.suite!r} in {cache}")
     todo.sort(key=lambda t: -t[0].steps * _COST.get(t[1].name, 1.0)
               * _WORKLOAD_COST.get(t[0].name, 1.0))
-    opts = {k: suite[k] for k in ("ckpt_every", "probe_every") if k in suite}
+    opts = {k: suite[k] for k in ("ckpt_every", "probe_every", "keep_models") if k in suite}
     if args.jobs == 1:
         for work, arm, seed in todo:
             print(f"[{time.perf_counter() - start:6.0f} s] {work.name} {arm.name} seed {seed}",
