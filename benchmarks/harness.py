@@ -5,7 +5,9 @@ workload's settings as options) made by :func:`polyreg_cnf.app.build.build`, as 
 its runs. It trains on CPU, records NFE and seconds per step (NFEMonitor), validates every
 ``eval_every`` steps at the evaluation tolerance (not counted in training time), then tests at
 the evaluation tolerance and again at the training tolerance (the gap shows a model that learned
-to exploit solver error). Summaries are medians over seeds with min/max spread.
+to exploit solver error). Summaries: each arm's own medians over seeds with min/max spread, and
+every comparison with a baseline made seed by seed (the same seed's baseline run) before it is
+summarised by its median and range over seeds.
 """
 
 from __future__ import annotations
@@ -485,10 +487,50 @@ def _median_unreached_as_zero(speedups: list[float | None]) -> float | None:
         if speedups else None
 
 
+#: Seed-paired comparisons with a baseline: measurement -> how a seed's value is compared with
+#: the same seed's baseline value ("diff": mine - base, "ratio": mine / base).
+PAIRED = {"test_nll": "diff", "tolerance_gap": "diff", "test_nfe": "ratio",
+          "forward_nfe": "ratio", "total_nfe": "ratio", "forward_nfe_last10pct": "ratio",
+          "seconds_per_step": "ratio", "train_seconds": "ratio"}
+
+
+def spread(values: list[float | None]) -> dict[str, float | None]:
+    """Median, min and max of per-seed values (all None if any seed has none)."""
+    if not values or any(v is None for v in values):
+        return {"median": None, "min": None, "max": None}
+    return {"median": float(statistics.median(values)), "min": float(min(values)),
+            "max": float(max(values))}
+
+
+def paired(mine: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each of ``mine``'s runs against the run of ``base`` with the same seed (:data:`PAIRED`).
+
+    Returns:
+        ``seeds`` (the seeds both have, in ``mine``'s order) and per measurement
+        ``{"per_seed": [...], "median", "min", "max"}`` over those seeds: a seed is compared
+        with its own baseline first, then the comparisons are summarised (never a median of
+        one arm against a median of the other).
+    """
+    by_seed = {r["seed"]: r for r in base}
+    pairs = [(r, by_seed[r["seed"]]) for r in mine if r["seed"] in by_seed]
+    out: dict[str, Any] = {"seeds": [r["seed"] for r, _ in pairs]}
+    for key, how in PAIRED.items():
+        values = []
+        for r, b in pairs:
+            if how == "diff":
+                values.append(float(r[key] - b[key]))
+            else:
+                values.append(None if not b[key] else float(r[key] / b[key]))
+        out[key] = {"per_seed": values, **spread(values)}
+    return out
+
+
 def summarise(runs: list[dict[str, Any]], baselines: tuple[str, ...] = ("ffjord",
                                                                           "ffjord_matched")
               ) -> dict[str, Any]:
-    """Medians and spreads per (workload, arm), plus time to each baseline's final val NLL."""
+    """Medians and spreads per (workload, arm); against each baseline of ``baselines`` in the
+    same workload, seed by seed: time to its final val NLL (speed-ups) and :func:`paired`
+    differences and ratios (``paired_to_<baseline>``)."""
     out: dict[str, Any] = {}
     keys = ("forward_nfe", "backward_nfe", "total_nfe", "forward_nfe_last100",
             "forward_nfe_last10pct",
@@ -508,6 +550,8 @@ def summarise(runs: list[dict[str, Any]], baselines: tuple[str, ...] = ("ffjord"
             for base in baselines:
                 if base not in arms:
                     continue
+                if base != aname:
+                    entry[f"paired_to_{base}"] = paired(rs, arms[base])
                 # Exactly the baseline's final validation NLL, within 0.01 nats of it, and within
                 # 0.01 nats on curves averaged over SMOOTH_EVALS evaluations (both arms).
                 for margin, suffix, smooth in ((0.0, "", False),
