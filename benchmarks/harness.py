@@ -535,11 +535,12 @@ def _complete(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarise(runs: list[dict[str, Any]],
-              baselines: tuple[str, ...] = ("ffjord", "ffjord_matched", "ffjord_direct")
-              ) -> dict[str, Any]:
+              baselines: tuple[str, ...] = ("ffjord", "ffjord_matched", "ffjord_direct"),
+              pairs: dict[str, str] | None = None) -> dict[str, Any]:
     """Medians and spreads per (workload, arm); against each baseline of ``baselines`` in the
     same workload, seed by seed: time to its final val NLL (speed-ups) and :func:`paired`
-    differences and ratios (``paired_to_<baseline>``)."""
+    differences and ratios (``paired_to_<baseline>``). ``pairs`` (arm -> its own baseline)
+    adds ``paired_to_<baseline>`` for arms whose baseline is not among ``baselines``."""
     out: dict[str, Any] = {}
     keys = ("forward_nfe", "backward_nfe", "total_nfe", "forward_nfe_last100",
             "forward_nfe_last10pct",
@@ -601,6 +602,9 @@ def summarise(runs: list[dict[str, Any]],
                         "median_unreached_as_zero": _median_unreached_as_zero(work_ratios),
                         "reached": sum(v is not None for v in work_ratios),
                         "of": len(work_ratios)}
+            own = (pairs or {}).get(aname)
+            if own in arms and f"paired_to_{own}" not in entry:
+                entry[f"paired_to_{own}"] = paired(rs, arms[own])
             out[wname][aname] = entry
     return out
 

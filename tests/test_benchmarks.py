@@ -101,6 +101,11 @@ def test_paired_compares_each_seed_with_its_own_baseline() -> None:
     summary = bench_run.summarise(runs, baselines=("ffjord_direct",))
     assert summary["w"]["tpr_fast"]["paired_to_ffjord_direct"]["test_nll"]["median"] == \
         pytest.approx(0.06)
+    # an arm's own baseline outside the suite's baselines (the VAE suite's pairs)
+    summary = bench_run.summarise(runs, baselines=(), pairs={"tpr_fast": "ffjord_direct"})
+    assert summary["w"]["tpr_fast"]["paired_to_ffjord_direct"]["test_nll"]["per_seed"] == \
+        pytest.approx([0.06, 0.066, -0.085])
+    assert "paired_to_ffjord_direct" not in summary["w"]["ffjord_direct"]
     # a seed without a baseline run is left out, not compared with another seed's
     p = harness.paired([r for r in runs if r["arm"] == "tpr_fast"],
                        [r for r in runs if r["arm"] == "ffjord_direct" and r["seed"] != 1])
