@@ -48,6 +48,7 @@ def test_answer_pairs_each_seed_with_its_own_baseline() -> None:
               ("w", "tpr", 1): _curve([(1e-3, 3.70, 40.0)])}
     out = frontier.answer(curves, "base")["w"]["tpr"]
     assert out["per_seed"][0]["ratio"] == pytest.approx(0.5)
+    assert out["per_seed"][0]["ratio_at_reference_tol"] is None  # no 1e-5 point here
     assert out["per_seed"][1]["ratio"] == pytest.approx(2.0)
     assert out["verdict"] == "mixed" and out["counts"] == {"wins": 1, "ties": 0, "loses": 1}
     assert out["ratio"]["median"] == pytest.approx(1.25)
@@ -84,5 +85,6 @@ def test_frontier_end_to_end_on_a_tiny_suite(tmp_path: Path,
         assert all(p["batch_rows"] == 300 and p["rows_per_second"] > 0 for p in curve)
         assert curve[0]["sample_nfe"] < curve[-1]["sample_nfe"]
     seed0 = payload["answer"]["checkerboard"]["tpr_fast"]["per_seed"]["0"]
-    assert seed0 == frontier.equal_nll_cost(curves["checkerboard", "ffjord_direct", 0],
-                                            curves["checkerboard", "tpr_fast", 0])
+    base, tpr = curves["checkerboard", "ffjord_direct", 0], curves["checkerboard", "tpr_fast", 0]
+    assert seed0 == {**frontier.equal_nll_cost(base, tpr),
+                     "ratio_at_reference_tol": tpr[5]["test_nfe"] / base[5]["test_nfe"]}
