@@ -11,7 +11,13 @@ Arms and workloads are defined in benchmarks/harness.py. Results go to
 benchmarks/results/<suite>.json, <suite>.md and <suite>_nfe.png. Every finished run is also kept,
 with its per-step NFE, in benchmarks/results/.cache/<suite>/ (committed: the raw data behind the
 tables), so an interrupted suite started again with the same command only runs what is missing
-(``--fresh`` ignores the cache).
+(``--fresh`` ignores the cache). Suites with ``keep_models`` (long, long_cosine, long_small) also
+keep each run's final weights in benchmarks/results/.models/<suite>/ (committed: 50-100 KB a
+model), which benchmarks/frontier.py evaluates over evaluation tolerances.
+
+Every comparison between arms is seed-paired: a seed's run against the same seed's baseline run
+(differences of test NLL, ratios of NFE and seconds, speed-ups), then the median (which decides a
+goal) and the range over seeds; the per-seed values are kept in the JSON.
 
 ``--jobs N`` trains N runs at once in separate processes, one torch thread each: on a 2-core
 machine two single-threaded runs do not slow each other measurably, while two threads in one
