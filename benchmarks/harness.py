@@ -5,7 +5,9 @@ workload's settings as options) made by :func:`polyreg_cnf.app.build.build`, as 
 its runs. It trains on CPU, records NFE and seconds per step (NFEMonitor), validates every
 ``eval_every`` steps at the evaluation tolerance (not counted in training time), then tests at
 the evaluation tolerance and again at the training tolerance (the gap shows a model that learned
-to exploit solver error). Summaries are medians over seeds with min/max spread.
+to exploit solver error). Summaries: each arm's own medians over seeds with min/max spread, and
+every comparison with a baseline made seed by seed (the same seed's baseline run) before it is
+summarised by its median and range over seeds.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from polyreg_cnf.callbacks import NFEMonitor  # noqa: E402
 from polyreg_cnf.datamodules.toy import ToyDataModule  # noqa: E402
 from polyreg_cnf.datamodules.user_table import UserTableDataModule  # noqa: E402
 
-from polyreg_cnf.app.build import build  # noqa: E402
+from polyreg_cnf.app.build import build, make_model  # noqa: E402
 from polyreg_cnf.app.config import RunConfig, resolve  # noqa: E402
 from polyreg_cnf.engine.ode import ODEBlock, ode_blocks  # noqa: E402
 from polyreg_cnf.engine.penalty import trajectory_polynomial_penalty  # noqa: E402
@@ -313,7 +315,7 @@ def run_config(w: Workload, arm: Arm, seed: int, steps: int, out_dir: Path,
 
 def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
             work_dir: Path | None = None, ckpt_every: int = 0,
-            probe_every: int = 0) -> dict[str, Any]:
+            probe_every: int = 0, model_path: Path | None = None) -> dict[str, Any]:
     """Train one arm on one workload with one seed; return its measurements.
 
     Args:
@@ -328,6 +330,8 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         ckpt_every: Checkpoint interval in steps (with ``work_dir``).
         probe_every: Every this many steps, measure test NFE and straightness
             (:func:`straightness`) on 2,000 fixed test rows (density workloads only).
+        model_path: Keep the final model there (:func:`save_final_model`), for evaluations
+            after the run (benchmarks/frontier.py). None: the model is not kept.
     """
     steps = steps or w.steps
     run_start = time.perf_counter()
@@ -362,6 +366,8 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         start = time.perf_counter()
         trainer.fit(model, dm, ckpt_path=run.ckpt_path)
         fit_wall = time.perf_counter() - start
+        if model_path is not None:
+            save_final_model(model, w, arm, seed, Path(model_path))
         test = trainer.test(model, dm, verbose=False)[0]
         test_nfe = monitor.last_test_nfe
         _set_eval_tolerance(model, atol, rtol)  # the tolerance this run trained at
@@ -390,6 +396,47 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         "resumed_from": run.ckpt_path,
         "nfe_per_step": {"forward": fwd, "backward": bwd},
     }
+
+
+def save_final_model(model: torch.nn.Module, w: Workload, arm: Arm, seed: int,
+                     path: Path) -> None:
+    """Write ``model``'s weights with the workload, arm and seed that made them (atomically).
+
+    The weights alone (no optimizer state): :func:`load_final_model` rebuilds the module from
+    the same definitions through the app's build path.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    torch.save({"workload_def": dataclasses.asdict(w), "arm_def": dataclasses.asdict(arm),
+                "seed": seed, "state_dict": {k: v.detach().cpu().clone()
+                                             for k, v in model.state_dict().items()}}, tmp)
+    os.replace(tmp, path)
+
+
+def load_final_model(path: Path, w: Workload, arm: Arm, seed: int, tmp: Path
+                     ) -> tuple[L.LightningModule, L.LightningDataModule]:
+    """The model :func:`save_final_model` kept for (``w``, ``arm``, ``seed``), in eval mode,
+    with the run's data module (set up for testing; table files are written into ``tmp``).
+
+    Raises:
+        ValueError: The file was made by another workload, arm or seed definition.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    made_by = json.loads(json.dumps({"workload_def": dataclasses.asdict(w),
+                                     "arm_def": dataclasses.asdict(arm), "seed": seed}))
+    got = {k: saved.get(k) for k in made_by}
+    if json.loads(json.dumps(got)) != made_by:
+        raise ValueError(f"{path} was made by {got}, not by {made_by}")
+    dm = _datamodule(w, seed, tmp)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    data = {"table": str(tmp / f"{w.name}.npy"), "vae": "digits"}.get(w.kind)
+    config = run_config(w, arm, seed, w.steps, tmp / "runs", data)
+    model = make_model(config, dm)
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    return model, dm
 
 
 def time_to_reach(curve: list[list[float]], target: float) -> float | None:
@@ -440,17 +487,67 @@ def _median_unreached_as_zero(speedups: list[float | None]) -> float | None:
         if speedups else None
 
 
-def summarise(runs: list[dict[str, Any]], baselines: tuple[str, ...] = ("ffjord",
-                                                                          "ffjord_matched")
-              ) -> dict[str, Any]:
-    """Medians and spreads per (workload, arm), plus time to each baseline's final val NLL."""
+#: Seed-paired comparisons with a baseline: measurement -> how a seed's value is compared with
+#: the same seed's baseline value ("diff": mine - base, "ratio": mine / base).
+PAIRED = {"test_nll": "diff", "tolerance_gap": "diff", "test_nfe": "ratio",
+          "forward_nfe": "ratio", "total_nfe": "ratio", "forward_nfe_last10pct": "ratio",
+          "seconds_per_step": "ratio", "train_seconds": "ratio"}
+
+
+def spread(values: list[float | None]) -> dict[str, float | None]:
+    """Median, min and max of per-seed values (all None if any seed has none)."""
+    if not values or any(v is None for v in values):
+        return {"median": None, "min": None, "max": None}
+    return {"median": float(statistics.median(values)), "min": float(min(values)),
+            "max": float(max(values))}
+
+
+def paired(mine: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each of ``mine``'s runs against the run of ``base`` with the same seed (:data:`PAIRED`).
+
+    Returns:
+        ``seeds`` (the seeds both have, in ``mine``'s order) and per measurement
+        ``{"per_seed": [...], "median", "min", "max"}`` over those seeds: a seed is compared
+        with its own baseline first, then the comparisons are summarised (never a median of
+        one arm against a median of the other).
+    """
+    by_seed = {r["seed"]: r for r in base}
+    pairs = [(r, by_seed[r["seed"]]) for r in mine if r["seed"] in by_seed]
+    out: dict[str, Any] = {"seeds": [r["seed"] for r, _ in pairs]}
+    for key, how in PAIRED.items():
+        values = []
+        for r, b in pairs:
+            if how == "diff":
+                values.append(float(r[key] - b[key]))
+            else:
+                values.append(None if not b[key] else float(r[key] / b[key]))
+        out[key] = {"per_seed": values, **spread(values)}
+    return out
+
+
+def _complete(run: dict[str, Any]) -> dict[str, Any]:
+    """``run`` with the measurements that runs cached before they existed lacked, derived from
+    its per-step NFE (``forward_nfe_last10pct``)."""
+    fwd = (run.get("nfe_per_step") or {}).get("forward")
+    if "forward_nfe_last10pct" in run or not fwd:
+        return run
+    return {**run, "forward_nfe_last10pct": float(np.mean(fwd[-max(1, len(fwd) // 10):]))}
+
+
+def summarise(runs: list[dict[str, Any]],
+              baselines: tuple[str, ...] = ("ffjord", "ffjord_matched", "ffjord_direct"),
+              pairs: dict[str, str] | None = None) -> dict[str, Any]:
+    """Medians and spreads per (workload, arm); against each baseline of ``baselines`` in the
+    same workload, seed by seed: time to its final val NLL (speed-ups) and :func:`paired`
+    differences and ratios (``paired_to_<baseline>``). ``pairs`` (arm -> its own baseline)
+    adds ``paired_to_<baseline>`` for arms whose baseline is not among ``baselines``."""
     out: dict[str, Any] = {}
     keys = ("forward_nfe", "backward_nfe", "total_nfe", "forward_nfe_last100",
             "forward_nfe_last10pct",
             "backward_nfe_last100", "seconds_per_step", "train_seconds", "test_nll", "test_nfe",
             "tolerance_gap")
-    by = {}
-    for r in runs:
+    by: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in map(_complete, runs):
         by.setdefault(r["workload"], {}).setdefault(r["arm"], []).append(r)
     for wname, arms in by.items():
         out[wname] = {}
@@ -463,6 +560,8 @@ def summarise(runs: list[dict[str, Any]], baselines: tuple[str, ...] = ("ffjord"
             for base in baselines:
                 if base not in arms:
                     continue
+                if base != aname:
+                    entry[f"paired_to_{base}"] = paired(rs, arms[base])
                 # Exactly the baseline's final validation NLL, within 0.01 nats of it, and within
                 # 0.01 nats on curves averaged over SMOOTH_EVALS evaluations (both arms).
                 for margin, suffix, smooth in ((0.0, "", False),
@@ -503,6 +602,9 @@ def summarise(runs: list[dict[str, Any]], baselines: tuple[str, ...] = ("ffjord"
                         "median_unreached_as_zero": _median_unreached_as_zero(work_ratios),
                         "reached": sum(v is not None for v in work_ratios),
                         "of": len(work_ratios)}
+            own = (pairs or {}).get(aname)
+            if own in arms and f"paired_to_{own}" not in entry:
+                entry[f"paired_to_{own}"] = paired(rs, arms[own])
             out[wname][aname] = entry
     return out
 

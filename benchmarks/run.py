@@ -11,7 +11,13 @@ Arms and workloads are defined in benchmarks/harness.py. Results go to
 benchmarks/results/<suite>.json, <suite>.md and <suite>_nfe.png. Every finished run is also kept,
 with its per-step NFE, in benchmarks/results/.cache/<suite>/ (committed: the raw data behind the
 tables), so an interrupted suite started again with the same command only runs what is missing
-(``--fresh`` ignores the cache).
+(``--fresh`` ignores the cache). Suites with ``keep_models`` (long, long_cosine, long_small) also
+keep each run's final weights in benchmarks/results/.models/<suite>/ (committed: 50-100 KB a
+model), which benchmarks/frontier.py evaluates over evaluation tolerances.
+
+Every comparison between arms is seed-paired: a seed's run against the same seed's baseline run
+(differences of test NLL, ratios of NFE and seconds, speed-ups), then the median (which decides a
+goal) and the range over seeds; the per-seed values are kept in the JSON.
 
 ``--jobs N`` trains N runs at once in separate processes, one torch thread each: on a 2-core
 machine two single-threaded runs do not slow each other measurably, while two threads in one
@@ -44,6 +50,7 @@ from harness import (  # noqa: E402
     machine,
     plot_nfe,
     run_one,
+    spread,
     summarise,
     write_json,
 )
@@ -73,7 +80,9 @@ SUITES = {
     # harder posterior (z 64, T 2) where the flow needs more than two dopri5 steps.
     "vae": dict(workloads={"vae_digits": 420}, seeds=(0, 1, 2),
                 arms=("ffjord_base_direct", "tpr_fast", "ffjord_base_direct_hard",
-                      "tpr_fast_hard")),
+                      "tpr_fast_hard"),
+                pairs={"tpr_fast": "ffjord_base_direct",
+                       "tpr_fast_hard": "ffjord_base_direct_hard"}),
     # The settings sweep (issue 14): one factor at a time around the paper's setting (coef 5,
     # K 2, m 1), all with arm (5)'s engineering and matched tolerance, against arm (3b), the same
     # engineering without TPR. One seed: a screen for the long suite, not a verdict. Lengths:
@@ -100,7 +109,14 @@ SUITES = {
     "long": dict(workloads={"checkerboard": 10000, "8gaussians": 6000, "mixture16": 8000},
                  seeds=(0, 1, 2),
                  arms=("ffjord_direct", "tpr_fast", "tpr_fast_c1"),
-                 baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000),
+                 baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000,
+                 keep_models=True,
+                 note="Selection: coef 1 (tpr_fast_c1) was chosen on the sweep suite's seed 0 "
+                      "alone, and seed 0 here repeats those sweep runs exactly before continuing "
+                      "them (every validation NLL and per-step NFE of the sweep's 6000 "
+                      "checkerboard and 4000 table steps recurs here: the same seed gives the "
+                      "same run on CPU), so coef 1's seed 0 is in-sample; seeds 1 and 2 are "
+                      "unseen by the selection."),
     # The long suite's two workloads where TPR's NFE saving did not arrive at (3b)'s final
     # quality sooner, again with the learning rate decayed along a cosine to 0 (both arms), so
     # that the final validation NLL is a converged value rather than one noisy evaluation at a
@@ -108,7 +124,13 @@ SUITES = {
     # same lengths as the long suite (12 runs, about an hour with --jobs 2).
     "long_cosine": dict(workloads={"8gaussians": 6000, "mixture16": 8000}, seeds=(0, 1, 2),
                         arms=("ffjord_direct_cos", "tpr_fast_cos"),
-                        baselines=("ffjord_direct_cos",), ckpt_every=1000, probe_every=1000),
+                        baselines=("ffjord_direct_cos",), ckpt_every=1000, probe_every=1000,
+                        keep_models=True),
+    # A small test-cost frontier (benchmarks/frontier.py) that fits 25 minutes on 2 cores:
+    # (3b) against (5) on the checkerboard, 2 seeds, 2000 steps (the long suite's is 10,000).
+    "long_small": dict(workloads={"checkerboard": 2000}, seeds=(0, 1),
+                       arms=("ffjord_direct", "tpr_fast"), baselines=("ffjord_direct",),
+                       ckpt_every=500, probe_every=500, keep_models=True),
 }
 
 # Rough relative cost per step, to start the longest runs first when running in parallel.
@@ -142,8 +164,20 @@ def _load_cached(path: Path, w: Workload, arm: Arm) -> dict[str, Any] | None:
     return data["run"]
 
 
+def model_file(suite: str, w: Workload, arm: Arm, seed: int) -> Path:
+    """Where a suite that keeps its models (``keep_models``) keeps this run's final model."""
+    return RESULTS / ".models" / suite / (_cache_file(Path(suite), w, arm, seed).stem + ".pt")
+
+
+def suite_workload(suite: str, wname: str) -> Workload:
+    """Workload ``wname`` as suite ``suite`` trains it (its length and validation interval)."""
+    steps = SUITES[suite]["workloads"][wname]
+    return dataclasses.replace(WORKLOADS[wname], steps=steps,
+                               eval_every=max(1, min(WORKLOADS[wname].eval_every, steps // 4)))
+
+
 def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: int = 0,
-                   probe_every: int = 0) -> dict[str, Any]:
+                   probe_every: int = 0, keep_models: bool = False) -> dict[str, Any]:
     # Long runs keep a work folder (checkpoints) beside the cache, outside git: started again,
     # the same command resumes them from their last checkpoint.
     extra: dict[str, Any] = {}
@@ -152,6 +186,8 @@ def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: in
                      / _cache_file(cache, w, arm, seed).stem, ckpt_every=ckpt_every)
     if probe_every:
         extra["probe_every"] = probe_every
+    if keep_models:
+        extra["model_path"] = model_file(cache.name, w, arm, seed)
     run = run_one(w, arm, seed, **extra)
     write_json(_cache_file(cache, w, arm, seed), {**_definitions(w, arm), "run": run})
     return run
@@ -165,37 +201,52 @@ def _med(entry: dict[str, Any], key: str) -> float | None:
     return None if value is None else value.get("median")
 
 
+def _pair(arms: dict[str, Any], aname: str, base: str, key: str,
+          transform: Any = None) -> dict[str, Any]:
+    """``aname`` against ``base`` in measurement ``key``, seed by seed (harness.paired), with
+    an optional per-seed ``transform`` (e.g. a ratio turned into a reduction); median and range
+    over seeds, per-seed values kept."""
+    p = arms[aname][f"paired_to_{base}"]
+    values = p[key]["per_seed"]
+    if transform is not None:
+        values = [None if v is None else transform(v) for v in values]
+    return {"seeds": p["seeds"], "per_seed": values, **spread(values)}
+
+
 def goals(summary: dict[str, Any]) -> dict[str, Any]:
-    """The issue's goals per workload, from the summary (None where an arm is missing)."""
+    """The issue's goals per workload, from the summary (None where an arm is missing).
+
+    Every comparison is seed-paired: a seed's arm against the same seed's baseline, then the
+    median (the verdict) and the range over seeds.
+    """
     out: dict[str, Any] = {}
     for wname, arms in summary.items():
         g: dict[str, Any] = {}
         if "ffjord" in arms and "tpr_paper" in arms:
-            base, tpr = arms["ffjord"], arms["tpr_paper"]
-            cut = 1 - _med(tpr, "total_nfe") / _med(base, "total_nfe")
-            gap = _med(tpr, "test_nll") - _med(base, "test_nll")
+            cut = _pair(arms, "tpr_paper", "ffjord", "total_nfe", lambda r: 1 - r)
+            gap = _pair(arms, "tpr_paper", "ffjord", "test_nll")
             g["paper_settings"] = {"total_nfe_reduction": cut, "test_nll_diff": gap,
                                    # "Unchanged quality": at most 0.05 nats worse.
-                                   "met": cut >= 0.40 and gap <= 0.05}
+                                   "met": cut["median"] >= 0.40 and gap["median"] <= 0.05}
         if "ffjord_matched" in arms:
-            base = arms["ffjord_matched"]
             for aname in ("tpr_fast", "ffjord_direct", "tpr_carry", "rnode"):
                 if aname not in arms:
                     continue
                 sp = arms[aname]["speedup_to_ffjord_matched_final_val"]
-                gap = _med(arms[aname], "test_nll") - _med(base, "test_nll")
+                gap = _pair(arms, aname, "ffjord_matched", "test_nll")
                 g[f"matched_{aname}"] = {
                     "speedup_median": sp["median"], "speedup_per_seed": sp["per_seed"],
                     "test_nll_diff": gap,
-                    "met": sp["median"] is not None and sp["median"] >= 1.5 and gap <= 0.05}
+                    "met": sp["median"] is not None and sp["median"] >= 1.5
+                    and gap["median"] <= 0.05}
             if "tpr_fast" in arms and "ffjord_direct" in arms:
                 # The regularizer's own share: arm 5 against the same engineering without it.
-                a, b = arms["tpr_fast"], arms["ffjord_direct"]
                 g["tpr_vs_same_engineering"] = {
-                    "seconds_per_step_ratio": _med(b, "seconds_per_step")
-                    / _med(a, "seconds_per_step"),
-                    "forward_nfe_ratio": _med(a, "forward_nfe") / _med(b, "forward_nfe"),
-                    "test_nll_diff": _med(a, "test_nll") - _med(b, "test_nll")}
+                    "seconds_per_step_ratio": _pair(arms, "tpr_fast", "ffjord_direct",
+                                                    "seconds_per_step", lambda r: 1 / r),
+                    "forward_nfe_ratio": _pair(arms, "tpr_fast", "ffjord_direct",
+                                               "forward_nfe"),
+                    "test_nll_diff": _pair(arms, "tpr_fast", "ffjord_direct", "test_nll")}
         # The floor is per solve; a VAE test batch runs several (importance samples).
         toy = wname in WORKLOADS and WORKLOADS[wname].kind == "toy"
         for aname in ("tpr_paper", "tpr_fast"):
@@ -203,10 +254,45 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
                 g[f"test_nfe_{aname}"] = {
                     "test_nfe": _med(arms[aname], "test_nfe"),
                     "times_floor": _med(arms[aname], "test_nfe") / FLOOR,
-                    "test_nll_diff": _med(arms[aname], "test_nll")
-                    - _med(arms["ffjord_matched"], "test_nll")}
+                    "test_nll_diff": _pair(arms, aname, "ffjord_matched", "test_nll")}
         out[wname] = g
     return out
+
+
+def _signed(v: dict[str, Any], digits: int = 4, scale: float = 1.0, suffix: str = "") -> str:
+    """'median [min, max] (per seed: a, b, c)' of a seed-paired value, signed."""
+    if v["median"] is None:
+        return "-"
+    per = ", ".join("-" if x is None else f"{scale * x:+.{digits}f}" for x in v["per_seed"])
+    lo, hi = sorted((scale * v["min"], scale * v["max"]))
+    return (f"{scale * v['median']:+.{digits}f}{suffix} [{lo:+.{digits}f}, {hi:+.{digits}f}] "
+            f"(seeds: {per})")
+
+
+def _times(v: dict[str, Any], digits: int = 2) -> str:
+    """The same for a ratio: 'median x [min, max] (seeds: ...)'."""
+    if v["median"] is None:
+        return "-"
+    per = ", ".join("-" if x is None else f"{x:.{digits}f}" for x in v["per_seed"])
+    return (f"{v['median']:.{digits}f}x [{v['min']:.{digits}f}, {v['max']:.{digits}f}] "
+            f"(seeds: {per})")
+
+
+def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
+    """A markdown table of every arm against ``base``, seed by seed (harness.paired)."""
+    lines = [f"Against {ARMS[base].label if base in ARMS else base}, seed by seed (each seed's "
+             "difference or ratio with the same seed's baseline run; median [min, max] over "
+             "seeds, then the per-seed values):", "",
+             "| arm | test NLL diff (nats) | test NFE ratio | fwd NFE ratio, last 10 % | "
+             "total NFE ratio | s/step ratio |", "|---|---|---|---|---|---|"]
+    for aname, e in arms.items():
+        p = e.get(f"paired_to_{base}")
+        if p is None:
+            continue
+        lines.append(f"| {aname} | {_signed(p['test_nll'])} | {_times(p['test_nfe'])} | "
+                     f"{_times(p['forward_nfe_last10pct'])} | {_times(p['total_nfe'])} | "
+                     f"{_times(p['seconds_per_step'], 3)} |")
+    return [*lines, ""]
 
 
 def _speedup(entry: dict[str, Any]) -> str:
@@ -236,6 +322,7 @@ def _header(suite: str, payload: dict) -> list[str]:
             f"({payload.get('trained_runs', '?')} runs trained by this command, "
             f"{payload.get('cached_runs', 0)} taken from the cache).  ",
             f"Training steps: {payload.get('steps', '?')}; seeds {list(payload['seeds'])}.  ",
+            *([f"**Note.** {payload['note']}  "] if payload.get("note") else []),
             *([f"**Partial: {payload['missing_runs']} runs of the suite had not finished; "
                "figures are over the runs that had.**  "] if payload.get("missing_runs") else [])]
 
@@ -250,7 +337,10 @@ def markdown(suite: str, payload: dict) -> str:
              "batch and block (floor: 8 for dopri5); gap = NLL at the training tolerance minus "
              "NLL at 1e-5. s to (k) = training seconds until the validation NLL first reaches "
              "arm (k)'s final validation NLL (same seed); speed-up = arm (3)'s time to that "
-             "value / this arm's.", ""]
+             "value / this arm's. The first table gives each arm's own figures; every "
+             "comparison between arms (the second tables and the goals) is seed-paired: each "
+             "seed against the same seed's baseline, then the median [min, max] over seeds.",
+             ""]
     for wname, arms in payload["summary"].items():
         lines += [f"## {wname}", "",
                   "| arm | fwd NFE | bwd NFE | total NFE | s/step | test NLL | test NFE | gap | "
@@ -265,7 +355,12 @@ def markdown(suite: str, payload: dict) -> str:
                 f"{fmt(e.get('seconds_to_ffjord_final_val'), 0)} | "
                 f"{fmt(e.get('seconds_to_ffjord_matched_final_val'), 0)} | {_speedup(e)} |")
         lines.append("")
-    lines += ["## Goals", "",
+        for base in ("ffjord", "ffjord_matched", *payload.get("pairs", {}).values()):
+            if base in arms and len(arms) > 1:
+                lines += paired_lines(arms, base)
+    lines += ["## Goals", "", "Seed-paired: median [min, max] over seeds of each seed's "
+              "comparison with the same seed's baseline, then the per-seed values; the verdict "
+              "('met') is the median's.", "",
               "| workload | paper settings: total NFE (2) vs (1) | (5) vs (3): wall time to (3)'s "
               "final val NLL | (3b) vs (3) (engineering alone) | (5) vs (3b): s/step, fwd NFE | "
               "test NFE of (5) / floor 8 |",
@@ -275,17 +370,18 @@ def markdown(suite: str, payload: dict) -> str:
         if g is None:
             return "-"
         if kind == "paper":
-            return (f"{-100 * g['total_nfe_reduction']:+.0f} %, NLL {g['test_nll_diff']:+.4f}"
-                    f" ({'met' if g['met'] else 'not met'})")
+            return (f"total NFE {_signed(g['total_nfe_reduction'], 0, -100, ' %')}; NLL "
+                    f"{_signed(g['test_nll_diff'])} ({'met' if g['met'] else 'not met'})")
         if kind == "speed":
             sp = g["speedup_median"]
             text = "not reached in every seed" if sp is None else f"{sp:.2f}x"
             per = ", ".join("-" if v is None else f"{v:.2f}" for v in g["speedup_per_seed"])
-            return f"{text} (seeds: {per}), NLL {g['test_nll_diff']:+.4f}"
+            return f"{text} (seeds: {per}); NLL {_signed(g['test_nll_diff'])}"
         if kind == "same":
-            return (f"{g['seconds_per_step_ratio']:.2f}x faster per step, fwd NFE "
-                    f"x{g['forward_nfe_ratio']:.2f}, NLL {g['test_nll_diff']:+.4f}")
-        return f"{g['test_nfe']:.0f} = {g['times_floor']:.1f}x, NLL {g['test_nll_diff']:+.4f}"
+            return (f"{_times(g['seconds_per_step_ratio'])} faster per step; fwd NFE "
+                    f"{_times(g['forward_nfe_ratio'])}; NLL {_signed(g['test_nll_diff'])}")
+        return (f"{g['test_nfe']:.0f} = {g['times_floor']:.1f}x; NLL "
+                f"{_signed(g['test_nll_diff'])}")
 
     for wname, g in payload.get("goals", {}).items():
         lines.append(f"| {wname} | {cell(g.get('paper_settings'), 'paper')} | "
@@ -316,35 +412,47 @@ def _reached(entry: dict[str, Any] | None) -> str:
     return "-" if entry is None else f"{entry['reached']}/{entry['of']}"
 
 
-def long_goals(summary: dict[str, Any], runs: list[dict[str, Any]] | None = None,
-               base_arm: str = BASE) -> dict[str, Any]:
+def _speedup_spread(entry: dict[str, Any] | None) -> dict[str, Any]:
+    """A seed-paired speed-up's per-seed values (None: never reached) with the median that
+    counts an unreached seed as 0 (:func:`_speedup_median`) and the range of the reached."""
+    if entry is None:
+        return {"per_seed": [], "median": None, "min": None, "max": None}
+    reached = [v for v in entry["per_seed"] if v is not None]
+    return {"per_seed": entry["per_seed"], "median": _speedup_median(entry),
+            "min": min(reached, default=None), "max": max(reached, default=None)}
+
+
+def long_goals(summary: dict[str, Any], base_arm: str = BASE) -> dict[str, Any]:
     """Issue 14's long-run goals per workload and TPR arm, against ``base_arm`` ((3b)).
 
-    The test-NFE goal holds per run: with ``runs``, every seed's TPR model must need at most
-    the test NFE of the same seed's (3b) model (else the medians are compared).
+    Seed-paired throughout: each seed's TPR run against the same seed's (3b) run (speed-ups to
+    its final validation NLL, fewer forward NFE, test NLL difference, test NFE ratio), then the
+    median over seeds decides the goal; the range and per-seed values are kept. The test-NFE
+    goal holds per seed: every seed's TPR model must need at most its (3b) model's test NFE.
     """
-    by_run = {(r["workload"], r["arm"], r["seed"]): r for r in runs or []}
     out: dict[str, Any] = {}
     for wname, arms in summary.items():
         if base_arm not in arms:
             continue
-        base, g = arms[base_arm], {}
+        g: dict[str, Any] = {}
         for aname, e in arms.items():
             if aname == base_arm:
                 continue
             within = e[f"speedup_to_{base_arm}_final_val_within_0.01"]
             exact = e[f"speedup_to_{base_arm}_final_val"]
-            fewer = 1 - _ratio(_med(e, "forward_nfe_last10pct"),
-                               _med(base, "forward_nfe_last10pct"))
-            gap = _med(e, "test_nll") - _med(base, "test_nll")
-            test_nfe = _ratio(_med(e, "test_nfe"), _med(base, "test_nfe"))
+            fewer = _pair(arms, aname, base_arm, "forward_nfe_last10pct", lambda r: 1 - r)
+            gap = _pair(arms, aname, base_arm, "test_nll")
+            test_nfe = _pair(arms, aname, base_arm, "test_nfe")
             nfe_within = e[f"nfe_speedup_to_{base_arm}_final_val_within_0.01"]
             smoothed = e.get(f"speedup_to_{base_arm}_final_val_smoothed_within_0.01")
             nfe_smoothed = e.get(f"nfe_speedup_to_{base_arm}_final_val_smoothed_within_0.01")
             speedup = _speedup_median(within)
             g[aname] = {
+                "seeds": e[f"paired_to_{base_arm}"]["seeds"],
                 "speedup_within_0.01": speedup, "speedup_exact": _speedup_median(exact),
+                "speedup_within_0.01_per_seed": _speedup_spread(within),
                 "nfe_speedup_within_0.01": _speedup_median(nfe_within),
+                "nfe_speedup_within_0.01_per_seed": _speedup_spread(nfe_within),
                 "reached_within_0.01": _reached(within), "reached_exact": _reached(exact),
                 # The same on curves averaged over 5 evaluations (a robustness check).
                 "speedup_smoothed_within_0.01": _speedup_median(smoothed),
@@ -352,15 +460,10 @@ def long_goals(summary: dict[str, Any], runs: list[dict[str, Any]] | None = None
                 "reached_smoothed_within_0.01": _reached(smoothed),
                 "forward_nfe_last10pct_reduction": fewer, "test_nll_diff": gap,
                 "test_nfe_ratio": test_nfe,
-                "met": (speedup is not None and speedup >= 1.3 and fewer >= 0.20
-                        and gap <= 0.05),
-                "test_nfe_met": test_nfe is not None and test_nfe <= 1.0}
-            pairs = [(r["test_nfe"], by_run[wname, base_arm, seed]["test_nfe"])
-                     for (w, a, seed), r in by_run.items()
-                     if w == wname and a == aname and (wname, base_arm, seed) in by_run]
-            if pairs:
-                g[aname]["test_nfe_per_seed"] = pairs
-                g[aname]["test_nfe_met"] = all(mine <= base for mine, base in pairs)
+                "met": (speedup is not None and speedup >= 1.3 and fewer["median"] is not None
+                        and fewer["median"] >= 0.20 and gap["median"] <= 0.05),
+                "test_nfe_met": bool(test_nfe["per_seed"]) and all(
+                    r is not None and r <= 1.0 for r in test_nfe["per_seed"])}
         out[wname] = g
     return out
 
@@ -369,11 +472,31 @@ def _x(value: float | None, digits: int = 2, suffix: str = "x") -> str:
     return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def _pct(v: dict[str, Any]) -> str:
+    """A seed-paired fraction in per cent: 'median % [min, max] (seeds: ...)'."""
+    if v["median"] is None:
+        return "-"
+    per = ", ".join("-" if x is None else f"{100 * x:.0f}" for x in v["per_seed"])
+    return (f"{100 * v['median']:.0f} % [{100 * v['min']:.0f}, {100 * v['max']:.0f}] "
+            f"(seeds: {per})")
+
+
+def _speed_text(v: dict[str, Any]) -> str:
+    """A seed-paired speed-up: 'median x [min, max] (seeds: ...)'."""
+    per = ", ".join("-" if x is None else f"{x:.2f}" for x in v["per_seed"])
+    if v["median"] is None:
+        return f"- (seeds: {per})"
+    return f"{v['median']:.2f}x [{v['min']:.2f}, {v['max']:.2f}] (seeds: {per})"
+
+
 def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
     """The sweep and long suites: everything against ``base_arm`` ((3b)), the same engineering."""
     lines = [*_header(suite, payload),
              "Every arm trains at matched tolerance (1e-4) with direct backprop through the "
-             "solver; (3b) is the same without TPR. Figures are medians over seeds. fwd NFE = "
+             "solver; (3b) is the same without TPR. The first table gives each arm's own "
+             "medians [min, max] over seeds; every comparison with (3b) (the speed-ups, the "
+             "second table and the goals) is seed-paired: each seed against the same seed's "
+             "(3b) run, then the median [min, max] over seeds. fwd NFE = "
              "forward evaluations per training step (over all of training / over the last 10 "
              "%); s to (3b) = training seconds until the validation NLL first reaches (3b)'s "
              "final validation NLL (exactly / within 0.01 nats); speed-up = (3b)'s time to that "
@@ -409,6 +532,7 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
                 f"{sp('_within_0.01', kind='nfe_speedup')} | {fmt(e['test_nll'], 4)} | "
                 f"{fmt(e['test_nfe'])} |")
         lines.append("")
+        lines += paired_lines(arms, base_arm)
         probes = {}
         for r in payload["runs"]:
             if r["workload"] == wname and r.get("probes"):
@@ -429,20 +553,25 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
                                  f"{med['path_ratio']:.3f}")
                 lines.append(f"| {aname} | " + " | ".join(cells) + " |")
             lines.append("")
-    lines += ["## Goals (against (3b))", "",
+    lines += ["## Goals (against (3b), seed-paired)", "",
+              "Each seed's TPR run against the same seed's (3b) run, then the median over seeds "
+              "(the verdict) and its range [min, max], then the per-seed values in seed order "
+              f"{list(payload['seeds'])}. Speed-ups: '-' = that seed never reached (3b)'s "
+              "value (counted as 0 in the median).", "",
               "| workload | arm | speed-up to (3b)'s final val within 0.01 (>= 1.3) | the same "
               "in NFE | fewer fwd NFE, last 10 % (>= 20 %) | test NLL diff (<= 0.05) | met | "
-              "test NFE / (3b)'s, median (every seed <= 1) | the speed-up on validation curves "
+              "test NFE / (3b)'s (every seed <= 1) | the speed-up on validation curves "
               "averaged over 5 evaluations: wall / NFE |",
               "|---|---|---|---|---|---|---|---|---|"]
     for wname, g in payload.get("goals", {}).items():
         for aname, v in g.items():
             lines.append(
-                f"| {wname} | {aname} | {_x(v['speedup_within_0.01'])} "
-                f"(reached {v['reached_within_0.01']}) | {_x(v['nfe_speedup_within_0.01'])} | "
-                f"{100 * v['forward_nfe_last10pct_reduction']:.0f} % | "
-                f"{v['test_nll_diff']:+.4f} | {'met' if v['met'] else 'not met'} | "
-                f"{_x(v['test_nfe_ratio'])} ({'met' if v['test_nfe_met'] else 'not met'}) | "
+                f"| {wname} | {aname} | {_speed_text(v['speedup_within_0.01_per_seed'])} "
+                f"(reached {v['reached_within_0.01']}) | "
+                f"{_speed_text(v['nfe_speedup_within_0.01_per_seed'])} | "
+                f"{_pct(v['forward_nfe_last10pct_reduction'])} | "
+                f"{_signed(v['test_nll_diff'])} | {'met' if v['met'] else 'not met'} | "
+                f"{_times(v['test_nfe_ratio'])} ({'met' if v['test_nfe_met'] else 'not met'}) | "
                 f"{_x(v.get('speedup_smoothed_within_0.01'))} / "
                 f"{_x(v.get('nfe_speedup_smoothed_within_0.01'))} "
                 f"(reached {v.get('reached_smoothed_within_0.01', '-')}) |")
@@ -518,9 +647,8 @@ def main() -> None:
     start = time.perf_counter()
     todo: list[tuple[Workload, Arm, int]] = []
     done: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for wname, steps in workloads.items():
-        work = dataclasses.replace(WORKLOADS[wname], steps=steps,
-                                   eval_every=max(1, min(WORKLOADS[wname].eval_every, steps // 4)))
+    for wname in workloads:
+        work = suite_workload(args.suite, wname)
         for seed in suite["seeds"]:
             for aname in arms:
                 arm = ARMS[aname]
@@ -539,7 +667,7 @@ def main() -> None:
             parser.error(f"--cached-only: no finished runs of suite {args.suite!r} in {cache}")
     todo.sort(key=lambda t: -t[0].steps * _COST.get(t[1].name, 1.0)
               * _WORKLOAD_COST.get(t[0].name, 1.0))
-    opts = {k: suite[k] for k in ("ckpt_every", "probe_every") if k in suite}
+    opts = {k: suite[k] for k in ("ckpt_every", "probe_every", "keep_models") if k in suite}
     if args.jobs == 1:
         for work, arm, seed in todo:
             print(f"[{time.perf_counter() - start:6.0f} s] {work.name} {arm.name} seed {seed}",
@@ -565,14 +693,15 @@ def main() -> None:
     info["torch_threads"] = RUN_THREADS  # what each run uses, not this process
     payload = {"suite": args.suite, "command": command, "machine": info,
                "seeds": list(suite["seeds"]), "seconds": time.perf_counter() - start,
-               "steps": workloads, "missing_runs": missing, "trained_runs": len(todo),
+               "steps": workloads, "note": suite.get("note"), "pairs": suite.get("pairs", {}),
+               "missing_runs": missing, "trained_runs": len(todo),
                "cached_runs": len(runs) - len(todo),
-               "summary": summarise(runs, **({"baselines": suite["baselines"]}
-                                             if "baselines" in suite else {})),
+               "summary": summarise(runs, **{k: suite[k] for k in ("baselines", "pairs")
+                                             if k in suite}),
                "runs": [{k: v for k, v in r.items() if k != "nfe_per_step"} for r in runs]}
     long_form = "baselines" in suite
     base_arm = suite["baselines"][0] if long_form else BASE
-    payload["goals"] = (long_goals(payload["summary"], runs, base_arm) if long_form
+    payload["goals"] = (long_goals(payload["summary"], base_arm) if long_form
                         else goals(payload["summary"]))
     write_json(RESULTS / f"{args.suite}.json", payload)
     plot_nfe(runs, RESULTS / f"{args.suite}_nfe.png")

@@ -57,24 +57,111 @@ def _fake(arm: str, seed: int, curve: list[tuple[float, int, float]]) -> dict:
 
 
 def test_speedup_is_time_to_the_baselines_final_value() -> None:
-    base = _fake("ffjord_matched", 0, [(10.0, 1, 3.0), (30.0, 2, 2.0)])
-    fast = _fake("tpr_fast", 0, [(5.0, 1, 2.5), (15.0, 2, 1.9)])
-    slow = _fake("rnode", 0, [(10.0, 1, 3.0), (30.0, 2, 2.1)])
-    for r in (base, fast, slow):
+    runs = []
+    for seed in range(3):  # the same race in every seed, at a seed-dependent pace
+        k = 1.0 + seed
+        runs += [_fake("ffjord_matched", seed, [(10.0 * k, 1, 3.0), (30.0 * k, 2, 2.0)]),
+                 _fake("tpr_fast", seed, [(5.0 * k, 1, 2.5), (15.0 * k, 2, 1.9)]),
+                 _fake("rnode", seed, [(10.0 * k, 1, 3.0), (30.0 * k, 2, 2.1)])]
+    for r in runs:
         r["workload"] = "checkerboard"
-    summary = bench_run.summarise([base, fast, slow])
+    summary = bench_run.summarise(runs)
     s = summary["checkerboard"]
-    assert s["tpr_fast"]["speedup_to_ffjord_matched_final_val"]["median"] == pytest.approx(2.0)
+    sp = s["tpr_fast"]["speedup_to_ffjord_matched_final_val"]
+    assert sp["median"] == pytest.approx(2.0) and sp["per_seed"] == pytest.approx([2.0] * 3)
     assert s["rnode"]["speedup_to_ffjord_matched_final_val"]["median"] is None
     g = bench_run.goals(summary)["checkerboard"]
     assert g["matched_tpr_fast"]["met"] and not g["matched_rnode"]["met"]
     assert g["test_nfe_tpr_fast"]["times_floor"] == pytest.approx(2.0)
 
 
+def _three_seeds(arm_values: dict[str, dict[str, list[float]]], workload: str = "w") -> list:
+    """Fake runs of seeds 0-2: per arm, per measurement, the three seeds' values."""
+    runs = []
+    for aname, values in arm_values.items():
+        for seed in range(3):
+            r = _fake(aname, seed, [(10.0, 1, 2.0)])
+            r.update({k: v[seed] for k, v in values.items()}, workload=workload)
+            runs.append(r)
+    return runs
+
+
+def test_paired_compares_each_seed_with_its_own_baseline() -> None:
+    # Seed 2's baseline is the worst, seed 2's TPR run the best: medians of each arm taken
+    # apart say TPR is 0.015 nats worse; seed by seed it is +0.06, +0.066, -0.085 (median
+    # +0.06, which fails the 0.05 goal).
+    runs = _three_seeds({"ffjord_direct": {"test_nll": [1.00, 1.10, 1.20]},
+                         "tpr_fast": {"test_nll": [1.06, 1.166, 1.115]}})
+    p = harness.paired([r for r in runs if r["arm"] == "tpr_fast"],
+                       [r for r in runs if r["arm"] == "ffjord_direct"][::-1])  # any order
+    assert p["seeds"] == [0, 1, 2]
+    assert p["test_nll"]["per_seed"] == pytest.approx([0.06, 0.066, -0.085])
+    assert p["test_nll"]["median"] == pytest.approx(0.06)
+    assert (p["test_nll"]["min"], p["test_nll"]["max"]) == pytest.approx((-0.085, 0.066))
+    summary = bench_run.summarise(runs, baselines=("ffjord_direct",))
+    assert summary["w"]["tpr_fast"]["paired_to_ffjord_direct"]["test_nll"]["median"] == \
+        pytest.approx(0.06)
+    # an arm's own baseline outside the suite's baselines (the VAE suite's pairs)
+    summary = bench_run.summarise(runs, baselines=(), pairs={"tpr_fast": "ffjord_direct"})
+    assert summary["w"]["tpr_fast"]["paired_to_ffjord_direct"]["test_nll"]["per_seed"] == \
+        pytest.approx([0.06, 0.066, -0.085])
+    assert "paired_to_ffjord_direct" not in summary["w"]["ffjord_direct"]
+    # a seed without a baseline run is left out, not compared with another seed's
+    p = harness.paired([r for r in runs if r["arm"] == "tpr_fast"],
+                       [r for r in runs if r["arm"] == "ffjord_direct" and r["seed"] != 1])
+    assert p["seeds"] == [0, 2] and p["test_nll"]["per_seed"] == pytest.approx([0.06, -0.085])
+
+
+def test_long_goals_are_seed_paired_not_medians_of_arms() -> None:
+    base = {"test_nll": [1.00, 1.10, 1.20], "forward_nfe_last10pct": [100.0, 200.0, 300.0],
+            "test_nfe": [50.0, 60.0, 70.0]}
+    tpr = {"test_nll": [1.06, 1.166, 1.115], "forward_nfe_last10pct": [85.0, 150.0, 290.0],
+           "test_nfe": [40.0, 62.0, 50.0]}
+    runs = _three_seeds({"ffjord_direct": base, "tpr_fast": tpr})
+    # every seed of TPR reaches (3b)'s final value twice as fast: speed-up 2 in every seed
+    for r in runs:
+        if r["arm"] == "ffjord_direct":
+            r["val_curve"] = [(10.0, 1, 3.0), (20.0, 2, 2.0)]
+    g = bench_run.long_goals(bench_run.summarise(runs, baselines=("ffjord_direct",)))["w"]
+    g = g["tpr_fast"]
+    assert g["speedup_within_0.01"] == pytest.approx(2.0)
+    # Unpaired medians would say: 1.115 - 1.10 = +0.015 (met) and 1 - 150/200 = 25 % (met).
+    assert g["test_nll_diff"]["median"] == pytest.approx(0.06)
+    assert g["test_nll_diff"]["per_seed"] == pytest.approx([0.06, 0.066, -0.085])
+    assert g["forward_nfe_last10pct_reduction"]["per_seed"] == pytest.approx(
+        [0.15, 0.25, 1 - 290 / 300])
+    assert g["forward_nfe_last10pct_reduction"]["median"] == pytest.approx(0.15)
+    assert not g["met"]
+    # test NFE: the median ratio 0.8 looks fine, seed 1 needs more than its own (3b)
+    assert g["test_nfe_ratio"]["median"] == pytest.approx(0.8)
+    assert not g["test_nfe_met"]
+
+
+def test_full_suite_goals_are_seed_paired() -> None:
+    runs = _three_seeds({
+        "ffjord": {"total_nfe": [100.0, 200.0, 300.0], "test_nll": [1.00, 1.10, 1.20]},
+        "tpr_paper": {"total_nfe": [70.0, 90.0, 200.0], "test_nll": [1.06, 1.166, 1.115]},
+        "ffjord_matched": {"test_nll": [1.0, 1.1, 1.2]},
+        "ffjord_direct": {"seconds_per_step": [0.1, 0.2, 0.3]},
+        "tpr_fast": {"seconds_per_step": [0.12, 0.19, 0.33], "test_nll": [1.06, 1.166, 1.115]}},
+        workload="checkerboard")
+    g = bench_run.goals(bench_run.summarise(runs))["checkerboard"]
+    paper = g["paper_settings"]
+    # per seed 30 %, 55 %, 33 % fewer (median 33 %; unpaired: 1 - 90 / 200 = 55 %)
+    assert paper["total_nfe_reduction"]["median"] == pytest.approx(1 - 200 / 300)
+    assert paper["test_nll_diff"]["median"] == pytest.approx(0.06) and not paper["met"]
+    same = g["tpr_vs_same_engineering"]
+    # per seed (3b)'s s/step / (5)'s: 0.83, 1.05, 0.91 (unpaired: 0.2 / 0.19 = 1.05)
+    assert same["seconds_per_step_ratio"]["median"] == pytest.approx(0.3 / 0.33)
+    assert same["seconds_per_step_ratio"]["per_seed"] == pytest.approx(
+        [0.1 / 0.12, 0.2 / 0.19, 0.3 / 0.33])
+    assert g["matched_tpr_fast"]["test_nll_diff"]["median"] == pytest.approx(0.06)
+
+
 def test_suite_caches_finished_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, str, int]] = []
 
-    def fake_run_one(w, arm, seed):  # noqa: ANN001, ANN202
+    def fake_run_one(w, arm, seed, **kwargs):  # noqa: ANN001, ANN003, ANN202
         calls.append((w.name, arm.name, seed))
         return {**_fake(arm.name, seed, [(1.0, 1, 2.0)]), "workload": w.name,
                 "nfe_per_step": {"forward": [10.0], "backward": [5.0]}}
@@ -130,30 +217,38 @@ def test_cached_only_summarises_what_finished(tmp_path: Path,
 
 
 def test_speedup_within_a_margin_and_the_long_goals() -> None:
-    # (3b) ends at 2.00; TPR touches 2.009 (within 0.01) at 20 s and never 2.00 itself.
-    base = _fake("ffjord_direct", 0, [(10.0, 1, 3.0), (30.0, 2, 2.05), (60.0, 3, 2.0)])
-    tpr = _fake("tpr_fast", 0, [(10.0, 1, 2.5), (20.0, 2, 2.009), (40.0, 3, 2.004)])
-    base.update(forward_nfe_last10pct=100.0, test_nfe=50.0, test_nll=2.0)
-    tpr.update(forward_nfe_last10pct=75.0, test_nfe=40.0, test_nll=2.03)
-    summary = bench_run.summarise([base, tpr], baselines=("ffjord_direct",))
+    # (3b) ends at 2.00; TPR touches 2.009 (within 0.01) at 20 s and never 2.00 itself; the
+    # same in seeds 0-2, with seed-dependent NFE and NLL.
+    runs = []
+    for seed, (nfe_base, nfe_tpr) in enumerate([(100.0, 75.0), (120.0, 84.0), (80.0, 64.0)]):
+        base = _fake("ffjord_direct", seed, [(10.0, 1, 3.0), (30.0, 2, 2.05), (60.0, 3, 2.0)])
+        tpr = _fake("tpr_fast", seed, [(10.0, 1, 2.5), (20.0, 2, 2.009), (40.0, 3, 2.004)])
+        base.update(forward_nfe_last10pct=nfe_base, test_nfe=50.0, test_nll=2.0 + seed)
+        tpr.update(forward_nfe_last10pct=nfe_tpr, test_nfe=40.0, test_nll=2.03 + seed)
+        runs += [base, tpr]
+    summary = bench_run.summarise(runs, baselines=("ffjord_direct",))
     e = summary["w"]["tpr_fast"]
     assert e["speedup_to_ffjord_direct_final_val"]["median"] is None  # never exactly
     within = e["speedup_to_ffjord_direct_final_val_within_0.01"]
     assert within["median"] == pytest.approx(60.0 / 20.0)  # (3b) reaches 2.01 only at 60 s
     g = bench_run.long_goals(summary)["w"]["tpr_fast"]
-    assert g["forward_nfe_last10pct_reduction"] == pytest.approx(0.25)
-    assert g["test_nll_diff"] == pytest.approx(0.03) and g["met"]
-    assert g["test_nfe_ratio"] == pytest.approx(0.8) and g["test_nfe_met"]
-    assert bench_run.long_goals(summary)["w"]["tpr_fast"]["nfe_speedup_within_0.01"] is None
+    assert g["forward_nfe_last10pct_reduction"]["per_seed"] == pytest.approx([0.25, 0.3, 0.2])
+    assert g["forward_nfe_last10pct_reduction"]["median"] == pytest.approx(0.25)
+    assert g["test_nll_diff"]["median"] == pytest.approx(0.03) and g["met"]
+    assert g["test_nfe_ratio"]["median"] == pytest.approx(0.8) and g["test_nfe_met"]
+    assert g["nfe_speedup_within_0.01"] is None  # no per-step NFE in these runs
     # in function evaluations: (3b) needs 3 x 100 to reach 2.01, TPR 2 x 50 to reach 2.009
-    base["nfe_per_step"] = {"forward": [100.0] * 3, "backward": [0.0] * 3}
-    tpr["nfe_per_step"] = {"forward": [50.0] * 3, "backward": [0.0] * 3}
-    summary = bench_run.summarise([base, tpr], baselines=("ffjord_direct",))
+    for r in runs:
+        per_step = 100.0 if r["arm"] == "ffjord_direct" else 50.0
+        r["nfe_per_step"] = {"forward": [per_step] * 3, "backward": [0.0] * 3}
+    summary = bench_run.summarise(runs, baselines=("ffjord_direct",))
     assert bench_run.long_goals(summary)["w"]["tpr_fast"]["nfe_speedup_within_0.01"] == \
         pytest.approx(300.0 / 100.0)
-    assert harness.nfe_to_reach(tpr, 2.004) == 150.0 and harness.nfe_to_reach(tpr, 1.0) is None
-    tpr["test_nll"] = 2.06  # 0.06 nats worse: the goal is not met whatever the speed
-    summary = bench_run.summarise([base, tpr], baselines=("ffjord_direct",))
+    assert harness.nfe_to_reach(runs[1], 2.004) == 150.0
+    assert harness.nfe_to_reach(runs[1], 1.0) is None
+    for r in runs[1::2]:
+        r["test_nll"] += 0.03  # 0.06 nats worse: the goal is not met whatever the speed
+    summary = bench_run.summarise(runs, baselines=("ffjord_direct",))
     assert not bench_run.long_goals(summary)["w"]["tpr_fast"]["met"]
 
 
@@ -166,10 +261,36 @@ def test_the_test_nfe_goal_holds_for_every_seed_not_the_median() -> None:
         tpr.update(forward_nfe_last10pct=75.0, test_nfe=mine, test_nll=2.0, workload="w")
         runs += [base, tpr]
     summary = bench_run.summarise(runs, baselines=("ffjord_direct",))
-    assert bench_run.long_goals(summary)["w"]["tpr_fast"]["test_nfe_met"]  # medians: 40 <= 50
-    g = bench_run.long_goals(summary, runs)["w"]["tpr_fast"]
+    g = bench_run.long_goals(summary)["w"]["tpr_fast"]
+    assert g["test_nfe_ratio"]["median"] == pytest.approx(0.8)  # the median alone: met
     assert not g["test_nfe_met"]  # seed 2: 62 > 56
-    assert sorted(g["test_nfe_per_seed"]) == [(40.0, 50.0), (40.0, 50.0), (62.0, 56.0)]
+    assert g["test_nfe_ratio"]["per_seed"] == pytest.approx([0.8, 0.8, 62.0 / 56.0])
+
+
+def test_the_long_markdown_shows_the_paired_values_per_seed(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    nll = {("ffjord_direct", 0): 1.00, ("ffjord_direct", 1): 1.10, ("ffjord_direct", 2): 1.20,
+           ("tpr_fast", 0): 1.06, ("tpr_fast", 1): 1.166, ("tpr_fast", 2): 1.115}
+
+    def fake_run_one(w, arm, seed, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        return {**_fake(arm.name, seed, [(1.0, 1, 2.0)]), "workload": w.name,
+                "test_nll": nll[arm.name, seed],
+                "nfe_per_step": {"forward": [10.0], "backward": [5.0]}}
+
+    monkeypatch.setattr(bench_run, "run_one", fake_run_one)
+    monkeypatch.setattr(bench_run, "RESULTS", tmp_path)
+    monkeypatch.setitem(bench_run.SUITES, "tiny", dict(
+        workloads={"checkerboard": 2}, seeds=(0, 1, 2), arms=("ffjord_direct", "tpr_fast"),
+        baselines=("ffjord_direct",)))
+    monkeypatch.setattr(sys, "argv", ["run.py", "--suite", "tiny"])
+    bench_run.main()
+    payload = json.loads((tmp_path / "tiny.json").read_text())
+    g = payload["goals"]["checkerboard"]["tpr_fast"]
+    assert g["test_nll_diff"]["per_seed"] == pytest.approx([0.06, 0.066, -0.085])
+    assert not g["met"]
+    text = (tmp_path / "tiny.md").read_text()
+    assert "+0.0600 [-0.0850, +0.0660] (seeds: +0.0600, +0.0660, -0.0850)" in text
 
 
 class _Rotation(torch.nn.Module):

@@ -1,0 +1,343 @@
+"""The test-cost frontier: test NLL against test evaluations over evaluation tolerances.
+
+    python benchmarks/frontier.py --suite long --jobs 2            # every long-suite model
+    python benchmarks/frontier.py --suite long_small --jobs 2  # the small committed case
+
+TPR's lasting benefit is a model that is cheaper to evaluate at a fixed tolerance. A baseline
+model is also cheaper at a looser tolerance, so the fair comparison is the whole frontier. For
+every arm's final model of a suite (every workload and seed) this evaluates the test set at the
+evaluation tolerances :data:`TOLERANCES` (atol = rtol, exact trace), recording the test NLL,
+the forward NFE per test batch and rows per second, and the NFE and seconds to draw
+:data:`SAMPLES` samples. It then answers, seed by seed against the baseline of the same seed:
+at equal test NLL (within :data:`MARGIN` nats of the better model's best), how many evaluations
+does each need (:func:`equal_nll_cost`)?
+
+The models are the ones the suite keeps (``keep_models``, under
+benchmarks/results/.models/<suite>/). A missing one is made again by the suite's own training
+call (``run._run_and_cache``, which also rewrites that run's cache entry so the cache describes
+the kept model); a run whose resumable checkpoint is still in benchmarks/results/.work/ then
+only has to be tested again. Results: benchmarks/results/frontier_<suite>.json, .md and .png
+(``frontier_small.*`` for the suite ``long_small``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench_run  # noqa: E402
+from harness import (  # noqa: E402
+    ARMS,
+    RUN_THREADS,
+    _set_eval_tolerance,
+    load_final_model,
+    machine,
+    write_json,
+)
+
+from polyreg_cnf.engine.ode import ode_blocks  # noqa: E402
+
+#: Evaluation tolerances (atol = rtol), loosest first.
+TOLERANCES = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6)
+#: "Equal test NLL": within this many nats of the better model's best.
+MARGIN = 0.01
+#: Samples drawn at each tolerance.
+SAMPLES = 10_000
+#: A ratio of evaluations within this fraction of 1 is a tie.
+TIE = 0.05
+#: The suites' own evaluation tolerance: the single point the test-NFE claims were made at.
+REFERENCE_TOL = 1e-5
+
+
+def evaluate(model: torch.nn.Module, batches: list[torch.Tensor],
+             tolerances: tuple[float, ...] = TOLERANCES, samples: int = SAMPLES,
+             seed: int = 0) -> list[dict[str, float]]:
+    """One point of the frontier per tolerance: test NLL, NFE per batch, speed, sampling cost.
+
+    Args:
+        model: A density model (``log_prob`` and ``sample``) in eval mode.
+        batches: The test set in batches (as the run's test loader gives them).
+        tolerances: Evaluation tolerances, atol = rtol.
+        samples: Samples to draw at each tolerance (0: no sampling).
+        seed: Seed of the sampling noise (the same at every tolerance).
+
+    Returns:
+        Per tolerance: ``tol``, ``test_nll`` (mean over rows), ``test_nfe`` (forward NFE per
+        batch, summed over blocks, mean over batches), ``rows_per_second``, ``sample_nfe``
+        and ``sample_seconds``.
+    """
+    blocks = ode_blocks(model)
+    rows = sum(len(b) for b in batches)
+    points = []
+    for tol in tolerances:
+        _set_eval_tolerance(model, tol, tol)
+        nll, nfe, start = 0.0, [], time.perf_counter()
+        with torch.no_grad():
+            for b in batches:
+                for block in blocks:
+                    block.nfe.reset()
+                nll -= float(model.log_prob(b).sum())
+                nfe.append(sum(block.nfe.forward for block in blocks))
+        seconds = time.perf_counter() - start
+        point = {"tol": tol, "test_nll": nll / rows, "test_nfe": float(np.mean(nfe)),
+                 "rows_per_second": rows / seconds, "batch_rows": len(batches[0])}
+        if samples:
+            for block in blocks:
+                block.nfe.reset()
+            start = time.perf_counter()
+            model.sample(samples, generator=torch.Generator().manual_seed(seed))
+            point.update(sample_seconds=time.perf_counter() - start,
+                         sample_nfe=float(sum(block.nfe.forward for block in blocks)))
+        points.append(point)
+    return points
+
+
+def cheapest_at(curve: list[dict[str, float]], target: float) -> dict[str, float] | None:
+    """The point of ``curve`` with the fewest test NFE whose test NLL is at most ``target``."""
+    good = [p for p in curve if p["test_nll"] <= target]
+    return min(good, key=lambda p: p["test_nfe"]) if good else None
+
+
+def equal_nll_cost(base: list[dict[str, float]], mine: list[dict[str, float]],
+                   margin: float = MARGIN, tie: float = TIE) -> dict[str, Any]:
+    """Test evaluations each model needs for the same test NLL: within ``margin`` nats of the
+    better of the two models' best NLL over the frontier.
+
+    Each model's cost is its cheapest measured point at or below that NLL (no interpolation
+    between tolerances). ``ratio`` = this arm's NFE / the baseline's; the verdict is ``wins``
+    (ratio <= 1 - ``tie``, or only this arm reaches the NLL), ``loses`` (ratio >= 1 + ``tie``,
+    or only the baseline reaches it) or ``ties``.
+    """
+    best = min(p["test_nll"] for p in (*base, *mine))
+    target = best + margin
+    b, m = cheapest_at(base, target), cheapest_at(mine, target)
+    ratio = None if b is None or m is None else m["test_nfe"] / b["test_nfe"]
+    if m is None:
+        verdict = "loses"
+    elif b is None:
+        verdict = "wins"
+    else:
+        verdict = "wins" if ratio <= 1 - tie else "loses" if ratio >= 1 + tie else "ties"
+    return {"target_nll": target, "base_nfe": None if b is None else b["test_nfe"],
+            "base_tol": None if b is None else b["tol"],
+            "nfe": None if m is None else m["test_nfe"], "tol": None if m is None else m["tol"],
+            "ratio": ratio, "verdict": verdict}
+
+
+def _spread(values: list[float | None]) -> dict[str, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"median": None, "min": None, "max": None}
+    return {"median": float(statistics.median(vals)), "min": min(vals), "max": max(vals)}
+
+
+def _at_tol(mine: list[dict[str, float]], base: list[dict[str, float]],
+            tol: float = REFERENCE_TOL) -> float | None:
+    """Test NFE ratio (mine / base) at one tolerance, None if either curve lacks it."""
+    m = [p["test_nfe"] for p in mine if p["tol"] == tol]
+    b = [p["test_nfe"] for p in base if p["tol"] == tol]
+    return m[0] / b[0] if m and b and b[0] else None
+
+
+def answer(curves: dict[tuple[str, str, int], list[dict[str, float]]], base_arm: str
+           ) -> dict[str, Any]:
+    """Per workload and arm: :func:`equal_nll_cost` seed by seed against ``base_arm`` of the
+    same seed, the ratios' median and range, and the workload's verdict (``wins``, ``ties`` or
+    ``loses`` when every seed agrees, else ``mixed``)."""
+    out: dict[str, Any] = {}
+    for (wname, aname, seed), curve in sorted(curves.items()):
+        if aname == base_arm or (wname, base_arm, seed) not in curves:
+            continue
+        entry = out.setdefault(wname, {}).setdefault(aname, {"per_seed": {}})
+        base = curves[wname, base_arm, seed]
+        entry["per_seed"][seed] = {**equal_nll_cost(base, curve),
+                                   "ratio_at_reference_tol": _at_tol(curve, base)}
+    for arms in out.values():
+        for entry in arms.values():
+            verdicts = [v["verdict"] for v in entry["per_seed"].values()]
+            entry["ratio"] = _spread([v["ratio"] for v in entry["per_seed"].values()])
+            entry["ratio_at_reference_tol"] = _spread(
+                [v["ratio_at_reference_tol"] for v in entry["per_seed"].values()])
+            entry["counts"] = {k: verdicts.count(k) for k in ("wins", "ties", "loses")}
+            entry["verdict"] = verdicts[0] if len(set(verdicts)) == 1 else "mixed"
+    return out
+
+
+def _curve_of(suite: str, wname: str, aname: str, seed: int, samples: int
+              ) -> list[dict[str, float]]:
+    """Evaluate one kept model (made again first if it is missing)."""
+    torch.set_num_threads(RUN_THREADS)
+    w, arm = bench_run.suite_workload(suite, wname), ARMS[aname]
+    if w.kind == "vae":
+        raise ValueError(f"the frontier measures density models, not the VAE ({wname!r})")
+    path = bench_run.model_file(suite, w, arm, seed)
+    if not path.exists():
+        cfg = bench_run.SUITES[suite]
+        bench_run._run_and_cache(w, arm, seed, bench_run.RESULTS / ".cache" / suite,
+                                 ckpt_every=cfg.get("ckpt_every", 0),
+                                 probe_every=cfg.get("probe_every", 0), keep_models=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, dm = load_final_model(path, w, arm, seed, Path(tmp))
+        batches = [b[0] for b in dm.test_dataloader()]
+        return evaluate(model, batches, samples=samples, seed=seed)
+
+
+def plot(curves: dict[tuple[str, str, int], list[dict[str, float]]], path: Path) -> None:
+    """Test NLL against test NFE per batch, one panel per workload, one line per arm and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = sorted({k[0] for k in curves})
+    arms = sorted({k[1] for k in curves})
+    colours = {a: f"C{i}" for i, a in enumerate(arms)}
+    markers = "osv^D<>"
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False)
+    for ax, wname in zip(axes[0], workloads):
+        for (w, aname, seed), curve in sorted(curves.items()):
+            if w != wname:
+                continue
+            ax.plot([p["test_nfe"] for p in curve], [p["test_nll"] for p in curve],
+                    color=colours[aname], marker=markers[seed % len(markers)], alpha=0.8,
+                    label=f"{aname} seed {seed}")
+        ax.set_xscale("log")
+        ax.set_xlabel("test NFE per batch (log scale; tolerance 1e-2 at the left)")
+        ax.set_ylabel("test NLL (nats)")
+        ax.set_title(f"{wname}: test-cost frontier")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _seed_text(v: dict[str, Any]) -> str:
+    def nfe(x: float | None) -> str:
+        return "never" if x is None else f"{x:.0f}"
+
+    ratio = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x"
+    return (f"{nfe(v['nfe'])} vs {nfe(v['base_nfe'])} NFE (tol {v['tol']} vs {v['base_tol']}; "
+            f"{ratio}, {v['verdict']})")
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The frontier's tables and the answer per workload."""
+    m = payload["machine"]
+    lines = [f"# Test-cost frontier of suite `{payload['suite']}`", "",
+             f"Command: `{payload['command']}`  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {RUN_THREADS} torch thread per "
+             f"evaluation; torch {m['torch']}; commit {m['git_commit']}; {m['date']}.  ",
+             f"Models: the suite's final models ({payload['steps']} training steps; seeds "
+             f"{payload['seeds']}). Every test row at each evaluation tolerance (atol = rtol), "
+             f"exact trace; test NFE = forward NFE per test batch ({payload['batch_rows']} rows), "
+             f"rows/s = test rows per second on one thread; sampling = NFE and seconds to draw "
+             f"{payload['samples']:,} samples.", "",
+             f"Equal-NLL cost: for each seed, the target is the better model's best test NLL over "
+             f"the frontier + {MARGIN} nats; each model's cost is its cheapest measured point at "
+             f"or below the target; ratio = TPR arm / baseline ({payload['base_arm']}) of the "
+             f"same seed. Win: ratio <= {1 - TIE:.2f}; tie: within {TIE:.0%}; loss: ratio >= "
+             f"{1 + TIE:.2f} or the NLL is out of the arm's reach. At loose tolerances the NLL "
+             "itself carries solver error (it can come out lower than the converged value); "
+             "the comparison takes each measured NLL at face value, as a user who loosens the "
+             "tolerance would.", ""]
+    for wname, arms in payload["answer"].items():
+        lines += [f"## {wname}", ""]
+        for aname, e in arms.items():
+            per = "; ".join(f"seed {s}: {_seed_text(v)}" for s, v in e["per_seed"].items())
+            r = e["ratio"]
+            med = "-" if r["median"] is None else \
+                f"{r['median']:.2f}x [{r['min']:.2f}, {r['max']:.2f}]"
+            at = e["ratio_at_reference_tol"]
+            single = "-" if at["median"] is None else \
+                f"{at['median']:.2f}x [{at['min']:.2f}, {at['max']:.2f}]"
+            lines += [f"**{aname} against {payload['base_arm']}: {e['verdict']}** (NFE ratio at "
+                      f"equal NLL, median [range] over seeds: {med}; {e['counts']['wins']} "
+                      f"wins, {e['counts']['ties']} ties, {e['counts']['loses']} losses; for "
+                      f"comparison, the ratio at the single tolerance {REFERENCE_TOL:g}: "
+                      f"{single}). Per seed: {per}.", ""]
+        lines += ["| arm | seed | " + " | ".join(f"{t:g}" for t in TOLERANCES) + " |",
+                  "|---|---|" + "---|" * len(TOLERANCES)]
+        for (w, aname, seed), curve in payload["curves_by_key"]:
+            if w != wname:
+                continue
+            cells = [f"{p['test_nll']:.4f} / {p['test_nfe']:.0f} / {p['rows_per_second']:.0f}"
+                     for p in curve]
+            lines.append(f"| {aname} | {seed} | " + " | ".join(cells) + " |")
+        lines += ["", "(test NLL / test NFE per batch / rows per second)", "",
+                  "| arm | seed | " + " | ".join(f"{t:g}" for t in TOLERANCES) + " |",
+                  "|---|---|" + "---|" * len(TOLERANCES)]
+        for (w, aname, seed), curve in payload["curves_by_key"]:
+            if w == wname:
+                lines.append(f"| {aname} | {seed} | " + " | ".join(
+                    f"{p['sample_nfe']:.0f} / {p['sample_seconds']:.2f} s" for p in curve) + " |")
+        lines += ["", f"(sampling {payload['samples']:,}: NFE / seconds)", ""]
+    lines += [f"![test NLL against test NFE]({payload['plot']})"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    keeping = sorted(k for k, v in bench_run.SUITES.items() if v.get("keep_models"))
+    parser.add_argument("--suite", choices=keeping, default="long")
+    parser.add_argument("--workloads", default=None,
+                        help="comma-separated subset of the suite's workloads")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="models evaluated (or trained) at once, one process each")
+    parser.add_argument("--samples", type=int, default=SAMPLES,
+                        help="samples drawn at each tolerance (0: none)")
+    args = parser.parse_args()
+    suite = bench_run.SUITES[args.suite]
+    workloads = list(suite["workloads"])
+    if args.workloads:
+        bad = [w for w in args.workloads.split(",") if w not in workloads]
+        if bad:
+            parser.error(f"workloads {bad} are not in suite {args.suite!r}; valid: "
+                         f"{', '.join(workloads)}")
+        workloads = args.workloads.split(",")
+    if args.jobs < 1 or args.samples < 0:
+        parser.error(f"--jobs must be >= 1 and --samples >= 0, got {args.jobs} and "
+                     f"{args.samples}")
+    keys = [(w, a, s) for w in workloads for a in suite["arms"] for s in suite["seeds"]]
+    start = time.perf_counter()
+    if args.jobs == 1:
+        curves = {k: _curve_of(args.suite, *k, args.samples) for k in keys}
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no inherited torch thread pools
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            futures = {k: pool.submit(_curve_of, args.suite, *k, args.samples) for k in keys}
+            curves = {k: f.result() for k, f in futures.items()}
+    base_arm = suite["baselines"][0]
+    name = "frontier_small" if args.suite == "long_small" else f"frontier_{args.suite}"
+    payload = {
+        "suite": args.suite, "command": ("python benchmarks/frontier.py "
+                                         + " ".join(sys.argv[1:])).strip(),
+        "machine": machine(), "seconds": time.perf_counter() - start,
+        "steps": {w: suite["workloads"][w] for w in workloads}, "seeds": list(suite["seeds"]),
+        "base_arm": base_arm, "tolerances": list(TOLERANCES), "margin": MARGIN, "tie": TIE,
+        "samples": args.samples, "plot": f"{name}.png",
+        "batch_rows": next(iter(curves.values()))[0]["batch_rows"],
+        "answer": answer(curves, base_arm),
+        "curves_by_key": [[list(k), c] for k, c in curves.items()]}
+    write_json(bench_run.RESULTS / f"{name}.json", payload)
+    plot(curves, bench_run.RESULTS / f"{name}.png")
+    text = markdown(payload)
+    (bench_run.RESULTS / f"{name}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The test-cost frontier: end to end on a tiny suite, and its equal-NLL answer by hand."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import frontier  # noqa: E402
+import run as bench_run  # noqa: E402
+
+
+def _curve(points: list[tuple[float, float, float]]) -> list[dict[str, float]]:
+    return [{"tol": t, "test_nll": nll, "test_nfe": nfe} for t, nll, nfe in points]
+
+
+def test_equal_nll_cost_by_hand() -> None:
+    # The better model's best is 3.60 (TPR at 1e-5): the target is 3.61. The baseline gets
+    # there at 1e-4 (80 NFE), TPR already at 1e-3 (50 NFE): 50 / 80.
+    base = _curve([(1e-3, 3.65, 40.0), (1e-4, 3.609, 80.0), (1e-5, 3.605, 150.0)])
+    tpr = _curve([(1e-3, 3.610, 50.0), (1e-4, 3.602, 70.0), (1e-5, 3.600, 100.0)])
+    out = frontier.equal_nll_cost(base, tpr)
+    assert out["target_nll"] == pytest.approx(3.61)
+    assert (out["base_nfe"], out["nfe"]) == (80.0, 50.0)
+    assert (out["base_tol"], out["tol"]) == (1e-4, 1e-3)
+    assert out["ratio"] == pytest.approx(0.625) and out["verdict"] == "wins"
+    # Swapped, the baseline is the one that wins: TPR loses.
+    assert frontier.equal_nll_cost(tpr, base)["verdict"] == "loses"
+    # A model that never gets within 0.01 nats of the other's best loses outright.
+    worse = _curve([(1e-3, 3.70, 20.0), (1e-5, 3.62, 60.0)])
+    out = frontier.equal_nll_cost(base, worse)
+    assert out["nfe"] is None and out["ratio"] is None and out["verdict"] == "loses"
+    assert frontier.equal_nll_cost(worse, base)["verdict"] == "wins"
+    # Within 5 %: a tie.
+    near = _curve([(1e-4, 3.605, 78.0)])
+    assert frontier.equal_nll_cost(base, near)["verdict"] == "ties"
+
+
+def test_answer_pairs_each_seed_with_its_own_baseline() -> None:
+    # Seed 1's TPR curve would win against seed 0's baseline; against its own it loses.
+    curves = {("w", "base", 0): _curve([(1e-3, 3.60, 100.0)]),
+              ("w", "base", 1): _curve([(1e-3, 3.70, 20.0)]),
+              ("w", "tpr", 0): _curve([(1e-3, 3.60, 50.0)]),
+              ("w", "tpr", 1): _curve([(1e-3, 3.70, 40.0)])}
+    out = frontier.answer(curves, "base")["w"]["tpr"]
+    assert out["per_seed"][0]["ratio"] == pytest.approx(0.5)
+    assert out["per_seed"][0]["ratio_at_reference_tol"] is None  # no 1e-5 point here
+    assert out["per_seed"][1]["ratio"] == pytest.approx(2.0)
+    assert out["verdict"] == "mixed" and out["counts"] == {"wins": 1, "ties": 0, "loses": 1}
+    assert out["ratio"]["median"] == pytest.approx(1.25)
+    assert (out["ratio"]["min"], out["ratio"]["max"]) == (0.5, 2.0)
+
+
+def test_frontier_end_to_end_on_a_tiny_suite(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_run, "RESULTS", tmp_path)
+    monkeypatch.setitem(bench_run.SUITES, "tiny", dict(
+        workloads={"checkerboard": 40}, seeds=(0,), arms=("ffjord_direct", "tpr_fast"),
+        baselines=("ffjord_direct",), keep_models=True))
+    monkeypatch.setitem(bench_run.WORKLOADS, "checkerboard", bench_run.dataclasses.replace(
+        bench_run.WORKLOADS["checkerboard"], num_val=200, num_test=300, hidden_dims=(16, 16)))
+    # The suite keeps its models ...
+    monkeypatch.setattr(sys, "argv", ["run.py", "--suite", "tiny", "--arms", "ffjord_direct"])
+    bench_run.main()
+    kept = bench_run.model_file("tiny", bench_run.suite_workload("tiny", "checkerboard"),
+                                bench_run.ARMS["ffjord_direct"], 0)
+    assert kept.exists()
+    # ... and the frontier makes the missing one (TPR's) the way the suite does.
+    monkeypatch.setattr(sys, "argv", ["frontier.py", "--suite", "tiny", "--samples", "500"])
+    frontier.main()
+    assert (tmp_path / ".cache" / "tiny" / "checkerboard-40-tpr_fast-0.json").exists()
+    payload = json.loads((tmp_path / "frontier_tiny.json").read_text())
+    assert (tmp_path / "frontier_tiny.png").stat().st_size > 0
+    assert "## checkerboard" in (tmp_path / "frontier_tiny.md").read_text()
+    curves = {tuple(k): c for k, c in payload["curves_by_key"]}
+    assert set(curves) == {("checkerboard", "ffjord_direct", 0), ("checkerboard", "tpr_fast", 0)}
+    for curve in curves.values():
+        assert [p["tol"] for p in curve] == list(frontier.TOLERANCES)  # one point per tol
+        nfe = [p["test_nfe"] for p in curve]
+        assert nfe[0] < nfe[-1] and all(a <= b for a, b in zip(nfe, nfe[1:]))
+        assert all(p["batch_rows"] == 300 and p["rows_per_second"] > 0 for p in curve)
+        assert curve[0]["sample_nfe"] < curve[-1]["sample_nfe"]
+    seed0 = payload["answer"]["checkerboard"]["tpr_fast"]["per_seed"]["0"]
+    base, tpr = curves["checkerboard", "ffjord_direct", 0], curves["checkerboard", "tpr_fast", 0]
+    assert seed0 == {**frontier.equal_nll_cost(base, tpr),
+                     "ratio_at_reference_tol": tpr[5]["test_nfe"] / base[5]["test_nfe"]}
