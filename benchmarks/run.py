@@ -126,6 +126,15 @@ SUITES = {
                         arms=("ffjord_direct_cos", "tpr_fast_cos"),
                         baselines=("ffjord_direct_cos",), ckpt_every=1000, probe_every=1000,
                         keep_models=True),
+    # Issue 21: the long suite's checkerboard on three fresh seeds (3-5) that no selection has
+    # seen: (3b), coef 1 (chosen on sweep seed 0) and the lever, the paper's coef from step 3000
+    # (tpr_fast_late); the same length, checkpoints and probes as the long suite, models kept
+    # for the test-cost frontier. 9 runs of 10,000 steps (about 100 minutes with --jobs 2 on an
+    # otherwise idle machine; the same command resumes an interrupted one).
+    "long_fresh": dict(workloads={"checkerboard": 10000}, seeds=(3, 4, 5),
+                       arms=("ffjord_direct", "tpr_fast_c1", "tpr_fast_late"),
+                       baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000,
+                       keep_models=True),
     # A small test-cost frontier (benchmarks/frontier.py) that fits 25 minutes on 2 cores:
     # (3b) against (5) on the checkerboard, 2 seeds, 2000 steps (the long suite's is 10,000).
     "long_small": dict(workloads={"checkerboard": 2000}, seeds=(0, 1),
@@ -137,7 +146,7 @@ SUITES = {
 _COST = {"ffjord": 3.0, "tpr_paper": 1.4, "tpr_seminorm": 1.2, "rnode": 1.1,
          "ffjord_matched": 1.0, "tpr_carry_only": 1.0, "tpr_carry": 0.9, "tpr_fast_exact": 0.8,
          "tpr_fast": 0.6, "ffjord_direct": 0.6, "tpr_fast_c1": 0.65, "ffjord_direct_cos": 0.6,
-         "tpr_fast_cos": 0.6}
+         "tpr_fast_cos": 0.6, "tpr_fast_late": 0.6}
 _WORKLOAD_COST = {"checkerboard": 1.0, "8gaussians": 0.8, "breast_cancer": 0.4,
                   "vae_digits": 2.0, "mixture16": 0.8}
 

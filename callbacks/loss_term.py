@@ -73,6 +73,10 @@ class LossTermCallback(L.Callback):
     def _nothing_to_regularize(self, pl_module: L.LightningModule) -> str | None:
         """After the first training step: why nothing could be regularized, or None if fine."""
 
+    def active_at(self, step: int) -> bool:
+        """Whether the penalty is on at training step ``step`` (a schedule's hook; always)."""
+        return True
+
     def _clear(self) -> None:
         """Drop what the observer recorded."""
         if self.observer is not None:
@@ -130,14 +134,15 @@ class LossTermCallback(L.Callback):
         self._in_training_step = True
         self._close_step()
         self._clear()
-        if self.observer is not None:
+        if self.observer is not None and self.active_at(trainer.global_step):
             self._step_stack = ExitStack()
             self._step_stack.enter_context(self.observer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        was_active = self._step_stack is not None
         self._close_step()
-        if not pl_module.automatic_optimization:
+        if not pl_module.automatic_optimization and was_active:
             self._check_first_step(pl_module)
         self._in_training_step = False
         recorded = bool(self.terms())
@@ -181,6 +186,8 @@ class LossTermCallback(L.Callback):
         def training_step(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
             if out is None:  # the user skipped this batch
+                return out
+            if self._step_stack is None:  # off at this step (a schedule)
                 return out
             self._check_first_step(pl_module)
             if isinstance(out, Tensor):

@@ -71,6 +71,10 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
             penalised whole; ODE blocks always penalise their first element).
         seed: Seed of the interior times; default: the run's seed (``L.seed_everything``'s, else
             ``torch.initial_seed()``), broadcast from rank 0.
+        start_step: A coefficient schedule: the penalty is off (no interior times drawn, nothing
+            added) before this training step and ``coef`` from it on. TPR's saving shows late
+            in training, after the baseline's NFE has grown; starting late lets the density be
+            learned first (``benchmarks/results/long_fresh.md`` measures it).
 
     Example:
         >>> from polyreg_cnf.callbacks import NFEMonitor
@@ -83,7 +87,7 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
 
     def __init__(self, coef: float = POLY_PRESETS["paper"]["coef"],
                  num_samples: int = POLY_PRESETS["paper"]["num_samples"],
-                 order: int = POLY_PRESETS["paper"]["order"], *,
+                 order: int = POLY_PRESETS["paper"]["order"], *, start_step: int = 0,
                  intercept_torchdiffeq: bool = False, state_index: int = 0,
                  seed: int | None = None) -> None:
         super().__init__(coef)
@@ -99,6 +103,7 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
         check_optional_int("seed", seed, minimum=None)
         self.num_samples = num_samples
         self.order = order
+        self.start_step = check_int("start_step", start_step, minimum=0)
         self.intercept_torchdiffeq = intercept_torchdiffeq
         self.state_index = state_index
         self.seed = seed
@@ -126,7 +131,11 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
         return {} if penalty is None else {self.metric: (1.0, penalty)}
 
     def settings(self) -> dict[str, float | int]:
-        return {"coef": self.coef, "num_samples": self.num_samples, "order": self.order}
+        return {"coef": self.coef, "num_samples": self.num_samples, "order": self.order,
+                "start_step": self.start_step}
+
+    def active_at(self, step: int) -> bool:
+        return step >= self.start_step
 
     def _nothing_to_regularize(self, pl_module: L.LightningModule) -> str | None:
         if self.observer is not None and self.observer.solves:
@@ -241,7 +250,7 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
         return (f"PolynomialTrajectoryRegularizer(coef={self.coef}, "
                 f"num_samples={self.num_samples}, order={self.order}, "
                 f"intercept_torchdiffeq={self.intercept_torchdiffeq}, "
-                f"state_index={self.state_index})")
+                f"state_index={self.state_index}, start_step={self.start_step})")
 
 
 def _model_modules(pl_module: nn.Module) -> list[Any]:

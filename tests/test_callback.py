@@ -368,3 +368,31 @@ def test_kinetic_regularizer_adds_its_weighted_terms():
             1e-4 * abs(expected)
     with pytest.raises(ValueError, match="kinetic_coef must be a finite number >= 0"):
         KineticRegularizer(kinetic_coef=-1)
+
+
+def test_start_step_leaves_the_loss_alone_before_it_and_adds_the_penalty_from_it():
+    from polyreg_cnf.engine.observers import active
+
+    class Steps(L.Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self.rows.append((trainer.global_step, loss.item(), pl_module.seen[-1].item(),
+                              active(TrajectoryRecorder) is not None))
+
+    L.seed_everything(0)
+    reg = PolynomialTrajectoryRegularizer(coef=5.0, start_step=2)
+    spy = Steps()
+    model = NLLSpy(2, hidden_dims=[16, 16], solver=SolverConfig(atol=1e-3, rtol=1e-3))
+    trainer([reg, spy], max_steps=4).fit(model, small_data())
+    assert [r[0] for r in spy.rows] == [0, 1, 2, 3]
+    for step, loss, nll, recording in spy.rows:
+        assert recording == (step >= 2)
+        if step < 2:
+            assert loss == nll  # exactly the model's own loss: nothing drawn, nothing added
+        else:
+            assert loss > nll
+    assert reg.steps == 2 and reg.settings()["start_step"] == 2
+    with pytest.raises(ValueError, match="start_step must be a non-negative int"):
+        PolynomialTrajectoryRegularizer(start_step=-1)

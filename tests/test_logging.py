@@ -165,7 +165,8 @@ def test_fit_with_offline_wandb_and_csv(tmp_path, offline_env, wandb_calls):
 
     # The run config made it into W&B and the CSV hparams.
     config = loggers[0].experiment.config
-    assert config["regularizer"] == {"name": "poly", "coef": 5.0, "num_samples": 2, "order": 1}
+    assert config["regularizer"] == {"name": "poly", "coef": 5.0, "num_samples": 2, "order": 1,
+                                     "start_step": 0}
     assert config["versions"]["torch"] == torch.__version__.split("+")[0] or \
         config["versions"]["torch"] == torch.__version__
     assert "regularizer/coef" in (run_dir / "hparams.yaml").read_text()
@@ -277,7 +278,7 @@ def test_plotter_rejects_bad_arguments():
 
 
 @pytest.mark.parametrize("reg,expected", [
-    ("poly", {"coef": 1.5, "num_samples": 2, "order": 1}),  # K and m from the paper preset
+    ("poly", {"coef": 1.5, "num_samples": 2, "order": 1, "start_step": 0}),  # K, m: the preset
     ("kinetic", {"kinetic_coef": 0.05, "jacobian_coef": 0.01}),  # jacobian_coef: the default
 ])
 def test_every_setting_of_the_regularizer_is_in_the_run_folder(reg, expected, tmp_path):

@@ -249,13 +249,17 @@ class PolyOptions:
     poly_samples: int | None = option(None, "interior time points K per solve (default: the "
                                             "preset's)", low=0)
     poly_order: int | None = option(None, "polynomial degree m (default: the preset's)", low=0)
+    poly_start_step: int = option(_default(PolynomialTrajectoryRegularizer, "start_step"),
+                                  "training step the penalty starts at (off before it)", low=0)
 
     def settings(self) -> dict[str, float | int]:
-        """``coef``, ``num_samples`` and ``order``: the preset's, overridden where given."""
+        """``coef``, ``num_samples`` and ``order`` (the preset's, overridden where given) and
+        ``start_step``."""
         given = {"coef": self.poly_coef, "num_samples": self.poly_samples,
                  "order": self.poly_order}
         return {**POLY_PRESETS[self.poly_preset],
-                **{k: v for k, v in given.items() if v is not None}}
+                **{k: v for k, v in given.items() if v is not None},
+                "start_step": self.poly_start_step}
 
 
 @dataclass(frozen=True)

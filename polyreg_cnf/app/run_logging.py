@@ -10,7 +10,7 @@ Example:
     >>> from polyreg_cnf.callbacks import PolynomialTrajectoryRegularizer
     >>> config = run_config({"reg": "poly", "lr": 1e-3}, PolynomialTrajectoryRegularizer(1.0))
     >>> config["regularizer"]
-    {'name': 'poly', 'coef': 1.0, 'num_samples': 2, 'order': 1}
+    {'name': 'poly', 'coef': 1.0, 'num_samples': 2, 'order': 1, 'start_step': 0}
     >>> loggers = make_logger("csv", tempfile.mkdtemp(), "demo", config)
     >>> [type(logger).__name__ for logger in loggers]
     ['CSVLogger']
