@@ -346,6 +346,19 @@ def field_and_divergence(net: nn.Module, t: Tensor, z: Tensor, *, probe: Tensor 
     return _propagate(layers, net.act, z, probe)
 
 
+def _dynamic_batch_entry(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
+                         context: Tensor | None) -> tuple[Tensor, Tensor]:
+    return field_and_divergence(net, t, z, probe=probe, context=context)
+
+
+def _static_batch_entry(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
+                        context: Tensor | None) -> tuple[Tensor, Tensor]:
+    return field_and_divergence(net, t, z, probe=probe, context=context)
+
+
+# Two entry points with their own code objects: dynamo caches compiled graphs per code object,
+# so the batch-generic graphs and the batch-specialised ones never stand in for each other.
+_ENTRIES = {True: _dynamic_batch_entry, False: _static_batch_entry}
 _COMPILED: dict[bool, Callable[..., tuple[Tensor, Tensor]]] = {}
 
 
@@ -367,9 +380,9 @@ def compiled_field_and_divergence(net: nn.Module, t: Tensor, z: Tensor, *,
         ...                                        probe=None)  # doctest: +SKIP
     """
     if dynamic_batch not in _COMPILED:
-        _COMPILED[dynamic_batch] = torch.compile(field_and_divergence, dynamic=False)
+        _COMPILED[dynamic_batch] = torch.compile(_ENTRIES[dynamic_batch], dynamic=False)
     if dynamic_batch:
         for tensor in (z, probe, context):
             if tensor is not None:
                 torch._dynamo.mark_dynamic(tensor, 0)
-    return _COMPILED[dynamic_batch](net, t, z, probe=probe, context=context)
+    return _COMPILED[dynamic_batch](net, t, z, probe, context)
