@@ -382,7 +382,13 @@ def compiled_field_and_divergence(net: nn.Module, t: Tensor, z: Tensor, *,
     if dynamic_batch not in _COMPILED:
         _COMPILED[dynamic_batch] = torch.compile(_ENTRIES[dynamic_batch], dynamic=False)
     if dynamic_batch:
-        for tensor in (z, probe, context):
-            if tensor is not None:
-                torch._dynamo.mark_dynamic(tensor, 0)
+        # Marked on fresh aliases (views: gradients still flow), not on the caller's tensors,
+        # which a batch-specialised call may see later.
+        z, probe, context = (None if x is None else _batch_dynamic(x) for x in (z, probe, context))
     return _COMPILED[dynamic_batch](net, t, z, probe, context)
+
+
+def _batch_dynamic(x: Tensor) -> Tensor:
+    alias = x.view(x.shape)
+    torch._dynamo.mark_dynamic(alias, 0)
+    return alias
