@@ -28,6 +28,14 @@ The Jacobian of every supported layer with respect to its input x is the same ki
 (a shared matrix, plus a per-sample low-rank term for :class:`~polyreg_cnf.engine.amortized.
 AmortizedODENet`); the helpers :func:`_push` and :func:`_diagonal_sum` act with it on tangents.
 
+Use from a CNF's field (training: z may require grad, ONE backward follows; evaluation: under
+``torch.no_grad()``, no graph is built)::
+
+    if supports_forward_divergence(net):  # decided once per block
+        dz, div = field_and_divergence(net, t, y, probe=eps, context=context)  # eps None: exact
+
+Fields the check refuses (a user's module, a plain function) keep the reverse-mode path.
+
 Reference: W. Grathwohl et al., "FFJORD: Free-form Continuous Dynamics for Scalable Reversible
 Generative Models", ICLR 2019 (the trace estimators); A. Griewank and A. Walther, "Evaluating
 Derivatives", SIAM 2008, ch. 3 (forward-mode propagation of tangents).
@@ -374,10 +382,10 @@ def compiled_field_and_divergence(net: nn.Module, t: Tensor, z: Tensor, *,
     (faster kernels for a fixed size, one compile per size). The first call per net and mode
     pays the compile time.
 
-    Example:
-        >>> net = ODENet(2, (8,), "concat", "tanh")
-        >>> f, div = compiled_field_and_divergence(net, torch.tensor(0.0), torch.randn(4, 2),
-        ...                                        probe=None)  # doctest: +SKIP
+    Usage (the equality with the eager path is tested in ``tests/test_forward_divergence.py``;
+    a compile takes seconds, too long for a docstring example)::
+
+        f, div = compiled_field_and_divergence(net, t, z, probe=eps)  # same as the eager call
     """
     if dynamic_batch not in _COMPILED:
         _COMPILED[dynamic_batch] = torch.compile(_ENTRIES[dynamic_batch], dynamic=False)
