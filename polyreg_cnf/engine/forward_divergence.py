@@ -167,15 +167,17 @@ def low_rank_layer(t: Tensor, x: Tensor, weight: Tensor, bias: Tensor, U: Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Tangent algebra. A tangent is (B, K, n): K directions per sample (K = D for the exact trace,
-# K = 1 for Hutchinson); None stands for the identity (the D unit directions of z-space).
+# Tangent algebra. The exact trace's tangents are (B, D, n), the D directions of each sample;
+# Hutchinson's one direction is (B, n); None stands for the identity (the D unit directions of
+# z-space, before the first layer).
 # ---------------------------------------------------------------------------------------------
 
 def _push(tangent: Tensor | None, jac: LayerJacobian) -> Tensor:
     r"""The tangents through the layer: :math:`\dot a = M_b \dot x` for every direction.
 
-    Returns (B, K, n_out); from the identity, :math:`M_b^\top` itself, i.e. (D, n_out) when
-    the layer has no per-sample term (broadcast over the batch later).
+    Returns (B, K, n_out), or (B, n_out) from Hutchinson's one tangent (B, n_in); from the
+    identity, :math:`M_b^\top` itself, i.e. (D, n_out) when the layer has no per-sample term
+    (broadcast over the batch later).
     """
     if tangent is None:
         out = jac.weight.t()
@@ -184,7 +186,9 @@ def _push(tangent: Tensor | None, jac: LayerJacobian) -> Tensor:
         return out
     out = F.linear(tangent, jac.weight)
     if jac.U is not None and jac.V is not None:
-        out = out + torch.bmm(torch.bmm(tangent, jac.V), jac.U.transpose(1, 2))
+        many = tangent if tangent.ndim == 3 else tangent.unsqueeze(1)
+        low_rank = torch.bmm(torch.bmm(many, jac.V), jac.U.transpose(1, 2))
+        out = out + (low_rank if tangent.ndim == 3 else low_rank.squeeze(1))
     return out
 
 
@@ -206,18 +210,22 @@ def _diagonal_sum(tangent: Tensor | None, jac: LayerJacobian) -> Tensor:
     return total
 
 
-def _activate(a: Tensor, tangent: Tensor, act: nn.Module) -> tuple[Tensor, Tensor]:
-    r""":math:`(\sigma(a), \sigma'(a) \odot \dot a)` with tangents (B, K, n) or (K, n)."""
+def _activate(a: Tensor, tangent: Tensor, act: nn.Module,
+              many: bool) -> tuple[Tensor, Tensor]:
+    r""":math:`(\sigma(a), \sigma'(a) \odot \dot a)`; ``many``: tangents (B, K, n) or (K, n),
+    else one per sample, (B, n)."""
     value, derivative = DERIVATIVES[type(act)]
     y = value(a)
-    return y, derivative(a, y).unsqueeze(1) * tangent
+    slope = derivative(a, y)
+    return y, (slope.unsqueeze(1) if many else slope) * tangent
 
 
 def _propagate(layers: list[Callable[[Tensor], tuple[Tensor, LayerJacobian]]], act: nn.Module,
                z: Tensor, probe: Tensor | None) -> tuple[Tensor, Tensor]:
     """Run the layers (value, Jacobian) on z with tangents; the nonlinearity between them."""
     x = z
-    tangent = None if probe is None else probe.unsqueeze(1)
+    # Hutchinson's one tangent stays (B, n): plain 2-D matmuls, nothing to fold.
+    tangent = probe
     last = len(layers) - 1
     for i, layer in enumerate(layers):
         a, jac = layer(x)
@@ -225,8 +233,8 @@ def _propagate(layers: list[Callable[[Tensor], tuple[Tensor, LayerJacobian]]], a
             if probe is None:
                 div = _diagonal_sum(tangent, jac)
                 return a, div.expand(z.shape[0]) if div.ndim == 0 else div
-            return a, (probe * _push(tangent, jac).squeeze(1)).sum(dim=1)
-        x, tangent = _activate(a, _push(tangent, jac), act)
+            return a, (probe * _push(tangent, jac)).sum(dim=1)
+        x, tangent = _activate(a, _push(tangent, jac), act, many=probe is None)
     raise AssertionError("unreachable: a net has at least one layer")
 
 
@@ -301,7 +309,7 @@ def field_and_divergence(net: nn.Module, t: Tensor, z: Tensor, *, probe: Tensor 
 
     Cost per evaluation: the value's matmuls plus one matmul per layer on the tangents, which
     are (B, D, width) for the exact trace (the first layer's are the weight itself, the last
-    layer's only their diagonal) and (B, 1, width) for Hutchinson.
+    layer's only their diagonal) and (B, width) for Hutchinson.
 
     Args:
         net: A net for which :func:`supports_forward_divergence` is True.
