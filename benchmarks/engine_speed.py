@@ -1,0 +1,478 @@
+"""What one CNF evaluation costs: the arithmetic floor, today's reverse mode, forward mode.
+
+Issue 20, item 1. Per workload (a net, a batch, a trace estimator) this records:
+
+- ``flops``: floating-point operations of one evaluation with forward-mode divergence (value and
+  tangents; matmuls and the last layer's diagonal, elementwise work not counted), counted from
+  the layer shapes;
+- ``floor``: the time of exactly those matmuls alone (``torch.mm``/``torch.bmm`` on
+  preallocated operands), for an evaluation, and for a training step (each matmul plus the two
+  of its backward);
+- the time of one evaluation and of one training-like step for the reference path (the CNF's
+  field today: ``net(t, z)`` and :mod:`polyreg_cnf.engine.trace`'s vector-Jacobian products,
+  ``create_graph=True`` in training) and for forward mode
+  (:func:`polyreg_cnf.engine.forward_divergence.field_and_divergence`), eager and compiled
+  (:func:`~polyreg_cnf.engine.forward_divergence.compiled_field_and_divergence`, one graph for
+  every batch size); the compile time is reported apart and kept out of the step figures;
+- a torch.profiler split of each eager path into matmul arithmetic, other kernels, the autograd
+  engine, and the rest (Python and dispatch: wall time outside any profiled op).
+
+Modes timed: ``eval`` is a test-time evaluation (exact trace, no graph: the reference builds
+its graph to take the D vector-Jacobian products and drops it); ``field`` is a training-mode
+evaluation with the workload's trace (graph kept, no backward); ``step`` is ``field``, the
+scalar loss ``sum(f * w) + sum(div)`` and its backward (to the parameters, z and the context).
+
+Timing: one torch thread; every variant is timed in blocks of calls, the variants interleaved
+block by block (in rotating order) so that background load falls on all alike; the figure is
+the median over blocks of the seconds per call.
+
+Workloads:
+- ``checkerboard``: the authors' configuration, ODENet(2, (64, 64, 64)), concat, tanh, exact
+  trace, batch 100 (T 0.5 sets the solve's length, not one evaluation's cost);
+- ``mixture16``: the 16-D table workload of ``benchmarks/harness.py``: ODENet(16, (128, 128)),
+  concat, softplus, Hutchinson, batch 256;
+- ``vae_front_door``: ``python train.py --model vae --reg poly`` (the ``digits`` preset):
+  AmortizedODENet(16, (64, 64), rank 4, softplus), Hutchinson, batch 100;
+- ``power``: the POWER preset at its published size (D 6, 3 x 60, tanh, concat, Hutchinson,
+  batch 10000), on random inputs.
+
+Usage:
+    python benchmarks/engine_speed.py [--workloads checkerboard power] [--repeats 15]
+        [--block-seconds 0.05] [--no-compile] [--device cpu] [--out benchmarks/results/engine_speed]
+    python benchmarks/engine_speed.py --render benchmarks/results/engine_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from polyreg_cnf.engine.amortized import AmortizedODENet  # noqa: E402
+from polyreg_cnf.engine.forward_divergence import (  # noqa: E402
+    compiled_field_and_divergence,
+    field_and_divergence,
+)
+from polyreg_cnf.engine.nets import ODENet  # noqa: E402
+from polyreg_cnf.engine.trace import (  # noqa: E402
+    divergence_exact,
+    divergence_hutchinson,
+    sample_probe,
+)
+
+RESULTS = ROOT / "benchmarks" / "results"
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::dot",
+              "aten::addmv", "aten::_mkl_mm")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A net and the batch one evaluation sees."""
+
+    name: str
+    dim: int
+    hidden: tuple[int, ...]
+    layer_type: str
+    nonlinearity: str
+    trace: str  # the training trace; evaluation always uses the exact trace
+    batch: int
+    rank: int = 0  # > 0: AmortizedODENet of this rank
+    note: str = ""
+
+    def build(self, device: torch.device) -> tuple[nn.Module, Tensor | None]:
+        """The net and, for an amortized one, a context (per-sample parameters)."""
+        torch.manual_seed(0)
+        if self.rank:
+            net = AmortizedODENet(self.dim, self.hidden, self.rank, self.nonlinearity).to(device)
+            return net, 0.1 * torch.randn(self.batch, net.context_size, device=device)
+        return ODENet(self.dim, self.hidden, self.layer_type, self.nonlinearity).to(device), None
+
+
+WORKLOADS = {
+    "checkerboard": Workload("checkerboard", 2, (64, 64, 64), "concat", "tanh", "exact", 100,
+                             note="authors' configuration (T 0.5)"),
+    "mixture16": Workload("mixture16", 16, (128, 128), "concat", "softplus", "hutchinson", 256,
+                          note="harness.py's 16-D table workload"),
+    "vae_front_door": Workload("vae_front_door", 16, (64, 64), "concat", "softplus",
+                               "hutchinson", 100, rank=4,
+                               note="train.py --model vae --reg poly (digits preset)"),
+    "power": Workload("power", 6, (60, 60, 60), "concat", "tanh", "hutchinson", 10000,
+                      note="POWER preset, published size, random inputs"),
+}
+
+
+# ------------------------------------------------------------------------------ arithmetic
+def matmul_shapes(w: Workload, exact: bool) -> list[tuple[int, int, int, int]]:
+    """(batch, m, k, n) of every matmul of one forward-mode evaluation (batch 1: a plain mm).
+
+    Value: (B, n_in [+1 time column for concat]) x (n_in, n_out), plus for an amortized layer
+    the two rank-r products. Tangents (K = D exact, 1 Hutchinson): (B K, n_in) x (n_in, n_out)
+    per layer, except the exact trace's first layer (the tangents are the weight itself) and
+    last layer (only the diagonal, counted apart in :func:`flops`).
+    """
+    widths = (w.dim, *w.hidden, w.dim)
+    time_col = 0 if w.layer_type == "concatsquash" else 1
+    K = w.dim if exact else 1
+    last = len(widths) - 2
+    out = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        out.append((1, w.batch, n_in + time_col, n_out))
+        if w.rank:
+            out += [(w.batch, 1, n_in + 1, w.rank), (w.batch, 1, w.rank, n_out)]
+        if exact and i in (0, last):
+            if w.rank and i == 0:
+                out.append((w.batch, w.dim, w.rank, n_out))
+            continue
+        out.append((1, w.batch * K, n_in, n_out))
+        if w.rank:
+            out += [(w.batch, K, n_in, w.rank), (w.batch, K, w.rank, n_out)]
+    return out
+
+
+def flops(w: Workload, exact: bool) -> int:
+    """FLOPs (2 per multiply-add) of one forward-mode evaluation's matmuls and last diagonal."""
+    total = sum(2 * b * m * k * n for b, m, k, n in matmul_shapes(w, exact))
+    if exact:
+        n_in = (w.dim, *w.hidden)[-1]
+        total += 2 * w.batch * w.dim * n_in * (2 if w.rank else 1)
+    return total
+
+
+def floor_calls(w: Workload, exact: bool, step: bool,
+                device: torch.device) -> Callable[[], None]:
+    """The matmuls alone on preallocated operands (a step adds the two of each backward)."""
+    ops = []
+    for b, m, k, n in matmul_shapes(w, exact):
+        shapes = [(m, k, n)] + ([(m, n, k), (k, m, n)] if step else [])
+        for p, q, r in shapes:
+            if b == 1:
+                ops.append((torch.mm, torch.randn(p, q, device=device),
+                            torch.randn(q, r, device=device)))
+            else:
+                ops.append((torch.bmm, torch.randn(b, p, q, device=device),
+                            torch.randn(b, q, r, device=device)))
+
+    def run() -> None:
+        for fn, a, c in ops:
+            fn(a, c)
+    return run
+
+
+# ------------------------------------------------------------------------------ the paths
+def reference_field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
+                    context: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Today's CNF field: net(t, z) and reverse-mode divergence (graph kept when grad is on)."""
+    keep_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        y = z if keep_graph and z.requires_grad else z.detach().requires_grad_(True)
+        f = net(t, y) if context is None else net(t, y, context)
+        div = (divergence_exact(f, y, create_graph=keep_graph) if probe is None
+               else divergence_hutchinson(f, y, probe, create_graph=keep_graph))
+    return (f, div) if keep_graph else (f.detach(), div.detach())
+
+
+def forward_field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
+                  context: Tensor | None) -> tuple[Tensor, Tensor]:
+    return field_and_divergence(net, t, z, probe=probe, context=context)
+
+
+def compiled_field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
+                   context: Tensor | None) -> tuple[Tensor, Tensor]:
+    return compiled_field_and_divergence(net, t, z, probe=probe, context=context)
+
+
+def compiled_static_field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
+                          context: Tensor | None) -> tuple[Tensor, Tensor]:
+    return compiled_field_and_divergence(net, t, z, probe=probe, context=context,
+                                         dynamic_batch=False)
+
+
+PATHS = {"reference": reference_field, "forward": forward_field, "compiled": compiled_field,
+         "compiled_static": compiled_static_field}
+
+
+def make_call(path: Callable[..., tuple[Tensor, Tensor]], mode: str, w: Workload,
+              net: nn.Module, context: Tensor | None,
+              device: torch.device) -> Callable[[], None]:
+    """One evaluation (``eval``/``field``) or one training-like step (``step``) of ``path``."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    z = torch.randn(w.batch, w.dim, generator=gen, device=device)
+    t = torch.tensor(0.25, device=device)
+    exact = mode == "eval" or w.trace == "exact"
+    probe = None if exact else sample_probe(z, generator=gen)
+    if mode == "eval":
+        def evaluate() -> None:
+            with torch.no_grad():
+                path(net, t, z, probe, context)
+        return evaluate
+    z = z.requires_grad_(True)
+    ctx = None if context is None else context.clone().requires_grad_(True)
+    weight = torch.randn(w.batch, w.dim, generator=gen, device=device)
+    if mode == "field":
+        return lambda: path(net, t, z, probe, ctx)
+
+    def step() -> None:
+        net.zero_grad(set_to_none=True)
+        z.grad = None
+        f, div = path(net, t, z, probe, ctx)
+        ((f * weight).sum() + div.sum()).backward()
+    return step
+
+
+# ------------------------------------------------------------------------------ measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def calls_per_block(call: Callable[[], None], seconds: float, device: torch.device) -> int:
+    """How many calls fill about ``seconds`` (after two warm-up calls)."""
+    call()
+    call()
+    _sync(device)
+    start = time.perf_counter()
+    call()
+    _sync(device)
+    return max(1, round(seconds / max(time.perf_counter() - start, 1e-7)))
+
+
+def interleaved(calls: dict[str, Callable[[], None]], repeats: int, seconds: float,
+                device: torch.device) -> dict[str, dict[str, float]]:
+    """Median (and quartiles) of seconds per call, blocks of the variants interleaved."""
+    n = {k: calls_per_block(c, seconds, device) for k, c in calls.items()}
+    samples: dict[str, list[float]] = {k: [] for k in calls}
+    names = list(calls)
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(n[k]):
+                calls[k]()
+            _sync(device)
+            samples[k].append((time.perf_counter() - start) / n[k])
+    out = {}
+    for k, s in samples.items():
+        q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3
+        out[k] = dict(median=statistics.median(s), q1=q[0], q3=q[2], calls_per_block=n[k])
+    return out
+
+
+def profile_split(call: Callable[[], None], calls: int) -> dict[str, float]:
+    """Fractions of wall time: matmuls, other kernels, autograd engine, Python and dispatch.
+
+    From torch.profiler's self CPU times: ``matmul`` sums the matmul kernels
+    (:data:`MATMUL_OPS`), ``autograd`` the autograd engine's own events (backward nodes and
+    ``autograd::`` entries), ``kernels`` every other ``aten::`` op, ``other_ops`` any other
+    recorded event; ``python_dispatch`` is the wall time left outside every recorded event.
+    The profiler's own overhead inflates the absolute times (reported as ``profiled_seconds``).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        wall = time.perf_counter() - start
+    buckets = dict(matmul=0.0, kernels=0.0, autograd=0.0, other_ops=0.0)
+    for e in prof.key_averages():
+        us = e.self_cpu_time_total / 1e6
+        if e.key in MATMUL_OPS:
+            buckets["matmul"] += us
+        elif "autograd" in e.key or "Backward" in e.key:
+            buckets["autograd"] += us
+        elif e.key.startswith("aten::"):
+            buckets["kernels"] += us
+        else:
+            buckets["other_ops"] += us
+    recorded = sum(buckets.values())
+    out = {k: v / wall for k, v in buckets.items()}
+    out["python_dispatch"] = max(0.0, wall - recorded) / wall
+    out["profiled_seconds"] = wall / calls
+    return out
+
+
+def compile_seconds(w: Workload, net: nn.Module, context: Tensor | None,
+                    device: torch.device) -> dict[str, float]:
+    """Seconds of the first compiled call of each mode (tracing, inductor, C++ build)."""
+    out = {}
+    for path in ("compiled", "compiled_static"):
+        for mode in ("eval", "step"):
+            call = make_call(PATHS[path], mode, w, net, context, device)
+            _sync(device)
+            start = time.perf_counter()
+            call()
+            _sync(device)
+            out[f"{path}/{mode}"] = time.perf_counter() - start
+    return out
+
+
+def measure(w: Workload, repeats: int, seconds: float, compile_: bool,
+            device: torch.device, profile_calls: int) -> dict[str, Any]:
+    net, context = w.build(device)
+    paths = ["reference", "forward"] + (["compiled", "compiled_static"] if compile_ else [])
+    result: dict[str, Any] = dict(workload=asdict(w))
+    if compile_:
+        torch._dynamo.reset()
+        result["compile_seconds"] = compile_seconds(w, net, context, device)
+    for mode in ("eval", "field", "step"):
+        exact = mode == "eval" or w.trace == "exact"
+        calls = {p: make_call(PATHS[p], mode, w, net, context, device) for p in paths}
+        if mode != "field":
+            calls["floor"] = floor_calls(w, exact, mode == "step", device)
+        times = interleaved(calls, repeats, seconds, device)
+        entry: dict[str, Any] = dict(trace="exact" if exact else "hutchinson", seconds=times)
+        ref = times["reference"]["median"]
+        entry["ratio_to_reference"] = {p: times[p]["median"] / ref for p in times}
+        if mode != "field":
+            entry["flops"] = flops(w, exact) * (3 if mode == "step" else 1)
+            entry["gflops_at_floor"] = entry["flops"] / times["floor"]["median"] / 1e9
+        if mode != "field" and device.type == "cpu":
+            entry["profile"] = {p: profile_split(calls[p], profile_calls)
+                                for p in ("reference", "forward")}
+        result[mode] = entry
+        print(f"{w.name:15s} {mode:5s} " + "  ".join(
+            f"{p} {times[p]['median'] * 1e6:9.1f} us" for p in times), flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------ report
+def machine(device: torch.device) -> dict[str, Any]:
+    model = ""
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    info = dict(platform=platform.platform(), cpu=model, cpus=os.cpu_count(),
+                torch=torch.__version__, threads=torch.get_num_threads(), device=str(device),
+                load_average_start=os.getloadavg()[0])
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _us(s: float) -> str:
+    return f"{s * 1e6:,.0f}"
+
+
+def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    """The JSON as tables: times per call, ratios to the reference, floor and profile split."""
+    lines = ["# Engine speed: one CNF evaluation, floor vs reverse mode vs forward mode", "",
+             f"Command: `{meta['command']}`", "",
+             f"Machine: {meta['cpu'] or meta['platform']}, {meta['cpus']} CPUs, torch "
+             f"{meta['torch']}, {meta['threads']} torch thread, device {meta['device']}"
+             + (f" ({meta['gpu']})" if meta.get("gpu") else "") + ". "
+             f"Load average {meta['load_average_start']:.1f} at the start and "
+             f"{meta['load_average_end']:.1f} at the end: the machine was shared with other "
+             "jobs while measuring; variants were interleaved block by block so the load fell "
+             "on all alike, and the figures are medians.", "",
+             "Times are microseconds per call (median over blocks). `eval`: test-time "
+             "evaluation, exact trace, no graph. `field`: training-mode evaluation with the "
+             "workload's trace, graph kept. `step`: field + scalar loss + backward. `floor`: "
+             "the forward-mode path's matmuls alone (a step: x3 matmuls). Ratios are to the "
+             "reference (today's reverse-mode path).", "",
+             "Reading the gap to the floor: the floor holds the matmuls only. Everything else "
+             "in a forward-mode call is the nonlinearity and its derivative, their products "
+             "with the tangents (B x D x width elements for the exact trace), the "
+             "concatenation of t, and in a step the backward of all of these and the "
+             "accumulation of gradients, plus Python and dispatch per operation (the profile "
+             "split below). At small batches (checkerboard, the VAE) the per-operation "
+             "overhead and the elementwise kernels dominate; at POWER's batch of 10000 the "
+             "elementwise kernels are arithmetic too, and forward and reverse mode do the same "
+             "matmuls, so only compilation (fused elementwise kernels) moves that workload. "
+             "Compile times depend on inductor's on-disk cache (a repeated run reuses kernels "
+             "built before).", ""]
+    header = ("| workload | mode | trace | MFLOP | floor | reference | forward | compiled "
+              "| compiled static | forward/ref | compiled/ref | compiled static/ref | floor/ref |")
+    lines += [header, "|---" * 13 + "|"]
+    for r in results:
+        for mode in ("eval", "field", "step"):
+            e = r[mode]
+            s, q = e["seconds"], e["ratio_to_reference"]
+
+            def cell(p: str, d: dict[str, Any] = s) -> str:
+                return _us(d[p]["median"]) if p in d else "-"
+
+            def ratio(p: str, d: dict[str, float] = q) -> str:
+                return f"{d[p]:.2f}" if p in d else "-"
+
+            mflop = f"{e['flops'] / 1e6:.2f}" if "flops" in e else "-"
+            lines.append(f"| {r['workload']['name']} | {mode} | {e['trace']} | {mflop} | "
+                         f"{cell('floor')} | {cell('reference')} | {cell('forward')} | "
+                         f"{cell('compiled')} | {cell('compiled_static')} | "
+                         f"{ratio('forward')} | {ratio('compiled')} | "
+                         f"{ratio('compiled_static')} | {ratio('floor')} |")
+    if any("compile_seconds" in r for r in results):
+        lines += ["", "Compile time (first call, excluded from the figures above), seconds. "
+                  "`compiled`: one graph for every batch size (batch dimension marked "
+                  "dynamic); `compiled static`: a graph specialised to the batch size:", "",
+                  "| workload | compiled eval | compiled step | static eval | static step |",
+                  "|---|---|---|---|---|"]
+        for r in results:
+            c = r.get("compile_seconds")
+            if c:
+                lines.append(f"| {r['workload']['name']} | " + " | ".join(
+                    f"{c[f'{p}/{m}']:.1f}" for p in ("compiled", "compiled_static")
+                    for m in ("eval", "step")) + " |")
+    lines += ["", "Where the time goes (torch.profiler, fraction of profiled wall time; "
+              "`python+dispatch` is the time outside every recorded op):", "",
+              "| workload | mode | path | matmul | other kernels | autograd engine | "
+              "python+dispatch | other ops |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for mode in ("eval", "step"):
+            for path, p in r[mode].get("profile", {}).items():
+                lines.append(f"| {r['workload']['name']} | {mode} | {path} | "
+                             f"{p['matmul']:.0%} | {p['kernels']:.0%} | {p['autograd']:.0%} | "
+                             f"{p['python_dispatch']:.0%} | {p['other_ops']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--block-seconds", type=float, default=0.05)
+    parser.add_argument("--profile-calls", type=int, default=20)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS / "engine_speed")
+    parser.add_argument("--render", type=Path, help="rewrite the markdown of a results JSON")
+    args = parser.parse_args(argv)
+    if args.render:
+        data = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(data["meta"], data["results"]))
+        return 0
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    meta = machine(device)
+    meta["command"] = "python benchmarks/engine_speed.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    results = [measure(WORKLOADS[name], args.repeats, args.block_seconds,
+                       not args.no_compile, device, args.profile_calls)
+               for name in args.workloads]
+    meta["load_average_end"] = os.getloadavg()[0]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results),
+                                                         indent=1))
+    args.out.with_suffix(".md").write_text(markdown(meta, results))
+    print(args.out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
