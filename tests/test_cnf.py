@@ -23,6 +23,7 @@ from polyreg_cnf import (
     standard_normal_logprob,
 )
 from polyreg_cnf.engine.backprop import Adjoint
+from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
 
 TIGHT = dict(atol=1e-10, rtol=1e-10)
 
@@ -359,3 +360,63 @@ def test_kinetic_terms_match_closed_forms_for_linear_dynamics():
     np.testing.assert_allclose(z.detach().numpy(), z0.numpy() @ expm(T * A).T, atol=1e-8)
     cnf(z0)
     assert recorder.solves == 1
+
+
+FORWARD_CASES = [(layer, act) for layer in LAYER_TYPES for act in NONLINEARITIES]
+
+
+@pytest.mark.parametrize("backprop", ["direct", "adjoint"])
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+@pytest.mark.parametrize(("layer", "act"), FORWARD_CASES)
+def test_forward_mode_cnf_equals_the_reverse_mode_one(layer, act, trace, backprop):
+    """The default (forward-mode) CNF and the reverse-mode CNF: same solve, same gradients."""
+    results = []
+    for divergence in ("reverse", "auto"):
+        torch.manual_seed(3)
+        net = ODENet(2, (12, 12), layer, act).double()
+        cnf = CNF(net, T=0.7, trace=trace, divergence=divergence,
+                  solver=SolverConfig(backprop=backprop, atol=1e-8, rtol=1e-8))
+        x = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        torch.manual_seed(5)  # the same Hutchinson probe for both
+        z, ladj = cnf(x)
+        loss = (z.square().sum(1) / 2 - ladj).mean()
+        grads = torch.autograd.grad(loss, list(cnf.parameters()))
+        with torch.no_grad():
+            evaluated = cnf.eval()(x)[1]
+        results.append((z, ladj, grads, evaluated, cnf.nfe.forward))
+    (z0, l0, g0, e0, n0), (z1, l1, g1, e1, n1) = results
+    assert n0 == n1  # the same steps
+    # float64 round-off of two ways to the same numbers, carried through an adaptive solve at
+    # 1e-8 (a wrong derivative would be off by percents)
+    torch.testing.assert_close(z1, z0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(l1, l0, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(e1, e0, rtol=1e-8, atol=1e-9)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_divergence_mode_is_checked_and_auto_falls_back_for_other_fields():
+    with pytest.raises(ValueError, match="unknown divergence 'sideways'"):
+        CNF(ODENet(2, (8,)), divergence="sideways")
+    with pytest.raises(ValueError, match="needs one of the project's nets"):
+        CNF(Linear(random_A(2, 0)), divergence="forward")
+    # auto on a user's field: the reverse mode, the same numbers as asking for it
+    A = random_A(2, 1)
+    out = [CNF(Linear(A), trace="exact", divergence=d, solver=SolverConfig(**TIGHT))(
+        torch.ones(3, 2, dtype=torch.float64))[1] for d in ("auto", "reverse")]
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+    # auto on the project's own net is the forward mode: no double backward in a step
+    cnf = CNF(ODENet(2, (8,)), solver=SolverConfig(backprop="direct"))
+    seen = []
+    original = torch.autograd.grad
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("create_graph"))
+        return original(*args, **kwargs)
+
+    torch.autograd.grad = spy
+    try:
+        cnf(torch.randn(4, 2))
+    finally:
+        torch.autograd.grad = original
+    assert seen == []

@@ -123,8 +123,8 @@ def make_model(config: RunConfig, datamodule: L.LightningDataModule) -> L.Lightn
     flow, t, solver = config.flow, config.training, config.solver()
     common = dict(nonlinearity=flow.nonlinearity, num_blocks=flow.num_blocks, T=flow.T,
                   train_T=flow.train_T, solver=solver, trace=flow.trace,
-                  eval_trace=flow.eval_trace, noise=flow.noise, lr=t.lr,
-                  weight_decay=t.weight_decay, lr_schedule=t.lr_schedule)
+                  eval_trace=flow.eval_trace, noise=flow.noise, divergence=flow.divergence,
+                  lr=t.lr, weight_decay=t.weight_decay, lr_schedule=t.lr_schedule)
     if config.model == "vae":
         v = config.vae
         return CNFVAE(datamodule.image_shape, datamodule.likelihood, z_dim=v.z_dim,

@@ -54,7 +54,7 @@ from polyreg_cnf.datamodules.toy import TOY_DENSITIES
 from polyreg_cnf.datamodules.user_table import TABLE_FORMATS
 from polyreg_cnf.engine.amortized import POSTERIORS
 from polyreg_cnf.engine.backprop import BACKPROP_KINDS, Adjoint, Auto, Backprop, make_backprop
-from polyreg_cnf.engine.cnf import TRACE_TYPES
+from polyreg_cnf.engine.cnf import DIVERGENCE_MODES, TRACE_TYPES
 from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
 from polyreg_cnf.engine.solver import METHODS, SolverConfig
 from polyreg_cnf.engine.trace import NOISE_TYPES
@@ -181,6 +181,9 @@ class FlowOptions:
     eval_trace: str = option(_flow("eval_trace"), "trace estimator in evaluation",
                              choices=TRACE_TYPES)
     noise: str = option(_flow("noise"), "Hutchinson probe distribution", choices=NOISE_TYPES)
+    divergence: str = option(_flow("divergence"), "divergence: forward mode (auto: wherever the "
+                             "net supports it), compiled forward mode, or reverse-mode autograd",
+                             choices=DIVERGENCE_MODES)
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ class FlowPosterior(nn.Module):
                  nonlinearity: str = "softplus", num_blocks: int = 1, T: float = 0.5,
                  train_T: bool = False, solver: SolverConfig | None = None,
                  trace: str = "hutchinson", eval_trace: str = "exact",
-                 noise: str = "rademacher") -> None:
+                 noise: str = "rademacher", divergence: str = "auto") -> None:
         super().__init__()
         if posterior not in POSTERIORS:
             raise ValueError(f"unknown posterior {posterior!r}; valid: {', '.join(POSTERIORS)}")
@@ -191,7 +191,7 @@ class FlowPosterior(nn.Module):
             else:
                 net = ODENet(dim, hidden_dims, "concat", nonlinearity)
             self.blocks.append(CNF(net, T=T, train_T=train_T, solver=solver, trace=trace,
-                                   eval_trace=eval_trace, noise=noise))
+                                   eval_trace=eval_trace, noise=noise, divergence=divergence))
 
     def forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """Returns ``(z_K, log|det dz_K/dz_0|)`` with shapes (B, D) and (B,)."""

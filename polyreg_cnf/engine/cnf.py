@@ -12,14 +12,21 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from polyreg_cnf.engine.forward_divergence import (
+    compiled_field_and_divergence,
+    field_and_divergence,
+    supports_forward_divergence,
+)
 from polyreg_cnf.engine.observers import IntegrandObserver, active
 from polyreg_cnf.engine.ode import ODEBlock
 from polyreg_cnf.engine.solver import SolverConfig
 from polyreg_cnf.engine.trace import NOISE_TYPES, divergence_exact, sample_probe
 
-__all__ = ["CNF", "TRACE_TYPES", "CNFStack", "standard_normal_logprob"]
+__all__ = ["CNF", "DIVERGENCE_MODES", "TRACE_TYPES", "CNFStack", "standard_normal_logprob"]
 
 TRACE_TYPES = ("exact", "hutchinson")
+#: How a CNF evaluation computes its divergence (see :class:`CNF`).
+DIVERGENCE_MODES = ("auto", "forward", "compiled", "reverse")
 
 
 def standard_normal_logprob(z: Tensor) -> Tensor:
@@ -55,6 +62,15 @@ class CNF(ODEBlock):
             (D backward passes).
         eval_trace: Trace estimator in evaluation (default exact, as published numbers use).
         noise: Hutchinson probe: ``"rademacher"`` or ``"gaussian"``.
+        divergence: How the divergence is computed. ``"reverse"``: reverse-mode autograd
+            (:mod:`polyreg_cnf.engine.trace`; a training step is then a double backward), for
+            any field. ``"forward"``: the tangents travel through the layers with the values
+            (:mod:`polyreg_cnf.engine.forward_divergence`; one first-order backward), for the
+            project's own nets. ``"compiled"``: the forward mode through ``torch.compile``
+            (one graph for every batch size; the first call compiles). ``"auto"`` (default):
+            forward mode where the net supports it, reverse mode otherwise
+            (``benchmarks/results/engine_speed.md`` measures them). Solves that integrate
+            RNODE's Jacobian term use reverse mode: it needs :math:`\epsilon^\top J`.
 
     Example:
         For linear dynamics :math:`f = A z` the flow is :math:`z(T) = e^{TA} z(0)` and
@@ -77,8 +93,22 @@ class CNF(ODEBlock):
 
     def __init__(self, net: nn.Module, T: float = 1.0, train_T: bool = False,
                  solver: SolverConfig | None = None, trace: str = "hutchinson",
-                 eval_trace: str = "exact", noise: str = "rademacher") -> None:
+                 eval_trace: str = "exact", noise: str = "rademacher",
+                 divergence: str = "auto") -> None:
         super().__init__(net, T=T, train_T=train_T, solver=solver)
+        if divergence not in DIVERGENCE_MODES:
+            raise ValueError(f"unknown divergence {divergence!r}; valid: "
+                             f"{', '.join(DIVERGENCE_MODES)}")
+        supported = supports_forward_divergence(net)
+        if divergence in ("forward", "compiled") and not supported:
+            raise ValueError(f"divergence={divergence!r} needs one of the project's nets "
+                             f"(ODENet, AmortizedODENet), got {type(net).__name__}; use "
+                             f"'auto' or 'reverse' for other fields")
+        # The forward-mode function of this block, or None for the reverse mode.
+        self._forward_mode = (None if divergence == "reverse" or not supported else
+                              compiled_field_and_divergence if divergence == "compiled"
+                              else field_and_divergence)
+        self.divergence = divergence
         for name, value in (("trace", trace), ("eval_trace", eval_trace)):
             if value not in TRACE_TYPES:
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(TRACE_TYPES)}")
@@ -115,9 +145,16 @@ class CNF(ODEBlock):
         wants_vjp = observer is not None and observer.needs_vjp
         eps = sample_probe(z, self.noise) if mode == "hutchinson" or wants_vjp else None
         exact = mode == "exact"
+        forward_mode = None if wants_vjp else self._forward_mode
 
         def field(t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             y = state[0]
+            if forward_mode is not None:
+                # One pass for the value and the divergence: differentiable with a first-order
+                # graph where gradients are on, no graph at all in evaluation.
+                dz, div = forward_mode(net, t, y, probe=None if exact else eps, context=context)
+                extra = () if observer is None else observer.integrands(dz, None)
+                return (dz, div, *extra)
             # Gradients wanted from this call: direct backprop in training, or the adjoint's
             # backward pass (which calls us under enable_grad). In evaluation and in the adjoint's
             # forward solve only the value matters, so the trace's graph is dropped.

@@ -45,6 +45,8 @@ class CNFDensityEstimator(FlowSystem):
         trace: Trace estimator in training (``"hutchinson"`` or ``"exact"``).
         eval_trace: Trace estimator in evaluation.
         noise: Hutchinson probe distribution.
+        divergence: How each block computes its divergence (``"auto"``: forward mode; see
+            :class:`~polyreg_cnf.engine.cnf.CNF`).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         lr_schedule: ``"constant"`` or ``"cosine"`` (from ``lr`` down to 0 over the run's
@@ -74,8 +76,8 @@ class CNFDensityEstimator(FlowSystem):
                  num_blocks: int = 1, T: float = 1.0, train_T: bool = False,
                  solver: SolverConfig | dict[str, Any] | None = None,
                  trace: str = "hutchinson", eval_trace: str = "exact",
-                 noise: str = "rademacher", lr: float = 1e-3, weight_decay: float = 0.0,
-                 lr_schedule: str = "constant",
+                 noise: str = "rademacher", divergence: str = "auto", lr: float = 1e-3,
+                 weight_decay: float = 0.0, lr_schedule: str = "constant",
                  data_mean: Sequence[float] | None = None,
                  data_std: Sequence[float] | None = None) -> None:
         super().__init__()
@@ -93,7 +95,8 @@ class CNFDensityEstimator(FlowSystem):
         self.dim = dim
         self.flow = CNFStack([
             CNF(ODENet(dim, hidden_dims, layer_type, nonlinearity), T=T, train_T=train_T,
-                solver=solver, trace=trace, eval_trace=eval_trace, noise=noise)
+                solver=solver, trace=trace, eval_trace=eval_trace, noise=noise,
+                divergence=divergence)
             for _ in range(num_blocks)])
         mean = torch.zeros(dim) if data_mean is None else torch.as_tensor(data_mean).float()
         std = torch.ones(dim) if data_std is None else torch.as_tensor(data_std).float()

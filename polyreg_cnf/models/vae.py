@@ -185,6 +185,8 @@ class CNFVAE(FlowSystem):
         trace: Trace estimator while training.
         eval_trace: Trace estimator in evaluation (default exact).
         noise: Hutchinson probe distribution.
+        divergence: How each block computes its divergence (``"auto"``: forward mode; see
+            :class:`~polyreg_cnf.engine.cnf.CNF`).
         feature_dim: Width of the encoder feature h (published: 256).
         architecture: ``"conv"`` (gated convolutions; H and W multiples of 4), ``"mlp"``, or
             ``"auto"``: conv when H, W >= 16 are multiples of 4 (28 x 28, 28 x 20), else mlp.
@@ -206,7 +208,8 @@ class CNFVAE(FlowSystem):
                  nonlinearity: str = "softplus", num_blocks: int = 2, T: float = 0.5,
                  train_T: bool = False, solver: SolverConfig | dict[str, Any] | None = None,
                  trace: str = "hutchinson", eval_trace: str = "exact",
-                 noise: str = "rademacher", feature_dim: int = 256, architecture: str = "auto",
+                 noise: str = "rademacher", divergence: str = "auto", feature_dim: int = 256,
+                 architecture: str = "auto",
                  mlp_hidden: int = 256, lr: float = 5e-4, weight_decay: float = 0.0,
                  lr_schedule: str = "constant",
                  warmup_epochs: float = 100, is_samples: int = 1000, val_is_samples: int = 0,
@@ -266,7 +269,8 @@ class CNFVAE(FlowSystem):
         self.q_mean = nn.Linear(feature_dim, z_dim)
         self.q_log_sigma = nn.Linear(feature_dim, z_dim)
         self.flow = FlowPosterior(posterior, z_dim, feature_dim, hidden_dims, rank, nonlinearity,
-                                  num_blocks, T, train_T, solver, trace, eval_trace, noise)
+                                  num_blocks, T, train_T, solver, trace, eval_trace, noise,
+                                  divergence)
         self.val_neg_elbo, self.val_nll = MeanMetric(), MeanMetric()
         self.test_neg_elbo, self.test_is_nll, self.test_nll = (MeanMetric(), MeanMetric(),
                                                                MeanMetric())
