@@ -395,6 +395,10 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
              "overhead and the elementwise kernels dominate; at POWER's batch of 10000 the "
              "elementwise kernels are arithmetic too, and forward and reverse mode do the same "
              "matmuls, so only compilation (fused elementwise kernels) moves that workload. "
+             "The amortized net's low-rank products are timed as batched matmuls of tiny "
+             "per-sample matrices (B x (1 x width) x (width x rank)), which cost more as bmm "
+             "calls than as the fused loops a compiled graph makes of them: there the floor is "
+             "an upper bound, and the compiled path can go below it. "
              "Compile times depend on inductor's on-disk cache (a repeated run reuses kernels "
              "built before).", ""]
     header = ("| workload | mode | trace | MFLOP | floor | reference | forward | compiled "
