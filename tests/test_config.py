@@ -30,7 +30,7 @@ from polyreg_cnf.app.presets import PRESETS, TABLE_PRESET, TOY_PRESET, VAE_PRESE
 from polyreg_cnf.app.run_logging import LOGGER_KINDS
 from polyreg_cnf.engine.amortized import POSTERIORS
 from polyreg_cnf.engine.backprop import BACKPROP_KINDS
-from polyreg_cnf.engine.cnf import TRACE_TYPES
+from polyreg_cnf.engine.cnf import DIVERGENCE_MODES, TRACE_TYPES
 from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
 from polyreg_cnf.engine.solver import METHODS
 from polyreg_cnf.engine.trace import NOISE_TYPES
@@ -57,6 +57,7 @@ REGISTRIES = {
     "model": ("cnf", "vae"), "reg": ("none", "poly", "kinetic"),
     "layer_type": tuple(LAYER_TYPES), "nonlinearity": tuple(NONLINEARITIES),
     "trace": TRACE_TYPES, "eval_trace": TRACE_TYPES, "noise": NOISE_TYPES,
+    "divergence": DIVERGENCE_MODES,
     "posterior": POSTERIORS, "architecture": ARCHITECTURES,
     "solver": METHODS, "logger": LOGGER_KINDS,
     "backprop": tuple(BACKPROP_KINDS), "poly_preset": ("paper",),

@@ -1,0 +1,275 @@
+"""Training-step time and test throughput: this checkout against an earlier one, side by side.
+
+    python benchmarks/step_speed.py --baseline-tree /tmp/polyreg-b4d2198 \\
+        [--workloads checkerboard_authors mixture16 vae_front_door] [--seeds 0 1] [--steps 400]
+
+Each workload trains the same run (same flags, seed and length) twice at the same time, one
+process per core: once with the baseline checkout's code and once with this checkout's default
+(forward-mode divergence), then once more against the baseline with ``--divergence compiled``.
+Each process times every training step (the first 20 left out: warm-up and, for the compiled
+variant, compilation), counts the forward NFE, reports the test NLL of the trained model (exact
+trace, evaluation tolerance 1e-5) and its test throughput: rows per second of ``log_prob`` on
+the test rows at the evaluation tolerance, median of 3 passes.
+
+The baseline checkout runs from a folder that holds ``polyreg_cnf`` with its ``callbacks`` and
+``datamodules`` inside (its installed layout), imported with ``python -S`` and the site-packages
+on ``PYTHONPATH`` so that this checkout's editable install cannot shadow it
+(``--baseline-tree`` prepares that folder from a git revision with ``--baseline-rev``).
+Results: benchmarks/results/step_speed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import site
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+
+#: train.py flags of each workload (the rest are the data set's preset and the defaults).
+WORKLOADS: dict[str, list[str]] = {
+    # The authors' checkerboard configuration: 64-64-64 concat, tanh, exact trace, batch 100,
+    # T 0.5, TPR at the paper's settings.
+    "checkerboard_authors": ["--data", "checkerboard", "--hidden-dims", "64,64,64",
+                             "--layer-type", "concat", "--nonlinearity", "tanh", "--trace",
+                             "exact", "--batch-size", "100", "--T", "0.5", "--reg", "poly"],
+    # The 16-D table (benchmarks/tables.py) as the long suite trains it: Hutchinson trace.
+    "mixture16": ["--data", "{mixture16}", "--hidden-dims", "128,128", "--layer-type", "concat",
+                  "--nonlinearity", "softplus", "--num-blocks", "1", "--batch-size", "256",
+                  "--reg", "poly"],
+    # The front door: python train.py --model vae --reg poly (the digits preset).
+    "vae_front_door": ["--model", "vae", "--reg", "poly"],
+}
+SKIP = 20  # leading steps left out of the step times
+
+
+# ------------------------------------------------------------------------------ child
+def child(argv: list[str], steps: int, out: Path) -> None:
+    """Train one run with this interpreter's polyreg_cnf; write its figures to ``out``."""
+    import lightning as L
+    import torch
+
+    from polyreg_cnf.app.build import build
+    from polyreg_cnf.app.config import make_parser, parse_command_line, resolve
+
+    class Clock(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._start = 0.0
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.times.append(time.perf_counter() - self._start)
+
+    torch.set_num_threads(1)
+    flags = [*argv, "--max-steps", str(steps), "--val-every", str(steps),
+             "--limit-val-batches", "0", "--no-test", "--logger", "none", "--plot-every", "0",
+             "--ckpt-every", "0", "--output-dir", tempfile.mkdtemp(), "--threads", "1"]
+    config = resolve(parse_command_line(make_parser(), flags)[0])
+    clock = Clock()
+    run = build(config, callbacks=[clock])
+    start = time.perf_counter()
+    run.trainer.fit(run.model, run.datamodule)
+    fit_wall = time.perf_counter() - start
+    per_step = [row[0] for row in run.monitor.history]  # the NFE monitor: forward NFE per step
+    test = run.trainer.test(run.model, run.datamodule, verbose=False)[0]
+    nll_key = "test/nll" if "test/nll" in test else "test/neg_elbo"
+    model = run.model.eval()
+    rows = _test_rows(run.datamodule)
+    throughput = []
+    with torch.no_grad():
+        for _ in range(3):
+            begin = time.perf_counter()
+            _score(model, rows)
+            throughput.append(len(rows) / (time.perf_counter() - begin))
+    out.write_text(json.dumps({
+        "seconds_per_step": statistics.median(clock.times[SKIP:]),
+        "mean_seconds_per_step": statistics.fmean(clock.times[SKIP:]),
+        "first_steps_seconds": sum(clock.times[:SKIP]), "fit_wall": fit_wall,
+        "forward_nfe_per_step": statistics.fmean(per_step[SKIP:]),
+        "test_nll": float(test[nll_key]), "test_metric": nll_key,
+        "test_rows_per_second": statistics.median(throughput), "test_rows": len(rows),
+        "divergence": getattr(config.flow, "divergence", "reverse (before forward mode)")}))
+
+
+def _test_rows(dm: Any) -> Any:
+    import torch
+
+    dm.setup("test")
+    batches = [b[0] if isinstance(b, (list, tuple)) else b for b in dm.test_dataloader()]
+    rows = torch.cat(batches)
+    return rows[:2000]
+
+
+def _score(model: Any, rows: Any) -> Any:
+    if hasattr(model, "log_prob"):
+        return model.log_prob(rows)
+    return model.elbo_terms(rows)  # the VAE: one importance sample's ELBO terms
+
+
+# ------------------------------------------------------------------------------ parent
+def _site_packages() -> str:
+    return next(p for p in site.getsitepackages() if p.endswith("site-packages"))
+
+
+def prepare_baseline(rev: str, folder: Path) -> Path:
+    """A folder with the revision's polyreg_cnf (callbacks and datamodules inside)."""
+    if folder.exists():
+        return folder
+    src = folder.with_name(folder.name + "-src")
+    src.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    (folder / "pkg").mkdir(parents=True)
+    shutil.copytree(src / "polyreg_cnf", folder / "pkg" / "polyreg_cnf")
+    for name in ("callbacks", "datamodules"):
+        shutil.copytree(src / name, folder / "pkg" / "polyreg_cnf" / name)
+    return folder
+
+
+def launch(which: str, argv: list[str], steps: int, out: Path, baseline: Path | None
+           ) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable]
+    if which == "baseline":
+        env["PYTHONPATH"] = f"{baseline / 'pkg'}{os.pathsep}{_site_packages()}"
+        cmd.append("-S")
+    cmd += [str(Path(__file__).resolve()), "--child", json.dumps(argv), "--steps", str(steps),
+            "--out", str(out)]
+    return subprocess.Popen(cmd, env=env, cwd=tempfile.mkdtemp(), stdout=subprocess.DEVNULL,
+                            stderr=open(str(out) + ".log", "w"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--baseline-rev", default="b4d2198")
+    parser.add_argument("--baseline-tree", type=Path, default=Path("/tmp/polyreg-baseline"))
+    parser.add_argument("--variants", nargs="+", default=["forward", "compiled"])
+    args = parser.parse_args()
+    if args.child is not None:
+        child(json.loads(args.child), args.steps, args.out)
+        return
+    baseline = prepare_baseline(args.baseline_rev, args.baseline_tree)
+    work = Path(tempfile.mkdtemp())
+    table = work / "mixture16.npy"
+    sys.path.insert(0, str(HERE))
+    from tables import write_mixture_table
+
+    write_mixture_table(table)
+    results: list[dict[str, Any]] = []
+    load = [os.getloadavg()[0]]
+    for name in args.workloads:
+        flags = [f.format(mixture16=table) for f in WORKLOADS[name]]
+        for seed in args.seeds:
+            for variant in args.variants:
+                argv = [*flags, "--seed", str(seed)]
+                ours = argv + ([] if variant == "forward" else ["--divergence", variant])
+                outs = {k: work / f"{name}-{seed}-{variant}-{k}.json"
+                        for k in ("baseline", "new")}
+                procs = [launch("baseline", argv, args.steps, outs["baseline"], baseline),
+                         launch("new", ours, args.steps, outs["new"], None)]
+                codes = [p.wait() for p in procs]
+                if any(codes):
+                    raise SystemExit(f"{name} seed {seed} {variant}: exit codes {codes}; see "
+                                     f"{outs['baseline']}.log and {outs['new']}.log")
+                pair = {k: json.loads(v.read_text()) for k, v in outs.items()}
+                results.append(dict(workload=name, seed=seed, variant=variant, **pair))
+                b, n = pair["baseline"], pair["new"]
+                print(f"{name} seed {seed} {variant}: step {n['seconds_per_step']:.4f} s vs "
+                      f"{b['seconds_per_step']:.4f} s "
+                      f"({n['seconds_per_step'] / b['seconds_per_step']:.2f}x), NFE "
+                      f"{n['forward_nfe_per_step']:.1f} vs {b['forward_nfe_per_step']:.1f}, "
+                      f"NLL {n['test_nll'] - b['test_nll']:+.4f}, test rows/s "
+                      f"{n['test_rows_per_second'] / b['test_rows_per_second']:.2f}x",
+                      flush=True)
+                load.append(os.getloadavg()[0])
+    payload = {"command": "python benchmarks/step_speed.py " + " ".join(sys.argv[1:]),
+               "baseline_rev": args.baseline_rev, "steps": args.steps, "skip": SKIP,
+               "machine": {"cpu": platform.processor() or platform.machine(),
+                           "cpus": os.cpu_count(), "python": platform.python_version(),
+                           "load_average_seen": [min(load), max(load)]},
+               "runs": results, "summary": summarise(results)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "step_speed.json").write_text(json.dumps(payload, indent=1))
+    (RESULTS / "step_speed.md").write_text(markdown(payload))
+    print(markdown(payload))
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per workload and variant: seed-paired ratios and differences, median and range."""
+    out: dict[str, Any] = {}
+    for r in results:
+        key = f"{r['workload']}/{r['variant']}"
+        b, n = r["baseline"], r["new"]
+        entry = out.setdefault(key, {"step_ratio": [], "nfe_ratio": [], "nll_diff": [],
+                                     "throughput_ratio": [], "seeds": []})
+        entry["seeds"].append(r["seed"])
+        entry["step_ratio"].append(n["seconds_per_step"] / b["seconds_per_step"])
+        entry["nfe_ratio"].append(n["forward_nfe_per_step"] / b["forward_nfe_per_step"])
+        entry["nll_diff"].append(n["test_nll"] - b["test_nll"])
+        entry["throughput_ratio"].append(n["test_rows_per_second"] / b["test_rows_per_second"])
+    for entry in out.values():
+        for k in ("step_ratio", "nfe_ratio", "nll_diff", "throughput_ratio"):
+            entry[k + "_median"] = statistics.median(entry[k])
+    return out
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    m = payload["machine"]
+    lines = ["# Training step and test throughput: this checkout against "
+             f"{payload['baseline_rev']}", "",
+             f"Command: `{payload['command']}`", "",
+             f"Machine: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}, one torch thread "
+             f"per process, the two runs of a pair at the same time (one core each); load "
+             f"average seen {m['load_average_seen'][0]:.1f}-{m['load_average_seen'][1]:.1f}. "
+             f"{payload['steps']} training steps per run, the first {payload['skip']} left out "
+             f"of the step times (warm-up, compilation). Ratios are new / baseline per seed "
+             f"(median [per seed]); test rows/s: ``log_prob`` of 2000 test rows at the "
+             f"evaluation tolerance (exact trace), the VAE one ELBO sample.", "",
+             "| workload | variant | s/step ratio | forward NFE ratio | test NLL diff | "
+             "test rows/s ratio |", "|---|---|---|---|---|---|"]
+    for key, e in payload["summary"].items():
+        workload, variant = key.split("/")
+
+        def cell(name: str, fmt: str, e: dict[str, Any] = e) -> str:
+            per_seed = ", ".join(format(v, fmt) for v in e[name])
+            return f"{format(e[name + '_median'], fmt)} [{per_seed}]"
+
+        lines.append(f"| {workload} | {variant} | {cell('step_ratio', '.2f')} | "
+                     f"{cell('nfe_ratio', '.3f')} | {cell('nll_diff', '+.4f')} | "
+                     f"{cell('throughput_ratio', '.2f')} |")
+    lines += ["", "Absolute figures (s/step, baseline -> new):", ""]
+    for r in payload["runs"]:
+        b, n = r["baseline"], r["new"]
+        lines.append(f"- {r['workload']} seed {r['seed']} {r['variant']}: "
+                     f"{b['seconds_per_step'] * 1e3:.1f} -> {n['seconds_per_step'] * 1e3:.1f} ms, "
+                     f"NFE {b['forward_nfe_per_step']:.1f} -> {n['forward_nfe_per_step']:.1f}, "
+                     f"{r['new']['test_metric']} {b['test_nll']:.4f} -> {n['test_nll']:.4f}, "
+                     f"test rows/s {b['test_rows_per_second']:.0f} -> "
+                     f"{n['test_rows_per_second']:.0f}, first {payload['skip']} steps "
+                     f"{b['first_steps_seconds']:.1f} -> {n['first_steps_seconds']:.1f} s")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
