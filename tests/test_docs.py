@@ -82,21 +82,46 @@ def test_api_reference_comes_from_the_docstrings(site, page, names):
         assert "power/data.npy" in html and "&gt;&gt;&gt;" in html
 
 
-@needs_mkdocs
-def test_the_configuration_is_strict_about_broken_links(tmp_path):
-    """The project's settings, on a two-page site: a link to a missing page fails the build."""
+def small_site(tmp_path, index, plugins=("search",)):
+    """The project's mkdocs settings on a two-page site in ``tmp_path``; returns the config."""
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     config.update(docs_dir=str(tmp_path / "docs"), nav=["index.md", "other.md"],
-                  plugins=["search"])
-    (tmp_path / "docs").mkdir()
+                  plugins=list(plugins))
+    (tmp_path / "docs").mkdir(exist_ok=True)
     (tmp_path / "docs" / "other.md").write_text("# Other\n")
+    (tmp_path / "docs" / "index.md").write_text(f"# Home\n\n{index}\n")
     (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
-    for target, code in (("other.md#other", 0), ("missing.md", 1), ("other.md#nowhere", 1)):
-        (tmp_path / "docs" / "index.md").write_text(f"# Home\n\n[a link]({target})\n")
-        proc = build(tmp_path / "mkdocs.yml", tmp_path / "site")
-        assert proc.returncode == code, (target, proc.stderr[-3000:])
-        if code:
-            assert target.split("#")[-1] in proc.stderr
+    return tmp_path / "mkdocs.yml"
+
+
+@needs_mkdocs
+@pytest.mark.parametrize("target,code", [("other.md#other", 0), ("missing.md", 1),
+                                         ("other.md#nowhere", 1)])
+def test_the_configuration_is_strict_about_broken_links(tmp_path, target, code):
+    proc = build(small_site(tmp_path, f"[a link]({target})"), tmp_path / "site")
+    assert proc.returncode == code, (target, proc.stderr[-3000:])
+    if code:
+        assert target.split("#")[-1] in proc.stderr
+
+
+@needs_mkdocs
+@pytest.mark.parametrize("documented,code", [("x", 0), ("y", 1)])
+def test_a_docstring_griffe_cannot_match_fails_the_build(tmp_path, documented, code):
+    """The API pages' settings: a docstring that names a parameter the signature lacks fails."""
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    (plugin,) = [p for p in config["plugins"] if isinstance(p, dict) and "mkdocstrings" in p]
+    handler = plugin["mkdocstrings"]["handlers"]["python"]
+    handler["paths"] = [str(tmp_path / "src")]
+    handler["options"]["extensions"] = [str(ROOT / "docs" / "griffe_examples.py")]
+    (tmp_path / "src" / "toypkg").mkdir(parents=True)
+    (tmp_path / "src" / "toypkg" / "__init__.py").write_text(
+        f'def f(x: int) -> int:\n    """Twice x.\n\n    Args:\n        {documented}: A number.\n'
+        f'\n    Example:\n        >>> f(2)\n        4\n    """\n    return 2 * x\n')
+    site = small_site(tmp_path, "::: toypkg", plugins=("search", plugin))
+    proc = build(site, tmp_path / "site")
+    assert proc.returncode == code, proc.stderr[-3000:]
+    if code:
+        assert "'y' does not appear in the function signature" in proc.stderr, proc.stderr
 
 
 def test_readme_is_short_and_keeps_its_sections():
