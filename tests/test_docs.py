@@ -124,6 +124,20 @@ def test_a_docstring_griffe_cannot_match_fails_the_build(tmp_path, documented, c
         assert "'y' does not appear in the function signature" in proc.stderr, proc.stderr
 
 
+def test_the_api_pages_see_polyreg_cnf_as_installed():
+    """docs/.api-layout/polyreg_cnf mirrors the installed package with links: every entry of
+    polyreg_cnf/ plus callbacks/ and datamodules/ (which install inside it), none dangling."""
+    mirror = ROOT / "docs" / ".api-layout" / "polyreg_cnf"
+    links = {p.name: p for p in mirror.iterdir()}
+    expected = {p.name for p in (ROOT / "polyreg_cnf").iterdir() if p.name != "__pycache__"}
+    assert set(links) == expected | {"callbacks", "datamodules"}, (
+        "add or remove the matching link in docs/.api-layout/polyreg_cnf")
+    for name, link in links.items():
+        assert link.is_symlink() and link.exists(), name
+    assert links["callbacks"].resolve() == ROOT / "callbacks"
+    assert links["engine"].resolve() == ROOT / "polyreg_cnf" / "engine"
+
+
 def test_readme_is_short_and_keeps_its_sections():
     text = README.read_text()
     assert len(text.splitlines()) <= 300
