@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 
+from polyreg_cnf.engine._checks import check_int
 from polyreg_cnf.engine.nfe import NFECounter, collect_nfe, record_nfe, reset_nfe
 
 __all__ = ["NFEMonitor"]
@@ -36,8 +37,7 @@ class NFEMonitor(L.Callback):
 
     def __init__(self, per_block: bool = True, window: int = 100) -> None:
         super().__init__()
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive int, got {window!r}")
+        check_int("window", window)
         self.per_block = per_block
         self.window = window
         self.history: list[tuple[int, int, float]] = []  # (forward, backward, seconds) per step

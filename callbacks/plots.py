@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchdiffeq import odeint
 
+from polyreg_cnf.engine._checks import check_int, check_number, check_optional_int
 from polyreg_cnf.engine.cnf import CNF
 from polyreg_cnf.engine.ode import ode_blocks
 
@@ -143,18 +143,11 @@ class TrajectoryPlotter(L.Callback):
                  num_times: int = 21, grid_size: int = 100, bounds: float = 4.0,
                  out_dir: str | Path | None = None, seed: int = 0) -> None:
         super().__init__()
-        if every_n_steps is not None and (isinstance(every_n_steps, bool)
-                                          or not isinstance(every_n_steps, int)
-                                          or every_n_steps < 1):
-            raise ValueError(f"every_n_steps must be a positive int or None, got "
-                             f"{every_n_steps!r}")
+        check_optional_int("every_n_steps", every_n_steps)
         for name, value, low in (("num_points", num_points, 1), ("num_times", num_times, 2),
                                  ("grid_size", grid_size, 2)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if isinstance(bounds, bool) or not isinstance(bounds, (int, float)) \
-                or not math.isfinite(bounds) or bounds <= 0:
-            raise ValueError(f"bounds must be a finite number > 0, got {bounds!r}")
+            check_int(name, value, minimum=low)
+        check_number("bounds", bounds, strict=True)
         self.every_n_steps = every_n_steps
         self.num_points = num_points
         self.num_times = num_times

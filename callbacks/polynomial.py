@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from polyreg_cnf.callbacks.loss_term import LossTermCallback
 from torch import Tensor, nn
 
-from polyreg_cnf.engine._checks import check_int
+from polyreg_cnf.engine._checks import check_bool, check_int, check_optional_int
 from polyreg_cnf.engine.dropin import redirect_torchdiffeq
 from polyreg_cnf.engine.recording import TrajectoryRecorder
 
@@ -95,11 +95,8 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
                 f"num_samples must be >= order (a degree-{order} fit through num_samples + 2 "
                 f"points is exact when num_samples < order, so the penalty would be zero); got "
                 f"num_samples={num_samples}, order={order}")
-        if not isinstance(intercept_torchdiffeq, bool):
-            raise TypeError(f"intercept_torchdiffeq must be a bool, got "
-                            f"{type(intercept_torchdiffeq).__name__}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        check_bool("intercept_torchdiffeq", intercept_torchdiffeq)
+        check_optional_int("seed", seed, minimum=None)
         self.num_samples = num_samples
         self.order = order
         self.intercept_torchdiffeq = intercept_torchdiffeq

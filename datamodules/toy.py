@@ -6,6 +6,8 @@ import numpy as np
 from polyreg_cnf.datamodules.base import ArrayDataModule
 from sklearn.datasets import make_circles, make_moons, make_swiss_roll
 
+from polyreg_cnf.engine._checks import check_int
+
 __all__ = ["TOY_DENSITIES", "ToyDataModule", "sample_toy"]
 
 
@@ -93,8 +95,7 @@ def sample_toy(name: str, n: int, seed: int = 0) -> np.ndarray:
     """
     if name not in TOY_DENSITIES:
         raise ValueError(f"unknown toy density {name!r}; valid: {', '.join(TOY_DENSITIES)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n)
     return TOY_DENSITIES[name](n, np.random.RandomState(seed)).astype(np.float32)
 
 
@@ -128,8 +129,7 @@ class ToyDataModule(ArrayDataModule):
             raise ValueError(f"unknown toy density {name!r}; valid: {', '.join(TOY_DENSITIES)}")
         for key, value in (("num_train", num_train), ("num_val", num_val),
                            ("num_test", num_test)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive int, got {value!r}")
+            check_int(key, value)
         self.name = name
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.seed = seed

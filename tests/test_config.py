@@ -343,13 +343,11 @@ def test_build_refuses_a_missing_checkpoint_and_a_non_config(tmp_path):
 def test_poly_preset_gives_the_paper_settings_and_flags_override_it():
     from polyreg_cnf.callbacks.polynomial import POLY_PRESETS
 
-    from polyreg_cnf.app.build import make_regularizer
-
     assert POLY_PRESETS["paper"] == {"coef": 5.0, "num_samples": 2, "order": 1}
-    reg = make_regularizer(parse(["--reg", "poly"]))
+    reg = parse(["--reg", "poly"]).regularizer()
     assert (reg.coef, reg.num_samples, reg.order) == (5.0, 2, 1)
-    reg = make_regularizer(parse(["--reg", "poly", "--poly-preset", "paper", "--poly-coef", "1",
-                                  "--poly-samples", "4"]))
+    reg = parse(["--reg", "poly", "--poly-preset", "paper", "--poly-coef", "1",
+                 "--poly-samples", "4"]).regularizer()
     assert (reg.coef, reg.num_samples, reg.order) == (1.0, 4, 1)
     with pytest.raises(ConfigError, match="--poly-samples must be >= --poly-order, got 2 < 3"):
         resolve({"reg": "poly", "poly_order": 3})
@@ -376,7 +374,7 @@ def test_a_directly_built_model_resolves_the_settings_train_py_does(model, data,
 
     from polyreg_cnf.callbacks import KineticRegularizer, PolynomialTrajectoryRegularizer
 
-    from polyreg_cnf.app.build import make_model, make_regularizer
+    from polyreg_cnf.app.build import make_model
     from polyreg_cnf.models import CNFDensityEstimator
     from polyreg_cnf.models.vae import CNFVAE
 
@@ -391,4 +389,4 @@ def test_a_directly_built_model_resolves_the_settings_train_py_does(model, data,
     # the tolerances in force, one source: 1e-4 while training, 1e-5 in evaluation (paper)
     assert built.hparams["solver"]["atol"] == 1e-4 and built.hparams["solver"]["eval_atol"] == 1e-5
     for reg, cls in (("poly", PolynomialTrajectoryRegularizer), ("kinetic", KineticRegularizer)):
-        assert make_regularizer(config.replace(reg=reg)).settings() == cls().settings()
+        assert config.replace(reg=reg).regularizer().settings() == cls().settings()

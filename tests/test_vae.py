@@ -412,7 +412,7 @@ def test_build_vae_and_cnfvae_reject_bad_options():
         CNFVAE((8, 8), "bernoulli")
     with pytest.raises(ValueError, match="multiples of 4"):
         CNFVAE((1, 30, 30), "bernoulli", architecture="conv", **TINY)
-    with pytest.raises(ValueError, match="is_chunk must be an int >= 1"):
+    with pytest.raises(ValueError, match="is_chunk must be a positive int"):
         tiny(is_chunk=0)
     with pytest.raises(ValueError, match="lr must be"):
         tiny(lr=0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,6 +13,8 @@ import torch
 from polyreg_cnf.datamodules._files import DataFileError, require_file
 from polyreg_cnf.datamodules.base import ArrayDataModule
 from polyreg_cnf.datamodules.images._remote import fetch, resolve_url
+
+from polyreg_cnf.engine._checks import check_bool, check_int
 
 __all__ = ["EVAL_BINARIZATION_SEED", "LIKELIHOODS", "ImageDataModule", "binarize_once"]
 
@@ -33,6 +36,17 @@ def binarize_once(rng: np.random.RandomState, probs: np.ndarray) -> np.ndarray:
         ``float32`` array of 0 and 1 with the shape of ``probs``.
     """
     return rng.binomial(1, probs).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A data set stored as one file: its standard name, the folder under ``data_dir`` that
+    holds it, and what it is (for the message when it is missing)."""
+
+    name: str
+    folder: str
+    title: str
+    content: str
 
 
 class ImageDataModule(ArrayDataModule):
@@ -80,12 +94,9 @@ class ImageDataModule(ArrayDataModule):
         if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
             raise TypeError(f"data_dir must be a path (str or os.PathLike), got "
                             f"{type(data_dir).__name__}: {data_dir!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        for name, value in (("download", download), ("dynamic_binarization",
-                                                      dynamic_binarization)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
+        check_int("seed", seed, minimum=0)
+        check_bool("download", download)
+        check_bool("dynamic_binarization", dynamic_binarization)
         if base_url is not None and not isinstance(base_url, str):
             raise TypeError(f"base_url must be a str or None, got {type(base_url).__name__}: "
                             f"{base_url!r}")
@@ -112,9 +123,19 @@ class ImageDataModule(ArrayDataModule):
         where = "" if self.data_dir is None else f"({self.data_dir})"
         return f"{type(self).__name__}{where}"
 
+    #: The file of a data set stored as one (None: several files).
+    FILE: ClassVar[DataFile | None] = None
+
     def remote_files(self) -> dict[str, Path]:
         """Files this module can download: ``{standard filename: destination path}``."""
-        return {}
+        if self.FILE is None:
+            return {}
+        return {self.FILE.name: self._root() / self.FILE.folder / self.FILE.name}
+
+    def _single_file(self) -> Path:
+        """The path of :attr:`FILE`, checked to exist."""
+        return self._require(self.remote_files()[self.FILE.name],
+                             f"{self.FILE.title} {self.FILE.name!r} ({self.FILE.content})")
 
     def _root(self) -> Path:
         if self.data_dir is None:

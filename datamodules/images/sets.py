@@ -18,9 +18,12 @@ from polyreg_cnf.datamodules.images._readers import (
 from polyreg_cnf.datamodules.images._remote import resolve_url
 from polyreg_cnf.datamodules.images.base import (
     EVAL_BINARIZATION_SEED,
+    DataFile,
     ImageDataModule,
     binarize_once,
 )
+
+from polyreg_cnf.engine._checks import check_int, check_ints
 
 __all__ = [
     "CaltechSilhouettesDataModule",
@@ -97,9 +100,7 @@ class MNISTDataModule(ImageDataModule):
     def __init__(self, data_dir: str | os.PathLike, n_val: int = 10000, seed: int = 0,
                  **kwargs: object) -> None:
         super().__init__(data_dir, seed=seed, dynamic_binarization=True, **kwargs)
-        if not isinstance(n_val, int) or isinstance(n_val, bool) or n_val < 1:
-            raise ValueError(f"n_val must be a positive int, got {n_val!r}")
-        self.n_val = n_val
+        self.n_val = check_int("n_val", n_val)
 
     def candidates(self, name: str) -> list[Path]:
         """Where ``name`` is looked for, in order: raw then gzipped, root then ``MNIST/raw``."""
@@ -174,22 +175,16 @@ class OmniglotDataModule(ImageDataModule):
 
     image_shape: ClassVar[tuple[int, int, int]] = (1, 28, 28)
     likelihood: ClassVar[str] = "bernoulli"
-    FILE: ClassVar[str] = "chardata.mat"
+    FILE = DataFile("chardata.mat", "OMNIGLOT", "Omniglot",
+                    "MATLAB .mat with keys 'data' and 'testdata', each 784 x N")
 
     def __init__(self, data_dir: str | os.PathLike, n_val: int = 1345, seed: int = 0,
                  **kwargs: object) -> None:
         super().__init__(data_dir, seed=seed, dynamic_binarization=True, **kwargs)
-        if not isinstance(n_val, int) or isinstance(n_val, bool) or n_val < 1:
-            raise ValueError(f"n_val must be a positive int, got {n_val!r}")
-        self.n_val = n_val
-
-    def remote_files(self) -> dict[str, Path]:
-        return {self.FILE: self._root() / "OMNIGLOT" / self.FILE}
+        self.n_val = check_int("n_val", n_val)
 
     def load_splits(self) -> dict[str, np.ndarray]:
-        path = self._require(self.remote_files()[self.FILE],
-                             f"Omniglot {self.FILE!r} (MATLAB .mat with keys 'data' and "
-                             f"'testdata', each 784 x N)")
+        path = self._single_file()
         arrays = read_mat_arrays(path, ("data", "testdata"))
         images = {}
         for key, array in arrays.items():
@@ -228,20 +223,17 @@ class CaltechSilhouettesDataModule(ImageDataModule):
 
     image_shape: ClassVar[tuple[int, int, int]] = (1, 28, 28)
     likelihood: ClassVar[str] = "bernoulli"
-    FILE: ClassVar[str] = "caltech101_silhouettes_28_split1.mat"
+    FILE = DataFile("caltech101_silhouettes_28_split1.mat", "Caltech101Silhouettes",
+                    "Caltech 101 Silhouettes", "MATLAB .mat with keys train_data, val_data, "
+                    "test_data, each N x 784 in {0, 1}")
     KEYS: ClassVar[dict[str, str]] = {"train": "train_data", "val": "val_data",
                                       "test": "test_data"}
 
     def __init__(self, data_dir: str | os.PathLike, **kwargs: object) -> None:
         super().__init__(data_dir, **kwargs)
 
-    def remote_files(self) -> dict[str, Path]:
-        return {self.FILE: self._root() / "Caltech101Silhouettes" / self.FILE}
-
     def load_splits(self) -> dict[str, np.ndarray]:
-        path = self._require(self.remote_files()[self.FILE],
-                             f"Caltech 101 Silhouettes {self.FILE!r} (MATLAB .mat with keys "
-                             f"train_data, val_data, test_data, each N x 784 in {{0, 1}})")
+        path = self._single_file()
         arrays = read_mat_arrays(path, tuple(self.KEYS.values()))
         out = {}
         for split, key in self.KEYS.items():
@@ -278,28 +270,23 @@ class FreyFacesDataModule(ImageDataModule):
 
     image_shape: ClassVar[tuple[int, int, int]] = (1, 28, 20)
     likelihood: ClassVar[str] = "categorical256"
-    FILE: ClassVar[str] = "freyfaces.pkl"
+    FILE = DataFile("freyfaces.pkl", "Freyfaces", "Frey Faces",
+                    "pickle, latin1, whose element [0] is an N x 560 array in 0..255")
 
     def __init__(self, data_dir: str | os.PathLike, sizes: tuple[int, int, int] = (1565, 200, 200),
                  shuffle_seed: int = 123, **kwargs: object) -> None:
         super().__init__(data_dir, **kwargs)
-        if (not isinstance(sizes, (tuple, list)) or len(sizes) != 3
-                or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
-                           for n in sizes)):
+        if not isinstance(sizes, (tuple, list)) or len(sizes) != 3:
             raise ValueError(f"sizes must be three positive ints (train, val, test), got {sizes!r}")
+        check_ints("sizes", sizes)
         if not isinstance(shuffle_seed, int) or not 0 <= shuffle_seed < 2**32:
             raise ValueError(f"shuffle_seed must be an int in [0, 2**32), got {shuffle_seed!r}")
         self.sizes = tuple(sizes)
         # Not ``shuffle_seed``: that attribute of the base class seeds the training order.
         self.split_seed = shuffle_seed
 
-    def remote_files(self) -> dict[str, Path]:
-        return {self.FILE: self._root() / "Freyfaces" / self.FILE}
-
     def load_splits(self) -> dict[str, np.ndarray]:
-        path = self._require(self.remote_files()[self.FILE],
-                             f"Frey Faces {self.FILE!r} (pickle, latin1, whose element [0] is an "
-                             f"N x 560 array in 0..255)")
+        path = self._single_file()
         data = read_frey_pickle(path, width=560) / 255.0
         n_train, n_val, n_test = self.sizes
         if len(data) < n_train + n_val + n_test:
@@ -357,9 +344,8 @@ class DigitsDataModule(ImageDataModule):
         super().__init__(None, seed=seed, dynamic_binarization=binarization == "dynamic",
                          batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers)
-        for name, value in (("n_val", n_val), ("n_test", n_test)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("n_val", n_val)
+        check_int("n_test", n_test)
         if n_val + n_test >= self.N_IMAGES:
             raise ValueError(f"n_val + n_test must leave training images out of "
                              f"{self.N_IMAGES}, got n_val={n_val}, n_test={n_test}")

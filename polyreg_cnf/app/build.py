@@ -37,7 +37,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
-from polyreg_cnf.app.config import REGULARIZERS, RunConfig, data_kind, dump_config
+from polyreg_cnf.app.config import RunConfig, data_kind, dump_config
 from polyreg_cnf.app.run_logging import (
     NFEProgressBar,
     finish_loggers,
@@ -45,14 +45,14 @@ from polyreg_cnf.app.run_logging import (
     run_config,
     wandb_sync_hint,
 )
-from polyreg_cnf.callbacks import KineticRegularizer, NFEMonitor, PolynomialTrajectoryRegularizer
+from polyreg_cnf.callbacks import NFEMonitor
 from polyreg_cnf.callbacks.guard import NumericalFaultError, RunGuard, describe_solver_failure
 from polyreg_cnf.callbacks.plots import TrajectoryPlotter
 from polyreg_cnf.models import CNFDensityEstimator
 from polyreg_cnf.models.checkpoint import AtomicCheckpointIO
 from polyreg_cnf.models.vae import CNFVAE
 
-__all__ = ["Run", "build", "execute", "make_datamodule", "make_model", "make_regularizer",
+__all__ = ["Run", "build", "execute", "make_datamodule", "make_model",
            "summary_lines"]
 
 
@@ -140,17 +140,6 @@ def make_model(config: RunConfig, datamodule: L.LightningDataModule) -> L.Lightn
         stats = dict(data_mean=datamodule.mean.tolist(), data_std=datamodule.std.tolist())
     return CNFDensityEstimator(dim, hidden_dims=list(hidden), layer_type=flow.layer_type,
                                **common, **stats)
-
-
-def make_regularizer(config: RunConfig) -> L.Callback | None:
-    """The regularizer callback ``config.reg`` names (:data:`REGULARIZERS`), or None."""
-    cls = REGULARIZERS[config.reg]
-    if cls is PolynomialTrajectoryRegularizer:
-        return cls(**config.poly.settings())
-    if cls is KineticRegularizer:
-        k = config.kinetic
-        return cls(kinetic_coef=k.kinetic_coef, jacobian_coef=k.jacobian_coef)
-    return None
 
 
 def _set_threads(config: RunConfig) -> None:
@@ -297,7 +286,7 @@ def build(config: RunConfig, *, ckpt_path: str | os.PathLike | None = None,
     monitor = NFEMonitor()
     guard = RunGuard(ckpt_dir / "last.ckpt", ckpt_dir / "last-good.ckpt")
     own: list[L.Callback] = [monitor, guard]
-    regularizer = make_regularizer(config)
+    regularizer = config.regularizer()
     if regularizer is not None:
         own.append(regularizer)
     if out.ckpt_every > 0:

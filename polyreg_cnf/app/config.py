@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import yaml
 
 from polyreg_cnf.app.presets import preset_for
@@ -486,6 +487,16 @@ class RunConfig:
                             eval_atol=ode.eval_atol, eval_rtol=ode.eval_rtol,
                             backprop=backprop_from_options(ode), step_size=ode.step_size,
                             max_nfe=ode.max_nfe)
+
+    def regularizer(self) -> L.Callback | None:
+        """The regularizer callback ``--reg`` names (:data:`REGULARIZERS`) with this run's
+        settings, or None."""
+        if self.reg == "poly":
+            return PolynomialTrajectoryRegularizer(**self.poly.settings())
+        if self.reg == "kinetic":
+            return KineticRegularizer(kinetic_coef=self.kinetic.kinetic_coef,
+                                      jacobian_coef=self.kinetic.jacobian_coef)
+        return None
 
     # -------------------------------------------------------------------- flat view
     def flat(self) -> dict[str, Any]:

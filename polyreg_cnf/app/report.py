@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from polyreg_cnf.engine._checks import check_int
+
 __all__ = [
     "METRIC_ALIASES",
     "ReportError",
@@ -245,8 +247,7 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
         values: 1-D array without NaN.
         window: Points per average; 1 returns the values unchanged.
     """
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive int, got {window!r}")
+    check_int("window", window)
     values = np.asarray(values, dtype=float)
     if window == 1 or values.size == 0:
         return values

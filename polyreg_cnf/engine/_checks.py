@@ -5,15 +5,36 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["check_int", "check_ints", "check_number"]
+__all__ = ["check_bool", "check_int", "check_ints", "check_number", "check_optional_int"]
 
 
 def check_int(name: str, value: object, minimum: int = 1) -> int:
     """Return ``value`` if it is an int >= ``minimum`` (bools refused), else raise ValueError."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = {1: "a positive int", 0: "a non-negative int"}.get(minimum, f"an int >= {minimum}")
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+        raise ValueError(f"{name} must be {_int_phrase(minimum)}, got {value!r}")
     return value
+
+
+def check_optional_int(name: str, value: object, minimum: int | None = 1) -> int | None:
+    """None, or an int >= ``minimum`` (any int when ``minimum`` is None; bools refused)."""
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, int)
+            or (minimum is not None and value < minimum)):
+        what = "an int" if minimum is None else _int_phrase(minimum)
+        raise ValueError(f"{name} must be {what} or None, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a bool (not merely truthy), else raise TypeError."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _int_phrase(minimum: int) -> str:
+    return {1: "a positive int", 0: "a non-negative int"}.get(minimum, f"an int >= {minimum}")
 
 
 def check_ints(name: str, values: Sequence[object], minimum: int = 1) -> tuple[int, ...]:

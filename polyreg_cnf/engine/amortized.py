@@ -88,8 +88,7 @@ class AmortizedODENet(nn.Module):
         super().__init__()
         check_int("dim", dim)
         hidden_dims = check_ints("hidden_dims", hidden_dims)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        check_int("rank", rank)
         if nonlinearity not in NONLINEARITIES:
             raise ValueError(f"unknown nonlinearity {nonlinearity!r}; valid: "
                              f"{', '.join(NONLINEARITIES)}")
@@ -108,8 +107,7 @@ class AmortizedODENet(nn.Module):
 
     def make_head(self, feature_dim: int) -> nn.Linear:
         """The linear head h -> context of this net (one per CNF block)."""
-        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
-            raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
+        check_int("feature_dim", feature_dim)
         return nn.Linear(feature_dim, self.context_size)
 
     def unpack(self, context: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -180,8 +178,7 @@ class FlowPosterior(nn.Module):
         super().__init__()
         if posterior not in POSTERIORS:
             raise ValueError(f"unknown posterior {posterior!r}; valid: {', '.join(POSTERIORS)}")
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        check_int("num_blocks", num_blocks)
         self.posterior = posterior
         self.blocks = nn.ModuleList()
         self.heads = nn.ModuleList()

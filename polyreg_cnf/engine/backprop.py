@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from polyreg_cnf.engine._checks import check_bool, check_number
 from polyreg_cnf.engine._torchdiffeq import ADAPTIVE_METHODS
 from polyreg_cnf.engine.memory import (
     available_memory,
@@ -44,11 +45,6 @@ from polyreg_cnf.engine.step_checkpoint import evaluations_per_step
 
 __all__ = ["BACKPROP_KINDS", "Adjoint", "Auto", "Backprop", "Direct", "StepCheckpoint",
            "backprop_from_dict", "make_backprop"]
-
-
-def _check_bool(owner: str, name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be a bool, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -98,8 +94,8 @@ class Adjoint(Backprop):
     options: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_bool("Adjoint", "carry", self.carry)
-        _check_bool("Adjoint", "seminorm", self.seminorm)
+        check_bool("Adjoint: carry", self.carry)
+        check_bool("Adjoint: seminorm", self.seminorm)
         if self.seminorm and self.options is not None and "norm" in self.options:
             raise ValueError(f"Adjoint: seminorm=True and options['norm']="
                              f"{self.options['norm']!r} both set the backward norm; give one")
@@ -169,8 +165,7 @@ class Auto(Backprop):
 
     def __post_init__(self) -> None:
         share = self.memory_share
-        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
-                                  or not 0 < share <= 1):
+        if share is not None and check_number("Auto: memory_share", share, strict=True) > 1:
             raise ValueError(f"Auto: memory_share must be a number in (0, 1] or None, got "
                              f"{share!r}")
         if not isinstance(self.adjoint, Adjoint):

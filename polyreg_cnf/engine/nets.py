@@ -13,7 +13,14 @@ from torch import Tensor, nn
 
 from polyreg_cnf.engine._checks import check_int, check_ints
 
-__all__ = ["LAYER_TYPES", "NONLINEARITIES", "ConcatLinear", "ConcatSquashLinear", "ODENet"]
+__all__ = ["DEFAULT_HIDDEN_DIMS", "DEFAULT_LAYER_TYPE", "DEFAULT_NONLINEARITY", "LAYER_TYPES",
+           "NONLINEARITIES", "ConcatLinear", "ConcatSquashLinear", "ODENet"]
+
+#: FFJORD's toy network, the default vector field of every CNF the project builds (the models and
+#: the command line read these): three hidden layers of 64, concatsquash layers, tanh.
+DEFAULT_HIDDEN_DIMS = (64, 64, 64)
+DEFAULT_LAYER_TYPE = "concatsquash"
+DEFAULT_NONLINEARITY = "tanh"
 
 
 class ConcatLinear(nn.Module):
@@ -67,8 +74,9 @@ class ODENet(nn.Module):
         torch.Size([3, 2])
     """
 
-    def __init__(self, dim: int, hidden_dims: Sequence[int] = (64, 64),
-                 layer_type: str = "concat", nonlinearity: str = "tanh") -> None:
+    def __init__(self, dim: int, hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
+                 layer_type: str = DEFAULT_LAYER_TYPE,
+                 nonlinearity: str = DEFAULT_NONLINEARITY) -> None:
         super().__init__()
         check_int("dim", dim)
         hidden_dims = check_ints("hidden_dims", hidden_dims)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from polyreg_cnf.engine._checks import check_int
+
 __all__ = ["MAX_TIME_POINTS", "polynomial_projector", "sample_penalty_times",
            "trajectory_polynomial_penalty"]
 
@@ -17,9 +19,7 @@ MAX_TIME_POINTS = 16
 
 
 def _check_order(order: object) -> int:
-    if isinstance(order, bool) or not isinstance(order, int) or order < 0:
-        raise ValueError(f"order must be a non-negative int, got {order!r}")
-    return order
+    return check_int("order", order, minimum=0)
 
 
 def polynomial_projector(t: Tensor, order: int) -> Tensor:
@@ -121,8 +121,7 @@ def sample_penalty_times(num_samples: int, t0: Tensor | float, t1: Tensor | floa
     Returns:
         Tensor of shape (K + 2,): ``[t0, t_1, ..., t_K, t1]``, strictly increasing.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
-        raise ValueError(f"num_samples must be a non-negative int, got {num_samples!r}")
+    check_int("num_samples", num_samples, minimum=0)
     t0 = torch.as_tensor(t0, dtype=dtype, device=device)
     t1 = torch.as_tensor(t1, dtype=dtype, device=device)
     if not bool(t1 > t0):

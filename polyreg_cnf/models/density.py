@@ -11,7 +11,12 @@ from torchmetrics import MeanMetric
 
 from polyreg_cnf.engine._checks import check_int, check_number
 from polyreg_cnf.engine.cnf import CNF, CNFStack, standard_normal_logprob
-from polyreg_cnf.engine.nets import ODENet
+from polyreg_cnf.engine.nets import (
+    DEFAULT_HIDDEN_DIMS,
+    DEFAULT_LAYER_TYPE,
+    DEFAULT_NONLINEARITY,
+    ODENet,
+)
 from polyreg_cnf.engine.solver import SolverConfig
 from polyreg_cnf.models.schedule import check_schedule
 from polyreg_cnf.models.system import FlowSystem
@@ -64,8 +69,8 @@ class CNFDensityEstimator(FlowSystem):
         tensor([-3.2242])
     """
 
-    def __init__(self, dim: int, hidden_dims: Sequence[int] = (64, 64, 64),
-                 layer_type: str = "concatsquash", nonlinearity: str = "tanh",
+    def __init__(self, dim: int, hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
+                 layer_type: str = DEFAULT_LAYER_TYPE, nonlinearity: str = DEFAULT_NONLINEARITY,
                  num_blocks: int = 1, T: float = 1.0, train_T: bool = False,
                  solver: SolverConfig | dict[str, Any] | None = None,
                  trace: str = "hutchinson", eval_trace: str = "exact",

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
-from polyreg_cnf.engine._checks import check_number
+from polyreg_cnf.engine._checks import check_int, check_ints, check_number
 from polyreg_cnf.engine.amortized import POSTERIORS, FlowPosterior
 from polyreg_cnf.engine.cnf import standard_normal_logprob
 from polyreg_cnf.engine.solver import SolverConfig
@@ -213,10 +213,10 @@ class CNFVAE(FlowSystem):
                  is_chunk: int = 10) -> None:
         super().__init__()
         image_shape = tuple(image_shape)
-        if len(image_shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
-                                        for s in image_shape):
+        if len(image_shape) != 3:
             raise ValueError(f"image_shape must be three positive ints (C, H, W), got "
                              f"{image_shape!r}")
+        check_ints("image_shape", image_shape)
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; valid: {', '.join(LIKELIHOODS)}")
         if posterior not in POSTERIORS:
@@ -227,8 +227,7 @@ class CNFVAE(FlowSystem):
         for name, value, low in (("z_dim", z_dim, 1), ("feature_dim", feature_dim, 1),
                                  ("mlp_hidden", mlp_hidden, 1), ("is_samples", is_samples, 0),
                                  ("val_is_samples", val_is_samples, 0), ("is_chunk", is_chunk, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            check_int(name, value, minimum=low)
         check_number("lr", lr, strict=True)
         check_number("weight_decay", weight_decay)
         self.lr_schedule = check_schedule(lr_schedule)
@@ -337,11 +336,8 @@ class CNFVAE(FlowSystem):
             num_samples: S >= 1.
             chunk: Samples per image evaluated at once (default ``is_chunk``).
         """
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        chunk = self.is_chunk if chunk is None else chunk
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+        check_int("num_samples", num_samples)
+        chunk = check_int("chunk", self.is_chunk if chunk is None else chunk)
         with torch.inference_mode(False), torch.no_grad():
             # Under inference mode (Lightning evaluation) the context made from h could not
             # enter the trace's autograd graph inside the solve: work on an ordinary copy.
