@@ -82,11 +82,23 @@ def test_api_reference_comes_from_the_docstrings(site, page, names):
         assert "power/data.npy" in html and "&gt;&gt;&gt;" in html
 
 
+@needs_mkdocs
+def test_the_command_line_reference_lists_every_flag_of_the_parser(site):
+    from polyreg_cnf.app.config import make_parser
+
+    html = (site / "cli" / "index.html").read_text()
+    assert "all flags --&gt;" not in html and "<!-- all flags -->" not in html
+    flags = [s for a in make_parser()._actions for s in a.option_strings if s != "-h"]
+    assert len(flags) > 50
+    for flag in flags:
+        assert f"<code>{flag}</code>" in html, flag
+
+
 def small_site(tmp_path, index, plugins=("search",)):
     """The project's mkdocs settings on a two-page site in ``tmp_path``; returns the config."""
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     config.update(docs_dir=str(tmp_path / "docs"), nav=["index.md", "other.md"],
-                  plugins=list(plugins))
+                  plugins=list(plugins), hooks=[str(ROOT / h) for h in config["hooks"]])
     (tmp_path / "docs").mkdir(exist_ok=True)
     (tmp_path / "docs" / "other.md").write_text("# Other\n")
     (tmp_path / "docs" / "index.md").write_text(f"# Home\n\n{index}\n")
