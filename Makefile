@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --constraint constraints.txt
 STAMP := $(VENV)/.installed
 TRAIN_ARGS ?=
 
-.PHONY: install train test test-slow lint bench-quick bench-full bench-sweep bench-long clean
+.PHONY: install train test test-slow lint docs bench-quick bench-full bench-sweep bench-long clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check polyreg_cnf callbacks datamodules train.py tests benchmarks
+
+# The documentation site (mkdocs.yml) into build/site; --strict as in tests/test_docs.py.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -28,31 +28,10 @@ def main(argv: list[str] | None = None, **build_options: Any) -> int:
         **build_options: Passed to :func:`polyreg_cnf.app.build.build`: ``callbacks``,
             ``plugins``, ``trainer_kwargs``, ``datamodule`` (a launcher script's additions).
     """
-    from polyreg_cnf.app.config import ConfigError, make_parser, parse_command_line, resolve
+    from polyreg_cnf.app.cli import train
 
-    parser = make_parser("train.py", __doc__)
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        options, run_flags = parse_command_line(parser, argv)
-        config = resolve(options)
-    except ConfigError as err:
-        parser.error(str(err))
-    except FileNotFoundError as err:
-        parser.error(f"--config: {err}")
-    if run_flags["print_config"]:
-        from polyreg_cnf.app.config import dump_config
-
-        print(dump_config(config), end="")
-        return 0
-
-    from polyreg_cnf.app.build import build, execute
-
-    try:
-        run = build(config, ckpt_path=run_flags["ckpt_path"], **build_options)
-        return execute(run, prog="train.py")
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
+    return train(argv, prog="train.py", description=__doc__, **build_options)
 
 
 if __name__ == "__main__":

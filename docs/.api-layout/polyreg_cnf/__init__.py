@@ -1,0 +1,1 @@
+../../../polyreg_cnf/__init__.py

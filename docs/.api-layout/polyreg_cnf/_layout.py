@@ -1,0 +1,1 @@
+../../../polyreg_cnf/_layout.py
