@@ -674,8 +674,10 @@ def main() -> None:
         missing, todo = len(todo), []
         if not done:
             parser.error(f"--cached-only: no finished runs of suite {args.suite!r} in {cache}")
-    todo.sort(key=lambda t: -t[0].steps * _COST.get(t[1].name, 1.0)
-              * _WORKLOAD_COST.get(t[0].name, 1.0))
+    # Seed by seed (an interrupted suite leaves whole seeds, which pair with their baseline),
+    # the longest runs of a seed first.
+    todo.sort(key=lambda t: (t[2], -t[0].steps * _COST.get(t[1].name, 1.0)
+                             * _WORKLOAD_COST.get(t[0].name, 1.0)))
     opts = {k: suite[k] for k in ("ckpt_every", "probe_every", "keep_models") if k in suite}
     if args.jobs == 1:
         for work, arm, seed in todo:
