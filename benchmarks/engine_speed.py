@@ -205,6 +205,56 @@ PATHS = {"reference": reference_field, "forward": forward_field, "compiled": com
          "compiled_static": compiled_static_field}
 
 
+class _Field(nn.Module):
+    """The forward-mode field of ``net`` as a module (what CUDA-graph capture takes)."""
+
+    def __init__(self, net: nn.Module, context: Tensor | None) -> None:
+        super().__init__()
+        self.net = net
+        self.context = context
+
+    def forward(self, t: Tensor, z: Tensor, probe: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        return field_and_divergence(self.net, t, z, probe=probe, context=self.context)
+
+
+def cuda_graph_call(mode: str, w: Workload, net: nn.Module, context: Tensor | None,
+                    device: torch.device) -> Callable[[], None]:
+    """The forward-mode evaluation (``eval``) or step (``step``) replayed from a CUDA graph.
+
+    Inputs live in static buffers (a real solve would copy each stage's state into them), so a
+    call is one graph replay: no Python and no kernel launches per operation. ``eval`` captures
+    the no-grad evaluation with ``torch.cuda.CUDAGraph``; ``step`` captures forward and backward
+    with ``torch.cuda.make_graphed_callables``.
+    """
+    gen = torch.Generator(device=device).manual_seed(1)
+    z = torch.randn(w.batch, w.dim, generator=gen, device=device)
+    t = torch.tensor(0.25, device=device)
+    exact = mode == "eval" or w.trace == "exact"
+    probe = None if exact else sample_probe(z, generator=gen)
+    field = _Field(net, context)
+    if mode == "eval":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(3):  # warm-up outside the capture, as CUDA graphs require
+                field(t, z, probe)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            field(t, z, probe)
+        return graph.replay
+    z = z.requires_grad_(True)
+    weight = torch.randn(w.batch, w.dim, generator=gen, device=device)
+    args = (t, z) if probe is None else (t, z, probe)
+    graphed = torch.cuda.make_graphed_callables(field, args)
+
+    def step() -> None:
+        f, div = graphed(*args)
+        ((f * weight).sum() + div.sum()).backward()
+    return step
+
+
 def make_call(path: Callable[..., tuple[Tensor, Tensor]], mode: str, w: Workload,
               net: nn.Module, context: Tensor | None,
               device: torch.device) -> Callable[[], None]:
@@ -332,6 +382,11 @@ def measure(w: Workload, repeats: int, seconds: float, compile_: bool,
     for mode in ("eval", "field", "step"):
         exact = mode == "eval" or w.trace == "exact"
         calls = {p: make_call(PATHS[p], mode, w, net, context, device) for p in paths}
+        if device.type == "cuda" and mode != "field":
+            try:
+                calls["cuda_graph"] = cuda_graph_call(mode, w, net, context, device)
+            except Exception as err:  # reported, not fatal: the other paths are still timed
+                result.setdefault("cuda_graph_errors", {})[mode] = f"{type(err).__name__}: {err}"
         if mode != "field":
             calls["floor"] = floor_calls(w, exact, mode == "step", device)
         times = interleaved(calls, repeats, seconds, device)
@@ -421,6 +476,19 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
                          f"{cell('compiled')} | {cell('compiled_static')} | "
                          f"{ratio('forward')} | {ratio('compiled')} | "
                          f"{ratio('compiled_static')} | {ratio('floor')} |")
+    graphs = [(r["workload"]["name"], mode, r[mode]) for r in results
+              for mode in ("eval", "step") if "cuda_graph" in r[mode]["seconds"]]
+    if graphs:
+        lines += ["", "CUDA graphs (the forward-mode evaluation or step replayed from one "
+                  "captured graph, inputs in static buffers):", "",
+                  "| workload | mode | cuda graph (us) | cuda graph/ref |", "|---|---|---|---|"]
+        lines += [f"| {name} | {mode} | {_us(e['seconds']['cuda_graph']['median'])} | "
+                  f"{e['ratio_to_reference']['cuda_graph']:.2f} |" for name, mode, e in graphs]
+    errors = [(r["workload"]["name"], r["cuda_graph_errors"]) for r in results
+              if r.get("cuda_graph_errors")]
+    if errors:
+        lines += ["", "CUDA-graph capture failed: " + "; ".join(
+            f"{name} {mode}: {err}" for name, errs in errors for mode, err in errs.items())]
     if any("compile_seconds" in r for r in results):
         lines += ["", "Compile time (first call, excluded from the figures above), seconds. "
                   "`compiled`: one graph for every batch size (batch dimension marked "

@@ -19,6 +19,9 @@ it runs, in about 5 minutes on one GPU:
    block on its first solve) x rows x the block's forward NFE, next to the growth of
    ``torch.cuda.max_memory_allocated`` over the step (from its start to the end of the
    optimizer step). The rule gives direct backprop a headroom of 2 over this estimate.
+4. One CNF evaluation and one training-like step on CUDA (:mod:`engine_speed`, issue 20): the
+   reverse-mode reference, the forward-mode divergence eager, compiled (``torch.compile``) and
+   replayed from a CUDA graph, per workload; written to ``<out>_engine.json`` and ``.md``.
 
 Writes ``<out>.json`` and ``<out>.md`` with what it measured (a part that failed is reported as
 failed, with its error, never filled in). Exit status: 0 all passed, 1 something failed,
@@ -332,6 +335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         memory = [attempt(f"memory {p}", lambda p=p: memory_check(p, root))
                   for p in ("power", "vae")]
         results["memory"] = [m for m in memory if m]
+    save(1)
+    engine = attempt("engine speed on CUDA", lambda: subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("engine_speed.py")), "--device", "cuda",
+         "--repeats", "7", "--out", str(args.out) + "_engine"], check=True, timeout=1200))
+    results["engine_speed"] = None if engine is None else str(args.out) + "_engine.md"
     tests_ok = bool(results["tests"] and results["tests"]["ok"])
     status = 0 if tests_ok and not results["errors"] else 1
     save(status)
