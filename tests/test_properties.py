@@ -143,11 +143,13 @@ def brute_force_logdet(case, module, x):
     """log|det dz/dx| of each row from the autograd Jacobian of the whole map."""
     jac = torch.autograd.functional.jacobian(lambda v: case.run(module, v, False)[0], x)
     per_row = torch.stack([jac[i, :, i, :] for i in range(x.shape[0])])
-    # rows do not interact: the off-diagonal blocks are zero
+    # Rows interact only through the adaptive step size, which the whole batch shares: the
+    # off-diagonal blocks are of the order of the solver tolerance (1e-10), not exactly zero
+    # (1.2e-11 seen on CI's machine, under 1e-12 here).
     off = jac.clone()
     for i in range(x.shape[0]):
         off[i, :, i, :] = 0
-    assert off.abs().max() < 1e-12
+    assert off.abs().max() < 1e-9
     return torch.linalg.slogdet(per_row).logabsdet
 
 
