@@ -16,13 +16,18 @@ The models are the ones the suite keeps (``keep_models``, under
 benchmarks/results/.models/<suite>/). A missing one is made again by the suite's own training
 call (``run._run_and_cache``, which also rewrites that run's cache entry so the cache describes
 the kept model); a run whose resumable checkpoint is still in benchmarks/results/.work/ then
-only has to be tested again. Results: benchmarks/results/frontier_<suite>.json, .md and .png
-(``frontier_small.*`` for the suite ``long_small``).
+only has to be tested again. Each model's curve is cached beside the runs
+(benchmarks/results/.cache/frontier/<suite>/, keyed by the model file's hash), so a subset
+(``--workloads``) adds to the report instead of replacing it, and ``--cached-only`` writes the
+report from the cached curves alone. Results: benchmarks/results/frontier_<suite>.json, .md and
+.png (``frontier_small.*`` for the suite ``long_small``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import multiprocessing
 import statistics
 import sys
@@ -174,13 +179,41 @@ def answer(curves: dict[tuple[str, str, int], list[dict[str, float]]], base_arm:
     return out
 
 
+def _curve_file(suite: str, wname: str, aname: str, seed: int) -> Path:
+    model = bench_run.model_file(suite, bench_run.suite_workload(suite, wname), ARMS[aname], seed)
+    return bench_run.RESULTS / ".cache" / "frontier" / suite / (model.stem + ".json")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cached_curve(suite: str, wname: str, aname: str, seed: int, samples: int
+                 ) -> list[dict[str, float]] | None:
+    """The cached curve of one model, or None when it is missing or stale: measured at other
+    tolerances or sample counts, or of another model file than the one kept now."""
+    file = _curve_file(suite, wname, aname, seed)
+    if not file.exists():
+        return None
+    entry = json.loads(file.read_text())
+    model = bench_run.model_file(suite, bench_run.suite_workload(suite, wname), ARMS[aname], seed)
+    if (entry["tolerances"] != list(TOLERANCES) or entry["samples"] != samples
+            or not model.exists() or entry["model_sha256"] != _sha256(model)):
+        return None
+    return entry["curve"]
+
+
 def _curve_of(suite: str, wname: str, aname: str, seed: int, samples: int
               ) -> list[dict[str, float]]:
-    """Evaluate one kept model (made again first if it is missing)."""
+    """The curve of one kept model: cached, or evaluated (the model made again first if it is
+    missing) and then cached."""
     torch.set_num_threads(RUN_THREADS)
     w, arm = bench_run.suite_workload(suite, wname), ARMS[aname]
     if w.kind == "vae":
         raise ValueError(f"the frontier measures density models, not the VAE ({wname!r})")
+    cached = cached_curve(suite, wname, aname, seed, samples)
+    if cached is not None:
+        return cached
     path = bench_run.model_file(suite, w, arm, seed)
     if not path.exists():
         cfg = bench_run.SUITES[suite]
@@ -190,7 +223,11 @@ def _curve_of(suite: str, wname: str, aname: str, seed: int, samples: int
     with tempfile.TemporaryDirectory() as tmp:
         model, dm = load_final_model(path, w, arm, seed, Path(tmp))
         batches = [b[0] for b in dm.test_dataloader()]
-        return evaluate(model, batches, samples=samples, seed=seed)
+        curve = evaluate(model, batches, samples=samples, seed=seed)
+    write_json(_curve_file(suite, wname, aname, seed),
+               {"tolerances": list(TOLERANCES), "samples": samples,
+                "model_sha256": _sha256(path), "machine": machine(), "curve": curve})
+    return curve
 
 
 def plot(curves: dict[tuple[str, str, int], list[dict[str, float]]], path: Path) -> None:
@@ -253,6 +290,9 @@ def markdown(payload: dict[str, Any]) -> str:
              "itself carries solver error (it can come out lower than the converged value); "
              "the comparison takes each measured NLL at face value, as a user who loosens the "
              "tolerance would.", ""]
+    if payload["missing"]:
+        lines += ["Not measured yet (workload, arm, seed): " + ", ".join(
+            f"({w}, {a}, {s})" for w, a, s in payload["missing"]) + ".", ""]
     for wname, arms in payload["answer"].items():
         lines += [f"## {wname}", ""]
         for aname, e in arms.items():
@@ -299,6 +339,8 @@ def main() -> None:
                         help="models evaluated (or trained) at once, one process each")
     parser.add_argument("--samples", type=int, default=SAMPLES,
                         help="samples drawn at each tolerance (0: none)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="evaluate and train nothing: report the cached curves")
     args = parser.parse_args()
     suite = bench_run.SUITES[args.suite]
     workloads = list(suite["workloads"])
@@ -313,20 +355,32 @@ def main() -> None:
                      f"{args.samples}")
     keys = [(w, a, s) for w in workloads for a in suite["arms"] for s in suite["seeds"]]
     start = time.perf_counter()
-    if args.jobs == 1:
-        curves = {k: _curve_of(args.suite, *k, args.samples) for k in keys}
+    if args.cached_only:
+        pass
+    elif args.jobs == 1:
+        for k in keys:
+            _curve_of(args.suite, *k, args.samples)
     else:
         ctx = multiprocessing.get_context("spawn")  # no inherited torch thread pools
         with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-            futures = {k: pool.submit(_curve_of, args.suite, *k, args.samples) for k in keys}
-            curves = {k: f.result() for k, f in futures.items()}
+            for f in [pool.submit(_curve_of, args.suite, *k, args.samples) for k in keys]:
+                f.result()
+    # The report covers every model of the suite with a cached curve, not only this call's.
+    every = [(w, a, s) for w in suite["workloads"] for a in suite["arms"] for s in suite["seeds"]]
+    curves = {k: c for k in every
+              if (c := cached_curve(args.suite, *k, args.samples)) is not None}
+    missing = [k for k in every if k not in curves]
+    if not curves:
+        parser.error(f"no cached frontier curves for suite {args.suite!r}; run without "
+                     "--cached-only first")
     base_arm = suite["baselines"][0]
     name = "frontier_small" if args.suite == "long_small" else f"frontier_{args.suite}"
     payload = {
         "suite": args.suite, "command": ("python benchmarks/frontier.py "
                                          + " ".join(sys.argv[1:])).strip(),
         "machine": machine(), "seconds": time.perf_counter() - start,
-        "steps": {w: suite["workloads"][w] for w in workloads}, "seeds": list(suite["seeds"]),
+        "steps": {w: suite["workloads"][w] for w in dict.fromkeys(k[0] for k in curves)},
+        "seeds": sorted({k[2] for k in curves}), "missing": [list(k) for k in missing],
         "base_arm": base_arm, "tolerances": list(TOLERANCES), "margin": MARGIN, "tie": TIE,
         "samples": args.samples, "plot": f"{name}.png",
         "batch_rows": next(iter(curves.values()))[0]["batch_rows"],

@@ -88,3 +88,30 @@ def test_frontier_end_to_end_on_a_tiny_suite(tmp_path: Path,
     base, tpr = curves["checkerboard", "ffjord_direct", 0], curves["checkerboard", "tpr_fast", 0]
     assert seed0 == {**frontier.equal_nll_cost(base, tpr),
                      "ratio_at_reference_tol": tpr[5]["test_nfe"] / base[5]["test_nfe"]}
+    # Every curve is cached: a report from the cache alone is the same report ...
+    cache = tmp_path / ".cache" / "frontier" / "tiny"
+    assert sorted(p.name for p in cache.iterdir()) == ["checkerboard-40-ffjord_direct-0.json",
+                                                       "checkerboard-40-tpr_fast-0.json"]
+    monkeypatch.setattr(sys, "argv", ["frontier.py", "--suite", "tiny", "--samples", "500",
+                                      "--cached-only"])
+    frontier.main()
+    again = json.loads((tmp_path / "frontier_tiny.json").read_text())
+    assert again["answer"] == payload["answer"] and again["missing"] == []
+    # ... and a cached curve is what the report reads (nothing is evaluated again) ...
+    entry = json.loads((cache / "checkerboard-40-tpr_fast-0.json").read_text())
+    entry["curve"][0]["test_nll"] = -99.0
+    (cache / "checkerboard-40-tpr_fast-0.json").write_text(json.dumps(entry))
+    frontier.main()
+    curves = {tuple(k): c for k, c in
+              json.loads((tmp_path / "frontier_tiny.json").read_text())["curves_by_key"]}
+    assert curves["checkerboard", "tpr_fast", 0][0]["test_nll"] == -99.0
+    # ... until the model changes: then the curve is stale, and missing from the report.
+    model = bench_run.model_file("tiny", bench_run.suite_workload("tiny", "checkerboard"),
+                                 bench_run.ARMS["tpr_fast"], 0)
+    model.write_bytes(model.read_bytes() + b"\0")
+    assert frontier.cached_curve("tiny", "checkerboard", "tpr_fast", 0, 500) is None
+    assert frontier.cached_curve("tiny", "checkerboard", "tpr_fast", 0, 0) is None  # samples
+    frontier.main()
+    last = json.loads((tmp_path / "frontier_tiny.json").read_text())
+    assert last["missing"] == [["checkerboard", "tpr_fast", 0]] and last["answer"] == {}
+    assert "Not measured yet" in (tmp_path / "frontier_tiny.md").read_text()
