@@ -31,6 +31,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -134,7 +135,7 @@ SUITES = {
     "long_fresh": dict(workloads={"checkerboard": 10000}, seeds=(3, 4, 5),
                        arms=("ffjord_direct", "tpr_fast_c1", "tpr_fast_late"),
                        baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000,
-                       keep_models=True),
+                       keep_models=True, beside="long"),
     # A small test-cost frontier (benchmarks/frontier.py) that fits 25 minutes on 2 cores:
     # (3b) against (5) on the checkerboard, 2 seeds, 2000 steps (the long suite's is 10,000).
     "long_small": dict(workloads={"checkerboard": 2000}, seeds=(0, 1),
@@ -498,6 +499,69 @@ def _speed_text(v: dict[str, Any]) -> str:
     return f"{v['median']:.2f}x [{v['min']:.2f}, {v['max']:.2f}] (seeds: {per})"
 
 
+#: The seed-paired goal measurements that :func:`beside_goals` pools across two suites.
+_POOLED = ("speedup_within_0.01_per_seed", "nfe_speedup_within_0.01_per_seed",
+           "forward_nfe_last10pct_reduction", "test_nll_diff", "test_nfe_ratio")
+
+
+def beside_goals(goals_here: dict[str, Any], goals_other: dict[str, Any]) -> dict[str, Any]:
+    """The goals of the workloads and arms two suites share, seed by seed side by side.
+
+    For a suite of fresh seeds run beside an earlier one (``beside``): each seed is still
+    compared with its own baseline; this only lays the two suites' per-seed values next to each
+    other (the other suite's seeds first) and summarises all of them together. Speed-ups count
+    a seed that never reached the target as 0 in the median, as :func:`long_goals` does.
+    """
+    out: dict[str, Any] = {}
+    for wname, arms in goals_here.items():
+        for aname, mine in arms.items():
+            other = goals_other.get(wname, {}).get(aname)
+            if other is None:
+                continue
+            entry: dict[str, Any] = {"seeds": [*other["seeds"], *mine["seeds"]],
+                                     "suite_of_seed": [*(["other"] * len(other["seeds"])),
+                                                       *(["here"] * len(mine["seeds"]))]}
+            for key in _POOLED:
+                values = [*other[key]["per_seed"], *mine[key]["per_seed"]]
+                if key.endswith("speedup_within_0.01_per_seed"):
+                    reached = [v for v in values if v is not None]
+                    zeroed = [0.0 if v is None else v for v in values]
+                    entry[key] = {"per_seed": values,
+                                  "median": float(statistics.median(zeroed)) or None,
+                                  "min": min(reached, default=None),
+                                  "max": max(reached, default=None),
+                                  "reached": f"{len(reached)}/{len(values)}"}
+                else:
+                    entry[key] = {"per_seed": values, **spread(values)}
+            out.setdefault(wname, {})[aname] = entry
+    return out
+
+
+def _beside_lines(payload: dict[str, Any]) -> list[str]:
+    """The markdown section of :func:`beside_goals` (empty when the suite has none)."""
+    beside = payload.get("beside")
+    if not beside or not beside["goals"]:
+        return []
+    seeds = next(iter(next(iter(beside["goals"].values())).values()))["seeds"]
+    lines = [f"## Beside suite `{beside['suite']}` (seeds {beside['seeds']})", "",
+             f"The arms both suites ran, each seed against its own baseline; seeds "
+             f"{beside['seeds']} are from `{beside['suite']}.json`, the others from this suite. "
+             f"Median [range] over all of them, then the per-seed values in seed order {seeds}.",
+             "",
+             "| workload | arm | speed-up to (3b)'s final val within 0.01 | the same in NFE | "
+             "fewer fwd NFE, last 10 % | test NLL diff | test NFE / (3b)'s |",
+             "|---|---|---|---|---|---|---|"]
+    for wname, arms in beside["goals"].items():
+        for aname, v in arms.items():
+            lines.append(
+                f"| {wname} | {aname} | {_speed_text(v['speedup_within_0.01_per_seed'])} "
+                f"(reached {v['speedup_within_0.01_per_seed']['reached']}) | "
+                f"{_speed_text(v['nfe_speedup_within_0.01_per_seed'])} | "
+                f"{_pct(v['forward_nfe_last10pct_reduction'])} | "
+                f"{_signed(v['test_nll_diff'])} | {_times(v['test_nfe_ratio'])} |")
+    return lines + [""]
+
+
 def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
     """The sweep and long suites: everything against ``base_arm`` ((3b)), the same engineering."""
     lines = [*_header(suite, payload),
@@ -584,7 +648,7 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
                 f"{_x(v.get('speedup_smoothed_within_0.01'))} / "
                 f"{_x(v.get('nfe_speedup_smoothed_within_0.01'))} "
                 f"(reached {v.get('reached_smoothed_within_0.01', '-')}) |")
-    lines += ["", f"![forward NFE per step]({suite}_nfe.png)", "",
+    lines += ["", *_beside_lines(payload), f"![forward NFE per step]({suite}_nfe.png)", "",
               f"![test NFE and straightness over training]({suite}_probes.png)"]
     return "\n".join(lines) + "\n"
 
@@ -714,6 +778,10 @@ def main() -> None:
     base_arm = suite["baselines"][0] if long_form else BASE
     payload["goals"] = (long_goals(payload["summary"], base_arm) if long_form
                         else goals(payload["summary"]))
+    if suite.get("beside") and (RESULTS / f"{suite['beside']}.json").exists():
+        other = json.loads((RESULTS / f"{suite['beside']}.json").read_text())
+        payload["beside"] = {"suite": suite["beside"], "seeds": other["seeds"],
+                             "goals": beside_goals(payload["goals"], other["goals"])}
     write_json(RESULTS / f"{args.suite}.json", payload)
     plot_nfe(runs, RESULTS / f"{args.suite}_nfe.png")
     if long_form:

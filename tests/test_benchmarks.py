@@ -267,9 +267,8 @@ def test_the_test_nfe_goal_holds_for_every_seed_not_the_median() -> None:
     assert g["test_nfe_ratio"]["per_seed"] == pytest.approx([0.8, 0.8, 62.0 / 56.0])
 
 
-def test_the_long_markdown_shows_the_paired_values_per_seed(tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch
-                                                            ) -> None:
+def test_the_long_markdown_shows_the_paired_values_per_seed_and_fresh_seeds_beside(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nll = {("ffjord_direct", 0): 1.00, ("ffjord_direct", 1): 1.10, ("ffjord_direct", 2): 1.20,
            ("tpr_fast", 0): 1.06, ("tpr_fast", 1): 1.166, ("tpr_fast", 2): 1.115}
 
@@ -291,6 +290,23 @@ def test_the_long_markdown_shows_the_paired_values_per_seed(tmp_path: Path,
     assert not g["met"]
     text = (tmp_path / "tiny.md").read_text()
     assert "+0.0600 [-0.0850, +0.0660] (seeds: +0.0600, +0.0660, -0.0850)" in text
+    # Fresh seeds run beside it: still paired with their own baselines, then laid beside the
+    # earlier suite's seeds and summarised together.
+    nll.update({("ffjord_direct", 3): 2.00, ("ffjord_direct", 4): 2.00,
+                ("tpr_fast", 3): 2.01, ("tpr_fast", 4): 1.90})
+    monkeypatch.setitem(bench_run.SUITES, "tiny_fresh", dict(
+        workloads={"checkerboard": 2}, seeds=(3, 4), arms=("ffjord_direct", "tpr_fast"),
+        baselines=("ffjord_direct",), beside="tiny"))
+    monkeypatch.setattr(sys, "argv", ["run.py", "--suite", "tiny_fresh"])
+    bench_run.main()
+    fresh = json.loads((tmp_path / "tiny_fresh.json").read_text())
+    assert fresh["goals"]["checkerboard"]["tpr_fast"]["test_nll_diff"]["per_seed"] == \
+        pytest.approx([0.01, -0.10])
+    both = fresh["beside"]["goals"]["checkerboard"]["tpr_fast"]
+    assert both["seeds"] == [0, 1, 2, 3, 4]
+    assert both["test_nll_diff"]["per_seed"] == pytest.approx([0.06, 0.066, -0.085, 0.01, -0.1])
+    assert both["test_nll_diff"]["median"] == pytest.approx(0.01)  # not the 0.06 of seeds 0-2
+    assert "## Beside suite `tiny` (seeds [0, 1, 2])" in (tmp_path / "tiny_fresh.md").read_text()
 
 
 class _Rotation(torch.nn.Module):
