@@ -23,7 +23,7 @@ train: $(STAMP)
 	$(PY) train.py --model vae --reg poly $(TRAIN_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
