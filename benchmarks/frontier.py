@@ -335,6 +335,8 @@ def main() -> None:
     parser.add_argument("--suite", choices=keeping, default="long")
     parser.add_argument("--workloads", default=None,
                         help="comma-separated subset of the suite's workloads")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated subset of the suite's seeds (default: all)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="models evaluated (or trained) at once, one process each")
     parser.add_argument("--samples", type=int, default=SAMPLES,
@@ -350,10 +352,19 @@ def main() -> None:
             parser.error(f"workloads {bad} are not in suite {args.suite!r}; valid: "
                          f"{', '.join(workloads)}")
         workloads = args.workloads.split(",")
+    seeds = list(suite["seeds"])
+    if args.seeds:
+        try:
+            chosen = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+        if bad := [x for x in chosen if x not in seeds]:
+            parser.error(f"seeds {bad} are not in suite {args.suite!r}; valid: {seeds}")
+        seeds = chosen
     if args.jobs < 1 or args.samples < 0:
         parser.error(f"--jobs must be >= 1 and --samples >= 0, got {args.jobs} and "
                      f"{args.samples}")
-    keys = [(w, a, s) for w in workloads for a in suite["arms"] for s in suite["seeds"]]
+    keys = [(w, a, s) for w in workloads for a in suite["arms"] for s in seeds]
     start = time.perf_counter()
     if args.cached_only:
         pass

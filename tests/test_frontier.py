@@ -115,3 +115,22 @@ def test_frontier_end_to_end_on_a_tiny_suite(tmp_path: Path,
     last = json.loads((tmp_path / "frontier_tiny.json").read_text())
     assert last["missing"] == [["checkerboard", "tpr_fast", 0]] and last["answer"] == {}
     assert "Not measured yet" in (tmp_path / "frontier_tiny.md").read_text()
+
+
+def test_flags_choose_workloads_and_seeds_and_bad_ones_are_refused(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    asked = []
+    monkeypatch.setattr(frontier, "_curve_of", lambda *args: asked.append(args[1:4]))
+    monkeypatch.setattr(frontier, "cached_curve", lambda *args: None)
+    for argv, expected in [(["--seeds", "4"], "no cached frontier curves"),
+                           (["--seeds", "9"], "seeds [9] are not in suite 'long_fresh'"),
+                           (["--seeds", "x"], "--seeds takes comma-separated integers"),
+                           (["--workloads", "moons"], "workloads ['moons'] are not in suite"),
+                           (["--jobs", "0"], "--jobs must be >= 1")]:
+        monkeypatch.setattr(sys, "argv", ["frontier.py", "--suite", "long_fresh", *argv])
+        with pytest.raises(SystemExit):
+            frontier.main()
+        assert expected in capsys.readouterr().err
+    # only the chosen seed was evaluated, every arm of it
+    assert asked == [("checkerboard", a, 4)
+                     for a in ("ffjord_direct", "tpr_fast_c1", "tpr_fast_late")]
