@@ -574,9 +574,12 @@ def summarise(runs: list[dict[str, Any]],
                                                (0.01, "_within_0.01", False),
                                                (0.01, "_smoothed_within_0.01", True)):
                     times, speedups, work_ratios = [], [], []
-                    for r in rs:
+                    # Only the seeds the baseline has (as paired() takes them): a seed whose
+                    # baseline run is missing is not compared, not counted as never reaching.
+                    base_seeds = {b["seed"] for b in arms[base]}
+                    for r in (r for r in rs if r["seed"] in base_seeds):
                         ref = [b for b in arms[base] if b["seed"] == r["seed"]]
-                        if not ref or not ref[0]["val_curve"]:
+                        if not ref[0]["val_curve"]:
                             times.append(None)
                             speedups.append(None)
                             work_ratios.append(None)

@@ -399,6 +399,12 @@ def test_a_seed_that_never_reaches_the_target_counts_as_the_slowest() -> None:
     assert sp["per_seed"] == [0.5, None, 2.0] and sp["median"] is None
     assert sp["median_unreached_as_zero"] == 0.5  # median of (0.5, 0, 2.0)
     assert bench_run.long_goals(summary)["w"]["tpr_fast"]["speedup_within_0.01"] == 0.5
+    # A TPR seed whose baseline is still training is left out, not counted as never reaching.
+    runs.append(_fake("tpr_fast", 3, [(10.0, 1, 2.0)]))
+    summary = bench_run.summarise(runs, baselines=("ffjord_direct",))
+    sp = summary["w"]["tpr_fast"]["speedup_to_ffjord_direct_final_val_within_0.01"]
+    assert sp["per_seed"] == [0.5, None, 2.0] and (sp["reached"], sp["of"]) == (2, 3)
+    assert bench_run.long_goals(summary)["w"]["tpr_fast"]["seeds"] == [0, 1, 2]
 
 
 def test_smoothed_curves_take_the_luck_out_of_a_one_evaluation_target() -> None:
