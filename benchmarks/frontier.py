@@ -179,8 +179,11 @@ def answer(curves: dict[tuple[str, str, int], list[dict[str, float]]], base_arm:
     return out
 
 
-def _curve_file(suite: str, wname: str, aname: str, seed: int) -> Path:
-    model = bench_run.model_file(suite, bench_run.suite_workload(suite, wname), ARMS[aname], seed)
+def _model_file(suite: str, wname: str, aname: str, seed: int) -> Path:
+    return bench_run.model_file(suite, bench_run.suite_workload(suite, wname), ARMS[aname], seed)
+
+
+def _curve_file(suite: str, model: Path) -> Path:
     return bench_run.RESULTS / ".cache" / "frontier" / suite / (model.stem + ".json")
 
 
@@ -192,11 +195,11 @@ def cached_curve(suite: str, wname: str, aname: str, seed: int, samples: int
                  ) -> list[dict[str, float]] | None:
     """The cached curve of one model, or None when it is missing or stale: measured at other
     tolerances or sample counts, or of another model file than the one kept now."""
-    file = _curve_file(suite, wname, aname, seed)
+    model = _model_file(suite, wname, aname, seed)
+    file = _curve_file(suite, model)
     if not file.exists():
         return None
     entry = json.loads(file.read_text())
-    model = bench_run.model_file(suite, bench_run.suite_workload(suite, wname), ARMS[aname], seed)
     if (entry["tolerances"] != list(TOLERANCES) or entry["samples"] != samples
             or not model.exists() or entry["model_sha256"] != _sha256(model)):
         return None
@@ -224,7 +227,7 @@ def _curve_of(suite: str, wname: str, aname: str, seed: int, samples: int
         model, dm = load_final_model(path, w, arm, seed, Path(tmp))
         batches = [b[0] for b in dm.test_dataloader()]
         curve = evaluate(model, batches, samples=samples, seed=seed)
-    write_json(_curve_file(suite, wname, aname, seed),
+    write_json(_curve_file(suite, path),
                {"tolerances": list(TOLERANCES), "samples": samples,
                 "model_sha256": _sha256(path), "machine": machine(), "curve": curve})
     return curve
@@ -367,11 +370,11 @@ def main() -> None:
     keys = [(w, a, s) for w in workloads for a in suite["arms"] for s in seeds]
     start = time.perf_counter()
     if args.cached_only:
-        pass
-    elif args.jobs == 1:
+        keys = []
+    if args.jobs == 1:
         for k in keys:
             _curve_of(args.suite, *k, args.samples)
-    else:
+    elif keys:
         ctx = multiprocessing.get_context("spawn")  # no inherited torch thread pools
         with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
             for f in [pool.submit(_curve_of, args.suite, *k, args.samples) for k in keys]:

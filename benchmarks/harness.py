@@ -574,20 +574,21 @@ def summarise(runs: list[dict[str, Any]],
                                                (0.01, "_within_0.01", False),
                                                (0.01, "_smoothed_within_0.01", True)):
                     times, speedups, work_ratios = [], [], []
-                    # Only the seeds the baseline has (as paired() takes them): a seed whose
-                    # baseline run is missing is not compared, not counted as never reaching.
-                    base_seeds = {b["seed"] for b in arms[base]}
-                    for r in (r for r in rs if r["seed"] in base_seeds):
-                        ref = [b for b in arms[base] if b["seed"] == r["seed"]]
-                        if not ref[0]["val_curve"]:
+                    base_by_seed = {b["seed"]: b for b in arms[base]}
+                    for r in rs:
+                        ref_run = base_by_seed.get(r["seed"])
+                        if ref_run is None:
+                            # Not compared (as paired() leaves it out), not "never reached".
+                            continue
+                        if not ref_run["val_curve"]:
                             times.append(None)
                             speedups.append(None)
                             work_ratios.append(None)
                             continue
-                        mine_run, ref_run = r, ref[0]
+                        mine_run = r
                         if smooth:
                             mine_run = {**r, "val_curve": smooth_curve(r["val_curve"])}
-                            ref_run = {**ref[0], "val_curve": smooth_curve(ref[0]["val_curve"])}
+                            ref_run = {**ref_run, "val_curve": smooth_curve(ref_run["val_curve"])}
                         target = ref_run["val_curve"][-1][2] + margin
                         mine = time_to_reach(mine_run["val_curve"], target)
                         # The baseline's own time to that value (it may touch it earlier).

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -47,6 +46,7 @@ from harness import (  # noqa: E402
     WORKLOADS,
     Arm,
     Workload,
+    _median_unreached_as_zero,
     fmt,
     machine,
     plot_nfe,
@@ -415,7 +415,9 @@ def _speedup_median(entry: dict[str, Any] | None) -> float | None:
     (so a median exists whenever most seeds got there); None if none did."""
     if entry is None:
         return None
-    return entry.get("median_unreached_as_zero", entry["median"]) or None
+    if "median_unreached_as_zero" in entry:
+        return entry["median_unreached_as_zero"] or None
+    return entry["median"] or None
 
 
 def _reached(entry: dict[str, Any] | None) -> str:
@@ -518,19 +520,15 @@ def beside_goals(goals_here: dict[str, Any], goals_other: dict[str, Any]) -> dic
             other = goals_other.get(wname, {}).get(aname)
             if other is None:
                 continue
-            entry: dict[str, Any] = {"seeds": [*other["seeds"], *mine["seeds"]],
-                                     "suite_of_seed": [*(["other"] * len(other["seeds"])),
-                                                       *(["here"] * len(mine["seeds"]))]}
+            entry: dict[str, Any] = {"seeds": [*other["seeds"], *mine["seeds"]]}
             for key in _POOLED:
                 values = [*other[key]["per_seed"], *mine[key]["per_seed"]]
                 if key.endswith("speedup_within_0.01_per_seed"):
-                    reached = [v for v in values if v is not None]
-                    zeroed = [0.0 if v is None else v for v in values]
-                    entry[key] = {"per_seed": values,
-                                  "median": float(statistics.median(zeroed)) or None,
-                                  "min": min(reached, default=None),
-                                  "max": max(reached, default=None),
-                                  "reached": f"{len(reached)}/{len(values)}"}
+                    # A summarise()-style speed-up entry, read the way long_goals reads one.
+                    raw = {"per_seed": values,
+                           "median_unreached_as_zero": _median_unreached_as_zero(values),
+                           "reached": sum(v is not None for v in values), "of": len(values)}
+                    entry[key] = {**_speedup_spread(raw), "reached": _reached(raw)}
                 else:
                     entry[key] = {"per_seed": values, **spread(values)}
             out.setdefault(wname, {})[aname] = entry
