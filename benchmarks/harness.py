@@ -319,6 +319,10 @@ def run_config(w: Workload, arm: Arm, seed: int, steps: int, out_dir: Path,
     return resolve({**given, **arm.extra})
 
 
+class RunInterrupted(RuntimeError):
+    """A run ended before its last step (SIGTERM, SIGINT, an early stop): it measured nothing."""
+
+
 def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
             work_dir: Path | None = None, ckpt_every: int = 0,
             probe_every: int = 0, model_path: Path | None = None) -> dict[str, Any]:
@@ -338,6 +342,10 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
             (:func:`straightness`) on 2,000 fixed test rows (density workloads only).
         model_path: Keep the final model there (:func:`save_final_model`), for evaluations
             after the run (benchmarks/frontier.py). None: the model is not kept.
+
+    Raises:
+        RunInterrupted: The fit ended before ``steps`` (e.g. SIGTERM): no measurements and no
+            model are returned or kept, so a cache never holds a short run as a finished one.
     """
     steps = steps or w.steps
     run_start = time.perf_counter()
@@ -372,6 +380,13 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         start = time.perf_counter()
         trainer.fit(model, dm, ckpt_path=run.ckpt_path)
         fit_wall = time.perf_counter() - start
+        if run.guard.interrupted is not None or trainer.global_step < steps:
+            # A signal (or anything else) ended the fit early: the measurements of a short run
+            # must not pass for a finished one. The run's checkpoint stays in ``work_dir``.
+            why = run.guard.interrupted or "an early stop"
+            raise RunInterrupted(f"{w.name}/{arm.name}/seed {seed} stopped at step "
+                                 f"{trainer.global_step} of {steps} ({why}); nothing was kept"
+                                 + ("; the same call resumes it" if resume else ""))
         if model_path is not None:
             save_final_model(model, w, arm, seed, Path(model_path))
         test = trainer.test(model, dm, verbose=False)[0]

@@ -386,6 +386,35 @@ def test_long_runs_resume_from_their_last_checkpoint(tmp_path: Path) -> None:
         harness.run_one(w, arm, 0, work_dir=tmp_path / "x", ckpt_every=3)
 
 
+def test_a_run_stopped_by_sigterm_is_not_measured_and_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A SIGTERM used to end a harness run gracefully and the run was then measured and cached
+    # as if finished (two long models were kept at steps 4900 and 5904 of 6000).
+    import os
+    import signal
+
+    w = dataclasses.replace(harness.WORKLOADS["checkerboard"], steps=6, eval_every=2,
+                            num_val=100, num_test=100, hidden_dims=(8,))
+    arm = harness.ARMS["tpr_fast"]
+
+    def signal_at_step_3(self, trainer, *args) -> None:  # noqa: ANN001, ANN002
+        if trainer.global_step == 3:  # the guard stops at the end of the next batch
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    # On the class itself: a subclass would store its checkpoint state under another name.
+    monkeypatch.setattr(harness._ValCurve, "on_train_batch_end", signal_at_step_3,
+                        raising=False)
+    model = tmp_path / "model.pt"
+    with pytest.raises(harness.RunInterrupted, match=r"stopped at step 4 of 6 \(SIGTERM\)"):
+        harness.run_one(w, arm, 0, work_dir=tmp_path / "work", ckpt_every=2, model_path=model)
+    assert not model.exists()
+    monkeypatch.undo()
+    done = harness.run_one(w, arm, 0, work_dir=tmp_path / "work", ckpt_every=2,
+                           model_path=model)
+    assert done["resumed_from"] is not None and done["steps"] == 6 and model.exists()
+    assert [c[1] for c in done["val_curve"]] == [2, 4, 6]
+
+
 def test_a_seed_that_never_reaches_the_target_counts_as_the_slowest() -> None:
     # (3b) ends at 2.0 in every seed; TPR gets there (within 0.01) in seeds 0 and 2 only.
     runs = []
