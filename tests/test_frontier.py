@@ -64,16 +64,26 @@ def test_frontier_end_to_end_on_a_tiny_suite(tmp_path: Path,
     monkeypatch.setitem(bench_run.WORKLOADS, "checkerboard", bench_run.dataclasses.replace(
         bench_run.WORKLOADS["checkerboard"], num_val=200, num_test=300, hidden_dims=(16, 16)))
     # The suite keeps its models ...
-    monkeypatch.setattr(sys, "argv", ["run.py", "--suite", "tiny", "--arms", "ffjord_direct"])
+    monkeypatch.setattr(sys, "argv", ["run.py", "--suite", "tiny"])
     bench_run.main()
-    kept = bench_run.model_file("tiny", bench_run.suite_workload("tiny", "checkerboard"),
-                                bench_run.ARMS["ffjord_direct"], 0)
+    w = bench_run.suite_workload("tiny", "checkerboard")
+    kept = bench_run.model_file("tiny", w, bench_run.ARMS["ffjord_direct"], 0)
     assert kept.exists()
-    # ... and the frontier makes the missing one (TPR's) the way the suite does.
+    # ... and the frontier makes a missing one (as a suite run before keeping models left it)
+    # again the way the suite did, leaving the suite's own measurement alone.
+    bench_run.model_file("tiny", w, bench_run.ARMS["tpr_fast"], 0).unlink()
+    measured = tmp_path / ".cache" / "tiny" / "checkerboard-40-tpr_fast-0.json"
+    before = measured.read_bytes()
     monkeypatch.setattr(sys, "argv", ["frontier.py", "--suite", "tiny", "--samples", "500"])
     frontier.main()
-    assert (tmp_path / ".cache" / "tiny" / "checkerboard-40-tpr_fast-0.json").exists()
+    assert measured.read_bytes() == before
     payload = json.loads((tmp_path / "frontier_tiny.json").read_text())
+    [remade] = payload["remade"]
+    assert remade["key"] == ["checkerboard", "tpr_fast", 0] and remade["steps"] == 40
+    # the same code and seed on CPU: the remade run repeats the measured one
+    assert remade["test_nll"][1] == pytest.approx(remade["test_nll"][0], abs=1e-6)
+    assert remade["forward_nfe"][1] == pytest.approx(remade["forward_nfe"][0], rel=1e-6)
+    assert "1 of these models were made again" in (tmp_path / "frontier_tiny.md").read_text()
     assert (tmp_path / "frontier_tiny.png").stat().st_size > 0
     assert "## checkerboard" in (tmp_path / "frontier_tiny.md").read_text()
     curves = {tuple(k): c for k, c in payload["curves_by_key"]}
@@ -91,7 +101,8 @@ def test_frontier_end_to_end_on_a_tiny_suite(tmp_path: Path,
     # Every curve is cached: a report from the cache alone is the same report ...
     cache = tmp_path / ".cache" / "frontier" / "tiny"
     assert sorted(p.name for p in cache.iterdir()) == ["checkerboard-40-ffjord_direct-0.json",
-                                                       "checkerboard-40-tpr_fast-0.json"]
+                                                       "checkerboard-40-tpr_fast-0.json",
+                                                       "remade"]
     monkeypatch.setattr(sys, "argv", ["frontier.py", "--suite", "tiny", "--samples", "500",
                                       "--cached-only"])
     frontier.main()
