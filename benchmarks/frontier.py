@@ -19,8 +19,9 @@ kept models) is made again with the suite's own definitions, seed and checkpoint
 benchmarks/results/.work/<suite>/. The remade run's measurements are kept apart, under
 .cache/frontier/<suite>/remade/, and the suite's cache is left alone: the suite's figures
 (wall-clock speed-ups included) stay those of the runs it measured together, and the report
-states how closely each remade run repeats the measured one. Each model's curve is cached beside the runs
-(benchmarks/results/.cache/frontier/<suite>/, keyed by the model file's hash), so a subset
+states how closely each remade run repeats the measured one. Each model's curve is cached
+beside the runs (benchmarks/results/.cache/frontier/<suite>/, keyed by the model file's
+hash), so a subset
 (``--workloads``) adds to the report instead of replacing it, and ``--cached-only`` writes the
 report from the cached curves alone. Results: benchmarks/results/frontier_<suite>.json, .md and
 .png (``frontier_small.*`` for the suite ``long_small``).
