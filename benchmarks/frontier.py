@@ -21,10 +21,10 @@ benchmarks/results/.work/<suite>/. The remade run's measurements are kept apart,
 (wall-clock speed-ups included) stay those of the runs it measured together, and the report
 states how closely each remade run repeats the measured one. Each model's curve is cached
 beside the runs (benchmarks/results/.cache/frontier/<suite>/, keyed by the model file's
-hash), so a subset
-(``--workloads``) adds to the report instead of replacing it, and ``--cached-only`` writes the
-report from the cached curves alone. Results: benchmarks/results/frontier_<suite>.json, .md and
-.png (``frontier_small.*`` for the suite ``long_small``).
+hash), so a subset (``--workloads``) adds to the report instead of replacing it, and
+``--cached-only`` writes the report from the cached curves alone. Results:
+benchmarks/results/frontier_<suite>.json, .md and .png (``frontier_small.*`` for the suite
+``long_small``).
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ from harness import (  # noqa: E402
     _set_eval_tolerance,
     load_final_model,
     machine,
-    run_one,
     write_json,
 )
 
@@ -215,23 +214,18 @@ def _remade_file(suite: str, model: Path) -> Path:
     return bench_run.RESULTS / ".cache" / "frontier" / suite / "remade" / (model.stem + ".json")
 
 
-def remake(suite: str, wname: str, aname: str, seed: int) -> dict[str, Any]:
-    """Train one run of ``suite`` again to keep its final model; return its measurements.
+def remake(suite: str, wname: str, aname: str, seed: int) -> None:
+    """Train one run of ``suite`` again, through the suite's own call, to keep its final model.
 
-    The same definitions, seed, checkpoint and probe intervals as the suite's own run. The
-    measurements go to ``.cache/frontier/<suite>/remade/``, not into the suite's cache (see the
-    module docstring). Raises ``harness.RunInterrupted`` if stopped; the same call resumes.
+    Its measurements go to ``.cache/frontier/<suite>/remade/``, not into the suite's cache (see
+    the module docstring). Raises ``harness.RunInterrupted`` if stopped; the same call resumes.
     """
     cfg = bench_run.SUITES[suite]
     w, arm = bench_run.suite_workload(suite, wname), ARMS[aname]
-    path = bench_run.model_file(suite, w, arm, seed)
-    extra: dict[str, Any] = {}
-    if cfg.get("ckpt_every"):  # the work folder the suite's own run would use
-        extra = dict(work_dir=bench_run.RESULTS / ".work" / suite / path.stem,
-                     ckpt_every=cfg["ckpt_every"])
-    run = run_one(w, arm, seed, probe_every=cfg.get("probe_every", 0), model_path=path, **extra)
-    write_json(_remade_file(suite, path), {**bench_run._definitions(w, arm), "run": run})
-    return run
+    bench_run._run_and_cache(w, arm, seed, bench_run.RESULTS / ".cache" / suite,
+                             ckpt_every=cfg.get("ckpt_every", 0),
+                             probe_every=cfg.get("probe_every", 0), keep_models=True,
+                             record=_remade_file(suite, _model_file(suite, wname, aname, seed)))
 
 
 def remade_against_measured(suite: str, keys: list[tuple[str, str, int]]) -> list[dict]:

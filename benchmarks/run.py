@@ -187,9 +187,11 @@ def suite_workload(suite: str, wname: str) -> Workload:
 
 
 def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: int = 0,
-                   probe_every: int = 0, keep_models: bool = False) -> dict[str, Any]:
+                   probe_every: int = 0, keep_models: bool = False,
+                   record: Path | None = None) -> dict[str, Any]:
     # Long runs keep a work folder (checkpoints) beside the cache, outside git: started again,
-    # the same command resumes them from their last checkpoint.
+    # the same command resumes them from their last checkpoint. ``record``: write the
+    # measurements there instead of into the cache (a run made again only for its model).
     extra: dict[str, Any] = {}
     if ckpt_every:
         extra.update(work_dir=RESULTS / ".work" / cache.name
@@ -199,7 +201,7 @@ def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: in
     if keep_models:
         extra["model_path"] = model_file(cache.name, w, arm, seed)
     run = run_one(w, arm, seed, **extra)
-    write_json(_cache_file(cache, w, arm, seed), {**_definitions(w, arm), "run": run})
+    write_json(record or _cache_file(cache, w, arm, seed), {**_definitions(w, arm), "run": run})
     return run
 
 
