@@ -30,14 +30,13 @@ benchmarks/results/frontier_<suite>.json, .md and .png (``frontier_small.*`` for
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
-import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +48,11 @@ import run as bench_run  # noqa: E402
 from harness import (  # noqa: E402
     ARMS,
     RUN_THREADS,
+    RunInterrupted,
     _set_eval_tolerance,
     load_final_model,
     machine,
+    run_pool,
     write_json,
 )
 
@@ -440,10 +441,12 @@ def main() -> None:
         for k in keys:
             _curve_of(args.suite, *k, args.samples)
     elif keys:
-        ctx = multiprocessing.get_context("spawn")  # no inherited torch thread pools
-        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-            for f in [pool.submit(_curve_of, args.suite, *k, args.samples) for k in keys]:
-                f.result()
+        try:
+            run_pool([functools.partial(_curve_of, args.suite, *k, args.samples) for k in keys],
+                     args.jobs)
+        except RunInterrupted as exc:
+            print(f"{exc}; the same command resumes", file=sys.stderr)
+            sys.exit(exc.exit_code)
     # The report covers every model of the suite with a cached curve, not only this call's.
     every = [(w, a, s) for w in suite["workloads"] for a in suite["arms"] for s in suite["seeds"]]
     curves = {k: c for k in every

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +44,14 @@ from harness import (  # noqa: E402
     RUN_THREADS,
     WORKLOADS,
     Arm,
+    RunInterrupted,
     Workload,
     _median_unreached_as_zero,
     fmt,
     machine,
     plot_nfe,
     run_one,
+    run_pool,
     spread,
     summarise,
     write_json,
@@ -749,15 +750,19 @@ def main() -> None:
                   flush=True)
             done[(work.name, arm.name, seed)] = _run_and_cache(work, arm, seed, cache, **opts)
     else:
-        # spawn: a forked child would inherit torch's thread pools and Lightning state.
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(_run_and_cache, work, arm, seed, cache, **opts):
-                       (work.name, arm.name, seed) for work, arm, seed in todo}
-            for fut in as_completed(futures):
-                done[futures[fut]] = fut.result()
-                print(f"[{time.perf_counter() - start:6.0f} s] finished "
-                      f"{' '.join(map(str, futures[fut]))}", flush=True)
+        keys = [(work.name, arm.name, seed) for work, arm, seed in todo]
+
+        def finished(i: int, result: dict[str, Any]) -> None:
+            done[keys[i]] = result
+            print(f"[{time.perf_counter() - start:6.0f} s] finished "
+                  f"{' '.join(map(str, keys[i]))}", flush=True)
+        try:
+            run_pool([functools.partial(_run_and_cache, work, arm, seed, cache, **opts)
+                      for work, arm, seed in todo], args.jobs, finished)
+        except RunInterrupted as exc:
+            # Finished runs are in the cache; the stopped ones resume from their checkpoints.
+            print(f"{exc}; the same command resumes", file=sys.stderr)
+            sys.exit(exc.exit_code)
     runs = [done[(w, a, s)] for w in workloads for s in suite["seeds"] for a in arms
             if (w, a, s) in done]
     command = ("python benchmarks/run.py " + " ".join(sys.argv[1:])).strip()
