@@ -48,13 +48,12 @@ import run as bench_run  # noqa: E402
 from harness import (  # noqa: E402
     ARMS,
     RUN_THREADS,
-    RunInterrupted,
     _set_eval_tolerance,
     load_final_model,
     machine,
-    run_pool,
     write_json,
 )
+from pool import PoolStopped, run_pool  # noqa: E402
 
 from polyreg_cnf.engine.ode import ode_blocks  # noqa: E402
 
@@ -444,7 +443,7 @@ def main() -> None:
         try:
             run_pool([functools.partial(_curve_of, args.suite, *k, args.samples) for k in keys],
                      args.jobs)
-        except RunInterrupted as exc:
+        except PoolStopped as exc:
             print(f"{exc}; the same command resumes", file=sys.stderr)
             sys.exit(exc.exit_code)
     # The report covers every model of the suite with a cached curve, not only this call's.

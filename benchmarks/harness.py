@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,84 +321,6 @@ def run_config(w: Workload, arm: Arm, seed: int, steps: int, out_dir: Path,
 
 class RunInterrupted(RuntimeError):
     """A run ended before its last step (SIGTERM, SIGINT, an early stop): it measured nothing."""
-
-    #: The exit status a command stopped by this should end with (set by :func:`run_pool`).
-    exit_code: int = 1
-
-
-def run_pool(calls: list[Callable[[], Any]], jobs: int,
-             on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
-    """Run each call in one of ``jobs`` spawned processes; stop cleanly on SIGTERM or SIGINT.
-
-    At most ``jobs`` calls are ever handed to the pool, so nothing waits in its queue: a
-    ``concurrent.futures`` pool given every call at once keeps feeding queued calls to its
-    workers after the main process has died of a signal, and those runs start with nobody to
-    collect them. Here a signal to this process (or to its whole process group) starts no new
-    call, passes SIGTERM on to the workers (their run guards checkpoint at the next batch end, so
-    :func:`run_one` raises :class:`RunInterrupted` and a later call resumes), waits for them
-    and raises :class:`RunInterrupted`. A call that fails also starts no new one: the running
-    calls finish (their results are kept) and the first error is raised.
-
-    Args:
-        calls: Picklable calls without arguments (e.g. ``functools.partial`` of a module-level
-            function); they run in processes started with "spawn" (no inherited torch thread
-            pools or Lightning state).
-        jobs: Calls running at once.
-        on_result: Called in this process as ``on_result(index, result)`` as each call ends.
-
-    Returns:
-        The results in the order of ``calls``.
-
-    Raises:
-        RunInterrupted: A signal stopped the pool (finished calls have gone to ``on_result``).
-    """
-    results: dict[int, Any] = {}
-    got: list[str] = []
-    def on_signal(signum: int, frame: Any) -> None:
-        got.append(signal.Signals(signum).name)
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    error: BaseException | None = None
-    ctx = multiprocessing.get_context("spawn")
-    try:
-        with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-            todo = list(enumerate(calls))[::-1]
-            running: dict[Future, int] = {}
-            forwarded = False
-            while todo or running:
-                while todo and len(running) < jobs and not got and error is None:
-                    i, call = todo.pop()
-                    running[pool.submit(call)] = i
-                if not running:
-                    break
-                done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
-                if got and not forwarded:
-                    # The workers may not have had the signal (``kill PID`` of this process
-                    # only): pass on SIGTERM, which their run guards turn into a checkpoint.
-                    for child in multiprocessing.active_children():
-                        if child.pid is not None:
-                            os.kill(child.pid, signal.SIGTERM)
-                    forwarded = True
-                for fut in done:
-                    i = running.pop(fut)
-                    try:
-                        results[i] = fut.result()
-                    except BaseException as exc:  # noqa: BLE001 - re-raised below
-                        if not got and error is None:
-                            error = exc
-                        continue
-                    if on_result is not None:
-                        on_result(i, results[i])
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    if got:
-        stop = RunInterrupted(f"stopped by {got[0]}: {len(results)} of {len(calls)} calls "
-                              "finished, the rest were not started or did not finish")
-        stop.exit_code = 143 if got[0] == "SIGTERM" else 130  # the shell's 128 + signal
-        raise stop
-    if error is not None:
-        raise error
-    return [results[i] for i in range(len(calls))]
 
 
 def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,

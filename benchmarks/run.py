@@ -44,18 +44,17 @@ from harness import (  # noqa: E402
     RUN_THREADS,
     WORKLOADS,
     Arm,
-    RunInterrupted,
     Workload,
     _median_unreached_as_zero,
     fmt,
     machine,
     plot_nfe,
     run_one,
-    run_pool,
     spread,
     summarise,
     write_json,
 )
+from pool import PoolStopped, run_pool  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -759,7 +758,7 @@ def main() -> None:
         try:
             run_pool([functools.partial(_run_and_cache, work, arm, seed, cache, **opts)
                       for work, arm, seed in todo], args.jobs, finished)
-        except RunInterrupted as exc:
+        except PoolStopped as exc:
             # Finished runs are in the cache; the stopped ones resume from their checkpoints.
             print(f"{exc}; the same command resumes", file=sys.stderr)
             sys.exit(exc.exit_code)

@@ -1,4 +1,4 @@
-"""benchmarks' process pool (harness.run_pool): a stop starts nothing new and leaves no worker.
+"""benchmarks' process pool (pool.run_pool): a stop starts nothing new and leaves no worker.
 
 Each test runs a small script as its own process, the way `benchmarks/run.py --jobs 2` and
 `benchmarks/frontier.py --jobs 2` run, and signals it as a user or a scheduler would: `kill PID`
@@ -36,18 +36,18 @@ SCRIPT = textwrap.dedent("""
             time.sleep(0.05)
         (folder / f"{'stopped' if stop else 'finished'}-{i}").write_text("")
         if stop:
-            raise RuntimeError(f"call {i} stopped")  # harness.RunInterrupted in a real run
+            raise RuntimeError(f"call {i} stopped")  # as harness.RunInterrupted
         return i
 
     if __name__ == "__main__":
         bench, folder, mode = sys.argv[1:]
         sys.path.insert(0, bench)
-        from harness import RunInterrupted, run_pool
+        from pool import PoolStopped, run_pool
         seen = []
         try:
             run_pool([functools.partial(call, i, folder, mode) for i in range(4)], 2,
                      lambda i, r: seen.append(r))
-        except RunInterrupted as exc:
+        except PoolStopped as exc:
             print(exc, file=sys.stderr)
             sys.exit(exc.exit_code)
         print("results", seen)
@@ -123,7 +123,7 @@ def test_every_call_runs_and_the_results_keep_their_order(tmp_path: Path) -> Non
             return i * i
         if __name__ == "__main__":
             sys.path.insert(0, sys.argv[1])
-            from harness import run_pool
+            from pool import run_pool
             seen = []
             print(run_pool([functools.partial(square, i) for i in range(5)], 2,
                            lambda i, r: seen.append(i)), sorted(seen))
