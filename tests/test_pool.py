@@ -55,11 +55,13 @@ SCRIPT = textwrap.dedent("""
 
 
 def _alive(pid: int) -> bool:
+    # Signal 0 checks only that the process exists. A worker the pool shut down properly was
+    # reaped by the main process, so it no longer exists; a stray worker still runs.
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    return state != "Z"
+    return True
 
 
 def _start(tmp_path: Path, mode: str) -> subprocess.Popen:
@@ -83,7 +85,6 @@ def _wait_for(paths: list[Path], proc: subprocess.Popen, seconds: float = 120) -
         time.sleep(0.1)
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 @pytest.mark.parametrize("target", ["main process", "process group"])
 def test_a_signal_stops_the_running_calls_and_starts_none(tmp_path: Path, target: str) -> None:
     # A pool given every call at once (as benchmarks/*.py had) dies with the main process and
