@@ -192,6 +192,8 @@ def _mismatches(m: _Match, text: str) -> list[Finding]:
     return out
 
 
+#: A number in prose: not inside a word, except after "x" (``x1.07``) and before "x" ("1.2x").
+_PROSE_NUMBER = r"(?<![A-Za-wyz_\d.])\d+(?:,\d{3})*(?:\.\d+)?(?![A-Za-wyz_\d]|\.\d)"
 _SKIP = [r"```.*?```", r"<!--.*?-->", r"`[^`\n]*`", r"\]\([^)\s]*\)", r"https?://\S+"]
 
 
@@ -203,7 +205,7 @@ def numbers_of(text: str) -> list[tuple[int, int]]:
         for m in re.finditer(pattern, text, flags=re.S):
             hidden[m.start():m.end()] = [True] * (m.end() - m.start())
     spans = []
-    for m in re.finditer(r"(?<![A-Za-wyz_\d.])\d+(?:,\d{3})*(?:\.\d+)?(?![A-Za-wyz_\d]|\.\d)", text):
+    for m in re.finditer(_PROSE_NUMBER, text):
         if not hidden[m.start()]:
             spans.append(m.span())
     return spans
