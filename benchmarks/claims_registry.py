@@ -310,8 +310,8 @@ def _(r: Results) -> dict[str, Value]:
        "there (at the paper's setting, per-seed ratios {clo}-{chi} on the checkerboard, "
        "{glo}-{ghi} on 8gaussians, {tlo}-{thi} on the table), but {w2} every one of the fresh "
        "seeds 3-5 (coef 1's seed 3 {c1}x, the late start's seed 4 {late}x), and its "
-       "trajectories are nearly straight (path length over displacement at the end {pc} vs {bc}, {pg} vs {bg}, "
-       "{pt} vs {bt})",
+       "trajectories are nearly straight (path length over displacement at the end {pc} vs "
+       "{bc}, {pg} vs {bg}, {pt} vs {bt})",
        "long.json goals.<w>.<arm>.test_nfe_ratio; long_fresh.json goals; long.json "
        "runs[*].probes[-1].path_ratio (median over seeds)")
 def _(r: Results) -> dict[str, Value]:
