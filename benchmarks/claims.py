@@ -32,7 +32,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Claim", "Exempt", "Finding", "Results", "check", "main", "numbers_of", "write"]
+__all__ = ["Claim", "Exempt", "Finding", "Located", "Results", "agrees", "check", "locate", "main",
+           "numbers_of", "render", "write"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -98,7 +99,8 @@ class Claim:
 @dataclass(frozen=True)
 class Exempt:
     """Numbers that are not benchmark results (a configuration value, a paper's figure, a
-    label), matched by ``pattern`` on ``page`` (``*``: every page), with the reason."""
+    label), matched by ``pattern`` on ``page`` (``*``: every page), with the reason. A space in
+    the pattern matches any run of whitespace."""
 
     page: str
     pattern: str
@@ -119,7 +121,9 @@ class Finding:
 
 
 @dataclass
-class _Match:
+class Located:
+    """A claim found on its page: computed values, and each slot's span and stated text."""
+
     claim: Claim
     values: dict[str, Value]
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -155,8 +159,9 @@ def render(stated: str, value: Value) -> str:
     return "0" if text in ("-0", "+0") else text
 
 
-def _locate(claim: Claim, pages: dict[str, str], results: Results
-            ) -> tuple[_Match | None, list[Finding]]:
+def locate(claim: Claim, pages: dict[str, str], results: Results
+           ) -> tuple[Located | None, list[Finding]]:
+    """Find ``claim`` on its page; None and the reason when it cannot be computed or found."""
     text = pages.get(claim.page)
     if text is None:
         return None, [Finding(claim.page, 0, claim.name, "page not found")]
@@ -172,14 +177,14 @@ def _locate(claim: Claim, pages: dict[str, str], results: Results
     if len(found) != 1:
         what = "not found" if not found else f"found {len(found)} times"
         return None, [Finding(claim.page, 0, claim.name, f"text {what}: {claim.text!r}")]
-    m = _Match(claim, values)
+    m = Located(claim, values)
     for slot in claim.slots():
         m.spans[slot] = found[0].span(slot)
         m.stated[slot] = found[0].group(slot)
     return m, []
 
 
-def _mismatches(m: _Match, text: str) -> list[Finding]:
+def _mismatches(m: Located, text: str) -> list[Finding]:
     out = []
     for slot, stated in m.stated.items():
         value = m.values[slot]
@@ -211,7 +216,7 @@ def numbers_of(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _covered(text: str, page: str, matches: Iterable[_Match], exempt: Iterable[Exempt]
+def _covered(text: str, page: str, matches: Iterable[Located], exempt: Iterable[Exempt]
              ) -> list[bool]:
     cover = [False] * len(text)
     for m in matches:
@@ -219,7 +224,8 @@ def _covered(text: str, page: str, matches: Iterable[_Match], exempt: Iterable[E
             cover[a:b] = [True] * (b - a)
     for e in exempt:
         if e.page in ("*", page):
-            for found in re.finditer(e.pattern, text, flags=re.S):
+            # a space in the pattern matches any run of whitespace: the prose is wrapped
+            for found in re.finditer(e.pattern.replace(" ", r"\s+"), text, flags=re.S):
                 cover[found.start():found.end()] = [True] * (found.end() - found.start())
     return cover
 
@@ -229,16 +235,19 @@ def load_pages(root: Path, names: Iterable[str]) -> dict[str, str]:
 
 
 def check(claims: list[Claim], exempt: list[Exempt], pages: dict[str, str],
-          results: Results, coverage: bool = True) -> list[Finding]:
+          results: Results, coverage: bool = True, pending: Iterable[str] = ()
+          ) -> list[Finding]:
     """Every problem: a claim not found or differing from its data, a name used twice, and
-    (with ``coverage``) a number on a page that no claim and no exemption covers."""
+    (with ``coverage``) a number on a page that no claim and no exemption covers. On the
+    ``pending`` pages such a number is reported as ``pending`` instead of ``uncovered``: a
+    page whose registration is not finished (the registry says why)."""
     findings: list[Finding] = []
     names = [c.name for c in claims]
     for name in sorted({n for n in names if names.count(n) > 1}):
         findings.append(Finding("-", 0, name, "claim name registered twice"))
     matches = []
     for claim in claims:
-        m, problems = _locate(claim, pages, results)
+        m, problems = locate(claim, pages, results)
         findings += problems
         if m is not None:
             matches.append(m)
@@ -249,7 +258,8 @@ def check(claims: list[Claim], exempt: list[Exempt], pages: dict[str, str],
             for a, b in numbers_of(text):
                 if not all(cover[a:b]):
                     context = text[max(0, a - 40):b + 20].replace("\n", " ")
-                    findings.append(Finding(page, _line(text, a), "uncovered",
+                    kind = "pending" if page in pending else "uncovered"
+                    findings.append(Finding(page, _line(text, a), kind,
                                             f"{text[a:b]} is in no claim and not exempt: "
                                             f"...{context}..."))
     return findings
@@ -260,7 +270,7 @@ def write(claims: list[Claim], pages: dict[str, str], results: Results) -> dict[
     out = dict(pages)
     edits: dict[str, list[tuple[int, int, str]]] = {}
     for claim in claims:
-        m, _ = _locate(claim, pages, results)
+        m, _ = locate(claim, pages, results)
         if m is not None:
             for slot, (a, b) in m.spans.items():
                 edits.setdefault(claim.page, []).append(
@@ -275,7 +285,7 @@ def write(claims: list[Claim], pages: dict[str, str], results: Results) -> dict[
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (1 when ``--check`` finds a problem)."""
-    from benchmarks.claims_registry import CLAIMS, EXEMPT, PAGES
+    from benchmarks.claims_registry import CLAIMS, EXEMPT, PAGES, PENDING
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.claims",
                                      description=__doc__.split("\n\n")[0])
@@ -283,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--check", action="store_true", help="compare every claim with its data")
     mode.add_argument("--write", action="store_true", help="rewrite the claims from the data")
     mode.add_argument("--uncovered", action="store_true",
-                      help="list the numbers that no claim and no exemption covers")
+                      help="list the numbers that no claim and no exemption covers, on every "
+                           "page (pending ones too)")
     mode.add_argument("--list", action="store_true", help="list the claims and their values")
     parser.add_argument("--root", type=Path, default=ROOT,
                         help="the folder holding README.md and docs/ (default: this checkout)")
@@ -306,15 +317,17 @@ def main(argv: list[str] | None = None) -> int:
         for claim in CLAIMS:
             print(f"{claim.page}: {claim.name} = {claim.compute(results)}  ({claim.source})")
         return 0
-    findings = check(CLAIMS, EXEMPT, pages, results)
-    if args.uncovered:
-        findings = [f for f in findings if f.claim == "uncovered"]
-    for f in findings:
-        print(f)
+    findings = check(CLAIMS, EXEMPT, pages, results, pending=PENDING)
+    problems = [f for f in findings if f.claim != "pending"]
+    for f in findings if args.uncovered else problems:
+        if not args.uncovered or f.claim in ("uncovered", "pending"):
+            print(f)
     numbers = sum(len(numbers_of(t)) for t in pages.values())
+    waiting = len(findings) - len(problems)
     print(f"{len(CLAIMS)} claims, {numbers} numbers on {len(pages)} pages: "
-          f"{len(findings)} problem(s)", file=sys.stderr)
-    return 1 if findings and args.check else 0
+          f"{len(problems)} problem(s); {waiting} number(s) on pages whose registration is "
+          f"pending ({', '.join(PENDING) or 'none'}: --uncovered lists them)", file=sys.stderr)
+    return 1 if problems and args.check else 0
 
 
 if __name__ == "__main__":
