@@ -266,15 +266,16 @@ def check(claims: list[Claim], exempt: list[Exempt], pages: dict[str, str],
 
 
 def write(claims: list[Claim], pages: dict[str, str], results: Results) -> dict[str, str]:
-    """The pages with every found claim's slots set to the computed values."""
+    """The pages with every slot that disagrees with its data set to the computed value."""
     out = dict(pages)
     edits: dict[str, list[tuple[int, int, str]]] = {}
     for claim in claims:
         m, _ = locate(claim, pages, results)
         if m is not None:
             for slot, (a, b) in m.spans.items():
-                edits.setdefault(claim.page, []).append(
-                    (a, b, render(m.stated[slot], m.values[slot])))
+                if not agrees(m.stated[slot], m.values[slot]):  # a tie at .5 stays as written
+                    edits.setdefault(claim.page, []).append(
+                        (a, b, render(m.stated[slot], m.values[slot])))
     for page, page_edits in edits.items():
         text = pages[page]
         for a, b, new in sorted(page_edits, reverse=True):

@@ -1,0 +1,162 @@
+"""The numbers in README.md and docs/*.md agree with benchmarks/results/*.json, and the check
+that says so fails when one of them is one unit off in its last printed digit."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def claims(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(ROOT))
+    return importlib.import_module("benchmarks.claims")
+
+
+@pytest.fixture
+def registry(claims: ModuleType) -> ModuleType:
+    return importlib.import_module("benchmarks.claims_registry")
+
+
+def _pages(registry: ModuleType) -> dict[str, str]:
+    return {p: (ROOT / p).read_text() for p in registry.PAGES}
+
+
+def _problems(claims: ModuleType, registry: ModuleType, pages: dict[str, str]) -> list:
+    found = claims.check(registry.CLAIMS, registry.EXEMPT, pages, claims.Results(),
+                         pending=registry.PENDING)
+    return [f for f in found if f.claim != "pending"]
+
+
+def _one_unit_off(stated: str) -> str:
+    """The stated number with its last digit moved by one (up, or down from a 9)."""
+    last = int(stated[-1])
+    return stated[:-1] + str(last + 1 if last < 9 else last - 1)
+
+
+def test_the_documented_command_passes_on_the_committed_pages() -> None:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.claims", "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 problem(s)" in proc.stderr
+
+
+# Claims from every page that has them, numbers of every kind: a ratio, a count, a signed
+# difference, a percentage, a median's range, a seconds figure, an NFE count.
+MUTATED = [("readme.frontier.bullet", "gr"), ("readme.frontier.bullet", "c1k"),
+           ("readme.fresh.lever", "flo"), ("readme.step_speed", "vtf"),
+           ("readme.long.c1_quality", "hi"), ("results.step_cost.goal", "lo"),
+           ("results.frontier.fresh", "r4"), ("results.frontier.checkerboard", "g1"),
+           ("results.sweep.large_coef", "nlo"), ("results.long.shorter", "lo"),
+           ("results.late.counts", "k"), ("attach.dropin", "d"), ("data.cache", "hit")]
+
+
+@pytest.mark.parametrize(("name", "slot"), MUTATED)
+def test_one_unit_in_the_last_digit_fails(claims: ModuleType, registry: ModuleType,
+                                          name: str, slot: str) -> None:
+    [claim] = [c for c in registry.CLAIMS if c.name == name]
+    pages = _pages(registry)
+    located, problems = claims.locate(claim, pages, claims.Results())
+    assert located is not None, problems
+    a, b = located.spans[slot]
+    stated = pages[claim.page][a:b]
+    off = _one_unit_off(stated)
+    pages[claim.page] = pages[claim.page][:a] + off + pages[claim.page][b:]
+    problems = _problems(claims, registry, pages)
+    assert [(f.page, f.claim) for f in problems] == [(claim.page, name)]
+    message = str(problems[0])
+    line = pages[claim.page].count("\n", 0, a) + 1
+    assert message.startswith(f"{claim.page}:{line}: [{name}] {slot}: the page states {off},")
+    assert f"source {claim.source}" in message
+    # --write puts the data's value back, digit for digit
+    assert claims.write(registry.CLAIMS, pages, claims.Results()) == _pages(registry)
+
+
+def test_the_command_names_the_claim_and_exits_1(tmp_path: Path, registry: ModuleType,
+                                                claims: ModuleType) -> None:
+    for page in registry.PAGES:
+        (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / page, tmp_path / page)
+    text = (tmp_path / "docs/data.md").read_text()
+    assert "0.04 s cache hit" in text
+    (tmp_path / "docs/data.md").write_text(text.replace("0.04 s cache hit", "0.05 s cache hit"))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.claims", "--check", "--root",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    assert "docs/data.md:28: [data.cache] hit: the page states 0.05, the data says 0.0416131" \
+        in proc.stdout
+    assert "data_cache.json" in proc.stdout
+    # ... and --write repairs the copy
+    subprocess.run([sys.executable, "-m", "benchmarks.claims", "--write", "--root",
+                    str(tmp_path)], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "docs/data.md").read_text() == text
+
+
+def test_a_word_the_data_does_not_say_fails(claims: ModuleType, registry: ModuleType) -> None:
+    pages = _pages(registry)
+    before = "but not every one of the fresh seeds"
+    assert pages["docs/results.md"].count(before) == 1
+    pages["docs/results.md"] = pages["docs/results.md"].replace(
+        before, "but also every one of the fresh seeds")
+    [problem] = _problems(claims, registry, pages)
+    assert problem.claim == "results.long.test_nfe_every"
+    assert "the page states also, the data says not" in problem.message
+
+
+def test_a_number_in_no_claim_fails(claims: ModuleType, registry: ModuleType) -> None:
+    pages = _pages(registry)
+    pages["README.md"] += "\nTPR trains 2.5x faster.\n"
+    [problem] = _problems(claims, registry, pages)
+    assert problem.claim == "uncovered" and "2.5 is in no claim" in problem.message
+    # a claim whose text is gone is a problem too
+    pages = _pages(registry)
+    pages["docs/data.md"] = pages["docs/data.md"].replace("s first setup", "s to set up")
+    assert [f.claim for f in _problems(claims, registry, pages)] == ["data.cache", "uncovered",
+                                                                     "uncovered", "uncovered"]
+
+
+@pytest.mark.parametrize(("stated", "value", "holds"), [
+    ("0.83", 0.8333, True), ("0.84", 0.8333, False), ("0.82", 0.8333, False),
+    ("0.83", 0.8251, True), ("0.83", 0.8249, False), ("+0.020", 0.0203, True),
+    ("-0.002", -0.0024, True), ("-0.002", 0.0024, False), ("10,000", 10000, True),
+    ("3", 3, True), ("4", 3, False), ("every", "every", True), ("every", "not", False)])
+def test_agreement_is_at_the_printed_precision(claims: ModuleType, stated: str, value: object,
+                                               holds: bool) -> None:
+    assert claims.agrees(stated, value) is holds
+
+
+def test_render_keeps_the_page_style(claims: ModuleType) -> None:
+    assert claims.render("+0.020", 0.0125) == "+0.013"
+    assert claims.render("+0.020", -0.0125) == "-0.013"
+    assert claims.render("0.83", 0.8125) == "0.81"
+    assert claims.render("10,000", 12345.4) == "12,345"
+    assert claims.render("every", "not") == "not"
+
+
+def _curve(points: list[tuple[float, float, float]]) -> list[dict[str, float]]:
+    return [{"tol": t, "test_nll": nll, "test_nfe": nfe} for t, nll, nfe in points]
+
+
+def test_converged_targets_ignore_a_loose_point_that_reads_low(claims: ModuleType,
+                                                               registry: ModuleType) -> None:
+    # TPR's 1e-2 point reads 0.02 below its converged NLL (3.600, at 1e-6). On the frontier's
+    # rule that point would set the target to 3.590 and the baseline would never reach it;
+    # on converged targets the target is 3.600 + 0.01 and both models get there.
+    base = _curve([(1e-2, 3.615, 30.0), (1e-3, 3.606, 60.0), (1e-6, 3.605, 200.0)])
+    tpr = _curve([(1e-2, 3.580, 40.0), (1e-3, 3.601, 50.0), (1e-6, 3.600, 150.0)])
+    payload = {"base_arm": "base", "margin": 0.01, "tie": 0.05,
+               "curves_by_key": [[["w", "base", 0], base], [["w", "tpr", 0], tpr]]}
+    [entry] = registry.frontier_converged(lambda name: payload, "any")["w", "tpr"]
+    assert (entry["nfe"], entry["base_nfe"]) == (40.0, 60.0)  # cheapest at or below 3.61
+    assert entry["ratio"] == pytest.approx(40 / 60) and entry["verdict"] == "wins"
+    assert entry["gap"] == pytest.approx(-0.005)
+    assert entry["gaps"] == pytest.approx([-0.035, -0.005, -0.005])
