@@ -18,7 +18,6 @@ from polyreg_cnf.app import config as C
 from polyreg_cnf.app.build import build
 from polyreg_cnf.app.config import (
     ConfigError,
-    RunConfig,
     command_line,
     dump_config,
     load_config,
@@ -65,12 +64,66 @@ REGISTRIES = {
 }
 
 
+def _net(**kwargs):
+    from polyreg_cnf.engine.nets import ODENet
+
+    return ODENet(2, (4,), **kwargs)
+
+
+def _cnf(**kwargs):
+    from polyreg_cnf.engine.cnf import CNF
+
+    return CNF(_net(), **kwargs)
+
+
+def _solver(**kwargs):
+    from polyreg_cnf.engine.solver import SolverConfig
+
+    return SolverConfig(**kwargs)
+
+
+def _vae(**kwargs):
+    return CNFVAE((1, 28, 28), z_dim=2, hidden_dims=(4,), rank=1, feature_dim=4, mlp_hidden=4,
+                  **kwargs)
+
+
+# The component that consumes each option, built with one value of it: the choices the command
+# line offers must be the values the component itself accepts, no more and no fewer.
+CONSUMERS = {
+    "layer_type": lambda v: _net(layer_type=v), "nonlinearity": lambda v: _net(nonlinearity=v),
+    "trace": lambda v: _cnf(trace=v), "eval_trace": lambda v: _cnf(eval_trace=v),
+    "noise": lambda v: _cnf(noise=v), "divergence": lambda v: _cnf(divergence=v),
+    "posterior": lambda v: _vae(posterior=v), "architecture": lambda v: _vae(architecture=v),
+    "solver": lambda v: _solver(method=v, step_size=0.1), "backprop": lambda v: _solver(backprop=v),
+    "poly_preset": PolynomialTrajectoryRegularizer.from_preset,
+    "lr_schedule": lambda v: CNFDensityEstimator(2, lr_schedule=v),
+}
+
+
+def _listed_in(message):
+    """The valid values a component's error lists ("...; valid: a, b" or "must be one of a, b,
+    got ..." / "... or a Backprop object")."""
+    import re
+
+    found = re.search(r"(?:valid: |must be one of )(.*?)(?: or a \w+ object)?(?:, got .*)?$",
+                      message)
+    assert found, message
+    return tuple(found.group(1).split(", "))
+
+
 def test_every_choice_list_is_its_registry():
     with_choices = {n: s.choices for n, s in options().items() if s.choices is not None}
     assert with_choices == REGISTRIES
     for action in PARSER._actions:  # the flags offer the same lists
         if action.dest in REGISTRIES:
             assert tuple(action.choices) == REGISTRIES[action.dest], action.dest
+    assert set(CONSUMERS) == set(with_choices) - {"model", "reg", "logger"}
+    for name, consume in CONSUMERS.items():
+        for choice in with_choices[name]:  # every offered value builds its component ...
+            consume(choice)
+        with pytest.raises(ValueError) as info:  # ... which accepts exactly those values
+            consume("bogus")
+        assert _listed_in(str(info.value)) == with_choices[name], name
     assert {"explicit_adams", "implicit_adams"} <= set(with_choices["solver"])
     assert C.REGULARIZERS == {"none": None, "poly": PolynomialTrajectoryRegularizer,
                               "kinetic": KineticRegularizer}
@@ -333,12 +386,18 @@ def test_build_sizes_tabular_networks_from_the_data(tmp_path):
 
 
 def test_build_refuses_a_missing_checkpoint_and_a_non_config(tmp_path):
-    config = resolve({**FAST, "logger": "none", "output_dir": str(tmp_path)})
+    config = resolve({**FAST, "logger": "none", "output_dir": str(tmp_path / "runs")})
+    with pytest.raises(TypeError, match="config must be a RunConfig .*, got dict"):
+        build(dataclasses.asdict(config))
+    assert not (tmp_path / "runs").exists()  # refused before anything was made
     with pytest.raises(ValueError, match="nope.ckpt' is not a file"):
         build(config, ckpt_path=tmp_path / "nope.ckpt")
-    with pytest.raises(TypeError, match="config must be a RunConfig"):
-        build(dataclasses.asdict(config))
-    assert isinstance(config, RunConfig)
+    with pytest.raises(ValueError, match="is not a file"):  # a folder is no checkpoint either
+        build(config, ckpt_path=tmp_path)
+    # an existing file is what the run resumes from
+    ckpt = tmp_path / "given.ckpt"
+    ckpt.write_bytes(b"")
+    assert build(config, ckpt_path=ckpt).ckpt_path == str(ckpt)
 
 
 def test_poly_preset_gives_the_paper_settings_and_flags_override_it():
@@ -366,6 +425,19 @@ def _plain(hparams):
     return json.loads(json.dumps(dict(hparams), default=list))
 
 
+# The published settings, written out here rather than read from the classes: FFJORD's toy
+# network (Grathwohl et al. 2019, 3 x 64 concatsquash, tanh) and its MNIST VAE (z 64, two
+# amortized blocks of 1024-1024, rank 64, softplus, T 0.5), both at the TPR paper's tolerances.
+PUBLISHED = {
+    "cnf": {"hidden_dims": [64, 64, 64], "layer_type": "concatsquash", "nonlinearity": "tanh",
+            "num_blocks": 1, "T": 1.0, "trace": "hutchinson", "eval_trace": "exact",
+            "noise": "rademacher", "lr": 1e-3},
+    "vae": {"z_dim": 64, "posterior": "amortized", "hidden_dims": [1024, 1024], "rank": 64,
+            "nonlinearity": "softplus", "num_blocks": 2, "T": 0.5, "trace": "hutchinson",
+            "eval_trace": "exact", "lr": 5e-4, "warmup_epochs": 100, "architecture": "conv"},
+}
+
+
 @pytest.mark.parametrize("model,data,shape", [
     ("cnf", "checkerboard", None),  # the toy network is every default
     ("vae", "mnist", (1, 28, 28)),  # FFJORD's published MNIST VAE is CNFVAE's defaults
@@ -387,7 +459,15 @@ def test_a_directly_built_model_resolves_the_settings_train_py_does(model, data,
         built = make_model(config, SimpleNamespace(image_shape=shape, likelihood="bernoulli"))
         direct = CNFVAE(shape, "bernoulli")
     assert _plain(built.hparams) == _plain(direct.hparams)
-    # the tolerances in force, one source: 1e-4 while training, 1e-5 in evaluation (paper)
-    assert built.hparams["solver"]["atol"] == 1e-4 and built.hparams["solver"]["eval_atol"] == 1e-5
+    for hparams in (_plain(built.hparams), _plain(direct.hparams)):
+        assert {k: hparams[k] for k in PUBLISHED[model]} == PUBLISHED[model]
+        # the tolerances in force: 1e-4 while training, 1e-5 in evaluation (paper), dopri5
+        assert {k: hparams["solver"][k] for k in ("method", "atol", "rtol", "eval_atol",
+                                                  "eval_rtol")} == \
+            {"method": "dopri5", "atol": 1e-4, "rtol": 1e-4, "eval_atol": 1e-5, "eval_rtol": 1e-5}
+    # the regularizers: the paper's coef 5, K 2, m 1; RNODE's published 0.01 and 0.01
+    published = {"poly": {"coef": 5.0, "num_samples": 2, "order": 1, "start_step": 0},
+                 "kinetic": {"kinetic_coef": 0.01, "jacobian_coef": 0.01}}
     for reg, cls in (("poly", PolynomialTrajectoryRegularizer), ("kinetic", KineticRegularizer)):
-        assert config.replace(reg=reg).regularizer().settings() == cls().settings()
+        assert config.replace(reg=reg).regularizer().settings() == cls().settings() == \
+            published[reg]
