@@ -64,6 +64,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _group_gone(pgid: int, seconds: float = 20.0) -> bool:
+    """Whether every process of the script's session (its process group) is gone, polled up to
+    ``seconds``. Once the group is empty no process is left that could start a call, so what
+    the calls wrote is final: no sleep has to guess how long a stray worker takes."""
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+
+
 def _start(tmp_path: Path, mode: str) -> subprocess.Popen:
     script = tmp_path / "pool_script.py"
     script.write_text(SCRIPT)
@@ -101,9 +116,11 @@ def test_a_signal_stops_the_running_calls_and_starts_none(tmp_path: Path, target
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM: 0 of 4 calls finished" in err
     assert (out / "stopped-0").exists() and (out / "stopped-1").exists()
-    time.sleep(1.0)  # time for a wrongly surviving worker to take a queued call
-    assert sorted(p.name for p in out.glob("started-*")) == ["started-0", "started-1"]
+    # A stray worker (one the pool did not shut down) keeps the group alive: it either waits
+    # for work or runs a queued call, which lasts 30 s, longer than the 20 s allowed here.
+    assert _group_gone(proc.pid), "a worker outlived the pool"
     assert not any(_alive(pid) for pid in workers)
+    assert sorted(p.name for p in out.glob("started-*")) == ["started-0", "started-1"]
 
 
 def test_a_failed_call_starts_none_and_lets_the_running_one_finish(tmp_path: Path) -> None:
