@@ -73,6 +73,8 @@ class Claim:
         source: The results file and key the values come from, for messages.
         compute: Computes every slot's value from :class:`Results`: floats and ints are
             compared at the page's printed precision, strings exactly.
+        table_after: For a table row: the text (a heading) after which the row's table is
+            the first one on the page; the row must occur exactly once in that table.
     """
 
     name: str
@@ -80,6 +82,7 @@ class Claim:
     text: str
     source: str
     compute: Callable[[Results], dict[str, Value]]
+    table_after: str = ""
 
     def slots(self) -> list[str]:
         return re.findall(r"\{(\w+)\}", self.text)
@@ -130,6 +133,22 @@ class Located:
     stated: dict[str, str] = field(default_factory=dict)
 
 
+def table_region(text: str, after: str) -> tuple[int, int]:
+    """Start and end of the first table (consecutive lines starting with ``|``) after the
+    only occurrence of ``after``."""
+    if text.count(after) != 1:
+        raise ValueError(f"table anchor found {text.count(after)} times: {after!r}")
+    pos = text.index(after)
+    start = text.find("\n|", pos)
+    if start < 0:
+        raise ValueError(f"no table after {after!r}")
+    end = start + 1
+    while text.startswith("|", end):
+        nl = text.find("\n", end)
+        end = len(text) if nl < 0 else nl + 1
+    return start + 1, end
+
+
 def _line(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
@@ -173,7 +192,13 @@ def locate(claim: Claim, pages: dict[str, str], results: Results
     if set(values) != set(claim.slots()):
         return None, [Finding(claim.page, 0, claim.name,
                               f"computes {sorted(values)}, the text has {claim.slots()}")]
-    found = list(claim.pattern(values).finditer(text))
+    start, end = 0, len(text)
+    if claim.table_after:
+        try:
+            start, end = table_region(text, claim.table_after)
+        except ValueError as exc:
+            return None, [Finding(claim.page, 0, claim.name, str(exc))]
+    found = list(claim.pattern(values).finditer(text, start, end))
     if len(found) != 1:
         what = "not found" if not found else f"found {len(found)} times"
         return None, [Finding(claim.page, 0, claim.name, f"text {what}: {claim.text!r}")]
