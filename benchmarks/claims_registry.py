@@ -597,6 +597,77 @@ for _w, _lasts in FULL_LAST.items():
             table_after=f"**{_w}** ("))
 
 
+
+# --- docs/results.md: the long suite's goal table and the sweep's table -----------------------
+
+def _per_seed(values: list[float | None]) -> list[Value]:
+    return ["never" if v is None else v for v in values]
+
+
+def _long_row(workload: str, arm: str) -> Callable[[Results], dict[str, Value]]:
+    def compute(r: Results) -> dict[str, Value]:
+        g = r("long")["goals"][workload][arm]
+        speed = g["speedup_within_0.01_per_seed"]["per_seed"]
+        out: dict[str, Value] = {"sp": median([0.0 if v is None else v for v in speed])}
+        out |= {f"p{i}": v for i, v in enumerate(_per_seed(speed))}
+        for key, name, scale in (("forward_nfe_last10pct_reduction", "f", 100.0),
+                                 ("test_nll_diff", "d", 1.0), ("test_nfe_ratio", "t", 1.0)):
+            out |= {name: scale * g[key]["median"], name + "lo": scale * g[key]["min"],
+                    name + "hi": scale * g[key]["max"]}
+        return out
+    return compute
+
+
+for _w, _wl in (("checkerboard", "checkerboard"), ("8gaussians", "8gaussians"),
+                ("mixture16", "table (16-D)")):
+    for _arm, _al in (("tpr_fast", "paper"), ("tpr_fast_c1", "coef 1")):
+        _al = "paper (coef 5)" if (_w, _arm) == ("checkerboard", "tpr_fast") else _al
+        _bold = "**" if (_w, _arm) == ("mixture16", "tpr_fast") else ""
+        CLAIMS.append(Claim(
+            f"results.long.{_w}.{_arm}", RESULTS_MD,
+            f"| {_wl} | {_al} | {{sp}}x ({{p0}}, {{p1}}, {{p2}}) | {{f}} % [{{flo}}, {{fhi}}] | "
+            f"{_bold}{{d}} [{{dlo}}, {{dhi}}]{_bold} | {{t}}x [{{tlo}}, {{thi}}] |",
+            f"long.json goals.{_w}.{_arm}.{{speedup_within_0.01_per_seed,"
+            "forward_nfe_last10pct_reduction,test_nll_diff,test_nfe_ratio}",
+            _long_row(_w, _arm)))
+
+
+def _sweep_row(arm: str) -> Callable[[Results], dict[str, Value]]:
+    def compute(r: Results) -> dict[str, Value]:
+        data = r("sweep")
+        out: dict[str, Value] = {}
+        for k, w in (("c", "checkerboard"), ("t", "mixture16")):
+            s, b = data["summary"][w][arm], data["summary"][w]["ffjord_direct"]
+            f, nfe = s["forward_nfe_last10pct"]["median"], s["test_nfe"]["median"]
+            out |= {k + "f": f, k + "nfe": nfe, k + "nll": s["test_nll"]["median"]}
+            if arm != "ffjord_direct":
+                bf, bn = b["forward_nfe_last10pct"]["median"], b["test_nfe"]["median"]
+                out |= {k + "fp": pct(f / bf - 1), k + "np": pct(nfe / bn - 1)}
+                speed = data["goals"][w][arm]["nfe_speedup_within_0.01"]
+                out[k + "sp"] = "never" if speed is None else speed
+            else:
+                out[k + "sp"] = 1.0
+        return out
+    return compute
+
+
+for _arm, _label in (("ffjord_direct", "(3b) no TPR"),
+                     ("tpr_fast", "TPR, paper (coef 5, K 2, m 1)"), ("tpr_fast_c1", "coef 1"),
+                     ("tpr_fast_c20", "coef 20"), ("tpr_fast_c50", "coef 50"),
+                     ("tpr_fast_k4", "K = 4"), ("tpr_fast_m2", "m = 2")):
+    _cells = [f"{{{k}f}} ({{{k}fp}} %) | {{{k}nfe}} ({{{k}np}} %) | {{{k}nll}}" for k in "ct"]
+    if _arm == "ffjord_direct":
+        _cells = [f"{{{k}f}} | {{{k}nfe}} | {{{k}nll}}" for k in "ct"]
+    _sp = ["{csp}x" if _arm in ("ffjord_direct", "tpr_fast_c1", "tpr_fast_m2") else "{csp}",
+           "{tsp}" if _arm == "tpr_fast_c50" else "{tsp}x"]
+    CLAIMS.append(Claim(
+        f"results.sweep.{_arm}", RESULTS_MD,
+        f"| {_label} | {_cells[0]} | {_sp[0]} | {_cells[1]} | {_sp[1]} |",
+        f"sweep.json summary.<workload>.{_arm}.{{forward_nfe_last10pct,test_nfe,test_nll}}"
+        f".median against ffjord_direct; goals.<workload>.{_arm}.nfe_speedup_within_0.01",
+        _sweep_row(_arm)))
+
+
 # --- numbers that are not benchmark results ----------------------------------------------------
 
 EXEMPT: list[Exempt] = [
