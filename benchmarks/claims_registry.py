@@ -668,6 +668,114 @@ for _arm, _label in (("ffjord_direct", "(3b) no TPR"),
         _sweep_row(_arm)))
 
 
+
+# --- docs/results.md: the step cost, engineering, checkerboard and VAE tables -----------------
+
+def _step_cost_row(file: str, preset: str, bwd: bool) -> Callable[[Results], dict[str, Value]]:
+    def compute(r: Results) -> dict[str, Value]:
+        [row] = [x for x in r(file)["summary"] if x["preset"] == preset]
+        out: dict[str, Value] = {
+            "sn": row["seconds_none"], "sp": row["seconds_poly"], "ratio": row["ratio"],
+            "fn": row["forward_none"], "fp": row["forward_poly"],
+            "goal": "met" if row["met"] else "not"}
+        if bwd:
+            out |= {"bn": row["backward_none"], "bp": row["backward_poly"]}
+        return out
+    return compute
+
+
+for _file, _preset, _label, _nfe, _bp in (
+        ("step_cost", "toy", "toy (checkerboard)", "", "direct"),
+        ("step_cost", "power", "tabular: power (stand-in file, 5 blocks)", "", "direct"),
+        ("step_cost", "miniboone", "tabular: miniboone (stand-in file)", "", "direct"),
+        ("step_cost", "table", "user table (16-D mixture)", "", "direct"),
+        ("step_cost", "vae", "VAE digits preset", "", "direct"),
+        ("step_cost", "front_door", "front door `train.py --model vae --reg ...` (whole run)",
+         "", "direct"),
+        ("step_cost", "front_door_adjoint", "front door with `--backprop adjoint` (the old "
+         "default)", " (bwd {bn} / {bp})", "adjoint"),
+        ("step_cost_door", "front_door_bounded", "front door when direct backprop does not fit "
+         "(auto's memory-bounded path: adjoint for none, step checkpoints for poly)",
+         " (bwd {bn} / {bp})", "adjoint / checkpoint")):
+    _verdict = "{goal} met" if _preset == "front_door_adjoint" else "{goal}"
+    CLAIMS.append(Claim(
+        f"results.{_file}.{_preset}", RESULTS_MD,
+        f"| {_label} | {{sn}} | {{sp}} | {{ratio}} | {{fn}} / {{fp}}{_nfe} | {_bp} | "
+        f"{_verdict} |",
+        f"{_file}.json summary[preset={_preset}]", _step_cost_row(_file, _preset, bool(_nfe))))
+
+
+def _engineering_row(arm: str) -> Callable[[Results], dict[str, Value]]:
+    def compute(r: Results) -> dict[str, Value]:
+        s = r("engineering")["summary"]["checkerboard"]
+
+        def med(a: str, key: str) -> float:  # a median, or the value of a one-seed entry
+            v = s[a][key]
+            return v["median"] if isinstance(v, dict) else v
+
+        out: dict[str, Value] = {"f": med(arm, "forward_nfe"), "b": med(arm, "backward_nfe"),
+                                 "s": med(arm, "seconds_per_step"), "nll": med(arm, "test_nll")}
+        if arm.startswith("tpr_") and arm != "tpr_paper":
+            out["vs"] = med("tpr_paper", "seconds_per_step") / med(arm, "seconds_per_step")
+        return out
+    return compute
+
+
+for _arm, _label in (("ffjord_matched", "(3) FFJORD 1e-4, stock adjoint (reference)"),
+                     ("tpr_paper", "(2) TPR, stock adjoint"),
+                     ("tpr_seminorm", "(2s) TPR, stock seminorm adjoint"),
+                     ("tpr_carry_only", "(2c) TPR, restart-free adjoint"),
+                     ("tpr_carry", "(5a) TPR, restart-free seminorm adjoint"),
+                     ("tpr_fast", "(5) TPR, direct backprop"),
+                     ("tpr_fast_exact", "(5e) TPR, direct backprop + exact trace"),
+                     ("ffjord_direct", "(3b) FFJORD 1e-4, direct backprop")):
+    _vs = "{vs}x" if _arm.startswith("tpr_") and _arm != "tpr_paper" else (
+        "1.00x" if _arm == "tpr_paper" else "-")
+    CLAIMS.append(Claim(
+        f"results.engineering.{_arm}", RESULTS_MD,
+        f"| {_label} | {{f}} / {{b}} | {{s}} | {_vs} | {{nll}} |",
+        f"engineering.json summary.checkerboard.{_arm} (medians over seeds 0-2)",
+        _engineering_row(_arm)))
+
+
+def _checkerboard_row(arm: str) -> Callable[[Results], dict[str, Value]]:
+    def compute(r: Results) -> dict[str, Value]:
+        [row] = [x for x in r("checkerboard_tpr")["rows"] if x["arm"] == arm]
+        out: dict[str, Value] = {
+            "f": row["forward_nfe_last100"], "b": row["backward_nfe_last100"],
+            "nll": row["test_nll"], "nfe": row["test_nfe"], "s": row["seconds_per_step"]}
+        if row["penalty_share_of_step"] is not None:
+            out["share"] = pct(row["penalty_share_of_step"])
+        return out
+    return compute
+
+
+for _arm, _label in (("ffjord_matched", "FFJORD, no regularizer"),
+                     ("tpr_paper", "TPR, torchdiffeq's adjoint (as in the paper)"),
+                     ("tpr_carry", "TPR, restart-free adjoint (default)")):
+    _share = "-" if _arm == "ffjord_matched" else "{share} %"
+    CLAIMS.append(Claim(
+        f"results.checkerboard_tpr.{_arm}", RESULTS_MD,
+        f"| {_label} | {{f}} | {{b}} | {{nll}} | {{nfe}} | {{s}} | {_share} |",
+        f"checkerboard_tpr.json rows[arm={_arm}]", _checkerboard_row(_arm)))
+
+
+def _vae_digits_row(arm: str) -> Callable[[Results], dict[str, Value]]:
+    def compute(r: Results) -> dict[str, Value]:
+        s = r("vae_digits")["summary"][arm]
+        return {k: s[key]["median"] for k, key in (
+            ("elbo", "test_neg_elbo"), ("nll", "test_is_nll"), ("f", "forward_nfe"),
+            ("b", "backward_nfe"), ("s", "seconds_per_epoch"))}
+    return compute
+
+
+for _arm, _label in (("none", "no regularizer"), ("poly", "TPR (K = 2, m = 1, coef 5)")):
+    CLAIMS.append(Claim(
+        f"results.vae_digits.{_arm}", RESULTS_MD,
+        f"| {_label} | {{elbo}} | {{nll}} | {{f}} | {{b}} | {{s}} |",
+        f"vae_digits.json summary.{_arm}.<column>.median", _vae_digits_row(_arm)))
+
+
 # --- numbers that are not benchmark results ----------------------------------------------------
 
 EXEMPT: list[Exempt] = [
