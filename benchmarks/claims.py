@@ -224,16 +224,18 @@ def _mismatches(m: Located, text: str) -> list[Finding]:
 
 #: A number in prose: not inside a word, except after "x" (``x1.07``) and before "x" ("1.2x").
 _PROSE_NUMBER = r"(?<![A-Za-wyz_\d.])\d+(?:,\d{3})*(?:\.\d+)?(?![A-Za-wyz_\d]|\.\d)"
-_SKIP = [r"```.*?```", r"<!--.*?-->", r"`[^`\n]*`", r"\]\([^)\s]*\)", r"https?://\S+"]
+_SKIP = [r"```.*?```", r"<!--.*?-->", r"`[^`]+`", r"\]\([^)\s]*\)", r"https?://\S+"]
 
 
 def numbers_of(text: str) -> list[tuple[int, int]]:
     """Spans of the numbers in a page's prose: not in code, comments, link targets or URLs,
     and not part of a word (``x1``, ``2-D`` count as numbers, ``bench_v2`` does not)."""
     hidden = [False] * len(text)
-    for pattern in _SKIP:
-        for m in re.finditer(pattern, text, flags=re.S):
+    masked = text
+    for pattern in _SKIP:  # in order: code blocks first, so their backticks pair no further
+        for m in re.finditer(pattern, masked, flags=re.S):
             hidden[m.start():m.end()] = [True] * (m.end() - m.start())
+            masked = masked[:m.start()] + " " * (m.end() - m.start()) + masked[m.end():]
     spans = []
     for m in re.finditer(_PROSE_NUMBER, text):
         if not hidden[m.start()]:
