@@ -262,12 +262,9 @@ def load_pages(root: Path, names: Iterable[str]) -> dict[str, str]:
 
 
 def check(claims: list[Claim], exempt: list[Exempt], pages: dict[str, str],
-          results: Results, coverage: bool = True, pending: Iterable[str] = ()
-          ) -> list[Finding]:
+          results: Results, coverage: bool = True) -> list[Finding]:
     """Every problem: a claim not found or differing from its data, a name used twice, and
-    (with ``coverage``) a number on a page that no claim and no exemption covers. On the
-    ``pending`` pages such a number is reported as ``pending`` instead of ``uncovered``: a
-    page whose registration is not finished (the registry says why)."""
+    (with ``coverage``) a number on a page that no claim and no exemption covers."""
     findings: list[Finding] = []
     names = [c.name for c in claims]
     for name in sorted({n for n in names if names.count(n) > 1}):
@@ -285,8 +282,7 @@ def check(claims: list[Claim], exempt: list[Exempt], pages: dict[str, str],
             for a, b in numbers_of(text):
                 if not all(cover[a:b]):
                     context = text[max(0, a - 40):b + 20].replace("\n", " ")
-                    kind = "pending" if page in pending else "uncovered"
-                    findings.append(Finding(page, _line(text, a), kind,
+                    findings.append(Finding(page, _line(text, a), "uncovered",
                                             f"{text[a:b]} is in no claim and not exempt: "
                                             f"...{context}..."))
     return findings
@@ -313,7 +309,7 @@ def write(claims: list[Claim], pages: dict[str, str], results: Results) -> dict[
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (1 when ``--check`` finds a problem)."""
-    from benchmarks.claims_registry import CLAIMS, EXEMPT, PAGES, PENDING
+    from benchmarks.claims_registry import CLAIMS, EXEMPT, PAGES
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.claims",
                                      description=__doc__.split("\n\n")[0])
@@ -321,8 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--check", action="store_true", help="compare every claim with its data")
     mode.add_argument("--write", action="store_true", help="rewrite the claims from the data")
     mode.add_argument("--uncovered", action="store_true",
-                      help="list the numbers that no claim and no exemption covers, on every "
-                           "page (pending ones too)")
+                      help="list the numbers that no claim and no exemption covers")
     mode.add_argument("--list", action="store_true", help="list the claims and their values")
     parser.add_argument("--root", type=Path, default=ROOT,
                         help="the folder holding README.md and docs/ (default: this checkout)")
@@ -345,17 +340,14 @@ def main(argv: list[str] | None = None) -> int:
         for claim in CLAIMS:
             print(f"{claim.page}: {claim.name} = {claim.compute(results)}  ({claim.source})")
         return 0
-    findings = check(CLAIMS, EXEMPT, pages, results, pending=PENDING)
-    problems = [f for f in findings if f.claim != "pending"]
-    for f in findings if args.uncovered else problems:
-        if not args.uncovered or f.claim in ("uncovered", "pending"):
+    findings = check(CLAIMS, EXEMPT, pages, results)
+    for f in findings:
+        if not args.uncovered or f.claim == "uncovered":
             print(f)
     numbers = sum(len(numbers_of(t)) for t in pages.values())
-    waiting = len(findings) - len(problems)
-    print(f"{len(CLAIMS)} claims, {numbers} numbers on {len(pages)} pages: "
-          f"{len(problems)} problem(s); {waiting} number(s) on pages whose registration is "
-          f"pending ({', '.join(PENDING) or 'none'}: --uncovered lists them)", file=sys.stderr)
-    return 1 if problems and args.check else 0
+    print(f"{len(CLAIMS)} claims and {len(EXEMPT)} exemptions, {numbers} numbers on "
+          f"{len(pages)} pages: {len(findings)} problem(s)", file=sys.stderr)
+    return 1 if findings and args.check else 0
 
 
 if __name__ == "__main__":
