@@ -44,15 +44,6 @@ def pct(fraction: float) -> float:
     return 100.0 * fraction
 
 
-def every(flags: Sequence[bool], of: str = "every") -> str:
-    """``of`` ("every") when all flags hold, else "not every" is not a word: callers pick."""
-    return of if all(flags) else "not-" + of
-
-
-def spread(values: Sequence[float]) -> dict[str, float]:
-    return {"median": median(values), "min": min(values), "max": max(values)}
-
-
 def runs_by_key(data: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
     return {(r["workload"], r["arm"], r["seed"]): r for r in data["runs"]}
 
@@ -63,10 +54,6 @@ def paired(r: Results, suite: str, workload: str, arm: str, key: str,
     runs = runs_by_key(r(suite))
     seeds = sorted(s for (w, a, s) in runs if (w, a) == (workload, arm))
     return [runs[workload, arm, s][key] / runs[workload, base, s][key] for s in seeds]
-
-
-def goal(r: Results, suite: str, workload: str, arm: str, key: str) -> dict[str, Any]:
-    return r(suite)["goals"][workload][arm][key]
 
 
 def frontier_converged(r: Results, name: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -194,10 +181,6 @@ def _(r: Results) -> dict[str, Value]:
             "f": pct(f["median"]),
             "flo": pct(f["min"]), "fhi": pct(f["max"]),
             "late": g["tpr_fast_late"]["speedup_within_0.01"]}
-
-
-def _step_speed(r: Results, workload: str, variant: str, key: str) -> float:
-    return r("step_speed")["summary"][f"{workload}/{variant}"][f"{key}_median"]
 
 
 @claim("readme.step_speed", README,
