@@ -171,23 +171,29 @@ def _(r: Results) -> dict[str, Value]:
        "on seeds 3-5 it reaches the baseline's quality {q}x sooner (median of {n} seeds, "
        "[{qlo}, {qhi}]) with {f} % [{flo}, {fhi}] fewer forward NFE (`long_fresh.md`). "
        "Starting the paper's penalty late (`--poly-start-step 3000`) was tried and loses "
-       "({late}x)",
-       "long_fresh.json goals.checkerboard.{tpr_fast_c1,tpr_fast_late}")
+       "({late}x [{llo}, {lhi}] to quality; on the frontier {lk} losses in {ln} seeds)",
+       "long_fresh.json goals.checkerboard.{tpr_fast_c1,tpr_fast_late}; "
+       "frontier_long_fresh.json (converged targets)")
 def _(r: Results) -> dict[str, Value]:
     g = r("long_fresh")["goals"]["checkerboard"]
     q, f = g["tpr_fast_c1"]["speedup_within_0.01_per_seed"], g["tpr_fast_c1"][
         "forward_nfe_last10pct_reduction"]
+    late = frontier_converged(r, "frontier_long_fresh")["checkerboard", "tpr_fast_late"]
     return {"q": q["median"], "n": len(q["per_seed"]), "qlo": q["min"], "qhi": q["max"],
             "f": pct(f["median"]),
             "flo": pct(f["min"]), "fhi": pct(f["max"]),
-            "late": g["tpr_fast_late"]["speedup_within_0.01"]}
+            "late": g["tpr_fast_late"]["speedup_within_0.01"],
+            "llo": g["tpr_fast_late"]["speedup_within_0.01_per_seed"]["min"],
+            "lhi": g["tpr_fast_late"]["speedup_within_0.01_per_seed"]["max"],
+            "lk": count(late, "loses"), "ln": len(late)}
 
 
 @claim("readme.step_speed", README,
        "a whole step takes {cf}x (checkerboard), {tf}x (16-D table) and {vf}x (VAE front door), "
        "and `--divergence compiled` {cc}x, {tc}x and {vc}x, with the same NFE and test NLL; "
        "test-time throughput {ctf}x, {ttf}x and {vtf}x ({ctc}x, {ttc}x and {vtc}x compiled). "
-       "Each figure is a median of {n} seeds, measured under a load average of {lo}-{hi} on the "
+       "Each figure is a median of {n} seeds (both seeds in `step_speed.md`), measured under "
+       "a load average of {lo}-{hi} on the "
        "{cores} cores, so differences of a few per cent are noise; the compiled step times leave "
        "out the first {skip} steps, which hold the compilation (up to {comp} s: one compiled run "
        "took {tot}x its baseline's time in total)",
