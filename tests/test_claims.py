@@ -7,6 +7,7 @@ import importlib
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -15,23 +16,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def claims(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.syspath_prepend(str(ROOT))
-    return importlib.import_module("benchmarks.claims")
+@pytest.fixture(scope="module")
+def claims() -> Iterator[ModuleType]:
+    patch = pytest.MonkeyPatch()
+    patch.syspath_prepend(str(ROOT))
+    yield importlib.import_module("benchmarks.claims")
+    patch.undo()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def registry(claims: ModuleType) -> ModuleType:
     return importlib.import_module("benchmarks.claims_registry")
+
+
+@pytest.fixture(scope="module")
+def results(claims: ModuleType) -> object:
+    """The results read once for the module (the files do not change during the tests)."""
+    return claims.Results()
 
 
 def _pages(registry: ModuleType) -> dict[str, str]:
     return {p: (ROOT / p).read_text() for p in registry.PAGES}
 
 
-def _problems(claims: ModuleType, registry: ModuleType, pages: dict[str, str]) -> list:
-    return claims.check(registry.CLAIMS, registry.EXEMPT, pages, claims.Results())
+def _problems(claims: ModuleType, registry: ModuleType, pages: dict[str, str],
+              results: object) -> list:
+    return claims.check(registry.CLAIMS, registry.EXEMPT, pages, results)
 
 
 def _one_unit_off(stated: str) -> str:
@@ -63,23 +73,23 @@ MUTATED = [("readme.frontier.bullet", "gr"), ("readme.frontier.bullet", "c1k"),
 
 @pytest.mark.parametrize(("name", "slot"), MUTATED)
 def test_one_unit_in_the_last_digit_fails(claims: ModuleType, registry: ModuleType,
-                                          name: str, slot: str) -> None:
+                                          results: object, name: str, slot: str) -> None:
     [claim] = [c for c in registry.CLAIMS if c.name == name]
     pages = _pages(registry)
-    located, problems = claims.locate(claim, pages, claims.Results())
+    located, problems = claims.locate(claim, pages, results)
     assert located is not None, problems
     a, b = located.spans[slot]
     stated = pages[claim.page][a:b]
     off = _one_unit_off(stated)
     pages[claim.page] = pages[claim.page][:a] + off + pages[claim.page][b:]
-    problems = _problems(claims, registry, pages)
+    problems = _problems(claims, registry, pages, results)
     assert [(f.page, f.claim) for f in problems] == [(claim.page, name)]
     message = str(problems[0])
     line = pages[claim.page].count("\n", 0, a) + 1
     assert message.startswith(f"{claim.page}:{line}: [{name}] {slot}: the page states {off},")
     assert f"source {claim.source}" in message
     # --write puts the data's value back, digit for digit
-    assert claims.write(registry.CLAIMS, pages, claims.Results()) == _pages(registry)
+    assert claims.write(registry.CLAIMS, pages, results) == _pages(registry)
 
 
 def test_the_command_names_the_claim_and_exits_1(tmp_path: Path, registry: ModuleType,
@@ -103,27 +113,29 @@ def test_the_command_names_the_claim_and_exits_1(tmp_path: Path, registry: Modul
     assert (tmp_path / "docs/data.md").read_text() == text
 
 
-def test_a_word_the_data_does_not_say_fails(claims: ModuleType, registry: ModuleType) -> None:
+def test_a_word_the_data_does_not_say_fails(claims: ModuleType, registry: ModuleType,
+                                            results: object) -> None:
     pages = _pages(registry)
     before = "but not every one of the fresh seeds"
     assert pages["docs/results.md"].count(before) == 1
     pages["docs/results.md"] = pages["docs/results.md"].replace(
         before, "but also every one of the fresh seeds")
-    [problem] = _problems(claims, registry, pages)
+    [problem] = _problems(claims, registry, pages, results)
     assert problem.claim == "results.long.test_nfe_every"
     assert "the page states also, the data says not" in problem.message
 
 
-def test_a_number_in_no_claim_fails(claims: ModuleType, registry: ModuleType) -> None:
+def test_a_number_in_no_claim_fails(claims: ModuleType, registry: ModuleType,
+                                    results: object) -> None:
     pages = _pages(registry)
     pages["README.md"] += "\nTPR trains 2.5x faster.\n"
-    [problem] = _problems(claims, registry, pages)
+    [problem] = _problems(claims, registry, pages, results)
     assert problem.claim == "uncovered" and "2.5 is in no claim" in problem.message
     # a claim whose text is gone is a problem too
     pages = _pages(registry)
     pages["docs/data.md"] = pages["docs/data.md"].replace("s first setup", "s to set up")
-    assert [f.claim for f in _problems(claims, registry, pages)] == ["data.cache", "uncovered",
-                                                                     "uncovered", "uncovered"]
+    found = [f.claim for f in _problems(claims, registry, pages, results)]
+    assert found == ["data.cache", "uncovered", "uncovered", "uncovered"]
 
 
 @pytest.mark.parametrize(("stated", "value", "holds"), [
