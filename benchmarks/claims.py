@@ -330,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--results {args.results} is not a folder")
     pages = load_pages(args.root, PAGES)
     results = Results(args.results)
+    # a new page is checked too: it must be registered (its numbers claimed or exempt)
+    found = {"README.md", *(f"docs/{p.name}" for p in (args.root / "docs").glob("*.md"))}
+    unlisted = [Finding(page, 0, "unlisted", "a page that benchmarks/claims_registry.py PAGES "
+                        "does not list: add it, then claim or exempt its numbers")
+                for page in sorted(found - set(PAGES))]
     if args.write:
         for page, text in write(CLAIMS, pages, results).items():
             if text != pages[page]:
@@ -340,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         for claim in CLAIMS:
             print(f"{claim.page}: {claim.name} = {claim.compute(results)}  ({claim.source})")
         return 0
-    findings = check(CLAIMS, EXEMPT, pages, results)
+    findings = unlisted + check(CLAIMS, EXEMPT, pages, results)
     for f in findings:
         if not args.uncovered or f.claim == "uncovered":
             print(f)

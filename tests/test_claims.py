@@ -92,6 +92,19 @@ def test_one_unit_in_the_last_digit_fails(claims: ModuleType, registry: ModuleTy
     assert claims.write(registry.CLAIMS, pages, results) == _pages(registry)
 
 
+def test_a_page_the_registry_does_not_list_fails(tmp_path: Path, registry: ModuleType) -> None:
+    for page in registry.PAGES:
+        (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / page, tmp_path / page)
+    (tmp_path / "docs" / "notes.md").write_text("# Notes\n\nNo numbers yet.\n")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.claims", "--check", "--root",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    assert "docs/notes.md:0: [unlisted] a page that benchmarks/claims_registry.py PAGES" \
+        in proc.stdout
+
+
 def test_the_command_names_the_claim_and_exits_1(tmp_path: Path, registry: ModuleType,
                                                 claims: ModuleType) -> None:
     for page in registry.PAGES:
