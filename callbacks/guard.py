@@ -53,9 +53,13 @@ class RunGuard(L.Callback):
 
     * SIGTERM (e.g. a scheduler's pre-emption) and SIGINT (the first Ctrl+C; a second one
       aborts) end the run at the end of the current batch, after saving ``last_path``;
-      ``interrupted`` tells the caller. Under DDP the processes agree on the batch, whichever of
-      them got the signal. In one process a SIGTERM during validation stops at the end of the
-      current validation batch (the checkpoint resumes the validation).
+      ``interrupted`` tells the caller. No validation runs after it (Lightning runs one when
+      ``should_stop`` is set: the guard sets ``trainer.limit_val_batches = 0``, which turns
+      validation off for the rest of the fit) and the caller runs no test. Under DDP the
+      processes agree on the batch, whichever of them got the signal. In one process a signal
+      during validation stops at the end of the current validation batch (the checkpoint
+      resumes the validation); under DDP it is acted on at the first training batch end after
+      the validation (docs/long-runs.md).
     * A non-finite gradient (checked after the backward pass, where all DDP processes agree)
       saves the weights of the last good step to ``last_good_path`` and raises
       :class:`NumericalFaultError` naming the step. torchdiffeq's "underflow in dt" and
@@ -85,8 +89,11 @@ class RunGuard(L.Callback):
         self._sigterm = False
         self._old_sigint: Any = None
         self._pending_rng: dict[str, Any] | None = None
+        self._mid_validation: str | None = None
         self.fault_step: int | None = None
-        self._saved_at: int | None = None
+        #: The global step ``last_path`` was last written at (by this guard, or by a
+        #: :class:`~polyreg_cnf.callbacks.selection.LastCheckpoint` sharing it).
+        self.saved_step: int | None = None
 
     # ------------------------------------------------------------------ signals
     # Both handlers only set a flag; the run stops at a batch end where every process agrees
@@ -141,7 +148,7 @@ class RunGuard(L.Callback):
                 # The last step: save here, mid-epoch state included, so that extending the
                 # run later continues exactly as a longer uninterrupted run would have.
                 trainer.save_checkpoint(self.last_path)
-                self._saved_at = trainer.global_step
+                self.saved_step = trainer.global_step
             return
         self._stop(trainer, got)
 
@@ -155,12 +162,15 @@ class RunGuard(L.Callback):
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                 outputs: Any, batch: Any, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
-        # A SIGTERM's grace period may be shorter than a validation at the evaluation
+        # A scheduler's grace period may be shorter than a validation at the evaluation
         # tolerance: in one process, stop now (on_exception saves, and the checkpoint resumes
         # inside this validation). Under DDP the processes may hold different numbers of
-        # validation batches, so no agreement is possible here: they stop after validation.
-        if (self._sigterm and self.interrupted is None and trainer.world_size == 1
-                and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking):
+        # validation batches, so no agreement is possible here: they stop at the first training
+        # batch end after the validation.
+        if ((self._sigterm or self._sigint) and self.interrupted is None
+                and trainer.world_size == 1 and trainer.state.fn == TrainerFn.FITTING
+                and not trainer.sanity_checking):
+            self._mid_validation = "SIGTERM" if self._sigterm else "SIGINT"
             raise SIGTERMException
 
     def _signal_seen(self, trainer: L.Trainer) -> str | None:
@@ -184,8 +194,13 @@ class RunGuard(L.Callback):
     def _stop(self, trainer: L.Trainer, got: str) -> None:
         # Every process gets here at the same batch (see _signal_seen) and takes part in saving.
         trainer.save_checkpoint(self.last_path)
+        self.saved_step = trainer.global_step
         self.interrupted = got
         trainer.should_stop = True
+        # Lightning validates once more when should_stop is set (an early stop's last check);
+        # after a signal that validation could outlast the grace period. With no validation
+        # batches, Trainer.enable_validation is false for the rest of the fit.
+        trainer.limit_val_batches = 0
         rank_zero_info(f"{got}: saved {self.last_path} at step {trainer.global_step}; resume "
                        f"with --ckpt-path last")
 
@@ -213,9 +228,10 @@ class RunGuard(L.Callback):
             # handler is the one installed): the checkpoint resumes inside the validation.
             # Under DDP the processes need not all be here, so the collective save is skipped.
             trainer.save_checkpoint(self.last_path)
-            self.interrupted = "SIGTERM"
-            rank_zero_info(f"SIGTERM: saved {self.last_path} at step {trainer.global_step}; "
-                           f"resume with --ckpt-path last")
+            self.saved_step = trainer.global_step
+            self.interrupted = self._mid_validation or "SIGTERM"
+            rank_zero_info(f"{self.interrupted}: saved {self.last_path} at step "
+                           f"{trainer.global_step}; resume with --ckpt-path last")
             return
         if describe_solver_failure(exception, trainer.global_step) is not None \
                 and trainer.world_size == 1:
@@ -228,8 +244,9 @@ class RunGuard(L.Callback):
         self._restore_sigint()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.interrupted is None and self._saved_at != trainer.global_step:
+        if self.interrupted is None and self.saved_step != trainer.global_step:
             trainer.save_checkpoint(self.last_path)
+            self.saved_step = trainer.global_step
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
