@@ -466,7 +466,12 @@ def execute(run: Run, prog: str = "train.py", quiet: bool = False) -> int:
             return 143 if guard.interrupted == "SIGTERM" else 130
         if run.config.training.test:
             tested = tested_weights(run)
-            results = trainer.test(model, datamodule=dm, verbose=False, ckpt_path=tested.path)
+            if tested.path is not None:
+                # The weights only: trainer.test(ckpt_path=...) would also restore the callbacks'
+                # states of that step (validation record, NFE history) that the summary reports.
+                state = torch.load(tested.path, map_location="cpu", weights_only=True)
+                model.load_state_dict(state["state_dict"])
+            results = trainer.test(model, datamodule=dm, verbose=False)
             test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
         status = "success"
     finally:
