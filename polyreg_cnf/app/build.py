@@ -54,8 +54,8 @@ from polyreg_cnf.models import CNFDensityEstimator
 from polyreg_cnf.models.checkpoint import AtomicCheckpointIO
 from polyreg_cnf.models.vae import CNFVAE
 
-__all__ = ["Run", "TestedWeights", "build", "execute", "make_datamodule", "make_model",
-           "stop_reason", "summary_lines", "tested_weights"]
+__all__ = ["Run", "TestedWeights", "build", "execute", "load_tested_weights",
+           "make_datamodule", "make_model", "stop_reason", "summary_lines", "tested_weights"]
 
 
 @dataclass(frozen=True)
@@ -407,6 +407,20 @@ def tested_weights(run: Run) -> TestedWeights:
     return TestedWeights("best", run.best.best_model_path, best[0])
 
 
+def load_tested_weights(run: Run) -> TestedWeights:
+    """Put the weights the final test uses (:func:`tested_weights`) into ``run.model``.
+
+    Only the weights are loaded: ``trainer.test(ckpt_path=...)`` would also restore the
+    callbacks' states of that step (the validation record, the NFE history) that the summary
+    reports.
+    """
+    tested = tested_weights(run)
+    if tested.path is not None:
+        state = torch.load(tested.path, map_location="cpu", weights_only=True)
+        run.model.load_state_dict(state["state_dict"])
+    return tested
+
+
 def stop_reason(run: Run) -> str:
     """Why the fit ended: early stopping (and why), or the step or epoch limit."""
     early, trainer = run.early_stop, run.trainer
@@ -465,12 +479,7 @@ def execute(run: Run, prog: str = "train.py", quiet: bool = False) -> int:
             status = "killed"
             return 143 if guard.interrupted == "SIGTERM" else 130
         if run.config.training.test:
-            tested = tested_weights(run)
-            if tested.path is not None:
-                # The weights only: trainer.test(ckpt_path=...) would also restore the callbacks'
-                # states of that step (validation record, NFE history) that the summary reports.
-                state = torch.load(tested.path, map_location="cpu", weights_only=True)
-                model.load_state_dict(state["state_dict"])
+            tested = load_tested_weights(run)
             results = trainer.test(model, datamodule=dm, verbose=False)
             test_metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
         status = "success"
