@@ -90,6 +90,14 @@ class RunGuard(L.Callback):
         self._old_sigint: Any = None
         self._pending_rng: dict[str, Any] | None = None
         self._mid_validation: str | None = None
+        # A validation that a signal stop skipped or cut short: the checkpoint then resumes at
+        # its start (see on_save_checkpoint).
+        self._validation_pending = False
+        # The RNG streams at the last training batch end: a validation puts them back when it
+        # ends, so that validating (its data loader draws a seed) leaves training's random
+        # numbers as they were, and a resumed run that validates first draws the same ones.
+        self._rng_at_batch_end: dict[str, Any] | None = None
+        self._validating = False
         self.fault_step: int | None = None
         #: The global step ``last_path`` was last written at (by this guard, or by a
         #: :class:`~polyreg_cnf.callbacks.selection.LastCheckpoint` sharing it).
@@ -142,6 +150,7 @@ class RunGuard(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._rng_at_batch_end = _rng_state()
         got = self._signal_seen(trainer)
         if got is None:
             if 0 < trainer.max_steps <= trainer.global_step:
@@ -150,14 +159,27 @@ class RunGuard(L.Callback):
                 trainer.save_checkpoint(self.last_path)
                 self.saved_step = trainer.global_step
             return
-        self._stop(trainer, got)
+        self._stop(trainer, got, batch_end=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A signal that came after the epoch's last batch-end check: stop here rather than one
         # batch into the next epoch (an epoch-end checkpoint resumes exactly).
         got = None if self.interrupted is not None else self._signal_seen(trainer)
         if got is not None:
-            self._stop(trainer, got)
+            self._stop(trainer, got, batch_end=False)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validating = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._validating:
+            return
+        self._validating = False
+        if self._pending_rng is not None:  # a resumed run's first validation: the saved streams
+            _set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        elif self._rng_at_batch_end is not None:
+            _set_rng_state(self._rng_at_batch_end)
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                 outputs: Any, batch: Any, batch_idx: int,
@@ -171,6 +193,7 @@ class RunGuard(L.Callback):
                 and trainer.world_size == 1 and trainer.state.fn == TrainerFn.FITTING
                 and not trainer.sanity_checking):
             self._mid_validation = "SIGTERM" if self._sigterm else "SIGINT"
+            self._validation_pending = True
             raise SIGTERMException
 
     def _signal_seen(self, trainer: L.Trainer) -> str | None:
@@ -191,8 +214,14 @@ class RunGuard(L.Callback):
                                trainer.strategy.reduce(flags, reduce_op="max").tolist())
         return "SIGTERM" if term else "SIGINT" if interrupt else None
 
-    def _stop(self, trainer: L.Trainer, got: str) -> None:
+    def _stop(self, trainer: L.Trainer, got: str, batch_end: bool) -> None:
         # Every process gets here at the same batch (see _signal_seen) and takes part in saving.
+        if batch_end:  # (at an epoch's end the epoch's validation has run)
+            fetcher = trainer.fit_loop._data_fetcher
+            # The same on every process: it depends on the step and the settings only.
+            self._validation_pending = bool(
+                fetcher is not None
+                and trainer.fit_loop.epoch_loop._should_check_val_fx(fetcher))
         trainer.save_checkpoint(self.last_path)
         self.saved_step = trainer.global_step
         self.interrupted = got
@@ -249,7 +278,33 @@ class RunGuard(L.Callback):
             self.saved_step = trainer.global_step
 
     # ------------------------------------------------------------------ state
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if not self._validation_pending:
+            return
+        # A validation was due at this step and the stop skipped it (or cut it short). Lightning
+        # resumes past a due validation unless its checkpoint was written inside one, between a
+        # batch's start and its end; so the validation's progress is written as "started its
+        # first batch, nothing processed": the resumed run then runs the whole validation first,
+        # and the validation record, best.ckpt and the early-stopping counter come out as in an
+        # uninterrupted run. (Lightning's loop-state layout, 2.6; tests/test_resume.py checks it.)
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get(
+            "epoch_loop.val_loop.batch_progress")
+        if progress is None:
+            return
+        total, current = progress["total"], progress["current"]
+        done = total["completed"] - (current["completed"] if self._mid_validation else 0)
+        progress["total"] = {"ready": done + 1, "started": done + 1, "processed": done,
+                             "completed": done}
+        progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+        progress["is_last_batch"] = False
+
     def state_dict(self) -> dict[str, Any]:
+        # Inside (or instead of) a validation: the streams of the batch end before it, the ones
+        # the resumed run's training must continue from.
+        before_validation = self._validating or self._validation_pending
+        if before_validation and self._rng_at_batch_end is not None:
+            return {"rng": self._rng_at_batch_end}
         return {"rng": _rng_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
