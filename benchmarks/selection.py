@@ -98,6 +98,8 @@ def run_arm(table: Path, name: str, arm: str, seed: int, out: Path,
     start = time.perf_counter()
     run.trainer.fit(run.model, run.datamodule)
     fit_seconds = time.perf_counter() - start
+    if run.guard.interrupted is not None:  # the guard caught SIGTERM/SIGINT: stop the benchmark
+        raise SystemExit(f"{name}/{arm}/seed {seed}: interrupted by {run.guard.interrupted}")
     last = run.trainer.test(run.model, run.datamodule, verbose=False)[0]["test/nll"]
     best_step, best_val = run.record.best()
     load_tested_weights(run)  # best.ckpt: the weights of the lowest validation NLL
