@@ -53,9 +53,13 @@ class RunGuard(L.Callback):
 
     * SIGTERM (e.g. a scheduler's pre-emption) and SIGINT (the first Ctrl+C; a second one
       aborts) end the run at the end of the current batch, after saving ``last_path``;
-      ``interrupted`` tells the caller. Under DDP the processes agree on the batch, whichever of
-      them got the signal. In one process a SIGTERM during validation stops at the end of the
-      current validation batch (the checkpoint resumes the validation).
+      ``interrupted`` tells the caller. No validation runs after it (Lightning runs one when
+      ``should_stop`` is set: the guard sets ``trainer.limit_val_batches = 0``, which turns
+      validation off for the rest of the fit) and the caller runs no test. Under DDP the
+      processes agree on the batch, whichever of them got the signal. In one process a signal
+      during validation stops at the end of the current validation batch (the checkpoint
+      resumes the validation); under DDP it is acted on at the first training batch end after
+      the validation (docs/long-runs.md).
     * A non-finite gradient (checked after the backward pass, where all DDP processes agree)
       saves the weights of the last good step to ``last_good_path`` and raises
       :class:`NumericalFaultError` naming the step. torchdiffeq's "underflow in dt" and
@@ -85,8 +89,19 @@ class RunGuard(L.Callback):
         self._sigterm = False
         self._old_sigint: Any = None
         self._pending_rng: dict[str, Any] | None = None
+        self._mid_validation: str | None = None
+        # A validation that a signal stop skipped or cut short: the checkpoint then resumes at
+        # its start (see on_save_checkpoint).
+        self._validation_pending = False
+        # The RNG streams at the last training batch end: a validation puts them back when it
+        # ends, so that validating (its data loader draws a seed) leaves training's random
+        # numbers as they were, and a resumed run that validates first draws the same ones.
+        self._rng_at_batch_end: dict[str, Any] | None = None
+        self._validating = False
         self.fault_step: int | None = None
-        self._saved_at: int | None = None
+        #: The global step ``last_path`` was last written at (by this guard, or by a
+        #: :class:`~polyreg_cnf.callbacks.selection.LastCheckpoint` sharing it).
+        self.saved_step: int | None = None
 
     # ------------------------------------------------------------------ signals
     # Both handlers only set a flag; the run stops at a batch end where every process agrees
@@ -135,32 +150,50 @@ class RunGuard(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._rng_at_batch_end = _rng_state()
         got = self._signal_seen(trainer)
         if got is None:
             if 0 < trainer.max_steps <= trainer.global_step:
                 # The last step: save here, mid-epoch state included, so that extending the
                 # run later continues exactly as a longer uninterrupted run would have.
                 trainer.save_checkpoint(self.last_path)
-                self._saved_at = trainer.global_step
+                self.saved_step = trainer.global_step
             return
-        self._stop(trainer, got)
+        self._stop(trainer, got, batch_end=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A signal that came after the epoch's last batch-end check: stop here rather than one
         # batch into the next epoch (an epoch-end checkpoint resumes exactly).
         got = None if self.interrupted is not None else self._signal_seen(trainer)
         if got is not None:
-            self._stop(trainer, got)
+            self._stop(trainer, got, batch_end=False)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validating = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._validating:
+            return
+        self._validating = False
+        if self._pending_rng is not None:  # a resumed run's first validation: the saved streams
+            _set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        elif self._rng_at_batch_end is not None:
+            _set_rng_state(self._rng_at_batch_end)
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                 outputs: Any, batch: Any, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
-        # A SIGTERM's grace period may be shorter than a validation at the evaluation
+        # A scheduler's grace period may be shorter than a validation at the evaluation
         # tolerance: in one process, stop now (on_exception saves, and the checkpoint resumes
         # inside this validation). Under DDP the processes may hold different numbers of
-        # validation batches, so no agreement is possible here: they stop after validation.
-        if (self._sigterm and self.interrupted is None and trainer.world_size == 1
-                and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking):
+        # validation batches, so no agreement is possible here: they stop at the first training
+        # batch end after the validation.
+        if ((self._sigterm or self._sigint) and self.interrupted is None
+                and trainer.world_size == 1 and trainer.state.fn == TrainerFn.FITTING
+                and not trainer.sanity_checking):
+            self._mid_validation = "SIGTERM" if self._sigterm else "SIGINT"
+            self._validation_pending = True
             raise SIGTERMException
 
     def _signal_seen(self, trainer: L.Trainer) -> str | None:
@@ -181,11 +214,22 @@ class RunGuard(L.Callback):
                                trainer.strategy.reduce(flags, reduce_op="max").tolist())
         return "SIGTERM" if term else "SIGINT" if interrupt else None
 
-    def _stop(self, trainer: L.Trainer, got: str) -> None:
+    def _stop(self, trainer: L.Trainer, got: str, batch_end: bool) -> None:
         # Every process gets here at the same batch (see _signal_seen) and takes part in saving.
+        if batch_end:  # (at an epoch's end the epoch's validation has run)
+            fetcher = trainer.fit_loop._data_fetcher
+            # The same on every process: it depends on the step and the settings only.
+            self._validation_pending = bool(
+                fetcher is not None
+                and trainer.fit_loop.epoch_loop._should_check_val_fx(fetcher))
         trainer.save_checkpoint(self.last_path)
+        self.saved_step = trainer.global_step
         self.interrupted = got
         trainer.should_stop = True
+        # Lightning validates once more when should_stop is set (an early stop's last check);
+        # after a signal that validation could outlast the grace period. With no validation
+        # batches, Trainer.enable_validation is false for the rest of the fit.
+        trainer.limit_val_batches = 0
         rank_zero_info(f"{got}: saved {self.last_path} at step {trainer.global_step}; resume "
                        f"with --ckpt-path last")
 
@@ -213,9 +257,10 @@ class RunGuard(L.Callback):
             # handler is the one installed): the checkpoint resumes inside the validation.
             # Under DDP the processes need not all be here, so the collective save is skipped.
             trainer.save_checkpoint(self.last_path)
-            self.interrupted = "SIGTERM"
-            rank_zero_info(f"SIGTERM: saved {self.last_path} at step {trainer.global_step}; "
-                           f"resume with --ckpt-path last")
+            self.saved_step = trainer.global_step
+            self.interrupted = self._mid_validation or "SIGTERM"
+            rank_zero_info(f"{self.interrupted}: saved {self.last_path} at step "
+                           f"{trainer.global_step}; resume with --ckpt-path last")
             return
         if describe_solver_failure(exception, trainer.global_step) is not None \
                 and trainer.world_size == 1:
@@ -228,11 +273,38 @@ class RunGuard(L.Callback):
         self._restore_sigint()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.interrupted is None and self._saved_at != trainer.global_step:
+        if self.interrupted is None and self.saved_step != trainer.global_step:
             trainer.save_checkpoint(self.last_path)
+            self.saved_step = trainer.global_step
 
     # ------------------------------------------------------------------ state
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if not self._validation_pending:
+            return
+        # A validation was due at this step and the stop skipped it (or cut it short). Lightning
+        # resumes past a due validation unless its checkpoint was written inside one, between a
+        # batch's start and its end; so the validation's progress is written as "started its
+        # first batch, nothing processed": the resumed run then runs the whole validation first,
+        # and the validation record, best.ckpt and the early-stopping counter come out as in an
+        # uninterrupted run. (Lightning's loop-state layout, 2.6; tests/test_resume.py checks it.)
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get(
+            "epoch_loop.val_loop.batch_progress")
+        if progress is None:
+            return
+        total, current = progress["total"], progress["current"]
+        done = total["completed"] - (current["completed"] if self._mid_validation else 0)
+        progress["total"] = {"ready": done + 1, "started": done + 1, "processed": done,
+                             "completed": done}
+        progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+        progress["is_last_batch"] = False
+
     def state_dict(self) -> dict[str, Any]:
+        # Inside (or instead of) a validation: the streams of the batch end before it, the ones
+        # the resumed run's training must continue from.
+        before_validation = self._validating or self._validation_pending
+        if before_validation and self._rng_at_batch_end is not None:
+            return {"rng": self._rng_at_batch_end}
         return {"rng": _rng_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

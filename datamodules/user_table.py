@@ -23,9 +23,37 @@ import torch
 from polyreg_cnf.datamodules._files import DataFileError, require_file
 from polyreg_cnf.datamodules.base import ArrayDataModule
 
-__all__ = ["TABLE_FORMATS", "UserTableDataModule", "read_table"]
+from polyreg_cnf.engine._checks import check_int
+
+__all__ = ["TABLE_FORMATS", "VALIDATION_INTERVAL_BOUNDS", "UserTableDataModule", "read_table",
+           "validation_interval"]
 
 TABLE_FORMATS = (".npy", ".npz", ".csv", ".h5", ".hdf5")
+
+#: Bounds of a table's validation interval in training steps: often enough to see the minimum of
+#: a few-hundred-row table (reached within a few hundred steps), and at most FFJORD's tabular
+#: cadence.
+VALIDATION_INTERVAL_BOUNDS = (10, 200)
+
+
+def validation_interval(n_train: int, batch_size: int) -> int:
+    """Training steps between validations of a table with ``n_train`` training rows.
+
+    Once per epoch (``ceil(n_train / batch_size)`` steps), within
+    :data:`VALIDATION_INTERVAL_BOUNDS`: a table of a few hundred rows is one step per epoch and
+    overfits within a few hundred steps, so it validates every 10 steps; a large one every 200
+    (the cadence of FFJORD's tabular script).
+
+    Example:
+        >>> validation_interval(400, 512), validation_interval(20_000, 512)
+        (10, 40)
+        >>> validation_interval(2_000_000, 512)
+        200
+    """
+    check_int("n_train", n_train)
+    check_int("batch_size", batch_size)
+    low, high = VALIDATION_INTERVAL_BOUNDS
+    return min(high, max(low, -(-n_train // batch_size)))
 
 Column = str | int
 

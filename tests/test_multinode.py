@@ -177,3 +177,54 @@ def test_sigterm_on_the_launching_process_stops_the_processes_it_started(tmp_pat
     assert "interrupted by SIGTERM at step 4;" in proc.stdout
     saved = out / "cnf-table-poly-s0" / "checkpoints" / "last.ckpt"
     assert torch.load(saved, weights_only=True)["global_step"] == 4
+
+
+# Each process writes what it decided: its best checkpoint and score, its early-stopping state,
+# the step it stopped at and its validation record. Selection and stopping must agree.
+SELECTION_WRAPPER = textwrap.dedent("""
+    import json, os, sys
+    import lightning as L
+    sys.path.insert(0, {root!r})
+    import train
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from polyreg_cnf.callbacks.selection import ValidationRecord
+
+    class WriteDecisions(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            best = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)][0]
+            early = [c for c in trainer.callbacks if isinstance(c, EarlyStopping)][0]
+            record = [c for c in trainer.callbacks if isinstance(c, ValidationRecord)][0]
+            out = dict(best_path=best.best_model_path, best_score=float(best.best_model_score),
+                       wait=early.wait_count, reason=str(early.stopping_reason),
+                       step=trainer.global_step, history=record.history)
+            with open(os.path.join({out!r}, f"rank{{trainer.global_rank}}.json"), "w") as f:
+                json.dump(out, f)
+
+    sys.exit(train.main(callbacks=[WriteDecisions()]))
+""")
+
+
+def test_ddp_ranks_select_the_same_checkpoint_and_stop_at_the_same_step(tmp_path):
+    data = table(tmp_path)
+    script = tmp_path / "launch_selection.py"
+    script.write_text(SELECTION_WRAPPER.format(root=str(ROOT), out=str(tmp_path)))
+    out = tmp_path / "runs"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    argv = command(script, data, out, ["--devices", "2", "--max-steps", "60", "--val-every", "2",
+                                       "--lr", "5e-2", "--early-stop-patience", "2"])
+    argv.remove("--no-test")  # the best checkpoint is tested on both processes
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    decided = ranks[0]
+    assert decided["reason"].endswith("PATIENCE_EXHAUSTED") and decided["step"] < 60
+    best_step = min(decided["history"], key=lambda h: h[1])[0]
+    assert decided["step"] == best_step + 2 * 2
+    assert f"best validation checkpoint, step {best_step}" in proc.stdout
+    assert "stopped:                    early" in proc.stdout
+    folder = out / "cnf-table-poly-s0" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]

@@ -4,9 +4,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
@@ -134,7 +136,7 @@ def run_train(out, steps, extra=()):
 # race between the signal and the end of the run (signalling from outside once a checkpoint file
 # appeared lost that race on a loaded machine).
 SIGNAL_LAUNCHER = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, sys, time
     import lightning as L
     sys.path.insert(0, {root!r})
     import train
@@ -145,6 +147,7 @@ SIGNAL_LAUNCHER = textwrap.dedent("""
     class SignalAt(L.Callback):
         def _maybe(self, trainer, hook):
             if hook == HOOK and trainer.global_step == int(STEP):
+                print(f"SIGNAL_SENT {{time.time()}}", flush=True)
                 os.kill(os.getpid(), getattr(signal, NAME))
 
         def on_before_backward(self, trainer, pl_module, loss):  # mid-step, after the solve
@@ -158,18 +161,21 @@ SIGNAL_LAUNCHER = textwrap.dedent("""
 
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, *args):
             if batch_idx == 0:
+                print(f"VALIDATION_START {{trainer.global_step}}", flush=True)
                 self._maybe(trainer, "validation")
+            # A validation slower than a scheduler's grace period (SLOW_VALIDATION seconds).
+            time.sleep(float(os.environ.get("SLOW_VALIDATION", "0")))
 
     dm = ToyDataModule("8gaussians", num_train=160, num_val=96, num_test=32, batch_size=32)
     sys.exit(train.main(sys.argv[1:], callbacks=[SignalAt()], datamodule=dm))
 """)
 
 
-def launch(tmp_path, out, steps, extra=(), signal_at=None):
+def launch(tmp_path, out, steps, extra=(), signal_at=None, env=None):
     """Run train.py through the launcher; ``signal_at`` is ``(hook, step, signal name)``."""
     script = tmp_path / "launch.py"
     script.write_text(SIGNAL_LAUNCHER.format(root=str(ROOT)))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     if signal_at is not None:
         env["SIGNAL_AT"] = ":".join(map(str, signal_at))
     return subprocess.run([sys.executable, str(script), *run_train(out, steps, extra)[2:]],
@@ -224,6 +230,76 @@ def test_sigterm_saves_and_resume_ends_with_the_uninterrupted_weights(tmp_path, 
     for key in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5,
                                    atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stop_runs_no_validation_and_no_test(tmp_path, name, code):
+    # The signal comes mid-step 10, where a validation is due (--val-every 10), and every
+    # validation batch takes 120 s: far beyond the allowed exit time of one step plus 60 s.
+    # Lightning validates once more when should_stop is set; the guard turns that off.
+    out = tmp_path / "runs"
+    proc = launch(tmp_path, out, 30, ["--val-every", "10", "--limit-val-batches", "3"],
+                  signal_at=("step", 9, name), env={"SLOW_VALIDATION": "120"})
+    ended = time.time()
+    assert proc.returncode == code, proc.stderr[-2000:]
+    sent = float(proc.stdout.split("SIGNAL_SENT ")[1].split()[0])
+    assert ended - sent < 60, f"exit took {ended - sent:.0f} s after the signal"
+    assert "VALIDATION_START" not in proc.stdout and "test NLL" not in proc.stdout
+    assert stopped_step(proc.stdout, name) == 10
+    assert last_checkpoint(out)["global_step"] == 10
+
+
+def callback_state(checkpoint, name):
+    (key,) = [k for k in checkpoint["callbacks"] if k.split("{")[0] == name]
+    return checkpoint["callbacks"][key]
+
+
+# Validation every 5 steps and early stopping on (a patience it never exhausts): the record of
+# every validation, best.ckpt and the early-stopping counter must come out of a stopped and
+# resumed run exactly as out of the uninterrupted one.
+RECORD_FLAGS = ["--val-every", "5", "--limit-val-batches", "3", "--early-stop-patience", "50"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_record(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("record")
+    full = launch(tmp, tmp / "full", SIGTERM_STEPS, RECORD_FLAGS)
+    assert full.returncode == 0, full.stderr[-2000:]
+    folder = tmp / "full" / "cnf-8gaussians-poly-s0" / "checkpoints"
+    return (torch.load(folder / "last.ckpt", weights_only=True),
+            torch.load(folder / "best.ckpt", weights_only=True))
+
+
+# Mid-step 17, stopped at 18 (no validation due); mid-step 9, stopped at 10, where a validation
+# is due and skipped; inside the validation of step 10, stopped at its first batch's end. The
+# resumed run runs the skipped or cut validation in full before it trains on.
+@pytest.mark.parametrize("hook, at", [("step", 17), ("step", 9), ("validation", 10)],
+                         ids=["mid-step", "validation-due", "mid-validation"])
+def test_resume_keeps_the_best_so_far_record_exactly(tmp_path, uninterrupted_record, hook, at):
+    out = tmp_path / "killed"
+    proc = launch(tmp_path, out, SIGTERM_STEPS, RECORD_FLAGS, signal_at=(hook, at, "SIGTERM"))
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    resumed = launch(tmp_path, out, SIGTERM_STEPS, [*RECORD_FLAGS, "--ckpt-path", "last"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    folder = out / "cnf-8gaussians-poly-s0" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]
+    (full_last, full_best) = uninterrupted_record
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    best = torch.load(folder / "best.ckpt", weights_only=True)
+    a = callback_state(full_last, "ValidationRecord")["history"]
+    b = callback_state(last, "ValidationRecord")["history"]
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(5, SIGTERM_STEPS + 1, 5))
+    np.testing.assert_allclose([v for _, v in a], [v for _, v in b], rtol=1e-5)
+    for name, keys in (("ModelCheckpoint", ("best_model_score",)),
+                       ("EarlyStopping", ("wait_count", "best_score"))):
+        for key in keys:
+            torch.testing.assert_close(torch.as_tensor(callback_state(full_last, name)[key]),
+                                       torch.as_tensor(callback_state(last, name)[key]),
+                                       rtol=1e-5, atol=0, msg=f"{name}.{key}")
+    assert best["global_step"] == full_best["global_step"]
+    for key in full_best["state_dict"]:
+        torch.testing.assert_close(full_best["state_dict"][key], best["state_dict"][key],
+                                   rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):

@@ -1,0 +1,121 @@
+"""Model selection: best.ckpt beside one last.ckpt, the tested weights, early stopping, the
+overfitting warning and the summary that says all of it."""
+
+import re
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from polyreg_cnf.callbacks.selection import ValidationRecord, overfit_margin
+from polyreg_cnf.datamodules.user_table import UserTableDataModule
+
+from polyreg_cnf.models import CNFDensityEstimator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+
+def overfitting_table(path, rows=300, seed=0):
+    """A few hundred rows on a noisy 2-D manifold in 6 columns: a flow overfits them fast."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(rows, 2))
+    x = np.stack([z[:, 0], z[:, 1], np.sin(2 * z[:, 0]), z[:, 0] * z[:, 1], np.cos(z[:, 1]),
+                  z[:, 0] ** 2 - 1], axis=1)
+    np.save(path, x + 0.05 * rng.normal(size=x.shape))
+    return path
+
+
+FAST = ["--hidden-dims", "32,32", "--atol", "1e-3", "--rtol", "1e-3", "--eval-atol", "1e-4",
+        "--eval-rtol", "1e-4", "--accelerator", "cpu", "--logger", "csv", "--plot-every", "0",
+        "--reg", "none"]
+
+
+def printed(out, label):
+    return float(re.search(rf"{re.escape(label)}\s+(-?[\d.]+|nan)", out).group(1))
+
+
+def test_a_run_keeps_one_last_and_one_best_checkpoint(tmp_path, capsys):
+    # 8 steps with a save every 3 and a validation every 4: before, the guard's final save and
+    # the periodic ModelCheckpoint's left last.ckpt and last-v1.ckpt at the same step.
+    table = overfitting_table(tmp_path / "t.npy")
+    code = train.main(["--data", str(table), *FAST, "--max-steps", "8", "--ckpt-every", "3",
+                       "--val-every", "4", "--output-dir", str(tmp_path / "runs")])
+    assert code == 0
+    folder = tmp_path / "runs" / "cnf-t-none-s0" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 8
+    # The record in last.ckpt holds both validations, and best.ckpt is the lower one's weights.
+    history = last["callbacks"]["ValidationRecord"]["history"]
+    assert [h[0] for h in history] == [4, 8]
+    best = torch.load(folder / "best.ckpt", weights_only=True)
+    assert best["global_step"] == min(history, key=lambda h: h[1])[0]
+    out = capsys.readouterr().out
+    assert f"best validation checkpoint, step {best['global_step']} ({folder / 'best.ckpt'})" \
+        in out
+
+
+def test_test_ckpt_best_and_last_test_those_weights(tmp_path, capsys):
+    table = overfitting_table(tmp_path / "t.npy")
+    nll = {}
+    for which in ("best", "last"):
+        out_dir = tmp_path / which
+        code = train.main(["--data", str(table), *FAST, "--max-steps", "30", "--val-every", "5",
+                           "--lr", "1e-2", "--early-stop-patience", "0", "--test-ckpt", which,
+                           "--output-dir", str(out_dir)])
+        assert code == 0
+        out = capsys.readouterr().out
+        nll[which] = printed(out, "test NLL (nats):")
+        folder = out_dir / "cnf-t-none-s0" / "checkpoints"
+        model = CNFDensityEstimator.load_from_checkpoint(folder / f"{which}.ckpt")
+        dm = UserTableDataModule(table, batch_size=512)
+        expected = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False).test(model, dm, verbose=False)
+        assert nll[which] == pytest.approx(expected[0]["test/nll"], abs=1e-4)
+        step = torch.load(folder / f"{which}.ckpt", weights_only=True)["global_step"]
+        assert (f"best validation checkpoint, step {step}" if which == "best"
+                else "last weights, step 30 (--test-ckpt last)") in out
+    assert "validation NLL (nats):      best" in out
+
+
+def test_no_test_says_skipped(tmp_path, capsys):
+    table = overfitting_table(tmp_path / "t.npy")
+    assert train.main(["--data", str(table), *FAST, "--max-steps", "2", "--no-test",
+                       "--output-dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "test NLL (nats):            skipped (--no-test)" in out and "nan" not in out
+
+
+def test_early_stop_tests_the_best_and_says_why(tmp_path, capsys):
+    table = overfitting_table(tmp_path / "t.npy")
+    code = train.main(["--data", str(table), *FAST, "--max-steps", "2000", "--val-every", "5",
+                       "--lr", "3e-2", "--early-stop-patience", "3",
+                       "--output-dir", str(tmp_path / "runs")])
+    assert code == 0
+    captured = capsys.readouterr()
+    record = torch.load(tmp_path / "runs" / "cnf-t-none-s0" / "checkpoints" / "last.ckpt",
+                        weights_only=True)["callbacks"]["ValidationRecord"]["history"]
+    steps = [s for s, _ in record]
+    best_step = min(record, key=lambda h: h[1])[0]
+    # Three validations without a lower NLL after the best one, then the stop.
+    assert steps[-1] == best_step + 15 < 2000
+    assert (f"stopped:                    early, at step {steps[-1]}: no lower validation NLL "
+            f"in the last 3 validations (best at step {best_step})") in captured.out
+    assert f"best validation checkpoint, step {best_step}" in captured.out
+    assert not np.isnan(printed(captured.out, "test NLL (nats):"))
+
+
+def test_overfit_warning_fires_past_the_documented_margin():
+    record = ValidationRecord()
+    record.load_state_dict({"history": [[10, 4.0], [20, 3.0], [30, 3.5]]})
+    assert overfit_margin(3.0) == 0.5 and record.overfit() is None  # 0.5 is not more than 0.5
+    record.history.append((40, 3.6))
+    assert "exceeds the best (3.0000 at step 20) by 0.6000 nats" in record.overfit()
+    record.load_state_dict({"history": [[10, -40.0], [20, -38.5]]})  # 5 % of 40 is 2 nats
+    assert record.overfit() is None
+    record.history.append((30, float("nan")))
+    assert record.overfit() is not None
