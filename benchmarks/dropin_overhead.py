@@ -12,34 +12,30 @@
    medians. For reference: the stock adjoint on the 5 requested times without TPR (what an
    unregularized run pays).
 
-Run: ``.venv/bin/python benchmarks/dropin_overhead.py`` (writes
+Run: ``python -m benchmarks.dropin_overhead`` (writes
 ``benchmarks/results/dropin_overhead.{json,md}``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torchdiffeq
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import polyreg_cnf
+from benchmarks import common
+from polyreg_cnf.engine import NFECounter, TrajectoryRecorder, record_nfe
+from polyreg_cnf.engine.recording import penalty_grid
 
-import polyreg_cnf  # noqa: E402
-from polyreg_cnf.engine import NFECounter, TrajectoryRecorder, record_nfe  # noqa: E402
-from polyreg_cnf.engine.recording import penalty_grid  # noqa: E402
-
-__all__ = ["main"]
+__all__ = ["STUDY", "main"]
 
 GRID = torch.linspace(0.0, 1.0, 5)
 A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]])
@@ -202,41 +198,36 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's flags."""
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=7)
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--tol", type=float, default=1e-5)
     parser.add_argument("--num-samples", type=int, default=2)
     parser.add_argument("--coef", type=float, default=5.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Train the trajectory model, then time the solves and count TPR's backward NFE."""
     torch.set_num_threads(1)
     field = train(args.train_steps, args.tol)
-    result = dict(
-        command="python benchmarks/dropin_overhead.py " + " ".join(sys.argv[1:]),
-        cpu=cpu_name(), nproc=os.cpu_count(), torch=torch.__version__,
-        torchdiffeq=torchdiffeq.__version__, python=platform.python_version(),
-        train_steps=args.train_steps, tol=args.tol, repeats=args.repeats, seeds=args.seeds,
-        num_samples=args.num_samples, coef=args.coef,
+    return dict(
+        command=args.command, cpu=common.cpu_name(), nproc=os.cpu_count(),
+        torch=torch.__version__, torchdiffeq=torchdiffeq.__version__,
+        python=platform.python_version(), train_steps=args.train_steps, tol=args.tol,
+        repeats=args.repeats, seeds=args.seeds, num_samples=args.num_samples, coef=args.coef,
         timing=time_solves(field, args.repeats, args.tol),
         tpr=tpr_nfe(field, args.seeds, args.tol, args.num_samples, args.coef))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dropin_overhead.json").write_text(json.dumps(result, indent=2))
-    (args.out / "dropin_overhead.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+
+
+STUDY = common.Study("dropin_overhead", __doc__, measure, to_markdown, arguments)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.dropin_overhead``."""
+    return common.main(STUDY, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

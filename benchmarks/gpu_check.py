@@ -1,6 +1,6 @@
 """One command for the first machine with a CUDA GPU: device tests, DDP, timings, memory estimate.
 
-    python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check]
+    python -m benchmarks.gpu_check [--out benchmarks/results/gpu_check]
 
 On a machine with CUDA (a CUDA build of torch: this project's Makefile installs the CPU wheel)
 it runs, in about 5 minutes on one GPU:
@@ -31,7 +31,6 @@ failed, with its error, never filled in). Exit status: 0 all passed, 1 something
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -46,13 +45,9 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import common, step_cost
+from benchmarks.common import RESULTS, ROOT
 
-import step_cost  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 #: Exit status when there is no CUDA device.
 EXIT_NO_CUDA = 2
 #: Steps per timed POWER run and per memory-check run.
@@ -69,7 +64,7 @@ def no_cuda_message() -> str:
     """Why nothing can run here: what torch reports, and what to do."""
     built = torch.version.cuda or "none (a CPU-only build)"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return (f"gpu_check.py: no CUDA device: torch.cuda.is_available() is False (torch "
+    return (f"benchmarks.gpu_check: no CUDA device: torch.cuda.is_available() is False (torch "
             f"{torch.__version__}, built with CUDA {built}; CUDA_VISIBLE_DEVICES="
             f"{'unset' if visible is None else repr(visible)}). Nothing was measured and no "
             f"results were written. Run it on a machine with an NVIDIA GPU and a CUDA build of "
@@ -297,16 +292,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     given = sys.argv[1:] if argv is None else list(argv)
     results: dict[str, Any] = dict(meta=dict(
-        command="python benchmarks/gpu_check.py" + "".join(f" {a}" for a in given),
-        gpus=_gpu_line(), cpu=step_cost.machine(), python=platform.python_version(),
-        torch=torch.__version__, cuda=torch.version.cuda, git_commit=step_cost.git_commit()),
-        errors=[])
+        command=common.command("gpu_check", given), gpus=_gpu_line(), cpu=step_cost.machine(),
+        python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+        git_commit=common.git_commit()), errors=[])
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(status: int) -> None:
         results["meta"].update(wall_seconds=time.perf_counter() - start, exit_status=status)
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(results))
+        common.write_report(args.out, results, markdown)
 
     def attempt(part: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -337,8 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["memory"] = [m for m in memory if m]
     save(1)
     engine = attempt("engine speed on CUDA", lambda: subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("engine_speed.py")), "--device", "cuda",
-         "--repeats", "7", "--out", str(args.out) + "_engine"], check=True, timeout=1200))
+        [sys.executable, "-m", "benchmarks.engine_speed", "--device", "cuda", "--repeats", "7",
+         "--out", str(args.out) + "_engine"], cwd=ROOT, check=True, timeout=1200))
     results["engine_speed"] = None if engine is None else str(args.out) + "_engine.md"
     tests_ok = bool(results["tests"] and results["tests"]["ok"])
     status = 0 if tests_ok and not results["errors"] else 1

@@ -15,10 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,18 +25,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from polyreg_cnf.callbacks import NFEMonitor
+from polyreg_cnf.datamodules.toy import ToyDataModule
+from polyreg_cnf.datamodules.user_table import UserTableDataModule
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from polyreg_cnf.callbacks import NFEMonitor  # noqa: E402
-from polyreg_cnf.datamodules.toy import ToyDataModule  # noqa: E402
-from polyreg_cnf.datamodules.user_table import UserTableDataModule  # noqa: E402
-
-from polyreg_cnf.app.build import build, make_model  # noqa: E402
-from polyreg_cnf.app.config import RunConfig, resolve  # noqa: E402
-from polyreg_cnf.engine.ode import ODEBlock, ode_blocks  # noqa: E402
-from polyreg_cnf.engine.penalty import trajectory_polynomial_penalty  # noqa: E402
+from polyreg_cnf.app.build import build, make_model
+from polyreg_cnf.app.config import RunConfig, resolve
+from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
+from polyreg_cnf.engine.penalty import trajectory_polynomial_penalty
 
 EVAL_TOL = 1e-5  # the paper's evaluation tolerance, for every arm
 # One intra-op thread per run: these small models gain nothing from two, and a second thread
@@ -188,7 +181,7 @@ def _table_path(w: Workload, tmp: Path) -> Path:
 
         np.save(path, load_breast_cancer().data)
     elif w.name == "mixture16":
-        from tables import write_mixture_table
+        from benchmarks.tables import write_mixture_table
 
         write_mixture_table(path, rows=50_000, dim=16)
     else:
@@ -632,37 +625,6 @@ def summarise(runs: list[dict[str, Any]],
                 entry[f"paired_to_{own}"] = paired(rs, arms[own])
             out[wname][aname] = entry
     return out
-
-
-def machine() -> dict[str, Any]:
-    """Where and with what the numbers were measured."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    import lightning
-    import torchdiffeq
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "lightning": lightning.__version__, "torchdiffeq": torchdiffeq.__version__,
-            "git_commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.part")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
 
 
 def fmt(entry: dict[str, Any] | None, digits: int = 1) -> str:

@@ -1,10 +1,10 @@
 """Run a named benchmark suite: several arms x workloads x seeds; write JSON, markdown and a PNG.
 
-    python benchmarks/run.py --suite quick            # smoke run, minutes
-    python benchmarks/run.py --suite full --jobs 2    # the README's comparison (under 2 hours)
-    python benchmarks/run.py --suite sweep --jobs 2   # TPR settings, one factor at a time
-    python benchmarks/run.py --suite long --workloads mixture16 --jobs 2      # one workload
-    python benchmarks/run.py --suite long --cached-only   # summarise every finished long run
+    python -m benchmarks.run --suite quick            # smoke run, minutes
+    python -m benchmarks.run --suite full --jobs 2    # the README's comparison (under 2 hours)
+    python -m benchmarks.run --suite sweep --jobs 2   # TPR settings, one factor at a time
+    python -m benchmarks.run --suite long --workloads mixture16 --jobs 2      # one workload
+    python -m benchmarks.run --suite long --cached-only   # summarise every finished long run
     (``make bench-long`` runs the long suite's invocations, one per workload, then the summary)
 
 Arms and workloads are defined in benchmarks/harness.py. Results go to
@@ -33,13 +33,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (  # noqa: E402
+from benchmarks import common
+from benchmarks.common import UsageError, machine, write_json
+from benchmarks.harness import (
     ARMS,
     RUN_THREADS,
     WORKLOADS,
@@ -47,16 +49,14 @@ from harness import (  # noqa: E402
     Workload,
     _median_unreached_as_zero,
     fmt,
-    machine,
     plot_nfe,
     run_one,
     spread,
     summarise,
-    write_json,
 )
-from pool import PoolStopped, run_pool  # noqa: E402
+from benchmarks.pool import PoolStopped, run_pool
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 
 SUITES = {
     "quick": dict(workloads={"checkerboard": 200}, seeds=(0, 1, 2),
@@ -297,14 +297,11 @@ def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
              "seeds, then the per-seed values):", "",
              "| arm | test NLL diff (nats) | test NFE ratio | fwd NFE ratio, last 10 % | "
              "total NFE ratio | s/step ratio |", "|---|---|---|---|---|---|"]
-    for aname, e in arms.items():
-        p = e.get(f"paired_to_{base}")
-        if p is None:
-            continue
-        lines.append(f"| {aname} | {_signed(p['test_nll'])} | {_times(p['test_nfe'])} | "
-                     f"{_times(p['forward_nfe_last10pct'])} | {_times(p['total_nfe'])} | "
-                     f"{_times(p['seconds_per_step'], 3)} |")
-    return [*lines, ""]
+    rows = [f"| {aname} | {_signed(p['test_nll'])} | {_times(p['test_nfe'])} | "
+            f"{_times(p['forward_nfe_last10pct'])} | {_times(p['total_nfe'])} | "
+            f"{_times(p['seconds_per_step'], 3)} |"
+            for aname, e in arms.items() if (p := e.get(f"paired_to_{base}")) is not None]
+    return [*lines, *rows, ""] if rows else []  # none before the seed-paired summaries
 
 
 def _speedup(entry: dict[str, Any]) -> str:
@@ -563,14 +560,22 @@ def _beside_lines(payload: dict[str, Any]) -> list[str]:
 
 
 def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
-    """The sweep and long suites: everything against ``base_arm`` ((3b)), the same engineering."""
+    """The sweep and long suites: everything against ``base_arm`` ((3b)), the same engineering.
+
+    A payload summarised before the comparisons were seed-paired (long_small: no
+    ``paired_to_<base>``, goals as medians of each arm) keeps the words and goal cells it had.
+    """
+    unpaired = not any(f"paired_to_{base_arm}" in e for arms in payload["summary"].values()
+                       for e in arms.values())
     lines = [*_header(suite, payload),
              "Every arm trains at matched tolerance (1e-4) with direct backprop through the "
-             "solver; (3b) is the same without TPR. The first table gives each arm's own "
-             "medians [min, max] over seeds; every comparison with (3b) (the speed-ups, the "
-             "second table and the goals) is seed-paired: each seed against the same seed's "
-             "(3b) run, then the median [min, max] over seeds. fwd NFE = "
-             "forward evaluations per training step (over all of training / over the last 10 "
+             "solver; (3b) is the same without TPR. "
+             + ("Figures are medians over seeds. fwd NFE = " if unpaired else
+                "The first table gives each arm's own medians [min, max] over seeds; every "
+                "comparison with (3b) (the speed-ups, the second table and the goals) is "
+                "seed-paired: each seed against the same seed's (3b) run, then the median "
+                "[min, max] over seeds. fwd NFE = ")
+             + "forward evaluations per training step (over all of training / over the last 10 "
              "%); s to (3b) = training seconds until the validation NLL first reaches (3b)'s "
              "final validation NLL (exactly / within 0.01 nats); speed-up = (3b)'s time to that "
              "value / this arm's ('(k/n)' = reached in k of n seeds; the median then counts a seed "
@@ -626,25 +631,34 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
                                  f"{med['path_ratio']:.3f}")
                 lines.append(f"| {aname} | " + " | ".join(cells) + " |")
             lines.append("")
-    lines += ["## Goals (against (3b), seed-paired)", "",
-              "Each seed's TPR run against the same seed's (3b) run, then the median over seeds "
-              "(the verdict) and its range [min, max], then the per-seed values in seed order "
-              f"{list(payload['seeds'])}. Speed-ups: '-' = that seed never reached (3b)'s "
-              "value (counted as 0 in the median).", "",
-              "| workload | arm | speed-up to (3b)'s final val within 0.01 (>= 1.3) | the same "
+    lines += ["## Goals (against (3b))", ""] if unpaired else [
+        "## Goals (against (3b), seed-paired)", "",
+        "Each seed's TPR run against the same seed's (3b) run, then the median over seeds (the "
+        "verdict) and its range [min, max], then the per-seed values in seed order "
+        f"{list(payload['seeds'])}. Speed-ups: '-' = that seed never reached (3b)'s value "
+        "(counted as 0 in the median).", ""]
+    lines += ["| workload | arm | speed-up to (3b)'s final val within 0.01 (>= 1.3) | the same "
               "in NFE | fewer fwd NFE, last 10 % (>= 20 %) | test NLL diff (<= 0.05) | met | "
-              "test NFE / (3b)'s (every seed <= 1) | the speed-up on validation curves "
-              "averaged over 5 evaluations: wall / NFE |",
+              f"test NFE / (3b)'s{', median' if unpaired else ''} (every seed <= 1) | the "
+              "speed-up on validation curves averaged over 5 evaluations: wall / NFE |",
               "|---|---|---|---|---|---|---|---|---|"]
     for wname, g in payload.get("goals", {}).items():
         for aname, v in g.items():
+            if unpaired:
+                cells = (f"{_x(v['speedup_within_0.01'])} (reached {v['reached_within_0.01']})",
+                         _x(v["nfe_speedup_within_0.01"]),
+                         f"{100 * v['forward_nfe_last10pct_reduction']:.0f} %",
+                         f"{v['test_nll_diff']:+.4f}", _x(v["test_nfe_ratio"]))
+            else:
+                cells = (f"{_speed_text(v['speedup_within_0.01_per_seed'])} (reached "
+                         f"{v['reached_within_0.01']})",
+                         _speed_text(v["nfe_speedup_within_0.01_per_seed"]),
+                         _pct(v["forward_nfe_last10pct_reduction"]), _signed(v["test_nll_diff"]),
+                         _times(v["test_nfe_ratio"]))
             lines.append(
-                f"| {wname} | {aname} | {_speed_text(v['speedup_within_0.01_per_seed'])} "
-                f"(reached {v['reached_within_0.01']}) | "
-                f"{_speed_text(v['nfe_speedup_within_0.01_per_seed'])} | "
-                f"{_pct(v['forward_nfe_last10pct_reduction'])} | "
-                f"{_signed(v['test_nll_diff'])} | {'met' if v['met'] else 'not met'} | "
-                f"{_times(v['test_nfe_ratio'])} ({'met' if v['test_nfe_met'] else 'not met'}) | "
+                f"| {wname} | {aname} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
+                f"{'met' if v['met'] else 'not met'} | {cells[4]} "
+                f"({'met' if v['test_nfe_met'] else 'not met'}) | "
                 f"{_x(v.get('speedup_smoothed_within_0.01'))} / "
                 f"{_x(v.get('nfe_speedup_smoothed_within_0.01'))} "
                 f"(reached {v.get('reached_smoothed_within_0.01', '-')}) |")
@@ -687,9 +701,8 @@ def plot_probes(runs: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The suite runner's flags."""
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--arms", default=None, help="comma-separated subset of the arms")
     parser.add_argument("--workloads", default=None,
@@ -700,22 +713,33 @@ def main() -> None:
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: summarise the finished runs in the cache (the "
                              "output then says how many runs are missing)")
-    args = parser.parse_args()
+
+
+def subset(given: str | None, valid: list[Any], what: str, where: str) -> list[Any]:
+    """The comma-separated ``given`` names (all of ``valid`` when None), each one of ``valid``."""
+    if given is None:
+        return list(valid)
+    kind = type(valid[0])
+    try:
+        chosen = [kind(x) for x in given.split(",")]
+    except ValueError:
+        raise UsageError(f"--{what} takes comma-separated integers, got {given!r}") from None
+    if bad := [x for x in chosen if x not in valid]:
+        raise UsageError(f"{what} {bad} are not in {where}; valid: {', '.join(map(str, valid))}")
+    return chosen
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or take from the cache) every run of the suite; summarise them; draw the plots."""
     suite = SUITES[args.suite]
-    arms = args.arms.split(",") if args.arms else list(suite["arms"])
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        parser.error(f"unknown arms {unknown}; valid: {', '.join(ARMS)}")
-    workloads = dict(suite["workloads"])
-    if args.workloads:
-        wanted = args.workloads.split(",")
-        bad = [w for w in wanted if w not in workloads]
-        if bad:
-            parser.error(f"workloads {bad} are not in suite {args.suite!r}; valid: "
-                         f"{', '.join(workloads)}")
-        workloads = {w: workloads[w] for w in wanted}
+    arms = subset(args.arms, list(ARMS), "arms", "benchmarks/harness.py") if args.arms \
+        else list(suite["arms"])
+    workloads = {w: suite["workloads"][w] for w in
+                 subset(args.workloads, list(suite["workloads"]), "workloads",
+                        f"suite {args.suite!r}")}
     if not 1 <= args.jobs <= (os.cpu_count() or 1):
-        parser.error(f"--jobs must be between 1 and the {os.cpu_count()} cores, got {args.jobs}")
+        raise UsageError(f"--jobs must be between 1 and the {os.cpu_count()} cores, got "
+                         f"{args.jobs}")
     cache = RESULTS / ".cache" / args.suite
     start = time.perf_counter()
     todo: list[tuple[Workload, Arm, int]] = []
@@ -737,40 +761,30 @@ def main() -> None:
     if args.cached_only:
         missing, todo = len(todo), []
         if not done:
-            parser.error(f"--cached-only: no finished runs of suite {args.suite!r} in {cache}")
+            raise UsageError(f"--cached-only: no finished runs of suite {args.suite!r} in "
+                             f"{cache}")
     # Seed by seed (an interrupted suite leaves whole seeds, which pair with their baseline),
     # the longest runs of a seed first.
     todo.sort(key=lambda t: (t[2], -t[0].steps * _COST.get(t[1].name, 1.0)
                              * _WORKLOAD_COST.get(t[0].name, 1.0)))
     opts = {k: suite[k] for k in ("ckpt_every", "probe_every", "keep_models") if k in suite}
-    if args.jobs == 1:
-        for work, arm, seed in todo:
-            print(f"[{time.perf_counter() - start:6.0f} s] {work.name} {arm.name} seed {seed}",
-                  flush=True)
-            done[(work.name, arm.name, seed)] = _run_and_cache(work, arm, seed, cache, **opts)
-    else:
-        keys = [(work.name, arm.name, seed) for work, arm, seed in todo]
+    calls = [functools.partial(_run_and_cache, work, arm, seed, cache, **opts)
+             for work, arm, seed in todo]
+    keys = [(work.name, arm.name, seed) for work, arm, seed in todo]
 
-        def finished(i: int, result: dict[str, Any]) -> None:
-            done[keys[i]] = result
-            print(f"[{time.perf_counter() - start:6.0f} s] finished "
-                  f"{' '.join(map(str, keys[i]))}", flush=True)
-        try:
-            run_pool([functools.partial(_run_and_cache, work, arm, seed, cache, **opts)
-                      for work, arm, seed in todo], args.jobs, finished)
-        except PoolStopped as exc:
-            # Finished runs are in the cache; the stopped ones resume from their checkpoints.
-            print(f"{exc}; the same command resumes", file=sys.stderr)
-            sys.exit(exc.exit_code)
+    def finished(i: int, result: dict[str, Any]) -> None:
+        done[keys[i]] = result
+        print(f"[{time.perf_counter() - start:6.0f} s] finished {' '.join(map(str, keys[i]))}",
+              flush=True)
+    pooled(calls, args.jobs, finished)
     runs = [done[(w, a, s)] for w in workloads for s in suite["seeds"] for a in arms
             if (w, a, s) in done]
-    command = ("python benchmarks/run.py " + " ".join(sys.argv[1:])).strip()
     info = machine()
     # A summary of the cache trained nothing itself: how the runs shared the machine is the
     # training invocations' business (the suite's docs name them).
     info["parallel_jobs"] = None if args.cached_only else args.jobs
     info["torch_threads"] = RUN_THREADS  # what each run uses, not this process
-    payload = {"suite": args.suite, "command": command, "machine": info,
+    payload = {"suite": args.suite, "command": args.command, "machine": info,
                "seeds": list(suite["seeds"]), "seconds": time.perf_counter() - start,
                "steps": workloads, "note": suite.get("note"), "pairs": suite.get("pairs", {}),
                "missing_runs": missing, "trained_runs": len(todo),
@@ -779,22 +793,51 @@ def main() -> None:
                                              if k in suite}),
                "runs": [{k: v for k, v in r.items() if k != "nfe_per_step"} for r in runs]}
     long_form = "baselines" in suite
-    base_arm = suite["baselines"][0] if long_form else BASE
-    payload["goals"] = (long_goals(payload["summary"], base_arm) if long_form
+    payload["goals"] = (long_goals(payload["summary"], suite["baselines"][0]) if long_form
                         else goals(payload["summary"]))
     if suite.get("beside") and (RESULTS / f"{suite['beside']}.json").exists():
         other = json.loads((RESULTS / f"{suite['beside']}.json").read_text())
         payload["beside"] = {"suite": suite["beside"], "seeds": other["seeds"],
                              "goals": beside_goals(payload["goals"], other["goals"])}
-    write_json(RESULTS / f"{args.suite}.json", payload)
-    plot_nfe(runs, RESULTS / f"{args.suite}_nfe.png")
+    plot_nfe(runs, args.out.with_name(f"{args.out.name}_nfe.png"))
     if long_form:
-        plot_probes(runs, RESULTS / f"{args.suite}_probes.png")
-    text = (long_markdown(args.suite, payload, base_arm) if long_form
-            else markdown(args.suite, payload))
-    (RESULTS / f"{args.suite}.md").write_text(text)
-    print(text)
+        plot_probes(runs, args.out.with_name(f"{args.out.name}_probes.png"))
+    return payload
+
+
+def pooled(calls: list[functools.partial], jobs: int,
+           finished: Callable[[int, Any], None]) -> None:
+    """Run ``calls`` in this process (``jobs`` 1) or in a pool; a signal exits with its status.
+
+    Finished calls reach ``finished`` as they end; a stopped pool leaves the rest to the same
+    command, which resumes them (cached runs, checkpoints)."""
+    if jobs == 1:
+        for i, call in enumerate(calls):
+            finished(i, call())
+        return
+    try:
+        run_pool(calls, jobs, finished)
+    except PoolStopped as exc:
+        print(f"{exc}; the same command resumes", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+def render(payload: dict[str, Any]) -> str:
+    """A suite's report: the long form for suites compared with one baseline."""
+    config = SUITES.get(payload["suite"], {})
+    if "baselines" in config:
+        return long_markdown(payload["suite"], payload, config["baselines"][0])
+    return markdown(payload["suite"], payload)
+
+
+STUDY = common.Study("run", __doc__, measure, render, arguments,
+                     report=lambda args: RESULTS / args.suite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.run``."""
+    return common.main(STUDY, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

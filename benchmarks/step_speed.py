@@ -1,6 +1,6 @@
 """Training-step time and test throughput: this checkout against an earlier one, side by side.
 
-    python benchmarks/step_speed.py --baseline-tree /tmp/polyreg-b4d2198 \\
+    python -m benchmarks.step_speed --baseline-tree /tmp/polyreg-b4d2198 \\
         [--workloads checkerboard_authors mixture16 vae_front_door] [--seeds 0 1] [--steps 400]
 
 Each workload trains the same run (same flags, seed and length) twice at the same time, one
@@ -34,9 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-RESULTS = HERE / "results"
+from benchmarks import common
+from benchmarks.common import ROOT
 
 #: train.py flags of each workload (the rest are the data set's preset and the defaults).
 WORKLOADS: dict[str, list[str]] = {
@@ -143,37 +142,38 @@ def prepare_baseline(rev: str, folder: Path) -> Path:
 
 def launch(which: str, argv: list[str], steps: int, out: Path, baseline: Path | None
            ) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    """One child run (:func:`child`) with the baseline's or this checkout's polyreg_cnf."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(ROOT))  # the benchmarks package; the child runs elsewhere
     cmd = [sys.executable]
     if which == "baseline":
-        env["PYTHONPATH"] = f"{baseline / 'pkg'}{os.pathsep}{_site_packages()}"
+        # The baseline's package first: it shadows this checkout's polyreg_cnf.
+        env["PYTHONPATH"] = os.pathsep.join([str(baseline / "pkg"), _site_packages(), str(ROOT)])
         cmd.append("-S")
-    cmd += [str(Path(__file__).resolve()), "--child", json.dumps(argv), "--steps", str(steps),
-            "--out", str(out)]
+    cmd += ["-m", "benchmarks.step_speed", "--child", json.dumps(argv), "--steps", str(steps),
+            "--child-out", str(out)]
     return subprocess.Popen(cmd, env=env, cwd=tempfile.mkdtemp(), stdout=subprocess.DEVNULL,
                             stderr=open(str(out) + ".log", "w"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's flags (``--child`` and ``--child-out``: one run, for :func:`launch`)."""
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--baseline-rev", default="b4d2198")
     parser.add_argument("--baseline-tree", type=Path, default=Path("/tmp/polyreg-baseline"))
     parser.add_argument("--variants", nargs="+", default=["forward", "compiled"])
-    args = parser.parse_args()
-    if args.child is not None:
-        child(json.loads(args.child), args.steps, args.out)
-        return
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Each workload, seed and variant: the baseline's run and this checkout's, side by side."""
     baseline = prepare_baseline(args.baseline_rev, args.baseline_tree)
     work = Path(tempfile.mkdtemp())
     table = work / "mixture16.npy"
-    sys.path.insert(0, str(HERE))
-    from tables import write_mixture_table
+    from benchmarks.tables import write_mixture_table
 
     write_mixture_table(table)
     results: list[dict[str, Any]] = []
@@ -196,23 +196,14 @@ def main() -> None:
                 results.append(dict(workload=name, seed=seed, variant=variant, **pair))
                 b, n = pair["baseline"], pair["new"]
                 print(f"{name} seed {seed} {variant}: step {n['seconds_per_step']:.4f} s vs "
-                      f"{b['seconds_per_step']:.4f} s "
-                      f"({n['seconds_per_step'] / b['seconds_per_step']:.2f}x), NFE "
-                      f"{n['forward_nfe_per_step']:.1f} vs {b['forward_nfe_per_step']:.1f}, "
-                      f"NLL {n['test_nll'] - b['test_nll']:+.4f}, test rows/s "
-                      f"{n['test_rows_per_second'] / b['test_rows_per_second']:.2f}x",
-                      flush=True)
+                      f"{b['seconds_per_step']:.4f} s, NFE {n['forward_nfe_per_step']:.1f} vs "
+                      f"{b['forward_nfe_per_step']:.1f}", flush=True)
                 load.append(os.getloadavg()[0])
-    payload = {"command": "python benchmarks/step_speed.py " + " ".join(sys.argv[1:]),
-               "baseline_rev": args.baseline_rev, "steps": args.steps, "skip": SKIP,
-               "machine": {"cpu": platform.processor() or platform.machine(),
-                           "cpus": os.cpu_count(), "python": platform.python_version(),
-                           "load_average_seen": [min(load), max(load)]},
-               "runs": results, "summary": summarise(results)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "step_speed.json").write_text(json.dumps(payload, indent=1))
-    (RESULTS / "step_speed.md").write_text(markdown(payload))
-    print(markdown(payload))
+    return {"command": args.command, "baseline_rev": args.baseline_rev, "steps": args.steps,
+            "skip": SKIP, "machine": {"cpu": common.cpu_name(), "cpus": os.cpu_count(),
+                                      "python": platform.python_version(),
+                                      "load_average_seen": [min(load), max(load)]},
+            "runs": results, "summary": summarise(results)}
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -271,5 +262,19 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+STUDY = common.Study("step_speed", __doc__, measure, markdown, arguments)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.step_speed`` (``--child``: one run of :func:`launch`)."""
+    if argv is None and "--child" in sys.argv:
+        args = argparse.ArgumentParser()
+        arguments(args)
+        parsed = args.parse_args()
+        child(json.loads(parsed.child), parsed.steps, parsed.child_out)
+        return 0
+    return common.main(STUDY, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
