@@ -1,43 +1,16 @@
 """Backward cost of the trajectory penalty's extra output times: stock vs restart-free adjoint.
 
-For a 2-D CNF of the toy size (ODENet(2, (64, 64, 64), "concatsquash", "tanh"), trained for a
-few hundred steps on the checkerboard so the dynamics are not those of a random init) and a 30-D
-CNF at random init, one training step (forward + backward) is timed and its NFE counted for
-
-- ``plain_stock``: output at [0, T] only, torchdiffeq's ``odeint_adjoint`` (what an
-  unregularized FFJORD run pays);
-- ``plain_carry``: output at [0, T] only, ``polyreg_cnf.engine.adjoint.odeint_adjoint_carry``;
-- ``tpr_stock``: TPR with K = 2 interior times (penalty coefficient 5), stock adjoint;
-- ``tpr_carry_intervals``: TPR with K = 2, the restart-free adjoint (one solve per interval
-  with the step size carried over);
-- ``tpr_direct``: TPR with K = 2, backpropagation through the solver (no adjoint: backward NFE 0),
-- ``plain_checkpoint`` / ``tpr_checkpoint``: without / with TPR (K = 2), step checkpoints
-  (``backprop="checkpoint"``: each accepted step recomputed and backpropagated in turn, memory of
-  one step; the backward NFE counts the recomputed evaluations),
-
-each with and without the seminorm (not applicable to ``tpr_direct``), over several seeds (model
-input batch, Hutchinson probe and penalty times; for the 30-D case also the random model), and
-reports medians. Every variant of a seed sees the same model, batch, probe and penalty times,
-so the forward solve is identical across variants.
-
 Run: ``python -m benchmarks.adjoint_overhead`` (writes
 ``benchmarks/results/adjoint_overhead.{json,md}``).
 
-A third case, ``short-16d``, is the VAE's situation: a 16-D CNF over T = 0.5 at random init
-(the digits preset's posterior size and length), whose solve takes one or two steps, so the
-adjoint's stops at the penalty's interior times dominate its backward pass.
-
-The committed results also hold a ``tpr_carry`` arm: the restart-free adjoint as one backward
-solve with the output times as ``jump_t`` (``single_solve=True``). That variant was removed
-(issue 12: it integrated the state backwards without resetting it to the stored forward values,
-which gives wrong gradients when the dynamics contract and there are interior output times), so
-a rerun no longer produces those rows.
+How it measures: docs/benchmarks.md, `benchmarks.adjoint_overhead`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import statistics
@@ -230,11 +203,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 STUDY = common.Study("adjoint_overhead", __doc__, measure, to_markdown, arguments)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.adjoint_overhead``."""
-    return common.main(STUDY, argv)
-
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,16 +2,13 @@
 
     python -m benchmarks.checkerboard_tpr [--steps 1000] [--seed 0]
 
-Writes benchmarks/results/checkerboard_tpr.json and .md. Both arms train at the same tolerance
-(1e-4; evaluation 1e-5), K = 2, m = 1, coef = 5. The TPR arm is run with torchdiffeq's stock
-adjoint (as the paper did) and with this project's restart-free adjoint. The penalty's own cost
-(time sampling + penalty + its backward, on the trajectory tensor of one step) is timed apart and
-reported as a share of a training step.
+How it measures: docs/benchmarks.md, `benchmarks.checkerboard_tpr`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from typing import Any
@@ -103,11 +100,7 @@ def markdown(payload: dict[str, Any]) -> str:
 
 STUDY = common.Study("checkerboard_tpr", __doc__, measure, markdown, arguments)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.checkerboard_tpr``."""
-    return common.main(STUDY, argv)
-
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
     sys.exit(main())

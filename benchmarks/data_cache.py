@@ -12,6 +12,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import shutil
@@ -118,11 +119,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 STUDY = common.Study("data_cache", __doc__, measure, markdown, arguments)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.data_cache``."""
-    return common.main(STUDY, argv)
-
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ Writes benchmarks/results/ddp_scaling.json and .md.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import statistics
@@ -96,11 +97,7 @@ def markdown(payload: dict[str, Any]) -> str:
 
 STUDY = common.Study("ddp_scaling", __doc__, measure, markdown, arguments)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.ddp_scaling``."""
-    return common.main(STUDY, argv)
-
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
     sys.exit(main())

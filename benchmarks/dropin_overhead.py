@@ -1,24 +1,15 @@
 """What the drop-in ``polyreg_cnf.odeint`` costs next to torchdiffeq's, with and without TPR.
 
-1. **No regularizer** (validation, plots, a run without the callback): ``polyreg_cnf.odeint`` /
-   ``odeint_adjoint`` against ``torchdiffeq.odeint`` / ``odeint_adjoint`` on the same solve,
-   forward + backward, seconds per solve (median over many interleaved repeats, one torch
-   thread). Also with NFE counting on (what ``NFEMonitor`` adds during evaluation).
-2. **TPR on a 5-point observation grid** (a user's trajectory model, trained a little so the
-   field is not a random init's): backward NFE of the drop-in's adjoint (the restart-free
-   ``odeint_adjoint_carry``) against torchdiffeq's stock ``odeint_adjoint`` on the SAME merged
-   grid (the 5 requested times plus the same K interior times) and the same loss
-   (MSE on the requested times + coef x penalty), over several seeds (batch and interior times);
-   medians. For reference: the stock adjoint on the 5 requested times without TPR (what an
-   unregularized run pays).
-
 Run: ``python -m benchmarks.dropin_overhead`` (writes
 ``benchmarks/results/dropin_overhead.{json,md}``).
+
+How it measures: docs/benchmarks.md, `benchmarks.dropin_overhead`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -223,11 +214,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 STUDY = common.Study("dropin_overhead", __doc__, measure, to_markdown, arguments)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.dropin_overhead``."""
-    return common.main(STUDY, argv)
-
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
     sys.exit(main())

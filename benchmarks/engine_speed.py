@@ -1,56 +1,23 @@
 """What one CNF evaluation costs: the arithmetic floor, today's reverse mode, forward mode.
 
-Issue 20, item 1. Per workload (a net, a batch, a trace estimator) this records:
-
-- ``flops``: floating-point operations of one evaluation with forward-mode divergence (value and
-  tangents; matmuls and the last layer's diagonal, elementwise work not counted), counted from
-  the layer shapes;
-- ``floor``: the time of exactly those matmuls alone (``torch.mm``/``torch.bmm`` on
-  preallocated operands), for an evaluation, and for a training step (each matmul plus the two
-  of its backward);
-- the time of one evaluation and of one training-like step for the reference path (the CNF's
-  field today: ``net(t, z)`` and :mod:`polyreg_cnf.engine.trace`'s vector-Jacobian products,
-  ``create_graph=True`` in training) and for forward mode
-  (:func:`polyreg_cnf.engine.forward_divergence.field_and_divergence`), eager and compiled
-  (:func:`~polyreg_cnf.engine.forward_divergence.compiled_field_and_divergence`, one graph for
-  every batch size); the compile time is reported apart and kept out of the step figures;
-- a torch.profiler split of each eager path into matmul arithmetic, other kernels, the autograd
-  engine, and the rest (Python and dispatch: wall time outside any profiled op).
-
-Modes timed: ``eval`` is a test-time evaluation (exact trace, no graph: the reference builds
-its graph to take the D vector-Jacobian products and drops it); ``field`` is a training-mode
-evaluation with the workload's trace (graph kept, no backward); ``step`` is ``field``, the
-scalar loss ``sum(f * w) + sum(div)`` and its backward (to the parameters, z and the context).
-
-Timing: one torch thread; every variant is timed in blocks of calls, the variants interleaved
-block by block (in rotating order) so that background load falls on all alike; the figure is
-the median over blocks of the seconds per call.
-
-Workloads:
-- ``checkerboard``: the authors' configuration, ODENet(2, (64, 64, 64)), concat, tanh, exact
-  trace, batch 100 (T 0.5 sets the solve's length, not one evaluation's cost);
-- ``mixture16``: the 16-D table workload of ``benchmarks/harness.py``: ODENet(16, (128, 128)),
-  concat, softplus, Hutchinson, batch 256;
-- ``vae_front_door``: ``python train.py --model vae --reg poly`` (the ``digits`` preset):
-  AmortizedODENet(16, (64, 64), rank 4, softplus), Hutchinson, batch 100;
-- ``power``: the POWER preset at its published size (D 6, 3 x 60, tanh, concat, Hutchinson,
-  batch 10000), on random inputs.
-
 Usage:
     python -m benchmarks.engine_speed [--workloads checkerboard power] [--repeats 15]
         [--block-seconds 0.05] [--no-compile] [--device cpu] [--out benchmarks/results/engine_speed]
     python -m benchmarks.engine_speed --render benchmarks/results/engine_speed.json
+
+How it measures: docs/benchmarks.md, `benchmarks.engine_speed`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -527,11 +494,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 STUDY = common.Study("engine_speed", __doc__, measure, markdown, arguments)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.engine_speed``."""
-    return common.main(STUDY, argv)
-
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
     sys.exit(main())

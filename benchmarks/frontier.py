@@ -3,28 +3,7 @@
     python -m benchmarks.frontier --suite long --jobs 2            # every long-suite model
     python -m benchmarks.frontier --suite long_small --jobs 2  # the small committed case
 
-TPR's lasting benefit is a model that is cheaper to evaluate at a fixed tolerance. A baseline
-model is also cheaper at a looser tolerance, so the fair comparison is the whole frontier. For
-every arm's final model of a suite (every workload and seed) this evaluates the test set at the
-evaluation tolerances :data:`TOLERANCES` (atol = rtol, exact trace), recording the test NLL,
-the forward NFE per test batch and rows per second, and the NFE and seconds to draw
-:data:`SAMPLES` samples. It then answers, seed by seed against the baseline of the same seed:
-at equal test NLL (within :data:`MARGIN` nats of the better model's best), how many evaluations
-does each need (:func:`equal_nll_cost`)?
-
-The models are the ones the suite keeps (``keep_models``, under
-benchmarks/results/.models/<suite>/). A missing one (the long suite was first run before it
-kept models) is made again with the suite's own definitions, seed and checkpointing
-(:func:`remake`); an interrupted remake resumes from its checkpoint in
-benchmarks/results/.work/<suite>/. The remade run's measurements are kept apart, under
-.cache/frontier/<suite>/remade/, and the suite's cache is left alone: the suite's figures
-(wall-clock speed-ups included) stay those of the runs it measured together, and the report
-states how closely each remade run repeats the measured one. Each model's curve is cached
-beside the runs (benchmarks/results/.cache/frontier/<suite>/, keyed by the model file's
-hash), so a subset (``--workloads``) adds to the report instead of replacing it, and
-``--cached-only`` writes the report from the cached curves alone. Results:
-benchmarks/results/frontier_<suite>.json, .md and .png (``frontier_small.*`` for the suite
-``long_small``).
+How it measures: docs/benchmarks.md, `benchmarks.frontier`.
 """
 
 from __future__ import annotations
@@ -450,11 +429,7 @@ def _report(args: argparse.Namespace) -> Path:
 
 STUDY = common.Study("frontier", __doc__, measure, markdown, arguments, report=_report)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.frontier``."""
-    return common.main(STUDY, argv)
-
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,30 +2,7 @@
 
     python -m benchmarks.gpu_check [--out benchmarks/results/gpu_check]
 
-On a machine with CUDA (a CUDA build of torch: this project's Makefile installs the CPU wheel)
-it runs, in about 5 minutes on one GPU:
-
-1. ``tests/test_gpu.py`` (pytest, in a subprocess): CNF and ODEBlock on CUDA agree with the CPU
-   in float64, the drop-in ``polyreg_cnf.odeint`` on CUDA returns torchdiffeq's values,
-   ``backprop="auto"`` measures, chooses and runs on CUDA (and falls back to the adjoint when a
-   direct solve really runs out of memory), a short fit through ``build`` with
-   ``--accelerator gpu``; with two or more GPUs also 2-process DDP (``ddp_spawn`` and the plain
-   ``train.py --strategy ddp`` launcher, NCCL). A CUDA test that was skipped counts as a failure.
-2. Seconds per training step, ``--reg none`` vs ``--reg poly`` with the same seed: the front door
-   (``python train.py --model vae --reg ...``, the whole preset run) and the POWER preset on a
-   stand-in file in the standard format (:mod:`step_cost`).
-3. ``backprop="auto"``'s memory estimate against what CUDA allocates: on direct-backprop
-   training steps, the sum over ODE blocks of bytes kept per evaluation and row (measured by the
-   block on its first solve) x rows x the block's forward NFE, next to the growth of
-   ``torch.cuda.max_memory_allocated`` over the step (from its start to the end of the
-   optimizer step). The rule gives direct backprop a headroom of 2 over this estimate.
-4. One CNF evaluation and one training-like step on CUDA (:mod:`engine_speed`, issue 20): the
-   reverse-mode reference, the forward-mode divergence eager, compiled (``torch.compile``) and
-   replayed from a CUDA graph, per workload; written to ``<out>_engine.json`` and ``.md``.
-
-Writes ``<out>.json`` and ``<out>.md`` with what it measured (a part that failed is reported as
-failed, with its error, never filled in). Exit status: 0 all passed, 1 something failed,
-2 no CUDA device (nothing measured, nothing written).
+How it measures: docs/benchmarks.md, `benchmarks.gpu_check`.
 """
 
 from __future__ import annotations

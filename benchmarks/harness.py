@@ -87,9 +87,7 @@ ARMS = {
                           adjoint_carry_step=False),
     "rnode": Arm("rnode", "(4) RNODE (kinetic + Jacobian, 0.01 each), train 1e-4",
                  reg="kinetic", adjoint_carry_step=False),
-    # Arm (5): the fastest engineering measured on these CPU workloads. Backpropagating through
-    # the solver's operations (no adjoint) needs no backward solve at all, so the regularizer's
-    # output times cost nothing there; memory grows with forward NFE, which is small here.
+    # Arm (5): direct backprop needs no backward solve, so the penalty's times cost nothing.
     "tpr_fast": Arm("tpr_fast", "(5) TPR + direct backprop through the solver", reg="poly",
                     adjoint=False),
     # Controls that separate the engineering from the regularizer.
@@ -104,9 +102,7 @@ ARMS = {
                           adjoint_carry_step=True),
     "tpr_fast_exact": Arm("tpr_fast_exact", "(5e) TPR + direct backprop + exact trace",
                           reg="poly", adjoint=False, trace="exact"),
-    # The VAE at the paper's settings with the same engineering for both arms (issue 14): the
-    # authors' FFJORD tolerance (VAE 1e-5) against TPR at 1e-4, both with direct backprop; and
-    # the same pair on a harder posterior (z 64, T 2 instead of the digits preset's z 16, T 0.5).
+    # The VAE suite: both arms with direct backprop; also on a harder posterior (z 64, T 2).
     "ffjord_base_direct": Arm("ffjord_base_direct", "(1d) FFJORD at the authors' tolerance + "
                               "direct backprop", adjoint=False, baseline_tol=True),
     "ffjord_base_direct_hard": Arm("ffjord_base_direct_hard", "(1d) on z 64, T 2",
@@ -125,13 +121,9 @@ ARMS = {
                        adjoint=False, extra={"poly_samples": 4}),
     "tpr_fast_m2": Arm("tpr_fast_m2", "(5) with degree m = 2", reg="poly", adjoint=False,
                        extra={"poly_order": 2}),
-    # The lever beyond the paper (issue 21): a coefficient schedule, the paper's coef 5 from step
-    # 3000 on and nothing before it (--poly-start-step): on the checkerboard the baseline's
-    # test NFE starts to pull away from TPR's after 2000-3000 steps (long_probes.png), and the
-    # density is mostly learned by then, so the penalty no longer slows it down.
+    # The late-start lever (issue 21; why: docs/results.md): coef 5 from step 3000 on.
     "tpr_fast_late": Arm("tpr_fast_late", "(5) from step 3000 (coef 0 before)", reg="poly",
                          adjoint=False, extra={"poly_start_step": 3000}),
-    # (3b) and (5) with the learning rate decayed along a cosine to 0 (--lr-schedule cosine).
     "ffjord_direct_cos": Arm("ffjord_direct_cos", "(3b) with a cosine learning rate",
                              adjoint=False, extra={"lr_schedule": "cosine"}),
     "tpr_fast_cos": Arm("tpr_fast_cos", "(5) with a cosine learning rate", reg="poly",
@@ -144,13 +136,11 @@ WORKLOADS = {
     "breast_cancer": Workload("breast_cancer", "table", steps=2000, eval_every=200,
                               batch_size=128, hidden_dims=(64, 64), layer_type="concat",
                               nonlinearity="softplus", num_val=0, num_test=0),
-    # The digits preset of polyreg_cnf.models.vae (14 steps per epoch); its other settings are
-    # the preset's.
-    # A 16-D table with a known density (benchmarks/tables.py): 5,000 validation and 5,000 test
-    # rows through the user-table split, so NLL differences of 0.01 nats are not noise.
+    # A 16-D table with a known density (benchmarks/tables.py), 5,000 test rows.
     "mixture16": Workload("mixture16", "table", steps=4000, eval_every=250, batch_size=256,
                           hidden_dims=(128, 128), layer_type="concat", nonlinearity="softplus",
                           num_val=0, num_test=0),
+    # The digits preset of polyreg_cnf.models.vae (its other settings are the preset's).
     "vae_digits": Workload("vae_digits", "vae", steps=420, eval_every=42, batch_size=100,
                            hidden_dims=(64, 64), nonlinearity="softplus", lr=2e-3,
                            baseline_tol=(1e-5, 1e-5)),

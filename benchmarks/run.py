@@ -1,27 +1,14 @@
-"""Run a named benchmark suite: several arms x workloads x seeds; write JSON, markdown and a PNG.
+"""Run a named benchmark suite: several arms x workloads x seeds; write JSON, markdown and PNGs.
 
     python -m benchmarks.run --suite quick            # smoke run, minutes
-    python -m benchmarks.run --suite full --jobs 2    # the README's comparison (under 2 hours)
-    python -m benchmarks.run --suite sweep --jobs 2   # TPR settings, one factor at a time
+    python -m benchmarks.run --suite full --jobs 2    # the README's comparison
     python -m benchmarks.run --suite long --workloads mixture16 --jobs 2      # one workload
     python -m benchmarks.run --suite long --cached-only   # summarise every finished long run
-    (``make bench-long`` runs the long suite's invocations, one per workload, then the summary)
 
-Arms and workloads are defined in benchmarks/harness.py. Results go to
-benchmarks/results/<suite>.json, <suite>.md and <suite>_nfe.png. Every finished run is also kept,
-with its per-step NFE, in benchmarks/results/.cache/<suite>/ (committed: the raw data behind the
-tables), so an interrupted suite started again with the same command only runs what is missing
-(``--fresh`` ignores the cache). Suites with ``keep_models`` (long, long_cosine, long_small) also
-keep each run's final weights in benchmarks/results/.models/<suite>/ (committed: 50-100 KB a
-model), which benchmarks/frontier.py evaluates over evaluation tolerances.
-
-Every comparison between arms is seed-paired: a seed's run against the same seed's baseline run
-(differences of test NLL, ratios of NFE and seconds, speed-ups), then the median (which decides a
-goal) and the range over seeds; the per-seed values are kept in the JSON.
-
-``--jobs N`` trains N runs at once in separate processes, one torch thread each: on a 2-core
-machine two single-threaded runs do not slow each other measurably, while two threads in one
-process competing with anything else do (see README, "Performance notes").
+Arms and workloads: benchmarks/harness.py. Results: benchmarks/results/<suite>.json, .md,
+_nfe.png (long suites also _probes.png); finished runs are cached in results/.cache/<suite>/, so
+the same command resumes an interrupted suite. Every comparison between arms is seed-paired.
+What each suite is for, and how it is sized: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -58,55 +45,29 @@ from benchmarks.pool import PoolStopped, run_pool
 
 RESULTS = common.RESULTS
 
+#: The suites (what each is for and how it is sized: docs/benchmarks.md).
 SUITES = {
     "quick": dict(workloads={"checkerboard": 200}, seeds=(0, 1, 2),
                   arms=("ffjord", "tpr_paper", "ffjord_matched", "rnode", "tpr_fast")),
-    # A longer look at the matched-tolerance question only (one seed: a probe, not a verdict).
     "matched": dict(workloads={"checkerboard": 3000}, seeds=(0,),
                     arms=("ffjord_matched", "tpr_carry")),
-    # Seconds per step of each engineering option alone, TPR at matched tolerance.
     "engineering": dict(workloads={"checkerboard": 500}, seeds=(0, 1, 2),
                         arms=("ffjord_matched", "tpr_paper", "tpr_seminorm", "tpr_carry_only",
                               "tpr_carry", "tpr_fast", "tpr_fast_exact", "ffjord_direct")),
-    # Sized to finish in under 2 hours on 2 cores with --jobs 2 (arm (1) at 1e-8/1e-6 is the
-    # long pole: about 3x the cost of a matched-tolerance run). Measured per-run costs at the
-    # earlier sizes (checkerboard 2000, 8gaussians and breast cancer 1500 steps) added up to
-    # about 2.5 hours, hence these.
     "full": dict(workloads={"checkerboard": 1500, "8gaussians": 1000, "breast_cancer": 1000,
                             "vae_digits": 420},
                  seeds=(0, 1, 2),
                  arms=("ffjord", "tpr_paper", "ffjord_matched", "rnode", "tpr_fast",
                        "ffjord_direct")),
-    # The VAE at the paper's settings, same backprop (direct) for both arms, 3 seeds; plus a
-    # harder posterior (z 64, T 2) where the flow needs more than two dopri5 steps.
     "vae": dict(workloads={"vae_digits": 420}, seeds=(0, 1, 2),
                 arms=("ffjord_base_direct", "tpr_fast", "ffjord_base_direct_hard",
                       "tpr_fast_hard"),
                 pairs={"tpr_fast": "ffjord_base_direct",
                        "tpr_fast_hard": "ffjord_base_direct_hard"}),
-    # The settings sweep (issue 14): one factor at a time around the paper's setting (coef 5,
-    # K 2, m 1), all with arm (5)'s engineering and matched tolerance, against arm (3b), the same
-    # engineering without TPR. One seed: a screen for the long suite, not a verdict. Lengths:
-    # checkerboard 6000 steps (past the 5000 where a 10,000-step probe showed TPR's forward NFE
-    # levelling off while the baseline's kept climbing); the 16-D table 4000 steps.
     "sweep": dict(workloads={"checkerboard": 6000, "mixture16": 4000}, seeds=(0,),
                   arms=("ffjord_direct", "tpr_fast", "tpr_fast_c1", "tpr_fast_c20",
                         "tpr_fast_c50", "tpr_fast_k4", "tpr_fast_m2"),
                   baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000),
-    # Long runs (issue 14), where TPR's effect lives: the baseline's NFE keeps growing late in
-    # training. Each `--workloads X` invocation is meant to fit 150 minutes on 2 cores with
-    # --jobs 2 (measured: mixture16 57 minutes, 8gaussians 36, the checkerboard's runs 18-24
-    # minutes each, about 100 for its 9); every run checkpoints every 1000 steps in
-    # benchmarks/results/.work/ and the same command resumes it. Arms: (3b) and (5) at matched
-    # tolerance with the same engineering, plus the sweep's best tuned setting, coef 1: the only
-    # one that reached (3b)'s final validation NLL on the checkerboard (1.32x within 0.01
-    # nats); the paper's setting (5) is the other of the sweep's best two. 9 runs per workload.
-    # Lengths: checkerboard 10,000 steps (the issue's; a 10,000-step probe showed TPR's forward
-    # NFE levelling off after step 5000 while the baseline's kept climbing); 8gaussians 6000
-    # steps (its NFE grows earlier: 63 forward NFE per step by step 1000, against the
-    # checkerboard's 44 at step 1500; 6000 steps of 9 runs fit the 150 minutes at the sweep's
-    # measured 2.5-3 ms per function evaluation and step); the 16-D table 8000 steps (twice the
-    # sweep's, whose baseline test NFE had stopped growing by step 3000).
     "long": dict(workloads={"checkerboard": 10000, "8gaussians": 6000, "mixture16": 8000},
                  seeds=(0, 1, 2),
                  arms=("ffjord_direct", "tpr_fast", "tpr_fast_c1"),
@@ -118,26 +79,14 @@ SUITES = {
                       "checkerboard and 4000 table steps recurs here: the same seed gives the "
                       "same run on CPU), so coef 1's seed 0 is in-sample; seeds 1 and 2 are "
                       "unseen by the selection."),
-    # The long suite's two workloads where TPR's NFE saving did not arrive at (3b)'s final
-    # quality sooner, again with the learning rate decayed along a cosine to 0 (both arms), so
-    # that the final validation NLL is a converged value rather than one noisy evaluation at a
-    # fixed rate: does the saving then turn into time to quality? (3b) and (5), 3 seeds, the
-    # same lengths as the long suite (12 runs, about an hour with --jobs 2).
     "long_cosine": dict(workloads={"8gaussians": 6000, "mixture16": 8000}, seeds=(0, 1, 2),
                         arms=("ffjord_direct_cos", "tpr_fast_cos"),
                         baselines=("ffjord_direct_cos",), ckpt_every=1000, probe_every=1000,
                         keep_models=True),
-    # Issue 21: the long suite's checkerboard on three fresh seeds (3-5) that no selection has
-    # seen: (3b), coef 1 (chosen on sweep seed 0) and the lever, the paper's coef from step 3000
-    # (tpr_fast_late); the same length, checkpoints and probes as the long suite, models kept
-    # for the test-cost frontier. 9 runs of 10,000 steps (about 100 minutes with --jobs 2 on an
-    # otherwise idle machine; the same command resumes an interrupted one).
     "long_fresh": dict(workloads={"checkerboard": 10000}, seeds=(3, 4, 5),
                        arms=("ffjord_direct", "tpr_fast_c1", "tpr_fast_late"),
                        baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000,
                        keep_models=True, beside="long"),
-    # A small test-cost frontier (benchmarks/frontier.py) that fits 25 minutes on 2 cores:
-    # (3b) against (5) on the checkerboard, 2 seeds, 2000 steps (the long suite's is 10,000).
     "long_small": dict(workloads={"checkerboard": 2000}, seeds=(0, 1),
                        arms=("ffjord_direct", "tpr_fast"), baselines=("ffjord_direct",),
                        ckpt_every=500, probe_every=500, keep_models=True),
@@ -271,23 +220,21 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _signed(v: dict[str, Any], digits: int = 4, scale: float = 1.0, suffix: str = "") -> str:
-    """'median [min, max] (per seed: a, b, c)' of a seed-paired value, signed."""
+def _spread_text(v: dict[str, Any], fmt: str, scale: float = 1.0, unit: str = "",
+                 seeds_if_none: bool = False) -> str:
+    """'median [min, max] (seeds: a, b, c)' of a seed-paired entry, each value x ``scale``."""
+    per = ", ".join("-" if x is None else format(scale * x, fmt) for x in v["per_seed"])
     if v["median"] is None:
-        return "-"
-    per = ", ".join("-" if x is None else f"{scale * x:+.{digits}f}" for x in v["per_seed"])
+        return f"- (seeds: {per})" if seeds_if_none else "-"
     lo, hi = sorted((scale * v["min"], scale * v["max"]))
-    return (f"{scale * v['median']:+.{digits}f}{suffix} [{lo:+.{digits}f}, {hi:+.{digits}f}] "
+    return (f"{format(scale * v['median'], fmt)}{unit} [{format(lo, fmt)}, {format(hi, fmt)}] "
             f"(seeds: {per})")
 
 
-def _times(v: dict[str, Any], digits: int = 2) -> str:
-    """The same for a ratio: 'median x [min, max] (seeds: ...)'."""
-    if v["median"] is None:
-        return "-"
-    per = ", ".join("-" if x is None else f"{x:.{digits}f}" for x in v["per_seed"])
-    return (f"{v['median']:.{digits}f}x [{v['min']:.{digits}f}, {v['max']:.{digits}f}] "
-            f"(seeds: {per})")
+_signed = functools.partial(_spread_text, fmt="+.4f")
+_times = functools.partial(_spread_text, fmt=".2f", unit="x")
+_pct = functools.partial(_spread_text, fmt=".0f", scale=100, unit=" %")
+_speed_text = functools.partial(_spread_text, fmt=".2f", unit="x", seeds_if_none=True)
 
 
 def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
@@ -299,7 +246,7 @@ def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
              "total NFE ratio | s/step ratio |", "|---|---|---|---|---|---|"]
     rows = [f"| {aname} | {_signed(p['test_nll'])} | {_times(p['test_nfe'])} | "
             f"{_times(p['forward_nfe_last10pct'])} | {_times(p['total_nfe'])} | "
-            f"{_times(p['seconds_per_step'], 3)} |"
+            f"{_spread_text(p['seconds_per_step'], '.3f', unit='x')} |"
             for aname, e in arms.items() if (p := e.get(f"paired_to_{base}")) is not None]
     return [*lines, *rows, ""] if rows else []  # none before the seed-paired summaries
 
@@ -379,7 +326,7 @@ def markdown(suite: str, payload: dict) -> str:
         if g is None:
             return "-"
         if kind == "paper":
-            return (f"total NFE {_signed(g['total_nfe_reduction'], 0, -100, ' %')}; NLL "
+            return (f"total NFE {_spread_text(g['total_nfe_reduction'], '+.0f', -100, ' %')}; NLL "
                     f"{_signed(g['test_nll_diff'])} ({'met' if g['met'] else 'not met'})")
         if kind == "speed":
             sp = g["speedup_median"]
@@ -403,10 +350,6 @@ def markdown(suite: str, payload: dict) -> str:
 
 
 BASE = "ffjord_direct"  # arm (3b): the baseline of the sweep and long suites
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
 
 
 def _speedup_median(entry: dict[str, Any] | None) -> float | None:
@@ -481,23 +424,6 @@ def long_goals(summary: dict[str, Any], base_arm: str = BASE) -> dict[str, Any]:
 
 def _x(value: float | None, digits: int = 2, suffix: str = "x") -> str:
     return "-" if value is None else f"{value:.{digits}f}{suffix}"
-
-
-def _pct(v: dict[str, Any]) -> str:
-    """A seed-paired fraction in per cent: 'median % [min, max] (seeds: ...)'."""
-    if v["median"] is None:
-        return "-"
-    per = ", ".join("-" if x is None else f"{100 * x:.0f}" for x in v["per_seed"])
-    return (f"{100 * v['median']:.0f} % [{100 * v['min']:.0f}, {100 * v['max']:.0f}] "
-            f"(seeds: {per})")
-
-
-def _speed_text(v: dict[str, Any]) -> str:
-    """A seed-paired speed-up: 'median x [min, max] (seeds: ...)'."""
-    per = ", ".join("-" if x is None else f"{x:.2f}" for x in v["per_seed"])
-    if v["median"] is None:
-        return f"- (seeds: {per})"
-    return f"{v['median']:.2f}x [{v['min']:.2f}, {v['max']:.2f}] (seeds: {per})"
 
 
 #: The seed-paired goal measurements that :func:`beside_goals` pools across two suites.
@@ -833,11 +759,7 @@ def render(payload: dict[str, Any]) -> str:
 STUDY = common.Study("run", __doc__, measure, render, arguments,
                      report=lambda args: RESULTS / args.suite)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.run``."""
-    return common.main(STUDY, argv)
-
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
     sys.exit(main())

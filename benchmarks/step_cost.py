@@ -1,45 +1,19 @@
 """Seconds per training step with the trajectory polynomial regularizer vs without, per preset.
 
-Issue 14's goal: on every preset (toy, tabular, table, VAE) and on the front door
-(``python train.py --model vae --reg poly``), TPR's seconds per step, averaged over a run, are
-at most 1.05x those of the unregularized run with the same seed. Every run here uses the
-defaults a user gets (``backprop="auto"``, the preset's network, batch and tolerances); only the
-length of the run is cut, and validation and test are skipped where the run allows it.
-
-- ``toy``: ``--data checkerboard``.
-- ``power``, ``miniboone``: the tabular presets, on stand-in files written in exactly the
-  standard formats (``power/data.npy`` N x 8, ``miniboone/data.npy`` N x 43; shared DATA.md)
-  from a fixed random Gaussian mixture, since the real archive cannot be downloaded here. The row
-  counts make the training split a whole number of batches.
-- ``table``: the user-table preset on a generated 16-D mixture table
-  (:func:`tables.write_mixture_table`).
-- ``vae``: the ``digits`` VAE preset.
-- ``front_door``: ``python train.py --model vae --reg poly`` and ``--reg none`` exactly (the
-  whole preset run: 30 epochs, validation, importance-sampled test), in a subprocess; per-step
-  figures from the run's ``metrics.csv``. Also with ``--backprop adjoint`` (the old default) for
-  comparison.
-
-Seconds per step are NFEMonitor's (from the start to the end of each training batch: forward,
-backward and optimizer step), averaged over the run's steps except the first: with
-``backprop="auto"`` the first training solve uses the adjoint while the block measures its
-memory per evaluation. The two arms of a pair (same seed) train in two processes in lockstep,
-one step each in turn while the other waits outside its measured window (:func:`lockstep`), so
-that background load falls on both alike; which arm starts alternates from seed to seed. The
-front door's runs (whole ``train.py`` processes) alternate run by run instead. Torch runs one
-intra-op thread per process (what :func:`polyreg_cnf.app.build.build` sets on CPU); the
-process's CPU seconds per step are reported next to the wall clock.
-
 Usage:
     python -m benchmarks.step_cost [--seeds 0 1] [--presets toy power ...] [--steps toy=300 ...]
     python -m benchmarks.step_cost --render benchmarks/results/step_cost.json
 
-How to read the report: docs/performance.md, "Reading the benchmark reports".
+How to read the report: docs/benchmarks.md, "Reading the reports".
+
+How it measures: docs/benchmarks.md, `benchmarks.step_cost`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import platform
 import resource
@@ -226,25 +200,23 @@ def read_metrics_csv(path: str | Path) -> list[tuple[int, int, float]]:
     return [(f, b, s) for _, f, b, s in rows]
 
 
-def cpu_clock() -> Any:
-    """A Lightning callback listing the process's CPU seconds of each training step
-    (``.seconds``; from the start to the end of the batch, as NFEMonitor's wall clock)."""
+def step_clock(clock: Callable[[], float] = time.process_time) -> Any:
+    """A Lightning callback listing the seconds of each training step by ``clock`` (``.seconds``;
+    from the start to the end of the batch, as NFEMonitor's wall clock; default: CPU time)."""
     import lightning as L
 
-    class CpuClock(L.Callback):
+    class StepClock(L.Callback):
         def __init__(self) -> None:
             self.seconds: list[float] = []
             self._t0 = 0.0
 
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
-                                 batch_idx: int) -> None:
-            self._t0 = time.process_time()
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._t0 = clock()
 
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
-                               batch_idx: int) -> None:
-            self.seconds.append(time.process_time() - self._t0)
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.seconds.append(clock() - self._t0)
 
-    return CpuClock()
+    return StepClock()
 
 
 def run_preset(preset: str, reg: str, seed: int, steps: int, data_root: Path,
@@ -263,7 +235,7 @@ def run_preset(preset: str, reg: str, seed: int, steps: int, data_root: Path,
                               max_steps=steps, limit_val_batches=0, test=False, logger="none",
                               plot_every=0, ckpt_every=0, progress=False, output_dir=tmp,
                               **extra))
-        clock = cpu_clock()  # before the caller's: a lockstep wait must come after its reading
+        clock = step_clock()  # before the caller's: a lockstep wait must come after its reading
         run = build(config, callbacks=[clock, *callbacks])
         threads = torch.get_num_threads()
         load = os.getloadavg()[0]
@@ -533,7 +505,7 @@ def markdown(meta: dict[str, Any], summary: Sequence[dict[str, Any]],
         lines += [f"| `{r['command']}` | {r['train_wall']:.1f} | {r['process_wall']:.1f} | "
                   f"{r['process_cpu']:.1f} |" for r in doors]
     lines += ["", "Data:", ""] + [f"- {n}" for n in meta["data_notes"]]
-    if meta.get("notes"):  # older reports wrote their reading here (now docs/performance.md)
+    if meta.get("notes"):  # older reports wrote their reading here (docs/benchmarks.md)
         lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -648,11 +620,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 STUDY = common.Study("step_cost", __doc__, measure, render, arguments)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.step_cost``."""
-    return common.main(STUDY, argv)
-
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
     sys.exit(main())

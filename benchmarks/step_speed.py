@@ -1,21 +1,9 @@
 """Training-step time and test throughput: this checkout against an earlier one, side by side.
 
-    python -m benchmarks.step_speed --baseline-tree /tmp/polyreg-b4d2198 \\
+    python -m benchmarks.step_speed --baseline-tree /tmp/polyreg-b4d2198 \
         [--workloads checkerboard_authors mixture16 vae_front_door] [--seeds 0 1] [--steps 400]
 
-Each workload trains the same run (same flags, seed and length) twice at the same time, one
-process per core: once with the baseline checkout's code and once with this checkout's default
-(forward-mode divergence), then once more against the baseline with ``--divergence compiled``.
-Each process times every training step (the first 20 left out: warm-up and, for the compiled
-variant, compilation), counts the forward NFE, reports the test NLL of the trained model (exact
-trace, evaluation tolerance 1e-5) and its test throughput: rows per second of ``log_prob`` on
-the test rows at the evaluation tolerance, median of 3 passes.
-
-The baseline checkout runs from a folder that holds ``polyreg_cnf`` with its ``callbacks`` and
-``datamodules`` inside (its installed layout), imported with ``python -S`` and the site-packages
-on ``PYTHONPATH`` so that this checkout's editable install cannot shadow it
-(``--baseline-tree`` prepares that folder from a git revision with ``--baseline-rev``).
-Results: benchmarks/results/step_speed.{json,md}.
+How it measures: docs/benchmarks.md, `benchmarks.step_speed`.
 """
 
 from __future__ import annotations
@@ -57,29 +45,18 @@ SKIP = 20  # leading steps left out of the step times
 # ------------------------------------------------------------------------------ child
 def child(argv: list[str], steps: int, out: Path) -> None:
     """Train one run with this interpreter's polyreg_cnf; write its figures to ``out``."""
-    import lightning as L
     import torch
 
+    from benchmarks.step_cost import step_clock
     from polyreg_cnf.app.build import build
     from polyreg_cnf.app.config import make_parser, parse_command_line, resolve
-
-    class Clock(L.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self._start = 0.0
-
-        def on_train_batch_start(self, *args: Any) -> None:
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            self.times.append(time.perf_counter() - self._start)
 
     torch.set_num_threads(1)
     flags = [*argv, "--max-steps", str(steps), "--val-every", str(steps),
              "--limit-val-batches", "0", "--no-test", "--logger", "none", "--plot-every", "0",
              "--ckpt-every", "0", "--output-dir", tempfile.mkdtemp(), "--threads", "1"]
     config = resolve(parse_command_line(make_parser(), flags)[0])
-    clock = Clock()
+    clock = step_clock(time.perf_counter)
     run = build(config, callbacks=[clock])
     start = time.perf_counter()
     run.trainer.fit(run.model, run.datamodule)
@@ -96,9 +73,9 @@ def child(argv: list[str], steps: int, out: Path) -> None:
             _score(model, rows)
             throughput.append(len(rows) / (time.perf_counter() - begin))
     out.write_text(json.dumps({
-        "seconds_per_step": statistics.median(clock.times[SKIP:]),
-        "mean_seconds_per_step": statistics.fmean(clock.times[SKIP:]),
-        "first_steps_seconds": sum(clock.times[:SKIP]), "fit_wall": fit_wall,
+        "seconds_per_step": statistics.median(clock.seconds[SKIP:]),
+        "mean_seconds_per_step": statistics.fmean(clock.seconds[SKIP:]),
+        "first_steps_seconds": sum(clock.seconds[:SKIP]), "fit_wall": fit_wall,
         "forward_nfe_per_step": statistics.fmean(per_step[SKIP:]),
         "test_nll": float(test[nll_key]), "test_metric": nll_key,
         "test_rows_per_second": statistics.median(throughput), "test_rows": len(rows),

@@ -1,23 +1,15 @@
 """CNF-VAE on the embedded 8 x 8 digits: trajectory polynomial regularizer vs none.
 
-For each seed and each setting (``poly``: PolynomialTrajectoryRegularizer(coef=5,
-num_samples=2, order=1); ``none``: no regularizer), trains the ``digits`` preset of
-``polyreg_cnf.app.presets.VAE_PRESETS`` at the SAME tolerances (train atol = rtol = 1e-4,
-evaluation 1e-5, dopri5, adjoint), then tests it. Reports test negative ELBO, importance-sampled
-NLL, forward and backward NFE per training step (mean over all steps, from NFEMonitor), seconds
-per epoch (training only, no validation), with medians and min-max across seeds. One NFE is one
-call of the ODE right-hand side (the authors' code counted 2).
-
-Torch runs single-threaded: these ops are tiny, and on a shared 2-core machine two threads thrash
-(measured 60x slower per step under load).
-
 Usage:
     python -m benchmarks.vae_digits [--seeds 0 1 2] [--epochs N] [--is-samples S] [--quick]
+
+How it measures: docs/benchmarks.md, `benchmarks.vae_digits`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -131,7 +123,7 @@ def markdown(payload: dict[str, Any]) -> str:
                      f"{r['test_is_nll']:.2f} | {r['forward_nfe']:.1f} | "
                      f"{r['backward_nfe']:.1f} | {r['seconds_per_epoch']:.2f} | "
                      f"{r['seconds_per_step']:.3f} |")
-    if meta.get("notes"):  # older reports wrote their reading here (docs/performance.md)
+    if meta.get("notes"):  # older reports wrote their reading here (docs/benchmarks.md)
         lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -178,11 +170,7 @@ STUDY = common.Study("vae_digits", __doc__, measure, markdown, arguments,
                      report=lambda args: common.RESULTS / ("vae_digits_quick" if args.quick
                                                            else "vae_digits"))
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.vae_digits``."""
-    return common.main(STUDY, argv)
-
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
     sys.exit(main())
