@@ -143,7 +143,7 @@ def main(study: Study, argv: Sequence[str] | None = None) -> int:
     """The runner of every study: parse, measure, write the report (``--render``: only render).
 
     Returns:
-        The exit status (0).
+        The exit status: the payload's ``meta.exit_status`` when it has one, else 0.
     """
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{study.name}",
                                      description=study.doc,
@@ -167,4 +167,4 @@ def main(study: Study, argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         parser.error(str(err))
     print(write_report(args.out, payload, study.render))
-    return 0
+    return int(payload.get("meta", {}).get("exit_status", 0))

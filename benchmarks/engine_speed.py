@@ -143,24 +143,18 @@ def reference_field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
     return (f, div) if keep_graph else (f.detach(), div.detach())
 
 
-def forward_field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
-                  context: Tensor | None) -> tuple[Tensor, Tensor]:
-    return field_and_divergence(net, t, z, probe=probe, context=context)
+def _forward_mode(fn: Callable[..., tuple[Tensor, Tensor]], **options: Any
+                  ) -> Callable[..., tuple[Tensor, Tensor]]:
+    """A forward-mode field (``fn``) with the reference path's signature."""
+    def field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
+              context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return fn(net, t, z, probe=probe, context=context, **options)
+    return field
 
 
-def compiled_field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
-                   context: Tensor | None) -> tuple[Tensor, Tensor]:
-    return compiled_field_and_divergence(net, t, z, probe=probe, context=context)
-
-
-def compiled_static_field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
-                          context: Tensor | None) -> tuple[Tensor, Tensor]:
-    return compiled_field_and_divergence(net, t, z, probe=probe, context=context,
-                                         dynamic_batch=False)
-
-
-PATHS = {"reference": reference_field, "forward": forward_field, "compiled": compiled_field,
-         "compiled_static": compiled_static_field}
+PATHS = {"reference": reference_field, "forward": _forward_mode(field_and_divergence),
+         "compiled": _forward_mode(compiled_field_and_divergence),
+         "compiled_static": _forward_mode(compiled_field_and_divergence, dynamic_batch=False)}
 
 
 class _Field(nn.Module):

@@ -12,7 +12,6 @@ import argparse
 import functools
 import hashlib
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import torch
 from benchmarks import common
 from benchmarks import run as bench_run
 from benchmarks.common import UsageError, machine, write_json
-from benchmarks.harness import ARMS, RUN_THREADS, _set_eval_tolerance, load_final_model
+from benchmarks.harness import ARMS, RUN_THREADS, _set_eval_tolerance, load_final_model, spread
 from polyreg_cnf.engine.ode import ode_blocks
 
 #: Evaluation tolerances (atol = rtol), loosest first.
@@ -115,13 +114,6 @@ def equal_nll_cost(base: list[dict[str, float]], mine: list[dict[str, float]],
             "ratio": ratio, "verdict": verdict}
 
 
-def _spread(values: list[float | None]) -> dict[str, float | None]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"median": None, "min": None, "max": None}
-    return {"median": float(statistics.median(vals)), "min": min(vals), "max": max(vals)}
-
-
 def _at_tol(mine: list[dict[str, float]], base: list[dict[str, float]],
             tol: float = REFERENCE_TOL) -> float | None:
     """Test NFE ratio (mine / base) at one tolerance, None if either curve lacks it."""
@@ -146,9 +138,9 @@ def answer(curves: dict[tuple[str, str, int], list[dict[str, float]]], base_arm:
     for arms in out.values():
         for entry in arms.values():
             verdicts = [v["verdict"] for v in entry["per_seed"].values()]
-            entry["ratio"] = _spread([v["ratio"] for v in entry["per_seed"].values()])
-            entry["ratio_at_reference_tol"] = _spread(
-                [v["ratio_at_reference_tol"] for v in entry["per_seed"].values()])
+            entry["ratio"] = spread([v["ratio"] for v in entry["per_seed"].values()], True)
+            entry["ratio_at_reference_tol"] = spread(
+                [v["ratio_at_reference_tol"] for v in entry["per_seed"].values()], True)
             entry["counts"] = {k: verdicts.count(k) for k in ("wins", "ties", "loses")}
             entry["verdict"] = verdicts[0] if len(set(verdicts)) == 1 else "mixed"
     return out

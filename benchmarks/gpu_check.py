@@ -8,6 +8,7 @@ How it measures: docs/benchmarks.md, `benchmarks.gpu_check`.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import subprocess
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from benchmarks import common, step_cost
-from benchmarks.common import RESULTS, ROOT
+from benchmarks.common import ROOT
 
 #: Exit status when there is no CUDA device.
 EXIT_NO_CUDA = 2
@@ -257,22 +258,20 @@ def _gpu_line() -> str:
         f"{count} GPUs: {', '.join(names)}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=RESULTS / "gpu_check",
-                        help="results path without suffix (writes .json and .md)")
-    args = parser.parse_args(argv)
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every part in turn; a part that fails is reported and the others still run.
+
+    Raises:
+        SystemExit: No CUDA device (status :data:`EXIT_NO_CUDA`; nothing measured or written).
+    """
     if not torch.cuda.is_available():
         print(no_cuda_message(), file=sys.stderr)
-        return EXIT_NO_CUDA
-
+        raise SystemExit(EXIT_NO_CUDA)
     start = time.perf_counter()
-    given = sys.argv[1:] if argv is None else list(argv)
     results: dict[str, Any] = dict(meta=dict(
-        command=common.command("gpu_check", given), gpus=_gpu_line(), cpu=step_cost.machine(),
+        command=args.command, gpus=_gpu_line(), cpu=step_cost.machine(),
         python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
         git_commit=common.git_commit()), errors=[])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(status: int) -> None:
         results["meta"].update(wall_seconds=time.perf_counter() - start, exit_status=status)
@@ -312,10 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["engine_speed"] = None if engine is None else str(args.out) + "_engine.md"
     tests_ok = bool(results["tests"] and results["tests"]["ok"])
     status = 0 if tests_ok and not results["errors"] else 1
-    save(status)
-    print(args.out.with_suffix(".md").read_text())
-    return status
+    results["meta"].update(wall_seconds=time.perf_counter() - start, exit_status=status)
+    return results
 
+
+STUDY = common.Study("gpu_check", __doc__, measure, markdown)
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -480,11 +480,6 @@ def nfe_to_reach(run: dict[str, Any], target: float) -> float | None:
     return None
 
 
-def _median(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return float(statistics.median(vals)) if len(vals) == len(values) and vals else None
-
-
 def _median_unreached_as_zero(speedups: list[float | None]) -> float | None:
     """Median speed-up where a seed that never reached the target counts as 0 (the slowest)."""
     return float(statistics.median([0.0 if v is None else v for v in speedups])) \
@@ -498,12 +493,14 @@ PAIRED = {"test_nll": "diff", "tolerance_gap": "diff", "test_nfe": "ratio",
           "seconds_per_step": "ratio", "train_seconds": "ratio"}
 
 
-def spread(values: list[float | None]) -> dict[str, float | None]:
-    """Median, min and max of per-seed values (all None if any seed has none)."""
-    if not values or any(v is None for v in values):
+def spread(values: list[float | None], skip_none: bool = False) -> dict[str, float | None]:
+    """Median, min and max of per-seed values: all None if any seed has none (``skip_none``:
+    over the seeds that have one; all None if none has)."""
+    vals = [v for v in values if v is not None]
+    if not vals or (len(vals) < len(values) and not skip_none):
         return {"median": None, "min": None, "max": None}
-    return {"median": float(statistics.median(values)), "min": float(min(values)),
-            "max": float(max(values))}
+    return {"median": float(statistics.median(vals)), "min": float(min(vals)),
+            "max": float(max(vals))}
 
 
 def paired(mine: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
@@ -599,14 +596,14 @@ def summarise(runs: list[dict[str, Any]],
                         work_ratios.append(None if not my_nfe or their_nfe is None
                                            else their_nfe / my_nfe)
                     entry[f"seconds_to_{base}_final_val{suffix}"] = {
-                        "median": _median(times), "per_seed": times}
+                        "median": spread(times)["median"], "per_seed": times}
                     entry[f"speedup_to_{base}_final_val{suffix}"] = {
-                        "median": _median(speedups), "per_seed": speedups,
+                        "median": spread(speedups)["median"], "per_seed": speedups,
                         "median_unreached_as_zero": _median_unreached_as_zero(speedups),
                         "reached": sum(v is not None for v in speedups), "of": len(speedups)}
                     # The same ratio in function evaluations: independent of machine load.
                     entry[f"nfe_speedup_to_{base}_final_val{suffix}"] = {
-                        "median": _median(work_ratios), "per_seed": work_ratios,
+                        "median": spread(work_ratios)["median"], "per_seed": work_ratios,
                         "median_unreached_as_zero": _median_unreached_as_zero(work_ratios),
                         "reached": sum(v is not None for v in work_ratios),
                         "of": len(work_ratios)}
