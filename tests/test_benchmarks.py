@@ -558,3 +558,26 @@ def test_smoke_the_training_studies(tmp_path: Path) -> None:
     assert payload["summary"][0]["preset"] == "toy"
     payload = _smoke(ddp_scaling, ["--repeats", "1", "--rows", "3000"], tmp_path / "ddp")
     assert set(payload["median"]) == {"1", "2"}
+
+
+def test_the_committed_cache_summarises_to_the_committed_quick_suite(tmp_path: Path) -> None:
+    # `python -m benchmarks.run --suite quick --cached-only`: nothing trains, and the summary and
+    # goals of the committed runs are those of the committed report.
+    assert bench_run.main(["--suite", "quick", "--cached-only", "--out",
+                           str(tmp_path / "quick")]) == 0
+    made = json.loads((tmp_path / "quick.json").read_text())
+    committed = json.loads((report.RESULTS / "quick.json").read_text())
+    assert made["trained_runs"] == 0 and made["missing_runs"] == 0
+    assert made["summary"] == committed["summary"] and made["goals"] == committed["goals"]
+    assert (tmp_path / "quick_nfe.png").exists()
+
+
+@pytest.mark.slow
+def test_the_committed_curves_answer_as_the_committed_frontier(tmp_path: Path) -> None:
+    from benchmarks import frontier
+
+    assert frontier.main(["--suite", "long_fresh", "--cached-only", "--out",
+                          str(tmp_path / "fr")]) == 0
+    made = json.loads((tmp_path / "fr.json").read_text())
+    committed = json.loads((report.RESULTS / "frontier_long_fresh.json").read_text())
+    assert made["answer"] == committed["answer"] and made["missing"] == []
