@@ -24,6 +24,7 @@ import torchdiffeq
 from polyreg_cnf.datamodules.toy import sample_toy
 
 from benchmarks import common
+from benchmarks.common import table
 from polyreg_cnf import (
     CNF,
     Adjoint,
@@ -129,19 +130,19 @@ def to_markdown(result: dict[str, Any]) -> str:
              "with torchdiffeq's adjoint, what an unregularized run pays) of the same seeds.", ""]
     for case, info in result["cases"].items():
         rows = info["rows"]
-        lines += [f"## {case}: {info['description']}", "",
-                  "| variant | forward NFE | backward NFE | ratio to plain_stock | "
-                  "backward steps | backward s | backward CPU s |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        cells = []
         for key, row in rows.items():
             med = row["median"]
-            base_key = "plain_stock+seminorm" if "seminorm" in key else "plain_stock"
-            base = rows[base_key]["median"]["backward_nfe"]
-            ratio = med["backward_nfe"] / base if base else float("nan")
-            lines.append(f"| {key} | {med['forward_nfe']:.0f} | {med['backward_nfe']:.0f} | "
-                         f"{ratio:.2f} | {med['backward_steps']:.0f} | "
-                         f"{med['backward_s']:.3f} | {med['backward_cpu_s']:.3f} |")
-        lines.append("")
+            base = rows["plain_stock+seminorm" if "seminorm" in key
+                        else "plain_stock"]["median"]["backward_nfe"]
+            cells.append([key, f"{med['forward_nfe']:.0f}", f"{med['backward_nfe']:.0f}",
+                          f"{med['backward_nfe'] / base if base else float('nan'):.2f}",
+                          f"{med['backward_steps']:.0f}", f"{med['backward_s']:.3f}",
+                          f"{med['backward_cpu_s']:.3f}"])
+        lines += [f"## {case}: {info['description']}", "",
+                  *table(["variant", "forward NFE", "backward NFE", "ratio to plain_stock",
+                          "backward steps", "backward s", "backward CPU s"], cells, "lrrrrrr"),
+                  ""]
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from benchmarks import common
+from benchmarks.common import table
 from benchmarks.harness import ARMS, WORKLOADS, Arm, run_one
 from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomial_penalty
 
@@ -81,18 +82,15 @@ def markdown(payload: dict[str, Any]) -> str:
         "1e-4, evaluation 1e-5 (exact trace); TPR K = 2, m = 1, coef = 5. NFE = right-hand-side "
         "calls (the paper's code counted 2 per call).",
         "",
-        "| arm | forward NFE/step (last 100) | backward NFE/step (last 100) | forward / backward "
-        "(mean over training) | test NLL (nats) | test NFE | s/step | penalty share of step |",
-        "|---|---|---|---|---|---|---|---|",
+        *table(["arm", "forward NFE/step (last 100)", "backward NFE/step (last 100)",
+                "forward / backward (mean over training)", "test NLL (nats)", "test NFE",
+                "s/step", "penalty share of step"],
+               [[r["label"], f"{r['forward_nfe_last100']:.1f}", f"{r['backward_nfe_last100']:.1f}",
+                 f"{r['forward_nfe_mean']:.1f} / {r['backward_nfe_mean']:.1f}",
+                 f"{r['test_nll']:.4f}", f"{r['test_nfe']:.1f}", f"{r['seconds_per_step']:.3f}",
+                 "-" if r["penalty_share_of_step"] is None
+                 else f"{100 * r['penalty_share_of_step']:.2f} %"] for r in payload["rows"]]),
     ]
-    for row in payload["rows"]:
-        share = "-" if row["penalty_share_of_step"] is None else \
-            f"{100 * row['penalty_share_of_step']:.2f} %"
-        lines.append(
-            f"| {row['label']} | {row['forward_nfe_last100']:.1f} | "
-            f"{row['backward_nfe_last100']:.1f} | {row['forward_nfe_mean']:.1f} / "
-            f"{row['backward_nfe_mean']:.1f} | {row['test_nll']:.4f} | {row['test_nfe']:.1f} | "
-            f"{row['seconds_per_step']:.3f} | {share} |")
     lines += ["", f"Penalty cost (sampling + penalty + backward, one block, batch "
               f"{batch}): {1e6 * payload['penalty_seconds']:.0f} microseconds."]
     return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ from polyreg_cnf.datamodules import tabular
 from polyreg_cnf.datamodules.tabular import TabularDataModule
 
 from benchmarks import common
+from benchmarks.common import table
 
 
 def timed_setup(root: Path, cache: bool = True) -> tuple[float, TabularDataModule]:
@@ -104,14 +105,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"Each figure is the median of {result['repeats']} runs of `prepare_data(); setup()` "
         "on a fresh TabularDataModule.",
         "",
-        "| case | median (s) | runs (s) |",
-        "|---|---|---|",
+        *table(["case", "median (s)", "runs (s)"], [
+            [label, f"{result[key]['median']:.3f}",
+             ", ".join(f"{s:.3f}" for s in result[key]["all"])]
+            for label, key in (("first setup: preprocess + write cache", "first_setup_s"),
+                               ("second setup: cache hit (mmap)", "cache_hit_setup_s"),
+                               ("cache=False: preprocess only", "no_cache_setup_s"))]),
     ]
-    for label, key in (("first setup: preprocess + write cache", "first_setup_s"),
-                       ("second setup: cache hit (mmap)", "cache_hit_setup_s"),
-                       ("cache=False: preprocess only", "no_cache_setup_s")):
-        runs = ", ".join(f"{s:.3f}" for s in result[key]["all"])
-        lines.append(f"| {label} | {result[key]['median']:.3f} | {runs} |")
     lines += ["", f"Cache hit is {result['speedup_cache_hit_vs_first']:.0f}x faster than the "
                   "first setup."]
     return "\n".join(lines) + "\n"

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
-from benchmarks.common import ROOT
+from benchmarks.common import ROOT, table
 
 
 def make_table(path: Path, rows: int, dim: int = 43, seed: int = 0) -> None:
@@ -87,11 +87,10 @@ def markdown(payload: dict[str, Any]) -> str:
              f"Data: generated, {payload['rows']} rows x 43 (train split 80 %); network: "
              "MINIBOONE preset (2 x 860 softplus, concat, 1 block), TPR, batch 1000 per process, "
              "one thread per process, validation off.", "",
-             "| processes | seconds per epoch (median) | all repeats | speed-up |",
-             "|---|---|---|---|"]
-    for n in ("1", "2"):
-        runs = ", ".join(f"{v:.1f}" for v in payload["seconds_per_epoch"][n])
-        lines.append(f"| {n} | {med[n]:.1f} | {runs} | {med['1'] / med[n]:.2f}x |")
+             *table(["processes", "seconds per epoch (median)", "all repeats", "speed-up"],
+                    [[n, f"{med[n]:.1f}", ", ".join(f"{v:.1f}" for v in
+                                                    payload["seconds_per_epoch"][n]),
+                      f"{med['1'] / med[n]:.2f}x"] for n in ("1", "2")])]
     return "\n".join(lines) + "\n"
 
 

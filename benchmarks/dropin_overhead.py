@@ -23,6 +23,7 @@ from torch import nn
 
 import polyreg_cnf
 from benchmarks import common
+from benchmarks.common import table
 from polyreg_cnf.engine import NFECounter, TrajectoryRecorder, record_nfe
 from polyreg_cnf.engine.recording import penalty_grid
 
@@ -171,21 +172,20 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{result['tol']}; batch 256.", "",
         "## 1. No regularizer: seconds per solve (forward + backward), median of "
         f"{result['repeats']} interleaved repeats", "",
-        "| call | arm | median s | ratio to torchdiffeq |", "|---|---|---:|---:|"]
-    for call, arms in result["timing"].items():
-        for arm, row in arms.items():
-            lines.append(f"| {call} | {arm} | {row['median_s']:.4f} | {row['ratio']:.3f} |")
+        *table(["call", "arm", "median s", "ratio to torchdiffeq"],
+               [[call, arm, f"{row['median_s']:.4f}", f"{row['ratio']:.3f}"]
+                for call, arms in result["timing"].items() for arm, row in arms.items()], "llrr")]
     lines += [
         "", f"## 2. TPR on the 5-point grid (K = {result['num_samples']} interior times, m = 1, "
         f"coef {result['coef']}): NFE, median of {result['seeds']} seeds", "",
         "The stock arm with TPR solves on the same merged grid (the same interior times) and "
         "backpropagates the same loss; the drop-in's values at the requested times are "
         "torchdiffeq's.", "",
-        "| arm | forward NFE | backward NFE | backward / stock without TPR | backward NFE per "
-        "seed |", "|---|---:|---:|---:|---|"]
-    for arm, row in result["tpr"].items():
-        lines.append(f"| {arm} | {row['forward_nfe']:g} | {row['backward_nfe']:g} | "
-                     f"{row['backward_ratio']:.2f} | {row['backward_per_seed']} |")
+        *table(["arm", "forward NFE", "backward NFE", "backward / stock without TPR",
+                "backward NFE per seed"],
+               [[arm, f"{row['forward_nfe']:g}", f"{row['backward_nfe']:g}",
+                 f"{row['backward_ratio']:.2f}", row["backward_per_seed"]]
+                for arm, row in result["tpr"].items()], "lrrrl")]
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,7 @@ import torch
 from polyreg_cnf.datamodules.images import DigitsDataModule
 
 from benchmarks import common
+from benchmarks.common import median_range, table
 from polyreg_cnf.app.build import build
 from polyreg_cnf.app.config import resolve
 from polyreg_cnf.app.presets import VAE_PRESETS
@@ -81,10 +82,6 @@ def markdown(payload: dict[str, Any]) -> str:
     """The report: the settings' medians (min-max) over seeds, then every run."""
     meta, rows, summary = payload["meta"], payload["runs"], payload["summary"]
 
-    def cell(setting: str, metric: str, fmt: str) -> str:
-        s = summary[setting][metric]
-        return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
-
     lines = [
         "# CNF-VAE on the embedded digits: polynomial regularizer vs none",
         "",
@@ -105,24 +102,19 @@ def markdown(payload: dict[str, Any]) -> str:
         "step, mean over all steps; backward = adjoint solves. -ELBO and NLL in nats per image "
         "(test split, 200 images).",
         "",
-        "| setting | test -ELBO | test IS-NLL | fwd NFE/step | bwd NFE/step | s/epoch | "
-        "initial -ELBO |",
-        "|---|---|---|---|---|---|---|",
+        *table(["setting", "test -ELBO", "test IS-NLL", "fwd NFE/step", "bwd NFE/step", "s/epoch",
+                "initial -ELBO"],
+               [[setting, *(median_range(summary[setting][m], f) for m, f in (
+                   ("test_neg_elbo", ".2f"), ("test_is_nll", ".2f"), ("forward_nfe", ".1f"),
+                   ("backward_nfe", ".1f"), ("seconds_per_epoch", ".2f"),
+                   ("init_neg_elbo", ".2f")))] for setting in summary]),
+        "", "Per run:", "",
+        *table(["seed", "setting", "test -ELBO", "test IS-NLL", "fwd NFE", "bwd NFE", "s/epoch",
+                "s/step"],
+               [[r["seed"], r["setting"], f"{r['test_neg_elbo']:.2f}", f"{r['test_is_nll']:.2f}",
+                 f"{r['forward_nfe']:.1f}", f"{r['backward_nfe']:.1f}",
+                 f"{r['seconds_per_epoch']:.2f}", f"{r['seconds_per_step']:.3f}"] for r in rows]),
     ]
-    for setting in summary:
-        lines.append(
-            f"| {setting} | {cell(setting, 'test_neg_elbo', '.2f')} | "
-            f"{cell(setting, 'test_is_nll', '.2f')} | {cell(setting, 'forward_nfe', '.1f')} | "
-            f"{cell(setting, 'backward_nfe', '.1f')} | "
-            f"{cell(setting, 'seconds_per_epoch', '.2f')} | "
-            f"{cell(setting, 'init_neg_elbo', '.2f')} |")
-    lines += ["", "Per run:", "", "| seed | setting | test -ELBO | test IS-NLL | fwd NFE | "
-              "bwd NFE | s/epoch | s/step |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['seed']} | {r['setting']} | {r['test_neg_elbo']:.2f} | "
-                     f"{r['test_is_nll']:.2f} | {r['forward_nfe']:.1f} | "
-                     f"{r['backward_nfe']:.1f} | {r['seconds_per_epoch']:.2f} | "
-                     f"{r['seconds_per_step']:.3f} |")
     if meta.get("notes"):  # older reports wrote their reading here (docs/benchmarks.md)
         lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]]
     return "\n".join(lines) + "\n"
