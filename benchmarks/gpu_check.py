@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from benchmarks import common, step_cost
-from benchmarks.common import ROOT
+from benchmarks.common import ROOT, table
 
 #: Exit status when there is no CUDA device.
 EXIT_NO_CUDA = 2
@@ -200,10 +200,10 @@ def markdown(results: dict[str, Any]) -> str:
         c = tests["counts"]
         lines += [f"`{tests['command']}`: {c['passed']} passed, {c['failed']} failed, "
                   f"{c['skipped']} skipped in {tests['seconds']:.0f} s (exit "
-                  f"{tests['returncode']}).", "", "| test | outcome | message |",
-                  "|---|---|---|"]
-        lines += [f"| {o['name']} | {o['outcome']} | {o['message'][:200]} |"
-                  for o in tests["outcomes"]]
+                  f"{tests['returncode']}).", "",
+                  *table(["test", "outcome", "message"],
+                         [[o["name"], o["outcome"], o["message"][:200]]
+                          for o in tests["outcomes"]])]
         ddp = [o for o in tests["outcomes"] if "ddp" in o["name"].lower()]
         lines += ["", "2-process DDP (NCCL): " + ("; ".join(
             f"{o['name'].split('::')[-1]} {o['outcome']}" + (f" ({o['message']})"
@@ -214,12 +214,11 @@ def markdown(results: dict[str, Any]) -> str:
     if not timing or not timing.get("summary"):
         lines.append("Not measured.")
     else:
-        lines += ["| preset | s/step none | s/step poly | ratio poly/none | fwd NFE none / poly "
-                  "| bwd NFE none / poly | backprop none / poly |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['preset']} | {r['seconds_none']:.4f} | {r['seconds_poly']:.4f} | "
-                  f"{r['ratio']:.3f} | {r['forward_none']:.1f} / {r['forward_poly']:.1f} | "
-                  f"{r['backward_none']:.1f} / {r['backward_poly']:.1f} | "
-                  f"{r['backprop_none']} / {r['backprop_poly']} |" for r in timing["summary"]]
+        lines += table(["preset", "s/step none", "s/step poly", "ratio poly/none",
+                        "fwd NFE none / poly", "bwd NFE none / poly", "backprop none / poly"],
+                       [[r["preset"], f"{r['seconds_none']:.4f}", f"{r['seconds_poly']:.4f}",
+                         f"{r['ratio']:.3f}", *step_cost.pair_cells(r)]
+                        for r in timing["summary"]])
         lines += ["", "s/step: mean over the steps after the first (NFEMonitor; on CUDA a step's "
                   "asynchronous tail is counted in the next step). front_door: `python train.py "
                   "--model vae --reg ...`, the whole preset run; power: the preset on a stand-in "
@@ -229,14 +228,12 @@ def markdown(results: dict[str, Any]) -> str:
     if not memory:
         lines.append("Not measured.")
     else:
-        lines += ["| preset | step | direct | blocks | estimate MB | measured growth MB | "
-                  "measured / estimate |", "|---|---|---|---|---|---|---|"]
-        for m in memory:
-            for r in m["records"]:
-                ratio = f"{r['growth'] / r['estimate']:.2f}" if r["estimate"] else "-"
-                lines.append(f"| {m['preset']} | {r['step']} | {r['direct']} | "
-                             f"{len(r['blocks'])} | {r['estimate'] / 2**20:.1f} | "
-                             f"{r['growth'] / 2**20:.1f} | {ratio} |")
+        lines += table(["preset", "step", "direct", "blocks", "estimate MB",
+                        "measured growth MB", "measured / estimate"],
+                       [[m["preset"], r["step"], r["direct"], len(r["blocks"]),
+                         f"{r['estimate'] / 2**20:.1f}", f"{r['growth'] / 2**20:.1f}",
+                         f"{r['growth'] / r['estimate']:.2f}" if r["estimate"] else "-"]
+                        for m in memory for r in m["records"]])
         lines += ["", "Estimate: sum over blocks of bytes per evaluation and row (measured by "
                   "the block on its first training solve) x rows x forward NFE; measured: "
                   "`torch.cuda.max_memory_allocated()` at the end of the step minus "

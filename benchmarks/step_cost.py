@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from benchmarks.common import ROOT, UsageError
+from benchmarks.common import ROOT, UsageError, table
 from benchmarks.tables import mixture_rows, write_mixture_table
 
 #: The goal of issue 14: TPR's seconds per step at most this multiple of the baseline's.
@@ -472,42 +472,42 @@ def markdown(meta: dict[str, Any], summary: Sequence[dict[str, Any]],
         f"after the first), medians over seeds; backprop: what the steps after the first used "
         f"(backward NFE > 0 means an adjoint solve).",
         "",
-        "| preset | s/step none | s/step poly | ratio poly/none | ratio, all steps | "
-        "ratio, median step | ratio, CPU time | fwd NFE none / poly | bwd NFE none / poly | "
-        "backprop none / poly | <= 1.05x (wall) | <= 1.05x (CPU) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *table(["preset", "s/step none", "s/step poly", "ratio poly/none", "ratio, all steps",
+                "ratio, median step", "ratio, CPU time", "fwd NFE none / poly",
+                "bwd NFE none / poly", "backprop none / poly", "<= 1.05x (wall)",
+                "<= 1.05x (CPU)"],
+               [[r["preset"], f"{r['seconds_none']:.4f}", f"{r['seconds_poly']:.4f}",
+                 f"{r['ratio']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})",
+                 f"{r['ratio_all_steps']:.3f}", f"{r['ratio_median_step']:.3f}", _cpu_cell(r),
+                 *pair_cells(r), "met" if r["met"] else "NOT met", _verdict(r.get("ratio_cpu"))]
+                for r in summary]),
+        "", "Every run:", "",
+        *table(["preset", "reg", "seed", "steps", "s/step", "s/step all", "median step s",
+                "CPU s/step", "first step s", "fwd NFE", "bwd NFE", "backprop", "load at start"],
+               [[r["preset"], r["reg"], r["seed"], r["steps"], f"{r['seconds']:.4f}",
+                 f"{r['seconds_all']:.4f}", f"{r['seconds_median']:.4f}",
+                 f"{r['cpu_seconds']:.4f}" if "cpu_seconds" in r else "-",
+                 f"{r['first_seconds']:.3f}", f"{r['forward']:.1f}", f"{r['backward']:.1f}",
+                 r["backprop"], f"{r['load_start']:.2f}"] for r in runs]),
     ]
-    for r in summary:
-        lines.append(
-            f"| {r['preset']} | {r['seconds_none']:.4f} | {r['seconds_poly']:.4f} | "
-            f"{r['ratio']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) | "
-            f"{r['ratio_all_steps']:.3f} | {r['ratio_median_step']:.3f} | {_cpu_cell(r)} | "
-            f"{r['forward_none']:.1f} / {r['forward_poly']:.1f} | "
-            f"{r['backward_none']:.1f} / {r['backward_poly']:.1f} | {r['backprop_none']} / "
-            f"{r['backprop_poly']} | {'met' if r['met'] else 'NOT met'} | "
-            f"{_verdict(r.get('ratio_cpu'))} |")
-    lines += ["", "Every run:", "",
-              "| preset | reg | seed | steps | s/step | s/step all | median step s | CPU s/step | "
-              "first step s | fwd NFE | bwd NFE | backprop | load at start |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        cpu = f"{r['cpu_seconds']:.4f}" if "cpu_seconds" in r else "-"
-        lines.append(
-            f"| {r['preset']} | {r['reg']} | {r['seed']} | {r['steps']} | {r['seconds']:.4f} | "
-            f"{r['seconds_all']:.4f} | {r['seconds_median']:.4f} | {cpu} | "
-            f"{r['first_seconds']:.3f} | {r['forward']:.1f} | {r['backward']:.1f} | "
-            f"{r['backprop']} | {r['load_start']:.2f} |")
     doors = [r for r in runs if "command" in r]
     if doors:
         lines += ["", "Front door runs (whole preset run, in a subprocess):", "",
-                  "| command | training wall s | process wall s | process CPU s |",
-                  "|---|---|---|---|"]
-        lines += [f"| `{r['command']}` | {r['train_wall']:.1f} | {r['process_wall']:.1f} | "
-                  f"{r['process_cpu']:.1f} |" for r in doors]
+                  *table(["command", "training wall s", "process wall s", "process CPU s"],
+                         [[f"`{r['command']}`", f"{r['train_wall']:.1f}",
+                           f"{r['process_wall']:.1f}", f"{r['process_cpu']:.1f}"]
+                          for r in doors])]
     lines += ["", "Data:", ""] + [f"- {n}" for n in meta["data_notes"]]
     if meta.get("notes"):  # older reports wrote their reading here (docs/benchmarks.md)
         lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def pair_cells(row: dict[str, Any]) -> list[str]:
+    """A summary row's forward NFE, backward NFE and backprop, each 'none / poly'."""
+    return [f"{row['forward_none']:.1f} / {row['forward_poly']:.1f}",
+            f"{row['backward_none']:.1f} / {row['backward_poly']:.1f}",
+            f"{row['backprop_none']} / {row['backprop_poly']}"]
 
 
 def _verdict(ratio: float | None) -> str:

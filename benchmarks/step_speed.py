@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
-from benchmarks.common import ROOT
+from benchmarks.common import ROOT, table
 
 #: train.py flags of each workload (the rest are the data set's preset and the defaults).
 WORKLOADS: dict[str, list[str]] = {
@@ -214,18 +214,14 @@ def markdown(payload: dict[str, Any]) -> str:
              f"of the step times (warm-up, compilation). Ratios are new / baseline per seed "
              f"(median [per seed]); test rows/s: ``log_prob`` of 2000 test rows at the "
              f"evaluation tolerance (exact trace), the VAE one ELBO sample.", "",
-             "| workload | variant | s/step ratio | forward NFE ratio | test NLL diff | "
-             "test rows/s ratio |", "|---|---|---|---|---|---|"]
-    for key, e in payload["summary"].items():
-        workload, variant = key.split("/")
-
-        def cell(name: str, fmt: str, e: dict[str, Any] = e) -> str:
-            per_seed = ", ".join(format(v, fmt) for v in e[name])
-            return f"{format(e[name + '_median'], fmt)} [{per_seed}]"
-
-        lines.append(f"| {workload} | {variant} | {cell('step_ratio', '.2f')} | "
-                     f"{cell('nfe_ratio', '.3f')} | {cell('nll_diff', '+.4f')} | "
-                     f"{cell('throughput_ratio', '.2f')} |")
+             *table(["workload", "variant", "s/step ratio", "forward NFE ratio", "test NLL diff",
+                     "test rows/s ratio"],
+                    [[*key.split("/"), *(f"{format(e[k + '_median'], f)} ["
+                                         + ", ".join(format(v, f) for v in e[k]) + "]"
+                                         for k, f in (("step_ratio", ".2f"), ("nfe_ratio", ".3f"),
+                                                      ("nll_diff", "+.4f"),
+                                                      ("throughput_ratio", ".2f")))]
+                     for key, e in payload["summary"].items()])]
     lines += ["", "Absolute figures (s/step, baseline -> new):", ""]
     for r in payload["runs"]:
         b, n = r["baseline"], r["new"]
