@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULTS", "ROOT", "Study", "UsageError", "command", "cpu_name", "git_commit",
-           "machine", "main", "median_range", "table", "write_json", "write_report"]
+__all__ = ["RESULTS", "ROOT", "Study", "UsageError", "command", "cpu_name", "figure",
+           "git_commit", "machine", "main", "median_range", "save_figure", "table", "write_json",
+           "write_report"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -85,6 +86,26 @@ def write_report(out: Path, payload: dict[str, Any],
     text = render(payload)
     out.with_suffix(".md").write_text(text)
     return text
+
+
+def figure(rows: int, cols: int, size: tuple[float, float]) -> tuple[Any, Any]:
+    """A matplotlib figure and its grid of axes (``rows`` x ``cols``), drawn off-screen (Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, cols, figsize=size, squeeze=False)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` (a PNG of the reports' resolution), close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]],

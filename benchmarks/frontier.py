@@ -243,18 +243,13 @@ def plot(curves: dict[tuple[str, str, int], list[dict[str, float]]], path: Path,
     converged NLL), so that seeds whose densities differ by more than the arms do line up; a
     seed without a baseline curve is left out of the picture (the tables keep it).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     workloads = sorted({k[0] for k in curves})
     arms = sorted({k[1] for k in curves})
     colours = {a: f"C{i}" for i, a in enumerate(arms)}
     markers = "osv^D<>"
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.5),
-                             squeeze=False)
+    fig, axes = common.figure(1, len(workloads), (5.5 * len(workloads), 4.5))
     for ax, wname in zip(axes[0], workloads):
         for (w, aname, seed), curve in sorted(curves.items()):
             base = curves.get((w, base_arm, seed))
@@ -276,10 +271,7 @@ def plot(curves: dict[tuple[str, str, int], list[dict[str, float]]], path: Path,
         ax.set_title(f"{wname}: test-cost frontier (lower left is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def _seed_text(v: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from polyreg_cnf.callbacks import NFEMonitor
 from polyreg_cnf.datamodules.toy import ToyDataModule
 from polyreg_cnf.datamodules.user_table import UserTableDataModule
 
+from benchmarks.common import figure, save_figure
 from polyreg_cnf.app.build import build, make_model
 from polyreg_cnf.app.config import RunConfig, resolve
 from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
@@ -625,13 +626,8 @@ def fmt(entry: dict[str, Any] | None, digits: int = 1) -> str:
 
 def plot_nfe(runs: list[dict[str, Any]], path: Path, smooth: int = 25) -> None:
     """Total NFE per step vs step: median over seeds per arm, one panel per workload."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     workloads = sorted({r["workload"] for r in runs})
-    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
+    fig, axes = figure(1, len(workloads), (6 * len(workloads), 4))
     for ax, wname in zip(axes[0], workloads):
         arms = sorted({r["arm"] for r in runs if r["workload"] == wname})
         for aname in arms:
@@ -647,7 +643,4 @@ def plot_nfe(runs: list[dict[str, Any]], path: Path, smooth: int = 25) -> None:
         ax.set_ylabel("forward + backward NFE")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -595,15 +595,11 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
 
 def plot_probes(runs: list[dict[str, Any]], path: Path) -> None:
     """Test NFE and path length / displacement over training, per workload and arm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     workloads = sorted({r["workload"] for r in runs if r.get("probes")})
     if not workloads:
         return
-    fig, axes = plt.subplots(2, len(workloads), figsize=(6 * len(workloads), 7), squeeze=False)
+    fig, axes = common.figure(2, len(workloads), (6 * len(workloads), 7))
     for col, wname in enumerate(workloads):
         for aname in sorted({r["arm"] for r in runs if r["workload"] == wname}):
             per_seed = [r["probes"] for r in runs
@@ -621,10 +617,7 @@ def plot_probes(runs: list[dict[str, Any]], path: Path) -> None:
             axes[row][col].set_xlabel("training step")
             axes[row][col].grid(alpha=0.3)
             axes[row][col].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
