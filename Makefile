@@ -39,13 +39,13 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
 bench-quick: $(STAMP)
-	$(PY) benchmarks/run.py --suite quick --jobs 2
+	$(PY) -m benchmarks.run --suite quick --jobs 2
 
 bench-full: $(STAMP)
-	$(PY) benchmarks/run.py --suite full --jobs 2
+	$(PY) -m benchmarks.run --suite full --jobs 2
 
 bench-sweep: $(STAMP)
-	$(PY) benchmarks/run.py --suite sweep --jobs 2
+	$(PY) -m benchmarks.run --suite sweep --jobs 2
 
 # One invocation per workload, each within 150 minutes on 2 cores (measured: the table 57,
 # 8gaussians 36; the checkerboard's runs take 18-24 minutes each, about 100 for its 9); the
@@ -53,5 +53,5 @@ bench-sweep: $(STAMP)
 # suite into benchmarks/results/long.md.
 bench-long: $(STAMP)
 	for w in mixture16 8gaussians checkerboard; do \
-		$(PY) benchmarks/run.py --suite long --workloads $$w --jobs 2 || exit 1; done
-	$(PY) benchmarks/run.py --suite long --cached-only
+		$(PY) -m benchmarks.run --suite long --workloads $$w --jobs 2 || exit 1; done
+	$(PY) -m benchmarks.run --suite long --cached-only

@@ -1,62 +1,31 @@
 """Backward cost of the trajectory penalty's extra output times: stock vs restart-free adjoint.
 
-For a 2-D CNF of the toy size (ODENet(2, (64, 64, 64), "concatsquash", "tanh"), trained for a
-few hundred steps on the checkerboard so the dynamics are not those of a random init) and a 30-D
-CNF at random init, one training step (forward + backward) is timed and its NFE counted for
-
-- ``plain_stock``: output at [0, T] only, torchdiffeq's ``odeint_adjoint`` (what an
-  unregularized FFJORD run pays);
-- ``plain_carry``: output at [0, T] only, ``polyreg_cnf.engine.adjoint.odeint_adjoint_carry``;
-- ``tpr_stock``: TPR with K = 2 interior times (penalty coefficient 5), stock adjoint;
-- ``tpr_carry_intervals``: TPR with K = 2, the restart-free adjoint (one solve per interval
-  with the step size carried over);
-- ``tpr_direct``: TPR with K = 2, backpropagation through the solver (no adjoint: backward NFE 0),
-- ``plain_checkpoint`` / ``tpr_checkpoint``: without / with TPR (K = 2), step checkpoints
-  (``backprop="checkpoint"``: each accepted step recomputed and backpropagated in turn, memory of
-  one step; the backward NFE counts the recomputed evaluations),
-
-each with and without the seminorm (not applicable to ``tpr_direct``), over several seeds (model
-input batch, Hutchinson probe and penalty times; for the 30-D case also the random model), and
-reports medians. Every variant of a seed sees the same model, batch, probe and penalty times,
-so the forward solve is identical across variants.
-
-Run: ``.venv/bin/python benchmarks/adjoint_overhead.py`` (writes
+Run: ``python -m benchmarks.adjoint_overhead`` (writes
 ``benchmarks/results/adjoint_overhead.{json,md}``).
 
-A third case, ``short-16d``, is the VAE's situation: a 16-D CNF over T = 0.5 at random init
-(the digits preset's posterior size and length), whose solve takes one or two steps, so the
-adjoint's stops at the penalty's interior times dominate its backward pass.
-
-The committed results also hold a ``tpr_carry`` arm: the restart-free adjoint as one backward
-solve with the output times as ``jump_t`` (``single_solve=True``). That variant was removed
-(issue 12: it integrated the state backwards without resetting it to the stored forward values,
-which gives wrong gradients when the dynamics contract and there are interior output times), so
-a rerun no longer produces those rows.
+How it measures: docs/benchmarks.md, `benchmarks.adjoint_overhead`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import functools
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torchdiffeq
+from polyreg_cnf.datamodules.toy import sample_toy
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from polyreg_cnf.datamodules.toy import sample_toy  # noqa: E402
-
-from polyreg_cnf import (  # noqa: E402
+from benchmarks import common
+from benchmarks.common import table
+from polyreg_cnf import (
     CNF,
     Adjoint,
     ODENet,
@@ -65,7 +34,7 @@ from polyreg_cnf import (  # noqa: E402
     standard_normal_logprob,
 )
 
-__all__ = ["main", "measure", "train_toy"]
+__all__ = ["STUDY", "main", "measure_step", "train_toy"]
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain_stock": dict(K=0, backprop="adjoint", carry=False),
@@ -97,7 +66,7 @@ def train_toy(steps: int, tol: float, batch: int, seed: int = 0) -> CNF:
     return cnf
 
 
-def measure(cnf: CNF, x: torch.Tensor, variant: dict[str, Any], seminorm: bool, tol: float,
+def measure_step(cnf: CNF, x: torch.Tensor, variant: dict[str, Any], seminorm: bool, tol: float,
             seed: int) -> dict[str, float]:
     """NFE and seconds of one training step of ``cnf`` on ``x`` under ``variant``."""
     backprop = (Adjoint(carry=variant["carry"], seminorm=seminorm)
@@ -130,11 +99,11 @@ def run_case(name: str, models: list[CNF], inputs: list[torch.Tensor], tol: floa
     """All variants, with and without seminorm, over the (model, input) seeds; medians."""
     rows: dict[str, Any] = {}
     # warm-up, untimed
-    measure(models[0], inputs[0], VARIANTS["tpr_carry_intervals"], False, tol, seed=0)
+    measure_step(models[0], inputs[0], VARIANTS["tpr_carry_intervals"], False, tol, seed=0)
     for variant_name, variant in VARIANTS.items():
         for seminorm in ((False,) if variant["backprop"] != "adjoint" else (False, True)):
             key = variant_name + ("+seminorm" if seminorm else "")
-            runs = [measure(m, x, variant, seminorm, tol, seed=1000 + i)
+            runs = [measure_step(m, x, variant, seminorm, tol, seed=1000 + i)
                     for i, (m, x) in enumerate(zip(models, inputs))]
             rows[key] = dict(
                 runs=runs,
@@ -161,35 +130,37 @@ def to_markdown(result: dict[str, Any]) -> str:
              "with torchdiffeq's adjoint, what an unregularized run pays) of the same seeds.", ""]
     for case, info in result["cases"].items():
         rows = info["rows"]
-        lines += [f"## {case}: {info['description']}", "",
-                  "| variant | forward NFE | backward NFE | ratio to plain_stock | "
-                  "backward steps | backward s | backward CPU s |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        cells = []
         for key, row in rows.items():
             med = row["median"]
-            base_key = "plain_stock+seminorm" if "seminorm" in key else "plain_stock"
-            base = rows[base_key]["median"]["backward_nfe"]
-            ratio = med["backward_nfe"] / base if base else float("nan")
-            lines.append(f"| {key} | {med['forward_nfe']:.0f} | {med['backward_nfe']:.0f} | "
-                         f"{ratio:.2f} | {med['backward_steps']:.0f} | "
-                         f"{med['backward_s']:.3f} | {med['backward_cpu_s']:.3f} |")
-        lines.append("")
+            base = rows["plain_stock+seminorm" if "seminorm" in key
+                        else "plain_stock"]["median"]["backward_nfe"]
+            cells.append([key, f"{med['forward_nfe']:.0f}", f"{med['backward_nfe']:.0f}",
+                          f"{med['backward_nfe'] / base if base else float('nan'):.2f}",
+                          f"{med['backward_steps']:.0f}", f"{med['backward_s']:.3f}",
+                          f"{med['backward_cpu_s']:.3f}"])
+        lines += [f"## {case}: {info['description']}", "",
+                  *table(["variant", "forward NFE", "backward NFE", "ratio to plain_stock",
+                          "backward steps", "backward s", "backward CPU s"], cells, "lrrrrrr"),
+                  ""]
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's flags."""
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tol", type=float, default=1e-5)
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--train-tol", type=float, default=1e-4)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
-    if args.seeds < 1 or args.train_steps < 0 or args.batch < 1:
-        raise ValueError(f"need seeds >= 1, train_steps >= 0, batch >= 1, got {vars(args)}")
-    torch.set_num_threads(1)  # one thread per process, as train.py (see the README)
 
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """The three cases, every variant over the seeds."""
+    if args.seeds < 1 or args.train_steps < 0 or args.batch < 1:
+        raise common.UsageError(f"need seeds >= 1, train_steps >= 0, batch >= 1, got "
+                                f"{args.seeds}, {args.train_steps}, {args.batch}")
+    torch.set_num_threads(1)  # one thread per process, as train.py (see the README)
     cases: dict[str, Any] = {}
     start = time.perf_counter()
     toy = train_toy(args.train_steps, args.train_tol, args.batch)
@@ -224,16 +195,16 @@ def main() -> None:
                     "seeds vary the model, the batch, the probe and the times",
         rows=run_case("short-16d", models, inputs, args.tol))
 
-    result = dict(
-        command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-        nproc=os.cpu_count(), torch=torch.__version__, torchdiffeq=torchdiffeq.__version__,
-        numpy=np.__version__, python=platform.python_version(), seeds=args.seeds,
-        tol=args.tol, train_steps=args.train_steps, train_seconds=train_s, cases=cases)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adjoint_overhead.json").write_text(json.dumps(result, indent=2))
-    (args.out / "adjoint_overhead.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    return dict(
+        command=args.command, nproc=os.cpu_count(), torch=torch.__version__,
+        torchdiffeq=torchdiffeq.__version__, numpy=np.__version__,
+        python=platform.python_version(), seeds=args.seeds, tol=args.tol,
+        train_steps=args.train_steps, train_seconds=train_s, cases=cases)
 
+
+STUDY = common.Study("adjoint_overhead", __doc__, measure, to_markdown, arguments)
+
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

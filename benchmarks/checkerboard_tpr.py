@@ -1,30 +1,25 @@
 """Issue-2 figure: checkerboard, paper settings, 1000 steps, seed 0, with and without TPR.
 
-    python benchmarks/checkerboard_tpr.py [--steps 1000] [--seed 0]
+    python -m benchmarks.checkerboard_tpr [--steps 1000] [--seed 0]
 
-Writes benchmarks/results/checkerboard_tpr.json and .md. Both arms train at the same tolerance
-(1e-4; evaluation 1e-5), K = 2, m = 1, coef = 5. The TPR arm is run with torchdiffeq's stock
-adjoint (as the paper did) and with this project's restart-free adjoint. The penalty's own cost
-(time sampling + penalty + its backward, on the trajectory tensor of one step) is timed apart and
-reported as a share of a training step.
+How it measures: docs/benchmarks.md, `benchmarks.checkerboard_tpr`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ARMS, WORKLOADS, Arm, machine, run_one, write_json  # noqa: E402
-
-from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomial_penalty  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks import common
+from benchmarks.common import table
+from benchmarks.harness import ARMS, WORKLOADS, Arm, run_one
+from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomial_penalty
 
 
 def penalty_seconds(batch: int, dim: int, num_samples: int = 2, order: int = 1,
@@ -41,11 +36,14 @@ def penalty_seconds(batch: int, dim: int, num_samples: int = 2, order: int = 1,
     return float(np.median(times))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's flags."""
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """The three arms, then the penalty's own cost."""
     work = WORKLOADS["checkerboard"]
     arms = [ARMS["ffjord_matched"], ARMS["tpr_paper"],
             Arm("tpr_carry", "TPR, restart-free adjoint", reg="poly", adjoint_carry_step=True)]
@@ -64,12 +62,14 @@ def main() -> None:
                      "test_nll": r["test_nll"], "test_nfe": r["test_nfe"],
                      "seconds_per_step": r["seconds_per_step"],
                      "penalty_share_of_step": share})
-    command = "python benchmarks/checkerboard_tpr.py " + " ".join(sys.argv[1:])
-    payload = {"command": command.strip(), "machine": machine(), "steps": args.steps,
-               "seed": args.seed, "penalty_seconds": pen, "rows": rows,
-               "runs": [{k: v for k, v in r.items() if k != "nfe_per_step"} for r in runs]}
-    write_json(RESULTS / "checkerboard_tpr.json", payload)
-    m = payload["machine"]
+    return {"command": args.command, "machine": common.machine(), "steps": args.steps,
+            "seed": args.seed, "penalty_seconds": pen, "rows": rows,
+            "runs": [{k: v for k, v in r.items() if k != "nfe_per_step"} for r in runs]}
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The arms side by side and the penalty's cost."""
+    m, batch = payload["machine"], WORKLOADS["checkerboard"].batch_size
     lines = [
         "# Checkerboard, paper settings, with and without TPR",
         "",
@@ -78,27 +78,27 @@ def main() -> None:
         f"threads), lightning {m['lightning']}, torchdiffeq {m['torchdiffeq']}, commit "
         f"{m['git_commit']}, {m['date']}.  ",
         f"Workload: 2-D checkerboard, 3 x 64 concatsquash tanh, 1 block, batch "
-        f"{work.batch_size}, Adam 1e-3, {args.steps} steps, seed {args.seed}; train tolerance "
+        f"{batch}, Adam 1e-3, {payload['steps']} steps, seed {payload['seed']}; train tolerance "
         "1e-4, evaluation 1e-5 (exact trace); TPR K = 2, m = 1, coef = 5. NFE = right-hand-side "
         "calls (the paper's code counted 2 per call).",
         "",
-        "| arm | forward NFE/step (last 100) | backward NFE/step (last 100) | forward / backward "
-        "(mean over training) | test NLL (nats) | test NFE | s/step | penalty share of step |",
-        "|---|---|---|---|---|---|---|---|",
+        *table(["arm", "forward NFE/step (last 100)", "backward NFE/step (last 100)",
+                "forward / backward (mean over training)", "test NLL (nats)", "test NFE",
+                "s/step", "penalty share of step"],
+               [[r["label"], f"{r['forward_nfe_last100']:.1f}", f"{r['backward_nfe_last100']:.1f}",
+                 f"{r['forward_nfe_mean']:.1f} / {r['backward_nfe_mean']:.1f}",
+                 f"{r['test_nll']:.4f}", f"{r['test_nfe']:.1f}", f"{r['seconds_per_step']:.3f}",
+                 "-" if r["penalty_share_of_step"] is None
+                 else f"{100 * r['penalty_share_of_step']:.2f} %"] for r in payload["rows"]]),
     ]
-    for row in rows:
-        share = "-" if row["penalty_share_of_step"] is None else \
-            f"{100 * row['penalty_share_of_step']:.2f} %"
-        lines.append(
-            f"| {row['label']} | {row['forward_nfe_last100']:.1f} | "
-            f"{row['backward_nfe_last100']:.1f} | {row['forward_nfe_mean']:.1f} / "
-            f"{row['backward_nfe_mean']:.1f} | {row['test_nll']:.4f} | {row['test_nfe']:.1f} | "
-            f"{row['seconds_per_step']:.3f} | {share} |")
     lines += ["", f"Penalty cost (sampling + penalty + backward, one block, batch "
-              f"{work.batch_size}): {1e6 * pen:.0f} microseconds."]
-    (RESULTS / "checkerboard_tpr.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+              f"{batch}): {1e6 * payload['penalty_seconds']:.0f} microseconds."]
+    return "\n".join(lines) + "\n"
 
+
+STUDY = common.Study("checkerboard_tpr", __doc__, measure, markdown, arguments)
+
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

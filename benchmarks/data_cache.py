@@ -6,34 +6,33 @@ no cache (preprocessing and writing the cache) and once with the cache in place.
 ``cache=False`` (preprocessing only, nothing written). Reports medians over the repeats.
 
 Usage:
-    python benchmarks/data_cache.py [--rows 1600000] [--repeats 3]
+    python -m benchmarks.data_cache [--rows 1600000] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from polyreg_cnf.datamodules import tabular
+from polyreg_cnf.datamodules.tabular import TabularDataModule
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from polyreg_cnf.datamodules import tabular  # noqa: E402
-from polyreg_cnf.datamodules.tabular import TabularDataModule  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks import common
+from benchmarks.common import table
 
 
 def timed_setup(root: Path, cache: bool = True) -> tuple[float, TabularDataModule]:
+    """Seconds of ``prepare_data(); setup()`` on a fresh module, and the module."""
     start = time.perf_counter()
     dm = TabularDataModule("power", root, cache=cache)
     dm.prepare_data()
@@ -41,12 +40,14 @@ def timed_setup(root: Path, cache: bool = True) -> tuple[float, TabularDataModul
     return time.perf_counter() - start, dm
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's flags."""
     parser.add_argument("--rows", type=int, default=1_600_000)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
 
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """First setup, cache hit and no cache, ``repeats`` times each, on a generated file."""
     root = Path(tempfile.mkdtemp(prefix="polyreg_cache_bench."))
     try:
         (root / "power").mkdir()
@@ -74,29 +75,22 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    result = {
-        "command": "python benchmarks/data_cache.py " + " ".join(sys.argv[1:]),
-        "rows": args.rows,
-        "repeats": args.repeats,
-        "source_MiB": round(source_mb, 1),
-        "cache_MiB": round(cache_mb, 1),
-        "split_shapes": shapes,
-        "train_memory_mapped": bool(mmapped),
+    return {
+        "command": args.command, "rows": args.rows, "repeats": args.repeats,
+        "source_MiB": round(source_mb, 1), "cache_MiB": round(cache_mb, 1),
+        "split_shapes": shapes, "train_memory_mapped": bool(mmapped),
         "mmap_min_bytes": tabular.MMAP_MIN_BYTES,
         "first_setup_s": {"median": statistics.median(cold), "all": cold},
         "cache_hit_setup_s": {"median": statistics.median(warm), "all": warm},
         "no_cache_setup_s": {"median": statistics.median(nocache), "all": nocache},
         "speedup_cache_hit_vs_first": statistics.median(cold) / statistics.median(warm),
-        "machine": {
-            "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout),
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-        },
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "data_cache.json").write_text(json.dumps(result, indent=2) + "\n")
+        "machine": {"nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
+                    "platform": platform.platform(), "python": platform.python_version(),
+                    "numpy": np.__version__}}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The three cases' medians and runs."""
     m = result["machine"]
     lines = [
         "# Tabular cache benchmark (POWER-shaped data)",
@@ -104,26 +98,28 @@ def main() -> None:
         f"Command: `{result['command'].strip()}`  ",
         f"Machine: nproc={m['nproc']}, {m['platform']}, Python {m['python']}, "
         f"numpy {m['numpy']}  ",
-        f"Data: {args.rows} x 8 float64 ({result['source_MiB']} MiB); cache "
-        f"{result['cache_MiB']} MiB float32, splits {shapes}; train memory-mapped: "
-        f"{result['train_memory_mapped']}.",
+        f"Data: {result['rows']} x 8 float64 ({result['source_MiB']} MiB); cache "
+        f"{result['cache_MiB']} MiB float32, splits {result['split_shapes']}; train "
+        f"memory-mapped: {result['train_memory_mapped']}.",
         "",
-        f"Each figure is the median of {args.repeats} runs of `prepare_data(); setup()` on a "
-        "fresh TabularDataModule.",
+        f"Each figure is the median of {result['repeats']} runs of `prepare_data(); setup()` "
+        "on a fresh TabularDataModule.",
         "",
-        "| case | median (s) | runs (s) |",
-        "|---|---|---|",
+        *table(["case", "median (s)", "runs (s)"], [
+            [label, f"{result[key]['median']:.3f}",
+             ", ".join(f"{s:.3f}" for s in result[key]["all"])]
+            for label, key in (("first setup: preprocess + write cache", "first_setup_s"),
+                               ("second setup: cache hit (mmap)", "cache_hit_setup_s"),
+                               ("cache=False: preprocess only", "no_cache_setup_s"))]),
     ]
-    for label, key in (("first setup: preprocess + write cache", "first_setup_s"),
-                       ("second setup: cache hit (mmap)", "cache_hit_setup_s"),
-                       ("cache=False: preprocess only", "no_cache_setup_s")):
-        runs = ", ".join(f"{s:.3f}" for s in result[key]["all"])
-        lines.append(f"| {label} | {result[key]['median']:.3f} | {runs} |")
     lines += ["", f"Cache hit is {result['speedup_cache_hit_vs_first']:.0f}x faster than the "
                   "first setup."]
-    (RESULTS / "data_cache.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
+
+STUDY = common.Study("data_cache", __doc__, measure, markdown, arguments)
+
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """DDP on CPU: seconds per training epoch with 1 and 2 processes on a MINIBOONE-shaped table.
 
-    python benchmarks/ddp_scaling.py [--repeats 3] [--rows 36488]
+    python -m benchmarks.ddp_scaling [--repeats 3] [--rows 36488]
 
 A generated table with MINIBOONE's shape (36,488 rows x 43 columns, correlated Gaussian mixture)
 is trained for one epoch through train.py with the published MINIBOONE network (2 hidden layers
@@ -12,6 +12,7 @@ Writes benchmarks/results/ddp_scaling.json and .md.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import statistics
@@ -19,17 +20,16 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine, write_json  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks import common
+from benchmarks.common import ROOT, table
 
 
 def make_table(path: Path, rows: int, dim: int = 43, seed: int = 0) -> None:
+    """A correlated 4-component Gaussian mixture of ``rows`` x ``dim`` into ``path``."""
     rng = np.random.default_rng(seed)
     mix = rng.integers(0, 4, rows)
     centers = rng.normal(scale=2.0, size=(4, dim))
@@ -38,6 +38,7 @@ def make_table(path: Path, rows: int, dim: int = 43, seed: int = 0) -> None:
 
 
 def epoch_seconds(data: Path, out: Path, processes: int) -> float:
+    """Training wall time of one epoch through train.py with ``processes`` processes."""
     cmd = [sys.executable, str(ROOT / "train.py"), "--model", "cnf", "--reg", "poly",
            "--data", str(data), "--nhidden", "2", "--hdim-factor", "20", "--nonlinearity",
            "softplus", "--layer-type", "concat", "--num-blocks", "1", "--batch-size", "1000",
@@ -53,11 +54,14 @@ def epoch_seconds(data: Path, out: Path, processes: int) -> float:
     return float(re.search(r"training wall time \(s\):\s+([0-9.]+)", proc.stdout).group(1))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's flags."""
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", type=int, default=36488)
-    args = parser.parse_args()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """One and two processes, ``repeats`` times each, alternating."""
     results: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "miniboone_shaped.npy"
@@ -68,27 +72,31 @@ def main() -> None:
                 results[n].append(secs)
                 print(f"processes={n} repeat={rep}: {secs:.1f} s/epoch", flush=True)
     med = {n: statistics.median(v) for n, v in results.items()}
-    command = ("python benchmarks/ddp_scaling.py " + " ".join(sys.argv[1:])).strip()
-    payload = {"command": command, "machine": machine(), "rows": args.rows, "columns": 43,
-               "seconds_per_epoch": {str(n): v for n, v in results.items()},
-               "median": {str(n): m for n, m in med.items()}, "speedup": med[1] / med[2]}
-    write_json(RESULTS / "ddp_scaling.json", payload)
-    m = payload["machine"]
+    return {"command": args.command, "machine": common.machine(), "rows": args.rows,
+            "columns": 43, "seconds_per_epoch": {str(n): v for n, v in results.items()},
+            "median": {str(n): m for n, m in med.items()}, "speedup": med[1] / med[2]}
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """Seconds per epoch with one and two processes."""
+    m, med = payload["machine"], payload["median"]
     lines = ["# DDP on CPU: one epoch of a MINIBOONE-shaped table", "",
-             f"Command: `{command}`  ",
+             f"Command: `{payload['command']}`  ",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, lightning "
              f"{m['lightning']}, commit {m['git_commit']}, {m['date']}.  ",
-             f"Data: generated, {args.rows} rows x 43 (train split 80 %); network: MINIBOONE "
-             "preset (2 x 860 softplus, concat, 1 block), TPR, batch 1000 per process, one "
-             "thread per process, validation off.", "",
-             "| processes | seconds per epoch (median) | all repeats | speed-up |",
-             "|---|---|---|---|"]
-    for n in (1, 2):
-        runs = ", ".join(f"{v:.1f}" for v in results[n])
-        lines.append(f"| {n} | {med[n]:.1f} | {runs} | {med[1] / med[n]:.2f}x |")
-    (RESULTS / "ddp_scaling.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             f"Data: generated, {payload['rows']} rows x 43 (train split 80 %); network: "
+             "MINIBOONE preset (2 x 860 softplus, concat, 1 block), TPR, batch 1000 per process, "
+             "one thread per process, validation off.", "",
+             *table(["processes", "seconds per epoch (median)", "all repeats", "speed-up"],
+                    [[n, f"{med[n]:.1f}", ", ".join(f"{v:.1f}" for v in
+                                                    payload["seconds_per_epoch"][n]),
+                      f"{med['1'] / med[n]:.2f}x"] for n in ("1", "2")])]
+    return "\n".join(lines) + "\n"
 
+
+STUDY = common.Study("ddp_scaling", __doc__, measure, markdown, arguments)
+
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,45 +1,33 @@
 """What the drop-in ``polyreg_cnf.odeint`` costs next to torchdiffeq's, with and without TPR.
 
-1. **No regularizer** (validation, plots, a run without the callback): ``polyreg_cnf.odeint`` /
-   ``odeint_adjoint`` against ``torchdiffeq.odeint`` / ``odeint_adjoint`` on the same solve,
-   forward + backward, seconds per solve (median over many interleaved repeats, one torch
-   thread). Also with NFE counting on (what ``NFEMonitor`` adds during evaluation).
-2. **TPR on a 5-point observation grid** (a user's trajectory model, trained a little so the
-   field is not a random init's): backward NFE of the drop-in's adjoint (the restart-free
-   ``odeint_adjoint_carry``) against torchdiffeq's stock ``odeint_adjoint`` on the SAME merged
-   grid (the 5 requested times plus the same K interior times) and the same loss
-   (MSE on the requested times + coef x penalty), over several seeds (batch and interior times);
-   medians. For reference: the stock adjoint on the 5 requested times without TPR (what an
-   unregularized run pays).
-
-Run: ``.venv/bin/python benchmarks/dropin_overhead.py`` (writes
+Run: ``python -m benchmarks.dropin_overhead`` (writes
 ``benchmarks/results/dropin_overhead.{json,md}``).
+
+How it measures: docs/benchmarks.md, `benchmarks.dropin_overhead`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torchdiffeq
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import polyreg_cnf
+from benchmarks import common
+from benchmarks.common import table
+from polyreg_cnf.engine import NFECounter, TrajectoryRecorder, record_nfe
+from polyreg_cnf.engine.recording import penalty_grid
 
-import polyreg_cnf  # noqa: E402
-from polyreg_cnf.engine import NFECounter, TrajectoryRecorder, record_nfe  # noqa: E402
-from polyreg_cnf.engine.recording import penalty_grid  # noqa: E402
-
-__all__ = ["main"]
+__all__ = ["STUDY", "main"]
 
 GRID = torch.linspace(0.0, 1.0, 5)
 A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]])
@@ -184,59 +172,49 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{result['tol']}; batch 256.", "",
         "## 1. No regularizer: seconds per solve (forward + backward), median of "
         f"{result['repeats']} interleaved repeats", "",
-        "| call | arm | median s | ratio to torchdiffeq |", "|---|---|---:|---:|"]
-    for call, arms in result["timing"].items():
-        for arm, row in arms.items():
-            lines.append(f"| {call} | {arm} | {row['median_s']:.4f} | {row['ratio']:.3f} |")
+        *table(["call", "arm", "median s", "ratio to torchdiffeq"],
+               [[call, arm, f"{row['median_s']:.4f}", f"{row['ratio']:.3f}"]
+                for call, arms in result["timing"].items() for arm, row in arms.items()], "llrr")]
     lines += [
         "", f"## 2. TPR on the 5-point grid (K = {result['num_samples']} interior times, m = 1, "
         f"coef {result['coef']}): NFE, median of {result['seeds']} seeds", "",
         "The stock arm with TPR solves on the same merged grid (the same interior times) and "
         "backpropagates the same loss; the drop-in's values at the requested times are "
         "torchdiffeq's.", "",
-        "| arm | forward NFE | backward NFE | backward / stock without TPR | backward NFE per "
-        "seed |", "|---|---:|---:|---:|---|"]
-    for arm, row in result["tpr"].items():
-        lines.append(f"| {arm} | {row['forward_nfe']:g} | {row['backward_nfe']:g} | "
-                     f"{row['backward_ratio']:.2f} | {row['backward_per_seed']} |")
+        *table(["arm", "forward NFE", "backward NFE", "backward / stock without TPR",
+                "backward NFE per seed"],
+               [[arm, f"{row['forward_nfe']:g}", f"{row['backward_nfe']:g}",
+                 f"{row['backward_ratio']:.2f}", row["backward_per_seed"]]
+                for arm, row in result["tpr"].items()], "lrrrl")]
     return "\n".join(lines) + "\n"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's flags."""
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=7)
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--tol", type=float, default=1e-5)
     parser.add_argument("--num-samples", type=int, default=2)
     parser.add_argument("--coef", type=float, default=5.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Train the trajectory model, then time the solves and count TPR's backward NFE."""
     torch.set_num_threads(1)
     field = train(args.train_steps, args.tol)
-    result = dict(
-        command="python benchmarks/dropin_overhead.py " + " ".join(sys.argv[1:]),
-        cpu=cpu_name(), nproc=os.cpu_count(), torch=torch.__version__,
-        torchdiffeq=torchdiffeq.__version__, python=platform.python_version(),
-        train_steps=args.train_steps, tol=args.tol, repeats=args.repeats, seeds=args.seeds,
-        num_samples=args.num_samples, coef=args.coef,
+    return dict(
+        command=args.command, cpu=common.cpu_name(), nproc=os.cpu_count(),
+        torch=torch.__version__, torchdiffeq=torchdiffeq.__version__,
+        python=platform.python_version(), train_steps=args.train_steps, tol=args.tol,
+        repeats=args.repeats, seeds=args.seeds, num_samples=args.num_samples, coef=args.coef,
         timing=time_solves(field, args.repeats, args.tol),
         tpr=tpr_nfe(field, args.seeds, args.tol, args.num_samples, args.coef))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dropin_overhead.json").write_text(json.dumps(result, indent=2))
-    (args.out / "dropin_overhead.md").write_text(to_markdown(result))
-    print(to_markdown(result))
 
+
+STUDY = common.Study("dropin_overhead", __doc__, measure, to_markdown, arguments)
+
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,80 +1,38 @@
 """What one CNF evaluation costs: the arithmetic floor, today's reverse mode, forward mode.
 
-Issue 20, item 1. Per workload (a net, a batch, a trace estimator) this records:
-
-- ``flops``: floating-point operations of one evaluation with forward-mode divergence (value and
-  tangents; matmuls and the last layer's diagonal, elementwise work not counted), counted from
-  the layer shapes;
-- ``floor``: the time of exactly those matmuls alone (``torch.mm``/``torch.bmm`` on
-  preallocated operands), for an evaluation, and for a training step (each matmul plus the two
-  of its backward);
-- the time of one evaluation and of one training-like step for the reference path (the CNF's
-  field today: ``net(t, z)`` and :mod:`polyreg_cnf.engine.trace`'s vector-Jacobian products,
-  ``create_graph=True`` in training) and for forward mode
-  (:func:`polyreg_cnf.engine.forward_divergence.field_and_divergence`), eager and compiled
-  (:func:`~polyreg_cnf.engine.forward_divergence.compiled_field_and_divergence`, one graph for
-  every batch size); the compile time is reported apart and kept out of the step figures;
-- a torch.profiler split of each eager path into matmul arithmetic, other kernels, the autograd
-  engine, and the rest (Python and dispatch: wall time outside any profiled op).
-
-Modes timed: ``eval`` is a test-time evaluation (exact trace, no graph: the reference builds
-its graph to take the D vector-Jacobian products and drops it); ``field`` is a training-mode
-evaluation with the workload's trace (graph kept, no backward); ``step`` is ``field``, the
-scalar loss ``sum(f * w) + sum(div)`` and its backward (to the parameters, z and the context).
-
-Timing: one torch thread; every variant is timed in blocks of calls, the variants interleaved
-block by block (in rotating order) so that background load falls on all alike; the figure is
-the median over blocks of the seconds per call.
-
-Workloads:
-- ``checkerboard``: the authors' configuration, ODENet(2, (64, 64, 64)), concat, tanh, exact
-  trace, batch 100 (T 0.5 sets the solve's length, not one evaluation's cost);
-- ``mixture16``: the 16-D table workload of ``benchmarks/harness.py``: ODENet(16, (128, 128)),
-  concat, softplus, Hutchinson, batch 256;
-- ``vae_front_door``: ``python train.py --model vae --reg poly`` (the ``digits`` preset):
-  AmortizedODENet(16, (64, 64), rank 4, softplus), Hutchinson, batch 100;
-- ``power``: the POWER preset at its published size (D 6, 3 x 60, tanh, concat, Hutchinson,
-  batch 10000), on random inputs.
-
 Usage:
-    python benchmarks/engine_speed.py [--workloads checkerboard power] [--repeats 15]
+    python -m benchmarks.engine_speed [--workloads checkerboard power] [--repeats 15]
         [--block-seconds 0.05] [--no-compile] [--device cpu] [--out benchmarks/results/engine_speed]
-    python benchmarks/engine_speed.py --render benchmarks/results/engine_speed.json
+    python -m benchmarks.engine_speed --render benchmarks/results/engine_speed.json
+
+How it measures: docs/benchmarks.md, `benchmarks.engine_speed`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from polyreg_cnf.engine.amortized import AmortizedODENet  # noqa: E402
-from polyreg_cnf.engine.forward_divergence import (  # noqa: E402
+from benchmarks import common
+from polyreg_cnf.engine.amortized import AmortizedODENet
+from polyreg_cnf.engine.forward_divergence import (
     compiled_field_and_divergence,
     field_and_divergence,
 )
-from polyreg_cnf.engine.nets import ODENet  # noqa: E402
-from polyreg_cnf.engine.trace import (  # noqa: E402
-    divergence_exact,
-    divergence_hutchinson,
-    sample_probe,
-)
+from polyreg_cnf.engine.nets import ODENet
+from polyreg_cnf.engine.trace import divergence_exact, divergence_hutchinson, sample_probe
 
-RESULTS = ROOT / "benchmarks" / "results"
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::dot",
               "aten::addmv", "aten::_mkl_mm")
 
@@ -185,24 +143,18 @@ def reference_field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
     return (f, div) if keep_graph else (f.detach(), div.detach())
 
 
-def forward_field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
-                  context: Tensor | None) -> tuple[Tensor, Tensor]:
-    return field_and_divergence(net, t, z, probe=probe, context=context)
+def _forward_mode(fn: Callable[..., tuple[Tensor, Tensor]], **options: Any
+                  ) -> Callable[..., tuple[Tensor, Tensor]]:
+    """A forward-mode field (``fn``) with the reference path's signature."""
+    def field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
+              context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return fn(net, t, z, probe=probe, context=context, **options)
+    return field
 
 
-def compiled_field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
-                   context: Tensor | None) -> tuple[Tensor, Tensor]:
-    return compiled_field_and_divergence(net, t, z, probe=probe, context=context)
-
-
-def compiled_static_field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
-                          context: Tensor | None) -> tuple[Tensor, Tensor]:
-    return compiled_field_and_divergence(net, t, z, probe=probe, context=context,
-                                         dynamic_batch=False)
-
-
-PATHS = {"reference": reference_field, "forward": forward_field, "compiled": compiled_field,
-         "compiled_static": compiled_static_field}
+PATHS = {"reference": reference_field, "forward": _forward_mode(field_and_divergence),
+         "compiled": _forward_mode(compiled_field_and_divergence),
+         "compiled_static": _forward_mode(compiled_field_and_divergence, dynamic_batch=False)}
 
 
 class _Field(nn.Module):
@@ -371,8 +323,9 @@ def compile_seconds(w: Workload, net: nn.Module, context: Tensor | None,
     return out
 
 
-def measure(w: Workload, repeats: int, seconds: float, compile_: bool,
-            device: torch.device, profile_calls: int) -> dict[str, Any]:
+def measure_workload(w: Workload, repeats: int, seconds: float, compile_: bool,
+                     device: torch.device, profile_calls: int) -> dict[str, Any]:
+    """Every path and mode of one workload: times, ratios, FLOPs, profile split."""
     net, context = w.build(device)
     paths = ["reference", "forward"] + (["compiled", "compiled_static"] if compile_ else [])
     result: dict[str, Any] = dict(workload=asdict(w))
@@ -407,13 +360,8 @@ def measure(w: Workload, repeats: int, seconds: float, compile_: bool,
 
 # ------------------------------------------------------------------------------ report
 def machine(device: torch.device) -> dict[str, Any]:
-    model = ""
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    info = dict(platform=platform.platform(), cpu=model, cpus=os.cpu_count(),
+    """The machine, the device and the load at the start."""
+    info = dict(platform=platform.platform(), cpu=common.cpu_name(), cpus=os.cpu_count(),
                 torch=torch.__version__, threads=torch.get_num_threads(), device=str(device),
                 load_average_start=os.getloadavg()[0])
     if device.type == "cuda":
@@ -425,8 +373,9 @@ def _us(s: float) -> str:
     return f"{s * 1e6:,.0f}"
 
 
-def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
+def markdown(payload: dict[str, Any]) -> str:
     """The JSON as tables: times per call, ratios to the reference, floor and profile split."""
+    meta, results = payload["meta"], payload["results"]
     lines = ["# Engine speed: one CNF evaluation, floor vs reverse mode vs forward mode", "",
              f"Command: `{meta['command']}`", "",
              f"Machine: {meta['cpu'] or meta['platform']}, {meta['cpus']} CPUs, torch "
@@ -514,37 +463,32 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's flags."""
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--block-seconds", type=float, default=0.05)
     parser.add_argument("--profile-calls", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS / "engine_speed")
-    parser.add_argument("--render", type=Path, help="rewrite the markdown of a results JSON")
-    args = parser.parse_args(argv)
-    if args.render:
-        data = json.loads(args.render.read_text())
-        args.render.with_suffix(".md").write_text(markdown(data["meta"], data["results"]))
-        return 0
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every workload's three modes, one torch thread."""
     torch.set_num_threads(1)
     device = torch.device(args.device)
     meta = machine(device)
-    meta["command"] = "python benchmarks/engine_speed.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
-    results = [measure(WORKLOADS[name], args.repeats, args.block_seconds,
-                       not args.no_compile, device, args.profile_calls)
+    meta["command"] = args.command
+    results = [measure_workload(WORKLOADS[name], args.repeats, args.block_seconds,
+                                not args.no_compile, device, args.profile_calls)
                for name in args.workloads]
     meta["load_average_end"] = os.getloadavg()[0]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results),
-                                                         indent=1))
-    args.out.with_suffix(".md").write_text(markdown(meta, results))
-    print(args.out.with_suffix(".md").read_text())
-    return 0
+    return dict(meta=meta, results=results)
 
+
+STUDY = common.Study("engine_speed", __doc__, measure, markdown, arguments)
+
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

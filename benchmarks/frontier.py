@@ -1,30 +1,9 @@
 """The test-cost frontier: test NLL against test evaluations over evaluation tolerances.
 
-    python benchmarks/frontier.py --suite long --jobs 2            # every long-suite model
-    python benchmarks/frontier.py --suite long_small --jobs 2  # the small committed case
+    python -m benchmarks.frontier --suite long --jobs 2            # every long-suite model
+    python -m benchmarks.frontier --suite long_small --jobs 2  # the small committed case
 
-TPR's lasting benefit is a model that is cheaper to evaluate at a fixed tolerance. A baseline
-model is also cheaper at a looser tolerance, so the fair comparison is the whole frontier. For
-every arm's final model of a suite (every workload and seed) this evaluates the test set at the
-evaluation tolerances :data:`TOLERANCES` (atol = rtol, exact trace), recording the test NLL,
-the forward NFE per test batch and rows per second, and the NFE and seconds to draw
-:data:`SAMPLES` samples. It then answers, seed by seed against the baseline of the same seed:
-at equal test NLL (within :data:`MARGIN` nats of the better model's best), how many evaluations
-does each need (:func:`equal_nll_cost`)?
-
-The models are the ones the suite keeps (``keep_models``, under
-benchmarks/results/.models/<suite>/). A missing one (the long suite was first run before it
-kept models) is made again with the suite's own definitions, seed and checkpointing
-(:func:`remake`); an interrupted remake resumes from its checkpoint in
-benchmarks/results/.work/<suite>/. The remade run's measurements are kept apart, under
-.cache/frontier/<suite>/remade/, and the suite's cache is left alone: the suite's figures
-(wall-clock speed-ups included) stay those of the runs it measured together, and the report
-states how closely each remade run repeats the measured one. Each model's curve is cached
-beside the runs (benchmarks/results/.cache/frontier/<suite>/, keyed by the model file's
-hash), so a subset (``--workloads``) adds to the report instead of replacing it, and
-``--cached-only`` writes the report from the cached curves alone. Results:
-benchmarks/results/frontier_<suite>.json, .md and .png (``frontier_small.*`` for the suite
-``long_small``).
+How it measures: docs/benchmarks.md, `benchmarks.frontier`.
 """
 
 from __future__ import annotations
@@ -33,7 +12,6 @@ import argparse
 import functools
 import hashlib
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -43,19 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as bench_run  # noqa: E402
-from harness import (  # noqa: E402
-    ARMS,
-    RUN_THREADS,
-    _set_eval_tolerance,
-    load_final_model,
-    machine,
-    write_json,
-)
-from pool import PoolStopped, run_pool  # noqa: E402
-
-from polyreg_cnf.engine.ode import ode_blocks  # noqa: E402
+from benchmarks import common
+from benchmarks import run as bench_run
+from benchmarks.common import UsageError, machine, write_json
+from benchmarks.harness import ARMS, RUN_THREADS, _set_eval_tolerance, load_final_model, spread
+from polyreg_cnf.engine.ode import ode_blocks
 
 #: Evaluation tolerances (atol = rtol), loosest first.
 TOLERANCES = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6)
@@ -144,13 +114,6 @@ def equal_nll_cost(base: list[dict[str, float]], mine: list[dict[str, float]],
             "ratio": ratio, "verdict": verdict}
 
 
-def _spread(values: list[float | None]) -> dict[str, float | None]:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"median": None, "min": None, "max": None}
-    return {"median": float(statistics.median(vals)), "min": min(vals), "max": max(vals)}
-
-
 def _at_tol(mine: list[dict[str, float]], base: list[dict[str, float]],
             tol: float = REFERENCE_TOL) -> float | None:
     """Test NFE ratio (mine / base) at one tolerance, None if either curve lacks it."""
@@ -175,9 +138,9 @@ def answer(curves: dict[tuple[str, str, int], list[dict[str, float]]], base_arm:
     for arms in out.values():
         for entry in arms.values():
             verdicts = [v["verdict"] for v in entry["per_seed"].values()]
-            entry["ratio"] = _spread([v["ratio"] for v in entry["per_seed"].values()])
-            entry["ratio_at_reference_tol"] = _spread(
-                [v["ratio_at_reference_tol"] for v in entry["per_seed"].values()])
+            entry["ratio"] = spread([v["ratio"] for v in entry["per_seed"].values()], True)
+            entry["ratio_at_reference_tol"] = spread(
+                [v["ratio_at_reference_tol"] for v in entry["per_seed"].values()], True)
             entry["counts"] = {k: verdicts.count(k) for k in ("wins", "ties", "loses")}
             entry["verdict"] = verdicts[0] if len(set(verdicts)) == 1 else "mixed"
     return out
@@ -280,18 +243,13 @@ def plot(curves: dict[tuple[str, str, int], list[dict[str, float]]], path: Path,
     converged NLL), so that seeds whose densities differ by more than the arms do line up; a
     seed without a baseline curve is left out of the picture (the tables keep it).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     workloads = sorted({k[0] for k in curves})
     arms = sorted({k[1] for k in curves})
     colours = {a: f"C{i}" for i, a in enumerate(arms)}
     markers = "osv^D<>"
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.5),
-                             squeeze=False)
+    fig, axes = common.figure(1, len(workloads), (5.5 * len(workloads), 4.5))
     for ax, wname in zip(axes[0], workloads):
         for (w, aname, seed), curve in sorted(curves.items()):
             base = curves.get((w, base_arm, seed))
@@ -313,10 +271,7 @@ def plot(curves: dict[tuple[str, str, int], list[dict[str, float]]], path: Path,
         ax.set_title(f"{wname}: test-cost frontier (lower left is better)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def _seed_text(v: dict[str, Any]) -> str:
@@ -348,7 +303,7 @@ def markdown(payload: dict[str, Any]) -> str:
              "itself carries solver error (it can come out lower than the converged value); "
              "the comparison takes each measured NLL at face value, as a user who loosens the "
              "tolerance would.", ""]
-    if payload["missing"]:
+    if payload.get("missing"):
         lines += ["Not measured yet (workload, arm, seed): " + ", ".join(
             f"({w}, {a}, {s})" for w, a, s in payload["missing"]) + ".", ""]
     if remade := payload.get("remade"):
@@ -390,15 +345,16 @@ def markdown(payload: dict[str, Any]) -> str:
                 lines.append(f"| {aname} | {seed} | " + " | ".join(
                     f"{p['sample_nfe']:.0f} / {p['sample_seconds']:.2f} s" for p in curve) + " |")
         lines += ["", f"(sampling {payload['samples']:,}: NFE / seconds)", ""]
-    lines += [f"![test NLL against test NFE]({payload['plot']})", "",
-              f"(The picture draws each test NLL relative to the same seed's {payload['base_arm']}"
-              f" at tolerance {TOLERANCES[-1]:g}; dashed: {MARGIN} nats above it.)"]
+    lines += [f"![test NLL against test NFE]({payload['plot']})"]
+    if "missing" in payload:  # older reports (frontier_small) drew the absolute NLL
+        lines += ["", f"(The picture draws each test NLL relative to the same seed's "
+                  f"{payload['base_arm']} at tolerance {TOLERANCES[-1]:g}; dashed: {MARGIN} "
+                  "nats above it.)"]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The frontier's flags."""
     keeping = sorted(k for k, v in bench_run.SUITES.items() if v.get("keep_models"))
     parser.add_argument("--suite", choices=keeping, default="long")
     parser.add_argument("--workloads", default=None,
@@ -411,69 +367,53 @@ def main() -> None:
                         help="samples drawn at each tolerance (0: none)")
     parser.add_argument("--cached-only", action="store_true",
                         help="evaluate and train nothing: report the cached curves")
-    args = parser.parse_args()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate (or take from the cache) every kept model of the suite; answer; plot."""
     suite = bench_run.SUITES[args.suite]
-    workloads = list(suite["workloads"])
-    if args.workloads:
-        bad = [w for w in args.workloads.split(",") if w not in workloads]
-        if bad:
-            parser.error(f"workloads {bad} are not in suite {args.suite!r}; valid: "
-                         f"{', '.join(workloads)}")
-        workloads = args.workloads.split(",")
-    seeds = list(suite["seeds"])
-    if args.seeds:
-        try:
-            chosen = [int(x) for x in args.seeds.split(",")]
-        except ValueError:
-            parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
-        if bad := [x for x in chosen if x not in seeds]:
-            parser.error(f"seeds {bad} are not in suite {args.suite!r}; valid: {seeds}")
-        seeds = chosen
+    where = f"suite {args.suite!r}"
+    workloads = bench_run.subset(args.workloads, list(suite["workloads"]), "workloads", where)
+    seeds = bench_run.subset(args.seeds, list(suite["seeds"]), "seeds", where)
     if args.jobs < 1 or args.samples < 0:
-        parser.error(f"--jobs must be >= 1 and --samples >= 0, got {args.jobs} and "
-                     f"{args.samples}")
-    keys = [(w, a, s) for w in workloads for a in suite["arms"] for s in seeds]
+        raise UsageError(f"--jobs must be >= 1 and --samples >= 0, got {args.jobs} and "
+                         f"{args.samples}")
+    keys = [] if args.cached_only else [
+        (w, a, s) for w in workloads for a in suite["arms"] for s in seeds]
     start = time.perf_counter()
-    if args.cached_only:
-        keys = []
-    if args.jobs == 1:
-        for k in keys:
-            _curve_of(args.suite, *k, args.samples)
-    elif keys:
-        try:
-            run_pool([functools.partial(_curve_of, args.suite, *k, args.samples) for k in keys],
-                     args.jobs)
-        except PoolStopped as exc:
-            print(f"{exc}; the same command resumes", file=sys.stderr)
-            sys.exit(exc.exit_code)
+    bench_run.pooled([functools.partial(_curve_of, args.suite, *k, args.samples) for k in keys],
+                     args.jobs, lambda i, result: None)
     # The report covers every model of the suite with a cached curve, not only this call's.
     every = [(w, a, s) for w in suite["workloads"] for a in suite["arms"] for s in suite["seeds"]]
     curves = {k: c for k in every
               if (c := cached_curve(args.suite, *k, args.samples)) is not None}
-    missing = [k for k in every if k not in curves]
     if not curves:
-        parser.error(f"no cached frontier curves for suite {args.suite!r}; run without "
-                     "--cached-only first")
+        raise UsageError(f"no cached frontier curves for suite {args.suite!r}; run without "
+                         "--cached-only first")
     base_arm = suite["baselines"][0]
-    name = "frontier_small" if args.suite == "long_small" else f"frontier_{args.suite}"
-    payload = {
-        "suite": args.suite, "command": ("python benchmarks/frontier.py "
-                                         + " ".join(sys.argv[1:])).strip(),
+    plot(curves, args.out.with_suffix(".png"), base_arm)
+    return {
+        "suite": args.suite, "command": args.command,
         "machine": machine(), "seconds": time.perf_counter() - start,
         "steps": {w: suite["workloads"][w] for w in dict.fromkeys(k[0] for k in curves)},
-        "seeds": sorted({k[2] for k in curves}), "missing": [list(k) for k in missing],
+        "seeds": sorted({k[2] for k in curves}),
+        "missing": [list(k) for k in every if k not in curves],
         "base_arm": base_arm, "tolerances": list(TOLERANCES), "margin": MARGIN, "tie": TIE,
-        "samples": args.samples, "plot": f"{name}.png",
+        "samples": args.samples, "plot": f"{args.out.name}.png",
         "batch_rows": next(iter(curves.values()))[0]["batch_rows"],
         "answer": answer(curves, base_arm),
         "remade": remade_against_measured(args.suite, list(curves)),
         "curves_by_key": [[list(k), c] for k, c in curves.items()]}
-    write_json(bench_run.RESULTS / f"{name}.json", payload)
-    plot(curves, bench_run.RESULTS / f"{name}.png", base_arm)
-    text = markdown(payload)
-    (bench_run.RESULTS / f"{name}.md").write_text(text)
-    print(text)
 
+
+def _report(args: argparse.Namespace) -> Path:
+    name = "small" if args.suite == "long_small" else args.suite
+    return bench_run.RESULTS / f"frontier_{name}"
+
+
+STUDY = common.Study("frontier", __doc__, measure, markdown, arguments, report=_report)
+
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,37 +1,14 @@
 """One command for the first machine with a CUDA GPU: device tests, DDP, timings, memory estimate.
 
-    python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check]
+    python -m benchmarks.gpu_check [--out benchmarks/results/gpu_check]
 
-On a machine with CUDA (a CUDA build of torch: this project's Makefile installs the CPU wheel)
-it runs, in about 5 minutes on one GPU:
-
-1. ``tests/test_gpu.py`` (pytest, in a subprocess): CNF and ODEBlock on CUDA agree with the CPU
-   in float64, the drop-in ``polyreg_cnf.odeint`` on CUDA returns torchdiffeq's values,
-   ``backprop="auto"`` measures, chooses and runs on CUDA (and falls back to the adjoint when a
-   direct solve really runs out of memory), a short fit through ``build`` with
-   ``--accelerator gpu``; with two or more GPUs also 2-process DDP (``ddp_spawn`` and the plain
-   ``train.py --strategy ddp`` launcher, NCCL). A CUDA test that was skipped counts as a failure.
-2. Seconds per training step, ``--reg none`` vs ``--reg poly`` with the same seed: the front door
-   (``python train.py --model vae --reg ...``, the whole preset run) and the POWER preset on a
-   stand-in file in the standard format (:mod:`step_cost`).
-3. ``backprop="auto"``'s memory estimate against what CUDA allocates: on direct-backprop
-   training steps, the sum over ODE blocks of bytes kept per evaluation and row (measured by the
-   block on its first solve) x rows x the block's forward NFE, next to the growth of
-   ``torch.cuda.max_memory_allocated`` over the step (from its start to the end of the
-   optimizer step). The rule gives direct backprop a headroom of 2 over this estimate.
-4. One CNF evaluation and one training-like step on CUDA (:mod:`engine_speed`, issue 20): the
-   reverse-mode reference, the forward-mode divergence eager, compiled (``torch.compile``) and
-   replayed from a CUDA graph, per workload; written to ``<out>_engine.json`` and ``.md``.
-
-Writes ``<out>.json`` and ``<out>.md`` with what it measured (a part that failed is reported as
-failed, with its error, never filled in). Exit status: 0 all passed, 1 something failed,
-2 no CUDA device (nothing measured, nothing written).
+How it measures: docs/benchmarks.md, `benchmarks.gpu_check`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import platform
 import subprocess
@@ -46,13 +23,9 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import common, step_cost
+from benchmarks.common import ROOT, table
 
-import step_cost  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 #: Exit status when there is no CUDA device.
 EXIT_NO_CUDA = 2
 #: Steps per timed POWER run and per memory-check run.
@@ -69,7 +42,7 @@ def no_cuda_message() -> str:
     """Why nothing can run here: what torch reports, and what to do."""
     built = torch.version.cuda or "none (a CPU-only build)"
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return (f"gpu_check.py: no CUDA device: torch.cuda.is_available() is False (torch "
+    return (f"benchmarks.gpu_check: no CUDA device: torch.cuda.is_available() is False (torch "
             f"{torch.__version__}, built with CUDA {built}; CUDA_VISIBLE_DEVICES="
             f"{'unset' if visible is None else repr(visible)}). Nothing was measured and no "
             f"results were written. Run it on a machine with an NVIDIA GPU and a CUDA build of "
@@ -227,10 +200,10 @@ def markdown(results: dict[str, Any]) -> str:
         c = tests["counts"]
         lines += [f"`{tests['command']}`: {c['passed']} passed, {c['failed']} failed, "
                   f"{c['skipped']} skipped in {tests['seconds']:.0f} s (exit "
-                  f"{tests['returncode']}).", "", "| test | outcome | message |",
-                  "|---|---|---|"]
-        lines += [f"| {o['name']} | {o['outcome']} | {o['message'][:200]} |"
-                  for o in tests["outcomes"]]
+                  f"{tests['returncode']}).", "",
+                  *table(["test", "outcome", "message"],
+                         [[o["name"], o["outcome"], o["message"][:200]]
+                          for o in tests["outcomes"]])]
         ddp = [o for o in tests["outcomes"] if "ddp" in o["name"].lower()]
         lines += ["", "2-process DDP (NCCL): " + ("; ".join(
             f"{o['name'].split('::')[-1]} {o['outcome']}" + (f" ({o['message']})"
@@ -241,12 +214,11 @@ def markdown(results: dict[str, Any]) -> str:
     if not timing or not timing.get("summary"):
         lines.append("Not measured.")
     else:
-        lines += ["| preset | s/step none | s/step poly | ratio poly/none | fwd NFE none / poly "
-                  "| bwd NFE none / poly | backprop none / poly |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['preset']} | {r['seconds_none']:.4f} | {r['seconds_poly']:.4f} | "
-                  f"{r['ratio']:.3f} | {r['forward_none']:.1f} / {r['forward_poly']:.1f} | "
-                  f"{r['backward_none']:.1f} / {r['backward_poly']:.1f} | "
-                  f"{r['backprop_none']} / {r['backprop_poly']} |" for r in timing["summary"]]
+        lines += table(["preset", "s/step none", "s/step poly", "ratio poly/none",
+                        "fwd NFE none / poly", "bwd NFE none / poly", "backprop none / poly"],
+                       [[r["preset"], f"{r['seconds_none']:.4f}", f"{r['seconds_poly']:.4f}",
+                         f"{r['ratio']:.3f}", *step_cost.pair_cells(r)]
+                        for r in timing["summary"]])
         lines += ["", "s/step: mean over the steps after the first (NFEMonitor; on CUDA a step's "
                   "asynchronous tail is counted in the next step). front_door: `python train.py "
                   "--model vae --reg ...`, the whole preset run; power: the preset on a stand-in "
@@ -256,14 +228,12 @@ def markdown(results: dict[str, Any]) -> str:
     if not memory:
         lines.append("Not measured.")
     else:
-        lines += ["| preset | step | direct | blocks | estimate MB | measured growth MB | "
-                  "measured / estimate |", "|---|---|---|---|---|---|---|"]
-        for m in memory:
-            for r in m["records"]:
-                ratio = f"{r['growth'] / r['estimate']:.2f}" if r["estimate"] else "-"
-                lines.append(f"| {m['preset']} | {r['step']} | {r['direct']} | "
-                             f"{len(r['blocks'])} | {r['estimate'] / 2**20:.1f} | "
-                             f"{r['growth'] / 2**20:.1f} | {ratio} |")
+        lines += table(["preset", "step", "direct", "blocks", "estimate MB",
+                        "measured growth MB", "measured / estimate"],
+                       [[m["preset"], r["step"], r["direct"], len(r["blocks"]),
+                         f"{r['estimate'] / 2**20:.1f}", f"{r['growth'] / 2**20:.1f}",
+                         f"{r['growth'] / r['estimate']:.2f}" if r["estimate"] else "-"]
+                        for m in memory for r in m["records"]])
         lines += ["", "Estimate: sum over blocks of bytes per evaluation and row (measured by "
                   "the block on its first training solve) x rows x forward NFE; measured: "
                   "`torch.cuda.max_memory_allocated()` at the end of the step minus "
@@ -285,28 +255,24 @@ def _gpu_line() -> str:
         f"{count} GPUs: {', '.join(names)}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=RESULTS / "gpu_check",
-                        help="results path without suffix (writes .json and .md)")
-    args = parser.parse_args(argv)
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every part in turn; a part that fails is reported and the others still run.
+
+    Raises:
+        SystemExit: No CUDA device (status :data:`EXIT_NO_CUDA`; nothing measured or written).
+    """
     if not torch.cuda.is_available():
         print(no_cuda_message(), file=sys.stderr)
-        return EXIT_NO_CUDA
-
+        raise SystemExit(EXIT_NO_CUDA)
     start = time.perf_counter()
-    given = sys.argv[1:] if argv is None else list(argv)
     results: dict[str, Any] = dict(meta=dict(
-        command="python benchmarks/gpu_check.py" + "".join(f" {a}" for a in given),
-        gpus=_gpu_line(), cpu=step_cost.machine(), python=platform.python_version(),
-        torch=torch.__version__, cuda=torch.version.cuda, git_commit=step_cost.git_commit()),
-        errors=[])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+        command=args.command, gpus=_gpu_line(), cpu=step_cost.machine(),
+        python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+        git_commit=common.git_commit()), errors=[])
 
     def save(status: int) -> None:
         results["meta"].update(wall_seconds=time.perf_counter() - start, exit_status=status)
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(results))
+        common.write_report(args.out, results, markdown)
 
     def attempt(part: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -337,15 +303,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["memory"] = [m for m in memory if m]
     save(1)
     engine = attempt("engine speed on CUDA", lambda: subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("engine_speed.py")), "--device", "cuda",
-         "--repeats", "7", "--out", str(args.out) + "_engine"], check=True, timeout=1200))
+        [sys.executable, "-m", "benchmarks.engine_speed", "--device", "cuda", "--repeats", "7",
+         "--out", str(args.out) + "_engine"], cwd=ROOT, check=True, timeout=1200))
     results["engine_speed"] = None if engine is None else str(args.out) + "_engine.md"
     tests_ok = bool(results["tests"] and results["tests"]["ok"])
     status = 0 if tests_ok and not results["errors"] else 1
-    save(status)
-    print(args.out.with_suffix(".md").read_text())
-    return status
+    results["meta"].update(wall_seconds=time.perf_counter() - start, exit_status=status)
+    return results
 
+
+STUDY = common.Study("gpu_check", __doc__, measure, markdown)
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
     sys.exit(main())

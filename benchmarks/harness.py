@@ -15,10 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,18 +25,15 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from polyreg_cnf.callbacks import NFEMonitor
+from polyreg_cnf.datamodules.toy import ToyDataModule
+from polyreg_cnf.datamodules.user_table import UserTableDataModule
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from polyreg_cnf.callbacks import NFEMonitor  # noqa: E402
-from polyreg_cnf.datamodules.toy import ToyDataModule  # noqa: E402
-from polyreg_cnf.datamodules.user_table import UserTableDataModule  # noqa: E402
-
-from polyreg_cnf.app.build import build, make_model  # noqa: E402
-from polyreg_cnf.app.config import RunConfig, resolve  # noqa: E402
-from polyreg_cnf.engine.ode import ODEBlock, ode_blocks  # noqa: E402
-from polyreg_cnf.engine.penalty import trajectory_polynomial_penalty  # noqa: E402
+from benchmarks.common import figure, save_figure
+from polyreg_cnf.app.build import build, make_model
+from polyreg_cnf.app.config import RunConfig, resolve
+from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
+from polyreg_cnf.engine.penalty import trajectory_polynomial_penalty
 
 EVAL_TOL = 1e-5  # the paper's evaluation tolerance, for every arm
 # One intra-op thread per run: these small models gain nothing from two, and a second thread
@@ -94,9 +88,7 @@ ARMS = {
                           adjoint_carry_step=False),
     "rnode": Arm("rnode", "(4) RNODE (kinetic + Jacobian, 0.01 each), train 1e-4",
                  reg="kinetic", adjoint_carry_step=False),
-    # Arm (5): the fastest engineering measured on these CPU workloads. Backpropagating through
-    # the solver's operations (no adjoint) needs no backward solve at all, so the regularizer's
-    # output times cost nothing there; memory grows with forward NFE, which is small here.
+    # Arm (5): direct backprop needs no backward solve, so the penalty's times cost nothing.
     "tpr_fast": Arm("tpr_fast", "(5) TPR + direct backprop through the solver", reg="poly",
                     adjoint=False),
     # Controls that separate the engineering from the regularizer.
@@ -111,9 +103,7 @@ ARMS = {
                           adjoint_carry_step=True),
     "tpr_fast_exact": Arm("tpr_fast_exact", "(5e) TPR + direct backprop + exact trace",
                           reg="poly", adjoint=False, trace="exact"),
-    # The VAE at the paper's settings with the same engineering for both arms (issue 14): the
-    # authors' FFJORD tolerance (VAE 1e-5) against TPR at 1e-4, both with direct backprop; and
-    # the same pair on a harder posterior (z 64, T 2 instead of the digits preset's z 16, T 0.5).
+    # The VAE suite: both arms with direct backprop; also on a harder posterior (z 64, T 2).
     "ffjord_base_direct": Arm("ffjord_base_direct", "(1d) FFJORD at the authors' tolerance + "
                               "direct backprop", adjoint=False, baseline_tol=True),
     "ffjord_base_direct_hard": Arm("ffjord_base_direct_hard", "(1d) on z 64, T 2",
@@ -132,13 +122,9 @@ ARMS = {
                        adjoint=False, extra={"poly_samples": 4}),
     "tpr_fast_m2": Arm("tpr_fast_m2", "(5) with degree m = 2", reg="poly", adjoint=False,
                        extra={"poly_order": 2}),
-    # The lever beyond the paper (issue 21): a coefficient schedule, the paper's coef 5 from step
-    # 3000 on and nothing before it (--poly-start-step): on the checkerboard the baseline's
-    # test NFE starts to pull away from TPR's after 2000-3000 steps (long_probes.png), and the
-    # density is mostly learned by then, so the penalty no longer slows it down.
+    # The late-start lever (issue 21; why: docs/results.md): coef 5 from step 3000 on.
     "tpr_fast_late": Arm("tpr_fast_late", "(5) from step 3000 (coef 0 before)", reg="poly",
                          adjoint=False, extra={"poly_start_step": 3000}),
-    # (3b) and (5) with the learning rate decayed along a cosine to 0 (--lr-schedule cosine).
     "ffjord_direct_cos": Arm("ffjord_direct_cos", "(3b) with a cosine learning rate",
                              adjoint=False, extra={"lr_schedule": "cosine"}),
     "tpr_fast_cos": Arm("tpr_fast_cos", "(5) with a cosine learning rate", reg="poly",
@@ -151,13 +137,11 @@ WORKLOADS = {
     "breast_cancer": Workload("breast_cancer", "table", steps=2000, eval_every=200,
                               batch_size=128, hidden_dims=(64, 64), layer_type="concat",
                               nonlinearity="softplus", num_val=0, num_test=0),
-    # The digits preset of polyreg_cnf.models.vae (14 steps per epoch); its other settings are
-    # the preset's.
-    # A 16-D table with a known density (benchmarks/tables.py): 5,000 validation and 5,000 test
-    # rows through the user-table split, so NLL differences of 0.01 nats are not noise.
+    # A 16-D table with a known density (benchmarks/tables.py), 5,000 test rows.
     "mixture16": Workload("mixture16", "table", steps=4000, eval_every=250, batch_size=256,
                           hidden_dims=(128, 128), layer_type="concat", nonlinearity="softplus",
                           num_val=0, num_test=0),
+    # The digits preset of polyreg_cnf.models.vae (its other settings are the preset's).
     "vae_digits": Workload("vae_digits", "vae", steps=420, eval_every=42, batch_size=100,
                            hidden_dims=(64, 64), nonlinearity="softplus", lr=2e-3,
                            baseline_tol=(1e-5, 1e-5)),
@@ -188,7 +172,7 @@ def _table_path(w: Workload, tmp: Path) -> Path:
 
         np.save(path, load_breast_cancer().data)
     elif w.name == "mixture16":
-        from tables import write_mixture_table
+        from benchmarks.tables import write_mixture_table
 
         write_mixture_table(path, rows=50_000, dim=16)
     else:
@@ -497,11 +481,6 @@ def nfe_to_reach(run: dict[str, Any], target: float) -> float | None:
     return None
 
 
-def _median(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return float(statistics.median(vals)) if len(vals) == len(values) and vals else None
-
-
 def _median_unreached_as_zero(speedups: list[float | None]) -> float | None:
     """Median speed-up where a seed that never reached the target counts as 0 (the slowest)."""
     return float(statistics.median([0.0 if v is None else v for v in speedups])) \
@@ -515,12 +494,14 @@ PAIRED = {"test_nll": "diff", "tolerance_gap": "diff", "test_nfe": "ratio",
           "seconds_per_step": "ratio", "train_seconds": "ratio"}
 
 
-def spread(values: list[float | None]) -> dict[str, float | None]:
-    """Median, min and max of per-seed values (all None if any seed has none)."""
-    if not values or any(v is None for v in values):
+def spread(values: list[float | None], skip_none: bool = False) -> dict[str, float | None]:
+    """Median, min and max of per-seed values: all None if any seed has none (``skip_none``:
+    over the seeds that have one; all None if none has)."""
+    vals = [v for v in values if v is not None]
+    if not vals or (len(vals) < len(values) and not skip_none):
         return {"median": None, "min": None, "max": None}
-    return {"median": float(statistics.median(values)), "min": float(min(values)),
-            "max": float(max(values))}
+    return {"median": float(statistics.median(vals)), "min": float(min(vals)),
+            "max": float(max(vals))}
 
 
 def paired(mine: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
@@ -616,14 +597,14 @@ def summarise(runs: list[dict[str, Any]],
                         work_ratios.append(None if not my_nfe or their_nfe is None
                                            else their_nfe / my_nfe)
                     entry[f"seconds_to_{base}_final_val{suffix}"] = {
-                        "median": _median(times), "per_seed": times}
+                        "median": spread(times)["median"], "per_seed": times}
                     entry[f"speedup_to_{base}_final_val{suffix}"] = {
-                        "median": _median(speedups), "per_seed": speedups,
+                        "median": spread(speedups)["median"], "per_seed": speedups,
                         "median_unreached_as_zero": _median_unreached_as_zero(speedups),
                         "reached": sum(v is not None for v in speedups), "of": len(speedups)}
                     # The same ratio in function evaluations: independent of machine load.
                     entry[f"nfe_speedup_to_{base}_final_val{suffix}"] = {
-                        "median": _median(work_ratios), "per_seed": work_ratios,
+                        "median": spread(work_ratios)["median"], "per_seed": work_ratios,
                         "median_unreached_as_zero": _median_unreached_as_zero(work_ratios),
                         "reached": sum(v is not None for v in work_ratios),
                         "of": len(work_ratios)}
@@ -632,37 +613,6 @@ def summarise(runs: list[dict[str, Any]],
                 entry[f"paired_to_{own}"] = paired(rs, arms[own])
             out[wname][aname] = entry
     return out
-
-
-def machine() -> dict[str, Any]:
-    """Where and with what the numbers were measured."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    import lightning
-    import torchdiffeq
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "lightning": lightning.__version__, "torchdiffeq": torchdiffeq.__version__,
-            "git_commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.part")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
 
 
 def fmt(entry: dict[str, Any] | None, digits: int = 1) -> str:
@@ -676,13 +626,8 @@ def fmt(entry: dict[str, Any] | None, digits: int = 1) -> str:
 
 def plot_nfe(runs: list[dict[str, Any]], path: Path, smooth: int = 25) -> None:
     """Total NFE per step vs step: median over seeds per arm, one panel per workload."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     workloads = sorted({r["workload"] for r in runs})
-    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
+    fig, axes = figure(1, len(workloads), (6 * len(workloads), 4))
     for ax, wname in zip(axes[0], workloads):
         arms = sorted({r["arm"] for r in runs if r["workload"] == wname})
         for aname in arms:
@@ -698,7 +643,4 @@ def plot_nfe(runs: list[dict[str, Any]], path: Path, smooth: int = 25) -> None:
         ax.set_ylabel("forward + backward NFE")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)

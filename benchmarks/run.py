@@ -1,27 +1,14 @@
-"""Run a named benchmark suite: several arms x workloads x seeds; write JSON, markdown and a PNG.
+"""Run a named benchmark suite: several arms x workloads x seeds; write JSON, markdown and PNGs.
 
-    python benchmarks/run.py --suite quick            # smoke run, minutes
-    python benchmarks/run.py --suite full --jobs 2    # the README's comparison (under 2 hours)
-    python benchmarks/run.py --suite sweep --jobs 2   # TPR settings, one factor at a time
-    python benchmarks/run.py --suite long --workloads mixture16 --jobs 2      # one workload
-    python benchmarks/run.py --suite long --cached-only   # summarise every finished long run
-    (``make bench-long`` runs the long suite's invocations, one per workload, then the summary)
+    python -m benchmarks.run --suite quick            # smoke run, minutes
+    python -m benchmarks.run --suite full --jobs 2    # the README's comparison
+    python -m benchmarks.run --suite long --workloads mixture16 --jobs 2      # one workload
+    python -m benchmarks.run --suite long --cached-only   # summarise every finished long run
 
-Arms and workloads are defined in benchmarks/harness.py. Results go to
-benchmarks/results/<suite>.json, <suite>.md and <suite>_nfe.png. Every finished run is also kept,
-with its per-step NFE, in benchmarks/results/.cache/<suite>/ (committed: the raw data behind the
-tables), so an interrupted suite started again with the same command only runs what is missing
-(``--fresh`` ignores the cache). Suites with ``keep_models`` (long, long_cosine, long_small) also
-keep each run's final weights in benchmarks/results/.models/<suite>/ (committed: 50-100 KB a
-model), which benchmarks/frontier.py evaluates over evaluation tolerances.
-
-Every comparison between arms is seed-paired: a seed's run against the same seed's baseline run
-(differences of test NLL, ratios of NFE and seconds, speed-ups), then the median (which decides a
-goal) and the range over seeds; the per-seed values are kept in the JSON.
-
-``--jobs N`` trains N runs at once in separate processes, one torch thread each: on a 2-core
-machine two single-threaded runs do not slow each other measurably, while two threads in one
-process competing with anything else do (see README, "Performance notes").
+Arms and workloads: benchmarks/harness.py. Results: benchmarks/results/<suite>.json, .md,
+_nfe.png (long suites also _probes.png); finished runs are cached in results/.cache/<suite>/, so
+the same command resumes an interrupted suite. Every comparison between arms is seed-paired.
+What each suite is for, and how it is sized: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -33,13 +20,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (  # noqa: E402
+from benchmarks import common
+from benchmarks.common import UsageError, machine, write_json
+from benchmarks.harness import (
     ARMS,
     RUN_THREADS,
     WORKLOADS,
@@ -47,66 +36,38 @@ from harness import (  # noqa: E402
     Workload,
     _median_unreached_as_zero,
     fmt,
-    machine,
     plot_nfe,
     run_one,
     spread,
     summarise,
-    write_json,
 )
-from pool import PoolStopped, run_pool  # noqa: E402
+from benchmarks.pool import PoolStopped, run_pool
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = common.RESULTS
 
+#: The suites (what each is for and how it is sized: docs/benchmarks.md).
 SUITES = {
     "quick": dict(workloads={"checkerboard": 200}, seeds=(0, 1, 2),
                   arms=("ffjord", "tpr_paper", "ffjord_matched", "rnode", "tpr_fast")),
-    # A longer look at the matched-tolerance question only (one seed: a probe, not a verdict).
     "matched": dict(workloads={"checkerboard": 3000}, seeds=(0,),
                     arms=("ffjord_matched", "tpr_carry")),
-    # Seconds per step of each engineering option alone, TPR at matched tolerance.
     "engineering": dict(workloads={"checkerboard": 500}, seeds=(0, 1, 2),
                         arms=("ffjord_matched", "tpr_paper", "tpr_seminorm", "tpr_carry_only",
                               "tpr_carry", "tpr_fast", "tpr_fast_exact", "ffjord_direct")),
-    # Sized to finish in under 2 hours on 2 cores with --jobs 2 (arm (1) at 1e-8/1e-6 is the
-    # long pole: about 3x the cost of a matched-tolerance run). Measured per-run costs at the
-    # earlier sizes (checkerboard 2000, 8gaussians and breast cancer 1500 steps) added up to
-    # about 2.5 hours, hence these.
     "full": dict(workloads={"checkerboard": 1500, "8gaussians": 1000, "breast_cancer": 1000,
                             "vae_digits": 420},
                  seeds=(0, 1, 2),
                  arms=("ffjord", "tpr_paper", "ffjord_matched", "rnode", "tpr_fast",
                        "ffjord_direct")),
-    # The VAE at the paper's settings, same backprop (direct) for both arms, 3 seeds; plus a
-    # harder posterior (z 64, T 2) where the flow needs more than two dopri5 steps.
     "vae": dict(workloads={"vae_digits": 420}, seeds=(0, 1, 2),
                 arms=("ffjord_base_direct", "tpr_fast", "ffjord_base_direct_hard",
                       "tpr_fast_hard"),
                 pairs={"tpr_fast": "ffjord_base_direct",
                        "tpr_fast_hard": "ffjord_base_direct_hard"}),
-    # The settings sweep (issue 14): one factor at a time around the paper's setting (coef 5,
-    # K 2, m 1), all with arm (5)'s engineering and matched tolerance, against arm (3b), the same
-    # engineering without TPR. One seed: a screen for the long suite, not a verdict. Lengths:
-    # checkerboard 6000 steps (past the 5000 where a 10,000-step probe showed TPR's forward NFE
-    # levelling off while the baseline's kept climbing); the 16-D table 4000 steps.
     "sweep": dict(workloads={"checkerboard": 6000, "mixture16": 4000}, seeds=(0,),
                   arms=("ffjord_direct", "tpr_fast", "tpr_fast_c1", "tpr_fast_c20",
                         "tpr_fast_c50", "tpr_fast_k4", "tpr_fast_m2"),
                   baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000),
-    # Long runs (issue 14), where TPR's effect lives: the baseline's NFE keeps growing late in
-    # training. Each `--workloads X` invocation is meant to fit 150 minutes on 2 cores with
-    # --jobs 2 (measured: mixture16 57 minutes, 8gaussians 36, the checkerboard's runs 18-24
-    # minutes each, about 100 for its 9); every run checkpoints every 1000 steps in
-    # benchmarks/results/.work/ and the same command resumes it. Arms: (3b) and (5) at matched
-    # tolerance with the same engineering, plus the sweep's best tuned setting, coef 1: the only
-    # one that reached (3b)'s final validation NLL on the checkerboard (1.32x within 0.01
-    # nats); the paper's setting (5) is the other of the sweep's best two. 9 runs per workload.
-    # Lengths: checkerboard 10,000 steps (the issue's; a 10,000-step probe showed TPR's forward
-    # NFE levelling off after step 5000 while the baseline's kept climbing); 8gaussians 6000
-    # steps (its NFE grows earlier: 63 forward NFE per step by step 1000, against the
-    # checkerboard's 44 at step 1500; 6000 steps of 9 runs fit the 150 minutes at the sweep's
-    # measured 2.5-3 ms per function evaluation and step); the 16-D table 8000 steps (twice the
-    # sweep's, whose baseline test NFE had stopped growing by step 3000).
     "long": dict(workloads={"checkerboard": 10000, "8gaussians": 6000, "mixture16": 8000},
                  seeds=(0, 1, 2),
                  arms=("ffjord_direct", "tpr_fast", "tpr_fast_c1"),
@@ -118,26 +79,14 @@ SUITES = {
                       "checkerboard and 4000 table steps recurs here: the same seed gives the "
                       "same run on CPU), so coef 1's seed 0 is in-sample; seeds 1 and 2 are "
                       "unseen by the selection."),
-    # The long suite's two workloads where TPR's NFE saving did not arrive at (3b)'s final
-    # quality sooner, again with the learning rate decayed along a cosine to 0 (both arms), so
-    # that the final validation NLL is a converged value rather than one noisy evaluation at a
-    # fixed rate: does the saving then turn into time to quality? (3b) and (5), 3 seeds, the
-    # same lengths as the long suite (12 runs, about an hour with --jobs 2).
     "long_cosine": dict(workloads={"8gaussians": 6000, "mixture16": 8000}, seeds=(0, 1, 2),
                         arms=("ffjord_direct_cos", "tpr_fast_cos"),
                         baselines=("ffjord_direct_cos",), ckpt_every=1000, probe_every=1000,
                         keep_models=True),
-    # Issue 21: the long suite's checkerboard on three fresh seeds (3-5) that no selection has
-    # seen: (3b), coef 1 (chosen on sweep seed 0) and the lever, the paper's coef from step 3000
-    # (tpr_fast_late); the same length, checkpoints and probes as the long suite, models kept
-    # for the test-cost frontier. 9 runs of 10,000 steps (about 100 minutes with --jobs 2 on an
-    # otherwise idle machine; the same command resumes an interrupted one).
     "long_fresh": dict(workloads={"checkerboard": 10000}, seeds=(3, 4, 5),
                        arms=("ffjord_direct", "tpr_fast_c1", "tpr_fast_late"),
                        baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000,
                        keep_models=True, beside="long"),
-    # A small test-cost frontier (benchmarks/frontier.py) that fits 25 minutes on 2 cores:
-    # (3b) against (5) on the checkerboard, 2 seeds, 2000 steps (the long suite's is 10,000).
     "long_small": dict(workloads={"checkerboard": 2000}, seeds=(0, 1),
                        arms=("ffjord_direct", "tpr_fast"), baselines=("ffjord_direct",),
                        ckpt_every=500, probe_every=500, keep_models=True),
@@ -271,23 +220,21 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _signed(v: dict[str, Any], digits: int = 4, scale: float = 1.0, suffix: str = "") -> str:
-    """'median [min, max] (per seed: a, b, c)' of a seed-paired value, signed."""
+def _spread_text(v: dict[str, Any], fmt: str, scale: float = 1.0, unit: str = "",
+                 seeds_if_none: bool = False) -> str:
+    """'median [min, max] (seeds: a, b, c)' of a seed-paired entry, each value x ``scale``."""
+    per = ", ".join("-" if x is None else format(scale * x, fmt) for x in v["per_seed"])
     if v["median"] is None:
-        return "-"
-    per = ", ".join("-" if x is None else f"{scale * x:+.{digits}f}" for x in v["per_seed"])
+        return f"- (seeds: {per})" if seeds_if_none else "-"
     lo, hi = sorted((scale * v["min"], scale * v["max"]))
-    return (f"{scale * v['median']:+.{digits}f}{suffix} [{lo:+.{digits}f}, {hi:+.{digits}f}] "
+    return (f"{format(scale * v['median'], fmt)}{unit} [{format(lo, fmt)}, {format(hi, fmt)}] "
             f"(seeds: {per})")
 
 
-def _times(v: dict[str, Any], digits: int = 2) -> str:
-    """The same for a ratio: 'median x [min, max] (seeds: ...)'."""
-    if v["median"] is None:
-        return "-"
-    per = ", ".join("-" if x is None else f"{x:.{digits}f}" for x in v["per_seed"])
-    return (f"{v['median']:.{digits}f}x [{v['min']:.{digits}f}, {v['max']:.{digits}f}] "
-            f"(seeds: {per})")
+_signed = functools.partial(_spread_text, fmt="+.4f")
+_times = functools.partial(_spread_text, fmt=".2f", unit="x")
+_pct = functools.partial(_spread_text, fmt=".0f", scale=100, unit=" %")
+_speed_text = functools.partial(_spread_text, fmt=".2f", unit="x", seeds_if_none=True)
 
 
 def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
@@ -297,14 +244,11 @@ def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
              "seeds, then the per-seed values):", "",
              "| arm | test NLL diff (nats) | test NFE ratio | fwd NFE ratio, last 10 % | "
              "total NFE ratio | s/step ratio |", "|---|---|---|---|---|---|"]
-    for aname, e in arms.items():
-        p = e.get(f"paired_to_{base}")
-        if p is None:
-            continue
-        lines.append(f"| {aname} | {_signed(p['test_nll'])} | {_times(p['test_nfe'])} | "
-                     f"{_times(p['forward_nfe_last10pct'])} | {_times(p['total_nfe'])} | "
-                     f"{_times(p['seconds_per_step'], 3)} |")
-    return [*lines, ""]
+    rows = [f"| {aname} | {_signed(p['test_nll'])} | {_times(p['test_nfe'])} | "
+            f"{_times(p['forward_nfe_last10pct'])} | {_times(p['total_nfe'])} | "
+            f"{_spread_text(p['seconds_per_step'], '.3f', unit='x')} |"
+            for aname, e in arms.items() if (p := e.get(f"paired_to_{base}")) is not None]
+    return [*lines, *rows, ""] if rows else []  # none before the seed-paired summaries
 
 
 def _speedup(entry: dict[str, Any]) -> str:
@@ -382,7 +326,7 @@ def markdown(suite: str, payload: dict) -> str:
         if g is None:
             return "-"
         if kind == "paper":
-            return (f"total NFE {_signed(g['total_nfe_reduction'], 0, -100, ' %')}; NLL "
+            return (f"total NFE {_spread_text(g['total_nfe_reduction'], '+.0f', -100, ' %')}; NLL "
                     f"{_signed(g['test_nll_diff'])} ({'met' if g['met'] else 'not met'})")
         if kind == "speed":
             sp = g["speedup_median"]
@@ -406,10 +350,6 @@ def markdown(suite: str, payload: dict) -> str:
 
 
 BASE = "ffjord_direct"  # arm (3b): the baseline of the sweep and long suites
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
 
 
 def _speedup_median(entry: dict[str, Any] | None) -> float | None:
@@ -486,23 +426,6 @@ def _x(value: float | None, digits: int = 2, suffix: str = "x") -> str:
     return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
-def _pct(v: dict[str, Any]) -> str:
-    """A seed-paired fraction in per cent: 'median % [min, max] (seeds: ...)'."""
-    if v["median"] is None:
-        return "-"
-    per = ", ".join("-" if x is None else f"{100 * x:.0f}" for x in v["per_seed"])
-    return (f"{100 * v['median']:.0f} % [{100 * v['min']:.0f}, {100 * v['max']:.0f}] "
-            f"(seeds: {per})")
-
-
-def _speed_text(v: dict[str, Any]) -> str:
-    """A seed-paired speed-up: 'median x [min, max] (seeds: ...)'."""
-    per = ", ".join("-" if x is None else f"{x:.2f}" for x in v["per_seed"])
-    if v["median"] is None:
-        return f"- (seeds: {per})"
-    return f"{v['median']:.2f}x [{v['min']:.2f}, {v['max']:.2f}] (seeds: {per})"
-
-
 #: The seed-paired goal measurements that :func:`beside_goals` pools across two suites.
 _POOLED = ("speedup_within_0.01_per_seed", "nfe_speedup_within_0.01_per_seed",
            "forward_nfe_last10pct_reduction", "test_nll_diff", "test_nfe_ratio")
@@ -563,14 +486,22 @@ def _beside_lines(payload: dict[str, Any]) -> list[str]:
 
 
 def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
-    """The sweep and long suites: everything against ``base_arm`` ((3b)), the same engineering."""
+    """The sweep and long suites: everything against ``base_arm`` ((3b)), the same engineering.
+
+    A payload summarised before the comparisons were seed-paired (long_small: no
+    ``paired_to_<base>``, goals as medians of each arm) keeps the words and goal cells it had.
+    """
+    unpaired = not any(f"paired_to_{base_arm}" in e for arms in payload["summary"].values()
+                       for e in arms.values())
     lines = [*_header(suite, payload),
              "Every arm trains at matched tolerance (1e-4) with direct backprop through the "
-             "solver; (3b) is the same without TPR. The first table gives each arm's own "
-             "medians [min, max] over seeds; every comparison with (3b) (the speed-ups, the "
-             "second table and the goals) is seed-paired: each seed against the same seed's "
-             "(3b) run, then the median [min, max] over seeds. fwd NFE = "
-             "forward evaluations per training step (over all of training / over the last 10 "
+             "solver; (3b) is the same without TPR. "
+             + ("Figures are medians over seeds. fwd NFE = " if unpaired else
+                "The first table gives each arm's own medians [min, max] over seeds; every "
+                "comparison with (3b) (the speed-ups, the second table and the goals) is "
+                "seed-paired: each seed against the same seed's (3b) run, then the median "
+                "[min, max] over seeds. fwd NFE = ")
+             + "forward evaluations per training step (over all of training / over the last 10 "
              "%); s to (3b) = training seconds until the validation NLL first reaches (3b)'s "
              "final validation NLL (exactly / within 0.01 nats); speed-up = (3b)'s time to that "
              "value / this arm's ('(k/n)' = reached in k of n seeds; the median then counts a seed "
@@ -626,25 +557,34 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
                                  f"{med['path_ratio']:.3f}")
                 lines.append(f"| {aname} | " + " | ".join(cells) + " |")
             lines.append("")
-    lines += ["## Goals (against (3b), seed-paired)", "",
-              "Each seed's TPR run against the same seed's (3b) run, then the median over seeds "
-              "(the verdict) and its range [min, max], then the per-seed values in seed order "
-              f"{list(payload['seeds'])}. Speed-ups: '-' = that seed never reached (3b)'s "
-              "value (counted as 0 in the median).", "",
-              "| workload | arm | speed-up to (3b)'s final val within 0.01 (>= 1.3) | the same "
+    lines += ["## Goals (against (3b))", ""] if unpaired else [
+        "## Goals (against (3b), seed-paired)", "",
+        "Each seed's TPR run against the same seed's (3b) run, then the median over seeds (the "
+        "verdict) and its range [min, max], then the per-seed values in seed order "
+        f"{list(payload['seeds'])}. Speed-ups: '-' = that seed never reached (3b)'s value "
+        "(counted as 0 in the median).", ""]
+    lines += ["| workload | arm | speed-up to (3b)'s final val within 0.01 (>= 1.3) | the same "
               "in NFE | fewer fwd NFE, last 10 % (>= 20 %) | test NLL diff (<= 0.05) | met | "
-              "test NFE / (3b)'s (every seed <= 1) | the speed-up on validation curves "
-              "averaged over 5 evaluations: wall / NFE |",
+              f"test NFE / (3b)'s{', median' if unpaired else ''} (every seed <= 1) | the "
+              "speed-up on validation curves averaged over 5 evaluations: wall / NFE |",
               "|---|---|---|---|---|---|---|---|---|"]
     for wname, g in payload.get("goals", {}).items():
         for aname, v in g.items():
+            if unpaired:
+                cells = (f"{_x(v['speedup_within_0.01'])} (reached {v['reached_within_0.01']})",
+                         _x(v["nfe_speedup_within_0.01"]),
+                         f"{100 * v['forward_nfe_last10pct_reduction']:.0f} %",
+                         f"{v['test_nll_diff']:+.4f}", _x(v["test_nfe_ratio"]))
+            else:
+                cells = (f"{_speed_text(v['speedup_within_0.01_per_seed'])} (reached "
+                         f"{v['reached_within_0.01']})",
+                         _speed_text(v["nfe_speedup_within_0.01_per_seed"]),
+                         _pct(v["forward_nfe_last10pct_reduction"]), _signed(v["test_nll_diff"]),
+                         _times(v["test_nfe_ratio"]))
             lines.append(
-                f"| {wname} | {aname} | {_speed_text(v['speedup_within_0.01_per_seed'])} "
-                f"(reached {v['reached_within_0.01']}) | "
-                f"{_speed_text(v['nfe_speedup_within_0.01_per_seed'])} | "
-                f"{_pct(v['forward_nfe_last10pct_reduction'])} | "
-                f"{_signed(v['test_nll_diff'])} | {'met' if v['met'] else 'not met'} | "
-                f"{_times(v['test_nfe_ratio'])} ({'met' if v['test_nfe_met'] else 'not met'}) | "
+                f"| {wname} | {aname} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
+                f"{'met' if v['met'] else 'not met'} | {cells[4]} "
+                f"({'met' if v['test_nfe_met'] else 'not met'}) | "
                 f"{_x(v.get('speedup_smoothed_within_0.01'))} / "
                 f"{_x(v.get('nfe_speedup_smoothed_within_0.01'))} "
                 f"(reached {v.get('reached_smoothed_within_0.01', '-')}) |")
@@ -655,15 +595,11 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
 
 def plot_probes(runs: list[dict[str, Any]], path: Path) -> None:
     """Test NFE and path length / displacement over training, per workload and arm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     workloads = sorted({r["workload"] for r in runs if r.get("probes")})
     if not workloads:
         return
-    fig, axes = plt.subplots(2, len(workloads), figsize=(6 * len(workloads), 7), squeeze=False)
+    fig, axes = common.figure(2, len(workloads), (6 * len(workloads), 7))
     for col, wname in enumerate(workloads):
         for aname in sorted({r["arm"] for r in runs if r["workload"] == wname}):
             per_seed = [r["probes"] for r in runs
@@ -681,15 +617,11 @@ def plot_probes(runs: list[dict[str, Any]], path: Path) -> None:
             axes[row][col].set_xlabel("training step")
             axes[row][col].grid(alpha=0.3)
             axes[row][col].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The suite runner's flags."""
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--arms", default=None, help="comma-separated subset of the arms")
     parser.add_argument("--workloads", default=None,
@@ -700,22 +632,33 @@ def main() -> None:
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: summarise the finished runs in the cache (the "
                              "output then says how many runs are missing)")
-    args = parser.parse_args()
+
+
+def subset(given: str | None, valid: list[Any], what: str, where: str) -> list[Any]:
+    """The comma-separated ``given`` names (all of ``valid`` when None), each one of ``valid``."""
+    if given is None:
+        return list(valid)
+    kind = type(valid[0])
+    try:
+        chosen = [kind(x) for x in given.split(",")]
+    except ValueError:
+        raise UsageError(f"--{what} takes comma-separated integers, got {given!r}") from None
+    if bad := [x for x in chosen if x not in valid]:
+        raise UsageError(f"{what} {bad} are not in {where}; valid: {', '.join(map(str, valid))}")
+    return chosen
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or take from the cache) every run of the suite; summarise them; draw the plots."""
     suite = SUITES[args.suite]
-    arms = args.arms.split(",") if args.arms else list(suite["arms"])
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        parser.error(f"unknown arms {unknown}; valid: {', '.join(ARMS)}")
-    workloads = dict(suite["workloads"])
-    if args.workloads:
-        wanted = args.workloads.split(",")
-        bad = [w for w in wanted if w not in workloads]
-        if bad:
-            parser.error(f"workloads {bad} are not in suite {args.suite!r}; valid: "
-                         f"{', '.join(workloads)}")
-        workloads = {w: workloads[w] for w in wanted}
+    arms = subset(args.arms, list(ARMS), "arms", "benchmarks/harness.py") if args.arms \
+        else list(suite["arms"])
+    workloads = {w: suite["workloads"][w] for w in
+                 subset(args.workloads, list(suite["workloads"]), "workloads",
+                        f"suite {args.suite!r}")}
     if not 1 <= args.jobs <= (os.cpu_count() or 1):
-        parser.error(f"--jobs must be between 1 and the {os.cpu_count()} cores, got {args.jobs}")
+        raise UsageError(f"--jobs must be between 1 and the {os.cpu_count()} cores, got "
+                         f"{args.jobs}")
     cache = RESULTS / ".cache" / args.suite
     start = time.perf_counter()
     todo: list[tuple[Workload, Arm, int]] = []
@@ -737,40 +680,30 @@ def main() -> None:
     if args.cached_only:
         missing, todo = len(todo), []
         if not done:
-            parser.error(f"--cached-only: no finished runs of suite {args.suite!r} in {cache}")
+            raise UsageError(f"--cached-only: no finished runs of suite {args.suite!r} in "
+                             f"{cache}")
     # Seed by seed (an interrupted suite leaves whole seeds, which pair with their baseline),
     # the longest runs of a seed first.
     todo.sort(key=lambda t: (t[2], -t[0].steps * _COST.get(t[1].name, 1.0)
                              * _WORKLOAD_COST.get(t[0].name, 1.0)))
     opts = {k: suite[k] for k in ("ckpt_every", "probe_every", "keep_models") if k in suite}
-    if args.jobs == 1:
-        for work, arm, seed in todo:
-            print(f"[{time.perf_counter() - start:6.0f} s] {work.name} {arm.name} seed {seed}",
-                  flush=True)
-            done[(work.name, arm.name, seed)] = _run_and_cache(work, arm, seed, cache, **opts)
-    else:
-        keys = [(work.name, arm.name, seed) for work, arm, seed in todo]
+    calls = [functools.partial(_run_and_cache, work, arm, seed, cache, **opts)
+             for work, arm, seed in todo]
+    keys = [(work.name, arm.name, seed) for work, arm, seed in todo]
 
-        def finished(i: int, result: dict[str, Any]) -> None:
-            done[keys[i]] = result
-            print(f"[{time.perf_counter() - start:6.0f} s] finished "
-                  f"{' '.join(map(str, keys[i]))}", flush=True)
-        try:
-            run_pool([functools.partial(_run_and_cache, work, arm, seed, cache, **opts)
-                      for work, arm, seed in todo], args.jobs, finished)
-        except PoolStopped as exc:
-            # Finished runs are in the cache; the stopped ones resume from their checkpoints.
-            print(f"{exc}; the same command resumes", file=sys.stderr)
-            sys.exit(exc.exit_code)
+    def finished(i: int, result: dict[str, Any]) -> None:
+        done[keys[i]] = result
+        print(f"[{time.perf_counter() - start:6.0f} s] finished {' '.join(map(str, keys[i]))}",
+              flush=True)
+    pooled(calls, args.jobs, finished)
     runs = [done[(w, a, s)] for w in workloads for s in suite["seeds"] for a in arms
             if (w, a, s) in done]
-    command = ("python benchmarks/run.py " + " ".join(sys.argv[1:])).strip()
     info = machine()
     # A summary of the cache trained nothing itself: how the runs shared the machine is the
     # training invocations' business (the suite's docs name them).
     info["parallel_jobs"] = None if args.cached_only else args.jobs
     info["torch_threads"] = RUN_THREADS  # what each run uses, not this process
-    payload = {"suite": args.suite, "command": command, "machine": info,
+    payload = {"suite": args.suite, "command": args.command, "machine": info,
                "seeds": list(suite["seeds"]), "seconds": time.perf_counter() - start,
                "steps": workloads, "note": suite.get("note"), "pairs": suite.get("pairs", {}),
                "missing_runs": missing, "trained_runs": len(todo),
@@ -779,22 +712,47 @@ def main() -> None:
                                              if k in suite}),
                "runs": [{k: v for k, v in r.items() if k != "nfe_per_step"} for r in runs]}
     long_form = "baselines" in suite
-    base_arm = suite["baselines"][0] if long_form else BASE
-    payload["goals"] = (long_goals(payload["summary"], base_arm) if long_form
+    payload["goals"] = (long_goals(payload["summary"], suite["baselines"][0]) if long_form
                         else goals(payload["summary"]))
     if suite.get("beside") and (RESULTS / f"{suite['beside']}.json").exists():
         other = json.loads((RESULTS / f"{suite['beside']}.json").read_text())
         payload["beside"] = {"suite": suite["beside"], "seeds": other["seeds"],
                              "goals": beside_goals(payload["goals"], other["goals"])}
-    write_json(RESULTS / f"{args.suite}.json", payload)
-    plot_nfe(runs, RESULTS / f"{args.suite}_nfe.png")
+    plot_nfe(runs, args.out.with_name(f"{args.out.name}_nfe.png"))
     if long_form:
-        plot_probes(runs, RESULTS / f"{args.suite}_probes.png")
-    text = (long_markdown(args.suite, payload, base_arm) if long_form
-            else markdown(args.suite, payload))
-    (RESULTS / f"{args.suite}.md").write_text(text)
-    print(text)
+        plot_probes(runs, args.out.with_name(f"{args.out.name}_probes.png"))
+    return payload
 
+
+def pooled(calls: list[functools.partial], jobs: int,
+           finished: Callable[[int, Any], None]) -> None:
+    """Run ``calls`` in this process (``jobs`` 1) or in a pool; a signal exits with its status.
+
+    Finished calls reach ``finished`` as they end; a stopped pool leaves the rest to the same
+    command, which resumes them (cached runs, checkpoints)."""
+    if jobs == 1:
+        for i, call in enumerate(calls):
+            finished(i, call())
+        return
+    try:
+        run_pool(calls, jobs, finished)
+    except PoolStopped as exc:
+        print(f"{exc}; the same command resumes", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+def render(payload: dict[str, Any]) -> str:
+    """A suite's report: the long form for suites compared with one baseline."""
+    config = SUITES.get(payload["suite"], {})
+    if "baselines" in config:
+        return long_markdown(payload["suite"], payload, config["baselines"][0])
+    return markdown(payload["suite"], payload)
+
+
+STUDY = common.Study("run", __doc__, measure, render, arguments,
+                     report=lambda args: RESULTS / args.suite)
+
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

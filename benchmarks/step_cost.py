@@ -1,44 +1,19 @@
 """Seconds per training step with the trajectory polynomial regularizer vs without, per preset.
 
-Issue 14's goal: on every preset (toy, tabular, table, VAE) and on the front door
-(``python train.py --model vae --reg poly``), TPR's seconds per step, averaged over a run, are
-at most 1.05x those of the unregularized run with the same seed. Every run here uses the
-defaults a user gets (``backprop="auto"``, the preset's network, batch and tolerances); only the
-length of the run is cut, and validation and test are skipped where the run allows it.
-
-- ``toy``: ``--data checkerboard``.
-- ``power``, ``miniboone``: the tabular presets, on stand-in files written in exactly the
-  standard formats (``power/data.npy`` N x 8, ``miniboone/data.npy`` N x 43; shared DATA.md)
-  from a fixed random Gaussian mixture, since the real archive cannot be downloaded here. The row
-  counts make the training split a whole number of batches.
-- ``table``: the user-table preset on a generated 16-D mixture table
-  (:func:`tables.write_mixture_table`).
-- ``vae``: the ``digits`` VAE preset.
-- ``front_door``: ``python train.py --model vae --reg poly`` and ``--reg none`` exactly (the
-  whole preset run: 30 epochs, validation, importance-sampled test), in a subprocess; per-step
-  figures from the run's ``metrics.csv``. Also with ``--backprop adjoint`` (the old default) for
-  comparison.
-
-Seconds per step are NFEMonitor's (from the start to the end of each training batch: forward,
-backward and optimizer step), averaged over the run's steps except the first: with
-``backprop="auto"`` the first training solve uses the adjoint while the block measures its
-memory per evaluation. The two arms of a pair (same seed) train in two processes in lockstep,
-one step each in turn while the other waits outside its measured window (:func:`lockstep`), so
-that background load falls on both alike; which arm starts alternates from seed to seed. The
-front door's runs (whole ``train.py`` processes) alternate run by run instead. Torch runs one
-intra-op thread per process (what :func:`polyreg_cnf.app.build.build` sets on CPU); the
-process's CPU seconds per step are reported next to the wall clock.
-
 Usage:
-    python benchmarks/step_cost.py [--seeds 0 1] [--presets toy power ...] [--steps toy=300 ...]
-    python benchmarks/step_cost.py --render benchmarks/results/step_cost.json
+    python -m benchmarks.step_cost [--seeds 0 1] [--presets toy power ...] [--steps toy=300 ...]
+    python -m benchmarks.step_cost --render benchmarks/results/step_cost.json
+
+How to read the report: docs/benchmarks.md, "Reading the reports".
+
+How it measures: docs/benchmarks.md, `benchmarks.step_cost`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
+import functools
 import os
 import platform
 import resource
@@ -55,13 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import common
+from benchmarks.common import ROOT, UsageError, table
+from benchmarks.tables import mixture_rows, write_mixture_table
 
-from tables import mixture_parameters, write_mixture_table  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 #: The goal of issue 14: TPR's seconds per step at most this multiple of the baseline's.
 GOAL = 1.05
 #: Training steps per run of each build-made preset (the front door runs its whole preset).
@@ -120,15 +92,6 @@ def rows_for_train(train: int, split: Callable[[int], tuple[int, int, int]]) -> 
             return n
         n += 1
     raise ValueError(f"no row count leaves exactly {train} training rows")
-
-
-def mixture_rows(rows: int, dim: int, seed: int) -> np.ndarray:
-    """``rows`` samples of the fixed random Gaussian mixture of :mod:`tables` in ``dim`` D."""
-    weights, means, chols = mixture_parameters(dim, seed=seed)
-    rng = np.random.default_rng(seed + 1)
-    component = rng.choice(len(weights), size=rows, p=weights)
-    eps = rng.normal(size=(rows, dim))
-    return means[component] + np.einsum("nij,nj->ni", chols[component], eps)
 
 
 def write_standin_data(root: Path) -> dict[str, Any]:
@@ -237,25 +200,23 @@ def read_metrics_csv(path: str | Path) -> list[tuple[int, int, float]]:
     return [(f, b, s) for _, f, b, s in rows]
 
 
-def cpu_clock() -> Any:
-    """A Lightning callback listing the process's CPU seconds of each training step
-    (``.seconds``; from the start to the end of the batch, as NFEMonitor's wall clock)."""
+def step_clock(clock: Callable[[], float] = time.process_time) -> Any:
+    """A Lightning callback listing the seconds of each training step by ``clock`` (``.seconds``;
+    from the start to the end of the batch, as NFEMonitor's wall clock; default: CPU time)."""
     import lightning as L
 
-    class CpuClock(L.Callback):
+    class StepClock(L.Callback):
         def __init__(self) -> None:
             self.seconds: list[float] = []
             self._t0 = 0.0
 
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
-                                 batch_idx: int) -> None:
-            self._t0 = time.process_time()
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._t0 = clock()
 
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
-                               batch_idx: int) -> None:
-            self.seconds.append(time.process_time() - self._t0)
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.seconds.append(clock() - self._t0)
 
-    return CpuClock()
+    return StepClock()
 
 
 def run_preset(preset: str, reg: str, seed: int, steps: int, data_root: Path,
@@ -274,7 +235,7 @@ def run_preset(preset: str, reg: str, seed: int, steps: int, data_root: Path,
                               max_steps=steps, limit_val_batches=0, test=False, logger="none",
                               plot_every=0, ckpt_every=0, progress=False, output_dir=tmp,
                               **extra))
-        clock = cpu_clock()  # before the caller's: a lockstep wait must come after its reading
+        clock = step_clock()  # before the caller's: a lockstep wait must come after its reading
         run = build(config, callbacks=[clock, *callbacks])
         threads = torch.get_num_threads()
         load = os.getloadavg()[0]
@@ -511,122 +472,42 @@ def markdown(meta: dict[str, Any], summary: Sequence[dict[str, Any]],
         f"after the first), medians over seeds; backprop: what the steps after the first used "
         f"(backward NFE > 0 means an adjoint solve).",
         "",
-        "| preset | s/step none | s/step poly | ratio poly/none | ratio, all steps | "
-        "ratio, median step | ratio, CPU time | fwd NFE none / poly | bwd NFE none / poly | "
-        "backprop none / poly | <= 1.05x (wall) | <= 1.05x (CPU) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *table(["preset", "s/step none", "s/step poly", "ratio poly/none", "ratio, all steps",
+                "ratio, median step", "ratio, CPU time", "fwd NFE none / poly",
+                "bwd NFE none / poly", "backprop none / poly", "<= 1.05x (wall)",
+                "<= 1.05x (CPU)"],
+               [[r["preset"], f"{r['seconds_none']:.4f}", f"{r['seconds_poly']:.4f}",
+                 f"{r['ratio']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})",
+                 f"{r['ratio_all_steps']:.3f}", f"{r['ratio_median_step']:.3f}", _cpu_cell(r),
+                 *pair_cells(r), "met" if r["met"] else "NOT met", _verdict(r.get("ratio_cpu"))]
+                for r in summary]),
+        "", "Every run:", "",
+        *table(["preset", "reg", "seed", "steps", "s/step", "s/step all", "median step s",
+                "CPU s/step", "first step s", "fwd NFE", "bwd NFE", "backprop", "load at start"],
+               [[r["preset"], r["reg"], r["seed"], r["steps"], f"{r['seconds']:.4f}",
+                 f"{r['seconds_all']:.4f}", f"{r['seconds_median']:.4f}",
+                 f"{r['cpu_seconds']:.4f}" if "cpu_seconds" in r else "-",
+                 f"{r['first_seconds']:.3f}", f"{r['forward']:.1f}", f"{r['backward']:.1f}",
+                 r["backprop"], f"{r['load_start']:.2f}"] for r in runs]),
     ]
-    for r in summary:
-        lines.append(
-            f"| {r['preset']} | {r['seconds_none']:.4f} | {r['seconds_poly']:.4f} | "
-            f"{r['ratio']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f}) | "
-            f"{r['ratio_all_steps']:.3f} | {r['ratio_median_step']:.3f} | {_cpu_cell(r)} | "
-            f"{r['forward_none']:.1f} / {r['forward_poly']:.1f} | "
-            f"{r['backward_none']:.1f} / {r['backward_poly']:.1f} | {r['backprop_none']} / "
-            f"{r['backprop_poly']} | {'met' if r['met'] else 'NOT met'} | "
-            f"{_verdict(r.get('ratio_cpu'))} |")
-    lines += ["", "Every run:", "",
-              "| preset | reg | seed | steps | s/step | s/step all | median step s | CPU s/step | "
-              "first step s | fwd NFE | bwd NFE | backprop | load at start |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        cpu = f"{r['cpu_seconds']:.4f}" if "cpu_seconds" in r else "-"
-        lines.append(
-            f"| {r['preset']} | {r['reg']} | {r['seed']} | {r['steps']} | {r['seconds']:.4f} | "
-            f"{r['seconds_all']:.4f} | {r['seconds_median']:.4f} | {cpu} | "
-            f"{r['first_seconds']:.3f} | {r['forward']:.1f} | {r['backward']:.1f} | "
-            f"{r['backprop']} | {r['load_start']:.2f} |")
     doors = [r for r in runs if "command" in r]
     if doors:
         lines += ["", "Front door runs (whole preset run, in a subprocess):", "",
-                  "| command | training wall s | process wall s | process CPU s |",
-                  "|---|---|---|---|"]
-        lines += [f"| `{r['command']}` | {r['train_wall']:.1f} | {r['process_wall']:.1f} | "
-                  f"{r['process_cpu']:.1f} |" for r in doors]
+                  *table(["command", "training wall s", "process wall s", "process CPU s"],
+                         [[f"`{r['command']}`", f"{r['train_wall']:.1f}",
+                           f"{r['process_wall']:.1f}", f"{r['process_cpu']:.1f}"]
+                          for r in doors])]
     lines += ["", "Data:", ""] + [f"- {n}" for n in meta["data_notes"]]
-    lines += ["", "Notes:", ""] + [f"- {n}" for n in meta.get("notes", [])]
+    if meta.get("notes"):  # older reports wrote their reading here (docs/benchmarks.md)
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]]
     return "\n".join(lines) + "\n"
 
 
-def notes(meta: dict[str, Any], summary: Sequence[dict[str, Any]]) -> list[str]:
-    """What the table shows, in words: misses and their cause (from NFE), noise, comparisons."""
-    out: list[str] = []
-    rows = {r["preset"]: r for r in summary}
-    for r in summary:
-        if r["preset"].startswith("front_door_"):
-            continue
-        same_work = (abs(r["forward_poly"] - r["forward_none"]) < 0.5
-                     and r["backward_poly"] == r["backward_none"] == 0)
-        spread = r["ratio_max"] - r["ratio_min"]
-        cpu = (f"; on CPU time {r['ratio_cpu']:.3f} ({r['ratio_cpu_min']:.3f}-"
-               f"{r['ratio_cpu_max']:.3f})" if "ratio_cpu" in r else "")
-        if not r["met"]:
-            if r["backward_poly"] > r["backward_none"]:
-                why = (f"the backward NFE is {r['backward_poly']:.1f} vs {r['backward_none']:.1f}: "
-                       f"the adjoint stops at the penalty's interior times")
-            elif r["forward_poly"] > r["forward_none"] * 1.02:
-                why = (f"TPR's run takes more forward evaluations ({r['forward_poly']:.1f} vs "
-                       f"{r['forward_none']:.1f} per step)")
-            else:
-                why = ("the NFE are the same, so the difference is not solver work: the "
-                       "penalty's own arithmetic or background load")
-            out.append(f"{r['preset']}: NOT met on wall clock, {r['ratio']:.3f}x{cpu}; {why}.")
-        elif spread > 0.1:
-            out.append(
-                f"{r['preset']}: the wall-clock ratio is {r['ratio']:.3f} but spreads "
-                f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f} over seeds{cpu}: each run lasts "
-                f"only {meta['steps'].get(r['preset'], '?')} steps of seconds each on a machine "
-                f"other jobs were loading, so its wall clock is noise at the 5 % level; "
-                + ("both arms did the same solver work (same forward NFE, direct backprop)."
-                   if same_work else
-                   f"forward NFE {r['forward_none']:.1f} vs {r['forward_poly']:.1f}."))
-        elif not same_work and abs(r["forward_poly"] - r["forward_none"]) >= 0.5:
-            out.append(f"{r['preset']}: forward NFE {r['forward_none']:.1f} (none) vs "
-                       f"{r['forward_poly']:.1f} (poly) per step over this short run.")
-    door, old = rows.get("front_door"), rows.get("front_door_adjoint")
-    if door and old:
-        out.append(
-            f"Front door: with the default backprop=auto the pair is {door['ratio']:.3f}x (direct "
-            f"backprop from the second step on: backward NFE {door['backward_none']:.1f} / "
-            f"{door['backward_poly']:.1f}; the penalty's interior times are dense output of the "
-            f"same forward steps, forward NFE {door['forward_none']:.1f} / "
-            f"{door['forward_poly']:.1f}). With the old default `--backprop adjoint` it is "
-            f"{old['ratio']:.3f}x ({old['seconds_poly']:.4f} vs {old['seconds_none']:.4f} s/step;"
-            f" backward NFE {old['backward_poly']:.1f} vs {old['backward_none']:.1f}: the "
-            f"adjoint's backward solve has to stop at the K = 2 interior times).")
-    bounded = rows.get("front_door_bounded")
-    if bounded:
-        out.append(
-            f"Front door when direct backprop does not fit (`bounded`: what backprop=auto does "
-            f"then, the adjoint for --reg none and step checkpoints for --reg poly, whose solves "
-            f"have the penalty's interior output times): {bounded['ratio']:.3f}x "
-            f"({bounded['seconds_poly']:.4f} vs {bounded['seconds_none']:.4f} s/step; backward "
-            f"NFE {bounded['backward_poly']:.1f} vs {bounded['backward_none']:.1f}).")
-    vae = rows.get("vae")
-    if door and vae:
-        extra = {k: (r["seconds_poly"] - r["seconds_none"]) * 1000 for k, r in
-                 (("door", door), ("vae", vae))}
-        out.append(
-            f"Same model, data and NFE, different harness: the front door's pair is "
-            f"{door['ratio']:.3f}x ({extra['door']:+.2f} ms per step for poly), the build-made "
-            f"VAE preset's {vae['ratio']:.3f}x ({extra['vae']:+.2f} ms). The front door also "
-            f"logs every step to W&B (offline) and CSV, the penalty among the metrics, and its "
-            f"pair alternates run by run rather than step by step; the difference is not broken "
-            f"down further here.")
-    out.append("Every run's first step (excluded above, included in 'all steps') solves with the "
-               "adjoint while each ODE block measures its bytes per evaluation; poly's first step "
-               "costs more because its adjoint stops at the interior times.")
-    load = max(meta["load_start"], meta.get("load_end", 0.0))
-    out.append(f"Load average (1 min) {meta['load_start']:.1f} at the start and "
-               f"{meta.get('load_end', float('nan')):.1f} at the end on {os.cpu_count()} cores"
-               + (": other jobs shared the machine, which is why the arms of a pair alternate "
-                  "(step by step for the build-made presets) and the CPU-time ratio is reported "
-                  "next to the wall-clock one." if load > 1.5 else "."))
-    threads = meta.get("torch_threads_seen")
-    if threads:
-        out.append(f"Torch intra-op threads in the build-made runs: {threads}; the front door "
-                   f"goes through the same build(), which sets one thread on CPU.")
-    return out
+def pair_cells(row: dict[str, Any]) -> list[str]:
+    """A summary row's forward NFE, backward NFE and backprop, each 'none / poly'."""
+    return [f"{row['forward_none']:.1f} / {row['forward_poly']:.1f}",
+            f"{row['backward_none']:.1f} / {row['backward_poly']:.1f}",
+            f"{row['backprop_none']} / {row['backprop_poly']}"]
 
 
 def _verdict(ratio: float | None) -> str:
@@ -639,28 +520,9 @@ def _cpu_cell(row: dict[str, Any]) -> str:
     return f"{row['ratio_cpu']:.3f} ({row['ratio_cpu_min']:.3f}-{row['ratio_cpu_max']:.3f})"
 
 
-def git_commit() -> str:
-    """Short hash of HEAD (``?`` outside a git checkout)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "?"
-    except OSError:
-        return "?"
-
-
 def machine() -> str:
     """CPU model, core count and OS in one line."""
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores (nproc), {platform.platform()}"
+    return f"{common.cpu_name()}, {os.cpu_count()} cores (nproc), {platform.platform()}"
 
 
 def _parse_steps(items: Sequence[str]) -> dict[str, int]:
@@ -668,28 +530,19 @@ def _parse_steps(items: Sequence[str]) -> dict[str, int]:
     for item in items:
         name, _, value = item.partition("=")
         if name not in PRESET_STEPS or not value.isdigit() or int(value) < 2:
-            raise SystemExit(f"--steps wants NAME=N with NAME in {', '.join(PRESET_STEPS)} and "
+            raise UsageError(f"--steps wants NAME=N with NAME in {', '.join(PRESET_STEPS)} and "
                              f"N >= 2, got {item!r}")
         steps[name] = int(value)
     return steps
 
 
-def _save(out: Path, meta: dict[str, Any], runs: list[dict[str, Any]]) -> None:
-    summary = summarise(runs)
-    meta["notes"] = notes(meta, summary)
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, summary=summary, runs=runs),
-                                                   indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(meta, summary, runs))
+def render(payload: dict[str, Any]) -> str:
+    """The report of a saved payload (its summary computed again from its runs)."""
+    return markdown(payload["meta"], summarise(payload["runs"]), payload["runs"])
 
 
-def render(path: Path) -> None:
-    """Rewrite the markdown from a saved JSON (e.g. after editing its notes)."""
-    data = json.loads(path.read_text())
-    _save(path.with_suffix(""), data["meta"], data["runs"])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's flags."""
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     parser.add_argument("--steps", nargs="*", default=[], metavar="NAME=N",
@@ -703,28 +556,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "when direct backprop does not fit: the adjoint for --reg none, "
                              "step checkpoints for --reg poly); default: adjoint; give the flag "
                              "alone for none")
-    parser.add_argument("--out", type=Path, default=RESULTS / "step_cost")
-    parser.add_argument("--render", type=Path, default=None,
-                        help="only rewrite the markdown from this saved JSON")
-    args = parser.parse_args(argv)
-    if args.render is not None:
-        render(args.render)
-        return 0
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every pair of every preset and seed; the report is written again after each run."""
     steps = _parse_steps(args.steps)
     import lightning
     import torchdiffeq
 
-    given = sys.argv[1:] if argv is None else list(argv)
     meta: dict[str, Any] = dict(
-        command="python benchmarks/step_cost.py" + "".join(f" {a}" for a in given),
-        machine=machine(), python=platform.python_version(), torch=torch.__version__,
-        lightning=lightning.__version__, torchdiffeq=torchdiffeq.__version__,
-        git_commit=git_commit(), seeds=args.seeds,
+        command=args.command, machine=machine(), python=platform.python_version(),
+        torch=torch.__version__, lightning=lightning.__version__,
+        torchdiffeq=torchdiffeq.__version__, git_commit=common.git_commit(), seeds=args.seeds,
         steps={p: steps[p] for p in args.presets if p in steps},
-        load_start=os.getloadavg()[0], notes=[])
+        load_start=os.getloadavg()[0])
     start = time.perf_counter()
     runs: list[dict[str, Any]] = []
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(r: dict[str, Any]) -> None:
+        runs.append(r)
+        print(f"{r['preset']:>12} {r['reg']:>4} seed {r['seed']}: {r['seconds']:.4f} s/step, "
+              f"NFE {r['forward']:.1f} + {r['backward']:.1f}, {r['backprop']}", flush=True)
+        meta.update(wall_seconds=time.perf_counter() - start, load_end=os.getloadavg()[0])
+        common.write_report(args.out, dict(meta=meta, summary=summarise(runs), runs=runs),
+                            render)
+
     with tempfile.TemporaryDirectory() as data_root:
         written = write_standin_data(Path(data_root))
         meta["data_notes"] = [
@@ -749,32 +605,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                             dict(run_preset(preset, reg, seed, steps[preset], Path(data_root)),
                                  paired="sequential") for reg in order]
                 for r in pair:
-                    runs.append(r)
-                    print(f"{r['preset']:>12} {r['reg']:>4} seed {seed}: {r['seconds']:.4f} "
-                          f"s/step, NFE {r['forward']:.1f} + {r['backward']:.1f}, "
-                          f"{r['backprop']}", flush=True)
-                    meta.update(wall_seconds=time.perf_counter() - start,
-                                load_end=os.getloadavg()[0])
-                    _save(args.out, meta, runs)
+                    add(r)
             for mode in args.door_backprop if preset == "front_door" else []:
                 for reg in ("none", "poly"):
                     backprop = (("checkpoint" if reg == "poly" else "adjoint")
                                 if mode == "bounded" else mode)
-                    r = run_front_door(reg, None, backprop=backprop)
-                    r["preset"] = f"front_door_{mode}"
-                    runs.append(r)
-                    print(f"{r['preset']:>12} {reg:>4}: {r['seconds']:.4f} s/step, NFE "
-                          f"{r['forward']:.1f} + {r['backward']:.1f}", flush=True)
-                    meta.update(wall_seconds=time.perf_counter() - start,
-                                load_end=os.getloadavg()[0])
-                    _save(args.out, meta, runs)
-    threads = sorted({r["torch_threads"] for r in runs if "torch_threads" in r})
-    meta["torch_threads_seen"] = threads
+                    add(dict(run_front_door(reg, None, backprop=backprop),
+                             preset=f"front_door_{mode}"))
+    meta["torch_threads_seen"] = sorted({r["torch_threads"] for r in runs
+                                         if "torch_threads" in r})
     meta.update(wall_seconds=time.perf_counter() - start, load_end=os.getloadavg()[0])
-    _save(args.out, meta, runs)
-    print(args.out.with_suffix(".md").read_text())
-    return 0
+    return dict(meta=meta, summary=summarise(runs), runs=runs)
 
+
+STUDY = common.Study("step_cost", __doc__, measure, render, arguments)
+
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,21 +1,9 @@
 """Training-step time and test throughput: this checkout against an earlier one, side by side.
 
-    python benchmarks/step_speed.py --baseline-tree /tmp/polyreg-b4d2198 \\
+    python -m benchmarks.step_speed --baseline-tree /tmp/polyreg-b4d2198 \
         [--workloads checkerboard_authors mixture16 vae_front_door] [--seeds 0 1] [--steps 400]
 
-Each workload trains the same run (same flags, seed and length) twice at the same time, one
-process per core: once with the baseline checkout's code and once with this checkout's default
-(forward-mode divergence), then once more against the baseline with ``--divergence compiled``.
-Each process times every training step (the first 20 left out: warm-up and, for the compiled
-variant, compilation), counts the forward NFE, reports the test NLL of the trained model (exact
-trace, evaluation tolerance 1e-5) and its test throughput: rows per second of ``log_prob`` on
-the test rows at the evaluation tolerance, median of 3 passes.
-
-The baseline checkout runs from a folder that holds ``polyreg_cnf`` with its ``callbacks`` and
-``datamodules`` inside (its installed layout), imported with ``python -S`` and the site-packages
-on ``PYTHONPATH`` so that this checkout's editable install cannot shadow it
-(``--baseline-tree`` prepares that folder from a git revision with ``--baseline-rev``).
-Results: benchmarks/results/step_speed.{json,md}.
+How it measures: docs/benchmarks.md, `benchmarks.step_speed`.
 """
 
 from __future__ import annotations
@@ -34,9 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-RESULTS = HERE / "results"
+from benchmarks import common
+from benchmarks.common import ROOT, table
 
 #: train.py flags of each workload (the rest are the data set's preset and the defaults).
 WORKLOADS: dict[str, list[str]] = {
@@ -58,29 +45,18 @@ SKIP = 20  # leading steps left out of the step times
 # ------------------------------------------------------------------------------ child
 def child(argv: list[str], steps: int, out: Path) -> None:
     """Train one run with this interpreter's polyreg_cnf; write its figures to ``out``."""
-    import lightning as L
     import torch
 
+    from benchmarks.step_cost import step_clock
     from polyreg_cnf.app.build import build
     from polyreg_cnf.app.config import make_parser, parse_command_line, resolve
-
-    class Clock(L.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self._start = 0.0
-
-        def on_train_batch_start(self, *args: Any) -> None:
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            self.times.append(time.perf_counter() - self._start)
 
     torch.set_num_threads(1)
     flags = [*argv, "--max-steps", str(steps), "--val-every", str(steps),
              "--limit-val-batches", "0", "--no-test", "--logger", "none", "--plot-every", "0",
              "--ckpt-every", "0", "--output-dir", tempfile.mkdtemp(), "--threads", "1"]
     config = resolve(parse_command_line(make_parser(), flags)[0])
-    clock = Clock()
+    clock = step_clock(time.perf_counter)
     run = build(config, callbacks=[clock])
     start = time.perf_counter()
     run.trainer.fit(run.model, run.datamodule)
@@ -97,9 +73,9 @@ def child(argv: list[str], steps: int, out: Path) -> None:
             _score(model, rows)
             throughput.append(len(rows) / (time.perf_counter() - begin))
     out.write_text(json.dumps({
-        "seconds_per_step": statistics.median(clock.times[SKIP:]),
-        "mean_seconds_per_step": statistics.fmean(clock.times[SKIP:]),
-        "first_steps_seconds": sum(clock.times[:SKIP]), "fit_wall": fit_wall,
+        "seconds_per_step": statistics.median(clock.seconds[SKIP:]),
+        "mean_seconds_per_step": statistics.fmean(clock.seconds[SKIP:]),
+        "first_steps_seconds": sum(clock.seconds[:SKIP]), "fit_wall": fit_wall,
         "forward_nfe_per_step": statistics.fmean(per_step[SKIP:]),
         "test_nll": float(test[nll_key]), "test_metric": nll_key,
         "test_rows_per_second": statistics.median(throughput), "test_rows": len(rows),
@@ -143,37 +119,38 @@ def prepare_baseline(rev: str, folder: Path) -> Path:
 
 def launch(which: str, argv: list[str], steps: int, out: Path, baseline: Path | None
            ) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    """One child run (:func:`child`) with the baseline's or this checkout's polyreg_cnf."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(ROOT))  # the benchmarks package; the child runs elsewhere
     cmd = [sys.executable]
     if which == "baseline":
-        env["PYTHONPATH"] = f"{baseline / 'pkg'}{os.pathsep}{_site_packages()}"
+        # The baseline's package first: it shadows this checkout's polyreg_cnf.
+        env["PYTHONPATH"] = os.pathsep.join([str(baseline / "pkg"), _site_packages(), str(ROOT)])
         cmd.append("-S")
-    cmd += [str(Path(__file__).resolve()), "--child", json.dumps(argv), "--steps", str(steps),
-            "--out", str(out)]
+    cmd += ["-m", "benchmarks.step_speed", "--child", json.dumps(argv), "--steps", str(steps),
+            "--child-out", str(out)]
     return subprocess.Popen(cmd, env=env, cwd=tempfile.mkdtemp(), stdout=subprocess.DEVNULL,
                             stderr=open(str(out) + ".log", "w"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's flags (``--child`` and ``--child-out``: one run, for :func:`launch`)."""
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--baseline-rev", default="b4d2198")
     parser.add_argument("--baseline-tree", type=Path, default=Path("/tmp/polyreg-baseline"))
     parser.add_argument("--variants", nargs="+", default=["forward", "compiled"])
-    args = parser.parse_args()
-    if args.child is not None:
-        child(json.loads(args.child), args.steps, args.out)
-        return
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Each workload, seed and variant: the baseline's run and this checkout's, side by side."""
     baseline = prepare_baseline(args.baseline_rev, args.baseline_tree)
     work = Path(tempfile.mkdtemp())
     table = work / "mixture16.npy"
-    sys.path.insert(0, str(HERE))
-    from tables import write_mixture_table
+    from benchmarks.tables import write_mixture_table
 
     write_mixture_table(table)
     results: list[dict[str, Any]] = []
@@ -196,23 +173,14 @@ def main() -> None:
                 results.append(dict(workload=name, seed=seed, variant=variant, **pair))
                 b, n = pair["baseline"], pair["new"]
                 print(f"{name} seed {seed} {variant}: step {n['seconds_per_step']:.4f} s vs "
-                      f"{b['seconds_per_step']:.4f} s "
-                      f"({n['seconds_per_step'] / b['seconds_per_step']:.2f}x), NFE "
-                      f"{n['forward_nfe_per_step']:.1f} vs {b['forward_nfe_per_step']:.1f}, "
-                      f"NLL {n['test_nll'] - b['test_nll']:+.4f}, test rows/s "
-                      f"{n['test_rows_per_second'] / b['test_rows_per_second']:.2f}x",
-                      flush=True)
+                      f"{b['seconds_per_step']:.4f} s, NFE {n['forward_nfe_per_step']:.1f} vs "
+                      f"{b['forward_nfe_per_step']:.1f}", flush=True)
                 load.append(os.getloadavg()[0])
-    payload = {"command": "python benchmarks/step_speed.py " + " ".join(sys.argv[1:]),
-               "baseline_rev": args.baseline_rev, "steps": args.steps, "skip": SKIP,
-               "machine": {"cpu": platform.processor() or platform.machine(),
-                           "cpus": os.cpu_count(), "python": platform.python_version(),
-                           "load_average_seen": [min(load), max(load)]},
-               "runs": results, "summary": summarise(results)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "step_speed.json").write_text(json.dumps(payload, indent=1))
-    (RESULTS / "step_speed.md").write_text(markdown(payload))
-    print(markdown(payload))
+    return {"command": args.command, "baseline_rev": args.baseline_rev, "steps": args.steps,
+            "skip": SKIP, "machine": {"cpu": common.cpu_name(), "cpus": os.cpu_count(),
+                                      "python": platform.python_version(),
+                                      "load_average_seen": [min(load), max(load)]},
+            "runs": results, "summary": summarise(results)}
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -246,18 +214,14 @@ def markdown(payload: dict[str, Any]) -> str:
              f"of the step times (warm-up, compilation). Ratios are new / baseline per seed "
              f"(median [per seed]); test rows/s: ``log_prob`` of 2000 test rows at the "
              f"evaluation tolerance (exact trace), the VAE one ELBO sample.", "",
-             "| workload | variant | s/step ratio | forward NFE ratio | test NLL diff | "
-             "test rows/s ratio |", "|---|---|---|---|---|---|"]
-    for key, e in payload["summary"].items():
-        workload, variant = key.split("/")
-
-        def cell(name: str, fmt: str, e: dict[str, Any] = e) -> str:
-            per_seed = ", ".join(format(v, fmt) for v in e[name])
-            return f"{format(e[name + '_median'], fmt)} [{per_seed}]"
-
-        lines.append(f"| {workload} | {variant} | {cell('step_ratio', '.2f')} | "
-                     f"{cell('nfe_ratio', '.3f')} | {cell('nll_diff', '+.4f')} | "
-                     f"{cell('throughput_ratio', '.2f')} |")
+             *table(["workload", "variant", "s/step ratio", "forward NFE ratio", "test NLL diff",
+                     "test rows/s ratio"],
+                    [[*key.split("/"), *(f"{format(e[k + '_median'], f)} ["
+                                         + ", ".join(format(v, f) for v in e[k]) + "]"
+                                         for k, f in (("step_ratio", ".2f"), ("nfe_ratio", ".3f"),
+                                                      ("nll_diff", "+.4f"),
+                                                      ("throughput_ratio", ".2f")))]
+                     for key, e in payload["summary"].items()])]
     lines += ["", "Absolute figures (s/step, baseline -> new):", ""]
     for r in payload["runs"]:
         b, n = r["baseline"], r["new"]
@@ -271,5 +235,19 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+STUDY = common.Study("step_speed", __doc__, measure, markdown, arguments)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.step_speed`` (``--child``: one run of :func:`launch`)."""
+    if argv is None and "--child" in sys.argv:
+        args = argparse.ArgumentParser()
+        arguments(args)
+        parsed = args.parse_args()
+        child(json.loads(parsed.child), parsed.steps, parsed.child_out)
+        return 0
+    return common.main(STUDY, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,7 +7,7 @@ its log density is known exactly, so every run's test NLL can be put next to the
 validation and 5,000 test rows: the standard error of a mean NLL over 5,000 rows of this density
 is about 0.03 nats, against 0.3-1 nats for breast cancer's 56 test rows.
 
-    python benchmarks/tables.py --out /tmp/mixture16.npy   # writes the table, prints its facts
+    python -m benchmarks.tables --out /tmp/mixture16.npy   # writes the table, prints its facts
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TABLE_SEED", "mixture_log_density", "mixture_parameters", "write_mixture_table"]
+__all__ = ["TABLE_SEED", "mixture_log_density", "mixture_parameters", "mixture_rows",
+           "write_mixture_table"]
 
 #: The density is fixed: every benchmark run sees the same parameters and rows.
 TABLE_SEED = 20261129
@@ -55,14 +56,20 @@ def mixture_log_density(x: np.ndarray, weights: np.ndarray, means: np.ndarray,
     return (top + np.log(np.exp(stacked - top).sum(axis=1, keepdims=True)))[:, 0]
 
 
-def write_mixture_table(path: str | Path, rows: int = 50_000, dim: int = 16,
-                        seed: int = TABLE_SEED) -> dict[str, float]:
-    """Sample the table to ``path`` (.npy) and return its facts (true mean NLL of all rows)."""
+def mixture_rows(rows: int, dim: int, seed: int = TABLE_SEED) -> np.ndarray:
+    """``rows`` samples (N, D) of the mixture :func:`mixture_parameters` fixes for ``seed``."""
     weights, means, chols = mixture_parameters(dim, seed=seed)
     rng = np.random.default_rng(seed + 1)
     component = rng.choice(len(weights), size=rows, p=weights)
     eps = rng.normal(size=(rows, dim))
-    x = means[component] + np.einsum("nij,nj->ni", chols[component], eps)
+    return means[component] + np.einsum("nij,nj->ni", chols[component], eps)
+
+
+def write_mixture_table(path: str | Path, rows: int = 50_000, dim: int = 16,
+                        seed: int = TABLE_SEED) -> dict[str, float]:
+    """Sample the table to ``path`` (.npy) and return its facts (true mean NLL of all rows)."""
+    weights, means, chols = mixture_parameters(dim, seed=seed)
+    x = mixture_rows(rows, dim, seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, x)
@@ -71,7 +78,7 @@ def write_mixture_table(path: str | Path, rows: int = 50_000, dim: int = 16,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tables", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", type=int, default=50_000)

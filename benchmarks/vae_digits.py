@@ -1,58 +1,37 @@
 """CNF-VAE on the embedded 8 x 8 digits: trajectory polynomial regularizer vs none.
 
-For each seed and each setting (``poly``: PolynomialTrajectoryRegularizer(coef=5,
-num_samples=2, order=1); ``none``: no regularizer), trains the ``digits`` preset of
-``polyreg_cnf.app.presets.VAE_PRESETS`` at the SAME tolerances (train atol = rtol = 1e-4,
-evaluation 1e-5, dopri5, adjoint), then tests it. Reports test negative ELBO, importance-sampled
-NLL, forward and backward NFE per training step (mean over all steps, from NFEMonitor), seconds
-per epoch (training only, no validation), with medians and min-max across seeds. One NFE is one
-call of the ODE right-hand side (the authors' code counted 2).
-
-Torch runs single-threaded: these ops are tiny, and on a shared 2-core machine two threads thrash
-(measured 60x slower per step under load).
-
 Usage:
-    python benchmarks/vae_digits.py [--seeds 0 1 2] [--epochs N] [--is-samples S] [--quick]
+    python -m benchmarks.vae_digits [--seeds 0 1 2] [--epochs N] [--is-samples S] [--quick]
+
+How it measures: docs/benchmarks.md, `benchmarks.vae_digits`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from polyreg_cnf.datamodules.images import DigitsDataModule
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common
+from benchmarks.common import median_range, table
+from polyreg_cnf.app.build import build
+from polyreg_cnf.app.config import resolve
+from polyreg_cnf.app.presets import VAE_PRESETS
 
-from polyreg_cnf.datamodules.images import DigitsDataModule  # noqa: E402
-
-from polyreg_cnf.app.build import build  # noqa: E402
-from polyreg_cnf.app.config import resolve  # noqa: E402
-from polyreg_cnf.app.presets import VAE_PRESETS  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = ("none", "poly")
 METRICS = ("test_neg_elbo", "test_is_nll", "init_neg_elbo", "forward_nfe", "backward_nfe",
            "seconds_per_epoch", "seconds_per_step", "test_nfe_per_batch")
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "?"
-    except OSError:
-        return "?"
 
 
 def run_one(seed: int, setting: str, epochs: int, is_samples: int,
@@ -99,10 +78,9 @@ def summarise(rows: list[dict[str, float]]) -> dict[str, dict[str, dict[str, flo
     return out
 
 
-def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
-    def cell(setting: str, metric: str, fmt: str) -> str:
-        s = summary[setting][metric]
-        return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
+def markdown(payload: dict[str, Any]) -> str:
+    """The report: the settings' medians (min-max) over seeds, then every run."""
+    meta, rows, summary = payload["meta"], payload["runs"], payload["summary"]
 
     lines = [
         "# CNF-VAE on the embedded digits: polynomial regularizer vs none",
@@ -124,80 +102,36 @@ def markdown(meta: dict, rows: list[dict], summary: dict) -> str:
         "step, mean over all steps; backward = adjoint solves. -ELBO and NLL in nats per image "
         "(test split, 200 images).",
         "",
-        "| setting | test -ELBO | test IS-NLL | fwd NFE/step | bwd NFE/step | s/epoch | "
-        "initial -ELBO |",
-        "|---|---|---|---|---|---|---|",
+        *table(["setting", "test -ELBO", "test IS-NLL", "fwd NFE/step", "bwd NFE/step", "s/epoch",
+                "initial -ELBO"],
+               [[setting, *(median_range(summary[setting][m], f) for m, f in (
+                   ("test_neg_elbo", ".2f"), ("test_is_nll", ".2f"), ("forward_nfe", ".1f"),
+                   ("backward_nfe", ".1f"), ("seconds_per_epoch", ".2f"),
+                   ("init_neg_elbo", ".2f")))] for setting in summary]),
+        "", "Per run:", "",
+        *table(["seed", "setting", "test -ELBO", "test IS-NLL", "fwd NFE", "bwd NFE", "s/epoch",
+                "s/step"],
+               [[r["seed"], r["setting"], f"{r['test_neg_elbo']:.2f}", f"{r['test_is_nll']:.2f}",
+                 f"{r['forward_nfe']:.1f}", f"{r['backward_nfe']:.1f}",
+                 f"{r['seconds_per_epoch']:.2f}", f"{r['seconds_per_step']:.3f}"] for r in rows]),
     ]
-    for setting in summary:
-        lines.append(
-            f"| {setting} | {cell(setting, 'test_neg_elbo', '.2f')} | "
-            f"{cell(setting, 'test_is_nll', '.2f')} | {cell(setting, 'forward_nfe', '.1f')} | "
-            f"{cell(setting, 'backward_nfe', '.1f')} | "
-            f"{cell(setting, 'seconds_per_epoch', '.2f')} | "
-            f"{cell(setting, 'init_neg_elbo', '.2f')} |")
-    lines += ["", "Per run:", "", "| seed | setting | test -ELBO | test IS-NLL | fwd NFE | "
-              "bwd NFE | s/epoch | s/step |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['seed']} | {r['setting']} | {r['test_neg_elbo']:.2f} | "
-                     f"{r['test_is_nll']:.2f} | {r['forward_nfe']:.1f} | "
-                     f"{r['backward_nfe']:.1f} | {r['seconds_per_epoch']:.2f} | "
-                     f"{r['seconds_per_step']:.3f} |")
-    lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]]
+    if meta.get("notes"):  # older reports wrote their reading here (docs/benchmarks.md)
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]]
     return "\n".join(lines) + "\n"
 
 
-def notes(meta: dict, summary: dict) -> list[str]:
-    out: list[str] = []
-    if "poly" in summary and "none" in summary:
-        f = {s: summary[s]["forward_nfe"]["median"] for s in SETTINGS}
-        b = {s: summary[s]["backward_nfe"]["median"] for s in SETTINGS}
-        carry = isinstance(meta.get("solver"), dict) and meta["solver"].get("adjoint_carry_step")
-        why = ("The backward pass uses the restart-free adjoint (adjoint_carry_step=True): its "
-               "step size is carried across the regularizer's K = 2 interior output times."
-               if carry else
-               "The regularizer's K = 2 interior output times make torchdiffeq's adjoint "
-               "integrate backwards interval by interval, restarting step selection on each of "
-               "the 3 intervals.")
-        out.append(
-            f"Median forward NFE/step: poly {f['poly']:.1f} vs none {f['none']:.1f}; backward: "
-            f"poly {b['poly']:.1f} vs none {b['none']:.1f}. {why}")
-        if f["none"] <= 14:
-            out.append(
-                f"Without the regularizer the forward solve already takes {f['none']:.0f} "
-                f"evaluations per step (dopri5: 2 for the initial step size + 6 per step, so two "
-                f"steps; one step would cost 8): on this small problem (T = 0.5, z = 16) the "
-                f"trajectories are already nearly straight and there is no forward saving for "
-                f"the regularizer to make at matched tolerance, only its backward overhead.")
-    load = max(meta["load_start"][0], meta["load_end"][0])
-    if load > 1.5 * (meta["nproc"] or 1):
-        out.append(
-            f"Other processes were loading the machine (load average up to {load:.1f} on "
-            f"{meta['nproc']} cores): timings are noisy; NFE and losses are not affected.")
-    return out
-
-
-def render(path: Path) -> None:
-    """Rewrite the markdown (and notes) from a saved JSON without running anything."""
-    data = json.loads(path.read_text())
-    data["meta"]["notes"] = notes(data["meta"], data["summary"])
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(data["meta"], data["runs"], data["summary"]))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's flags."""
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=VAE_PRESETS["digits"]["max_epochs"])
     parser.add_argument("--is-samples", type=int, default=VAE_PRESETS["digits"]["is_samples"])
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 seed, 1 epoch, 10 IS samples, writes *_quick.*")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--render", type=Path, default=None,
-                        help="only rewrite the markdown from this saved JSON")
-    args = parser.parse_args()
-    if args.render is not None:
-        render(args.render)
-        return
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Both settings for every seed."""
     if args.quick:
         args.seeds, args.epochs, args.is_samples = [0], 1, 10
     torch.set_num_threads(args.threads)
@@ -212,25 +146,23 @@ def main() -> None:
     import torchdiffeq
 
     meta = dict(
-        command="python " + " ".join([sys.argv[0].split("/work/main/")[-1], *sys.argv[1:]]),
-        nproc=os.cpu_count(), platform=platform.platform(), python=platform.python_version(),
-        torch=torch.__version__, lightning=L.__version__,
+        command=args.command, nproc=os.cpu_count(), platform=platform.platform(),
+        python=platform.python_version(), torch=torch.__version__, lightning=L.__version__,
         torchdiffeq=getattr(torchdiffeq, "__version__", "?"), torch_threads=args.threads,
         load_start=[round(x, 2) for x in load_start],
         load_end=[round(x, 2) for x in os.getloadavg()],
         preset={k: v for k, v in VAE_PRESETS["digits"].items()}, epochs=args.epochs,
         is_samples=args.is_samples, seeds=args.seeds,
-        wall_seconds=time.perf_counter() - start, notes=[], git_commit=git_commit(),
+        wall_seconds=time.perf_counter() - start, git_commit=common.git_commit(),
         solver=resolve({"model": "vae", "data": "digits"}).solver().to_dict())
-    summary = summarise(rows)
-    meta["notes"] = notes(meta, summary)
-    name = "vae_digits_quick" if args.quick else "vae_digits"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(
-        json.dumps(dict(meta=meta, summary=summary, runs=rows), indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(meta, rows, summary))
-    print(markdown(meta, rows, summary))
+    return dict(meta=meta, summary=summarise(rows), runs=rows)
 
+
+STUDY = common.Study("vae_digits", __doc__, measure, markdown, arguments,
+                     report=lambda args: common.RESULTS / ("vae_digits_quick" if args.quick
+                                                           else "vae_digits"))
+
+main = functools.partial(common.main, STUDY)
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

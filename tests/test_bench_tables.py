@@ -1,14 +1,9 @@
 """The generated benchmark table: its density is the one it claims (checked against scipy)."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 from scipy.stats import multivariate_normal
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from tables import mixture_log_density, mixture_parameters, write_mixture_table  # noqa: E402
+from benchmarks.tables import mixture_log_density, mixture_parameters, write_mixture_table
 
 
 def test_log_density_equals_scipy_mixture():

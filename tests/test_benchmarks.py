@@ -5,19 +5,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
 import torch
 
+from benchmarks import harness, report
+from benchmarks import run as bench_run
 from polyreg_cnf import CNF, SolverConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import harness  # noqa: E402
-import run as bench_run  # noqa: E402
 
 
 @pytest.mark.parametrize("workload,arm", [("checkerboard", "tpr_fast"),
@@ -453,3 +452,132 @@ def test_smoothed_curves_take_the_luck_out_of_a_one_evaluation_target() -> None:
     smoothed = e["speedup_to_ffjord_direct_final_val_smoothed_within_0.01"]["per_seed"][0]
     # averaged over 5: (3b) reaches 1.98 + 0.01 at its 10th evaluation only; TPR at its 6th
     assert smoothed == pytest.approx(100.0 / 60.0)
+
+
+# ---------------------------------------------------------------------- the package and reports
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("name", report.reports())
+def test_every_committed_report_renders_byte_for_byte_from_its_json(name: str) -> None:
+    assert report.render(name) == (report.RESULTS / f"{name}.md").read_text()
+
+
+def test_every_committed_report_has_a_renderer_or_a_stated_reason() -> None:
+    every = {p.stem for p in report.RESULTS.glob("*.md")}
+    assert every == set(report.reports()) | set(report.UNRENDERED)
+    assert len(report.reports()) >= 20
+
+
+def test_the_check_names_a_report_its_json_no_longer_renders(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    for name in ("ddp_scaling", "data_cache"):
+        for suffix in (".json", ".md"):
+            (tmp_path / f"{name}{suffix}").write_bytes((report.RESULTS / f"{name}{suffix}")
+                                                       .read_bytes())
+    assert report.main(["--check", "--results", str(tmp_path)]) == 0
+    md = tmp_path / "ddp_scaling.md"
+    md.write_text(md.read_text().replace("| 2 |", "| 3 |"))
+    assert report.main(["--check", "--results", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "ddp_scaling" in err and "data_cache" not in err
+    assert report.main(["--results", str(tmp_path)]) == 0  # rewrites it
+    assert report.main(["--check", "--results", str(tmp_path)]) == 0
+
+
+def test_no_module_of_the_package_edits_sys_path() -> None:
+    edits = [p.name for p in BENCHMARKS.glob("*.py") if "sys.path" in p.read_text()]
+    assert edits == []
+
+
+def test_a_study_runs_as_a_module_from_the_repository_root(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.tables", "--out",
+                           str(tmp_path / "t.npy"), "--rows", "50", "--dim", "3"],
+                          cwd=BENCHMARKS.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["rows"] == 50 and (tmp_path / "t.npy").exists()
+
+
+def _smoke(module: Any, argv: list[str], out: Path) -> dict:
+    """Run ``module``'s documented command with ``argv`` in this process; its payload."""
+    threads = torch.get_num_threads()
+    try:
+        assert module.main([*argv, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".md").read_text() == module.STUDY.render(payload)
+    assert payload.get("command", payload.get("meta", {}).get("command")).startswith(
+        f"python -m benchmarks.{module.STUDY.name} ")
+    return payload
+
+
+def test_smoke_adjoint_overhead_and_dropin_overhead(tmp_path: Path) -> None:
+    from benchmarks import adjoint_overhead, dropin_overhead
+
+    payload = _smoke(adjoint_overhead, ["--seeds", "1", "--train-steps", "1", "--batch", "8",
+                                        "--tol", "1e-3"],
+                     tmp_path / "adjoint")
+    assert set(payload["cases"]) == {"toy-2d", "cnf-30d", "short-16d"}
+    rows = payload["cases"]["toy-2d"]["rows"]
+    assert rows["tpr_direct"]["median"]["backward_nfe"] == 0
+    assert rows["tpr_stock"]["median"]["backward_nfe"] > 0
+    payload = _smoke(dropin_overhead, ["--repeats", "1", "--seeds", "1", "--train-steps", "1"],
+                     tmp_path / "dropin")
+    assert payload["tpr"]["drop-in, TPR"]["backward_nfe"] > 0
+
+
+def test_smoke_data_cache(tmp_path: Path) -> None:
+    from benchmarks import data_cache
+
+    payload = _smoke(data_cache, ["--rows", "20000", "--repeats", "1"], tmp_path / "cache")
+    assert payload["split_shapes"]["train"][0] > 0 and payload["cache_MiB"] > 0
+
+
+def test_smoke_run_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import run_one
+
+    monkeypatch.setenv("STEPS", "2")
+    assert run_one.main([str(tmp_path / "o.json"), "tpr_fast:0"]) == 0
+    out = json.loads((tmp_path / "o.json").read_text())["tpr_fast:0"]
+    assert len(out["nfe_per_step"]["forward"]) == 2 and out["backward_nfe"] == 0
+    with pytest.raises(SystemExit, match="ARM one of"):
+        run_one.main([str(tmp_path / "o.json"), "nope:0"])
+
+
+@pytest.mark.slow
+def test_smoke_the_training_studies(tmp_path: Path) -> None:
+    from benchmarks import checkerboard_tpr, ddp_scaling, step_cost, vae_digits
+
+    payload = _smoke(checkerboard_tpr, ["--steps", "3"], tmp_path / "cb")
+    assert [r["arm"] for r in payload["rows"]] == ["ffjord_matched", "tpr_paper", "tpr_carry"]
+    payload = _smoke(vae_digits, ["--quick"], tmp_path / "vae")
+    assert set(payload["summary"]) == {"none", "poly"}
+    payload = _smoke(step_cost, ["--presets", "toy", "--seeds", "0", "--steps", "toy=3"],
+                     tmp_path / "step_cost")
+    assert payload["summary"][0]["preset"] == "toy"
+    payload = _smoke(ddp_scaling, ["--repeats", "1", "--rows", "3000"], tmp_path / "ddp")
+    assert set(payload["median"]) == {"1", "2"}
+
+
+def test_the_committed_cache_summarises_to_the_committed_quick_suite(tmp_path: Path) -> None:
+    # `python -m benchmarks.run --suite quick --cached-only`: nothing trains, and the summary and
+    # goals of the committed runs are those of the committed report.
+    assert bench_run.main(["--suite", "quick", "--cached-only", "--out",
+                           str(tmp_path / "quick")]) == 0
+    made = json.loads((tmp_path / "quick.json").read_text())
+    committed = json.loads((report.RESULTS / "quick.json").read_text())
+    assert made["trained_runs"] == 0 and made["missing_runs"] == 0
+    assert made["summary"] == committed["summary"] and made["goals"] == committed["goals"]
+    assert (tmp_path / "quick_nfe.png").exists()
+
+
+@pytest.mark.slow
+def test_the_committed_curves_answer_as_the_committed_frontier(tmp_path: Path) -> None:
+    from benchmarks import frontier
+
+    assert frontier.main(["--suite", "long_fresh", "--cached-only", "--out",
+                          str(tmp_path / "fr")]) == 0
+    made = json.loads((tmp_path / "fr.json").read_text())
+    committed = json.loads((report.RESULTS / "frontier_long_fresh.json").read_text())
+    assert made["answer"] == committed["answer"] and made["missing"] == []

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import engine_speed  # noqa: E402
+from benchmarks import engine_speed
 
 
 def test_flops_of_the_checkerboard_evaluation_by_hand():

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import frontier  # noqa: E402
-import run as bench_run  # noqa: E402
+from benchmarks import frontier
+from benchmarks import run as bench_run
 
 
 def _curve(points: list[tuple[float, float, float]]) -> list[dict[str, float]]:

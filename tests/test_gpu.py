@@ -1,7 +1,7 @@
 """On a CUDA device: the engine and training agree with the CPU; benchmarks/gpu_check.py's parts.
 
-The CUDA tests skip (with the reason) where torch sees no CUDA device; ``python
-benchmarks/gpu_check.py`` runs this file on a GPU machine and counts such a skip as a failure.
+The CUDA tests skip (with the reason) where torch sees no CUDA device; ``python -m
+benchmarks.gpu_check`` runs this file on a GPU machine and counts such a skip as a failure.
 The tests of gpu_check.py's no-CUDA path and helpers run everywhere.
 """
 
@@ -20,6 +20,7 @@ import torchdiffeq
 from polyreg_cnf.callbacks import BackpropSelector, NFEMonitor
 from polyreg_cnf.datamodules.toy import ToyDataModule
 
+from benchmarks import gpu_check
 from polyreg_cnf import (
     CNF,
     NFECounter,
@@ -38,9 +39,6 @@ from polyreg_cnf.engine.recording import TrajectoryRecorder
 from polyreg_cnf.models import CNFDensityEstimator
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import gpu_check  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = torch.cuda.device_count() if HAS_CUDA else 0
@@ -402,9 +400,8 @@ def test_measuring_bytes_per_evaluation_frees_the_measured_evaluation():
 def test_gpu_check_without_cuda_exits_2_names_the_cause_and_writes_nothing(tmp_path):
     out = tmp_path / "results" / "gpu_check"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no device, even on a GPU machine
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"),
-                           "--out", str(out)], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == gpu_check.EXIT_NO_CUDA == 2
     assert "no CUDA device" in proc.stderr and "torch.cuda.is_available() is False" in proc.stderr
     assert "CUDA_VISIBLE_DEVICES=''" in proc.stderr and proc.stdout == ""
@@ -480,7 +477,7 @@ def test_memory_probe_records_each_step_against_the_nfe_monitor():
 
 def test_markdown_reports_failures_and_leaves_out_what_was_not_measured():
     results = dict(
-        meta=dict(command="python benchmarks/gpu_check.py", gpus="1 x Some GPU (80 GiB)",
+        meta=dict(command="python -m benchmarks.gpu_check", gpus="1 x Some GPU (80 GiB)",
                   cpu="cpu", python="3.11", torch="2.x", cuda="12.x", git_commit="abc",
                   wall_seconds=12.0, exit_status=1),
         tests=dict(command="python -m pytest tests/test_gpu.py", returncode=1, seconds=3.0,

@@ -4,16 +4,12 @@ per-step figures and the summary's verdicts."""
 from __future__ import annotations
 
 import multiprocessing
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import step_cost  # noqa: E402
+from benchmarks import step_cost
 
 
 def test_split_sizes_follow_the_documented_rules():
@@ -89,7 +85,7 @@ def _run(name, preset, reg, seed, seconds, forward, backward, cpu=None):
     return r
 
 
-def test_summary_pairs_by_seed_and_notes_name_the_cause_of_a_miss():
+def test_summary_pairs_by_seed_and_judges_each_preset():
     runs = [_run("a", "vae", "none", 0, 0.047, 14, 7, 0.046),
             _run("a", "vae", "poly", 0, 0.107, 14, 21, 0.105),
             _run("a", "vae", "none", 1, 0.050, 14, 7, 0.049),
@@ -103,10 +99,6 @@ def test_summary_pairs_by_seed_and_notes_name_the_cause_of_a_miss():
     assert vae["ratio_cpu_min"] == pytest.approx(0.104 / 0.049, abs=1e-6)
     assert vae["backward_none"] == 7 and vae["backward_poly"] == 21
     assert rows["toy"]["met"] and "ratio_cpu" not in rows["toy"]
-    meta = dict(load_start=0.5, load_end=0.6, steps={"vae": 300, "toy": 300})
-    text = " ".join(step_cost.notes(meta, list(rows.values())))
-    assert "vae: NOT met on wall clock" in text and "backward NFE is 21.0 vs 7.0" in text
-    assert "toy: NOT met" not in text
 
 
 def _lockstep_worker(mine, other, log, name, steps):

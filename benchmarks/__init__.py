@@ -1,0 +1,1 @@
+"""Benchmarks of polyreg-cnf, one study per module: `python -m benchmarks.<study> --help`."""
