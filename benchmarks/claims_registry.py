@@ -21,7 +21,7 @@ PERF = "docs/performance.md"
 INDEX = "docs/index.md"
 PAGES = [README, RESULTS_MD, PERF, INDEX, "docs/attach.md", "docs/cli.md", "docs/dashboards.md",
          "docs/data.md", "docs/design.md", "docs/long-runs.md", "docs/multi-gpu.md",
-         "docs/vae.md"]
+         "docs/vae.md", "docs/benchmarks.md"]
 
 CLAIMS: list[Claim] = []
 
@@ -1498,6 +1498,8 @@ EXEMPT: list[Exempt] = [
     # whole pages of settings and usage, no measurement
     *(Exempt(page, r".+", "flags, defaults, exit codes and examples: no measurement")
       for page in ("docs/cli.md", "docs/multi-gpu.md", "docs/long-runs.md", "docs/design.md")),
+    Exempt("docs/benchmarks.md", r".+", "how each study measures: settings, sizes, goals and "
+           "method; its results are on results.md and performance.md"),
     Exempt("*", r"\d(?:\.\d+)?e-\d+(?:\s*/\s*\d(?:\.\d+)?e-\d+)?", "a tolerance (a setting)"),
     Exempt("*", r"\(\d[a-z]?\)", "an arm's label: (1)-(5), (3b), (2s), ..."),
     Exempt("*", r"\b\d+-D\b", "a data dimension"),
@@ -1518,6 +1520,7 @@ EXEMPT: list[Exempt] = [
            "how the paper's code counts NFE"),
     Exempt("*", r"\*\*\d\. |\n\d\.  \*\*", "a list item's number"),
     Exempt(README, r"the paper's 5, 2, 1|\| 0 \||auto, 1, auto, 1|Exit codes: 0 done, 2 bad flags"
+                   r"|tabular sets 30, your table 20"
                    r"|\), 3 numerical fault|130 / 143", "a flag's default or an exit code"),
     Exempt(README, r"long runs, 3 seeds, 3 workloads|six arms x four workloads",
            "what a results file holds (its settings)"),
