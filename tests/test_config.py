@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from polyreg_cnf.callbacks import KineticRegularizer, NFEMonitor, PolynomialTrajectoryRegularizer
 from polyreg_cnf.callbacks.guard import RunGuard
 from polyreg_cnf.callbacks.plots import TrajectoryPlotter
+from polyreg_cnf.callbacks.selection import LastCheckpoint
 from polyreg_cnf.datamodules.images import IMAGE_DATASETS
 
 from polyreg_cnf.app import config as C
@@ -60,7 +61,7 @@ REGISTRIES = {
     "posterior": POSTERIORS, "architecture": ARCHITECTURES,
     "solver": METHODS, "logger": LOGGER_KINDS,
     "backprop": tuple(BACKPROP_KINDS), "poly_preset": ("paper",),
-    "lr_schedule": ("constant", "cosine"),
+    "lr_schedule": ("constant", "cosine"), "test_ckpt": ("best", "last"),
 }
 
 
@@ -341,8 +342,10 @@ def test_build_makes_the_callbacks_and_loggers_the_config_asks_for(reg, cls, tmp
     if cls is KineticRegularizer:
         assert (regs[0].kinetic_coef, regs[0].jacobian_coef) == (0.5, 0.25)
     ckpt = [c for c in run.trainer.callbacks if isinstance(c, ModelCheckpoint)]
-    assert len(ckpt) == 1 and ckpt[0]._every_n_train_steps == 7
+    assert ckpt == [run.best] and ckpt[0].monitor == "val/nll"  # best.ckpt
     assert ckpt[0].dirpath == str(run.run_dir / "checkpoints")
+    last = [c for c in run.trainer.callbacks if isinstance(c, LastCheckpoint)]
+    assert len(last) == 1 and last[0].every_n_steps == 7 and last[0].path == run.guard.last_path
     plotter = [c for c in run.trainer.callbacks if isinstance(c, TrajectoryPlotter)]
     assert len(plotter) == 1 and plotter[0].every_n_steps == 5
     assert _types(run.trainer.loggers) == [CSVLogger]
@@ -366,8 +369,10 @@ def test_build_extension_points(tmp_path):
     run = build(config, datamodule=dm, callbacks=[Mine()],
                 trainer_kwargs={"limit_test_batches": 1, "max_steps": 1})
     assert run.datamodule is dm and run.trainer.loggers == []
-    assert isinstance(run.trainer.callbacks[-1], Mine)
-    assert not any(isinstance(c, ModelCheckpoint) for c in run.trainer.callbacks)
+    # the caller's last (Lightning moves its checkpoint callbacks after every other one)
+    assert isinstance(run.callbacks[-1], Mine) and run.callbacks[-1] in run.trainer.callbacks
+    # --ckpt-every 0: no periodic save, but the best validation checkpoint is still kept
+    assert [c for c in run.trainer.callbacks if isinstance(c, ModelCheckpoint)] == [run.best]
     assert (run.trainer.max_steps, run.trainer.limit_test_batches) == (1, 1)
     assert isinstance(run.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert isinstance(run.trainer.strategy.checkpoint_io, TorchCheckpointIO)

@@ -204,6 +204,7 @@ SELECTION_WRAPPER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two processes, up to 60 steps with a validation every 2
 def test_ddp_ranks_select_the_same_checkpoint_and_stop_at_the_same_step(tmp_path):
     data = table(tmp_path)
     script = tmp_path / "launch_selection.py"

@@ -273,6 +273,7 @@ def uninterrupted_record(tmp_path_factory):
 # Mid-step 17, stopped at 18 (no validation due); mid-step 9, stopped at 10, where a validation
 # is due and skipped; inside the validation of step 10, stopped at its first batch's end. The
 # resumed run runs the skipped or cut validation in full before it trains on.
+@pytest.mark.slow  # seven short train.py runs
 @pytest.mark.parametrize("hook, at", [("step", 17), ("step", 9), ("validation", 10)],
                          ids=["mid-step", "validation-due", "mid-validation"])
 def test_resume_keeps_the_best_so_far_record_exactly(tmp_path, uninterrupted_record, hook, at):

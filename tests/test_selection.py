@@ -19,6 +19,18 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 
 
+def wide_table(path, rows=300, seed=0):
+    """A few hundred rows in 13 columns, smooth functions of a 3-D Gaussian plus 5 % noise: with
+    the table preset's network (130 wide) the validation NLL bottoms out within a few hundred
+    steps and then rises, as on the 13-column table of issue 30."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(rows, 3))
+    x = np.concatenate([z, np.sin(2 * z), np.cos(z), z * np.roll(z, 1, axis=1),
+                        z[:, :1] ** 2 - 1], axis=1)
+    np.save(path, x + 0.05 * rng.normal(size=x.shape))
+    return path
+
+
 def overfitting_table(path, rows=300, seed=0):
     """A few hundred rows on a noisy 2-D manifold in 6 columns: a flow overfits them fast."""
     rng = np.random.default_rng(seed)
@@ -119,3 +131,55 @@ def test_overfit_warning_fires_past_the_documented_margin():
     assert record.overfit() is None
     record.history.append((30, float("nan")))
     assert record.overfit() is not None
+
+
+class SaveEveryValidation(L.Callback):
+    """Keeps the weights of every validation, for the oracle below."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            torch.save(pl_module.state_dict(), self.folder / f"{trainer.global_step}.pt")
+
+
+# The issue's check: on a few-hundred-row table that overfits, the printed test NLL of a run with
+# the table's defaults (its preset's patience and validation cadence) is within 0.1 nats of the
+# lowest test NLL among the weights of all its validations, and the summary names what it
+# tested. "default" keeps every default of the table preset (network, learning rate, patience,
+# validation cadence) but the solver tolerances; "fast" shortens the patience.
+@pytest.mark.parametrize("variant, extra", [
+    pytest.param("default", [], marks=pytest.mark.slow),
+    pytest.param("fast", ["--early-stop-patience", "5"], marks=pytest.mark.slow),
+])
+def test_the_printed_test_nll_is_the_best_validation_models(tmp_path, capsys, variant, extra):
+    # 500 rows: 50 validation and 50 test rows, so that validation sees what the test sees
+    table = wide_table(tmp_path / "t.npy", rows=500)
+    code = train.main(["--data", str(table), "--atol", "1e-3", "--rtol", "1e-3",
+                       "--eval-atol", "1e-4", "--eval-rtol", "1e-4", "--accelerator", "cpu",
+                       "--logger", "none", "--reg", "none",
+                       "--output-dir", str(tmp_path / "runs"), *extra],
+                      callbacks=[SaveEveryValidation(tmp_path / "every")])
+    assert code == 0
+    captured = capsys.readouterr()
+    printed_nll = printed(captured.out, "test NLL (nats):")
+    folder = tmp_path / "runs" / "cnf-t-none-s0" / "checkpoints"
+    model = CNFDensityEstimator.load_from_checkpoint(folder / "best.ckpt")
+    dm = UserTableDataModule(table, batch_size=512)
+    tester = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                       enable_model_summary=False)
+    oracle = {}
+    for path in (tmp_path / "every").iterdir():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        oracle[int(path.stem)] = tester.test(model, dm, verbose=False)[0]["test/nll"]
+    steps = sorted(oracle)
+    curve = {s: round(oracle[s], 3) for s in steps}
+    assert len(steps) >= 5 and steps[1] - steps[0] == 10, curve  # 400 train rows: every 10
+    # The table overfits: the last weights are clearly worse than the best ones.
+    assert oracle[steps[-1]] > min(oracle.values()) + 0.3, curve
+    assert printed_nll <= min(oracle.values()) + 0.1, (printed_nll, curve)
+    best_step = int(re.search(r"best validation checkpoint, step (\d+)", captured.out).group(1))
+    assert printed_nll == pytest.approx(oracle[best_step], abs=1e-4)
+    assert "stopped:                    early" in captured.out
