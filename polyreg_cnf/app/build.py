@@ -38,6 +38,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
 from polyreg_cnf.app.config import RunConfig, data_kind, dump_config
+from polyreg_cnf.app.report import solver_lines
 from polyreg_cnf.app.run_logging import (
     NFEProgressBar,
     finish_loggers,
@@ -380,6 +381,12 @@ def execute(run: Run, prog: str = "train.py", quiet: bool = False) -> int:
     return 0
 
 
+def _last_solver_gap(run: Run) -> float | None:
+    """The last validation's ``val/solver_gap`` (None when it was not measured)."""
+    value = run.trainer.callback_metrics.get("val/solver_gap")
+    return None if value is None else float(value)
+
+
 def summary_lines(run: Run, test_metrics: dict[str, float], wall: float) -> list[str]:
     """The end-of-run summary: test quality, NFE, time, where the files are."""
     c, nan = run.config, float("nan")
@@ -395,6 +402,8 @@ def summary_lines(run: Run, test_metrics: dict[str, float], wall: float) -> list
         "",
         f"== polyreg-cnf: {c.model} on {c.data}, reg={c.reg}, seed={c.training.seed} ==",
         *quality,
+        *solver_lines(c.solver().describe(True), c.solver().describe(False),
+                      _last_solver_gap(run)),
         f"test NFE per batch:         {test_metrics.get('test/nfe', nan):.1f}",
         f"forward NFE per step:       {summary.get('forward_mean', nan):.1f} "
         f"(last {window}: {summary.get('forward_last', nan):.1f})",
