@@ -229,6 +229,20 @@ def ode_blocks(module: nn.Module) -> list[ODEBlock]:
 
 
 @contextmanager
+def _on_every_block(module: nn.Module, name: str, value: object) -> Iterator[list[ODEBlock]]:
+    """Set attribute ``name`` of every block of ``module`` to ``value``; restore it after."""
+    blocks = ode_blocks(module)
+    saved = [getattr(block, name) for block in blocks]
+    for block in blocks:
+        setattr(block, name, value)
+    try:
+        yield blocks
+    finally:
+        for block, own in zip(blocks, saved):
+            setattr(block, name, own)
+
+
+@contextmanager
 def training_solves(module: nn.Module) -> Iterator[None]:
     """Every block of ``module`` solves with its training method and tolerances, even in eval
     mode; nothing else about eval mode changes (the evaluation trace, no penalty).
@@ -237,17 +251,14 @@ def training_solves(module: nn.Module) -> Iterator[None]:
     ``val/solver_gap`` reports. The evaluations made inside are not counted in the blocks' NFE,
     so that ``val/nfe`` stays the evaluation solver's.
     """
-    blocks = ode_blocks(module)
-    counts = [block.nfe.as_dict() for block in blocks]
-    for block in blocks:
-        block._training_solves = True
-    try:
-        yield
-    finally:
-        for block, saved in zip(blocks, counts):
-            block._training_solves = False
-            for name, value in saved.items():
-                setattr(block.nfe, name, value)
+    with _on_every_block(module, "_training_solves", True) as blocks:
+        counts = [block.nfe.as_dict() for block in blocks]
+        try:
+            yield
+        finally:
+            for block, saved in zip(blocks, counts):
+                for name, value in saved.items():
+                    setattr(block.nfe, name, value)
 
 
 @contextmanager
@@ -260,12 +271,5 @@ def solving_with(module: nn.Module, solver: SolverConfig) -> Iterator[None]:
     """
     if not isinstance(solver, SolverConfig):
         raise TypeError(f"solver must be a SolverConfig, got {type(solver).__name__}")
-    blocks = ode_blocks(module)
-    saved = [block.solver for block in blocks]
-    for block in blocks:
-        block.solver = solver
-    try:
+    with _on_every_block(module, "solver", solver):
         yield
-    finally:
-        for block, own in zip(blocks, saved):
-            block.solver = own
