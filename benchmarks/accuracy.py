@@ -2,6 +2,10 @@
 and the measurement behind it (issue 28, item 4).
 
     python -m benchmarks.accuracy --ckpt runs/x/checkpoints/last.ckpt --data checkerboard
+    python -m benchmarks.accuracy --ckpt base.ckpt tpr.ckpt --names none tpr --out PREFIX
+
+writes ``PREFIX.json`` and ``PREFIX.md``: each checkpoint's measurement on the same test rows
+and latent draws, and every checkpoint after the first compared with the first.
 
 **The reference.** Each test row's log-density from the model in float64, dopri5 at atol = rtol
 = :data:`REFERENCE_TOL` (checked against :data:`CHECK_TOL` on the first rows). "Converged NLL"
@@ -29,6 +33,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -46,8 +51,8 @@ from polyreg_cnf.engine.solver import ADAPTIVE_METHODS, FIXED_METHODS, SolverCon
 from polyreg_cnf.models import CNFDensityEstimator
 
 __all__ = ["ACCURACIES", "CHECK_TOL", "NLL_MARGIN", "REFERENCE_TOL", "STEPS", "TOLERANCES",
-           "Record", "Setting", "compare", "compare_seeds", "cost_at", "default_settings",
-           "main", "markdown", "measure"]
+           "Record", "Setting", "compare", "compare_seeds", "comparisons", "cost_at",
+           "default_settings", "main", "markdown", "measure", "model_table", "records_of"]
 
 #: atol = rtol of the reference solve (dopri5, float64).
 REFERENCE_TOL = 1e-8
@@ -139,9 +144,9 @@ def compare(base: Sequence[Record], other: Sequence[Record], accuracy: float,
     compared: only its distance to its own model's reference counts.
 
     Returns:
-        ``verdict``, ``reason``, ``nll_diff`` (other minus base, converged), ``base`` and
-        ``other`` (each ``{"setting", "nfe"}`` or None) and ``ratio`` (other's NFE over base's,
-        None unless both meet ``accuracy``).
+        ``verdict``, ``reason``, ``nll_diff`` (other minus base, converged), ``base_cost``
+        and ``other_cost`` (each ``{"setting", "nfe"}`` or None) and ``ratio`` (other's NFE
+        over base's, None unless both meet ``accuracy``).
     """
     base_nll, other_nll = _converged_nll(base), _converged_nll(other)
     base_cost, other_cost = cost_at(base, accuracy), cost_at(other, accuracy)
@@ -166,8 +171,8 @@ def compare(base: Sequence[Record], other: Sequence[Record], accuracy: float,
     def cost(r: Record | None) -> dict[str, Any] | None:
         return None if r is None else {"setting": r.setting, "nfe": r.nfe}
 
-    return {"verdict": verdict, "reason": reason, "nll_diff": diff, "base": cost(base_cost),
-            "other": cost(other_cost), "ratio": ratio}
+    return {"verdict": verdict, "reason": reason, "nll_diff": diff,
+            "base_cost": cost(base_cost), "other_cost": cost(other_cost), "ratio": ratio}
 
 
 def compare_seeds(base: Mapping[Any, Sequence[Record]], other: Mapping[Any, Sequence[Record]],
@@ -324,13 +329,16 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def markdown(result: dict[str, Any], title: str) -> str:
-    """The measurement as a markdown page: one row per setting, then the cost at each
-    accuracy of :data:`ACCURACIES`."""
+def records_of(result: Mapping[str, Any]) -> list[Record]:
+    """The :class:`Record` of every setting of one :func:`measure` result."""
+    return [Record.from_dict(r) for r in result["settings"]]
+
+
+def model_table(result: Mapping[str, Any]) -> list[str]:
+    """Markdown lines for one model's :func:`measure` result: its reference, one row per
+    setting, and its cost at each accuracy of :data:`ACCURACIES`."""
     ref = result["reference"]
-    records = [Record.from_dict(r) for r in result["settings"]]
-    lines = [f"# {title}", "",
-             f"Converged NLL (dopri5 at {ref['tol']:g}, float64, {ref['rows']} rows): "
+    lines = [f"Converged NLL (dopri5 at {ref['tol']:g}, float64, {ref['rows']} rows): "
              f"{ref['converged_nll']:.4f} nats; against {ref['check']['tol']:g} on "
              f"{ref['check']['rows']} rows: max {ref['check']['max_abs']:.1e}, mean "
              f"{ref['check']['mean_abs']:.1e} nats.", "",
@@ -342,10 +350,41 @@ def markdown(result: dict[str, Any], title: str) -> str:
                      f"{_fmt(r['sample_nfe'], '.1f')} | {_fmt(r['sample_rms'], '.2e')} |")
     lines.append("")
     for e in ACCURACIES:
-        best = cost_at(records, e)
+        best = cost_at(records_of(result), e)
         lines.append(f"- cost at {e:g} nats per row: " + (
             "no setting meets it" if best is None else f"{best.setting}, {best.nfe:.1f} NFE per "
                                                        f"batch"))
+    return lines
+
+
+def comparisons(models: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every model after the first against the first (its baseline) at each accuracy of
+    :data:`ACCURACIES` (:func:`compare`)."""
+    base = records_of(models[0])
+    return [{"base": models[0]["name"], "other": m["name"], "accuracy": e,
+             **compare(base, records_of(m), e)} for m in models[1:] for e in ACCURACIES]
+
+
+def markdown(payload: Mapping[str, Any]) -> str:
+    """The page of a :func:`main` run: a note, each model's table, the comparisons."""
+    lines = [f"# {payload['title']}", ""]
+    if payload.get("note"):
+        lines += [payload["note"], ""]
+    lines += [f"Command: `{payload['setup']['command']}`", ""]
+    for m in payload["models"]:
+        lines += [f"## {m['name']}", "", f"Checkpoint: `{m['ckpt']}`", "", *model_table(m), ""]
+    if payload["comparisons"]:
+        lines += ["## Against the first model", "",
+                  "| model | accuracy (nats) | converged NLL diff | its cost | baseline's cost "
+                  "| verdict |", "|---|---|---|---|---|---|"]
+
+        def cost(c: Mapping[str, Any] | None) -> str:
+            return "never" if c is None else f"{c['setting']} ({c['nfe']:.1f} NFE)"
+
+        for c in payload["comparisons"]:
+            lines.append(f"| {c['other']} | {c['accuracy']:g} | {c['nll_diff']:+.4f} | "
+                         f"{cost(c['other_cost'])} | {cost(c['base_cost'])} | {c['verdict']}: "
+                         f"{c['reason']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -367,26 +406,34 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m benchmarks.accuracy``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="a density-model checkpoint (train.py)")
+    parser.add_argument("--ckpt", required=True, nargs="+",
+                        help="density-model checkpoints (train.py); from the second on, each is "
+                             "compared with the first")
+    parser.add_argument("--names", nargs="+", default=None,
+                        help="a name per checkpoint (default: the file paths)")
     parser.add_argument("--data", default="checkerboard",
                         help="toy density to draw fresh test points from, or a .npy file of "
                              "raw test rows")
     parser.add_argument("--rows", type=int, default=10000, help="test rows")
     parser.add_argument("--data-seed", type=int, default=10_000,
-                        help="seed of the fresh toy points (apart from training seeds)")
+                        help="seed of the fresh toy points and of the latent draws (apart from "
+                             "training seeds)")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--check-rows", type=int, default=500)
     parser.add_argument("--sample-rows", type=int, default=2000)
     parser.add_argument("--settings", nargs="*", default=None,
                         help="setting names to measure (default: all, e.g. rk4x4 dopri5@1e-05)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--title", default="Evaluation accuracy", help="the page's title")
+    parser.add_argument("--note", default="", help="a paragraph under the title")
     parser.add_argument("--out", default=None,
-                        help="output prefix (default benchmarks/results/accuracy_<ckpt stem>)")
+                        help="output prefix (default benchmarks/results/accuracy_<first ckpt's "
+                             "stem>)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Measure one checkpoint; write ``<out>.json`` and ``<out>.md``."""
+    """Measure the checkpoints; write ``<out>.json`` and ``<out>.md``."""
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = default_settings()
@@ -396,23 +443,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"unknown settings {unknown}; valid: {', '.join(known)}")
         settings = [known[name] for name in args.settings]
-    model = CNFDensityEstimator.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
+    names = args.names or args.ckpt
+    if len(names) != len(args.ckpt):
+        raise SystemExit(f"--names needs one name per --ckpt, got {len(names)} for "
+                         f"{len(args.ckpt)}")
     raw = torch.as_tensor(_test_rows(args.data, args.rows, args.data_seed), dtype=torch.float32)
-    x = (raw - model.data_mean) / model.data_std
-    result = measure(model, x, settings, batch_size=args.batch_size, check_rows=args.check_rows,
-                     sample_rows=args.sample_rows, seed=args.data_seed)
-    result["setup"] = {"ckpt": str(args.ckpt), "data": args.data, "rows": args.rows,
-                       "data_seed": args.data_seed, "threads": args.threads,
-                       "command": "python -m benchmarks.accuracy " + " ".join(
-                           sys.argv[1:] if argv is None else argv),
-                       "machine": {"cpu": platform.processor() or platform.machine(),
-                                   "torch": torch.__version__}}
+    models = []
+    for name, ckpt in zip(names, args.ckpt):
+        model = CNFDensityEstimator.load_from_checkpoint(ckpt, map_location="cpu").eval()
+        x = (raw - model.data_mean) / model.data_std
+        result = measure(model, x, settings, batch_size=args.batch_size,
+                         check_rows=args.check_rows, sample_rows=args.sample_rows,
+                         seed=args.data_seed)
+        models.append({"name": name, "ckpt": str(ckpt), **result})
+    payload = {"title": args.title, "note": args.note,
+               "setup": {"data": args.data, "rows": args.rows, "data_seed": args.data_seed,
+                         "threads": args.threads,
+                         "command": "python -m benchmarks.accuracy " + " ".join(
+                             sys.argv[1:] if argv is None else argv),
+                         "machine": {"cpu": platform.processor() or platform.machine(),
+                                     "cores": os.cpu_count(), "torch": torch.__version__}},
+               "models": models, "comparisons": comparisons(models)}
     out = Path(args.out) if args.out else (
-        Path(__file__).resolve().parent / "results" / f"accuracy_{Path(args.ckpt).stem}")
+        Path(__file__).resolve().parent / "results" / f"accuracy_{Path(args.ckpt[0]).stem}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result, f"Evaluation accuracy: {args.ckpt}"))
-    print(out.with_suffix(".md").read_text())
+    Path(f"{out}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    Path(f"{out}.md").write_text(markdown(payload))
+    print(Path(f"{out}.md").read_text())
     return 0
 
 

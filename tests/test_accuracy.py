@@ -41,7 +41,8 @@ def test_a_loose_point_reading_below_the_converged_nll_does_not_win():
     # e = 0.01 the other model's cost is its dopri5 point: 100 NFE against the baseline's 80.
     other = curve(3.700, [("rk4x2", 8, 0.050, 0.050), ("dopri5@1e-04", 100, 0.002, 0.000)])
     out = compare(BASE, other, 0.01)
-    assert out["verdict"] == "loses" and out["other"] == {"setting": "dopri5@1e-04", "nfe": 100}
+    assert out["verdict"] == "loses"
+    assert out["other_cost"] == {"setting": "dopri5@1e-04", "nfe": 100}
     assert out["ratio"] == pytest.approx(100 / 80)
     # with e loose enough for the rk4 point it is a fair win
     assert compare(BASE, other, 0.05)["verdict"] == "wins"
@@ -141,7 +142,7 @@ def test_measure_matches_the_linear_closed_form():
         assert row["mean_abs_d"] > 1e-4  # each is visibly inexact: the test can tell
     assert rows["dopri5@1e-03"]["mean_abs_d"] < rows["euler" + "x4"]["mean_abs_d"]
     assert model.flow.blocks[0].net.A.dtype == torch.float32  # the model was left alone
-    page = accuracy.markdown(out, "linear")
+    page = "\n".join(accuracy.model_table(out))
     assert "| rk4x2 | 8.0 |" in page and "cost at 0.01 nats per row" in page
 
 
@@ -154,14 +155,19 @@ def test_the_command_line_on_a_tiny_trained_checkpoint(tmp_path):
                        "--run-name", "tiny"]) == 0
     ckpt = tmp_path / "runs" / "tiny" / "checkpoints" / "last.ckpt"
     out = tmp_path / "acc"
-    assert accuracy.main(["--ckpt", str(ckpt), "--rows", "200", "--batch-size", "100",
-                          "--check-rows", "20", "--sample-rows", "30",
+    assert accuracy.main(["--ckpt", str(ckpt), str(ckpt), "--names", "a", "b", "--rows", "200",
+                          "--batch-size", "100", "--check-rows", "20", "--sample-rows", "30",
                           "--settings", "rk4x1", "rk4x4", "dopri5@1e-03",
                           "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
-    assert [r["setting"] for r in result["settings"]] == ["rk4x1", "rk4x4", "dopri5@1e-03"]
-    assert result["settings"][0]["nfe"] == 4 and result["setup"]["rows"] == 200
-    assert result["settings"][1]["mean_abs_d"] <= result["settings"][0]["mean_abs_d"]
-    assert "| rk4x4 | 16.0 |" in out.with_suffix(".md").read_text()
+    first = result["models"][0]
+    assert [r["setting"] for r in first["settings"]] == ["rk4x1", "rk4x4", "dopri5@1e-03"]
+    assert first["settings"][0]["nfe"] == 4 and result["setup"]["rows"] == 200
+    assert first["settings"][1]["mean_abs_d"] <= first["settings"][0]["mean_abs_d"]
+    # the same model twice: every comparison is a tie or neither, never a win
+    assert {c["verdict"] for c in result["comparisons"]} <= {"ties", "neither"}
+    assert len(result["comparisons"]) == len(accuracy.ACCURACIES)
+    page = out.with_suffix(".md").read_text()
+    assert "| rk4x4 | 16.0 |" in page and "## Against the first model" in page
     with pytest.raises(SystemExit, match="unknown settings"):
         accuracy.main(["--ckpt", str(ckpt), "--settings", "rk5x1"])
