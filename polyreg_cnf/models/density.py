@@ -25,6 +25,7 @@ from polyreg_cnf.models.system import FlowSystem
 
 __all__ = ["CNFDensityEstimator"]
 
+
 class CNFDensityEstimator(FlowSystem):
     r"""Density estimation :math:`\log p(x) = \log \mathcal{N}(z(T); 0, I) + \log|\det J|`.
 
@@ -40,8 +41,8 @@ class CNFDensityEstimator(FlowSystem):
     the mean per-row :math:`|\log p_{train\,solver}(x) - \log p_{eval\,solver}(x)|` over the
     first ``solver_gap_rows`` validation rows of each process (the same rows every validation:
     validation loaders do not shuffle), both in eval mode with the evaluation trace, so only the
-    solver differs. Above
-    :data:`polyreg_cnf.app.report.SOLVER_GAP_WARNING` the run summary warns.
+    solver differs. Above :data:`polyreg_cnf.app.report.SOLVER_GAP_WARNING` the run summary
+    warns.
 
     Args:
         dim: Data dimension D.
