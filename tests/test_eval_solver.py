@@ -194,6 +194,7 @@ def test_val_solver_gap_is_the_mean_gap_over_the_first_rows_only():
     assert second["val/solver_gap"] == first["val/solver_gap"]
     assert first["val/nll"] == pytest.approx(float(-exact.mean()), rel=1e-6)
     assert first["val/solver_gap"] > SOLVER_GAP_WARNING  # two Euler steps: a warned model
+    assert model.last_solver_gap == pytest.approx(first["val/solver_gap"])  # for the summary
 
 
 def test_no_solver_gap_when_training_and_evaluation_solve_alike():
@@ -218,6 +219,20 @@ def test_the_command_line_sets_the_evaluation_solver():
     for argv in (["--eval-solver", "rk4"], ["--eval-steps", "4"]):
         with pytest.raises(ConfigError, match="a fixed-grid --eval-solver needs --eval-steps"):
             parse_config(["--data", "checkerboard", *argv])
+
+
+def test_a_fixed_grid_run_prints_both_solvers_and_its_gap(tmp_path, capsys):
+    import train
+
+    assert train.main(["--data", "checkerboard", "--hidden-dims", "8,8", "--max-steps", "2",
+                       "--batch-size", "64", "--solver", "euler", "--step-size", "1.0",
+                       "--output-dir", str(tmp_path), "--logger", "none", "--no-progress",
+                       "--val-every", "2", "--limit-val-batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "training solver:            euler, step_size=1" in out
+    assert "evaluation solver:          dopri5, atol=1e-05, rtol=1e-05" in out
+    gap = float(out.split("solver gap (val, nats):")[1].split()[0])
+    assert gap > 0
 
 
 def test_the_summary_names_both_solvers_and_warns_above_the_threshold():

@@ -383,8 +383,7 @@ def execute(run: Run, prog: str = "train.py", quiet: bool = False) -> int:
 
 def _last_solver_gap(run: Run) -> float | None:
     """The last validation's ``val/solver_gap`` (None when it was not measured)."""
-    value = run.trainer.callback_metrics.get("val/solver_gap")
-    return None if value is None else float(value)
+    return getattr(run.model, "last_solver_gap", None)
 
 
 def summary_lines(run: Run, test_metrics: dict[str, float], wall: float) -> list[str]:

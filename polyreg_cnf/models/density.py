@@ -124,6 +124,9 @@ class CNFDensityEstimator(FlowSystem):
         self.test_nll = MeanMetric()
         self.val_solver_gap = MeanMetric()
         self._gap_rows_seen = 0
+        #: The last validation's ``val/solver_gap`` (None before one measured it): the run
+        #: summary prints it after testing, which replaces the trainer's logged metrics.
+        self.last_solver_gap: float | None = None
 
     # ------------------------------------------------------------------ model
     def log_prob(self, x: Tensor) -> Tensor:
@@ -187,6 +190,10 @@ class CNFDensityEstimator(FlowSystem):
 
     def on_validation_epoch_start(self) -> None:
         self._gap_rows_seen = 0
+
+    def on_validation_epoch_end(self) -> None:
+        if self._gap_rows_seen:
+            self.last_solver_gap = float(self.val_solver_gap.compute())
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = batch[0]
