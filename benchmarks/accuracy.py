@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -459,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload = {"title": args.title, "note": args.note,
                "setup": {"data": args.data, "rows": args.rows, "data_seed": args.data_seed,
                          "threads": args.threads,
-                         "command": "python -m benchmarks.accuracy " + " ".join(
+                         "command": "python -m benchmarks.accuracy " + shlex.join(
                              sys.argv[1:] if argv is None else argv),
                          "machine": {"cpu": platform.processor() or platform.machine(),
                                      "cores": os.cpu_count(), "torch": torch.__version__}},
