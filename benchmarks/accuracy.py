@@ -51,7 +51,8 @@ from polyreg_cnf.engine.ode import ode_blocks, solving_with
 from polyreg_cnf.engine.solver import ADAPTIVE_METHODS, FIXED_METHODS, SolverConfig
 from polyreg_cnf.models import CNFDensityEstimator
 
-__all__ = ["ACCURACIES", "CHECK_TOL", "NLL_MARGIN", "REFERENCE_TOL", "STEPS", "TOLERANCES",
+__all__ = ["ACCURACIES", "CHECK_TOL", "NLL_MARGIN", "REFERENCE_TOL", "STEPS", "STUDY",
+           "TOLERANCES",
            "Record", "Setting", "compare", "compare_seeds", "comparisons", "cost_at",
            "default_settings", "main", "markdown", "measure", "model_table", "records_of"]
 
@@ -387,6 +388,20 @@ def markdown(payload: Mapping[str, Any]) -> str:
                          f"{cost(c['other_cost'])} | {cost(c['base_cost'])} | {c['verdict']}: "
                          f"{c['reason']} |")
     return "\n".join(lines) + "\n"
+
+
+class _Study:
+    """What ``benchmarks.report`` asks of a study: its committed pages rendered from their
+    JSON."""
+
+    @staticmethod
+    def render(payload: Mapping[str, Any]) -> str:
+        """The page of ``payload`` (:func:`markdown`)."""
+        return markdown(payload)
+
+
+#: This study, for ``benchmarks.report`` (reports ``accuracy_*``).
+STUDY = _Study()
 
 
 # ------------------------------------------------------------------------------ command line

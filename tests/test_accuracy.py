@@ -6,6 +6,7 @@ give R(TA/k)^k x with R its stability polynomial and the same (exactly integrate
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,11 @@ def test_the_command_line_on_a_tiny_trained_checkpoint(tmp_path):
     assert "| rk4x4 | 16.0 |" in page and "## Against the first model" in page
     with pytest.raises(SystemExit, match="unknown settings"):
         accuracy.main(["--ckpt", str(ckpt), "--settings", "rk5x1"])
+
+
+@pytest.mark.parametrize("name", ["accuracy_pilot", "accuracy_pilot_rk4x4"])
+def test_the_committed_pilot_pages_render_from_their_json(name):
+    results = Path(accuracy.__file__).resolve().parent / "results"
+    payload = json.loads((results / f"{name}.json").read_text())
+    assert accuracy.STUDY.render(payload) == (results / f"{name}.md").read_text()
+    assert payload["note"].startswith("PILOT")
