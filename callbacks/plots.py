@@ -89,8 +89,10 @@ def sample_trajectories(blocks: list[CNF], num_points: int, num_times: int,
             end = block.end_time_tensor(z)
             t = torch.linspace(1.0, 0.0, num_times, dtype=z.dtype, device=z.device) * end
             atol, rtol = block.solver.tolerances(False)
-            traj = odeint(block.net, z, t, rtol=rtol, atol=atol, method=block.solver.method,
-                          options=block.solver.options())
+            # The evaluation solver (method and grid too), as the reported NLL uses.
+            traj = odeint(block.net, z, t, rtol=rtol, atol=atol,
+                          method=block.solver.method_for(False),
+                          options=block.solver.options(False))
             paths.append(traj[1:])
             times.append(t[1:] + float(offsets[index]))
             z = traj[-1]

@@ -60,6 +60,7 @@ REGISTRIES = {
     "divergence": DIVERGENCE_MODES,
     "posterior": POSTERIORS, "architecture": ARCHITECTURES,
     "solver": METHODS, "logger": LOGGER_KINDS,
+    "eval_solver": METHODS,
     "backprop": tuple(BACKPROP_KINDS), "poly_preset": ("paper",),
     "lr_schedule": ("constant", "cosine"), "test_ckpt": ("best", "last"),
 }

@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import Logger
 
 from polyreg_cnf.app.config import RunConfig, data_kind, dump_config
+from polyreg_cnf.app.report import solver_lines
 from polyreg_cnf.app.run_logging import (
     NFEProgressBar,
     finish_loggers,
@@ -493,6 +494,11 @@ def execute(run: Run, prog: str = "train.py", quiet: bool = False) -> int:
     return 0
 
 
+def _last_solver_gap(run: Run) -> float | None:
+    """The last validation's ``val/solver_gap`` (None when it was not measured)."""
+    return getattr(run.model, "last_solver_gap", None)
+
+
 def _quality_lines(run: Run, test_metrics: dict[str, float] | None,
                    tested: TestedWeights | None) -> list[str]:
     """The test numbers (or "skipped"), which weights they are of, and the validation record."""
@@ -540,6 +546,8 @@ def summary_lines(run: Run, test_metrics: dict[str, float] | None, wall: float,
         "",
         f"== polyreg-cnf: {c.model} on {c.data}, reg={c.reg}, seed={c.training.seed} ==",
         *_quality_lines(run, test_metrics, tested),
+        *solver_lines(c.solver().describe(True), c.solver().describe(False),
+                      _last_solver_gap(run)),
         f"forward NFE per step:       {summary.get('forward_mean', nan):.1f} "
         f"(last {window}: {summary.get('forward_last', nan):.1f})",
         f"backward NFE per step:      {summary.get('backward_mean', nan):.1f} "

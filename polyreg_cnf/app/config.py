@@ -57,7 +57,7 @@ from polyreg_cnf.engine.amortized import POSTERIORS
 from polyreg_cnf.engine.backprop import BACKPROP_KINDS, Adjoint, Auto, Backprop, make_backprop
 from polyreg_cnf.engine.cnf import DIVERGENCE_MODES, TRACE_TYPES
 from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
-from polyreg_cnf.engine.solver import METHODS, SolverConfig
+from polyreg_cnf.engine.solver import ADAPTIVE_METHODS, METHODS, SolverConfig
 from polyreg_cnf.engine.trace import NOISE_TYPES
 from polyreg_cnf.models import CNFDensityEstimator
 from polyreg_cnf.models.schedule import LR_SCHEDULES
@@ -226,6 +226,13 @@ class OdeOptions:
                               strict=True)
     eval_rtol: float = option(_solver("eval_rtol"), "relative tolerance in evaluation", low=0.0,
                               strict=True)
+    # Evaluation solver apart from the training one (issue 28): scores never come from the grid
+    # a model was trained on unless asked for.
+    eval_solver: str = option(_solver("eval_method"), "method of every evaluation solve "
+                              "(validation, test), whatever --solver trains with",
+                              choices=SOLVER_METHODS)
+    eval_steps: int | None = option(_solver("eval_steps"), "equal steps over each block's "
+                                    "[0, T] of a fixed-grid --eval-solver", low=1)
     backprop: str = option(_solver("backprop").kind, "gradients: auto (direct backprop while its "
                            "memory fits --memory-share of the free memory, else memory-bounded: "
                            "step checkpoints for penalised solves, the adjoint for others), "
@@ -481,6 +488,11 @@ class RunConfig:
         if self.reg == "poly" and poly["num_samples"] < poly["order"]:
             raise ConfigError(f"--poly-samples must be >= --poly-order, got "
                               f"{poly['num_samples']} < {poly['order']}")
+        eval_fixed = ode.eval_solver not in ADAPTIVE_METHODS
+        if eval_fixed != (ode.eval_steps is not None):
+            raise ConfigError(f"a fixed-grid --eval-solver needs --eval-steps, an adaptive one "
+                              f"takes none; got --eval-solver {ode.eval_solver} --eval-steps "
+                              f"{ode.eval_steps}")
         try:
             self.solver().backprop.check(ode.solver, train_T=flow.train_T)
         except (ValueError, TypeError) as err:
@@ -506,7 +518,8 @@ class RunConfig:
         return SolverConfig(method=ode.solver, atol=ode.atol, rtol=ode.rtol,
                             eval_atol=ode.eval_atol, eval_rtol=ode.eval_rtol,
                             backprop=backprop_from_options(ode), step_size=ode.step_size,
-                            max_nfe=ode.max_nfe)
+                            max_nfe=ode.max_nfe, eval_method=ode.eval_solver,
+                            eval_steps=ode.eval_steps)
 
     def regularizer(self) -> L.Callback | None:
         """The regularizer callback ``--reg`` names (:data:`REGULARIZERS`) with this run's

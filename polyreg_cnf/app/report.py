@@ -31,6 +31,7 @@ from polyreg_cnf.engine._checks import check_int
 
 __all__ = [
     "METRIC_ALIASES",
+    "SOLVER_GAP_WARNING",
     "ReportError",
     "RunLog",
     "find_metrics_file",
@@ -38,6 +39,7 @@ __all__ = [
     "main",
     "read_metrics",
     "render_report",
+    "solver_lines",
     "smooth",
     "summarize",
     "text_table",
@@ -56,7 +58,48 @@ METRIC_ALIASES: dict[str, tuple[str, ...]] = {
     "reg/poly": ("reg/poly_step", "reg/poly"),
     "val/nfe": ("val/nfe", "val/nfe_epoch"),
     "test/nfe": ("test/nfe", "test/nfe_epoch"),
+    "val/solver_gap": ("val/solver_gap", "val/solver_gap_epoch"),
 }
+
+# ------------------------------------------------------------------ training vs evaluation solver
+#: ``val/solver_gap`` (mean per-row nats between the training and the evaluation solver's
+#: log-densities) above which the run summary warns: a gap this large exceeds the NLL
+#: differences the project's model comparisons turn on, so the training solver's numbers no
+#: longer stand for the continuous model (a model trained on a coarse grid may game it).
+SOLVER_GAP_WARNING = 0.05
+
+
+def solver_lines(training: str, evaluation: str, solver_gap: float | None) -> list[str]:
+    """The run summary's lines on its two solvers and the last ``val/solver_gap``.
+
+    Args:
+        training: The training solve, described (:meth:`SolverConfig.describe`).
+        evaluation: The evaluation solve, described.
+        solver_gap: The last validation's ``val/solver_gap``; None when not measured (same
+            method in training and evaluation).
+
+    Example:
+        >>> for line in solver_lines("rk4, step_size=0.5", "dopri5, atol=1e-05, rtol=1e-05",
+        ...                          0.31):  # doctest: +NORMALIZE_WHITESPACE
+        ...     print(line)
+        training solver:            rk4, step_size=0.5
+        evaluation solver:          dopri5, atol=1e-05, rtol=1e-05 (every val/test NLL)
+        solver gap (val, nats):     0.3100
+        WARNING: the training solver's log-densities are 0.310 nats per row off the evaluation
+        solver's (threshold 0.05): its own-grid NLL does not measure this model; trust the
+        evaluation solver's.
+    """
+    lines = [f"training solver:            {training}",
+             f"evaluation solver:          {evaluation} (every val/test NLL)"]
+    if solver_gap is None or not math.isfinite(solver_gap):
+        return lines
+    lines.append(f"solver gap (val, nats):     {solver_gap:.4f}")
+    if solver_gap > SOLVER_GAP_WARNING:
+        lines.append(f"WARNING: the training solver's log-densities are {solver_gap:.3f} nats per "
+                     f"row off the evaluation solver's (threshold {SOLVER_GAP_WARNING:g}): its "
+                     f"own-grid NLL does not measure this model; trust the evaluation solver's.")
+    return lines
+
 
 _SEARCH_DEPTH = 3  # how deep below RUN_DIR to look for a single metrics.csv
 

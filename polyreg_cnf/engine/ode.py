@@ -9,8 +9,8 @@ penalised like the default [0, T] solve while a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ from polyreg_cnf.engine.observers import observe
 from polyreg_cnf.engine.solver import SolverConfig
 from polyreg_cnf.engine.solving import solve
 
-__all__ = ["ODEBlock", "ode_blocks"]
+__all__ = ["ODEBlock", "ode_blocks", "solving_with", "training_solves"]
 
 State = tuple[Tensor, ...]
 VectorField = Callable[[Tensor, State], State]
@@ -70,6 +70,9 @@ class ODEBlock(nn.Module):
             self.sqrt_T = nn.Parameter(torch.tensor(float(T) ** 0.5))
         self.nfe = NFECounter()
         self._params_checked = False
+        # Set by training_solves(): solve with the training method and tolerances even in eval
+        # mode (to measure the solver gap); never saved.
+        self._training_solves = False
 
     def end_time_tensor(self, like: Tensor) -> Tensor:
         """End time T as a tensor of ``like``'s dtype and device (differentiable if ``train_T``)."""
@@ -160,7 +163,9 @@ class ODEBlock(nn.Module):
             t = torch.stack([torch.zeros_like(end), end])
             if reverse:
                 t = t.flip(0)
-        atol, rtol = self.solver.tolerances(self.training)
+        # The training solver in training, the evaluation solver (its own method) otherwise.
+        as_training = self.training or self._training_solves
+        atol, rtol = self.solver.tolerances(as_training)
 
         def params() -> tuple[Tensor, ...]:
             # The tensors the adjoint or the step checkpoints send gradients to (checked once).
@@ -172,8 +177,9 @@ class ODEBlock(nn.Module):
             return found
 
         with observe(self.nfe):
-            traj = solve(field, y0, t, rtol=rtol, atol=atol, method=self.solver.method,
-                         options=self.solver.options(), backprop=self.solver.backprop,
+            traj = solve(field, y0, t, rtol=rtol, atol=atol,
+                         method=self.solver.method_for(as_training),
+                         options=self.solver.options(as_training), backprop=self.solver.backprop,
                          params=params, max_nfe=self.solver.max_nfe, site=self, state_index=0,
                          penalise=self.training)
         return tuple(x[-1] for x in traj) if ends_only else traj
@@ -220,3 +226,50 @@ def _check_adjoint_sees_everything(field: VectorField, t: Tensor, y0: State,
 def ode_blocks(module: nn.Module) -> list[ODEBlock]:
     """Every ODEBlock inside ``module`` (including CNF blocks), in module order."""
     return [m for m in module.modules() if isinstance(m, ODEBlock)]
+
+
+@contextmanager
+def _on_every_block(module: nn.Module, name: str, value: object) -> Iterator[list[ODEBlock]]:
+    """Set attribute ``name`` of every block of ``module`` to ``value``; restore it after."""
+    blocks = ode_blocks(module)
+    saved = [getattr(block, name) for block in blocks]
+    for block in blocks:
+        setattr(block, name, value)
+    try:
+        yield blocks
+    finally:
+        for block, own in zip(blocks, saved):
+            setattr(block, name, own)
+
+
+@contextmanager
+def training_solves(module: nn.Module) -> Iterator[None]:
+    """Every block of ``module`` solves with its training method and tolerances, even in eval
+    mode; nothing else about eval mode changes (the evaluation trace, no penalty).
+
+    The difference to the evaluation solve is then the training solver's own error: what
+    ``val/solver_gap`` reports. The evaluations made inside are not counted in the blocks' NFE,
+    so that ``val/nfe`` stays the evaluation solver's.
+    """
+    with _on_every_block(module, "_training_solves", True) as blocks:
+        counts = [block.nfe.as_dict() for block in blocks]
+        try:
+            yield
+        finally:
+            for block, saved in zip(blocks, counts):
+                for name, value in saved.items():
+                    setattr(block.nfe, name, value)
+
+
+@contextmanager
+def solving_with(module: nn.Module, solver: SolverConfig) -> Iterator[None]:
+    """Every block of ``module`` solves with ``solver`` inside the block, then gets its own
+    settings back (e.g. a few fixed steps for sampling).
+
+    Raises:
+        TypeError: ``solver`` is not a :class:`SolverConfig`.
+    """
+    if not isinstance(solver, SolverConfig):
+        raise TypeError(f"solver must be a SolverConfig, got {type(solver).__name__}")
+    with _on_every_block(module, "solver", solver):
+        yield

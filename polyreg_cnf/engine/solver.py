@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from polyreg_cnf.engine._checks import check_int, check_number
 from polyreg_cnf.engine._torchdiffeq import ADAPTIVE_METHODS, FIXED_METHODS, METHODS
 from polyreg_cnf.engine.backprop import (
@@ -16,7 +19,29 @@ from polyreg_cnf.engine.backprop import (
     make_backprop,
 )
 
-__all__ = ["ADAPTIVE_METHODS", "FIXED_METHODS", "METHODS", "SolverConfig"]
+__all__ = ["ADAPTIVE_METHODS", "FIXED_METHODS", "METHODS", "SolverConfig", "UniformGrid"]
+
+
+@dataclass(frozen=True)
+class UniformGrid:
+    """torchdiffeq ``grid_constructor``: ``steps`` equal steps from the first output time to the
+    last, whatever their span (a learned end time included).
+
+    A step count instead of a step size: the cost is known in advance (``steps`` times the
+    method's stages per solve) and no rounding of ``T / step_size`` adds a sliver of a step.
+
+    Example:
+        >>> UniformGrid(4)(None, None, torch.tensor([0.0, 1.0]))
+        tensor([0.0000, 0.2500, 0.5000, 0.7500, 1.0000])
+    """
+
+    steps: int
+
+    def __call__(self, func: Any, y0: Any, t: Tensor) -> Tensor:
+        """The grid over ``[t[0], t[-1]]``; its ends are exactly ``t``'s (torchdiffeq checks)."""
+        frac = torch.linspace(0.0, 1.0, self.steps + 1, dtype=t.dtype, device=t.device)
+        inner = t[0] + (t[-1] - t[0]) * frac[1:-1]
+        return torch.cat([t[:1], inner, t[-1:]])
 
 
 @dataclass(frozen=True)
@@ -30,6 +55,12 @@ class SolverConfig:
         rtol: Relative tolerance while training (paper: 1e-4).
         eval_atol: Absolute tolerance in evaluation, module in eval mode (paper: 1e-5).
         eval_rtol: Relative tolerance in evaluation (paper: 1e-5).
+        eval_method: The method of every solve in evaluation (module in eval mode: validation,
+            test, sampling), whatever ``method`` trains with: the default dopri5 at the
+            evaluation tolerances scores a model trained on a coarse fixed grid by its
+            continuous flow, not by the grid it may have learned to game.
+        eval_steps: Number of equal steps over each block's [0, T] of a fixed-grid
+            ``eval_method`` (required for one, refused for an adaptive one).
         backprop: How gradients are computed: a strategy of :mod:`polyreg_cnf.engine.backprop`
             (:class:`~polyreg_cnf.engine.backprop.Auto` by default: direct backprop while it fits
             a share of the free memory, memory-bounded otherwise), or its name (``"auto"``,
@@ -48,6 +79,11 @@ class SolverConfig:
         ((0.0001, 0.0001), (1e-06, 1e-05))
         >>> solver.options(), solver.backprop
         ({'first_step': 0.1}, Auto(memory_share=None, adjoint=Adjoint(carry=True, seminorm=False)))
+        >>> fast = SolverConfig(method="rk4", step_size=0.25)
+        >>> fast.method_for(training=True), fast.method_for(training=False)
+        ('rk4', 'dopri5')
+        >>> SolverConfig(eval_method="rk4", eval_steps=4).describe(training=False)
+        'rk4, 4 steps'
         >>> SolverConfig(method="rk4")
         Traceback (most recent call last):
         ...
@@ -59,6 +95,8 @@ class SolverConfig:
     rtol: float = 1e-4
     eval_atol: float = 1e-5
     eval_rtol: float = 1e-5
+    eval_method: str = "dopri5"
+    eval_steps: int | None = None
     backprop: Backprop = field(default_factory=Auto)
     first_step: float | None = None
     step_size: float | None = None
@@ -69,15 +107,25 @@ class SolverConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown solver method {self.method!r}; valid: {', '.join(METHODS)}")
+        if self.eval_method not in METHODS:
+            raise ValueError(f"unknown eval_method {self.eval_method!r}; valid: "
+                             f"{', '.join(METHODS)}")
         for name in ("atol", "rtol", "eval_atol", "eval_rtol", "first_step", "step_size"):
             value = getattr(self, name)
             if value is not None or name in ("atol", "rtol", "eval_atol", "eval_rtol"):
                 check_number(name, value, strict=True)
-        for name in ("max_num_steps", "max_nfe"):
+        for name in ("max_num_steps", "max_nfe", "eval_steps"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name))
         if self.method in FIXED_METHODS and self.step_size is None:
             raise ValueError(f"fixed-grid method {self.method!r} needs step_size, got None")
+        if self.eval_method in FIXED_METHODS and self.eval_steps is None:
+            raise ValueError(f"fixed-grid eval_method {self.eval_method!r} needs eval_steps, got "
+                             f"None")
+        if self.eval_method in ADAPTIVE_METHODS and self.eval_steps is not None:
+            raise ValueError(f"eval_steps applies to a fixed-grid eval_method only, got "
+                             f"eval_steps={self.eval_steps!r} with eval_method="
+                             f"{self.eval_method!r}")
         object.__setattr__(self, "backprop", make_backprop(self.backprop))
         self.backprop.check(self.method)
 
@@ -86,21 +134,48 @@ class SolverConfig:
         """Whether the method chooses its own steps."""
         return self.method in ADAPTIVE_METHODS
 
+    @property
+    def evaluation_differs(self) -> bool:
+        """Whether evaluation solves with another method (or grid) than training.
+
+        Tolerances alone do not count: the same adaptive method at a looser tolerance is the
+        same continuous model, its error bounded by that tolerance. This is when
+        ``val/solver_gap`` is measured.
+        """
+        return self.method != self.eval_method or not self.adaptive
+
+    def method_for(self, training: bool) -> str:
+        """The torchdiffeq method of a solve in training or in evaluation."""
+        return self.method if training else self.eval_method
+
     def tolerances(self, training: bool) -> tuple[float, float]:
         """(atol, rtol) for training or for evaluation."""
         return (self.atol, self.rtol) if training else (self.eval_atol, self.eval_rtol)
 
-    def options(self) -> dict[str, Any]:
-        """The ``options`` dict torchdiffeq's odeint takes for this method."""
+    def options(self, training: bool = True) -> dict[str, Any]:
+        """The ``options`` dict torchdiffeq's odeint takes for the training method, or for the
+        evaluation method with ``training=False``."""
         opts: dict[str, Any] = dict(self.extra_options)
-        if self.adaptive:
+        if self.method_for(training) in ADAPTIVE_METHODS:
             if self.first_step is not None:
                 opts["first_step"] = self.first_step
             if self.max_num_steps is not None:
                 opts["max_num_steps"] = self.max_num_steps
-        else:
+        elif training:
             opts["step_size"] = self.step_size
+        else:
+            opts["grid_constructor"] = UniformGrid(self.eval_steps)
         return opts
+
+    def describe(self, training: bool) -> str:
+        """One line naming the training or the evaluation solve (for summaries)."""
+        method = self.method_for(training)
+        if method in ADAPTIVE_METHODS:
+            atol, rtol = self.tolerances(training)
+            return f"{method}, atol={atol:g}, rtol={rtol:g}"
+        if training:
+            return f"{method}, step_size={self.step_size:g}"
+        return f"{method}, {self.eval_steps} steps"
 
     def fresh(self) -> SolverConfig:
         """The same settings with a strategy holding no decisions (one per model)."""

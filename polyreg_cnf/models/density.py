@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,8 @@ from polyreg_cnf.engine.nets import (
     DEFAULT_NONLINEARITY,
     ODENet,
 )
-from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.engine.ode import solving_with, training_solves
+from polyreg_cnf.engine.solver import FIXED_METHODS, SolverConfig
 from polyreg_cnf.models.schedule import check_schedule
 from polyreg_cnf.models.system import FlowSystem
 
@@ -28,10 +30,19 @@ class CNFDensityEstimator(FlowSystem):
     r"""Density estimation :math:`\log p(x) = \log \mathcal{N}(z(T); 0, I) + \log|\det J|`.
 
     Training minimises the mean negative log-likelihood (nats) of standardised data; validation
-    and test report it with the evaluation tolerances and the evaluation trace (exact by
-    default), aggregated with torchmetrics so that under DDP the logged value is the mean over
-    every sample of every process. Optional ``data_mean`` / ``data_std`` (saved with the model)
-    let :meth:`log_prob_raw` score data in its original units.
+    and test report it with the evaluation solver (``solver.eval_method``, dopri5 by default,
+    at the evaluation tolerances, whatever the training method) and the evaluation trace
+    (exact by default), aggregated with torchmetrics so that under DDP the logged value is the
+    mean over every sample of every process. Optional ``data_mean`` / ``data_std`` (saved with
+    the model) let :meth:`log_prob_raw` score data in its original units.
+
+    When the training solve differs from the evaluation solve in method or grid
+    (:attr:`SolverConfig.evaluation_differs`), every validation also logs ``val/solver_gap``:
+    the mean per-row :math:`|\log p_{train\,solver}(x) - \log p_{eval\,solver}(x)|` over the
+    first ``solver_gap_rows`` validation rows of each process (the same rows every validation:
+    validation loaders do not shuffle), both in eval mode with the evaluation trace, so only the
+    solver differs. Above :data:`polyreg_cnf.app.report.SOLVER_GAP_WARNING` the run summary
+    warns.
 
     Args:
         dim: Data dimension D.
@@ -53,6 +64,8 @@ class CNFDensityEstimator(FlowSystem):
             training steps; see :mod:`polyreg_cnf.models.schedule`).
         data_mean: Per-feature mean used to standardise the data (for raw scoring).
         data_std: Per-feature std used to standardise the data.
+        solver_gap_rows: Validation rows per process ``val/solver_gap`` is measured on (0: never
+            measured).
 
     Example:
         With every weight zero the vector field vanishes, the flow is the identity and
@@ -79,9 +92,11 @@ class CNFDensityEstimator(FlowSystem):
                  noise: str = "rademacher", divergence: str = "auto", lr: float = 1e-3,
                  weight_decay: float = 0.0, lr_schedule: str = "constant",
                  data_mean: Sequence[float] | None = None,
-                 data_std: Sequence[float] | None = None) -> None:
+                 data_std: Sequence[float] | None = None,
+                 solver_gap_rows: int = 1000) -> None:
         super().__init__()
         check_int("num_blocks", num_blocks)
+        self.solver_gap_rows = check_int("solver_gap_rows", solver_gap_rows, minimum=0)
         check_number("lr", lr, strict=True)
         check_number("weight_decay", weight_decay)
         self.lr_schedule = check_schedule(lr_schedule)
@@ -107,6 +122,11 @@ class CNFDensityEstimator(FlowSystem):
         self.register_buffer("data_std", std)
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
+        self.val_solver_gap = MeanMetric()
+        self._gap_rows_seen = 0
+        #: The last validation's ``val/solver_gap`` (None before one measured it): the run
+        #: summary prints it after testing, which replaces the trainer's logged metrics.
+        self.last_solver_gap: float | None = None
 
     # ------------------------------------------------------------------ model
     def log_prob(self, x: Tensor) -> Tensor:
@@ -122,11 +142,42 @@ class CNFDensityEstimator(FlowSystem):
         return self.log_prob(x) - self.data_std.log().sum()
 
     @torch.no_grad()
-    def sample(self, num: int, generator: torch.Generator | None = None) -> Tensor:
-        """Draw ``num`` samples (standardised units) by integrating the flow backwards."""
-        z = torch.randn(num, self.dim, generator=generator, device=self.device)
-        x, _ = self.flow(z, reverse=True)
-        return x
+    def sample(self, num: int, generator: torch.Generator | None = None,
+               steps: int | None = None, method: str = "rk4") -> Tensor:
+        """Draw ``num`` samples (standardised units) by integrating the flow backwards.
+
+        Args:
+            num: Number of samples.
+            generator: Random generator of the latent draws.
+            steps: Solve each block with ``steps`` equal steps of the fixed-grid ``method``
+                (``steps`` times the method's stages evaluations per block: rk4 has 4), in eval
+                mode. ``None``: the solver of the module's mode (the evaluation solver in eval
+                mode).
+            method: The fixed-grid method of ``steps`` (one of ``FIXED_METHODS``).
+
+        Returns:
+            Samples of shape (num, D).
+
+        Raises:
+            ValueError: ``steps`` not a positive int, or ``method`` not fixed-grid.
+        """
+        check_int("num", num)
+        z = torch.randn(num, self.dim, generator=generator, device=self.device,
+                        dtype=self.data_std.dtype)
+        if steps is None:
+            return self.flow(z, reverse=True)[0]
+        check_int("steps", steps)
+        if method not in FIXED_METHODS:
+            raise ValueError(f"sample(steps=...) needs a fixed-grid method, got {method!r}; "
+                             f"valid: {', '.join(FIXED_METHODS)}")
+        fixed = dataclasses.replace(self.solver, eval_method=method, eval_steps=steps)
+        was_training = self.flow.training
+        self.flow.eval()
+        try:
+            with solving_with(self.flow, fixed):
+                return self.flow(z, reverse=True)[0]
+        finally:
+            self.flow.train(was_training)
 
     # ------------------------------------------------------------------ Lightning
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -137,10 +188,25 @@ class CNFDensityEstimator(FlowSystem):
         self.log("train/loss", nll, on_step=True, on_epoch=False, batch_size=x.shape[0])
         return nll
 
+    def on_validation_epoch_start(self) -> None:
+        self._gap_rows_seen = 0
+
+    def on_validation_epoch_end(self) -> None:
+        if self._gap_rows_seen:
+            self.last_solver_gap = float(self.val_solver_gap.compute())
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        nll = -self.log_prob(batch[0])
-        self.val_nll.update(nll)
+        x = batch[0]
+        log_p = self.log_prob(x)
+        self.val_nll.update(-log_p)
         self.log("val/nll", self.val_nll, on_epoch=True, prog_bar=True)
+        take = min(self.solver_gap_rows - self._gap_rows_seen, x.shape[0])
+        if self.solver.evaluation_differs and take > 0:
+            with training_solves(self.flow):
+                gap = (self.log_prob(x[:take]) - log_p[:take]).abs()
+            self._gap_rows_seen += take
+            self.val_solver_gap.update(gap)
+            self.log("val/solver_gap", self.val_solver_gap, on_epoch=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         nll = -self.log_prob(batch[0])
