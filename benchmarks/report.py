@@ -36,8 +36,8 @@ def study_of(name: str) -> str:
     """The module of ``benchmarks`` that renders report ``name``.
 
     Example:
-        >>> study_of("frontier_long"), study_of("long_fresh"), study_of("step_cost_door")
-        ('frontier', 'run', 'step_cost')
+        >>> study_of("frontier_long"), study_of("long_fresh"), study_of("accuracy_pilot")
+        ('frontier', 'run', 'accuracy')
     """
     from benchmarks.run import SUITES
 
@@ -47,6 +47,8 @@ def study_of(name: str) -> str:
         return "run"
     if name.startswith("step_cost"):
         return "step_cost"
+    if name.startswith("accuracy"):
+        return "accuracy"
     return name
 
 
