@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -19,26 +20,30 @@ from torch.nn import functional as F
 
 from polyreg_cnf.engine._checks import check_int, check_ints
 from polyreg_cnf.engine.cnf import CNF
+from polyreg_cnf.engine.factor_grad import FactorGrad, anchor, factor_bmm
 from polyreg_cnf.engine.nets import NONLINEARITIES, ODENet
 from polyreg_cnf.engine.solver import SolverConfig
 
-__all__ = ["POSTERIORS", "AmortizedODENet", "FlowPosterior", "LayerFactors", "low_rank_linear"]
+__all__ = ["POSTERIORS", "AmortizedODENet", "FlowPosterior", "LayerFactors", "LowRankContext",
+           "low_rank_linear"]
 
 #: Kinds of approximate posterior: low-rank amortized CNF, one shared CNF, or none (Gaussian).
 POSTERIORS = ("amortized", "cnf", "gaussian")
 
 
 def low_rank_linear(u: Tensor, weight: Tensor, bias: Tensor, U: Tensor, V: Tensor,
-                    c: Tensor, scale: float = 1.0) -> Tensor:
+                    c: Tensor, scale: float = 1.0,
+                    grads: tuple[FactorGrad | None, FactorGrad | None] = (None, None)
+                    ) -> Tensor:
     r"""A linear layer with a per-sample rank-r weight update and a per-sample bias.
 
     .. math:: y_b = (W + s\, U_b V_b^\top)\, u_b + a + c_b
 
-    computed as :math:`W u_b + U_b (s\, V_b^\top u_b) + a + c_b`, i.e. without forming the
+    computed as :math:`W u_b + (s\, u_b^\top V_b) U_b^\top + a + c_b`, i.e. without forming the
     per-sample matrix (cost O(r (n_in + n_out)) per sample instead of O(n_in n_out)). The scale
     s multiplies the small projected vector (B, r), never the factors: U and V may be strided
     views of a larger tensor and are read in place (``bmm`` takes any batch stride), so an
-    evaluation copies nothing of their size and their gradients are plain ``bmm`` products.
+    evaluation copies nothing of their size.
 
     Args:
         u: Inputs, shape (B, n_in).
@@ -48,19 +53,35 @@ def low_rank_linear(u: Tensor, weight: Tensor, bias: Tensor, U: Tensor, V: Tenso
         V: Per-sample right factors, shape (B, n_in, r).
         c: Per-sample biases, shape (B, n_out).
         scale: The scalar s.
+        grads: ``(U's, V's)`` :class:`FactorGrad` handles (see :func:`factor_bmm`), or None.
 
     Returns:
         Shape (B, n_out).
     """
-    projected = torch.bmm(u.unsqueeze(1), V)  # (B, 1, r)
+    projected = factor_bmm(u.unsqueeze(1), V, grads[1])  # (B, 1, r)
     if scale != 1.0:
         projected = projected * scale
-    update = torch.bmm(U, projected.transpose(1, 2)).squeeze(2)
+    update = factor_bmm(projected, U, grads[0], transpose=True).squeeze(1)
     return F.linear(u, weight, bias) + update + c
 
 
-#: One layer's per-sample factors ``(U, V, c)`` and the scale s of its update s U V^T.
-LayerFactors = tuple[Tensor, Tensor, Tensor, float]
+class LayerFactors(NamedTuple):
+    """One layer's per-sample factors, the scale s of its update s U V^T, and (while
+    gradients are on, for the forward-mode divergence) the handles of U's and V's gathered
+    gradients."""
+
+    U: Tensor
+    V: Tensor
+    c: Tensor
+    scale: float
+    grads: tuple[FactorGrad | None, FactorGrad | None] = (None, None)
+
+
+class LowRankContext(tuple):
+    """:meth:`AmortizedODENet.prepare_context`'s result: the flat factors (a tuple of views of
+    the context, what the adjoint differentiates) and their :class:`FactorGrad` handles."""
+
+    grads: tuple[FactorGrad | None, ...] = ()
 
 
 class AmortizedODENet(nn.Module):
@@ -123,7 +144,7 @@ class AmortizedODENet(nn.Module):
         check_int("feature_dim", feature_dim)
         return nn.Linear(feature_dim, self.context_size)
 
-    def prepare_context(self, context: Tensor) -> tuple[Tensor, ...]:
+    def prepare_context(self, context: Tensor) -> LowRankContext:
         r"""Split ``context`` (B, P) into the flat factors :math:`(U_1, V_1, c_1, \dots, c_L)`.
 
         Views of ``context`` made by ONE split (U (B, n_out, r), V (B, n_in, r), c (B, n_out)
@@ -133,6 +154,15 @@ class AmortizedODENet(nn.Module):
         factor. A CNF block calls it once per solve and hands the result to :meth:`forward`
         and, as the tensors to differentiate, to the adjoint.
         """
+        shaped = self._split(context)
+        out = LowRankContext(shaped)
+        if torch.is_grad_enabled() and context.requires_grad:
+            # U and V of every layer get a handle for gathered gradients; c's gradient is
+            # (B, n_out) per evaluation and is left to autograd.
+            out.grads = tuple(anchor(f) if i % 3 != 2 else None for i, f in enumerate(shaped))
+        return out
+
+    def _split(self, context: Tensor) -> list[Tensor]:
         if not isinstance(context, Tensor) or context.ndim != 2 \
                 or context.shape[1] != self.context_size:
             got = tuple(context.shape) if isinstance(context, Tensor) else context
@@ -144,23 +174,27 @@ class AmortizedODENet(nn.Module):
         for i, (n_in, n_out) in enumerate(self.shapes):
             U, V, c = parts[3 * i:3 * i + 3]
             shaped += [U.reshape(B, n_out, r), V.reshape(B, n_in, r), c]
-        return tuple(shaped)
+        return shaped
 
     def unpack(self, context: Tensor | Sequence[Tensor]) -> list[LayerFactors]:
-        r"""``(U, V, c, s)`` per layer, from ``context`` (B, P) or from :meth:`prepare_context`.
+        r""":class:`LayerFactors` per layer, from ``context`` (B, P) or from
+        :meth:`prepare_context`.
 
         The layer's update is :math:`s\, U_b V_b^\top` with :math:`s = 1/\sqrt{r\, n_{in}}`
         (the scaling described above, applied by :func:`low_rank_linear` to a (B, r) tensor
         instead of to the factors).
         """
-        factors = self.prepare_context(context) if isinstance(context, Tensor) \
+        factors = self._split(context) if isinstance(context, Tensor) \
             else self._check_factors(context)
-        return [(factors[3 * i], factors[3 * i + 1], factors[3 * i + 2],
-                 1.0 / (math.sqrt(self.rank) * math.sqrt(n_in)))
+        grads = getattr(factors, "grads", ()) or (None,) * len(factors)
+        return [LayerFactors(factors[3 * i], factors[3 * i + 1], factors[3 * i + 2],
+                             1.0 / (math.sqrt(self.rank) * math.sqrt(n_in)),
+                             (grads[3 * i], grads[3 * i + 1]))
                 for i, (n_in, _) in enumerate(self.shapes)]
 
     def _check_factors(self, factors: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        factors = tuple(factors)
+        if not isinstance(factors, LowRankContext):
+            factors = tuple(factors)
         r = self.rank
         want = [s for n_in, n_out in self.shapes for s in ((n_out, r), (n_in, r), (n_out,))]
         got = [tuple(f.shape[1:]) if isinstance(f, Tensor) else f for f in factors]
@@ -178,9 +212,11 @@ class AmortizedODENet(nn.Module):
             raise ValueError(f"context and z need the same batch size, got "
                              f"{params[0][0].shape[0]} and {z.shape[0]}")
         tt = t.to(z.dtype).expand(z.shape[0], 1)
-        for i, (layer, (U, V, c, scale)) in enumerate(zip(self.layers, params)):
-            z = low_rank_linear(torch.cat([tt, z], dim=1), layer.weight, layer.bias, U, V, c,
-                                scale)
+        for i, (layer, f) in enumerate(zip(self.layers, params)):
+            # Plain products (no gathered gradients): the reverse-mode trace differentiates
+            # this forward twice.
+            z = low_rank_linear(torch.cat([tt, z], dim=1), layer.weight, layer.bias, f.U, f.V,
+                                f.c, f.scale)
             if i < len(self.layers) - 1:
                 z = self.act(z)
         return z

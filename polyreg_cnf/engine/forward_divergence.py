@@ -44,12 +44,13 @@ Derivatives", SIAM 2008, ch. 3 (forward-mode propagation of tangents).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from polyreg_cnf.engine.factor_grad import factor_bmm
 from polyreg_cnf.engine.nets import ConcatLinear, ConcatSquashLinear, ODENet
 
 __all__ = ["DERIVATIVES", "compiled_field_and_divergence", "field_and_divergence",
@@ -119,15 +120,19 @@ class LayerJacobian(NamedTuple):
     Attributes:
         weight: W, shape (n_out, n_in).
         U: Per-sample left factors (B, n_out, r), or None (no low-rank term).
-        V: Per-sample right factors (B, n_in, r), or None.
+        V: Per-sample right factors (B, 1 + n_in, r), row 0 the time input's (which has no
+            tangent and is skipped), or None.
         scale: The scalar s of the low-rank term (applied to the small (B, K, r) products,
             never to the factors).
+        grads: U's and V's gathered-gradient handles
+            (:class:`~polyreg_cnf.engine.amortized.FactorGrad`), or None.
     """
 
     weight: Tensor
     U: Tensor | None = None
     V: Tensor | None = None
     scale: float = 1.0
+    grads: tuple[Any, Any] = (None, None)
 
 
 def concat_layer(t: Tensor, x: Tensor, weight: Tensor,
@@ -156,17 +161,20 @@ def concatsquash_layer(t: Tensor, x: Tensor, weight: Tensor, bias: Tensor, gate_
 
 
 def low_rank_layer(t: Tensor, x: Tensor, weight: Tensor, bias: Tensor, U: Tensor, V: Tensor,
-                   c: Tensor, scale: float = 1.0) -> tuple[Tensor, LayerJacobian]:
+                   c: Tensor, scale: float = 1.0, grads: tuple[Any, Any] = (None, None)
+                   ) -> tuple[Tensor, LayerJacobian]:
     r"""Amortized concat layer :math:`y_b = (W + s\, U_b V_b^\top) [t; x_b] + a + c_b`.
 
     Jacobian :math:`W_{:, 1:} + s\, U_b (V_{b, 1:})^\top` (a view of V: nothing copied).
-    Same operations as :class:`~polyreg_cnf.engine.amortized.AmortizedODENet`'s layers.
+    Same operations as :class:`~polyreg_cnf.engine.amortized.AmortizedODENet`'s layers; with
+    ``grads`` the factors' gradients are gathered over the solve's evaluations
+    (:func:`~polyreg_cnf.engine.amortized.factor_bmm`).
     """
     from polyreg_cnf.engine.amortized import low_rank_linear
 
     tt = t.to(x.dtype).expand(x.shape[0], 1)
-    y = low_rank_linear(torch.cat([tt, x], dim=1), weight, bias, U, V, c, scale)
-    return y, LayerJacobian(weight[:, 1:], U, V[:, 1:], scale)
+    y = low_rank_linear(torch.cat([tt, x], dim=1), weight, bias, U, V, c, scale, grads)
+    return y, LayerJacobian(weight[:, 1:], U, V, scale, grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,16 +194,17 @@ def _push(tangent: Tensor | None, jac: LayerJacobian) -> Tensor:
         out = jac.weight.t()
         if jac.U is not None and jac.V is not None:
             # W^T + s V U^T in one call: the scale rides on the product, not on a factor.
-            out = torch.baddbmm(out.expand(jac.V.shape[0], *out.shape), jac.V,
+            out = torch.baddbmm(out.expand(jac.V.shape[0], *out.shape), jac.V[:, 1:],
                                 jac.U.transpose(1, 2), alpha=jac.scale)
         return out
     out = F.linear(tangent, jac.weight)
     if jac.U is not None and jac.V is not None:
         many = tangent if tangent.ndim == 3 else tangent.unsqueeze(1)
-        projected = torch.bmm(many, jac.V)  # (B, K, r): the small tensor takes the scale
+        # (B, K, r): the small tensor takes the scale; V's row 0 (time) has no tangent.
+        projected = factor_bmm(many, jac.V, jac.grads[1], offset=1)
         if jac.scale != 1.0:
             projected = projected * jac.scale
-        low_rank = torch.bmm(projected, jac.U.transpose(1, 2))
+        low_rank = factor_bmm(projected, jac.U, jac.grads[0], transpose=True)
         out = out + (low_rank if tangent.ndim == 3 else low_rank.squeeze(1))
     return out
 
@@ -210,11 +219,12 @@ def _diagonal_sum(tangent: Tensor | None, jac: LayerJacobian) -> Tensor:
     if tangent is None:
         total = torch.diagonal(jac.weight).sum()
         if jac.U is not None and jac.V is not None:
-            total = total + jac.scale * (jac.U * jac.V).sum(dim=(1, 2))
+            total = total + jac.scale * (jac.U * jac.V[:, 1:]).sum(dim=(1, 2))
         return total
     total = (tangent * jac.weight).sum(dim=(1, 2))
     if jac.U is not None and jac.V is not None:
-        total = total + jac.scale * (torch.bmm(tangent, jac.V) * jac.U).sum(dim=(1, 2))
+        total = total + jac.scale * (factor_bmm(tangent, jac.V, jac.grads[1], offset=1)
+                                     * jac.U).sum(dim=(1, 2))
     return total
 
 

@@ -198,8 +198,8 @@ def per_solve_context(net: nn.Module, context: Tensor | None
     prepare = getattr(net, "prepare_context", None)
     if context is None or not callable(prepare):
         return context, (context,)
-    factors = tuple(prepare(context))
-    return factors, factors
+    factors = prepare(context)
+    return factors, tuple(factors)
 
 
 def _check_adjoint_sees_everything(field: VectorField, t: Tensor, y0: State,
