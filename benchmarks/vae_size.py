@@ -111,8 +111,9 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from polyreg_cnf.app.presets import VAE_PRESETS
     from polyreg_cnf.datamodules.images import make_datamodule
+
+    from polyreg_cnf.app.presets import VAE_PRESETS
     from polyreg_cnf.models.vae import build_vae
 
     preset_name, dm_name, full_test = SIZES[args.size]
@@ -329,9 +330,10 @@ def main(argv: list[str] | None = None) -> None:
             strategies += _run_pair([(here_python, ROOT, [
                 "--size", "mnist", "--backprop", kind, "--steps", str(args.strategy_steps),
                 "--warmup", "1", "--is-images", "0", "--no-checkpoint"])])
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     data = {"conditions": (f"{os.cpu_count()} CPUs shared with other jobs; each worker one "
                            f"thread (torch.set_num_threads(1)); before and after workers of a "
-                           f"size run at the same time; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"),
+                           f"size run at the same time; {stamp}"),
             "command": "python -m benchmarks.vae_size " + " ".join(sys.argv[1:]),
             "runs": runs, "ratios": ratios, "strategies": strategies}
     args.out.parent.mkdir(parents=True, exist_ok=True)
