@@ -237,7 +237,8 @@ def _gb(n: float | None) -> str:
 
 def _markdown(data: dict[str, Any]) -> str:
     lines = ["# The CNF-VAE at the paper's sizes (benchmarks/vae_size.py)", "",
-             f"{data['conditions']}", "",
+             f"{data['conditions']}.", "", "Commands: " + "; ".join(
+                 f"`{c}`" for c in data["commands"]) + ".", "",
              "## Training step (median of the timed steps; CPU seconds on one core)", "",
              "| size | code | params | s/step CPU | s/step wall | NFE fwd/bwd | matmul floor s "
              "| peak RSS GB | Adamax state GB | checkpoint GB |",
@@ -302,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time the four backprop strategies at MNIST (this code)")
     parser.add_argument("--strategy-steps", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "vae_size.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="add to the results file (a size measured again replaces its rows)")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args)))
@@ -309,36 +312,46 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup),
               "--is-images", str(args.is_images), "--is-samples", str(args.is_samples)]
     here_python = sys.executable
-    runs, ratios = [], {}
+    data: dict[str, Any] = {"runs": [], "ratios": {}, "strategies": [], "commands": []}
+    if args.merge and args.out.exists():
+        data = json.loads(args.out.read_text())
+    data["commands"].append("python -m benchmarks.vae_size " + " ".join(sys.argv[1:]))
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    data["conditions"] = (f"{os.cpu_count()} CPUs shared with other jobs (load average about "
+                          f"{os.getloadavg()[0]:.0f} at the start); each worker one thread "
+                          f"(torch.set_num_threads(1)); before and after workers of a size run "
+                          f"at the same time; last run {stamp}")
+
+    def save() -> None:
+        # After every measurement: a long run that is stopped keeps what it measured.
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(_markdown(data))
+
     for size in args.sizes:
         jobs = [(here_python, ROOT, ["--size", size, *common])]
         if args.before is not None:
             jobs.append((str(args.before / ".venv" / "bin" / "python"), args.before,
                          ["--size", size, *common]))
         results = _run_pair(jobs)
+        data["runs"] = [r for r in data["runs"] if r["size"] != size]
         for code, r in zip(("after", "before"), results):
             r["code"] = code
-            runs.append(r)
+            data["runs"].append(r)
         if len(results) == 2:
             after, before = (_summary(r) for r in results)
-            ratios[size] = {"cpu_ratio": after["cpu_s"] / before["cpu_s"],
-                            "wall_ratio": after["wall_s"] / before["wall_s"],
-                            "same_nfe": after["nfe"] == before["nfe"]}
-    strategies = []
+            data["ratios"][size] = {"cpu_ratio": after["cpu_s"] / before["cpu_s"],
+                                    "wall_ratio": after["wall_s"] / before["wall_s"],
+                                    "same_nfe": after["nfe"] == before["nfe"]}
+        save()
     if args.strategies:
+        data["strategies"] = []
         for kind in STRATEGIES:
-            strategies += _run_pair([(here_python, ROOT, [
+            data["strategies"] += _run_pair([(here_python, ROOT, [
                 "--size", "mnist", "--backprop", kind, "--steps", str(args.strategy_steps),
                 "--warmup", "1", "--is-images", "0", "--no-checkpoint"])])
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    data = {"conditions": (f"{os.cpu_count()} CPUs shared with other jobs; each worker one "
-                           f"thread (torch.set_num_threads(1)); before and after workers of a "
-                           f"size run at the same time; {stamp}"),
-            "command": "python -m benchmarks.vae_size " + " ".join(sys.argv[1:]),
-            "runs": runs, "ratios": ratios, "strategies": strategies}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(_markdown(data))
+            save()
+    save()
     print(_markdown(data))
 
 
