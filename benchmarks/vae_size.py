@@ -121,8 +121,8 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
                            "torch": torch.__version__}
     with tempfile.TemporaryDirectory(prefix="vae_size_") as tmp:
         root = Path(tmp)
-        _write_files(dm_name, root, np.random.default_rng(0), n_train=100 * (args.steps + 2),
-                     n_eval=max(100, args.is_images))
+        _write_files(dm_name, root, np.random.default_rng(0),
+                     n_train=100 * (args.warmup + args.steps + 2), n_eval=max(100, args.is_images))
         dm = make_datamodule(dm_name, root, batch_size=100)
         dm.prepare_data()
         dm.setup("fit")
@@ -164,6 +164,15 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
                 steps.append(row)
             print(f"[{args.size} {args.backprop}] step {i}: {row}", file=sys.stderr, flush=True)
         out["steps"] = steps
+        if args.flops:
+            # Counted apart from the timed steps (the counting mode slows every operation).
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                log_px, kl = model.elbo_terms(next(batches)[0])
+                (kl - log_px).mean().backward()
+            out["train_step_flops"] = counter.get_total_flops()
+            opt.zero_grad(set_to_none=True)
         out["optimizer_state_bytes"] = sum(v.numel() * v.element_size()
                                            for s in opt.state.values() for v in s.values()
                                            if torch.is_tensor(v))
@@ -197,6 +206,12 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
                                  "cpu_s_per_image_sample": cpu_s / rows,
                                  "full_test_images": full_test,
                                  "projected_full_cpu_s": cpu_s / rows * full_test * IS_SAMPLES}
+                if args.flops:
+                    from torch.utils.flop_counter import FlopCounterMode
+
+                    with FlopCounterMode(display=False) as counter:
+                        model.importance_nll(x, args.is_samples, chunk=args.is_samples)
+                    out["is_nll"]["flops_per_image_sample"] = counter.get_total_flops() / rows
         out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
 
@@ -297,10 +312,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--is-samples", type=int, default=50,
                         help="importance samples per image in the measurement")
     parser.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
+                        help="count the FLOPs of a training step and of an IS-NLL row")
     parser.add_argument("--before", type=Path, default=None,
                         help="checkout of the baseline (with its own .venv), run side by side")
-    parser.add_argument("--strategies", action="store_true",
-                        help="also time the four backprop strategies at MNIST (this code)")
+    parser.add_argument("--strategies", nargs="*", choices=STRATEGIES, default=None,
+                        help="also time these backprop strategies at MNIST (this code; no "
+                             "names: all four)")
     parser.add_argument("--strategy-steps", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "vae_size.json")
     parser.add_argument("--merge", action="store_true",
@@ -310,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_worker(args)))
         return
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--is-images", str(args.is_images), "--is-samples", str(args.is_samples)]
+              "--is-images", str(args.is_images), "--is-samples", str(args.is_samples),
+              "--flops" if args.flops else "--no-flops"]
     here_python = sys.executable
     data: dict[str, Any] = {"runs": [], "ratios": {}, "strategies": [], "commands": []}
     if args.merge and args.out.exists():
@@ -344,9 +363,10 @@ def main(argv: list[str] | None = None) -> None:
                                     "wall_ratio": after["wall_s"] / before["wall_s"],
                                     "same_nfe": after["nfe"] == before["nfe"]}
         save()
-    if args.strategies:
-        data["strategies"] = []
-        for kind in STRATEGIES:
+    if args.strategies is not None:
+        kinds = args.strategies or list(STRATEGIES)
+        data["strategies"] = [r for r in data.get("strategies", []) if r["backprop"] not in kinds]
+        for kind in kinds:
             data["strategies"] += _run_pair([(here_python, ROOT, [
                 "--size", "mnist", "--backprop", kind, "--steps", str(args.strategy_steps),
                 "--warmup", "1", "--is-images", "0", "--no-checkpoint"])])
