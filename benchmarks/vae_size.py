@@ -286,6 +286,20 @@ def _markdown(data: dict[str, Any]) -> str:
                      f"| {isn['cpu_s']:.1f} | {isn['nfe_forward']} "
                      f"| {isn['projected_full_cpu_s'] / 3600:.0f} "
                      f"| {val['cpu_s'] / val['images'] * 100:.2f} | {per_epoch:.0f} |")
+    flops = dict(data.get("flops", {}))
+    for row in data["runs"]:
+        if row["code"] == "after" and "train_step_flops" in row:
+            flops.setdefault(row["size"], {
+                "train_step_flops": row["train_step_flops"],
+                "is_flops_per_image_sample": row["is_nll"]["flops_per_image_sample"]})
+    if flops:
+        lines += ["", "## FLOPs (torch.utils.flop_counter: matmuls and convolutions)", "",
+                  "| size | training step GFLOP | IS-NLL GFLOP per image and sample "
+                  "| full test split at 1000 samples, PFLOP |", "|---|---|---|---|"]
+        for size, f in flops.items():
+            full = f["is_flops_per_image_sample"] * SIZES[size][2] * IS_SAMPLES
+            lines.append(f"| {size} | {f['train_step_flops'] / 1e9:.0f} "
+                         f"| {f['is_flops_per_image_sample'] / 1e9:.2f} | {full / 1e15:.1f} |")
     if data.get("strategies"):
         lines += ["", "## Backprop strategies at MNIST (this code)", "",
                   "| strategy | s/step CPU | s/step wall | NFE fwd/bwd | peak RSS GB |",
@@ -320,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time these backprop strategies at MNIST (this code; no "
                              "names: all four)")
     parser.add_argument("--strategy-steps", type=int, default=1)
+    parser.add_argument("--count-flops", nargs="*", choices=list(SIZES), default=[],
+                        help="count the FLOPs of these sizes only (no timing)")
     parser.add_argument("--out", type=Path, default=RESULTS / "vae_size.json")
     parser.add_argument("--merge", action="store_true",
                         help="add to the results file (a size measured again replaces its rows)")
@@ -362,6 +378,16 @@ def main(argv: list[str] | None = None) -> None:
             data["ratios"][size] = {"cpu_ratio": after["cpu_s"] / before["cpu_s"],
                                     "wall_ratio": after["wall_s"] / before["wall_s"],
                                     "same_nfe": after["nfe"] == before["nfe"]}
+        save()
+    for size in args.count_flops:
+        # FLOPs only (no timed step): for a size measured without --flops.
+        (r,) = _run_pair([(here_python, ROOT, [
+            "--size", size, "--steps", "0", "--warmup", "0", "--is-images", "1",
+            "--is-samples", "2", "--no-checkpoint", "--flops"])])
+        data.setdefault("flops", {})[size] = {
+            "train_step_flops": r["train_step_flops"],
+            "is_flops_per_image_sample": r["is_nll"]["flops_per_image_sample"],
+            "is_nfe_forward": r["is_nll"]["nfe_forward"]}
         save()
     if args.strategies is not None:
         kinds = args.strategies or list(STRATEGIES)
