@@ -44,3 +44,17 @@ def test_auto_keeps_the_adjoint_for_an_ordinary_ends_only_solve():
     assert site.adjoint_heavy is False
     auto.agree("adjoint", fell_back=False)
     assert auto.mode(cnf, torch.tensor([0.0, 0.5])) == "adjoint"
+
+
+def test_the_papers_vae_sizes_are_adjoint_heavy_and_the_digits_are_not():
+    from polyreg_cnf.app.presets import VAE_PRESETS
+
+    def heavy(name: str) -> bool:
+        p = VAE_PRESETS[name]
+        net = AmortizedODENet(p["z_dim"], p["hidden_dims"], p["rank"])
+        params = p["batch_size"] * net.context_size + sum(x.numel() for x in net.parameters())
+        state = p["batch_size"] * (p["z_dim"] + 1)  # z and the log-determinant
+        return params >= ADJOINT_HEAVY_RATIO * state
+
+    assert not heavy("digits")  # the quick suites' VAE keeps its previous choices
+    assert all(heavy(name) for name in ("mnist", "omniglot", "freyfaces", "caltech"))

@@ -311,9 +311,10 @@ class Auto(Backprop):
 
 
 #: The adjoint integrates every parameter's gradient in its augmented state: when the
-#: parameters number this many times the ODE state or more (the amortized VAE at the paper's
-#: sizes: its per-sample factors, 4400x at MNIST; the 8x8-digits VAE: 80x), :class:`Auto`'s
-#: memory-bounded choice is the step checkpoints, which keep no such state.
+#: parameters number this many times the ODE state or more (the amortized VAE at every
+#: published size, by its per-sample factors: about 4400x at MNIST; not the 8x8-digits VAE, at
+#: about 80x), :class:`Auto`'s memory-bounded choice is the step checkpoints, which keep no such
+#: state (4.5x faster than the adjoint at MNIST, benchmarks/results/vae_size.md).
 ADJOINT_HEAVY_RATIO = 256
 
 #: The strategy of each ``--backprop`` name.
