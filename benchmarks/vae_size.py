@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=list(SIZES), default="mnist", help=argparse.SUPPRESS)
     parser.add_argument("--backprop", choices=STRATEGIES, default="direct")
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--sizes", nargs="*", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warmup")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--is-images", type=int, default=2,
