@@ -212,7 +212,7 @@ def test_amortized_weights_differ_across_samples():
     head = net.make_head(16)
     context = head(torch.randn(2, 16))
     assert context.shape == (2, net.context_size)
-    for U, V, c in net.unpack(context):
+    for U, V, c, _scale, _grads in net.unpack(context):
         assert not torch.allclose(U[0], U[1]) and not torch.allclose(V[0], V[1])
         assert not torch.allclose(c[0], c[1])
     z = torch.randn(1, 4).expand(2, 4)  # same state, different data points

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -19,23 +20,30 @@ from torch.nn import functional as F
 
 from polyreg_cnf.engine._checks import check_int, check_ints
 from polyreg_cnf.engine.cnf import CNF
+from polyreg_cnf.engine.factor_grad import FactorGrad, anchor, factor_bmm
 from polyreg_cnf.engine.nets import NONLINEARITIES, ODENet
 from polyreg_cnf.engine.solver import SolverConfig
 
-__all__ = ["POSTERIORS", "AmortizedODENet", "FlowPosterior", "low_rank_linear"]
+__all__ = ["POSTERIORS", "AmortizedODENet", "FlowPosterior", "LayerFactors", "LowRankContext",
+           "low_rank_linear"]
 
 #: Kinds of approximate posterior: low-rank amortized CNF, one shared CNF, or none (Gaussian).
 POSTERIORS = ("amortized", "cnf", "gaussian")
 
 
 def low_rank_linear(u: Tensor, weight: Tensor, bias: Tensor, U: Tensor, V: Tensor,
-                    c: Tensor) -> Tensor:
+                    c: Tensor, scale: float = 1.0,
+                    grads: tuple[FactorGrad | None, FactorGrad | None] = (None, None)
+                    ) -> Tensor:
     r"""A linear layer with a per-sample rank-r weight update and a per-sample bias.
 
-    .. math:: y_b = (W + U_b V_b^\top)\, u_b + a + c_b
+    .. math:: y_b = (W + s\, U_b V_b^\top)\, u_b + a + c_b
 
-    computed as :math:`W u_b + U_b (V_b^\top u_b) + a + c_b`, i.e. without forming the
-    per-sample matrix (cost O(r (n_in + n_out)) per sample instead of O(n_in n_out)).
+    computed as :math:`W u_b + (s\, u_b^\top V_b) U_b^\top + a + c_b`, i.e. without forming the
+    per-sample matrix (cost O(r (n_in + n_out)) per sample instead of O(n_in n_out)). The scale
+    s multiplies the small projected vector (B, r), never the factors: U and V may be strided
+    views of a larger tensor and are read in place (``bmm`` takes any batch stride), so an
+    evaluation copies nothing of their size.
 
     Args:
         u: Inputs, shape (B, n_in).
@@ -44,12 +52,36 @@ def low_rank_linear(u: Tensor, weight: Tensor, bias: Tensor, U: Tensor, V: Tenso
         U: Per-sample left factors, shape (B, n_out, r).
         V: Per-sample right factors, shape (B, n_in, r).
         c: Per-sample biases, shape (B, n_out).
+        scale: The scalar s.
+        grads: ``(U's, V's)`` :class:`FactorGrad` handles (see :func:`factor_bmm`), or None.
 
     Returns:
         Shape (B, n_out).
     """
-    projected = torch.einsum("bir,bi->br", V, u)
-    return F.linear(u, weight, bias) + torch.einsum("bor,br->bo", U, projected) + c
+    projected = factor_bmm(u.unsqueeze(1), V, grads[1])  # (B, 1, r)
+    if scale != 1.0:
+        projected = projected * scale
+    update = factor_bmm(projected, U, grads[0], transpose=True).squeeze(1)
+    return F.linear(u, weight, bias) + update + c
+
+
+class LayerFactors(NamedTuple):
+    """One layer's per-sample factors, the scale s of its update s U V^T, and (while
+    gradients are on, for the forward-mode divergence) the handles of U's and V's gathered
+    gradients."""
+
+    U: Tensor
+    V: Tensor
+    c: Tensor
+    scale: float
+    grads: tuple[FactorGrad | None, FactorGrad | None] = (None, None)
+
+
+class LowRankContext(tuple):
+    """:meth:`AmortizedODENet.prepare_context`'s result: the flat factors (a tuple of views of
+    the context, what the adjoint differentiates) and their :class:`FactorGrad` handles."""
+
+    grads: tuple[FactorGrad | None, ...] = ()
 
 
 class AmortizedODENet(nn.Module):
@@ -62,10 +94,12 @@ class AmortizedODENet(nn.Module):
 
     with a nonlinearity between layers. The net owns the shared :math:`W, a`; the per-sample
     factors arrive flattened in ONE tensor ``context`` of shape (B, :attr:`context_size`) (made
-    by the head of :meth:`make_head` from h), so a CNF block hands exactly one extra tensor to
-    the adjoint and gradients reach the encoder through it. Unpacking scales
-    :math:`V_b` by :math:`1/\sqrt{n_{in}}` and :math:`U_b` by :math:`1/\sqrt{r}` so that the
-    update starts at the size of an ordinary layer's output whatever the width and rank.
+    by the head of :meth:`make_head` from h); a CNF block splits it once per solve
+    (:meth:`prepare_context`) and hands the views to the adjoint, so gradients reach the
+    encoder through it. The update is scaled by
+    :math:`1/\sqrt{r\, n_{in}}` (:math:`V_b` by :math:`1/\sqrt{n_{in}}`, :math:`U_b` by
+    :math:`1/\sqrt{r}`) so that it starts at the size of an ordinary layer's output whatever
+    the width and rank.
 
     Reference: Grathwohl et al., FFJORD, ICLR 2019 (low-rank amortized CNF posterior).
 
@@ -110,30 +144,79 @@ class AmortizedODENet(nn.Module):
         check_int("feature_dim", feature_dim)
         return nn.Linear(feature_dim, self.context_size)
 
-    def unpack(self, context: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Split ``context`` (B, P) into ``(U, V, c)`` per layer, scaled as described above."""
-        if context.ndim != 2 or context.shape[1] != self.context_size:
-            raise ValueError(f"context must have shape (B, {self.context_size}), got "
-                             f"{tuple(context.shape)}")
-        out, start = [], 0
-        B, r = context.shape[0], self.rank
-        for n_in, n_out in self.shapes:
-            U, V, c = context[:, start:start + self.rank * (n_in + n_out) + n_out].split(
-                [n_out * r, n_in * r, n_out], dim=1)
-            start += r * (n_in + n_out) + n_out
-            out.append((U.reshape(B, n_out, r) / math.sqrt(r),
-                        V.reshape(B, n_in, r) / math.sqrt(n_in), c))
+    def prepare_context(self, context: Tensor) -> LowRankContext:
+        r"""Split ``context`` (B, P) into the flat factors :math:`(U_1, V_1, c_1, \dots, c_L)`.
+
+        Views of ``context`` made by ONE split (U (B, n_out, r), V (B, n_in, r), c (B, n_out)
+        per layer, unscaled), so a solve does this once and every evaluation reads them in
+        place: the backward pass sums each factor's gradient over the evaluations and writes
+        the context's gradient once, instead of one context-sized buffer per evaluation and
+        factor. A CNF block calls it once per solve and hands the result to :meth:`forward`
+        and, as the tensors to differentiate, to the adjoint.
+        """
+        shaped = self._split(context)
+        out = LowRankContext(shaped)
+        if torch.is_grad_enabled() and context.requires_grad:
+            # U and V of every layer get a handle for gathered gradients; c's gradient is
+            # (B, n_out) per evaluation and is left to autograd.
+            out.grads = tuple(anchor(f) if i % 3 != 2 else None for i, f in enumerate(shaped))
         return out
 
-    def forward(self, t: Tensor, z: Tensor, context: Tensor) -> Tensor:
-        """dz/dt for each sample under its own parameters; z (B, D), context (B, P)."""
-        if context.shape[0] != z.shape[0]:
-            raise ValueError(f"context and z need the same batch size, got {context.shape[0]} "
-                             f"and {z.shape[0]}")
+    def _split(self, context: Tensor) -> list[Tensor]:
+        if not isinstance(context, Tensor) or context.ndim != 2 \
+                or context.shape[1] != self.context_size:
+            got = tuple(context.shape) if isinstance(context, Tensor) else context
+            raise ValueError(f"context must have shape (B, {self.context_size}), got {got!r}")
+        B, r = context.shape[0], self.rank
+        sizes = [n for n_in, n_out in self.shapes for n in (n_out * r, n_in * r, n_out)]
+        parts = context.split(sizes, dim=1)
+        shaped = []
+        for i, (n_in, n_out) in enumerate(self.shapes):
+            U, V, c = parts[3 * i:3 * i + 3]
+            shaped += [U.reshape(B, n_out, r), V.reshape(B, n_in, r), c]
+        return shaped
+
+    def unpack(self, context: Tensor | Sequence[Tensor]) -> list[LayerFactors]:
+        r""":class:`LayerFactors` per layer, from ``context`` (B, P) or from
+        :meth:`prepare_context`.
+
+        The layer's update is :math:`s\, U_b V_b^\top` with :math:`s = 1/\sqrt{r\, n_{in}}`
+        (the scaling described above, applied by :func:`low_rank_linear` to a (B, r) tensor
+        instead of to the factors).
+        """
+        factors = self._split(context) if isinstance(context, Tensor) \
+            else self._check_factors(context)
+        grads = getattr(factors, "grads", ()) or (None,) * len(factors)
+        return [LayerFactors(factors[3 * i], factors[3 * i + 1], factors[3 * i + 2],
+                             1.0 / (math.sqrt(self.rank) * math.sqrt(n_in)),
+                             (grads[3 * i], grads[3 * i + 1]))
+                for i, (n_in, _) in enumerate(self.shapes)]
+
+    def _check_factors(self, factors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        if not isinstance(factors, LowRankContext):
+            factors = tuple(factors)
+        r = self.rank
+        want = [s for n_in, n_out in self.shapes for s in ((n_out, r), (n_in, r), (n_out,))]
+        got = [tuple(f.shape[1:]) if isinstance(f, Tensor) else f for f in factors]
+        if len(factors) != len(want) or any(g != w for g, w in zip(got, want)) \
+                or len({f.shape[0] for f in factors}) != 1:
+            raise ValueError(f"factors must be prepare_context's tuple, per-sample shapes "
+                             f"{want}, got {got}")
+        return factors
+
+    def forward(self, t: Tensor, z: Tensor, context: Tensor | Sequence[Tensor]) -> Tensor:
+        """dz/dt for each sample under its own parameters; z (B, D), context (B, P) or the
+        factors of :meth:`prepare_context`."""
         params = self.unpack(context)
+        if params[0][0].shape[0] != z.shape[0]:
+            raise ValueError(f"context and z need the same batch size, got "
+                             f"{params[0][0].shape[0]} and {z.shape[0]}")
         tt = t.to(z.dtype).expand(z.shape[0], 1)
-        for i, (layer, (U, V, c)) in enumerate(zip(self.layers, params)):
-            z = low_rank_linear(torch.cat([tt, z], dim=1), layer.weight, layer.bias, U, V, c)
+        for i, (layer, f) in enumerate(zip(self.layers, params)):
+            # Plain products (no gathered gradients): the reverse-mode trace differentiates
+            # this forward twice.
+            z = low_rank_linear(torch.cat([tt, z], dim=1), layer.weight, layer.bias, f.U, f.V,
+                                f.c, f.scale)
             if i < len(self.layers) - 1:
                 z = self.act(z)
         return z

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -43,8 +44,8 @@ from polyreg_cnf.engine.memory import (
 )
 from polyreg_cnf.engine.step_checkpoint import evaluations_per_step
 
-__all__ = ["BACKPROP_KINDS", "Adjoint", "Auto", "Backprop", "Direct", "StepCheckpoint",
-           "backprop_from_dict", "make_backprop"]
+__all__ = ["ADJOINT_HEAVY_RATIO", "BACKPROP_KINDS", "Adjoint", "Auto", "Backprop", "Direct",
+           "StepCheckpoint", "backprop_from_dict", "make_backprop"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ class _Site:
     """What :class:`Auto` knows about one place that solves (one ODE block)."""
 
     bytes_per_row: float | None = None
+    #: Whether the adjoint's parameter state dwarfs the ODE state (see ADJOINT_HEAVY_RATIO).
+    adjoint_heavy: bool | None = None
     choice: str | None = None
     proposal: str | None = None
     checkpoint_fits: bool = False
@@ -149,7 +152,9 @@ class Auto(Backprop):
     its own proposal until :meth:`agree` sets one choice for every site. A site's first solve
     uses the adjoint while it measures. On CUDA a direct solve that runs out of memory is redone
     with the adjoint and the site stays memory-bounded. Memory-bounded means step checkpoints
-    for a solve with interior output times when one step's graph fits, the adjoint otherwise.
+    for a solve with interior output times when one step's graph fits, the adjoint otherwise;
+    for a site whose parameters outnumber its state :data:`ADJOINT_HEAVY_RATIO` times, step
+    checkpoints whenever one step's graph fits (its first solve included).
 
     Args:
         memory_share: Share of free memory direct backprop may use, in (0, 1]; default 0.25 on
@@ -225,13 +230,37 @@ class Auto(Backprop):
         if not state.fell_back and state.choice == "direct":
             return "direct"
         # Undecided (the first training solve, while the site measures) means the adjoint: the
-        # choice that cannot run out of memory (checkpoint_fits is still False). The adjoint
-        # must stop at every output time, so the step checkpoints are cheaper for a solve with
-        # interior times, while on an ends-only solve the adjoint is
-        # (benchmarks/results/adjoint_overhead.md).
-        if state.checkpoint_fits and len(times) > 2 and not times.requires_grad:
+        # choice that cannot run out of memory (checkpoint_fits is still False), unless the
+        # site is adjoint-heavy and one step's graph fits. The adjoint must stop at every
+        # output time, so the step checkpoints are cheaper for a solve with interior times,
+        # while on an ends-only solve the adjoint is (benchmarks/results/adjoint_overhead.md),
+        # except where the parameters it integrates dwarf the state: then every backward stage
+        # combines millions of numbers, and the step checkpoints are several times faster
+        # (4.5x on the VAE at MNIST size, benchmarks/results/vae_size.md).
+        if state.checkpoint_fits and not times.requires_grad and (
+                len(times) > 2 or state.adjoint_heavy):
             return "checkpoint"
         return "adjoint"
+
+    def weigh_adjoint(self, key: object, y0: tuple[Tensor, ...],
+                      params: Callable[[], Sequence[Tensor]], method: str) -> None:
+        """Whether the adjoint of site ``key`` would carry a parameter state at least
+        :data:`ADJOINT_HEAVY_RATIO` times its ODE state (once per site); if so, and before the
+        first proposal, whether one step's graph fits (the step checkpoints then bound the
+        memory of the first solve instead of the adjoint)."""
+        state = self.site(key)
+        if state.adjoint_heavy is not None:
+            return
+        n_params = sum(p.numel() for p in params())
+        state.adjoint_heavy = n_params >= ADJOINT_HEAVY_RATIO * sum(y.numel() for y in y0)
+        if state.adjoint_heavy and state.proposal is None and method in ADAPTIVE_METHODS \
+                and state.bytes_per_row is not None:
+            ref = y0[0]
+            share = self.memory_share or default_memory_share(ref.device)
+            need = int(state.bytes_per_row * max(int(ref.shape[0]), 1))
+            state.checkpoint_fits = choose_backprop(
+                need, evaluations_per_step(method), available_memory(ref.device),
+                share) == "direct"
 
     def measure(self, key: object, field: Any, t: Tensor, y0: tuple[Tensor, ...]) -> None:
         """Bytes autograd keeps per evaluation and batch row, once per site (one uncounted
@@ -280,6 +309,13 @@ class Auto(Backprop):
         object.__setattr__(self, "_sites", {})
         object.__setattr__(self, "_agreed", list(state["_agreed"]))
 
+
+#: The adjoint integrates every parameter's gradient in its augmented state: when the
+#: parameters number this many times the ODE state or more (the amortized VAE at every
+#: published size, by its per-sample factors: about 4400x at MNIST; not the 8x8-digits VAE, at
+#: about 80x), :class:`Auto`'s memory-bounded choice is the step checkpoints, which keep no such
+#: state (4.5x faster than the adjoint at MNIST, benchmarks/results/vae_size.md).
+ADJOINT_HEAVY_RATIO = 256
 
 #: The strategy of each ``--backprop`` name.
 BACKPROP_KINDS: dict[str, type[Backprop]] = {

@@ -18,7 +18,7 @@ from polyreg_cnf.engine.forward_divergence import (
     supports_forward_divergence,
 )
 from polyreg_cnf.engine.observers import IntegrandObserver, active
-from polyreg_cnf.engine.ode import ODEBlock
+from polyreg_cnf.engine.ode import ODEBlock, per_solve_context
 from polyreg_cnf.engine.solver import SolverConfig
 from polyreg_cnf.engine.trace import NOISE_TYPES, divergence_exact, sample_probe
 
@@ -146,6 +146,9 @@ class CNF(ODEBlock):
         eps = sample_probe(z, self.noise) if mode == "hutchinson" or wants_vjp else None
         exact = mode == "exact"
         forward_mode = None if wants_vjp else self._forward_mode
+        # Once per solve: an amortized net's factors as views of the context (see
+        # per_solve_context); the adjoint differentiates those views.
+        context, extra = per_solve_context(net, context)
 
         def field(t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             y = state[0]
@@ -177,7 +180,7 @@ class CNF(ODEBlock):
 
         zeros = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         state = (z, zeros) + ((zeros,) * observer.size if observer is not None else ())
-        out = self.solve(field, state, extra_params=(context,), reverse=reverse)
+        out = self.solve(field, state, extra_params=extra, reverse=reverse)
         if observer is not None:
             observer.record(tuple(out[2:]))
         return out[0], out[1]

@@ -44,12 +44,13 @@ Derivatives", SIAM 2008, ch. 3 (forward-mode propagation of tangents).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from polyreg_cnf.engine.factor_grad import factor_bmm
 from polyreg_cnf.engine.nets import ConcatLinear, ConcatSquashLinear, ODENet
 
 __all__ = ["DERIVATIVES", "compiled_field_and_divergence", "field_and_divergence",
@@ -114,17 +115,24 @@ _DEFAULT_SETTINGS: dict[type[nn.Module], dict[str, float]] = {
 # ---------------------------------------------------------------------------------------------
 
 class LayerJacobian(NamedTuple):
-    r"""The layer's Jacobian :math:`M_b = W + U_b V_b^\top` with respect to its input.
+    r"""The layer's Jacobian :math:`M_b = W + s\, U_b V_b^\top` with respect to its input.
 
     Attributes:
         weight: W, shape (n_out, n_in).
         U: Per-sample left factors (B, n_out, r), or None (no low-rank term).
-        V: Per-sample right factors (B, n_in, r), or None.
+        V: Per-sample right factors (B, 1 + n_in, r), row 0 the time input's (which has no
+            tangent and is skipped), or None.
+        scale: The scalar s of the low-rank term (applied to the small (B, K, r) products,
+            never to the factors).
+        grads: U's and V's gathered-gradient handles
+            (:class:`~polyreg_cnf.engine.amortized.FactorGrad`), or None.
     """
 
     weight: Tensor
     U: Tensor | None = None
     V: Tensor | None = None
+    scale: float = 1.0
+    grads: tuple[Any, Any] = (None, None)
 
 
 def concat_layer(t: Tensor, x: Tensor, weight: Tensor,
@@ -153,17 +161,20 @@ def concatsquash_layer(t: Tensor, x: Tensor, weight: Tensor, bias: Tensor, gate_
 
 
 def low_rank_layer(t: Tensor, x: Tensor, weight: Tensor, bias: Tensor, U: Tensor, V: Tensor,
-                   c: Tensor) -> tuple[Tensor, LayerJacobian]:
-    r"""Amortized concat layer :math:`y_b = (W + U_b V_b^\top) [t; x_b] + a + c_b`.
+                   c: Tensor, scale: float = 1.0, grads: tuple[Any, Any] = (None, None)
+                   ) -> tuple[Tensor, LayerJacobian]:
+    r"""Amortized concat layer :math:`y_b = (W + s\, U_b V_b^\top) [t; x_b] + a + c_b`.
 
-    Jacobian :math:`W_{:, 1:} + U_b (V_{b, 1:})^\top`. Same operations as
-    :class:`~polyreg_cnf.engine.amortized.AmortizedODENet`'s layers.
+    Jacobian :math:`W_{:, 1:} + s\, U_b (V_{b, 1:})^\top` (a view of V: nothing copied).
+    Same operations as :class:`~polyreg_cnf.engine.amortized.AmortizedODENet`'s layers; with
+    ``grads`` the factors' gradients are gathered over the solve's evaluations
+    (:func:`~polyreg_cnf.engine.amortized.factor_bmm`).
     """
     from polyreg_cnf.engine.amortized import low_rank_linear
 
     tt = t.to(x.dtype).expand(x.shape[0], 1)
-    y = low_rank_linear(torch.cat([tt, x], dim=1), weight, bias, U, V, c)
-    return y, LayerJacobian(weight[:, 1:], U, V[:, 1:])
+    y = low_rank_linear(torch.cat([tt, x], dim=1), weight, bias, U, V, c, scale, grads)
+    return y, LayerJacobian(weight[:, 1:], U, V, scale, grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,12 +193,18 @@ def _push(tangent: Tensor | None, jac: LayerJacobian) -> Tensor:
     if tangent is None:
         out = jac.weight.t()
         if jac.U is not None and jac.V is not None:
-            out = out + torch.bmm(jac.V, jac.U.transpose(1, 2))
+            # W^T + s V U^T in one call: the scale rides on the product, not on a factor.
+            out = torch.baddbmm(out.expand(jac.V.shape[0], *out.shape), jac.V[:, 1:],
+                                jac.U.transpose(1, 2), alpha=jac.scale)
         return out
     out = F.linear(tangent, jac.weight)
     if jac.U is not None and jac.V is not None:
         many = tangent if tangent.ndim == 3 else tangent.unsqueeze(1)
-        low_rank = torch.bmm(torch.bmm(many, jac.V), jac.U.transpose(1, 2))
+        # (B, K, r): the small tensor takes the scale; V's row 0 (time) has no tangent.
+        projected = factor_bmm(many, jac.V, jac.grads[1], offset=1)
+        if jac.scale != 1.0:
+            projected = projected * jac.scale
+        low_rank = factor_bmm(projected, jac.U, jac.grads[0], transpose=True)
         out = out + (low_rank if tangent.ndim == 3 else low_rank.squeeze(1))
     return out
 
@@ -202,11 +219,12 @@ def _diagonal_sum(tangent: Tensor | None, jac: LayerJacobian) -> Tensor:
     if tangent is None:
         total = torch.diagonal(jac.weight).sum()
         if jac.U is not None and jac.V is not None:
-            total = total + (jac.U * jac.V).sum(dim=(1, 2))
+            total = total + jac.scale * (jac.U * jac.V[:, 1:]).sum(dim=(1, 2))
         return total
     total = (tangent * jac.weight).sum(dim=(1, 2))
     if jac.U is not None and jac.V is not None:
-        total = total + (torch.bmm(tangent, jac.V) * jac.U).sum(dim=(1, 2))
+        total = total + jac.scale * (factor_bmm(tangent, jac.V, jac.grads[1], offset=1)
+                                     * jac.U).sum(dim=(1, 2))
     return total
 
 
@@ -277,6 +295,7 @@ def supports_forward_divergence(net: nn.Module) -> bool:
         return all(type(layer) in (ConcatLinear, ConcatSquashLinear) for layer in net.layers)
     if isinstance(net, AmortizedODENet) and type(net).forward is AmortizedODENet.forward:
         return (type(net).unpack is AmortizedODENet.unpack
+                and type(net).prepare_context is AmortizedODENet.prepare_context
                 and all(type(layer) is nn.Linear for layer in net.layers))
     return False
 
@@ -294,7 +313,8 @@ def _odenet_layers(net: ODENet,
 
 
 def field_and_divergence(net: nn.Module, t: Tensor, z: Tensor, *, probe: Tensor | None,
-                         context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                         context: Tensor | tuple[Tensor, ...] | None = None
+                         ) -> tuple[Tensor, Tensor]:
     r"""The vector field and its divergence in one forward-mode pass.
 
     .. math:: f(t, z), \qquad \operatorname{tr} J \;\text{(probe None)} \quad\text{or}\quad
@@ -317,7 +337,9 @@ def field_and_divergence(net: nn.Module, t: Tensor, z: Tensor, *, probe: Tensor 
         z: State, shape (B, D).
         probe: Hutchinson probe, shape (B, D), or None for the exact trace.
         context: Per-sample parameters, shape (B, P), for an
-            :class:`~polyreg_cnf.engine.amortized.AmortizedODENet` (and only for it).
+            :class:`~polyreg_cnf.engine.amortized.AmortizedODENet` (and only for it), or the
+            factors its ``prepare_context`` made from them (what a CNF block passes: split
+            once per solve, not once per evaluation).
 
     Returns:
         ``(f, div)`` with shapes (B, D) and (B,).
@@ -346,12 +368,13 @@ def field_and_divergence(net: nn.Module, t: Tensor, z: Tensor, *, probe: Tensor 
         layers = _odenet_layers(net, t)
     elif type(net) is AmortizedODENet or (isinstance(net, AmortizedODENet)
                                           and supports_forward_divergence(net)):
-        if context is None or context.shape[0] != z.shape[0]:
+        factors = None if context is None else net.unpack(context)
+        if factors is None or factors[0][0].shape[0] != z.shape[0]:
             raise ValueError(f"an AmortizedODENet needs a context of shape ({z.shape[0]}, "
-                             f"{net.context_size}), got "
-                             f"{None if context is None else tuple(context.shape)}")
+                             f"{net.context_size}) or its prepare_context factors, got "
+                             f"{None if context is None else _shapes(context)}")
         layers = [(lambda x, lin=lin, p=p: low_rank_layer(t, x, lin.weight, lin.bias, *p))
-                  for lin, p in zip(net.layers, net.unpack(context))]
+                  for lin, p in zip(net.layers, factors)]
     else:
         raise TypeError(f"forward-mode divergence supports ODENet and AmortizedODENet, got "
                         f"{type(net).__name__}; use polyreg_cnf.engine.trace for other fields")
@@ -362,13 +385,19 @@ def field_and_divergence(net: nn.Module, t: Tensor, z: Tensor, *, probe: Tensor 
     return _propagate(layers, net.act, z, probe)
 
 
+def _shapes(context: Tensor | tuple[Tensor, ...]) -> object:
+    if isinstance(context, Tensor):
+        return tuple(context.shape)
+    return [tuple(x.shape) for x in context]
+
+
 def _dynamic_batch_entry(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
-                         context: Tensor | None) -> tuple[Tensor, Tensor]:
+                         context: Tensor | tuple[Tensor, ...] | None) -> tuple[Tensor, Tensor]:
     return field_and_divergence(net, t, z, probe=probe, context=context)
 
 
 def _static_batch_entry(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
-                        context: Tensor | None) -> tuple[Tensor, Tensor]:
+                        context: Tensor | tuple[Tensor, ...] | None) -> tuple[Tensor, Tensor]:
     return field_and_divergence(net, t, z, probe=probe, context=context)
 
 
@@ -379,7 +408,8 @@ _COMPILED: dict[bool, Callable[..., tuple[Tensor, Tensor]]] = {}
 
 
 def compiled_field_and_divergence(net: nn.Module, t: Tensor, z: Tensor, *,
-                                  probe: Tensor | None, context: Tensor | None = None,
+                                  probe: Tensor | None,
+                                  context: Tensor | tuple[Tensor, ...] | None = None,
                                   dynamic_batch: bool = True) -> tuple[Tensor, Tensor]:
     """:func:`field_and_divergence` through ``torch.compile`` (same arguments and results).
 
@@ -400,7 +430,11 @@ def compiled_field_and_divergence(net: nn.Module, t: Tensor, z: Tensor, *,
     if dynamic_batch:
         # Marked on fresh aliases (views: gradients still flow), not on the caller's tensors,
         # which a batch-specialised call may see later.
-        z, probe, context = (None if x is None else _batch_dynamic(x) for x in (z, probe, context))
+        z, probe = (None if x is None else _batch_dynamic(x) for x in (z, probe))
+        if isinstance(context, Tensor):
+            context = _batch_dynamic(context)
+        elif context is not None:  # an amortized net's prepare_context factors
+            context = tuple(_batch_dynamic(x) for x in context)
     return _COMPILED[dynamic_batch](net, t, z, probe, context)
 
 

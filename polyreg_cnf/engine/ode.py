@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from polyreg_cnf.engine.observers import observe
 from polyreg_cnf.engine.solver import SolverConfig
 from polyreg_cnf.engine.solving import solve
 
-__all__ = ["ODEBlock", "ode_blocks", "solving_with", "training_solves"]
+__all__ = ["ODEBlock", "ode_blocks", "per_solve_context", "solving_with", "training_solves"]
 
 State = tuple[Tensor, ...]
 VectorField = Callable[[Tensor, State], State]
@@ -95,11 +96,12 @@ class ODEBlock(nn.Module):
             y(T), same shape as y0; with ``t``, the trajectory at ``t``, shape (len(t), B, ...).
         """
         net = self.net
+        context, extra = per_solve_context(net, context)
 
         def field(s: Tensor, state: State) -> State:
             return (net(s, state[0]) if context is None else net(s, state[0], context),)
 
-        return self.solve(field, (y0,), extra_params=(context,), t=t)[0]
+        return self.solve(field, (y0,), extra_params=extra, t=t)[0]
 
     def solve(self, field: VectorField, y0: State, extra_params: Sequence[Tensor | None] = (),
               reverse: bool = False, t: Tensor | None = None) -> State:
@@ -183,6 +185,27 @@ class ODEBlock(nn.Module):
                          params=params, max_nfe=self.solver.max_nfe, site=self, state_index=0,
                          penalise=self.training)
         return tuple(x[-1] for x in traj) if ends_only else traj
+
+
+def per_solve_context(net: nn.Module, context: Tensor | None
+                      ) -> tuple[Any, tuple[Tensor | None, ...]]:
+    """The context as every evaluation of ``net`` takes it, and the tensors to differentiate.
+
+    A net with a ``prepare_context(context) -> tuple[Tensor, ...]`` method (the amortized net:
+    its per-sample factors as views of the context) has it called here, once per solve: work
+    that does not change during the solve is not redone by every evaluation, and the adjoint
+    and the step checkpoints differentiate those views, so each evaluation's gradient has the
+    size of the factor it reaches instead of the whole context's. Other nets get the context
+    as it is.
+
+    Returns:
+        ``(context for net, extra_params for ODEBlock.solve)``.
+    """
+    prepare = getattr(net, "prepare_context", None)
+    if context is None or not callable(prepare):
+        return context, (context,)
+    factors = prepare(context)
+    return factors, tuple(factors)
 
 
 def _check_adjoint_sees_everything(field: VectorField, t: Tensor, y0: State,

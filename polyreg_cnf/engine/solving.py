@@ -168,7 +168,9 @@ def solve(func: Callable[..., Any], y0: Tensor | tuple[Tensor, ...], t: Tensor, 
     auto = isinstance(strategy, Auto) and grad
     ref = y0 if isinstance(y0, Tensor) else y0[0]
     if auto:
-        strategy.measure(site, func, times[0], (y0,) if isinstance(y0, Tensor) else y0)
+        states = (y0,) if isinstance(y0, Tensor) else y0
+        strategy.measure(site, func, times[0], states)
+        strategy.weigh_adjoint(site, states, lambda: _params(params, func), method)
         mode = strategy.mode(site, times)
         chosen: Backprop = {"direct": Direct(), "adjoint": strategy.adjoint,
                             "checkpoint": StepCheckpoint()}[mode]
