@@ -154,8 +154,9 @@ class SaveEveryValidation(L.Callback):
 # than its best) and tests the best validation checkpoint, but that one's test NLL (5.580) is
 # 0.136 nats above the lowest among all validations (5.444): 30 validation rows pick a
 # neighbouring checkpoint of a noisy curve. With 500 rows the weights of the run's last
-# validation tested best (no overfitting seen). A table whose validation curve tracks its test
-# curve closely is still to be found.
+# validation tested best (no overfitting seen); with 400 rows and patience 5 the run stopped on a
+# noisy stretch, 2.2 nats above the lowest (6.755 against 4.551). A table whose validation curve
+# tracks its test curve closely is still to be found.
 OPEN = pytest.mark.xfail(reason="the 0.1-nat selection target is not met on this table yet",
                          strict=False)
 
