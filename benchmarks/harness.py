@@ -297,7 +297,9 @@ def run_config(w: Workload, arm: Arm, seed: int, steps: int, out_dir: Path,
         adjoint_carry_step=arm.adjoint_carry_step, seminorm=arm.seminorm, max_steps=steps,
         max_epochs=None, val_every=w.eval_every, seed=seed, threads=RUN_THREADS,
         accelerator="cpu", devices="1", logger="none", plot_every=0, ckpt_every=0,
-        progress=False, output_dir=str(out_dir))
+        progress=False, output_dir=str(out_dir),
+        # the suites measure fixed-length runs and test their last weights (as they always did)
+        early_stop_patience=0, test_ckpt="last")
     if w.kind != "vae":  # the VAE's other settings are the digits preset's
         given.update(layer_type=w.layer_type, num_blocks=w.num_blocks)
     return resolve({**given, **arm.extra})
