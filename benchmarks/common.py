@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -23,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["RESULTS", "ROOT", "Study", "UsageError", "command", "cpu_name", "figure",
-           "git_commit", "machine", "main", "median_range", "save_figure", "table", "write_json",
-           "write_report"]
+           "git_commit", "machine", "main", "median_range", "save_figure", "spread", "table",
+           "versions", "write_json", "write_report"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -51,17 +52,23 @@ def git_commit(default: str | None = "?") -> str | None:
     return out.stdout.strip() or default
 
 
-def machine() -> dict[str, Any]:
-    """Where and with what the numbers were measured (CPU, cores, versions, commit, date)."""
+def versions(commit_default: str | None = "?") -> dict[str, str | None]:
+    """Python, torch, lightning and torchdiffeq versions and the commit (``git_commit``)."""
     import lightning
     import torch
     import torchdiffeq
 
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
+    return {"python": platform.python_version(), "torch": torch.__version__,
             "lightning": lightning.__version__, "torchdiffeq": torchdiffeq.__version__,
-            "git_commit": git_commit(None),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "git_commit": git_commit(commit_default)}
+
+
+def machine() -> dict[str, Any]:
+    """Where and with what the numbers were measured (CPU, cores, versions, commit, date)."""
+    import torch
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            **versions(None), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def command(module: str, argv: Sequence[str] | None = None) -> str:
@@ -132,6 +139,21 @@ def median_range(summary: dict[str, float], fmt: str, sep: str = "-") -> str:
     """
     return (f"{summary['median']:{fmt}} ({summary['min']:{fmt}}{sep}"
             f"{summary['max']:{fmt}})")
+
+
+def spread(values: Sequence[float | None], skip_none: bool = False) -> dict[str, float | None]:
+    """Median, min and max of per-seed values: all None if any seed has none (``skip_none``:
+    over the seeds that have one; all None if none has).
+
+    Example:
+        >>> spread([3, 1, 2]), spread([1, None])["median"], spread([1, None], True)["max"]
+        ({'median': 2.0, 'min': 1.0, 'max': 3.0}, None, 1.0)
+    """
+    vals = [v for v in values if v is not None]
+    if not vals or (len(vals) < len(values) and not skip_none):
+        return {"median": None, "min": None, "max": None}
+    return {"median": float(statistics.median(vals)), "min": float(min(vals)),
+            "max": float(max(vals))}
 
 
 class UsageError(ValueError):

@@ -170,6 +170,17 @@ class _Field(nn.Module):
         return field_and_divergence(self.net, t, z, probe=probe, context=self.context)
 
 
+def _inputs(mode: str, w: Workload, device: torch.device
+            ) -> tuple[torch.Generator, Tensor, Tensor, Tensor | None]:
+    """The fixed inputs of every path's call: generator, time, state and probe (None: the
+    exact trace, which ``eval`` always uses)."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    z = torch.randn(w.batch, w.dim, generator=gen, device=device)
+    exact = mode == "eval" or w.trace == "exact"
+    return gen, torch.tensor(0.25, device=device), z, (None if exact else
+                                                       sample_probe(z, generator=gen))
+
+
 def cuda_graph_call(mode: str, w: Workload, net: nn.Module, context: Tensor | None,
                     device: torch.device) -> Callable[[], None]:
     """The forward-mode evaluation (``eval``) or step (``step``) replayed from a CUDA graph.
@@ -179,11 +190,7 @@ def cuda_graph_call(mode: str, w: Workload, net: nn.Module, context: Tensor | No
     the no-grad evaluation with ``torch.cuda.CUDAGraph``; ``step`` captures forward and backward
     with ``torch.cuda.make_graphed_callables``.
     """
-    gen = torch.Generator(device=device).manual_seed(1)
-    z = torch.randn(w.batch, w.dim, generator=gen, device=device)
-    t = torch.tensor(0.25, device=device)
-    exact = mode == "eval" or w.trace == "exact"
-    probe = None if exact else sample_probe(z, generator=gen)
+    gen, t, z, probe = _inputs(mode, w, device)
     field = _Field(net, context)
     if mode == "eval":
         side = torch.cuda.Stream()
@@ -211,11 +218,7 @@ def make_call(path: Callable[..., tuple[Tensor, Tensor]], mode: str, w: Workload
               net: nn.Module, context: Tensor | None,
               device: torch.device) -> Callable[[], None]:
     """One evaluation (``eval``/``field``) or one training-like step (``step``) of ``path``."""
-    gen = torch.Generator(device=device).manual_seed(1)
-    z = torch.randn(w.batch, w.dim, generator=gen, device=device)
-    t = torch.tensor(0.25, device=device)
-    exact = mode == "eval" or w.trace == "exact"
-    probe = None if exact else sample_probe(z, generator=gen)
+    gen, t, z, probe = _inputs(mode, w, device)
     if mode == "eval":
         def evaluate() -> None:
             with torch.no_grad():

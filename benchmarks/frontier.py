@@ -23,8 +23,8 @@ import torch
 
 from benchmarks import common
 from benchmarks import run as bench_run
-from benchmarks.common import UsageError, machine, write_json
-from benchmarks.harness import ARMS, RUN_THREADS, _set_eval_tolerance, load_final_model, spread
+from benchmarks.common import UsageError, machine, spread, write_json
+from benchmarks.harness import ARMS, RUN_THREADS, _set_eval_tolerance, load_final_model
 from polyreg_cnf.engine.ode import ode_blocks
 
 #: Evaluation tolerances (atol = rtol), loosest first.

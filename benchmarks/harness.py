@@ -29,7 +29,7 @@ from polyreg_cnf.callbacks import NFEMonitor
 from polyreg_cnf.datamodules.toy import ToyDataModule
 from polyreg_cnf.datamodules.user_table import UserTableDataModule
 
-from benchmarks.common import figure, save_figure
+from benchmarks.common import figure, save_figure, spread
 from polyreg_cnf.app.build import build, make_model
 from polyreg_cnf.app.config import RunConfig, resolve
 from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
@@ -412,10 +412,17 @@ def save_final_model(model: torch.nn.Module, w: Workload, arm: Arm, seed: int,
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".part")
-    torch.save({"workload_def": dataclasses.asdict(w), "arm_def": dataclasses.asdict(arm),
-                "seed": seed, "state_dict": {k: v.detach().cpu().clone()
-                                             for k, v in model.state_dict().items()}}, tmp)
+    torch.save({**definitions(w, arm), "seed": seed,
+                "state_dict": {k: v.detach().cpu().clone()
+                               for k, v in model.state_dict().items()}}, tmp)
     os.replace(tmp, path)
+
+
+def definitions(w: Workload, arm: Arm) -> dict[str, Any]:
+    """The workload's and arm's definitions as a stored run keeps them (through JSON, so tuples
+    are lists, as they are in a cached file)."""
+    return json.loads(json.dumps({"workload_def": dataclasses.asdict(w),
+                                  "arm_def": dataclasses.asdict(arm)}))
 
 
 def load_final_model(path: Path, w: Workload, arm: Arm, seed: int, tmp: Path
@@ -427,8 +434,7 @@ def load_final_model(path: Path, w: Workload, arm: Arm, seed: int, tmp: Path
         ValueError: The file was made by another workload, arm or seed definition.
     """
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    made_by = json.loads(json.dumps({"workload_def": dataclasses.asdict(w),
-                                     "arm_def": dataclasses.asdict(arm), "seed": seed}))
+    made_by = {**definitions(w, arm), "seed": seed}
     got = {k: saved.get(k) for k in made_by}
     if json.loads(json.dumps(got)) != made_by:
         raise ValueError(f"{path} was made by {got}, not by {made_by}")
@@ -494,16 +500,6 @@ PAIRED = {"test_nll": "diff", "tolerance_gap": "diff", "test_nfe": "ratio",
           "seconds_per_step": "ratio", "train_seconds": "ratio"}
 
 
-def spread(values: list[float | None], skip_none: bool = False) -> dict[str, float | None]:
-    """Median, min and max of per-seed values: all None if any seed has none (``skip_none``:
-    over the seeds that have one; all None if none has)."""
-    vals = [v for v in values if v is not None]
-    if not vals or (len(vals) < len(values) and not skip_none):
-        return {"median": None, "min": None, "max": None}
-    return {"median": float(statistics.median(vals)), "min": float(min(vals)),
-            "max": float(max(vals))}
-
-
 def paired(mine: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
     """Each of ``mine``'s runs against the run of ``base`` with the same seed (:data:`PAIRED`).
 
@@ -555,10 +551,7 @@ def summarise(runs: list[dict[str, Any]],
         out[wname] = {}
         for aname, rs in arms.items():
             entry: dict[str, Any] = {"seeds": [r["seed"] for r in rs]}
-            for k in keys:
-                vals = [r[k] for r in rs]
-                entry[k] = {"median": float(statistics.median(vals)), "min": float(min(vals)),
-                            "max": float(max(vals))}
+            entry.update({k: spread([r[k] for r in rs]) for k in keys})
             for base in baselines:
                 if base not in arms:
                     continue

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
-from benchmarks.common import UsageError, machine, write_json
+from benchmarks.common import UsageError, machine, spread, write_json
 from benchmarks.harness import (
     ARMS,
     RUN_THREADS,
@@ -35,10 +35,10 @@ from benchmarks.harness import (
     Arm,
     Workload,
     _median_unreached_as_zero,
+    definitions,
     fmt,
     plot_nfe,
     run_one,
-    spread,
     summarise,
 )
 from benchmarks.pool import PoolStopped, run_pool
@@ -105,19 +105,13 @@ def _cache_file(cache: Path, w: Workload, arm: Arm, seed: int) -> Path:
     return cache / f"{w.name}-{w.steps}-{arm.name}-{seed}.json"
 
 
-def _definitions(w: Workload, arm: Arm) -> dict[str, Any]:
-    # Through JSON so tuples become lists, as they are in a cached file.
-    return json.loads(json.dumps({"workload_def": dataclasses.asdict(w),
-                                  "arm_def": dataclasses.asdict(arm)}))
-
-
 def _load_cached(path: Path, w: Workload, arm: Arm) -> dict[str, Any] | None:
     """A cached run, if it was made with the same workload and arm definitions."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    defs = _definitions(w, arm)
+    defs = definitions(w, arm)
     if any(data.get(k) != v for k, v in defs.items()):
         return None
     return data["run"]
@@ -150,7 +144,7 @@ def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: in
     if keep_models:
         extra["model_path"] = model_file(cache.name, w, arm, seed)
     run = run_one(w, arm, seed, **extra)
-    write_json(record or _cache_file(cache, w, arm, seed), {**_definitions(w, arm), "run": run})
+    write_json(record or _cache_file(cache, w, arm, seed), {**definitions(w, arm), "run": run})
     return run
 
 

@@ -413,28 +413,23 @@ def summarise(runs: Sequence[dict[str, Any]], goal: float = GOAL) -> list[dict[s
         seeds = sorted(s for reg, s in arms if reg == "none" and ("poly", s) in arms)
         if not seeds:
             continue
-        ratios = [arms["poly", s]["seconds"] / arms["none", s]["seconds"] for s in seeds]
-        ratios_all = [arms["poly", s]["seconds_all"] / arms["none", s]["seconds_all"]
-                      for s in seeds]
-        ratios_med = [arms["poly", s]["seconds_median"] / arms["none", s]["seconds_median"]
-                      for s in seeds]
+        def ratios(key: str, arms: dict = arms, seeds: list = seeds) -> dict[str, float]:
+            """Median, min and max over seeds of poly / none in ``key``, to 6 decimals."""
+            per_seed = [arms["poly", s][key] / arms["none", s][key] for s in seeds]
+            return {k: round(f(per_seed), 6)
+                    for k, f in (("", statistics.median), ("_min", min), ("_max", max))}
+
         row: dict[str, Any] = dict(preset=preset, seeds=seeds)
         for reg in ("none", "poly"):
             sel = [arms[reg, s] for s in seeds]
-            row[f"seconds_{reg}"] = statistics.median(r["seconds"] for r in sel)
-            row[f"forward_{reg}"] = statistics.median(r["forward"] for r in sel)
-            row[f"backward_{reg}"] = statistics.median(r["backward"] for r in sel)
+            for key in ("seconds", "forward", "backward"):
+                row[f"{key}_{reg}"] = statistics.median(r[key] for r in sel)
             row[f"backprop_{reg}"] = "/".join(dict.fromkeys(r["backprop"] for r in sel))
-        row.update(ratio=round(statistics.median(ratios), 6), ratio_min=round(min(ratios), 6),
-                   ratio_max=round(max(ratios), 6),
-                   ratio_all_steps=round(statistics.median(ratios_all), 6),
-                   ratio_median_step=round(statistics.median(ratios_med), 6))
+        row.update({f"ratio{k}": v for k, v in ratios("seconds").items()},
+                   ratio_all_steps=ratios("seconds_all")[""],
+                   ratio_median_step=ratios("seconds_median")[""])
         if all("cpu_seconds" in arms[reg, s] for reg in ("none", "poly") for s in seeds):
-            ratios_cpu = [arms["poly", s]["cpu_seconds"] / arms["none", s]["cpu_seconds"]
-                          for s in seeds]
-            row.update(ratio_cpu=round(statistics.median(ratios_cpu), 6),
-                       ratio_cpu_min=round(min(ratios_cpu), 6),
-                       ratio_cpu_max=round(max(ratios_cpu), 6))
+            row.update({f"ratio_cpu{k}": v for k, v in ratios("cpu_seconds").items()})
         row["met"] = bool(row["ratio"] <= goal)
         out.append(row)
     return out
@@ -561,13 +556,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every pair of every preset and seed; the report is written again after each run."""
     steps = _parse_steps(args.steps)
-    import lightning
-    import torchdiffeq
-
     meta: dict[str, Any] = dict(
-        command=args.command, machine=machine(), python=platform.python_version(),
-        torch=torch.__version__, lightning=lightning.__version__,
-        torchdiffeq=torchdiffeq.__version__, git_commit=common.git_commit(), seeds=args.seeds,
+        command=args.command, machine=machine(), **common.versions(), seeds=args.seeds,
         steps={p: steps[p] for p in args.presets if p in steps},
         load_start=os.getloadavg()[0])
     start = time.perf_counter()
