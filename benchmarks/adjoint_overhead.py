@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import statistics
 import sys
@@ -202,7 +201,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 STUDY = common.Study("adjoint_overhead", __doc__, measure, to_markdown, arguments)
 
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from typing import Any
 
 __all__ = ["RESULTS", "ROOT", "Study", "UsageError", "command", "cpu_name", "figure",
            "git_commit", "machine", "main", "median_range", "save_figure", "spread", "table",
-           "versions", "write_json", "write_report"]
+           "train_py", "versions", "write_json", "write_report"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -75,6 +76,23 @@ def command(module: str, argv: Sequence[str] | None = None) -> str:
     """The command line that ran ``benchmarks.<module>`` with ``argv`` (default: sys.argv)."""
     given = sys.argv[1:] if argv is None else list(argv)
     return " ".join(["python -m", f"benchmarks.{module}", *given])
+
+
+def train_py(argv: Sequence[str], cwd: Path, timeout: float = 1800,
+             env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``python train.py argv`` in ``cwd``; the finished process and the training wall time
+    it printed (``training wall time (s): ...``; nan when it printed none).
+
+    Raises:
+        RuntimeError: train.py exited non-zero (the message ends with its stderr's tail).
+    """
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train.py {' '.join(argv)} exited {proc.returncode}:\n"
+                           f"{proc.stderr[-3000:]}")
+    wall = re.search(r"^training wall time \(s\):\s*([0-9.eE+-]+)", proc.stdout, re.MULTILINE)
+    return proc, float(wall.group(1)) if wall else float("nan")
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -180,6 +198,10 @@ class Study:
     render: Callable[[dict[str, Any]], str]
     arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
     report: Callable[[argparse.Namespace], Path] | None = None
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        """``python -m benchmarks.<name>``: :func:`main` of this study."""
+        return main(self, argv)
 
 
 def main(study: Study, argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,6 @@ How it measures: docs/benchmarks.md, `benchmarks.dropin_overhead`.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -212,7 +211,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 STUDY = common.Study("dropin_overhead", __doc__, measure, to_markdown, arguments)
 
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())

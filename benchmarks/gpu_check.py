@@ -8,7 +8,6 @@ How it measures: docs/benchmarks.md, `benchmarks.gpu_check`.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import subprocess
 import sys
@@ -311,7 +310,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 STUDY = common.Study("gpu_check", __doc__, measure, markdown)
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -487,10 +487,14 @@ def nfe_to_reach(run: dict[str, Any], target: float) -> float | None:
     return None
 
 
-def _median_unreached_as_zero(speedups: list[float | None]) -> float | None:
-    """Median speed-up where a seed that never reached the target counts as 0 (the slowest)."""
-    return float(statistics.median([0.0 if v is None else v for v in speedups])) \
-        if speedups else None
+def speedups(per_seed: list[float | None]) -> dict[str, Any]:
+    """A speed-up entry of per-seed values (None: that seed never reached the target): the
+    median of the reached, the median where an unreached seed counts as 0 (the slowest), and
+    how many of how many seeds reached it."""
+    return {"median": spread(per_seed)["median"], "per_seed": per_seed,
+            "median_unreached_as_zero": float(statistics.median(
+                [0.0 if v is None else v for v in per_seed])) if per_seed else None,
+            "reached": sum(v is not None for v in per_seed), "of": len(per_seed)}
 
 
 #: Seed-paired comparisons with a baseline: measurement -> how a seed's value is compared with
@@ -532,6 +536,24 @@ def _complete(run: dict[str, Any]) -> dict[str, Any]:
     return {**run, "forward_nfe_last10pct": float(np.mean(fwd[-max(1, len(fwd) // 10):]))}
 
 
+def _reach(run: dict[str, Any], ref: dict[str, Any], margin: float, smooth: bool
+           ) -> tuple[float | None, float | None, float | None]:
+    """``run``'s training seconds to ``ref``'s final validation NLL + ``margin`` (curves averaged
+    over :data:`SMOOTH_EVALS` evaluations when ``smooth``), the speed-up in seconds (``ref``'s
+    own time to that value, which it may touch earlier, over ``run``'s) and in function
+    evaluations; None where a run never reaches it or ``ref`` has no validation curve."""
+    if not ref["val_curve"]:
+        return None, None, None
+    if smooth:
+        run = {**run, "val_curve": smooth_curve(run["val_curve"])}
+        ref = {**ref, "val_curve": smooth_curve(ref["val_curve"])}
+    target = ref["val_curve"][-1][2] + margin
+    mine, theirs = time_to_reach(run["val_curve"], target), time_to_reach(ref["val_curve"], target)
+    my_nfe, their_nfe = nfe_to_reach(run, target), nfe_to_reach(ref, target)
+    return (mine, None if mine is None or theirs is None else theirs / mine,
+            None if not my_nfe or their_nfe is None else their_nfe / my_nfe)
+
+
 def summarise(runs: list[dict[str, Any]],
               baselines: tuple[str, ...] = ("ffjord", "ffjord_matched", "ffjord_direct"),
               pairs: dict[str, str] | None = None) -> dict[str, Any]:
@@ -541,9 +563,8 @@ def summarise(runs: list[dict[str, Any]],
     adds ``paired_to_<baseline>`` for arms whose baseline is not among ``baselines``."""
     out: dict[str, Any] = {}
     keys = ("forward_nfe", "backward_nfe", "total_nfe", "forward_nfe_last100",
-            "forward_nfe_last10pct",
-            "backward_nfe_last100", "seconds_per_step", "train_seconds", "test_nll", "test_nfe",
-            "tolerance_gap")
+            "forward_nfe_last10pct", "backward_nfe_last100", "seconds_per_step", "train_seconds",
+            "test_nll", "test_nfe", "tolerance_gap")
     by: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in map(_complete, runs):
         by.setdefault(r["workload"], {}).setdefault(r["arm"], []).append(r)
@@ -559,48 +580,20 @@ def summarise(runs: list[dict[str, Any]],
                     entry[f"paired_to_{base}"] = paired(rs, arms[base])
                 # Exactly the baseline's final validation NLL, within 0.01 nats of it, and within
                 # 0.01 nats on curves averaged over SMOOTH_EVALS evaluations (both arms).
+                base_by_seed = {b["seed"]: b for b in arms[base]}
                 for margin, suffix, smooth in ((0.0, "", False),
                                                (0.01, "_within_0.01", False),
                                                (0.01, "_smoothed_within_0.01", True)):
-                    times, speedups, work_ratios = [], [], []
-                    base_by_seed = {b["seed"]: b for b in arms[base]}
-                    for r in rs:
-                        ref_run = base_by_seed.get(r["seed"])
-                        if ref_run is None:
-                            # Not compared (as paired() leaves it out), not "never reached".
-                            continue
-                        if not ref_run["val_curve"]:
-                            times.append(None)
-                            speedups.append(None)
-                            work_ratios.append(None)
-                            continue
-                        mine_run = r
-                        if smooth:
-                            mine_run = {**r, "val_curve": smooth_curve(r["val_curve"])}
-                            ref_run = {**ref_run, "val_curve": smooth_curve(ref_run["val_curve"])}
-                        target = ref_run["val_curve"][-1][2] + margin
-                        mine = time_to_reach(mine_run["val_curve"], target)
-                        # The baseline's own time to that value (it may touch it earlier).
-                        theirs = time_to_reach(ref_run["val_curve"], target)
-                        times.append(mine)
-                        speedups.append(None if mine is None or theirs is None
-                                        else theirs / mine)
-                        my_nfe = nfe_to_reach(mine_run, target)
-                        their_nfe = nfe_to_reach(ref_run, target)
-                        work_ratios.append(None if not my_nfe or their_nfe is None
-                                           else their_nfe / my_nfe)
+                    # A seed without a baseline run is not compared (as paired() leaves it
+                    # out), not "never reached".
+                    reach = [_reach(r, base_by_seed[r["seed"]], margin, smooth)
+                             for r in rs if r["seed"] in base_by_seed]
+                    times, wall, work_ratios = ([c[i] for c in reach] for i in range(3))
                     entry[f"seconds_to_{base}_final_val{suffix}"] = {
                         "median": spread(times)["median"], "per_seed": times}
-                    entry[f"speedup_to_{base}_final_val{suffix}"] = {
-                        "median": spread(speedups)["median"], "per_seed": speedups,
-                        "median_unreached_as_zero": _median_unreached_as_zero(speedups),
-                        "reached": sum(v is not None for v in speedups), "of": len(speedups)}
+                    entry[f"speedup_to_{base}_final_val{suffix}"] = speedups(wall)
                     # The same ratio in function evaluations: independent of machine load.
-                    entry[f"nfe_speedup_to_{base}_final_val{suffix}"] = {
-                        "median": spread(work_ratios)["median"], "per_seed": work_ratios,
-                        "median_unreached_as_zero": _median_unreached_as_zero(work_ratios),
-                        "reached": sum(v is not None for v in work_ratios),
-                        "of": len(work_ratios)}
+                    entry[f"nfe_speedup_to_{base}_final_val{suffix}"] = speedups(work_ratios)
             own = (pairs or {}).get(aname)
             if own in arms and f"paired_to_{own}" not in entry:
                 entry[f"paired_to_{own}"] = paired(rs, arms[own])

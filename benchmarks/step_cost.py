@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from benchmarks.common import ROOT, UsageError, table
+from benchmarks.common import UsageError, table
 from benchmarks.tables import mixture_rows, write_mixture_table
 
 #: The goal of issue 14: TPR's seconds per step at most this multiple of the baseline's.
@@ -366,21 +364,13 @@ def run_front_door(reg: str, seed: int | None = None, backprop: str | None = Non
     with tempfile.TemporaryDirectory() as tmp:
         load = os.getloadavg()[0]
         start, cpu = time.perf_counter(), _children_cpu()
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=tmp,
-                              capture_output=True, text=True, timeout=timeout)
+        _, train_wall = common.train_py(argv, Path(tmp), timeout)
         wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
-        if proc.returncode != 0:
-            raise RuntimeError(f"train.py {' '.join(argv)} exited {proc.returncode}:\n"
-                               f"{proc.stderr[-3000:]}")
         csvs = sorted(Path(tmp, "runs").glob("*/metrics.csv"))
         if len(csvs) != 1:
             raise RuntimeError(f"expected one metrics.csv under {tmp}/runs, found {csvs}")
         stats = step_stats(read_metrics_csv(csvs[0]))
         config_text = (csvs[0].parent / "config.yaml").read_text()
-    train_wall = float("nan")
-    for line in proc.stdout.splitlines():
-        if line.startswith("training wall time (s):"):
-            train_wall = float(line.split(":")[1])
     return dict(preset="front_door" if backprop is None else f"front_door_{backprop}",
                 reg=reg, seed=0 if seed is None else seed, command="python train.py "
                 + " ".join(argv), **stats,
@@ -610,7 +600,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 STUDY = common.Study("step_cost", __doc__, measure, render, arguments)
 
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,6 @@ How it measures: docs/benchmarks.md, `benchmarks.vae_digits`.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -155,7 +154,7 @@ STUDY = common.Study("vae_digits", __doc__, measure, markdown, arguments,
                      report=lambda args: common.RESULTS / ("vae_digits_quick" if args.quick
                                                            else "vae_digits"))
 
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())
