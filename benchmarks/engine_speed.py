@@ -244,15 +244,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def seconds_per_call(call: Callable[[], None], device: torch.device, n: int = 1) -> float:
+    """Wall seconds per call over ``n`` calls in a row (the device synchronised around them)."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        call()
+    _sync(device)
+    return (time.perf_counter() - start) / n
+
+
 def calls_per_block(call: Callable[[], None], seconds: float, device: torch.device) -> int:
     """How many calls fill about ``seconds`` (after two warm-up calls)."""
     call()
     call()
-    _sync(device)
-    start = time.perf_counter()
-    call()
-    _sync(device)
-    return max(1, round(seconds / max(time.perf_counter() - start, 1e-7)))
+    return max(1, round(seconds / max(seconds_per_call(call, device), 1e-7)))
 
 
 def interleaved(calls: dict[str, Callable[[], None]], repeats: int, seconds: float,
@@ -263,12 +269,7 @@ def interleaved(calls: dict[str, Callable[[], None]], repeats: int, seconds: flo
     names = list(calls)
     for r in range(repeats):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(n[k]):
-                calls[k]()
-            _sync(device)
-            samples[k].append((time.perf_counter() - start) / n[k])
+            samples[k].append(seconds_per_call(calls[k], device, n[k]))
     out = {}
     for k, s in samples.items():
         q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3
@@ -317,12 +318,8 @@ def compile_seconds(w: Workload, net: nn.Module, context: Tensor | None,
     out = {}
     for path in ("compiled", "compiled_static"):
         for mode in ("eval", "step"):
-            call = make_call(PATHS[path], mode, w, net, context, device)
-            _sync(device)
-            start = time.perf_counter()
-            call()
-            _sync(device)
-            out[f"{path}/{mode}"] = time.perf_counter() - start
+            out[f"{path}/{mode}"] = seconds_per_call(
+                make_call(PATHS[path], mode, w, net, context, device), device)
     return out
 
 

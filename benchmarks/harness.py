@@ -148,6 +148,13 @@ WORKLOADS = {
 }
 
 
+def _run_inputs(w: Workload, arm: Arm, seed: int, steps: int, tmp: Path
+                ) -> tuple[L.LightningDataModule, RunConfig]:
+    """The data module and run configuration of one run (table files are written into ``tmp``)."""
+    data = {"table": str(tmp / f"{w.name}.npy"), "vae": "digits"}.get(w.kind)
+    return _datamodule(w, seed, tmp), run_config(w, arm, seed, steps, tmp / "runs", data)
+
+
 def _datamodule(w: Workload, seed: int, tmp: Path) -> L.LightningDataModule:
     if w.kind == "vae":
         from polyreg_cnf.datamodules.images import DigitsDataModule
@@ -336,9 +343,7 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch) if work_dir is None else Path(work_dir)
         tmp.mkdir(parents=True, exist_ok=True)
-        dm = _datamodule(w, seed, tmp)
-        data = {"table": str(tmp / f"{w.name}.npy"), "vae": "digits"}.get(w.kind)
-        config = run_config(w, arm, seed, steps, tmp / "runs", data)
+        dm, config = _run_inputs(w, arm, seed, steps, tmp)
         atol, rtol = config.ode.atol, config.ode.rtol
         curve = _ValCurve()
         extra: list[L.Callback] = [curve]
@@ -438,12 +443,10 @@ def load_final_model(path: Path, w: Workload, arm: Arm, seed: int, tmp: Path
     got = {k: saved.get(k) for k in made_by}
     if json.loads(json.dumps(got)) != made_by:
         raise ValueError(f"{path} was made by {got}, not by {made_by}")
-    dm = _datamodule(w, seed, tmp)
+    dm, config = _run_inputs(w, arm, seed, w.steps, tmp)
     dm.prepare_data()
     dm.setup("fit")
     dm.setup("test")
-    data = {"table": str(tmp / f"{w.name}.npy"), "vae": "digits"}.get(w.kind)
-    config = run_config(w, arm, seed, w.steps, tmp / "runs", data)
     model = make_model(config, dm)
     model.load_state_dict(saved["state_dict"])
     model.eval()
