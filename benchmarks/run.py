@@ -517,24 +517,15 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
                 for kind in ("speedup", "nfe_speedup")),
               fmt(e["test_nll"], 4), fmt(e["test_nfe"])] for aname, e in arms.items()]),
             "", *paired_lines(arms, base_arm)]
-        probes = {}
-        for r in payload["runs"]:
-            if r["workload"] == wname and r.get("probes"):
-                probes.setdefault(r["arm"], []).append(r["probes"])
+        probes = probe_medians(payload["runs"], wname)
         if probes:
-            def at(per_seed: list[list[dict[str, float]]], k: int) -> str:
-                """Probe ``k``'s medians over seeds."""
-                med = {key: float(np.median([p[k][key] for p in per_seed]))
-                       for key in ("test_nfe", "penalty", "path_ratio")}
-                return f"{med['test_nfe']:.0f} / {med['penalty']:.3g} / {med['path_ratio']:.3f}"
-
             lines += ["Over training (medians of seeds; test NFE per solve of 2,000 test rows at "
                       "1e-5 / polynomial penalty / path length over displacement):", "",
                       *table(["arm", *(f"step {p['step']}" for p in
-                                       next(iter(probes.values()))[0])],
-                             [[aname, *(at(per_seed, k)
-                                        for k in range(min(len(p) for p in per_seed)))]
-                              for aname, per_seed in probes.items()]), ""]
+                                       next(iter(probes.values())))],
+                             [[aname, *(f"{p['test_nfe']:.0f} / {p['penalty']:.3g} / "
+                                        f"{p['path_ratio']:.3f}" for p in meds)]
+                              for aname, meds in probes.items()]), ""]
     lines += ["## Goals (against (3b))", ""] if unpaired else [
         "## Goals (against (3b), seed-paired)", "",
         "Each seed's TPR run against the same seed's (3b) run, then the median over seeds (the "
@@ -571,24 +562,31 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
     return "\n".join(lines) + "\n"
 
 
+def probe_medians(runs: list[dict[str, Any]], wname: str) -> dict[str, list[dict[str, float]]]:
+    """Per arm of workload ``wname`` (in run order): each probe's step and the medians over
+    seeds of its test NFE, penalty and path ratio, up to the shortest seed's last probe."""
+    per_arm: dict[str, list[list[dict[str, float]]]] = {}
+    for r in runs:
+        if r["workload"] == wname and r.get("probes"):
+            per_arm.setdefault(r["arm"], []).append(r["probes"])
+    return {aname: [{"step": per_seed[0][k]["step"],
+                     **{key: float(np.median([p[k][key] for p in per_seed]))
+                        for key in ("test_nfe", "penalty", "path_ratio")}}
+                    for k in range(min(len(p) for p in per_seed))]
+            for aname, per_seed in per_arm.items()}
+
+
 def plot_probes(runs: list[dict[str, Any]], path: Path) -> None:
     """Test NFE and path length / displacement over training, per workload and arm."""
-
     workloads = sorted({r["workload"] for r in runs if r.get("probes")})
     if not workloads:
         return
     fig, axes = common.figure(2, len(workloads), (6 * len(workloads), 7))
     for col, wname in enumerate(workloads):
-        for aname in sorted({r["arm"] for r in runs if r["workload"] == wname}):
-            per_seed = [r["probes"] for r in runs
-                        if r["workload"] == wname and r["arm"] == aname and r.get("probes")]
-            if not per_seed:
-                continue
-            n = min(len(p) for p in per_seed)
-            steps = [per_seed[0][k]["step"] for k in range(n)]
+        for aname, meds in sorted(probe_medians(runs, wname).items()):
             for row, key in enumerate(("test_nfe", "path_ratio")):
-                med = [float(np.median([p[k][key] for p in per_seed])) for k in range(n)]
-                axes[row][col].plot(steps, med, marker="o", label=aname)
+                axes[row][col].plot([p["step"] for p in meds], [p[key] for p in meds],
+                                    marker="o", label=aname)
         axes[0][col].set_title(f"{wname}: test NFE at 1e-5 (median of seeds)")
         axes[1][col].set_title(f"{wname}: path length / displacement")
         for row in (0, 1):
