@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
-import platform
 import statistics
 import sys
 import time
@@ -20,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchdiffeq
 from polyreg_cnf.datamodules.toy import sample_toy
 
 from benchmarks import common
@@ -174,37 +171,37 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     f"checkerboard; seeds vary the batch, the probe and the penalty times",
         rows=run_case("toy-2d", [toy] * args.seeds, toy_inputs, args.tol))
 
-    models, inputs = [], []
-    for s in range(args.seeds):
-        torch.manual_seed(s)
-        models.append(CNF(ODENet(30, (64, 64, 64), "concatsquash", "tanh")))
-        inputs.append(torch.randn(args.batch, 30, generator=torch.Generator().manual_seed(s)))
+    def at_random_init(dim: int, hidden: tuple[int, ...], nonlinearity: str, batch: int,
+                       **cnf: Any) -> tuple[list[CNF], list[torch.Tensor]]:
+        """One CNF at random init and one standard normal batch per seed."""
+        models, inputs = [], []
+        for s in range(args.seeds):
+            torch.manual_seed(s)
+            models.append(CNF(ODENet(dim, hidden, "concatsquash", nonlinearity), **cnf))
+            inputs.append(torch.randn(batch, dim, generator=torch.Generator().manual_seed(s)))
+        return models, inputs
+
     cases["cnf-30d"] = dict(
         description="ODENet(30, (64, 64, 64), concatsquash, tanh) at random init, standard "
                     "normal inputs; seeds vary the model, the batch, the probe and the times",
-        rows=run_case("cnf-30d", models, inputs, args.tol))
-
-    models, inputs = [], []
-    for s in range(args.seeds):
-        torch.manual_seed(s)
-        models.append(CNF(ODENet(16, (64, 64), "concatsquash", "softplus"), T=0.5))
-        inputs.append(torch.randn(100, 16, generator=torch.Generator().manual_seed(s)))
+        rows=run_case("cnf-30d", *at_random_init(30, (64, 64, 64), "tanh", args.batch),
+                      args.tol))
     cases["short-16d"] = dict(
         description="ODENet(16, (64, 64), concatsquash, softplus), T = 0.5, at random init, "
                     "batch 100 (the digits VAE posterior's size): a one- or two-step solve; "
                     "seeds vary the model, the batch, the probe and the times",
-        rows=run_case("short-16d", models, inputs, args.tol))
+        rows=run_case("short-16d", *at_random_init(16, (64, 64), "softplus", 100, T=0.5),
+                      args.tol))
 
     return dict(
-        command=args.command, nproc=os.cpu_count(), torch=torch.__version__,
-        torchdiffeq=torchdiffeq.__version__, numpy=np.__version__,
-        python=platform.python_version(), seeds=args.seeds, tol=args.tol,
+        command=args.command, nproc=os.cpu_count(), **common.versions(), numpy=np.__version__,
+        seeds=args.seeds, tol=args.tol,
         train_steps=args.train_steps, train_seconds=train_s, cases=cases)
 
 
 STUDY = common.Study("adjoint_overhead", __doc__, measure, to_markdown, arguments)
 
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())

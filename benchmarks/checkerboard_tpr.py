@@ -8,7 +8,6 @@ How it measures: docs/benchmarks.md, `benchmarks.checkerboard_tpr`.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from typing import Any
@@ -98,7 +97,7 @@ def markdown(payload: dict[str, Any]) -> str:
 
 STUDY = common.Study("checkerboard_tpr", __doc__, measure, markdown, arguments)
 
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())

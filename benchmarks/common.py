@@ -14,6 +14,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -23,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["RESULTS", "ROOT", "Study", "UsageError", "command", "cpu_name", "figure",
-           "git_commit", "machine", "main", "median_range", "save_figure", "table", "write_json",
-           "write_report"]
+           "git_commit", "machine", "main", "median_range", "save_figure", "spread", "table",
+           "train_py", "versions", "write_json", "write_report"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -51,23 +53,46 @@ def git_commit(default: str | None = "?") -> str | None:
     return out.stdout.strip() or default
 
 
-def machine() -> dict[str, Any]:
-    """Where and with what the numbers were measured (CPU, cores, versions, commit, date)."""
+def versions(commit_default: str | None = "?") -> dict[str, str | None]:
+    """Python, torch, lightning and torchdiffeq versions and the commit (``git_commit``)."""
     import lightning
     import torch
     import torchdiffeq
 
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
+    return {"python": platform.python_version(), "torch": torch.__version__,
             "lightning": lightning.__version__, "torchdiffeq": torchdiffeq.__version__,
-            "git_commit": git_commit(None),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "git_commit": git_commit(commit_default)}
+
+
+def machine() -> dict[str, Any]:
+    """Where and with what the numbers were measured (CPU, cores, versions, commit, date)."""
+    import torch
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            **versions(None), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def command(module: str, argv: Sequence[str] | None = None) -> str:
     """The command line that ran ``benchmarks.<module>`` with ``argv`` (default: sys.argv)."""
     given = sys.argv[1:] if argv is None else list(argv)
     return " ".join(["python -m", f"benchmarks.{module}", *given])
+
+
+def train_py(argv: Sequence[str], cwd: Path, timeout: float = 1800,
+             env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``python train.py argv`` in ``cwd``; the finished process and the training wall time
+    it printed (``training wall time (s): ...``; nan when it printed none).
+
+    Raises:
+        RuntimeError: train.py exited non-zero (the message ends with its stderr's tail).
+    """
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train.py {' '.join(argv)} exited {proc.returncode}:\n"
+                           f"{proc.stderr[-3000:]}")
+    wall = re.search(r"^training wall time \(s\):\s*([0-9.eE+-]+)", proc.stdout, re.MULTILINE)
+    return proc, float(wall.group(1)) if wall else float("nan")
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -134,6 +159,21 @@ def median_range(summary: dict[str, float], fmt: str, sep: str = "-") -> str:
             f"{summary['max']:{fmt}})")
 
 
+def spread(values: Sequence[float | None], skip_none: bool = False) -> dict[str, float | None]:
+    """Median, min and max of per-seed values: all None if any seed has none (``skip_none``:
+    over the seeds that have one; all None if none has).
+
+    Example:
+        >>> spread([3, 1, 2]), spread([1, None])["median"], spread([1, None], True)["max"]
+        ({'median': 2.0, 'min': 1.0, 'max': 3.0}, None, 1.0)
+    """
+    vals = [v for v in values if v is not None]
+    if not vals or (len(vals) < len(values) and not skip_none):
+        return {"median": None, "min": None, "max": None}
+    return {"median": float(statistics.median(vals)), "min": float(min(vals)),
+            "max": float(max(vals))}
+
+
 class UsageError(ValueError):
     """Flags that do not go together: :func:`main` prints it as a usage error (exit status 2)."""
 
@@ -158,6 +198,10 @@ class Study:
     render: Callable[[dict[str, Any]], str]
     arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
     report: Callable[[argparse.Namespace], Path] | None = None
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        """``python -m benchmarks.<name>``: :func:`main` of this study."""
+        return main(self, argv)
 
 
 def main(study: Study, argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import platform
 import shutil
@@ -119,7 +118,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 STUDY = common.Study("data_cache", __doc__, measure, markdown, arguments)
 
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())

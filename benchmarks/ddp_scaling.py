@@ -12,11 +12,8 @@ Writes benchmarks/results/ddp_scaling.json and .md.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
-from benchmarks.common import ROOT, table
+from benchmarks.common import table
 
 
 def make_table(path: Path, rows: int, dim: int = 43, seed: int = 0) -> None:
@@ -39,19 +36,13 @@ def make_table(path: Path, rows: int, dim: int = 43, seed: int = 0) -> None:
 
 def epoch_seconds(data: Path, out: Path, processes: int) -> float:
     """Training wall time of one epoch through train.py with ``processes`` processes."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "--model", "cnf", "--reg", "poly",
-           "--data", str(data), "--nhidden", "2", "--hdim-factor", "20", "--nonlinearity",
-           "softplus", "--layer-type", "concat", "--num-blocks", "1", "--batch-size", "1000",
-           "--max-epochs", "1", "--limit-val-batches", "0", "--no-test", "--logger", "none",
-           "--accelerator", "cpu", "--devices", str(processes), "--threads", "1",
-           "--output-dir", str(out)]
-    if processes > 1:
-        cmd += ["--strategy", "ddp"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    return float(re.search(r"training wall time \(s\):\s+([0-9.]+)", proc.stdout).group(1))
+    argv = ["--model", "cnf", "--reg", "poly", "--data", str(data), "--nhidden", "2",
+            "--hdim-factor", "20", "--nonlinearity", "softplus", "--layer-type", "concat",
+            "--num-blocks", "1", "--batch-size", "1000",
+            "--max-epochs", "1", "--limit-val-batches", "0", "--no-test", "--logger", "none",
+            "--accelerator", "cpu", "--devices", str(processes), "--threads", "1",
+            "--output-dir", str(out), *(["--strategy", "ddp"] if processes > 1 else [])]
+    return common.train_py(argv, out.parent, env=dict(os.environ, OMP_NUM_THREADS="1"))[1]
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +87,7 @@ def markdown(payload: dict[str, Any]) -> str:
 
 STUDY = common.Study("ddp_scaling", __doc__, measure, markdown, arguments)
 
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,9 +9,7 @@ How it measures: docs/benchmarks.md, `benchmarks.dropin_overhead`.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
-import platform
 import statistics
 import sys
 import time
@@ -204,9 +202,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     field = train(args.train_steps, args.tol)
     return dict(
-        command=args.command, cpu=common.cpu_name(), nproc=os.cpu_count(),
-        torch=torch.__version__, torchdiffeq=torchdiffeq.__version__,
-        python=platform.python_version(), train_steps=args.train_steps, tol=args.tol,
+        command=args.command, cpu=common.cpu_name(), nproc=os.cpu_count(), **common.versions(),
+        train_steps=args.train_steps, tol=args.tol,
         repeats=args.repeats, seeds=args.seeds, num_samples=args.num_samples, coef=args.coef,
         timing=time_solves(field, args.repeats, args.tol),
         tpr=tpr_nfe(field, args.seeds, args.tol, args.num_samples, args.coef))
@@ -214,7 +211,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 STUDY = common.Study("dropin_overhead", __doc__, measure, to_markdown, arguments)
 
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,6 @@ How it measures: docs/benchmarks.md, `benchmarks.engine_speed`.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import common
+from benchmarks.common import table
 from polyreg_cnf.engine.amortized import AmortizedODENet
 from polyreg_cnf.engine.forward_divergence import (
     compiled_field_and_divergence,
@@ -170,6 +170,17 @@ class _Field(nn.Module):
         return field_and_divergence(self.net, t, z, probe=probe, context=self.context)
 
 
+def _inputs(mode: str, w: Workload, device: torch.device
+            ) -> tuple[torch.Generator, Tensor, Tensor, Tensor | None]:
+    """The fixed inputs of every path's call: generator, time, state and probe (None: the
+    exact trace, which ``eval`` always uses)."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    z = torch.randn(w.batch, w.dim, generator=gen, device=device)
+    exact = mode == "eval" or w.trace == "exact"
+    return gen, torch.tensor(0.25, device=device), z, (None if exact else
+                                                       sample_probe(z, generator=gen))
+
+
 def cuda_graph_call(mode: str, w: Workload, net: nn.Module, context: Tensor | None,
                     device: torch.device) -> Callable[[], None]:
     """The forward-mode evaluation (``eval``) or step (``step``) replayed from a CUDA graph.
@@ -179,11 +190,7 @@ def cuda_graph_call(mode: str, w: Workload, net: nn.Module, context: Tensor | No
     the no-grad evaluation with ``torch.cuda.CUDAGraph``; ``step`` captures forward and backward
     with ``torch.cuda.make_graphed_callables``.
     """
-    gen = torch.Generator(device=device).manual_seed(1)
-    z = torch.randn(w.batch, w.dim, generator=gen, device=device)
-    t = torch.tensor(0.25, device=device)
-    exact = mode == "eval" or w.trace == "exact"
-    probe = None if exact else sample_probe(z, generator=gen)
+    gen, t, z, probe = _inputs(mode, w, device)
     field = _Field(net, context)
     if mode == "eval":
         side = torch.cuda.Stream()
@@ -211,11 +218,7 @@ def make_call(path: Callable[..., tuple[Tensor, Tensor]], mode: str, w: Workload
               net: nn.Module, context: Tensor | None,
               device: torch.device) -> Callable[[], None]:
     """One evaluation (``eval``/``field``) or one training-like step (``step``) of ``path``."""
-    gen = torch.Generator(device=device).manual_seed(1)
-    z = torch.randn(w.batch, w.dim, generator=gen, device=device)
-    t = torch.tensor(0.25, device=device)
-    exact = mode == "eval" or w.trace == "exact"
-    probe = None if exact else sample_probe(z, generator=gen)
+    gen, t, z, probe = _inputs(mode, w, device)
     if mode == "eval":
         def evaluate() -> None:
             with torch.no_grad():
@@ -241,15 +244,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def seconds_per_call(call: Callable[[], None], device: torch.device, n: int = 1) -> float:
+    """Wall seconds per call over ``n`` calls in a row (the device synchronised around them)."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        call()
+    _sync(device)
+    return (time.perf_counter() - start) / n
+
+
 def calls_per_block(call: Callable[[], None], seconds: float, device: torch.device) -> int:
     """How many calls fill about ``seconds`` (after two warm-up calls)."""
     call()
     call()
-    _sync(device)
-    start = time.perf_counter()
-    call()
-    _sync(device)
-    return max(1, round(seconds / max(time.perf_counter() - start, 1e-7)))
+    return max(1, round(seconds / max(seconds_per_call(call, device), 1e-7)))
 
 
 def interleaved(calls: dict[str, Callable[[], None]], repeats: int, seconds: float,
@@ -260,12 +269,7 @@ def interleaved(calls: dict[str, Callable[[], None]], repeats: int, seconds: flo
     names = list(calls)
     for r in range(repeats):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(n[k]):
-                calls[k]()
-            _sync(device)
-            samples[k].append((time.perf_counter() - start) / n[k])
+            samples[k].append(seconds_per_call(calls[k], device, n[k]))
     out = {}
     for k, s in samples.items():
         q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3
@@ -314,12 +318,8 @@ def compile_seconds(w: Workload, net: nn.Module, context: Tensor | None,
     out = {}
     for path in ("compiled", "compiled_static"):
         for mode in ("eval", "step"):
-            call = make_call(PATHS[path], mode, w, net, context, device)
-            _sync(device)
-            start = time.perf_counter()
-            call()
-            _sync(device)
-            out[f"{path}/{mode}"] = time.perf_counter() - start
+            out[f"{path}/{mode}"] = seconds_per_call(
+                make_call(PATHS[path], mode, w, net, context, device), device)
     return out
 
 
@@ -405,34 +405,26 @@ def markdown(payload: dict[str, Any]) -> str:
              "an upper bound, and the compiled path can go below it. "
              "Compile times depend on inductor's on-disk cache (a repeated run reuses kernels "
              "built before).", ""]
-    header = ("| workload | mode | trace | MFLOP | floor | reference | forward | compiled "
-              "| compiled static | forward/ref | compiled/ref | compiled static/ref | floor/ref |")
-    lines += [header, "|---" * 13 + "|"]
-    for r in results:
-        for mode in ("eval", "field", "step"):
-            e = r[mode]
-            s, q = e["seconds"], e["ratio_to_reference"]
-
-            def cell(p: str, d: dict[str, Any] = s) -> str:
-                return _us(d[p]["median"]) if p in d else "-"
-
-            def ratio(p: str, d: dict[str, float] = q) -> str:
-                return f"{d[p]:.2f}" if p in d else "-"
-
-            mflop = f"{e['flops'] / 1e6:.2f}" if "flops" in e else "-"
-            lines.append(f"| {r['workload']['name']} | {mode} | {e['trace']} | {mflop} | "
-                         f"{cell('floor')} | {cell('reference')} | {cell('forward')} | "
-                         f"{cell('compiled')} | {cell('compiled_static')} | "
-                         f"{ratio('forward')} | {ratio('compiled')} | "
-                         f"{ratio('compiled_static')} | {ratio('floor')} |")
+    timed = ("floor", "reference", "forward", "compiled", "compiled_static")
+    lines += table(["workload", "mode", "trace", "MFLOP", "floor", "reference", "forward",
+                    "compiled", "compiled static", "forward/ref", "compiled/ref",
+                    "compiled static/ref", "floor/ref"],
+                   [[r["workload"]["name"], mode, e["trace"],
+                     f"{e['flops'] / 1e6:.2f}" if "flops" in e else "-",
+                     *(_us(e["seconds"][p]["median"]) if p in e["seconds"] else "-"
+                       for p in timed),
+                     *(f"{e['ratio_to_reference'][p]:.2f}" if p in e["ratio_to_reference"]
+                       else "-" for p in (*timed[2:], "floor"))]
+                    for r in results for mode in ("eval", "field", "step") if (e := r[mode])])
     graphs = [(r["workload"]["name"], mode, r[mode]) for r in results
               for mode in ("eval", "step") if "cuda_graph" in r[mode]["seconds"]]
     if graphs:
         lines += ["", "CUDA graphs (the forward-mode evaluation or step replayed from one "
                   "captured graph, inputs in static buffers):", "",
-                  "| workload | mode | cuda graph (us) | cuda graph/ref |", "|---|---|---|---|"]
-        lines += [f"| {name} | {mode} | {_us(e['seconds']['cuda_graph']['median'])} | "
-                  f"{e['ratio_to_reference']['cuda_graph']:.2f} |" for name, mode, e in graphs]
+                  *table(["workload", "mode", "cuda graph (us)", "cuda graph/ref"],
+                         [[name, mode, _us(e["seconds"]["cuda_graph"]["median"]),
+                           f"{e['ratio_to_reference']['cuda_graph']:.2f}"]
+                          for name, mode, e in graphs])]
     errors = [(r["workload"]["name"], r["cuda_graph_errors"]) for r in results
               if r.get("cuda_graph_errors")]
     if errors:
@@ -442,24 +434,21 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += ["", "Compile time (first call, excluded from the figures above), seconds. "
                   "`compiled`: one graph for every batch size (batch dimension marked "
                   "dynamic); `compiled static`: a graph specialised to the batch size:", "",
-                  "| workload | compiled eval | compiled step | static eval | static step |",
-                  "|---|---|---|---|---|"]
-        for r in results:
-            c = r.get("compile_seconds")
-            if c:
-                lines.append(f"| {r['workload']['name']} | " + " | ".join(
-                    f"{c[f'{p}/{m}']:.1f}" for p in ("compiled", "compiled_static")
-                    for m in ("eval", "step")) + " |")
+                  *table(["workload", "compiled eval", "compiled step", "static eval",
+                          "static step"],
+                         [[r["workload"]["name"], *(f"{c[f'{p}/{m}']:.1f}"
+                                                    for p in ("compiled", "compiled_static")
+                                                    for m in ("eval", "step"))]
+                          for r in results if (c := r.get("compile_seconds"))])]
     lines += ["", "Where the time goes (torch.profiler, fraction of profiled wall time; "
               "`python+dispatch` is the time outside every recorded op):", "",
-              "| workload | mode | path | matmul | other kernels | autograd engine | "
-              "python+dispatch | other ops |", "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        for mode in ("eval", "step"):
-            for path, p in r[mode].get("profile", {}).items():
-                lines.append(f"| {r['workload']['name']} | {mode} | {path} | "
-                             f"{p['matmul']:.0%} | {p['kernels']:.0%} | {p['autograd']:.0%} | "
-                             f"{p['python_dispatch']:.0%} | {p['other_ops']:.0%} |")
+              *table(["workload", "mode", "path", "matmul", "other kernels", "autograd engine",
+                      "python+dispatch", "other ops"],
+                     [[r["workload"]["name"], mode, path,
+                       *(f"{p[k]:.0%}" for k in ("matmul", "kernels", "autograd",
+                                                  "python_dispatch", "other_ops"))]
+                      for r in results for mode in ("eval", "step")
+                      for path, p in r[mode].get("profile", {}).items()])]
     return "\n".join(lines) + "\n"
 
 
@@ -488,7 +477,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 STUDY = common.Study("engine_speed", __doc__, measure, markdown, arguments)
 
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,8 +23,8 @@ import torch
 
 from benchmarks import common
 from benchmarks import run as bench_run
-from benchmarks.common import UsageError, machine, write_json
-from benchmarks.harness import ARMS, RUN_THREADS, _set_eval_tolerance, load_final_model, spread
+from benchmarks.common import UsageError, machine, spread, table, write_json
+from benchmarks.harness import ARMS, RUN_THREADS, _set_eval_tolerance, load_final_model
 from polyreg_cnf.engine.ode import ode_blocks
 
 #: Evaluation tolerances (atol = rtol), loosest first.
@@ -283,6 +283,10 @@ def _seed_text(v: dict[str, Any]) -> str:
             f"{ratio}, {v['verdict']})")
 
 
+def _ratio_text(r: dict[str, Any]) -> str:
+    return "-" if r["median"] is None else f"{r['median']:.2f}x [{r['min']:.2f}, {r['max']:.2f}]"
+
+
 def markdown(payload: dict[str, Any]) -> str:
     """The frontier's tables and the answer per workload."""
     m = payload["machine"]
@@ -318,33 +322,21 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += [f"## {wname}", ""]
         for aname, e in arms.items():
             per = "; ".join(f"seed {s}: {_seed_text(v)}" for s, v in e["per_seed"].items())
-            r = e["ratio"]
-            med = "-" if r["median"] is None else \
-                f"{r['median']:.2f}x [{r['min']:.2f}, {r['max']:.2f}]"
-            at = e["ratio_at_reference_tol"]
-            single = "-" if at["median"] is None else \
-                f"{at['median']:.2f}x [{at['min']:.2f}, {at['max']:.2f}]"
+            med, single = (_ratio_text(e[k]) for k in ("ratio", "ratio_at_reference_tol"))
             lines += [f"**{aname} against {payload['base_arm']}: {e['verdict']}** (NFE ratio at "
                       f"equal NLL, median [range] over seeds: {med}; {e['counts']['wins']} "
                       f"wins, {e['counts']['ties']} ties, {e['counts']['loses']} losses; for "
                       f"comparison, the ratio at the single tolerance {REFERENCE_TOL:g}: "
                       f"{single}). Per seed: {per}.", ""]
-        lines += ["| arm | seed | " + " | ".join(f"{t:g}" for t in TOLERANCES) + " |",
-                  "|---|---|" + "---|" * len(TOLERANCES)]
-        for (w, aname, seed), curve in payload["curves_by_key"]:
-            if w != wname:
-                continue
-            cells = [f"{p['test_nll']:.4f} / {p['test_nfe']:.0f} / {p['rows_per_second']:.0f}"
-                     for p in curve]
-            lines.append(f"| {aname} | {seed} | " + " | ".join(cells) + " |")
-        lines += ["", "(test NLL / test NFE per batch / rows per second)", "",
-                  "| arm | seed | " + " | ".join(f"{t:g}" for t in TOLERANCES) + " |",
-                  "|---|---|" + "---|" * len(TOLERANCES)]
-        for (w, aname, seed), curve in payload["curves_by_key"]:
-            if w == wname:
-                lines.append(f"| {aname} | {seed} | " + " | ".join(
-                    f"{p['sample_nfe']:.0f} / {p['sample_seconds']:.2f} s" for p in curve) + " |")
-        lines += ["", f"(sampling {payload['samples']:,}: NFE / seconds)", ""]
+        for cell, caption in (
+                ("{test_nll:.4f} / {test_nfe:.0f} / {rows_per_second:.0f}",
+                 "(test NLL / test NFE per batch / rows per second)"),
+                ("{sample_nfe:.0f} / {sample_seconds:.2f} s",
+                 f"(sampling {payload['samples']:,}: NFE / seconds)")):
+            lines += [*table(["arm", "seed", *(f"{t:g}" for t in TOLERANCES)],
+                             [[aname, seed, *(cell.format(**p) for p in curve)]
+                              for (w, aname, seed), curve in payload["curves_by_key"]
+                              if w == wname]), "", caption, ""]
     lines += [f"![test NLL against test NFE]({payload['plot']})"]
     if "missing" in payload:  # older reports (frontier_small) drew the absolute NLL
         lines += ["", f"(The picture draws each test NLL relative to the same seed's "
@@ -413,7 +405,7 @@ def _report(args: argparse.Namespace) -> Path:
 
 STUDY = common.Study("frontier", __doc__, measure, markdown, arguments, report=_report)
 
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())

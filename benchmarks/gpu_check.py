@@ -8,9 +8,7 @@ How it measures: docs/benchmarks.md, `benchmarks.gpu_check`.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -266,9 +264,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(EXIT_NO_CUDA)
     start = time.perf_counter()
     results: dict[str, Any] = dict(meta=dict(
-        command=args.command, gpus=_gpu_line(), cpu=step_cost.machine(),
-        python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
-        git_commit=common.git_commit()), errors=[])
+        command=args.command, gpus=_gpu_line(), cpu=step_cost.machine(), **common.versions(),
+        cuda=torch.version.cuda), errors=[])
 
     def save(status: int) -> None:
         results["meta"].update(wall_seconds=time.perf_counter() - start, exit_status=status)
@@ -313,7 +310,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 STUDY = common.Study("gpu_check", __doc__, measure, markdown)
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())

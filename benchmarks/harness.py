@@ -29,7 +29,7 @@ from polyreg_cnf.callbacks import NFEMonitor
 from polyreg_cnf.datamodules.toy import ToyDataModule
 from polyreg_cnf.datamodules.user_table import UserTableDataModule
 
-from benchmarks.common import figure, save_figure
+from benchmarks.common import figure, save_figure, spread
 from polyreg_cnf.app.build import build, make_model
 from polyreg_cnf.app.config import RunConfig, resolve
 from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
@@ -146,6 +146,13 @@ WORKLOADS = {
                            hidden_dims=(64, 64), nonlinearity="softplus", lr=2e-3,
                            baseline_tol=(1e-5, 1e-5)),
 }
+
+
+def _run_inputs(w: Workload, arm: Arm, seed: int, steps: int, tmp: Path
+                ) -> tuple[L.LightningDataModule, RunConfig]:
+    """The data module and run configuration of one run (table files are written into ``tmp``)."""
+    data = {"table": str(tmp / f"{w.name}.npy"), "vae": "digits"}.get(w.kind)
+    return _datamodule(w, seed, tmp), run_config(w, arm, seed, steps, tmp / "runs", data)
 
 
 def _datamodule(w: Workload, seed: int, tmp: Path) -> L.LightningDataModule:
@@ -338,9 +345,7 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch) if work_dir is None else Path(work_dir)
         tmp.mkdir(parents=True, exist_ok=True)
-        dm = _datamodule(w, seed, tmp)
-        data = {"table": str(tmp / f"{w.name}.npy"), "vae": "digits"}.get(w.kind)
-        config = run_config(w, arm, seed, steps, tmp / "runs", data)
+        dm, config = _run_inputs(w, arm, seed, steps, tmp)
         atol, rtol = config.ode.atol, config.ode.rtol
         curve = _ValCurve()
         extra: list[L.Callback] = [curve]
@@ -414,10 +419,17 @@ def save_final_model(model: torch.nn.Module, w: Workload, arm: Arm, seed: int,
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".part")
-    torch.save({"workload_def": dataclasses.asdict(w), "arm_def": dataclasses.asdict(arm),
-                "seed": seed, "state_dict": {k: v.detach().cpu().clone()
-                                             for k, v in model.state_dict().items()}}, tmp)
+    torch.save({**definitions(w, arm), "seed": seed,
+                "state_dict": {k: v.detach().cpu().clone()
+                               for k, v in model.state_dict().items()}}, tmp)
     os.replace(tmp, path)
+
+
+def definitions(w: Workload, arm: Arm) -> dict[str, Any]:
+    """The workload's and arm's definitions as a stored run keeps them (through JSON, so tuples
+    are lists, as they are in a cached file)."""
+    return json.loads(json.dumps({"workload_def": dataclasses.asdict(w),
+                                  "arm_def": dataclasses.asdict(arm)}))
 
 
 def load_final_model(path: Path, w: Workload, arm: Arm, seed: int, tmp: Path
@@ -429,17 +441,14 @@ def load_final_model(path: Path, w: Workload, arm: Arm, seed: int, tmp: Path
         ValueError: The file was made by another workload, arm or seed definition.
     """
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    made_by = json.loads(json.dumps({"workload_def": dataclasses.asdict(w),
-                                     "arm_def": dataclasses.asdict(arm), "seed": seed}))
+    made_by = {**definitions(w, arm), "seed": seed}
     got = {k: saved.get(k) for k in made_by}
     if json.loads(json.dumps(got)) != made_by:
         raise ValueError(f"{path} was made by {got}, not by {made_by}")
-    dm = _datamodule(w, seed, tmp)
+    dm, config = _run_inputs(w, arm, seed, w.steps, tmp)
     dm.prepare_data()
     dm.setup("fit")
     dm.setup("test")
-    data = {"table": str(tmp / f"{w.name}.npy"), "vae": "digits"}.get(w.kind)
-    config = run_config(w, arm, seed, w.steps, tmp / "runs", data)
     model = make_model(config, dm)
     model.load_state_dict(saved["state_dict"])
     model.eval()
@@ -483,10 +492,14 @@ def nfe_to_reach(run: dict[str, Any], target: float) -> float | None:
     return None
 
 
-def _median_unreached_as_zero(speedups: list[float | None]) -> float | None:
-    """Median speed-up where a seed that never reached the target counts as 0 (the slowest)."""
-    return float(statistics.median([0.0 if v is None else v for v in speedups])) \
-        if speedups else None
+def speedups(per_seed: list[float | None]) -> dict[str, Any]:
+    """A speed-up entry of per-seed values (None: that seed never reached the target): the
+    median of the reached, the median where an unreached seed counts as 0 (the slowest), and
+    how many of how many seeds reached it."""
+    return {"median": spread(per_seed)["median"], "per_seed": per_seed,
+            "median_unreached_as_zero": float(statistics.median(
+                [0.0 if v is None else v for v in per_seed])) if per_seed else None,
+            "reached": sum(v is not None for v in per_seed), "of": len(per_seed)}
 
 
 #: Seed-paired comparisons with a baseline: measurement -> how a seed's value is compared with
@@ -494,16 +507,6 @@ def _median_unreached_as_zero(speedups: list[float | None]) -> float | None:
 PAIRED = {"test_nll": "diff", "tolerance_gap": "diff", "test_nfe": "ratio",
           "forward_nfe": "ratio", "total_nfe": "ratio", "forward_nfe_last10pct": "ratio",
           "seconds_per_step": "ratio", "train_seconds": "ratio"}
-
-
-def spread(values: list[float | None], skip_none: bool = False) -> dict[str, float | None]:
-    """Median, min and max of per-seed values: all None if any seed has none (``skip_none``:
-    over the seeds that have one; all None if none has)."""
-    vals = [v for v in values if v is not None]
-    if not vals or (len(vals) < len(values) and not skip_none):
-        return {"median": None, "min": None, "max": None}
-    return {"median": float(statistics.median(vals)), "min": float(min(vals)),
-            "max": float(max(vals))}
 
 
 def paired(mine: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
@@ -538,6 +541,24 @@ def _complete(run: dict[str, Any]) -> dict[str, Any]:
     return {**run, "forward_nfe_last10pct": float(np.mean(fwd[-max(1, len(fwd) // 10):]))}
 
 
+def _reach(run: dict[str, Any], ref: dict[str, Any], margin: float, smooth: bool
+           ) -> tuple[float | None, float | None, float | None]:
+    """``run``'s training seconds to ``ref``'s final validation NLL + ``margin`` (curves averaged
+    over :data:`SMOOTH_EVALS` evaluations when ``smooth``), the speed-up in seconds (``ref``'s
+    own time to that value, which it may touch earlier, over ``run``'s) and in function
+    evaluations; None where a run never reaches it or ``ref`` has no validation curve."""
+    if not ref["val_curve"]:
+        return None, None, None
+    if smooth:
+        run = {**run, "val_curve": smooth_curve(run["val_curve"])}
+        ref = {**ref, "val_curve": smooth_curve(ref["val_curve"])}
+    target = ref["val_curve"][-1][2] + margin
+    mine, theirs = time_to_reach(run["val_curve"], target), time_to_reach(ref["val_curve"], target)
+    my_nfe, their_nfe = nfe_to_reach(run, target), nfe_to_reach(ref, target)
+    return (mine, None if mine is None or theirs is None else theirs / mine,
+            None if not my_nfe or their_nfe is None else their_nfe / my_nfe)
+
+
 def summarise(runs: list[dict[str, Any]],
               baselines: tuple[str, ...] = ("ffjord", "ffjord_matched", "ffjord_direct"),
               pairs: dict[str, str] | None = None) -> dict[str, Any]:
@@ -547,9 +568,8 @@ def summarise(runs: list[dict[str, Any]],
     adds ``paired_to_<baseline>`` for arms whose baseline is not among ``baselines``."""
     out: dict[str, Any] = {}
     keys = ("forward_nfe", "backward_nfe", "total_nfe", "forward_nfe_last100",
-            "forward_nfe_last10pct",
-            "backward_nfe_last100", "seconds_per_step", "train_seconds", "test_nll", "test_nfe",
-            "tolerance_gap")
+            "forward_nfe_last10pct", "backward_nfe_last100", "seconds_per_step", "train_seconds",
+            "test_nll", "test_nfe", "tolerance_gap")
     by: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in map(_complete, runs):
         by.setdefault(r["workload"], {}).setdefault(r["arm"], []).append(r)
@@ -557,10 +577,7 @@ def summarise(runs: list[dict[str, Any]],
         out[wname] = {}
         for aname, rs in arms.items():
             entry: dict[str, Any] = {"seeds": [r["seed"] for r in rs]}
-            for k in keys:
-                vals = [r[k] for r in rs]
-                entry[k] = {"median": float(statistics.median(vals)), "min": float(min(vals)),
-                            "max": float(max(vals))}
+            entry.update({k: spread([r[k] for r in rs]) for k in keys})
             for base in baselines:
                 if base not in arms:
                     continue
@@ -568,48 +585,20 @@ def summarise(runs: list[dict[str, Any]],
                     entry[f"paired_to_{base}"] = paired(rs, arms[base])
                 # Exactly the baseline's final validation NLL, within 0.01 nats of it, and within
                 # 0.01 nats on curves averaged over SMOOTH_EVALS evaluations (both arms).
+                base_by_seed = {b["seed"]: b for b in arms[base]}
                 for margin, suffix, smooth in ((0.0, "", False),
                                                (0.01, "_within_0.01", False),
                                                (0.01, "_smoothed_within_0.01", True)):
-                    times, speedups, work_ratios = [], [], []
-                    base_by_seed = {b["seed"]: b for b in arms[base]}
-                    for r in rs:
-                        ref_run = base_by_seed.get(r["seed"])
-                        if ref_run is None:
-                            # Not compared (as paired() leaves it out), not "never reached".
-                            continue
-                        if not ref_run["val_curve"]:
-                            times.append(None)
-                            speedups.append(None)
-                            work_ratios.append(None)
-                            continue
-                        mine_run = r
-                        if smooth:
-                            mine_run = {**r, "val_curve": smooth_curve(r["val_curve"])}
-                            ref_run = {**ref_run, "val_curve": smooth_curve(ref_run["val_curve"])}
-                        target = ref_run["val_curve"][-1][2] + margin
-                        mine = time_to_reach(mine_run["val_curve"], target)
-                        # The baseline's own time to that value (it may touch it earlier).
-                        theirs = time_to_reach(ref_run["val_curve"], target)
-                        times.append(mine)
-                        speedups.append(None if mine is None or theirs is None
-                                        else theirs / mine)
-                        my_nfe = nfe_to_reach(mine_run, target)
-                        their_nfe = nfe_to_reach(ref_run, target)
-                        work_ratios.append(None if not my_nfe or their_nfe is None
-                                           else their_nfe / my_nfe)
+                    # A seed without a baseline run is not compared (as paired() leaves it
+                    # out), not "never reached".
+                    reach = [_reach(r, base_by_seed[r["seed"]], margin, smooth)
+                             for r in rs if r["seed"] in base_by_seed]
+                    times, wall, work_ratios = ([c[i] for c in reach] for i in range(3))
                     entry[f"seconds_to_{base}_final_val{suffix}"] = {
                         "median": spread(times)["median"], "per_seed": times}
-                    entry[f"speedup_to_{base}_final_val{suffix}"] = {
-                        "median": spread(speedups)["median"], "per_seed": speedups,
-                        "median_unreached_as_zero": _median_unreached_as_zero(speedups),
-                        "reached": sum(v is not None for v in speedups), "of": len(speedups)}
+                    entry[f"speedup_to_{base}_final_val{suffix}"] = speedups(wall)
                     # The same ratio in function evaluations: independent of machine load.
-                    entry[f"nfe_speedup_to_{base}_final_val{suffix}"] = {
-                        "median": spread(work_ratios)["median"], "per_seed": work_ratios,
-                        "median_unreached_as_zero": _median_unreached_as_zero(work_ratios),
-                        "reached": sum(v is not None for v in work_ratios),
-                        "of": len(work_ratios)}
+                    entry[f"nfe_speedup_to_{base}_final_val{suffix}"] = speedups(work_ratios)
             own = (pairs or {}).get(aname)
             if own in arms and f"paired_to_{own}" not in entry:
                 entry[f"paired_to_{own}"] = paired(rs, arms[own])

@@ -27,18 +27,18 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
-from benchmarks.common import UsageError, machine, write_json
+from benchmarks.common import UsageError, machine, spread, table, write_json
 from benchmarks.harness import (
     ARMS,
     RUN_THREADS,
     WORKLOADS,
     Arm,
     Workload,
-    _median_unreached_as_zero,
+    definitions,
     fmt,
     plot_nfe,
     run_one,
-    spread,
+    speedups,
     summarise,
 )
 from benchmarks.pool import PoolStopped, run_pool
@@ -105,19 +105,13 @@ def _cache_file(cache: Path, w: Workload, arm: Arm, seed: int) -> Path:
     return cache / f"{w.name}-{w.steps}-{arm.name}-{seed}.json"
 
 
-def _definitions(w: Workload, arm: Arm) -> dict[str, Any]:
-    # Through JSON so tuples become lists, as they are in a cached file.
-    return json.loads(json.dumps({"workload_def": dataclasses.asdict(w),
-                                  "arm_def": dataclasses.asdict(arm)}))
-
-
 def _load_cached(path: Path, w: Workload, arm: Arm) -> dict[str, Any] | None:
     """A cached run, if it was made with the same workload and arm definitions."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    defs = _definitions(w, arm)
+    defs = definitions(w, arm)
     if any(data.get(k) != v for k, v in defs.items()):
         return None
     return data["run"]
@@ -150,7 +144,7 @@ def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: in
     if keep_models:
         extra["model_path"] = model_file(cache.name, w, arm, seed)
     run = run_one(w, arm, seed, **extra)
-    write_json(record or _cache_file(cache, w, arm, seed), {**_definitions(w, arm), "run": run})
+    write_json(record or _cache_file(cache, w, arm, seed), {**definitions(w, arm), "run": run})
     return run
 
 
@@ -241,14 +235,14 @@ def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
     """A markdown table of every arm against ``base``, seed by seed (harness.paired)."""
     lines = [f"Against {ARMS[base].label if base in ARMS else base}, seed by seed (each seed's "
              "difference or ratio with the same seed's baseline run; median [min, max] over "
-             "seeds, then the per-seed values):", "",
-             "| arm | test NLL diff (nats) | test NFE ratio | fwd NFE ratio, last 10 % | "
-             "total NFE ratio | s/step ratio |", "|---|---|---|---|---|---|"]
-    rows = [f"| {aname} | {_signed(p['test_nll'])} | {_times(p['test_nfe'])} | "
-            f"{_times(p['forward_nfe_last10pct'])} | {_times(p['total_nfe'])} | "
-            f"{_spread_text(p['seconds_per_step'], '.3f', unit='x')} |"
+             "seeds, then the per-seed values):", ""]
+    rows = [[aname, _signed(p["test_nll"]), _times(p["test_nfe"]),
+             _times(p["forward_nfe_last10pct"]), _times(p["total_nfe"]),
+             _spread_text(p["seconds_per_step"], ".3f", unit="x")]
             for aname, e in arms.items() if (p := e.get(f"paired_to_{base}")) is not None]
-    return [*lines, *rows, ""] if rows else []  # none before the seed-paired summaries
+    return [*lines, *table(["arm", "test NLL diff (nats)", "test NFE ratio",
+                            "fwd NFE ratio, last 10 %", "total NFE ratio", "s/step ratio"], rows),
+            ""] if rows else []  # none before the seed-paired summaries
 
 
 def _speedup(entry: dict[str, Any]) -> str:
@@ -298,29 +292,21 @@ def markdown(suite: str, payload: dict) -> str:
              "seed against the same seed's baseline, then the median [min, max] over seeds.",
              ""]
     for wname, arms in payload["summary"].items():
-        lines += [f"## {wname}", "",
-                  "| arm | fwd NFE | bwd NFE | total NFE | s/step | test NLL | test NFE | gap | "
-                  "s to (1) final val | s to (3) final val | speed-up vs (3) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for aname, e in arms.items():
-            lines.append(
-                f"| {ARMS[aname].label} | {fmt(e['forward_nfe'])} | {fmt(e['backward_nfe'])} | "
-                f"{fmt(e['total_nfe'])} | {fmt(e['seconds_per_step'], 3)} | "
-                f"{fmt(e['test_nll'], 4)} | {fmt(e['test_nfe'])} | "
-                f"{fmt(e['tolerance_gap'], 4)} | "
-                f"{fmt(e.get('seconds_to_ffjord_final_val'), 0)} | "
-                f"{fmt(e.get('seconds_to_ffjord_matched_final_val'), 0)} | {_speedup(e)} |")
-        lines.append("")
+        lines += [f"## {wname}", "", *table(
+            ["arm", "fwd NFE", "bwd NFE", "total NFE", "s/step", "test NLL", "test NFE", "gap",
+             "s to (1) final val", "s to (3) final val", "speed-up vs (3)"],
+            [[ARMS[aname].label, *(fmt(e[k], d) for k, d in (
+                ("forward_nfe", 1), ("backward_nfe", 1), ("total_nfe", 1),
+                ("seconds_per_step", 3), ("test_nll", 4), ("test_nfe", 1),
+                ("tolerance_gap", 4))),
+              *(fmt(e.get(f"seconds_to_{b}_final_val"), 0) for b in ("ffjord", "ffjord_matched")),
+              _speedup(e)] for aname, e in arms.items()]), ""]
         for base in ("ffjord", "ffjord_matched", *payload.get("pairs", {}).values()):
             if base in arms and len(arms) > 1:
                 lines += paired_lines(arms, base)
     lines += ["## Goals", "", "Seed-paired: median [min, max] over seeds of each seed's "
               "comparison with the same seed's baseline, then the per-seed values; the verdict "
-              "('met') is the median's.", "",
-              "| workload | paper settings: total NFE (2) vs (1) | (5) vs (3): wall time to (3)'s "
-              "final val NLL | (3b) vs (3) (engineering alone) | (5) vs (3b): s/step, fwd NFE | "
-              "test NFE of (5) / floor 8 |",
-              "|---|---|---|---|---|---|"]
+              "('met') is the median's.", ""]
 
     def cell(g: dict[str, Any] | None, kind: str) -> str:
         if g is None:
@@ -339,12 +325,15 @@ def markdown(suite: str, payload: dict) -> str:
         return (f"{g['test_nfe']:.0f} = {g['times_floor']:.1f}x; NLL "
                 f"{_signed(g['test_nll_diff'])}")
 
-    for wname, g in payload.get("goals", {}).items():
-        lines.append(f"| {wname} | {cell(g.get('paper_settings'), 'paper')} | "
-                     f"{cell(g.get('matched_tpr_fast'), 'speed')} | "
-                     f"{cell(g.get('matched_ffjord_direct'), 'speed')} | "
-                     f"{cell(g.get('tpr_vs_same_engineering'), 'same')} | "
-                     f"{cell(g.get('test_nfe_tpr_fast'), 'floor')} |")
+    lines += table(["workload", "paper settings: total NFE (2) vs (1)",
+                    "(5) vs (3): wall time to (3)'s final val NLL",
+                    "(3b) vs (3) (engineering alone)", "(5) vs (3b): s/step, fwd NFE",
+                    "test NFE of (5) / floor 8"],
+                   [[wname, *(cell(g.get(key), kind) for key, kind in (
+                       ("paper_settings", "paper"), ("matched_tpr_fast", "speed"),
+                       ("matched_ffjord_direct", "speed"), ("tpr_vs_same_engineering", "same"),
+                       ("test_nfe_tpr_fast", "floor")))]
+                    for wname, g in payload.get("goals", {}).items()])
     lines += ["", f"![NFE per step]({suite}_nfe.png)"]
     return "\n".join(lines) + "\n"
 
@@ -450,9 +439,7 @@ def beside_goals(goals_here: dict[str, Any], goals_other: dict[str, Any]) -> dic
                 values = [*other[key]["per_seed"], *mine[key]["per_seed"]]
                 if key.endswith("speedup_within_0.01_per_seed"):
                     # A summarise()-style speed-up entry, read the way long_goals reads one.
-                    raw = {"per_seed": values,
-                           "median_unreached_as_zero": _median_unreached_as_zero(values),
-                           "reached": sum(v is not None for v in values), "of": len(values)}
+                    raw = speedups(values)
                     entry[key] = {**_speedup_spread(raw), "reached": _reached(raw)}
                 else:
                     entry[key] = {"per_seed": values, **spread(values)}
@@ -471,17 +458,15 @@ def _beside_lines(payload: dict[str, Any]) -> list[str]:
              f"{beside['seeds']} are from `{beside['suite']}.json`, the others from this suite. "
              f"Median [range] over all of them, then the per-seed values in seed order {seeds}.",
              "",
-             "| workload | arm | speed-up to (3b)'s final val within 0.01 | the same in NFE | "
-             "fewer fwd NFE, last 10 % | test NLL diff | test NFE / (3b)'s |",
-             "|---|---|---|---|---|---|---|"]
-    for wname, arms in beside["goals"].items():
-        for aname, v in arms.items():
-            lines.append(
-                f"| {wname} | {aname} | {_speed_text(v['speedup_within_0.01_per_seed'])} "
-                f"(reached {v['speedup_within_0.01_per_seed']['reached']}) | "
-                f"{_speed_text(v['nfe_speedup_within_0.01_per_seed'])} | "
-                f"{_pct(v['forward_nfe_last10pct_reduction'])} | "
-                f"{_signed(v['test_nll_diff'])} | {_times(v['test_nfe_ratio'])} |")
+             *table(["workload", "arm", "speed-up to (3b)'s final val within 0.01",
+                     "the same in NFE", "fewer fwd NFE, last 10 %", "test NLL diff",
+                     "test NFE / (3b)'s"],
+                    [[wname, aname, f"{_speed_text(v['speedup_within_0.01_per_seed'])} (reached "
+                      f"{v['speedup_within_0.01_per_seed']['reached']})",
+                      _speed_text(v["nfe_speedup_within_0.01_per_seed"]),
+                      _pct(v["forward_nfe_last10pct_reduction"]), _signed(v["test_nll_diff"]),
+                      _times(v["test_nfe_ratio"])]
+                     for wname, arms in beside["goals"].items() for aname, v in arms.items()])]
     return lines + [""]
 
 
@@ -511,63 +496,43 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
              "the machine was doing; wall-clock speed-ups are only comparable between runs made "
              "under the same load).", ""]
     for wname, arms in payload["summary"].items():
-        lines += [f"## {wname}", "",
-                  "| arm | fwd NFE (all / last 10 %) | s/step | train s | s to (3b) final val "
-                  "(exact / within 0.01) | speed-up (exact / within 0.01) | NFE speed-up (exact "
-                  "/ within 0.01) | test NLL | test NFE |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for aname, e in arms.items():
-            def sp(key: str, e: dict = e, kind: str = "speedup") -> str:
-                v = e.get(f"{kind}_to_{base_arm}_final_val{key}")
-                if v is None:
-                    return "-"
-                if v["median"] is not None:
-                    return _x(v["median"])
-                zero = v.get("median_unreached_as_zero")
-                return (f"{_x(zero)} ({v['reached']}/{v['of']})" if zero
-                        else f"{v['reached']}/{v['of']}")
-            lines.append(
-                f"| {ARMS[aname].label} | {fmt(e['forward_nfe'])} / "
-                f"{fmt(e['forward_nfe_last10pct'])} | {fmt(e['seconds_per_step'], 3)} | "
-                f"{fmt(e['train_seconds'], 0)} | "
-                f"{fmt(e.get(f'seconds_to_{base_arm}_final_val'), 0)} / "
-                f"{fmt(e.get(f'seconds_to_{base_arm}_final_val_within_0.01'), 0)} | "
-                f"{sp('')} / {sp('_within_0.01')} | {sp('', kind='nfe_speedup')} / "
-                f"{sp('_within_0.01', kind='nfe_speedup')} | {fmt(e['test_nll'], 4)} | "
-                f"{fmt(e['test_nfe'])} |")
-        lines.append("")
-        lines += paired_lines(arms, base_arm)
-        probes = {}
-        for r in payload["runs"]:
-            if r["workload"] == wname and r.get("probes"):
-                probes.setdefault(r["arm"], []).append(r["probes"])
+        def sp(e: dict[str, Any], kind: str, key: str) -> str:
+            v = e.get(f"{kind}_to_{base_arm}_final_val{key}")
+            if v is None:
+                return "-"
+            if v["median"] is not None:
+                return _x(v["median"])
+            zero = v.get("median_unreached_as_zero")
+            return f"{_x(zero)} ({v['reached']}/{v['of']})" if zero else f"{v['reached']}/{v['of']}"
+
+        lines += [f"## {wname}", "", *table(
+            ["arm", "fwd NFE (all / last 10 %)", "s/step", "train s",
+             "s to (3b) final val (exact / within 0.01)", "speed-up (exact / within 0.01)",
+             "NFE speed-up (exact / within 0.01)", "test NLL", "test NFE"],
+            [[ARMS[aname].label, f"{fmt(e['forward_nfe'])} / {fmt(e['forward_nfe_last10pct'])}",
+              fmt(e["seconds_per_step"], 3), fmt(e["train_seconds"], 0),
+              " / ".join(fmt(e.get(f"seconds_to_{base_arm}_final_val{k}"), 0)
+                         for k in ("", "_within_0.01")),
+              *(" / ".join(sp(e, kind, k) for k in ("", "_within_0.01"))
+                for kind in ("speedup", "nfe_speedup")),
+              fmt(e["test_nll"], 4), fmt(e["test_nfe"])] for aname, e in arms.items()]),
+            "", *paired_lines(arms, base_arm)]
+        probes = probe_medians(payload["runs"], wname)
         if probes:
             lines += ["Over training (medians of seeds; test NFE per solve of 2,000 test rows at "
                       "1e-5 / polynomial penalty / path length over displacement):", "",
-                      "| arm | " + " | ".join(f"step {p['step']}" for p in
-                                              next(iter(probes.values()))[0]) + " |",
-                      "|---|" + "---|" * len(next(iter(probes.values()))[0])]
-            for aname, per_seed in probes.items():
-                n = min(len(p) for p in per_seed)
-                cells = []
-                for k in range(n):
-                    med = {key: float(np.median([p[k][key] for p in per_seed]))
-                           for key in ("test_nfe", "penalty", "path_ratio")}
-                    cells.append(f"{med['test_nfe']:.0f} / {med['penalty']:.3g} / "
-                                 f"{med['path_ratio']:.3f}")
-                lines.append(f"| {aname} | " + " | ".join(cells) + " |")
-            lines.append("")
+                      *table(["arm", *(f"step {p['step']}" for p in
+                                       next(iter(probes.values())))],
+                             [[aname, *(f"{p['test_nfe']:.0f} / {p['penalty']:.3g} / "
+                                        f"{p['path_ratio']:.3f}" for p in meds)]
+                              for aname, meds in probes.items()]), ""]
     lines += ["## Goals (against (3b))", ""] if unpaired else [
         "## Goals (against (3b), seed-paired)", "",
         "Each seed's TPR run against the same seed's (3b) run, then the median over seeds (the "
         "verdict) and its range [min, max], then the per-seed values in seed order "
         f"{list(payload['seeds'])}. Speed-ups: '-' = that seed never reached (3b)'s value "
         "(counted as 0 in the median).", ""]
-    lines += ["| workload | arm | speed-up to (3b)'s final val within 0.01 (>= 1.3) | the same "
-              "in NFE | fewer fwd NFE, last 10 % (>= 20 %) | test NLL diff (<= 0.05) | met | "
-              f"test NFE / (3b)'s{', median' if unpaired else ''} (every seed <= 1) | the "
-              "speed-up on validation curves averaged over 5 evaluations: wall / NFE |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for wname, g in payload.get("goals", {}).items():
         for aname, v in g.items():
             if unpaired:
@@ -581,36 +546,47 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
                          _speed_text(v["nfe_speedup_within_0.01_per_seed"]),
                          _pct(v["forward_nfe_last10pct_reduction"]), _signed(v["test_nll_diff"]),
                          _times(v["test_nfe_ratio"]))
-            lines.append(
-                f"| {wname} | {aname} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
-                f"{'met' if v['met'] else 'not met'} | {cells[4]} "
-                f"({'met' if v['test_nfe_met'] else 'not met'}) | "
-                f"{_x(v.get('speedup_smoothed_within_0.01'))} / "
-                f"{_x(v.get('nfe_speedup_smoothed_within_0.01'))} "
-                f"(reached {v.get('reached_smoothed_within_0.01', '-')}) |")
+            rows.append([wname, aname, *cells[:4], "met" if v["met"] else "not met",
+                         f"{cells[4]} ({'met' if v['test_nfe_met'] else 'not met'})",
+                         f"{_x(v.get('speedup_smoothed_within_0.01'))} / "
+                         f"{_x(v.get('nfe_speedup_smoothed_within_0.01'))} "
+                         f"(reached {v.get('reached_smoothed_within_0.01', '-')})"])
+    lines += table(["workload", "arm", "speed-up to (3b)'s final val within 0.01 (>= 1.3)",
+                    "the same in NFE", "fewer fwd NFE, last 10 % (>= 20 %)",
+                    "test NLL diff (<= 0.05)", "met",
+                    f"test NFE / (3b)'s{', median' if unpaired else ''} (every seed <= 1)",
+                    "the speed-up on validation curves averaged over 5 evaluations: wall / NFE"],
+                   rows)
     lines += ["", *_beside_lines(payload), f"![forward NFE per step]({suite}_nfe.png)", "",
               f"![test NFE and straightness over training]({suite}_probes.png)"]
     return "\n".join(lines) + "\n"
 
 
+def probe_medians(runs: list[dict[str, Any]], wname: str) -> dict[str, list[dict[str, float]]]:
+    """Per arm of workload ``wname`` (in run order): each probe's step and the medians over
+    seeds of its test NFE, penalty and path ratio, up to the shortest seed's last probe."""
+    per_arm: dict[str, list[list[dict[str, float]]]] = {}
+    for r in runs:
+        if r["workload"] == wname and r.get("probes"):
+            per_arm.setdefault(r["arm"], []).append(r["probes"])
+    return {aname: [{"step": per_seed[0][k]["step"],
+                     **{key: float(np.median([p[k][key] for p in per_seed]))
+                        for key in ("test_nfe", "penalty", "path_ratio")}}
+                    for k in range(min(len(p) for p in per_seed))]
+            for aname, per_seed in per_arm.items()}
+
+
 def plot_probes(runs: list[dict[str, Any]], path: Path) -> None:
     """Test NFE and path length / displacement over training, per workload and arm."""
-
     workloads = sorted({r["workload"] for r in runs if r.get("probes")})
     if not workloads:
         return
     fig, axes = common.figure(2, len(workloads), (6 * len(workloads), 7))
     for col, wname in enumerate(workloads):
-        for aname in sorted({r["arm"] for r in runs if r["workload"] == wname}):
-            per_seed = [r["probes"] for r in runs
-                        if r["workload"] == wname and r["arm"] == aname and r.get("probes")]
-            if not per_seed:
-                continue
-            n = min(len(p) for p in per_seed)
-            steps = [per_seed[0][k]["step"] for k in range(n)]
+        for aname, meds in sorted(probe_medians(runs, wname).items()):
             for row, key in enumerate(("test_nfe", "path_ratio")):
-                med = [float(np.median([p[k][key] for p in per_seed])) for k in range(n)]
-                axes[row][col].plot(steps, med, marker="o", label=aname)
+                axes[row][col].plot([p["step"] for p in meds], [p[key] for p in meds],
+                                    marker="o", label=aname)
         axes[0][col].set_title(f"{wname}: test NFE at 1e-5 (median of seeds)")
         axes[1][col].set_title(f"{wname}: path length / displacement")
         for row in (0, 1):
@@ -752,7 +728,7 @@ def render(payload: dict[str, Any]) -> str:
 STUDY = common.Study("run", __doc__, measure, render, arguments,
                      report=lambda args: RESULTS / args.suite)
 
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from benchmarks.common import ROOT, UsageError, table
+from benchmarks.common import UsageError, table
 from benchmarks.tables import mixture_rows, write_mixture_table
 
 #: The goal of issue 14: TPR's seconds per step at most this multiple of the baseline's.
@@ -366,21 +364,13 @@ def run_front_door(reg: str, seed: int | None = None, backprop: str | None = Non
     with tempfile.TemporaryDirectory() as tmp:
         load = os.getloadavg()[0]
         start, cpu = time.perf_counter(), _children_cpu()
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=tmp,
-                              capture_output=True, text=True, timeout=timeout)
+        _, train_wall = common.train_py(argv, Path(tmp), timeout)
         wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
-        if proc.returncode != 0:
-            raise RuntimeError(f"train.py {' '.join(argv)} exited {proc.returncode}:\n"
-                               f"{proc.stderr[-3000:]}")
         csvs = sorted(Path(tmp, "runs").glob("*/metrics.csv"))
         if len(csvs) != 1:
             raise RuntimeError(f"expected one metrics.csv under {tmp}/runs, found {csvs}")
         stats = step_stats(read_metrics_csv(csvs[0]))
         config_text = (csvs[0].parent / "config.yaml").read_text()
-    train_wall = float("nan")
-    for line in proc.stdout.splitlines():
-        if line.startswith("training wall time (s):"):
-            train_wall = float(line.split(":")[1])
     return dict(preset="front_door" if backprop is None else f"front_door_{backprop}",
                 reg=reg, seed=0 if seed is None else seed, command="python train.py "
                 + " ".join(argv), **stats,
@@ -413,28 +403,23 @@ def summarise(runs: Sequence[dict[str, Any]], goal: float = GOAL) -> list[dict[s
         seeds = sorted(s for reg, s in arms if reg == "none" and ("poly", s) in arms)
         if not seeds:
             continue
-        ratios = [arms["poly", s]["seconds"] / arms["none", s]["seconds"] for s in seeds]
-        ratios_all = [arms["poly", s]["seconds_all"] / arms["none", s]["seconds_all"]
-                      for s in seeds]
-        ratios_med = [arms["poly", s]["seconds_median"] / arms["none", s]["seconds_median"]
-                      for s in seeds]
+        def ratios(key: str, arms: dict = arms, seeds: list = seeds) -> dict[str, float]:
+            """Median, min and max over seeds of poly / none in ``key``, to 6 decimals."""
+            per_seed = [arms["poly", s][key] / arms["none", s][key] for s in seeds]
+            return {k: round(f(per_seed), 6)
+                    for k, f in (("", statistics.median), ("_min", min), ("_max", max))}
+
         row: dict[str, Any] = dict(preset=preset, seeds=seeds)
         for reg in ("none", "poly"):
             sel = [arms[reg, s] for s in seeds]
-            row[f"seconds_{reg}"] = statistics.median(r["seconds"] for r in sel)
-            row[f"forward_{reg}"] = statistics.median(r["forward"] for r in sel)
-            row[f"backward_{reg}"] = statistics.median(r["backward"] for r in sel)
+            for key in ("seconds", "forward", "backward"):
+                row[f"{key}_{reg}"] = statistics.median(r[key] for r in sel)
             row[f"backprop_{reg}"] = "/".join(dict.fromkeys(r["backprop"] for r in sel))
-        row.update(ratio=round(statistics.median(ratios), 6), ratio_min=round(min(ratios), 6),
-                   ratio_max=round(max(ratios), 6),
-                   ratio_all_steps=round(statistics.median(ratios_all), 6),
-                   ratio_median_step=round(statistics.median(ratios_med), 6))
+        row.update({f"ratio{k}": v for k, v in ratios("seconds").items()},
+                   ratio_all_steps=ratios("seconds_all")[""],
+                   ratio_median_step=ratios("seconds_median")[""])
         if all("cpu_seconds" in arms[reg, s] for reg in ("none", "poly") for s in seeds):
-            ratios_cpu = [arms["poly", s]["cpu_seconds"] / arms["none", s]["cpu_seconds"]
-                          for s in seeds]
-            row.update(ratio_cpu=round(statistics.median(ratios_cpu), 6),
-                       ratio_cpu_min=round(min(ratios_cpu), 6),
-                       ratio_cpu_max=round(max(ratios_cpu), 6))
+            row.update({f"ratio_cpu{k}": v for k, v in ratios("cpu_seconds").items()})
         row["met"] = bool(row["ratio"] <= goal)
         out.append(row)
     return out
@@ -561,13 +546,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every pair of every preset and seed; the report is written again after each run."""
     steps = _parse_steps(args.steps)
-    import lightning
-    import torchdiffeq
-
     meta: dict[str, Any] = dict(
-        command=args.command, machine=machine(), python=platform.python_version(),
-        torch=torch.__version__, lightning=lightning.__version__,
-        torchdiffeq=torchdiffeq.__version__, git_commit=common.git_commit(), seeds=args.seeds,
+        command=args.command, machine=machine(), **common.versions(), seeds=args.seeds,
         steps={p: steps[p] for p in args.presets if p in steps},
         load_start=os.getloadavg()[0])
     start = time.perf_counter()
@@ -620,7 +600,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 STUDY = common.Study("step_cost", __doc__, measure, render, arguments)
 
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())

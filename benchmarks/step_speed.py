@@ -40,6 +40,12 @@ WORKLOADS: dict[str, list[str]] = {
     "vae_front_door": ["--model", "vae", "--reg", "poly"],
 }
 SKIP = 20  # leading steps left out of the step times
+#: The seed-paired comparisons of new with baseline: name -> (figure, "ratio" new / baseline or
+#: "diff" new - baseline, the report's format).
+COMPARED = {"step_ratio": ("seconds_per_step", "ratio", ".2f"),
+            "nfe_ratio": ("forward_nfe_per_step", "ratio", ".3f"),
+            "nll_diff": ("test_nll", "diff", "+.4f"),
+            "throughput_ratio": ("test_rows_per_second", "ratio", ".2f")}
 
 
 # ------------------------------------------------------------------------------ child
@@ -187,17 +193,14 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per workload and variant: seed-paired ratios and differences, median and range."""
     out: dict[str, Any] = {}
     for r in results:
-        key = f"{r['workload']}/{r['variant']}"
         b, n = r["baseline"], r["new"]
-        entry = out.setdefault(key, {"step_ratio": [], "nfe_ratio": [], "nll_diff": [],
-                                     "throughput_ratio": [], "seeds": []})
+        entry = out.setdefault(f"{r['workload']}/{r['variant']}",
+                               {**{k: [] for k in COMPARED}, "seeds": []})
         entry["seeds"].append(r["seed"])
-        entry["step_ratio"].append(n["seconds_per_step"] / b["seconds_per_step"])
-        entry["nfe_ratio"].append(n["forward_nfe_per_step"] / b["forward_nfe_per_step"])
-        entry["nll_diff"].append(n["test_nll"] - b["test_nll"])
-        entry["throughput_ratio"].append(n["test_rows_per_second"] / b["test_rows_per_second"])
+        for k, (figure, how, _) in COMPARED.items():
+            entry[k].append(n[figure] - b[figure] if how == "diff" else n[figure] / b[figure])
     for entry in out.values():
-        for k in ("step_ratio", "nfe_ratio", "nll_diff", "throughput_ratio"):
+        for k in COMPARED:
             entry[k + "_median"] = statistics.median(entry[k])
     return out
 
@@ -218,9 +221,7 @@ def markdown(payload: dict[str, Any]) -> str:
                      "test rows/s ratio"],
                     [[*key.split("/"), *(f"{format(e[k + '_median'], f)} ["
                                          + ", ".join(format(v, f) for v in e[k]) + "]"
-                                         for k, f in (("step_ratio", ".2f"), ("nfe_ratio", ".3f"),
-                                                      ("nll_diff", "+.4f"),
-                                                      ("throughput_ratio", ".2f")))]
+                                         for k, (_, _, f) in COMPARED.items())]
                      for key, e in payload["summary"].items()])]
     lines += ["", "Absolute figures (s/step, baseline -> new):", ""]
     for r in payload["runs"]:

@@ -9,22 +9,19 @@ How it measures: docs/benchmarks.md, `benchmarks.vae_digits`.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from typing import Any
 
-import lightning as L
 import torch
 from polyreg_cnf.datamodules.images import DigitsDataModule
 
 from benchmarks import common
-from benchmarks.common import median_range, table
+from benchmarks.common import median_range, spread, table
 from polyreg_cnf.app.build import build
 from polyreg_cnf.app.config import resolve
 from polyreg_cnf.app.presets import VAE_PRESETS
@@ -72,9 +69,7 @@ def summarise(rows: list[dict[str, float]]) -> dict[str, dict[str, dict[str, flo
         sel = [r for r in rows if r["setting"] == setting]
         if not sel:
             continue
-        out[setting] = {m: dict(median=statistics.median(r[m] for r in sel),
-                                min=min(r[m] for r in sel), max=max(r[m] for r in sel))
-                        for m in METRICS}
+        out[setting] = {m: spread([r[m] for r in sel]) for m in METRICS}
     return out
 
 
@@ -143,17 +138,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             row = run_one(seed, setting, args.epochs, args.is_samples, args.threads)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    import torchdiffeq
-
     meta = dict(
         command=args.command, nproc=os.cpu_count(), platform=platform.platform(),
-        python=platform.python_version(), torch=torch.__version__, lightning=L.__version__,
-        torchdiffeq=getattr(torchdiffeq, "__version__", "?"), torch_threads=args.threads,
+        **common.versions(), torch_threads=args.threads,
         load_start=[round(x, 2) for x in load_start],
         load_end=[round(x, 2) for x in os.getloadavg()],
         preset={k: v for k, v in VAE_PRESETS["digits"].items()}, epochs=args.epochs,
         is_samples=args.is_samples, seeds=args.seeds,
-        wall_seconds=time.perf_counter() - start, git_commit=common.git_commit(),
+        wall_seconds=time.perf_counter() - start,
         solver=resolve({"model": "vae", "data": "digits"}).solver().to_dict())
     return dict(meta=meta, summary=summarise(rows), runs=rows)
 
@@ -162,7 +154,7 @@ STUDY = common.Study("vae_digits", __doc__, measure, markdown, arguments,
                      report=lambda args: common.RESULTS / ("vae_digits_quick" if args.quick
                                                            else "vae_digits"))
 
-main = functools.partial(common.main, STUDY)
+main = STUDY.main
 
 if __name__ == "__main__":
     sys.exit(main())
