@@ -1725,7 +1725,8 @@ def _selection_row(r: Results, table: str, arm: str) -> dict[str, Any]:
        "the baseline's validation minimum came at step {bstep} in {bn} of {seeds} seeds, and its "
        "last weights tested\n{glo}-{ghi} nats worse than its best validation checkpoint there "
        "(median test NLL {bbest} at the best\ncheckpoint, {blast} at the last); TPR at coef 5 had "
-       "its minimum at the last step ({tstep}) in {tn} of {seeds2}\nseeds (median {tbest} at both). "
+       "its minimum at the last step ({tstep}) in {tn} of {seeds2}\nseeds (median {tbest} at "
+       "both). "
        "On a generated 150-row, 6-column table (200 steps, 3 seeds per arm)\nthe minima came at "
        "steps {mlo}-{mhi} for every arm (the earliest, {mlo2}, one seed of TPR at coef 1)",
        "selection.json summary")
@@ -1737,8 +1738,8 @@ def _(r: Results) -> dict[str, Value]:
     gaps = [base["test_nll_last"][i] - base["test_nll_best"][i] for i in early]
     manifold = [s for row in r("selection")["summary"] if row["table"] == "manifold150"
                 for s in row["best_val_step"]]
-    return {"bstep": bstep, "bn": len(early), "seeds": base["seeds"], "seeds2": tpr["seeds"], "glo": min(gaps),
-            "ghi": max(gaps), "bbest": median(base["test_nll_best"]),
+    return {"bstep": bstep, "bn": len(early), "seeds": base["seeds"], "seeds2": tpr["seeds"],
+            "glo": min(gaps), "ghi": max(gaps), "bbest": median(base["test_nll_best"]),
             "blast": median(base["test_nll_last"]),
             "tstep": tpr["steps"], "tn": sum(s == tpr["steps"] for s in tpr["best_val_step"]),
             "tbest": median(tpr["test_nll_best"]), "mlo": min(manifold), "mhi": max(manifold),

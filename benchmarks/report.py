@@ -49,6 +49,8 @@ def study_of(name: str) -> str:
         return "step_cost"
     if name.startswith("accuracy"):
         return "accuracy"
+    if name.startswith("vae_size"):
+        return "vae_size"
     return name
 
 

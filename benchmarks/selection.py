@@ -32,6 +32,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -195,17 +196,26 @@ def write(runs: list[dict[str, Any]], seconds: float, complete: bool) -> None:
     """Write ``results/selection.{json,md}`` (``complete`` False: the runs so far)."""
     meta = {"machine": f"{platform.processor() or platform.machine()} ({platform.system()})",
             "total_minutes": seconds / 60, "complete": complete, "tables": TABLES, "arms": ARMS}
-    summary = summarize(runs)
+    payload = {"meta": meta, "summary": summarize(runs), "runs": runs}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "selection.json").write_text(json.dumps(
-        {"meta": meta, "summary": summary, "runs": runs}, indent=1,
-        default=lambda v: list(v) if isinstance(v, tuple) else str(v)) + "\n")
-    text = markdown(summary, meta)
-    if not complete:
-        text += "\n(Incomplete: the runs finished so far.)\n"
+        payload, indent=1, default=lambda v: list(v) if isinstance(v, tuple) else str(v)) + "\n")
+    text = render(payload)
     (RESULTS / "selection.md").write_text(text)
     if complete:
         print(text)
+
+
+def render(payload: dict[str, Any]) -> str:
+    """The report of a results file (what ``benchmarks.report`` re-renders from the JSON)."""
+    text = markdown(payload["summary"], payload["meta"])
+    if not payload["meta"]["complete"]:
+        text += "\n(Incomplete: the runs finished so far.)\n"
+    return text
+
+
+#: What ``benchmarks.report`` asks of a study: its report rendered from its JSON.
+STUDY = SimpleNamespace(render=render)
 
 
 if __name__ == "__main__":
