@@ -102,6 +102,11 @@ class RunGuard(L.Callback):
         #: The global step ``last_path`` was last written at (by this guard, or by a
         #: :class:`~polyreg_cnf.callbacks.selection.LastCheckpoint` sharing it).
         self.saved_step: int | None = None
+        #: Whether this guard writes ``last_path`` at the run's last step. A
+        #: :class:`~polyreg_cnf.callbacks.selection.LastCheckpoint` takes that save over: Lightning
+        #: runs it after every other callback's batch end, so the file holds their states of
+        #: that step (this guard's own batch end comes before the regularizer's).
+        self.final_save = True
 
     # ------------------------------------------------------------------ signals
     # Both handlers only set a flag; the run stops at a batch end where every process agrees
@@ -153,7 +158,7 @@ class RunGuard(L.Callback):
         self._rng_at_batch_end = _rng_state()
         got = self._signal_seen(trainer)
         if got is None:
-            if 0 < trainer.max_steps <= trainer.global_step:
+            if self.final_save and 0 < trainer.max_steps <= trainer.global_step:
                 # The last step: save here, mid-epoch state included, so that extending the
                 # run later continues exactly as a longer uninterrupted run would have.
                 trainer.save_checkpoint(self.last_path)

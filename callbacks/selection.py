@@ -115,6 +115,9 @@ class LastCheckpoint(Checkpoint):
     from exactly the best-so-far record the uninterrupted run had. Every write goes to the one
     path: a run ends with one ``last.ckpt``.
 
+    It also writes the run's last step (in the guard's place: Lightning runs checkpoint callbacks
+    after all others, so the file holds every callback's state of that step).
+
     Args:
         guard: The run's guard: its path is the one written, and its record of the step last
             saved is shared, so no step is written twice by the two.
@@ -128,6 +131,7 @@ class LastCheckpoint(Checkpoint):
             raise TypeError(f"guard must be a RunGuard, got {type(guard).__name__}")
         self.guard = guard
         self.every_n_steps = every_n_steps
+        guard.final_save = False
 
     @property
     def path(self) -> Path:
@@ -141,8 +145,9 @@ class LastCheckpoint(Checkpoint):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if (self.every_n_steps and step % self.every_n_steps == 0
-                and self.guard.interrupted is None and self.guard.saved_step != step):
+        due = (self.every_n_steps and step % self.every_n_steps == 0) \
+            or 0 < trainer.max_steps <= step
+        if due and self.guard.interrupted is None and self.guard.saved_step != step:
             self._save(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -32,7 +32,7 @@ from polyreg_cnf.engine.amortized import POSTERIORS
 from polyreg_cnf.engine.backprop import BACKPROP_KINDS
 from polyreg_cnf.engine.cnf import DIVERGENCE_MODES, TRACE_TYPES
 from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
-from polyreg_cnf.engine.solver import METHODS
+from polyreg_cnf.engine.solver import FIXED_METHODS, METHODS
 from polyreg_cnf.engine.trace import NOISE_TYPES
 from polyreg_cnf.models import CNFDensityEstimator
 from polyreg_cnf.models.vae import ARCHITECTURES, CNFVAE
@@ -97,6 +97,7 @@ CONSUMERS = {
     "noise": lambda v: _cnf(noise=v), "divergence": lambda v: _cnf(divergence=v),
     "posterior": lambda v: _vae(posterior=v), "architecture": lambda v: _vae(architecture=v),
     "solver": lambda v: _solver(method=v, step_size=0.1), "backprop": lambda v: _solver(backprop=v),
+    "eval_solver": lambda v: _solver(eval_method=v, eval_steps=2 if v in FIXED_METHODS else None),
     "poly_preset": PolynomialTrajectoryRegularizer.from_preset,
     "lr_schedule": lambda v: CNFDensityEstimator(2, lr_schedule=v),
 }
@@ -119,7 +120,9 @@ def test_every_choice_list_is_its_registry():
     for action in PARSER._actions:  # the flags offer the same lists
         if action.dest in REGISTRIES:
             assert tuple(action.choices) == REGISTRIES[action.dest], action.dest
-    assert set(CONSUMERS) == set(with_choices) - {"model", "reg", "logger"}
+    # model, reg and logger are the registries checked below; test_ckpt is no component's
+    # setting (build.tested_weights reads the checked option).
+    assert set(CONSUMERS) == set(with_choices) - {"model", "reg", "logger", "test_ckpt"}
     for name, consume in CONSUMERS.items():
         for choice in with_choices[name]:  # every offered value builds its component ...
             consume(choice)

@@ -12,8 +12,8 @@ Example:
     ...                   "logger": "none", "accelerator": "cpu", "plot_every": 0,
     ...                   "output_dir": tempfile.mkdtemp(), "atol": 1e-3, "rtol": 1e-3})
     >>> run = build(config)
-    >>> run.trainer.max_steps, [type(c).__name__ for c in run.callbacks[:3]]
-    (2, ['NFEMonitor', 'RunGuard', 'PolynomialTrajectoryRegularizer'])
+    >>> run.trainer.max_steps, [type(c).__name__ for c in run.callbacks[:4]]
+    (2, ['NFEMonitor', 'RunGuard', 'ValidationRecord', 'PolynomialTrajectoryRegularizer'])
     >>> (run.run_dir / "config.yaml").is_file()
     True
     >>> execute(run, quiet=True)
