@@ -12,6 +12,7 @@ import torch
 from polyreg_cnf.callbacks.selection import ValidationRecord, overfit_margin
 from polyreg_cnf.datamodules.user_table import UserTableDataModule
 
+from benchmarks.selection import write_manifold
 from polyreg_cnf.models import CNFDensityEstimator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +34,7 @@ def wide_table(path, rows=300, seed=0):
 
 def overfitting_table(path, rows=300, seed=0):
     """A few hundred rows on a noisy 2-D manifold in 6 columns: a flow overfits them fast."""
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=(rows, 2))
-    x = np.stack([z[:, 0], z[:, 1], np.sin(2 * z[:, 0]), z[:, 0] * z[:, 1], np.cos(z[:, 1]),
-                  z[:, 0] ** 2 - 1], axis=1)
-    np.save(path, x + 0.05 * rng.normal(size=x.shape))
-    return path
+    return write_manifold(path, rows, seed)
 
 
 FAST = ["--hidden-dims", "32,32", "--atol", "1e-3", "--rtol", "1e-3", "--eval-atol", "1e-4",
