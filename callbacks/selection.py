@@ -2,9 +2,9 @@
 
 A run keeps two checkpoints: ``best.ckpt`` (Lightning's ``ModelCheckpoint`` on ``val/nll``,
 made by :func:`polyreg_cnf.app.build.build`) and ``last.ckpt``, written by the
-:class:`~polyreg_cnf.callbacks.guard.RunGuard` (on a signal, at the last step, at the end) and
-by :class:`LastCheckpoint` (every N steps, and again after a validation that followed one of
-those saves, so that the file holds that validation's best-so-far record).
+:class:`~polyreg_cnf.callbacks.guard.RunGuard` (on a signal) and by :class:`LastCheckpoint`
+(every N steps, at the last step, and again after a validation that followed one of those saves,
+so that the file holds that validation's best-so-far record).
 """
 
 from __future__ import annotations
