@@ -12,6 +12,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from benchmarks import common
 from benchmarks.claims import Claim, Exempt, Results, Value
 from benchmarks.vae_size import VAL_IMAGES
 
@@ -88,12 +89,7 @@ def frontier_converged(r: Results, name: str) -> dict[tuple[str, str], list[dict
         target = min(conv(base), conv(curve)) + margin
         nb, nm = cheapest(base, target), cheapest(curve, target)
         ratio = nm / nb if nb is not None and nm is not None else None
-        if nm is None:
-            verdict = "loses"
-        elif nb is None:
-            verdict = "wins"
-        else:
-            verdict = "wins" if ratio <= 1 - tie else "loses" if ratio >= 1 + tie else "ties"
+        verdict = common.verdict(nm, nb, tie)
         out.setdefault((w, a), []).append({
             "seed": s, "verdict": verdict, "ratio": ratio, "nfe": nm, "base_nfe": nb,
             "gap": conv(curve) - conv(base),

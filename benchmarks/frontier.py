@@ -102,12 +102,8 @@ def equal_nll_cost(base: list[dict[str, float]], mine: list[dict[str, float]],
     target = best + margin
     b, m = cheapest_at(base, target), cheapest_at(mine, target)
     ratio = None if b is None or m is None else m["test_nfe"] / b["test_nfe"]
-    if m is None:
-        verdict = "loses"
-    elif b is None:
-        verdict = "wins"
-    else:
-        verdict = "wins" if ratio <= 1 - tie else "loses" if ratio >= 1 + tie else "ties"
+    verdict = common.verdict(None if m is None else m["test_nfe"],
+                             None if b is None else b["test_nfe"], tie)
     return {"target_nll": target, "base_nfe": None if b is None else b["test_nfe"],
             "base_tol": None if b is None else b["tol"],
             "nfe": None if m is None else m["test_nfe"], "tol": None if m is None else m["tol"],
