@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from polyreg_cnf import Adjoint, Auto, SolverConfig
-from polyreg_cnf.models import CNFDensityEstimator
+from polyreg_cnf.models import CNFVAE, CNFDensityEstimator
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "checkpoint_v0_1"
@@ -62,3 +62,40 @@ def test_the_legacy_solver_keys_map_onto_the_strategies():
     for solver in (SolverConfig(), SolverConfig(backprop=Adjoint(seminorm=True)),
                    SolverConfig(backprop="checkpoint", eval_atol=1e-6)):
         assert SolverConfig.from_dict(solver.to_dict()) == solver
+
+
+# Written at commit d3436be (the layout before the typed flow config): a 3-step 8gaussians density
+# run and a 2-step digits VAE run with small nets, their config.yaml files, and what that code
+# computed from them (expected.json, by make_expected.py in the same folder).
+V02 = ROOT / "tests" / "data" / "checkpoint_v0_2"
+
+
+def test_release_0_2_checkpoints_load_and_compute_as_they_did():
+    expected = json.loads((V02 / "expected.json").read_text())
+    cnf = CNFDensityEstimator.load_from_checkpoint(V02 / "cnf.ckpt").eval()
+    vae = CNFVAE.load_from_checkpoint(V02 / "vae.ckpt").eval()
+    with torch.no_grad():
+        log_prob = cnf.log_prob(torch.tensor(expected["cnf"]["x"]))
+        rec, kl = vae.elbo_terms(torch.tensor(expected["vae"]["images"]),
+                                 eps=torch.tensor(expected["vae"]["eps"]))
+    torch.testing.assert_close(log_prob, torch.tensor(expected["cnf"]["log_prob"]),
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(rec, torch.tensor(expected["vae"]["reconstruction"]),
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(kl, torch.tensor(expected["vae"]["kl"]), rtol=0, atol=1e-4)
+
+
+def test_release_0_2_runs_resume_and_their_config_files_run_again(tmp_path):
+    common = ["--output-dir", str(tmp_path / "runs"), "--logger", "none", "--no-test",
+              "--limit-val-batches", "0"]
+    for kind, steps in (("cnf", 3), ("vae", 2)):
+        ckpt = tmp_path / f"{kind}.ckpt"
+        shutil.copy(V02 / f"{kind}.ckpt", ckpt)
+        config = str(V02 / f"{kind}.yaml")
+        assert train.main(["--config", config, *common, "--max-steps", str(steps + 1),
+                           "--ckpt-path", str(ckpt), "--run-name", f"{kind}-resumed"]) == 0
+        resumed = torch.load(tmp_path / "runs" / f"{kind}-resumed" / "checkpoints" / "last.ckpt",
+                             weights_only=False)
+        assert resumed["global_step"] == steps + 1
+        assert train.main(["--config", config, *common, "--max-steps", "1",
+                           "--run-name", f"{kind}-again"]) == 0
