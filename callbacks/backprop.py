@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from polyreg_cnf.engine.backprop import Auto
+from polyreg_cnf.engine.backprop import MEMORY_BOUNDED, Auto, AutoDecision, read_choice
 from polyreg_cnf.engine.ode import ode_blocks
 
 __all__ = ["BackpropSelector", "auto_backprop_callbacks"]
@@ -18,16 +18,19 @@ class BackpropSelector(L.Callback):
     """Agrees, logs and checkpoints the decision of the model's :class:`~polyreg_cnf.Auto`
     backprop strategies.
 
-    The decision is made and kept in the ``Auto`` objects themselves (one per model, shared by
-    its blocks): after every training solve each block proposes direct or memory-bounded
-    backprop from its memory estimate (:mod:`polyreg_cnf.engine.memory`). This callback, added
-    by the project's LightningModules themselves (``configure_callbacks``), turns the proposals
-    into one decision per step with :meth:`Auto.agree`:
+    The decisions are kept by the blocks (``ODEBlock.backprop_decision``): after every training
+    solve each block proposes direct or memory-bounded backprop from its memory estimate
+    (:mod:`polyreg_cnf.engine.memory`). This callback, added by the project's LightningModules
+    themselves (``configure_callbacks``), turns the proposals into one decision per step with
+    :meth:`~polyreg_cnf.engine.backprop.AutoDecision.agree`:
 
     - the same on every DDP rank: if any rank's estimate does not fit, every rank is
       memory-bounded (gradients are the same either way, the ranks only differ in memory);
-    - printed once whenever it changes and logged per step as ``backprop/adjoint`` (0 or 1);
-    - saved in checkpoints, so a resumed run continues with the choice it had;
+    - printed once whenever it changes and logged per step as ``backprop/memory_bounded``
+      (0 or 1);
+    - saved in checkpoints as ``"direct"`` or ``"memory_bounded"`` (a checkpoint's older
+      ``"adjoint"`` is read as memory-bounded), so a resumed run continues with the choice it
+      had;
     - sticky after an out-of-memory fallback.
     """
 
@@ -36,45 +39,42 @@ class BackpropSelector(L.Callback):
         self.choice: str | None = None
         self.fell_back = False
         self._announced: str | None = None
-        self._autos: list[Auto] = []
+        self._decisions: list[AutoDecision] = []
 
     @staticmethod
-    def _find(pl_module: L.LightningModule) -> list[Auto]:
-        found: dict[int, Auto] = {}
-        for block in ode_blocks(pl_module):
-            if isinstance(block.solver.backprop, Auto):
-                found.setdefault(id(block.solver.backprop), block.solver.backprop)
-        return list(found.values())
+    def _find(pl_module: L.LightningModule) -> list[AutoDecision]:
+        return [block.backprop_decision for block in ode_blocks(pl_module)
+                if isinstance(block.solver.backprop, Auto)]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The model's blocks do not change during fit: find them once, not on every step.
-        self._autos = self._find(pl_module)
+        self._decisions = self._find(pl_module)
         # A resumed run restores the choice before the first step (load_state_dict ran first).
         if self.choice is not None:
-            for auto in self._autos:
-                auto.agree(self.choice, self.fell_back)
+            for decision in self._decisions:
+                decision.agree(self.choice, self.fell_back)
             self._announce(self.choice, "restored from the checkpoint")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self._autos:
+        if not self._decisions:
             return
-        fell_back = any(a.fell_back for a in self._autos)
-        wants_bound = any(a.wants_memory_bound() for a in self._autos)
+        fell_back = any(d.fell_back for d in self._decisions)
+        wants_bound = any(d.wants_memory_bound for d in self._decisions)
         # One decision for all ranks: memory-bounded wins if any rank needs it.
         flags = torch.tensor([float(wants_bound), float(fell_back)], device=pl_module.device)
         flags = trainer.strategy.reduce(flags, reduce_op="max")
         self.fell_back = self.fell_back or bool(flags[1] > 0)
-        choice = "adjoint" if bool(flags[0] > 0) else "direct"
+        choice = MEMORY_BOUNDED if bool(flags[0] > 0) else "direct"
         changed = choice != self.choice
         self.choice = choice
-        for auto in self._autos:
-            auto.agree(choice, self.fell_back)
+        for decision in self._decisions:
+            decision.agree(choice, self.fell_back)
         if changed:
             why = ("a direct solve ran out of memory; staying memory-bounded for the rest of the "
                    "run" if self.fell_back else "from the memory estimate")
             self._announce(choice, why)
-        pl_module.log("backprop/adjoint", float(choice == "adjoint"), on_step=True,
+        pl_module.log("backprop/memory_bounded", float(choice == MEMORY_BOUNDED), on_step=True,
                       on_epoch=False, batch_size=1)
 
     def _announce(self, choice: str, why: str) -> None:
@@ -88,7 +88,8 @@ class BackpropSelector(L.Callback):
         return {"choice": self.choice, "fell_back": self.fell_back}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.choice = state_dict.get("choice")
+        choice = state_dict.get("choice")
+        self.choice = None if choice is None else read_choice(choice)
         self.fell_back = bool(state_dict.get("fell_back", False))
 
 

@@ -15,7 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from polyreg_cnf.engine.nfe import NFELimitError
+from polyreg_cnf.engine import NFELimitError, PolyregCNFError, solver_failure
 
 __all__ = ["NumericalFaultError", "RunGuard", "describe_solver_failure"]
 
@@ -23,7 +23,7 @@ _HINT = ("try a looser --atol/--rtol, a smaller --lr, a --max-nfe cap, or a traj
          "regularizer (--reg poly)")
 
 
-class NumericalFaultError(RuntimeError):
+class NumericalFaultError(PolyregCNFError, RuntimeError):
     """Training produced NaN/inf, or the ODE solver gave up; the message says what to try."""
 
 
@@ -62,8 +62,9 @@ class RunGuard(L.Callback):
       the validation (docs/long-runs.md).
     * A non-finite gradient (checked after the backward pass, where all DDP processes agree)
       saves the weights of the last good step to ``last_good_path`` and raises
-      :class:`NumericalFaultError` naming the step. torchdiffeq's "underflow in dt" and
-      :class:`polyreg_cnf.NFELimitError` are turned into the same error.
+      :class:`NumericalFaultError` naming the step. A :class:`polyreg_cnf.SolverError` (the
+      solver gave up, e.g. its step size underflowed; :class:`polyreg_cnf.NFELimitError`
+      included) is turned into the same error.
     * The global RNG streams (torch, numpy, python) are saved with each checkpoint and restored
       before the first batch after a resume, so Hutchinson probes and penalty times repeat.
     * The final state is saved to ``last_path`` when training ends.
@@ -320,17 +321,18 @@ def describe_solver_failure(exception: BaseException, step: int) -> NumericalFau
     """Turn a solver failure into a NumericalFaultError with advice, or return None.
 
     Example:
-        >>> error = describe_solver_failure(AssertionError("underflow in dt 1e-17"), step=12)
+        >>> from polyreg_cnf import SolverError
+        >>> error = describe_solver_failure(SolverError("underflow in dt 1e-17"), step=12)
         >>> type(error).__name__, "training step 12" in str(error), "--rtol" in str(error)
         ('NumericalFaultError', True, True)
         >>> describe_solver_failure(KeyError("x"), step=12) is None
         True
     """
-    text = str(exception)
-    if isinstance(exception, AssertionError) and "underflow in dt" in text:
+    failure = solver_failure(exception)
+    if isinstance(failure, NFELimitError):
+        return NumericalFaultError(f"at training step {step}: {failure}")
+    if failure is not None:
         return NumericalFaultError(
-            f"the ODE solver's step size underflowed at training step {step} ({text}): the "
-            f"dynamics became too stiff to integrate; {_HINT}.")
-    if isinstance(exception, NFELimitError):
-        return NumericalFaultError(f"at training step {step}: {text}")
+            f"the ODE solver gave up at training step {step} ({failure}): the dynamics became "
+            f"too stiff to integrate; {_HINT}.")
     return None

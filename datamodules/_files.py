@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from polyreg_cnf.engine.errors import PolyregCNFError
+
 __all__ = ["DataFileError", "atomic_path", "download", "require_file", "sha256sum"]
 
 
-class DataFileError(FileNotFoundError):
+class DataFileError(PolyregCNFError, FileNotFoundError):
     """A data file is missing, truncated, corrupt or of the wrong shape.
 
     Subclasses ``FileNotFoundError`` so callers that only know the standard library can still

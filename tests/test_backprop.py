@@ -22,8 +22,8 @@ class StepNFE(L.Callback):
 
     def _read_logged(self, trainer):
         # The selector logs at the end of a step, after this callback's on_train_batch_end.
-        if "backprop/adjoint" in trainer.callback_metrics:
-            self.logged.append(float(trainer.callback_metrics["backprop/adjoint"]))
+        if "backprop/memory_bounded" in trainer.callback_metrics:
+            self.logged.append(float(trainer.callback_metrics["backprop/memory_bounded"]))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._read_logged(trainer)
@@ -142,7 +142,7 @@ def test_out_of_memory_in_a_direct_solve_falls_back_to_the_adjoint_for_good():
     cnf.nfe.reset()
     with pytest.warns(RuntimeWarning, match="ran out of memory"):
         z, _ = cnf(x)
-    assert net.raised == 1 and _site(cnf).fell_back and _site(cnf).choice == "adjoint"
+    assert net.raised == 1 and _site(cnf).fell_back and _site(cnf).choice == "memory_bounded"
     z.sum().backward()
     assert cnf.nfe.backward > 0  # the redone solve was the adjoint
     reference = CNF(OOMOnce(), solver=SolverConfig(atol=1e-5, rtol=1e-5, backprop="adjoint"),
@@ -150,7 +150,7 @@ def test_out_of_memory_in_a_direct_solve_falls_back_to_the_adjoint_for_good():
     reference.load_state_dict(cnf.state_dict())
     reference.net.raised = 1
     torch.testing.assert_close(z, reference(x)[0])
-    cnf.solver.backprop.agree("direct", False)  # a selector cannot undo the fallback
+    cnf.backprop_decision.agree("direct", False)  # a selector cannot undo the fallback
     cnf.nfe.reset()
     cnf(x)[0].sum().backward()
     assert cnf.nfe.backward > 0
@@ -168,7 +168,7 @@ def test_measured_bytes_scale_with_the_batch_and_decide_by_the_rule(monkeypatch)
                         lambda device: int(need / memory.CPU_MEMORY_SHARE * 0.99))
     cnf.nfe.reset()
     cnf(torch.randn(64, 2))
-    assert cnf.nfe.forward == nfe and _site(cnf).choice == "adjoint"
+    assert cnf.nfe.forward == nfe and _site(cnf).choice == "memory_bounded"
 
 
 def test_memory_bounded_auto_uses_step_checkpoints_where_the_adjoint_would_stop(monkeypatch):
@@ -185,7 +185,7 @@ def test_memory_bounded_auto_uses_step_checkpoints_where_the_adjoint_would_stop(
     monkeypatch.setattr("polyreg_cnf.engine.backprop.available_memory",
                         lambda device: int(need * 10))
     cnf(x)
-    assert _site(cnf).choice == "adjoint" and _site(cnf).checkpoint_fits
+    assert _site(cnf).choice == "memory_bounded" and _site(cnf).checkpoint_fits
 
     def step(penalised):
         cnf.nfe.reset()
@@ -247,11 +247,11 @@ def test_ddp_ranks_agree_on_the_adjoint_if_one_rank_needs_it(tmp_path):
     fit(m, steps=3, callbacks=[PolynomialTrajectoryRegularizer(), SaveChoice(tmp_path)],
         strategy="ddp_spawn", devices=2)
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1))
-    assert r0["choices"] == r1["choices"] == ["adjoint"]
+    assert r0["choices"] == r1["choices"] == ["memory_bounded"]
     for key in r0["state"]:
         torch.testing.assert_close(r0["state"][key], r1["state"][key], rtol=0, atol=0)
 
 
 def _site(block):
-    """What the block's Auto strategy decided for it (the decision lives in the strategy)."""
-    return block.solver.backprop.site(block)
+    """What the block's Auto strategy decided for it (the decision lives in the block)."""
+    return block.backprop_decision

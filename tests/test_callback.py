@@ -269,7 +269,7 @@ def test_callback_works_on_a_plain_user_module_returning_a_dict():
     assert t.callback_metrics["nfe/forward"].item() >= 8
     # backprop="auto" (the default) measured on the first step and chose direct backprop
     assert t.callback_metrics["nfe/backward"].item() == 0
-    assert model.ode.solver.backprop.site(model.ode).choice == "direct"
+    assert model.ode.backprop_decision.choice == "direct"
 
 
 def test_regularizer_straightens_the_user_trajectories():

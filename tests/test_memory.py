@@ -54,8 +54,8 @@ def test_bytes_per_evaluation_times_nfe_predicts_a_direct_solve(dim, batch):
 def test_choice_rule_is_the_documented_inequality():
     # NFE x bytes x headroom <= share x free  ->  direct
     assert choose_backprop(100, 10, free_bytes=8000, share=0.25, headroom=2.0) == "direct"
-    assert choose_backprop(100, 11, free_bytes=8000, share=0.25, headroom=2.0) == "adjoint"
-    assert choose_backprop(100, 10, free_bytes=0, share=1.0) == "adjoint"
+    assert choose_backprop(100, 11, free_bytes=8000, share=0.25, headroom=2.0) == "memory_bounded"
+    assert choose_backprop(100, 10, free_bytes=0, share=1.0) == "memory_bounded"
     with pytest.raises(ValueError, match="share must be in"):
         choose_backprop(1, 1, 1, share=0.0)
     with pytest.raises(ValueError, match="headroom must be"):
@@ -102,5 +102,5 @@ def test_cgroup_limit_is_read_from_the_controller_files(tmp_path, monkeypatch, f
 def test_meminfo_without_the_line_or_file_counts_as_no_free_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "CGROUP_FILES", ())
     monkeypatch.setattr(memory, "MEMINFO", _write(tmp_path, "meminfo", "MemTotal: 1 kB\n"))
-    assert available_memory("cpu") == 0  # the safe side: choose_backprop then picks the adjoint
-    assert choose_backprop(1, 1, available_memory("cpu"), share=1.0) == "adjoint"
+    assert available_memory("cpu") == 0  # the safe side: choose_backprop then picks memory-bounded
+    assert choose_backprop(1, 1, available_memory("cpu"), share=1.0) == "memory_bounded"

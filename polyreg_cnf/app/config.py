@@ -56,6 +56,7 @@ from polyreg_cnf.datamodules.user_table import TABLE_FORMATS
 from polyreg_cnf.engine.amortized import POSTERIORS
 from polyreg_cnf.engine.backprop import BACKPROP_KINDS, Adjoint, Auto, Backprop, make_backprop
 from polyreg_cnf.engine.cnf import DIVERGENCE_MODES, TRACE_TYPES
+from polyreg_cnf.engine.errors import PolyregCNFError
 from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
 from polyreg_cnf.engine.solver import ADAPTIVE_METHODS, METHODS, SolverConfig
 from polyreg_cnf.engine.trace import NOISE_TYPES
@@ -123,7 +124,7 @@ def _solver(name: str) -> Any:
     return _default(SolverConfig, name)
 
 
-class ConfigError(ValueError):
+class ConfigError(PolyregCNFError, ValueError):
     """A run configuration that cannot work (an option's value, or a combination of them)."""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from polyreg_cnf.engine._checks import check_int
+from polyreg_cnf.engine.errors import PolyregCNFError
 
 __all__ = [
     "METRIC_ALIASES",
@@ -104,7 +105,7 @@ def solver_lines(training: str, evaluation: str, solver_gap: float | None) -> li
 _SEARCH_DEPTH = 3  # how deep below RUN_DIR to look for a single metrics.csv
 
 
-class ReportError(ValueError):
+class ReportError(PolyregCNFError, ValueError):
     """A run folder or log the report cannot use; the message names the file and the fix."""
 
 

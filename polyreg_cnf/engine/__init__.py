@@ -4,6 +4,7 @@ Depends on torch and torchdiffeq only (no Lightning): everything here works in a
 training loop. ``polyreg_cnf`` re-exports the public names.
 """
 
+from polyreg_cnf.engine._torchdiffeq import solver_failure
 from polyreg_cnf.engine.backprop import Adjoint, Auto, Backprop, Direct, StepCheckpoint
 from polyreg_cnf.engine.cnf import CNF, CNFStack, standard_normal_logprob
 from polyreg_cnf.engine.dropin import (
@@ -12,6 +13,7 @@ from polyreg_cnf.engine.dropin import (
     odeint_checkpoint,
     redirect_torchdiffeq,
 )
+from polyreg_cnf.engine.errors import PolyregCNFError, SolverError
 from polyreg_cnf.engine.kinetic import KineticRecorder
 from polyreg_cnf.engine.nets import ODENet
 from polyreg_cnf.engine.nfe import NFECounter, NFELimitError, collect_nfe, record_nfe, reset_nfe
@@ -35,7 +37,9 @@ __all__ = [
     "NFELimitError",
     "ODEBlock",
     "ODENet",
+    "PolyregCNFError",
     "SolverConfig",
+    "SolverError",
     "StepCheckpoint",
     "TrajectoryRecorder",
     "collect_nfe",
@@ -51,6 +55,7 @@ __all__ = [
     "reset_nfe",
     "sample_penalty_times",
     "solve",
+    "solver_failure",
     "standard_normal_logprob",
     "trajectory_polynomial_penalty",
 ]

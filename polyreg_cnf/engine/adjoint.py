@@ -63,7 +63,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polyreg_cnf.engine._torchdiffeq import ADAPTIVE_METHODS, CALLBACKS, mixed_norm
+from polyreg_cnf.engine._torchdiffeq import (
+    ADAPTIVE_METHODS,
+    ADJOINT_CALLBACKS,
+    StepRelay,
+    mixed_norm,
+)
 from polyreg_cnf.engine._torchdiffeq import odeint as tde_odeint
 
 __all__ = ["odeint_adjoint_carry"]
@@ -100,7 +105,7 @@ class _Settings:
     step_t: Tensor
 
 
-class _StepTracker:
+class _StepTracker(StepRelay):
     """Relays torchdiffeq's step callbacks to the caller's function and remembers the size of
     the last accepted step *as proposed by the error control* (the value ``callback_step``
     receives, before a step is clipped to land on a barrier), so the next solve can start
@@ -114,7 +119,7 @@ class _StepTracker:
     suffix = ""
 
     def __init__(self, func: Any, unwrap: bool = False) -> None:
-        self.func = func
+        super().__init__(func)
         self.unwrap = unwrap
         self._proposed: Tensor | None = None
         self.accepted_step: Tensor | None = None
@@ -122,19 +127,17 @@ class _StepTracker:
     # torchdiffeq calls these with (t0, y0, dt); dt is positive in the solver's own time.
     def callback_step(self, t0: Tensor, y0: State, dt: Tensor) -> None:
         self._proposed = dt.detach().clone()
-        self._relay("callback_step", t0, y0, dt)
+        self.relay("callback_step" + self.suffix, t0, y0, dt)
 
     def callback_accept_step(self, t0: Tensor, y0: State, dt: Tensor) -> None:
         self.accepted_step = self._proposed if self._proposed is not None else dt.detach()
-        self._relay("callback_accept_step", t0, y0, dt)
+        self.relay("callback_accept_step" + self.suffix, t0, y0, dt)
 
     def callback_reject_step(self, t0: Tensor, y0: State, dt: Tensor) -> None:
-        self._relay("callback_reject_step", t0, y0, dt)
+        self.relay("callback_reject_step" + self.suffix, t0, y0, dt)
 
-    def _relay(self, name: str, t0: Tensor, y0: State, dt: Tensor) -> None:
-        callback = getattr(self.func, name + self.suffix, None)
-        if callback is not None:
-            callback(t0, y0[0] if self.unwrap else y0, dt)
+    def caller_form(self, t0: Tensor, y0: State) -> tuple[Tensor, State | Tensor]:
+        return t0, y0[0] if self.unwrap else y0
 
 
 class _AugmentedDynamics(_StepTracker):
@@ -451,10 +454,10 @@ class _TupleField(_StepTracker):
 
     def __init__(self, func: Callable[..., Any], unwrap: bool) -> None:
         super().__init__(func, unwrap)
-        for name in CALLBACKS:
-            adjoint_callback = getattr(func, name + "_adjoint", None)
+        for name in ADJOINT_CALLBACKS:  # found here by the backward pass's relay
+            adjoint_callback = getattr(func, name, None)
             if adjoint_callback is not None:
-                setattr(self, name + "_adjoint", adjoint_callback)
+                setattr(self, name, adjoint_callback)
 
     def __call__(self, t: Tensor, y: State) -> State:
         if self.unwrap:

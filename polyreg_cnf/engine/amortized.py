@@ -11,8 +11,8 @@ Generative Models", ICLR 2019, section 4.2 ("Variational autoencoders").
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from polyreg_cnf.engine._checks import check_int, check_ints
 from polyreg_cnf.engine.cnf import CNF
 from polyreg_cnf.engine.factor_grad import FactorGrad, anchor, factor_bmm
+from polyreg_cnf.engine.forward_divergence import LayerJacobian
 from polyreg_cnf.engine.nets import NONLINEARITIES, ODENet
 from polyreg_cnf.engine.solver import SolverConfig
 
@@ -63,6 +64,21 @@ def low_rank_linear(u: Tensor, weight: Tensor, bias: Tensor, U: Tensor, V: Tenso
         projected = projected * scale
     update = factor_bmm(projected, U, grads[0], transpose=True).squeeze(1)
     return F.linear(u, weight, bias) + update + c
+
+
+def low_rank_layer(t: Tensor, x: Tensor, weight: Tensor, bias: Tensor, U: Tensor, V: Tensor,
+                   c: Tensor, scale: float = 1.0, grads: tuple[Any, Any] = (None, None)
+                   ) -> tuple[Tensor, LayerJacobian]:
+    r"""Amortized concat layer :math:`y_b = (W + s\, U_b V_b^\top) [t; x_b] + a + c_b`.
+
+    Jacobian :math:`W_{:, 1:} + s\, U_b (V_{b, 1:})^\top` (a view of V: nothing copied).
+    Same operations as :class:`AmortizedODENet`'s layers; with
+    ``grads`` the factors' gradients are gathered over the solve's evaluations
+    (:func:`~polyreg_cnf.engine.factor_grad.factor_bmm`).
+    """
+    tt = t.to(x.dtype).expand(x.shape[0], 1)
+    y = low_rank_linear(torch.cat([tt, x], dim=1), weight, bias, U, V, c, scale, grads)
+    return y, LayerJacobian(weight[:, 1:], U, V, scale, grads)
 
 
 class LayerFactors(NamedTuple):
@@ -203,6 +219,37 @@ class AmortizedODENet(nn.Module):
             raise ValueError(f"factors must be prepare_context's tuple, per-sample shapes "
                              f"{want}, got {got}")
         return factors
+
+    @property
+    def forward_mode_native(self) -> bool:
+        """Whether this is AmortizedODENet itself (no subclass)."""
+        return type(self) is AmortizedODENet
+
+    def forward_mode_matches(self) -> bool:
+        """Whether :meth:`forward_mode_layers` computes what :meth:`forward` does."""
+        cls = type(self)
+        return (cls.forward is AmortizedODENet.forward and cls.unpack is AmortizedODENet.unpack
+                and cls.prepare_context is AmortizedODENet.prepare_context
+                and all(type(layer) is nn.Linear for layer in self.layers))
+
+    def forward_mode_layers(self, t: Tensor, z: Tensor, context: Tensor | Sequence[Tensor] | None
+                            ) -> list[Callable[[Tensor], tuple[Tensor, LayerJacobian]]]:
+        """The layers at time ``t`` for the state ``z`` (B, D) and ``context`` (B, P) or its
+        :meth:`prepare_context` factors, as functions ``x -> (value, Jacobian)``
+        (:func:`low_rank_layer`).
+
+        Raises:
+            ValueError: No context, or one of another batch than ``z``'s.
+        """
+        factors = None if context is None else self.unpack(context)
+        if factors is None or factors[0][0].shape[0] != z.shape[0]:
+            shapes = (None if context is None else tuple(context.shape)
+                      if isinstance(context, Tensor) else [tuple(x.shape) for x in context])
+            raise ValueError(f"an AmortizedODENet needs a context of shape ({z.shape[0]}, "
+                             f"{self.context_size}) or its prepare_context factors, got "
+                             f"{shapes}")
+        return [(lambda x, lin=lin, p=p: low_rank_layer(t, x, lin.weight, lin.bias, *p))
+                for lin, p in zip(self.layers, factors)]
 
     def forward(self, t: Tensor, z: Tensor, context: Tensor | Sequence[Tensor]) -> Tensor:
         """dz/dt for each sample under its own parameters; z (B, D), context (B, P) or the

@@ -1,6 +1,7 @@
-r"""How the gradients of a solve are computed: small strategy objects, checked when built.
+r"""How the gradients of a solve are computed: strategy objects that run the solve themselves.
 
-:func:`polyreg_cnf.engine.solving.solve` takes one of
+:func:`polyreg_cnf.engine.solving.solve` prepares a :class:`Problem` (the observers' counting
+function, the output grid) and hands it to the strategy's :meth:`Backprop.solve`:
 
 - :class:`Direct`: backpropagate through the solver's operations (fastest; memory grows with
   the forward NFE);
@@ -9,11 +10,13 @@ r"""How the gradients of a solve are computed: small strategy objects, checked w
   recomputed step at a time (:mod:`polyreg_cnf.engine.step_checkpoint`);
 - :class:`Auto`: direct while the step's activations fit a share of the free memory, else
   memory-bounded (step checkpoints for solves with interior output times, the adjoint for
-  others). Its decision lives in the object; every block of a model shares one, and
-  :class:`polyreg_cnf.callbacks.BackpropSelector` agrees it across DDP ranks.
+  others). Its settings are the object; its decisions are an :class:`AutoDecision` per ODE
+  block (``ODEBlock.backprop_decision``), which
+  :class:`polyreg_cnf.callbacks.BackpropSelector` agrees across the blocks and DDP ranks.
 
-An invalid combination cannot be built: each strategy checks its arguments in its constructor,
-and :meth:`Backprop.check` checks it against the solver method.
+A new strategy is a subclass with a ``kind`` and a ``solve``: nothing else dispatches on the
+classes. An invalid combination cannot be built: each strategy checks its arguments in its
+constructor, and :meth:`Backprop.check` checks it against the solver method.
 
 Example:
     >>> Adjoint(seminorm=True)
@@ -27,39 +30,106 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from polyreg_cnf.engine import _torchdiffeq as tde
 from polyreg_cnf.engine._checks import check_bool, check_number
-from polyreg_cnf.engine._torchdiffeq import ADAPTIVE_METHODS
+from polyreg_cnf.engine.adjoint import odeint_adjoint_carry
 from polyreg_cnf.engine.memory import (
     available_memory,
     choose_backprop,
     default_memory_share,
     saved_tensor_bytes,
 )
-from polyreg_cnf.engine.step_checkpoint import evaluations_per_step
+from polyreg_cnf.engine.step_checkpoint import checkpointed_solve, evaluations_per_step
 
-__all__ = ["ADJOINT_HEAVY_RATIO", "BACKPROP_KINDS", "Adjoint", "Auto", "Backprop", "Direct",
-           "StepCheckpoint", "backprop_from_dict", "make_backprop"]
+__all__ = ["ADJOINT_HEAVY_RATIO", "BACKPROP_KINDS", "CHOICES", "MEMORY_BOUNDED", "Adjoint", "Auto",
+           "AutoDecision", "Backprop", "Direct", "Problem", "StepCheckpoint",
+           "backprop_from_dict", "make_backprop", "read_choice"]
+
+#: :class:`Auto`'s two choices: direct backprop, or memory-bounded (step checkpoints or adjoint).
+MEMORY_BOUNDED = "memory_bounded"
+CHOICES = ("direct", MEMORY_BOUNDED)
+
+
+def read_choice(choice: str) -> str:
+    """An :class:`Auto` choice, old names read: ``"adjoint"`` (before 0.3) is memory-bounded.
+
+    Raises:
+        ValueError: Anything else.
+    """
+    choice = MEMORY_BOUNDED if choice == "adjoint" else choice
+    if choice not in CHOICES:
+        raise ValueError(f"choice must be one of {', '.join(CHOICES)} (or the old 'adjoint'), "
+                         f"got {choice!r}")
+    return choice
+
+
+@dataclass
+class Problem:
+    """One solve, as :func:`~polyreg_cnf.engine.solving.solve` hands it to a strategy.
+
+    Attributes:
+        func: What the solver evaluates: the caller's function, counted by the observers.
+        field: The caller's own function (for evaluations that must not count).
+        y0: Initial state: a tensor or a tuple of tensors.
+        t: Output times (the requested ones merged with the penalty's, if any).
+        rtol: Relative tolerance.
+        atol: Absolute tolerance.
+        method: The torchdiffeq method.
+        options: The method's options.
+        event_fn: Stop where it crosses zero, or None.
+        params: The tensors receiving gradients, found when called.
+        forward_nfe: The forward evaluations made so far.
+        decision: Where :class:`Auto` keeps its decision for this solve's block (None: decide
+            afresh).
+    """
+
+    func: Callable[..., Any]
+    field: Callable[..., Any]
+    y0: Tensor | tuple[Tensor, ...]
+    t: Tensor
+    rtol: float | Tensor
+    atol: float | Tensor
+    method: str
+    options: dict[str, Any]
+    event_fn: Callable[..., Tensor] | None
+    params: Callable[[], tuple[Tensor, ...]]
+    forward_nfe: Callable[[], int]
+    decision: AutoDecision | None = None
+
+    def tolerances_and_method(self) -> dict[str, Any]:
+        """``rtol``, ``atol``, ``method`` and ``options`` as torchdiffeq's keyword arguments."""
+        return dict(rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
 
 
 @dataclass(frozen=True)
-class Backprop:
+class Backprop(ABC):
     """Base of the strategies; ``kind`` is the name the command line and checkpoints use."""
 
     kind: ClassVar[str] = ""
 
-    def check(self, method: str, train_T: bool = False) -> None:
+    def check(self, method: str, train_T: bool = False) -> None:  # noqa: B027 (optional hook)
         """Raise ValueError if this strategy cannot differentiate solves of ``method``."""
 
     def to_dict(self) -> dict[str, Any]:
         """The strategy's settings as plain values (``kind`` included)."""
         return {"kind": self.kind}
+
+    @abstractmethod
+    def solve(self, problem: Problem) -> Any:
+        """Run the solve so that its gradients are computed this strategy's way.
+
+        Returns:
+            The solution at ``problem.t`` (time first), a tensor or a tuple as ``problem.y0``;
+            with an ``event_fn``, ``(event_t, solution)``.
+        """
 
 
 @dataclass(frozen=True)
@@ -67,6 +137,10 @@ class Direct(Backprop):
     """Backpropagate through the solver's operations."""
 
     kind: ClassVar[str] = "direct"
+
+    def solve(self, problem: Problem) -> Any:
+        return tde.odeint(problem.func, problem.y0, problem.t, event_fn=problem.event_fn,
+                          **problem.tolerances_and_method())
 
 
 @dataclass(frozen=True)
@@ -112,6 +186,39 @@ class Adjoint(Backprop):
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "carry": self.carry, "seminorm": self.seminorm}
 
+    def solve(self, problem: Problem) -> Any:
+        found = problem.params()
+        adjoint_options = (self.backward_options(problem.options) if self.seminorm
+                           else self.options)
+        if self._carry_accepts(problem):
+            return odeint_adjoint_carry(
+                problem.func, problem.y0, problem.t, adjoint_params=found,
+                adjoint_rtol=self.rtol, adjoint_atol=self.atol, adjoint_options=adjoint_options,
+                **problem.tolerances_and_method())
+        return tde.odeint_adjoint(
+            problem.func, problem.y0, problem.t, event_fn=problem.event_fn, adjoint_params=found,
+            adjoint_rtol=self.rtol, adjoint_atol=self.atol, adjoint_method=self.method,
+            adjoint_options=adjoint_options, **problem.tolerances_and_method())
+
+    def _carry_accepts(self, problem: Problem) -> bool:
+        """Whether the restart-free adjoint honours every argument (else torchdiffeq's)."""
+        method, options, y0 = problem.method, problem.options, problem.y0
+        if (not self.carry or problem.event_fn is not None or method not in tde.ADAPTIVE_METHODS
+                or self.method not in (None, method)):
+            return False
+        numbers = (problem.rtol, problem.atol) + tuple(
+            x for x in (self.rtol, self.atol) if x is not None)
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
+            return False
+        states = (y0,) if isinstance(y0, Tensor) else y0
+        if len({y.dtype for y in states}) != 1:
+            return False
+        backward = self.options if self.options is not None else options
+        if "step_t" in backward or "jump_t" in backward:
+            return False
+        # torchdiffeq hands a tensor state's norm the tensor, the carry adjoint a 1-tuple
+        return not (isinstance(y0, Tensor) and callable(options.get("norm")))
+
 
 @dataclass(frozen=True)
 class StepCheckpoint(Backprop):
@@ -120,40 +227,70 @@ class StepCheckpoint(Backprop):
     kind: ClassVar[str] = "checkpoint"
 
     def check(self, method: str, train_T: bool = False) -> None:
-        if method not in ADAPTIVE_METHODS:
+        if method not in tde.ADAPTIVE_METHODS:
             raise ValueError(f"StepCheckpoint recomputes adaptive Runge-Kutta steps; method "
                              f"{method!r} is fixed-grid (use one of "
-                             f"{', '.join(ADAPTIVE_METHODS)}, or Direct())")
+                             f"{', '.join(tde.ADAPTIVE_METHODS)}, or Direct())")
         if train_T:
             raise ValueError("StepCheckpoint cannot learn the end time (train_T=True): its step "
                              "sizes are fixed; use Direct(), Adjoint() or Auto()")
 
+    def solve(self, problem: Problem) -> Any:
+        found = problem.params()
+        if problem.event_fn is not None:
+            raise ValueError("StepCheckpoint cannot stop at events; use Direct() or Adjoint()")
+        return checkpointed_solve(problem.func, problem.y0, problem.t, params=found,
+                                  **problem.tolerances_and_method())
+
 
 @dataclass
-class _Site:
-    """What :class:`Auto` knows about one place that solves (one ODE block)."""
+class AutoDecision:
+    """What :class:`Auto` knows and decided about one place that solves (one ODE block).
+
+    Plain mutable state, owned by the block (``ODEBlock.backprop_decision``); the strategy
+    object holds settings only.
+
+    Attributes:
+        bytes_per_row: Bytes autograd keeps per evaluation and batch row (measured once).
+        adjoint_heavy: Whether the adjoint's parameter state dwarfs the ODE state (see
+            :data:`ADJOINT_HEAVY_RATIO`).
+        choice: ``"direct"`` or ``"memory_bounded"``; None before the first decision.
+        proposal: The choice this block's last solve proposed.
+        checkpoint_fits: Whether one step's graph fits (then the step checkpoints bound memory).
+        fell_back: Whether a direct solve ran out of memory (memory-bounded for good).
+    """
 
     bytes_per_row: float | None = None
-    #: Whether the adjoint's parameter state dwarfs the ODE state (see ADJOINT_HEAVY_RATIO).
     adjoint_heavy: bool | None = None
     choice: str | None = None
     proposal: str | None = None
     checkpoint_fits: bool = False
     fell_back: bool = False
 
+    def agree(self, choice: str, fell_back: bool) -> None:
+        """Take the choice agreed for every block (after the ranks agreed, or restored from a
+        checkpoint; the old name ``"adjoint"`` is read). A fallback is never undone."""
+        self.choice = read_choice(choice)
+        self.fell_back = self.fell_back or bool(fell_back)
 
-@dataclass(frozen=True, eq=False)
+    @property
+    def wants_memory_bound(self) -> bool:
+        """Whether this block proposed memory-bounded backprop (or fell back)."""
+        return self.fell_back or self.proposal == MEMORY_BOUNDED
+
+
+@dataclass(frozen=True)
 class Auto(Backprop):
     """Direct backprop while it fits ``memory_share`` of the free memory, else memory-bounded.
 
-    After every training solve the solving site (an ODE block) proposes ``"direct"`` or
-    ``"adjoint"`` (memory-bounded) from its measured bytes per evaluation and row
-    (:mod:`polyreg_cnf.engine.memory`), the solve's forward NFE and the free memory, and follows
-    its own proposal until :meth:`agree` sets one choice for every site. A site's first solve
-    uses the adjoint while it measures. On CUDA a direct solve that runs out of memory is redone
-    with the adjoint and the site stays memory-bounded. Memory-bounded means step checkpoints
+    After every training solve the solving block proposes ``"direct"`` or ``"memory_bounded"``
+    from its measured bytes per evaluation and row (:mod:`polyreg_cnf.engine.memory`), the
+    solve's forward NFE and the free memory, and follows its own proposal until
+    :meth:`AutoDecision.agree` sets one choice for every block. A block's first solve is
+    memory-bounded while it measures. On CUDA a direct solve that runs out of memory is redone
+    with the adjoint and the block stays memory-bounded. Memory-bounded means step checkpoints
     for a solve with interior output times when one step's graph fits, the adjoint otherwise;
-    for a site whose parameters outnumber its state :data:`ADJOINT_HEAVY_RATIO` times, step
+    for a block whose parameters outnumber its state :data:`ADJOINT_HEAVY_RATIO` times, step
     checkpoints whenever one step's graph fits (its first solve included).
 
     Args:
@@ -165,8 +302,6 @@ class Auto(Backprop):
     kind: ClassVar[str] = "auto"
     memory_share: float | None = None
     adjoint: Adjoint = field(default_factory=Adjoint)
-    _sites: dict[int, _Site] = field(default_factory=dict, init=False, repr=False)
-    _agreed: list[Any] = field(default_factory=lambda: [None, False], init=False, repr=False)
 
     def __post_init__(self) -> None:
         share = self.memory_share
@@ -176,138 +311,103 @@ class Auto(Backprop):
         if not isinstance(self.adjoint, Adjoint):
             raise TypeError(f"Auto: adjoint must be an Adjoint, got {self.adjoint!r}")
 
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Auto) and other.memory_share == self.memory_share
-                and other.adjoint == self.adjoint)
-
-    def __hash__(self) -> int:
-        return hash(("auto", self.memory_share, self.adjoint))
-
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "memory_share": self.memory_share,
                 "adjoint": self.adjoint.to_dict()}
 
-    def fresh(self) -> Auto:
-        """A new Auto with the same settings and no decisions (one per model)."""
-        return Auto(self.memory_share, self.adjoint)
+    def solve(self, problem: Problem) -> Any:
+        decision = AutoDecision() if problem.decision is None else problem.decision
+        states = (problem.y0,) if isinstance(problem.y0, Tensor) else problem.y0
+        ref = states[0]
+        self.measure(decision, problem.field, problem.t[0], states)
+        self.weigh_adjoint(decision, states, problem.params, problem.method)
+        chosen = self.strategy(decision, problem.t)
+        out_of_memory = False
+        try:
+            solution = chosen.solve(problem)
+        except torch.OutOfMemoryError:
+            if not isinstance(chosen, Direct):
+                raise
+            out_of_memory = True
+        # Outside the except block: there the traceback would still hold the failed direct
+        # solve's frames, and with them its whole graph, while the adjoint runs.
+        if out_of_memory:
+            self.fall_back(decision, ref)
+            solution = self.adjoint.solve(problem)
+        self.propose(decision, problem.forward_nfe(), ref, problem.method)
+        return solution
 
-    # ------------------------------------------------------------------ the decision
-    @property
-    def choice(self) -> str | None:
-        """The agreed choice (``"direct"`` or ``"adjoint"``), None before the first agreement."""
-        return self._agreed[0]
-
-    @property
-    def fell_back(self) -> bool:
-        """Whether a direct solve ran out of memory (then memory-bounded for good)."""
-        return bool(self._agreed[1]) or any(s.fell_back for s in self._sites.values())
-
-    def wants_memory_bound(self) -> bool:
-        """Whether any site proposed memory-bounded backprop (or fell back) since its last
-        solve."""
-        return self.fell_back or any(s.proposal == "adjoint" for s in self._sites.values())
-
-    def agree(self, choice: str, fell_back: bool) -> None:
-        """Set one choice for every site (after the ranks agreed; restored from a checkpoint)."""
-        if choice not in ("direct", "adjoint"):
-            raise ValueError(f"choice must be 'direct' or 'adjoint', got {choice!r}")
-        self._agreed[:] = [choice, bool(fell_back)]
-        for site in self._sites.values():
-            site.choice = choice
-            site.fell_back = site.fell_back or bool(fell_back)
-
-    def site(self, key: object) -> _Site:
-        """The state of the site ``key`` (made on first use, with the agreed choice)."""
-        state = self._sites.get(id(key))
-        if state is None:
-            state = self._sites[id(key)] = _Site(choice=self._agreed[0],
-                                                 fell_back=bool(self._agreed[1]))
-        return state
-
-    def mode(self, key: object, times: Tensor) -> str:
-        """``"direct"``, ``"adjoint"`` or ``"checkpoint"`` for the next solve of site ``key``."""
-        state = self.site(key)
-        if not state.fell_back and state.choice == "direct":
-            return "direct"
-        # Undecided (the first training solve, while the site measures) means the adjoint: the
+    def strategy(self, decision: AutoDecision, times: Tensor) -> Backprop:
+        """The strategy of the block's next solve: direct, step checkpoints or the adjoint."""
+        if not decision.fell_back and decision.choice == "direct":
+            return Direct()
+        # Undecided (the first training solve, while the block measures) means the adjoint: the
         # choice that cannot run out of memory (checkpoint_fits is still False), unless the
-        # site is adjoint-heavy and one step's graph fits. The adjoint must stop at every
+        # block is adjoint-heavy and one step's graph fits. The adjoint must stop at every
         # output time, so the step checkpoints are cheaper for a solve with interior times,
         # while on an ends-only solve the adjoint is (benchmarks/results/adjoint_overhead.md),
         # except where the parameters it integrates dwarf the state: then every backward stage
         # combines millions of numbers, and the step checkpoints are several times faster
         # (4.5x on the VAE at MNIST size, benchmarks/results/vae_size.md).
-        if state.checkpoint_fits and not times.requires_grad and (
-                len(times) > 2 or state.adjoint_heavy):
-            return "checkpoint"
-        return "adjoint"
+        if decision.checkpoint_fits and not times.requires_grad and (
+                len(times) > 2 or decision.adjoint_heavy):
+            return StepCheckpoint()
+        return self.adjoint
 
-    def weigh_adjoint(self, key: object, y0: tuple[Tensor, ...],
-                      params: Callable[[], Sequence[Tensor]], method: str) -> None:
-        """Whether the adjoint of site ``key`` would carry a parameter state at least
-        :data:`ADJOINT_HEAVY_RATIO` times its ODE state (once per site); if so, and before the
+    def weigh_adjoint(self, decision: AutoDecision, y0: tuple[Tensor, ...],
+                      params: Callable[[], tuple[Tensor, ...]], method: str) -> None:
+        """Whether the block's adjoint would carry a parameter state at least
+        :data:`ADJOINT_HEAVY_RATIO` times its ODE state (once per block); if so, and before the
         first proposal, whether one step's graph fits (the step checkpoints then bound the
         memory of the first solve instead of the adjoint)."""
-        state = self.site(key)
-        if state.adjoint_heavy is not None:
+        if decision.adjoint_heavy is not None:
             return
         n_params = sum(p.numel() for p in params())
-        state.adjoint_heavy = n_params >= ADJOINT_HEAVY_RATIO * sum(y.numel() for y in y0)
-        if state.adjoint_heavy and state.proposal is None and method in ADAPTIVE_METHODS \
-                and state.bytes_per_row is not None:
+        decision.adjoint_heavy = n_params >= ADJOINT_HEAVY_RATIO * sum(y.numel() for y in y0)
+        if decision.adjoint_heavy and decision.proposal is None \
+                and method in tde.ADAPTIVE_METHODS and decision.bytes_per_row is not None:
             ref = y0[0]
             share = self.memory_share or default_memory_share(ref.device)
-            need = int(state.bytes_per_row * max(int(ref.shape[0]), 1))
-            state.checkpoint_fits = choose_backprop(
+            need = int(decision.bytes_per_row * max(int(ref.shape[0]), 1))
+            decision.checkpoint_fits = choose_backprop(
                 need, evaluations_per_step(method), available_memory(ref.device),
                 share) == "direct"
 
-    def measure(self, key: object, field: Any, t: Tensor, y0: tuple[Tensor, ...]) -> None:
-        """Bytes autograd keeps per evaluation and batch row, once per site (one uncounted
+    def measure(self, decision: AutoDecision, field: Any, t: Tensor,
+                y0: tuple[Tensor, ...]) -> None:
+        """Bytes autograd keeps per evaluation and batch row, once per block (one uncounted
         evaluation)."""
-        state = self.site(key)
-        if state.bytes_per_row is not None:
+        if decision.bytes_per_row is not None:
             return
         with torch.enable_grad():
             y = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in y0)
             _, nbytes = saved_tensor_bytes(field, t.detach(), y)
-        state.bytes_per_row = nbytes / max(int(y0[0].shape[0]), 1)
+        decision.bytes_per_row = nbytes / max(int(y0[0].shape[0]), 1)
 
-    def propose(self, key: object, forward_nfe: int, ref: Tensor, method: str) -> None:
-        """The site's proposal for its next solve, from this solve's NFE and the free memory."""
-        state = self.site(key)
+    def propose(self, decision: AutoDecision, forward_nfe: int, ref: Tensor,
+                method: str) -> None:
+        """The block's proposal for its next solve, from this solve's NFE and the free memory."""
         share = self.memory_share or default_memory_share(ref.device)
         # Free memory is read after every training solve (about 40 us), so memory taken
         # meanwhile by other processes or other blocks counts in the next decision.
-        need = int(state.bytes_per_row * max(int(ref.shape[0]), 1))
+        need = int(decision.bytes_per_row * max(int(ref.shape[0]), 1))
         free = available_memory(ref.device)
-        state.proposal = ("adjoint" if state.fell_back else
-                          choose_backprop(need, forward_nfe, free, share))
-        state.choice = state.proposal
+        decision.proposal = (MEMORY_BOUNDED if decision.fell_back else
+                             choose_backprop(need, forward_nfe, free, share))
+        decision.choice = decision.proposal
         # The step checkpoints hold one step's graph at a time.
-        state.checkpoint_fits = method in ADAPTIVE_METHODS and choose_backprop(
+        decision.checkpoint_fits = method in tde.ADAPTIVE_METHODS and choose_backprop(
             need, evaluations_per_step(method), free, share) == "direct"
 
-    def fall_back(self, key: object, ref: Tensor) -> None:
-        """A direct solve of site ``key`` ran out of memory: memory-bounded from now on."""
-        state = self.site(key)
-        state.fell_back = True
-        state.choice = state.proposal = "adjoint"
+    @staticmethod
+    def fall_back(decision: AutoDecision, ref: Tensor) -> None:
+        """A direct solve of the block ran out of memory: memory-bounded from now on."""
+        decision.fell_back = True
+        decision.choice = decision.proposal = MEMORY_BOUNDED
         if ref.device.type == "cuda":
             torch.cuda.empty_cache()
         warnings.warn("backprop Auto(): a direct-backprop solve ran out of memory; this block "
-                      "uses the adjoint for the rest of the run.", RuntimeWarning, stacklevel=4)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A copy (deepcopy, a spawned DDP process) measures again: the sites are keyed by id.
-        return {"memory_share": self.memory_share, "adjoint": self.adjoint,
-                "_agreed": list(self._agreed)}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        object.__setattr__(self, "memory_share", state["memory_share"])
-        object.__setattr__(self, "adjoint", state["adjoint"])
-        object.__setattr__(self, "_sites", {})
-        object.__setattr__(self, "_agreed", list(state["_agreed"]))
+                      "uses the adjoint for the rest of the run.", RuntimeWarning, stacklevel=5)
 
 
 #: The adjoint integrates every parameter's gradient in its augmented state: when the

@@ -20,7 +20,12 @@ from polyreg_cnf.engine.forward_divergence import (
 from polyreg_cnf.engine.observers import IntegrandObserver, active
 from polyreg_cnf.engine.ode import ODEBlock, per_solve_context
 from polyreg_cnf.engine.solver import SolverConfig
-from polyreg_cnf.engine.trace import NOISE_TYPES, divergence_exact, sample_probe
+from polyreg_cnf.engine.trace import (
+    NOISE_TYPES,
+    divergence_exact,
+    hutchinson_with_vjp,
+    sample_probe,
+)
 
 __all__ = ["CNF", "DIVERGENCE_MODES", "TRACE_TYPES", "CNFStack", "standard_normal_logprob"]
 
@@ -167,13 +172,12 @@ class CNF(ODEBlock):
                     # A fresh leaf: the trace differentiates with respect to exactly this tensor.
                     y = y.detach().requires_grad_(True)
                 dz = net(t, y) if context is None else net(t, y, context)
-                vjp = None
+                vjp = div = None
                 if wants_vjp or not exact:
                     # One vector-Jacobian product serves the trace estimate and the observer.
-                    (vjp,) = torch.autograd.grad(dz, y, eps, create_graph=keep_graph,
-                                                 retain_graph=True)
-                div = (divergence_exact(dz, y, create_graph=keep_graph) if exact
-                       else (vjp * eps).reshape(dz.shape[0], -1).sum(dim=1))
+                    div, vjp = hutchinson_with_vjp(dz, y, eps, create_graph=keep_graph)
+                if exact:
+                    div = divergence_exact(dz, y, create_graph=keep_graph)
                 extra = () if observer is None else observer.integrands(dz, vjp)
             out = (dz, div, *extra)
             return out if keep_graph else tuple(o.detach() for o in out)

@@ -1,9 +1,10 @@
 r"""Drop-in ``odeint`` and ``odeint_adjoint``: torchdiffeq's solvers, visible to the regularizer.
 
 :func:`odeint` and :func:`odeint_adjoint` take exactly torchdiffeq 0.2.5's arguments, defaults
-and return structure. Outside a :class:`TrajectoryRecorder` they call torchdiffeq and nothing
-else: results and gradients are torchdiffeq's, bit for bit. While a recorder is active and
-gradients are on (a training step of a run with
+and return structure. Outside a :class:`TrajectoryRecorder` results and gradients are
+torchdiffeq's, bit for bit (the one difference: a failure of the solver raises
+:class:`~polyreg_cnf.engine.errors.SolverError` instead of torchdiffeq's ``AssertionError``).
+While a recorder is active and gradients are on (a training step of a run with
 ``polyreg_cnf.callbacks.PolynomialTrajectoryRegularizer``) a solve is penalised as
 :mod:`polyreg_cnf.engine.recording` describes, and returns the requested times only (a tensor or
 a tuple, as torchdiffeq). All three are thin wrappers over :func:`polyreg_cnf.engine.solving.solve`.
@@ -35,8 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torchdiffeq
-from torch import Tensor, nn
+from torch import Tensor
 
 from polyreg_cnf.engine import _torchdiffeq as tde
 from polyreg_cnf.engine.backprop import Adjoint, Direct, StepCheckpoint
@@ -93,8 +93,8 @@ def odeint_adjoint(func: Callable[..., Any], y0: Tensor | tuple[Tensor, ...], t:
     r"""``torchdiffeq.odeint_adjoint``, plus the trajectory penalty while a recorder is active.
 
     Same arguments, defaults, rules (``func`` must be an ``nn.Module`` unless ``adjoint_params``
-    is given) and result as torchdiffeq 0.2.5's ``odeint_adjoint``. Outside a recorder it IS
-    torchdiffeq's. Inside one, adaptive methods backpropagate with the restart-free adjoint
+    is given) and result as torchdiffeq 0.2.5's ``odeint_adjoint``. Outside a recorder it runs
+    torchdiffeq's adjoint. Inside one, adaptive methods backpropagate with the restart-free adjoint
     (same gradients within the solver tolerance, the interior times cost about one backward
     evaluation each); everything else keeps torchdiffeq's adjoint.
 
@@ -125,10 +125,6 @@ def odeint_adjoint(func: Callable[..., Any], y0: Tensor | tuple[Tensor, ...], t:
         >>> y.shape, all(p.grad is not None for p in func.parameters())
         (torch.Size([4, 3, 2]), True)
     """
-    if adjoint_params is None and not isinstance(func, nn.Module):
-        # torchdiffeq's own argument rule: let it say so in its words
-        return tde.odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method,
-                                  options=options, event_fn=event_fn)
     # Outside a recorder this is torchdiffeq's own adjoint; inside one, the restart-free adjoint
     # where it honours every argument.
     carry = active(TrajectoryRecorder) is not None
@@ -185,21 +181,11 @@ def odeint_checkpoint(func: Callable[..., Any], y0: Tensor | tuple[Tensor, ...],
                  backprop=StepCheckpoint(), params=params)
 
 
-class _TorchdiffeqProxy(types.ModuleType):
-    """Stands in for the ``torchdiffeq`` module: its two solvers are the drop-in's."""
-
-    def __init__(self) -> None:
-        super().__init__("torchdiffeq", torchdiffeq.__doc__)
-        self.odeint = odeint
-        self.odeint_adjoint = odeint_adjoint
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torchdiffeq, name)
-
-
-_PROXY = _TorchdiffeqProxy()
-_REPLACEMENTS: dict[int, Any] = {id(tde.odeint): odeint, id(tde.odeint_adjoint): odeint_adjoint,
-                                 id(torchdiffeq): _PROXY}
+_PROXY = tde.proxy_module({"odeint": odeint, "odeint_adjoint": odeint_adjoint})
+#: What each of torchdiffeq's objects (by id) is rebound to.
+_REPLACEMENTS: dict[int, Any] = {
+    key: {"odeint": odeint, "odeint_adjoint": odeint_adjoint, "module": _PROXY}[name]
+    for key, name in tde.stock_solvers().items()}
 
 
 @contextmanager
@@ -224,7 +210,7 @@ def redirect_torchdiffeq(modules: Iterable[types.ModuleType | str]
         ``(module name, variable name)`` of every rebound name.
 
     Example:
-        >>> import types
+        >>> import types, torchdiffeq
         >>> m = types.ModuleType("user_model")
         >>> m.odeint = torchdiffeq.odeint_adjoint
         >>> with redirect_torchdiffeq([m]) as names:

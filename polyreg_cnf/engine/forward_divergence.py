@@ -34,7 +34,13 @@ Use from a CNF's field (training: z may require grad, ONE backward follows; eval
     if supports_forward_divergence(net):  # decided once per block
         dz, div = field_and_divergence(net, t, y, probe=eps, context=context)  # eps None: exact
 
-Fields the check refuses (a user's module, a plain function) keep the reverse-mode path.
+A net takes part by two methods (so this module knows no net class, and the nets import it,
+never the other way round): ``forward_mode_layers(t, z, context)``, its layers as functions
+``x -> (value, LayerJacobian)`` built from :func:`concat_layer` and friends, and
+``forward_mode_matches()``, whether those compute exactly what its ``forward`` does (False for
+a subclass with its own ``forward`` or layers). :class:`~polyreg_cnf.engine.nets.ODENet` and
+:class:`~polyreg_cnf.engine.amortized.AmortizedODENet` have them. Fields the check refuses (a
+user's module, a plain function) keep the reverse-mode path.
 
 Reference: W. Grathwohl et al., "FFJORD: Free-form Continuous Dynamics for Scalable Reversible
 Generative Models", ICLR 2019 (the trace estimators); A. Griewank and A. Walther, "Evaluating
@@ -51,7 +57,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from polyreg_cnf.engine.factor_grad import factor_bmm
-from polyreg_cnf.engine.nets import ConcatLinear, ConcatSquashLinear, ODENet
 
 __all__ = ["DERIVATIVES", "compiled_field_and_divergence", "field_and_divergence",
            "supports_forward_divergence"]
@@ -160,23 +165,6 @@ def concatsquash_layer(t: Tensor, x: Tensor, weight: Tensor, bias: Tensor, gate_
     return y, LayerJacobian(weight * gate.reshape(-1, 1))
 
 
-def low_rank_layer(t: Tensor, x: Tensor, weight: Tensor, bias: Tensor, U: Tensor, V: Tensor,
-                   c: Tensor, scale: float = 1.0, grads: tuple[Any, Any] = (None, None)
-                   ) -> tuple[Tensor, LayerJacobian]:
-    r"""Amortized concat layer :math:`y_b = (W + s\, U_b V_b^\top) [t; x_b] + a + c_b`.
-
-    Jacobian :math:`W_{:, 1:} + s\, U_b (V_{b, 1:})^\top` (a view of V: nothing copied).
-    Same operations as :class:`~polyreg_cnf.engine.amortized.AmortizedODENet`'s layers; with
-    ``grads`` the factors' gradients are gathered over the solve's evaluations
-    (:func:`~polyreg_cnf.engine.amortized.factor_bmm`).
-    """
-    from polyreg_cnf.engine.amortized import low_rank_linear
-
-    tt = t.to(x.dtype).expand(x.shape[0], 1)
-    y = low_rank_linear(torch.cat([tt, x], dim=1), weight, bias, U, V, c, scale, grads)
-    return y, LayerJacobian(weight[:, 1:], U, V, scale, grads)
-
-
 # ---------------------------------------------------------------------------------------------
 # Tangent algebra. The exact trace's tangents are (B, D, n), the D directions of each sample;
 # Hutchinson's one direction is (B, n); None stands for the identity (the D unit directions of
@@ -274,42 +262,26 @@ def _act_supported(act: nn.Module) -> bool:
 def supports_forward_divergence(net: nn.Module) -> bool:
     """Whether :func:`field_and_divergence` computes exactly what ``net(t, z[, context])`` does.
 
-    True for :class:`~polyreg_cnf.engine.nets.ODENet` (concat or concatsquash layers) and
-    :class:`~polyreg_cnf.engine.amortized.AmortizedODENet`, with any nonlinearity the project
-    offers (at torch's default settings), whose ``forward`` and layers are the project's own
-    and carry no forward hooks. False for anything else (a user's module, a subclass with its
-    own ``forward``): those keep the reverse-mode path of :mod:`polyreg_cnf.engine.trace`.
+    True for a net with the two methods of the module docstring whose ``forward_mode_matches()``
+    holds (:class:`~polyreg_cnf.engine.nets.ODENet` with concat or concatsquash layers,
+    :class:`~polyreg_cnf.engine.amortized.AmortizedODENet`), with any nonlinearity the project
+    offers (at torch's default settings), and no forward hooks. False for anything else (a
+    user's module, a subclass with its own ``forward``): those keep the reverse-mode path of
+    :mod:`polyreg_cnf.engine.trace`.
 
     Example:
+        >>> from polyreg_cnf.engine.nets import ODENet
         >>> supports_forward_divergence(ODENet(2, (8,), "concat", "elu"))
         True
         >>> supports_forward_divergence(nn.Linear(2, 2))
         False
     """
-    from polyreg_cnf.engine.amortized import AmortizedODENet
-
     if not isinstance(net, nn.Module) or _has_hooks(net) or not _act_supported(
             getattr(net, "act", None)):
         return False
-    if isinstance(net, ODENet) and type(net).forward is ODENet.forward:
-        return all(type(layer) in (ConcatLinear, ConcatSquashLinear) for layer in net.layers)
-    if isinstance(net, AmortizedODENet) and type(net).forward is AmortizedODENet.forward:
-        return (type(net).unpack is AmortizedODENet.unpack
-                and type(net).prepare_context is AmortizedODENet.prepare_context
-                and all(type(layer) is nn.Linear for layer in net.layers))
-    return False
-
-
-def _odenet_layers(net: ODENet,
-                   t: Tensor) -> list[Callable[[Tensor], tuple[Tensor, LayerJacobian]]]:
-    def bind(layer: nn.Module) -> Callable[[Tensor], tuple[Tensor, LayerJacobian]]:
-        if isinstance(layer, ConcatSquashLinear):
-            return lambda x: concatsquash_layer(t, x, layer.linear.weight, layer.linear.bias,
-                                                layer.gate.weight, layer.gate.bias,
-                                                layer.shift.weight)
-        return lambda x: concat_layer(t, x, layer.linear.weight, layer.linear.bias)
-
-    return [bind(layer) for layer in net.layers]
+    matches = getattr(net, "forward_mode_matches", None)
+    return callable(matches) and callable(getattr(net, "forward_mode_layers", None)) \
+        and bool(matches())
 
 
 def field_and_divergence(net: nn.Module, t: Tensor, z: Tensor, *, probe: Tensor | None,
@@ -349,46 +321,28 @@ def field_and_divergence(net: nn.Module, t: Tensor, z: Tensor, *, probe: Tensor 
         ValueError: ``z``, ``probe`` or ``context`` have the wrong shape.
 
     Example:
+        >>> from polyreg_cnf.engine.nets import ODENet
         >>> net = ODENet(2, (16, 16), "concat", "tanh")
         >>> z = torch.randn(5, 2)
         >>> f, div = field_and_divergence(net, torch.tensor(0.5), z, probe=None)
         >>> bool((f == net(torch.tensor(0.5), z)).all()), tuple(div.shape)
         (True, (5,))
     """
-    from polyreg_cnf.engine.amortized import AmortizedODENet
-
     if z.ndim != 2:
         raise ValueError(f"z must have shape (B, D), got {tuple(z.shape)}")
     if probe is not None and probe.shape != z.shape:
         raise ValueError(f"probe must have z's shape {tuple(z.shape)}, got "
                          f"{tuple(probe.shape)}")
-    if type(net) is ODENet or (isinstance(net, ODENet) and supports_forward_divergence(net)):
-        if context is not None:
-            raise ValueError("an ODENet takes no context, got a tensor")
-        layers = _odenet_layers(net, t)
-    elif type(net) is AmortizedODENet or (isinstance(net, AmortizedODENet)
-                                          and supports_forward_divergence(net)):
-        factors = None if context is None else net.unpack(context)
-        if factors is None or factors[0][0].shape[0] != z.shape[0]:
-            raise ValueError(f"an AmortizedODENet needs a context of shape ({z.shape[0]}, "
-                             f"{net.context_size}) or its prepare_context factors, got "
-                             f"{None if context is None else _shapes(context)}")
-        layers = [(lambda x, lin=lin, p=p: low_rank_layer(t, x, lin.weight, lin.bias, *p))
-                  for lin, p in zip(net.layers, factors)]
-    else:
+    # The project's own classes as they are (no subclass) need no check per evaluation.
+    if not (getattr(net, "forward_mode_native", False) or supports_forward_divergence(net)):
         raise TypeError(f"forward-mode divergence supports ODENet and AmortizedODENet, got "
                         f"{type(net).__name__}; use polyreg_cnf.engine.trace for other fields")
+    layers = net.forward_mode_layers(t, z, context)
     if type(net.act) not in DERIVATIVES:
         raise TypeError(f"no closed-form derivative for the nonlinearity "
                         f"{type(net.act).__name__}; valid: "
                         f"{', '.join(k.__name__ for k in DERIVATIVES)}")
     return _propagate(layers, net.act, z, probe)
-
-
-def _shapes(context: Tensor | tuple[Tensor, ...]) -> object:
-    if isinstance(context, Tensor):
-        return tuple(context.shape)
-    return [tuple(x.shape) for x in context]
 
 
 def _dynamic_batch_entry(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,

@@ -10,7 +10,7 @@ O(1) memory in NFE but solves a second ODE backwards (typically as many evaluati
 with the penalty's interior output times). On the models this project trains, direct backprop
 was 1.5-2x faster per step whenever it fits (``benchmarks/results/full.md``, arms 5 and 3b), so
 the rule is: direct when the estimate fits a share of the free memory, else memory-bounded
-backprop (``"adjoint"`` here; the block then uses the step checkpoints of
+backprop (``"memory_bounded"`` here; the block then uses the step checkpoints of
 :mod:`polyreg_cnf.engine.step_checkpoint` for solves with interior output times when one step's
 graph fits the same budget, and the adjoint otherwise).
 
@@ -119,7 +119,8 @@ def available_memory(device: torch.device | str) -> int:
 
     CUDA: the driver's free memory plus what PyTorch's caching allocator holds unused. CPU:
     ``MemAvailable`` from /proc/meminfo, capped by the cgroup limit (containers); 0 where neither
-    can be read, which makes :func:`choose_backprop` pick the adjoint (the safe side).
+    can be read, which makes :func:`choose_backprop` pick memory-bounded backprop (the safe
+    side).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -143,7 +144,7 @@ def available_memory(device: torch.device | str) -> int:
 
 def choose_backprop(bytes_per_evaluation: int, forward_nfe: int, free_bytes: int,
                     share: float, headroom: float = HEADROOM) -> str:
-    r"""``"direct"`` if the step's activations fit the budget, else ``"adjoint"``.
+    r"""``"direct"`` if the step's activations fit the budget, else ``"memory_bounded"``.
 
     .. math:: \text{NFE} \cdot M_\text{eval} \cdot \text{headroom} \le
               \text{share} \cdot M_\text{free}
@@ -160,11 +161,11 @@ def choose_backprop(bytes_per_evaluation: int, forward_nfe: int, free_bytes: int
         >>> choose_backprop(1_000_000, 50, free_bytes=10**9, share=0.25)
         'direct'
         >>> choose_backprop(1_000_000, 5_000, free_bytes=10**9, share=0.25)
-        'adjoint'
+        'memory_bounded'
     """
     if not 0 < share <= 1:
         raise ValueError(f"share must be in (0, 1], got {share!r}")
     if headroom < 1:
         raise ValueError(f"headroom must be >= 1, got {headroom!r}")
     need = float(bytes_per_evaluation) * max(int(forward_nfe), 1) * headroom
-    return "direct" if need <= share * float(free_bytes) else "adjoint"
+    return "direct" if need <= share * float(free_bytes) else "memory_bounded"

@@ -6,12 +6,13 @@ Generative Models", ICLR 2019.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from polyreg_cnf.engine._checks import check_int, check_ints
+from polyreg_cnf.engine.forward_divergence import LayerJacobian, concat_layer, concatsquash_layer
 
 __all__ = ["DEFAULT_HIDDEN_DIMS", "DEFAULT_LAYER_TYPE", "DEFAULT_NONLINEARITY", "LAYER_TYPES",
            "NONLINEARITIES", "ConcatLinear", "ConcatSquashLinear", "ODENet"]
@@ -64,7 +65,7 @@ class ODENet(nn.Module):
     Args:
         dim: State dimension D.
         hidden_dims: Widths of the hidden layers (FFJORD: ``nhidden`` layers of
-            ``hdim_factor * D``; see :meth:`from_factor`).
+            ``hdim_factor * D``, which ``--hdim-factor``/``--nhidden`` build).
         layer_type: ``"concat"`` or ``"concatsquash"``.
         nonlinearity: ``"tanh"``, ``"softplus"``, ``"elu"``, ``"swish"`` or ``"relu"``.
 
@@ -92,13 +93,36 @@ class ODENet(nn.Module):
         self.layers = nn.ModuleList(layer(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.act = NONLINEARITIES[nonlinearity]()
 
-    @classmethod
-    def from_factor(cls, dim: int, hdim_factor: int, nhidden: int, layer_type: str = "concat",
-                    nonlinearity: str = "tanh") -> ODENet:
-        """The FFJORD tabular parametrisation: ``nhidden`` layers of width ``hdim_factor * dim``."""
-        check_int("nhidden", nhidden)
-        check_int("hdim_factor", hdim_factor)
-        return cls(dim, (hdim_factor * dim,) * nhidden, layer_type, nonlinearity)
+    @property
+    def forward_mode_native(self) -> bool:
+        """Whether this is ODENet itself (no subclass): forward mode matches it by construction."""
+        return type(self) is ODENet
+
+    def forward_mode_matches(self) -> bool:
+        """Whether :meth:`forward_mode_layers` computes what :meth:`forward` does (the
+        forward-mode divergence of :mod:`polyreg_cnf.engine.forward_divergence`)."""
+        return type(self).forward is ODENet.forward and all(
+            type(layer) in (ConcatLinear, ConcatSquashLinear) for layer in self.layers)
+
+    def forward_mode_layers(self, t: Tensor, z: Tensor, context: object = None
+                            ) -> list[Callable[[Tensor], tuple[Tensor, LayerJacobian]]]:
+        """The layers at time ``t`` as functions ``x -> (value, Jacobian)``, same operations
+        (``z``, the state, is not needed: every sample shares the layers).
+
+        Raises:
+            ValueError: A context was given (an ODENet takes none).
+        """
+        if context is not None:
+            raise ValueError("an ODENet takes no context, got a tensor")
+
+        def bind(layer: nn.Module) -> Callable[[Tensor], tuple[Tensor, LayerJacobian]]:
+            if isinstance(layer, ConcatSquashLinear):
+                return lambda x: concatsquash_layer(t, x, layer.linear.weight, layer.linear.bias,
+                                                    layer.gate.weight, layer.gate.bias,
+                                                    layer.shift.weight)
+            return lambda x: concat_layer(t, x, layer.linear.weight, layer.linear.bias)
+
+        return [bind(layer) for layer in self.layers]
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):

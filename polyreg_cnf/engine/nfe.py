@@ -8,13 +8,10 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from polyreg_cnf.engine.errors import NFELimitError
 from polyreg_cnf.engine.observers import Observer, observe
 
 __all__ = ["NFECounter", "NFELimitError", "collect_nfe", "record_nfe", "reset_nfe"]
-
-
-class NFELimitError(RuntimeError):
-    """A forward solve needed more function evaluations than ``SolverConfig.max_nfe`` allows."""
 
 
 @dataclass
@@ -57,13 +54,6 @@ class NFECounter(Observer):
     def as_dict(self) -> dict[str, int]:
         """The counts as a plain dict."""
         return asdict(self)
-
-    def evaluation(self, backward: bool) -> None:
-        """Count one evaluation of the right-hand side."""
-        if backward:
-            self.backward += 1
-        else:
-            self.forward += 1
 
     def step(self, accepted: bool, backward: bool) -> None:
         """Count one step of an adaptive solver."""

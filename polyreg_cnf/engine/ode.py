@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from polyreg_cnf.engine.backprop import AutoDecision
 from polyreg_cnf.engine.nfe import NFECounter
 from polyreg_cnf.engine.observers import observe
 from polyreg_cnf.engine.solver import SolverConfig
@@ -70,6 +71,9 @@ class ODEBlock(nn.Module):
         if self.train_T:
             self.sqrt_T = nn.Parameter(torch.tensor(float(T) ** 0.5))
         self.nfe = NFECounter()
+        #: What an :class:`~polyreg_cnf.engine.backprop.Auto` strategy measured and decided for
+        #: this block (plain state; ``BackpropSelector`` agrees it across blocks and ranks).
+        self.backprop_decision = AutoDecision()
         self._params_checked = False
         # Set by training_solves(): solve with the training method and tolerances even in eval
         # mode (to measure the solver gap); never saved.
@@ -182,7 +186,8 @@ class ODEBlock(nn.Module):
             traj = solve(field, y0, t, rtol=rtol, atol=atol,
                          method=self.solver.method_for(as_training),
                          options=self.solver.options(as_training), backprop=self.solver.backprop,
-                         params=params, max_nfe=self.solver.max_nfe, site=self, state_index=0,
+                         params=params, max_nfe=self.solver.max_nfe,
+                         decision=self.backprop_decision, state_index=0,
                          penalise=self.training)
         return tuple(x[-1] for x in traj) if ends_only else traj
 

@@ -11,13 +11,7 @@ from torch import Tensor
 
 from polyreg_cnf.engine._checks import check_int, check_number
 from polyreg_cnf.engine._torchdiffeq import ADAPTIVE_METHODS, FIXED_METHODS, METHODS
-from polyreg_cnf.engine.backprop import (
-    Adjoint,
-    Auto,
-    Backprop,
-    backprop_from_dict,
-    make_backprop,
-)
+from polyreg_cnf.engine.backprop import Adjoint, Auto, Backprop, backprop_from_dict, make_backprop
 
 __all__ = ["ADAPTIVE_METHODS", "FIXED_METHODS", "METHODS", "SolverConfig", "UniformGrid"]
 
@@ -177,12 +171,6 @@ class SolverConfig:
             return f"{method}, step_size={self.step_size:g}"
         return f"{method}, {self.eval_steps} steps"
 
-    def fresh(self) -> SolverConfig:
-        """The same settings with a strategy holding no decisions (one per model)."""
-        if isinstance(self.backprop, Auto):
-            return dataclasses.replace(self, backprop=self.backprop.fresh())
-        return self
-
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for hyperparameter logging and checkpoints (:meth:`from_dict` reads it)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -195,8 +183,8 @@ class SolverConfig:
         """A model's own solver settings from what its constructor received.
 
         ``None`` gives the defaults, a dict is read with :meth:`from_dict` (a checkpoint's
-        hyperparameters), a config is taken as is; each model gets its own :meth:`fresh` copy,
-        shared by its blocks.
+        hyperparameters), a config is taken as is (it holds settings only: what an ``Auto``
+        strategy decides lives in each block, so models may share one).
 
         Raises:
             TypeError: Anything else.
@@ -207,7 +195,7 @@ class SolverConfig:
             solver = cls.from_dict(solver)
         elif not isinstance(solver, cls):
             raise TypeError(f"solver must be a SolverConfig or dict, got {type(solver).__name__}")
-        return solver.fresh()
+        return solver
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SolverConfig:

@@ -41,12 +41,18 @@ from torch import Tensor
 
 # torchdiffeq internals the recomputation must share with the forward solve to reproduce it
 # exactly; torchdiffeq is pinned (0.2.5) and tests/test_torchdiffeq_contract.py names them.
-from torchdiffeq._impl.interp import _interp_evaluate, _interp_fit
-from torchdiffeq._impl.misc import Perturb, _PerturbFunc
-from torchdiffeq._impl.odeint import SOLVERS
-from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver, _runge_kutta_step
-
-from polyreg_cnf.engine._torchdiffeq import ADAPTIVE_METHODS, mixed_norm, odeint
+from polyreg_cnf.engine._torchdiffeq import (
+    RK_METHODS,
+    SOLVERS,
+    Perturb,
+    PerturbFunc,
+    StepRelay,
+    interp_evaluate,
+    interp_fit,
+    mixed_norm,
+    odeint,
+    runge_kutta_step,
+)
 
 __all__ = ["CHECKPOINT_METHODS", "evaluations_per_step", "checkpointed_solve"]
 
@@ -54,8 +60,7 @@ State = tuple[Tensor, ...]
 Field = Callable[[Tensor, Any], Any]
 
 #: Adaptive Runge-Kutta methods whose steps can be recomputed (every adaptive torchdiffeq method).
-CHECKPOINT_METHODS = tuple(name for name in ADAPTIVE_METHODS
-                           if issubclass(SOLVERS[name], RKAdaptiveStepsizeODESolver))
+CHECKPOINT_METHODS = RK_METHODS
 
 
 def evaluations_per_step(method: str) -> int:
@@ -69,7 +74,7 @@ def evaluations_per_step(method: str) -> int:
     return len(SOLVERS[method].tableau.alpha) + 1
 
 
-class _FlatField:
+class _FlatField(StepRelay):
     """A field as torchdiffeq's solvers see it: one flat state, increasing time.
 
     The caller's state is a tensor or a tuple of tensors (``single`` says which); it is handed
@@ -79,7 +84,7 @@ class _FlatField:
     """
 
     def __init__(self, func: Field, shapes: list[torch.Size], single: bool, sign: float) -> None:
-        self.func = func
+        super().__init__(func)
         self.shapes = shapes
         self.single = single
         self.sign = sign
@@ -103,21 +108,19 @@ class _FlatField:
         flat = dy.reshape(-1) if self.single else torch.cat([d.reshape(-1) for d in dy])
         return flat if self.sign > 0 else -flat
 
-    def _pass_on(self, name: str, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-        callback = getattr(self.func, name, None)
-        if callback is not None:
-            callback(t0 * self.sign, self.state(y0), dt)
+    def caller_form(self, t0: Tensor, y0: Tensor) -> tuple[Tensor, Tensor | State]:
+        return t0 * self.sign, self.state(y0)
 
     def callback_accept_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
         # Only the forward solve calls this (the backward pass takes no adaptive steps).
         self.steps.append((t0, y0, dt))
-        self._pass_on("callback_accept_step", t0, y0, dt)
+        self.relay("callback_accept_step", t0, y0, dt)
 
     def callback_reject_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-        self._pass_on("callback_reject_step", t0, y0, dt)
+        self.relay("callback_reject_step", t0, y0, dt)
 
     def callback_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-        self._pass_on("callback_step", t0, y0, dt)
+        self.relay("callback_step", t0, y0, dt)
 
 
 class _CheckpointedSolve(torch.autograd.Function):
@@ -148,7 +151,7 @@ class _CheckpointedSolve(torch.autograd.Function):
             c_sol=solver.tableau.c_sol.to(device=device, dtype=y_dtype),
             c_error=solver.tableau.c_error.to(device=device, dtype=y_dtype))
         mid = solver.mid.to(device=device, dtype=y_dtype)
-        func = _PerturbFunc(flat)
+        func = PerturbFunc(flat)
 
         # Which step produced each output: torchdiffeq steps until a step ends at or beyond
         # the output time, then interpolates inside that step.
@@ -175,7 +178,7 @@ class _CheckpointedSolve(torch.autograd.Function):
                 # stage, made one ulp before that step's end (torchdiffeq's Perturb.PREV).
                 f0 = func(t0, y, perturb=Perturb.PREV if n > 0 else Perturb.NONE)
                 t1 = t0 + dt
-                y1, _, _, k = _runge_kutta_step(func, y, f0, t0, dt, t1, tableau=tableau)
+                y1, _, _, k = runge_kutta_step(func, y, f0, t0, dt, t1, tableau=tableau)
                 targets: list[Tensor] = []
                 cotangents: list[Tensor] = []
                 if adjoint is not None:
@@ -184,9 +187,9 @@ class _CheckpointedSolve(torch.autograd.Function):
                 if outputs:
                     h = dt.type_as(y)
                     y_mid = y + torch.sum(k * (h * mid), dim=-1).view_as(y)
-                    coeff = _interp_fit(y, y1, y_mid, k[..., 0], k[..., -1], h)
+                    coeff = interp_fit(y, y1, y_mid, k[..., 0], k[..., -1], h)
                     for i in outputs:
-                        targets.append(_interp_evaluate(coeff, t0, t1, times[i]))
+                        targets.append(interp_evaluate(coeff, t0, t1, times[i]))
                         cotangents.append(grad_solution[i])
                 step_grads = torch.autograd.grad(targets, (y, *params), cotangents,
                                                  allow_unused=True)

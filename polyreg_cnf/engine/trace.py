@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["NOISE_TYPES", "divergence_exact", "divergence_hutchinson", "sample_probe"]
+__all__ = ["NOISE_TYPES", "divergence_exact", "divergence_hutchinson", "hutchinson_with_vjp",
+           "sample_probe"]
 
 NOISE_TYPES = ("rademacher", "gaussian")
 
@@ -62,8 +63,16 @@ def divergence_hutchinson(f: Tensor, z: Tensor, eps: Tensor, create_graph: bool)
         >>> divergence_hutchinson(f, z, sample_probe(z), create_graph=False)
         tensor([1.5000, 1.5000, 1.5000])
     """
+    return hutchinson_with_vjp(f, z, eps, create_graph)[0]
+
+
+def hutchinson_with_vjp(f: Tensor, z: Tensor, eps: Tensor, create_graph: bool
+                        ) -> tuple[Tensor, Tensor]:
+    r""":func:`divergence_hutchinson`'s estimate and the vector-Jacobian product
+    :math:`\epsilon^\top \partial f / \partial z` it came from (for callers that use it again,
+    e.g. RNODE's Jacobian term). Same arguments; returns ``(estimate (B,), vjp like f)``."""
     (vjp,) = torch.autograd.grad(f, z, eps, create_graph=create_graph, retain_graph=True)
-    return (vjp * eps).reshape(f.shape[0], -1).sum(dim=1)
+    return (vjp * eps).reshape(f.shape[0], -1).sum(dim=1), vjp
 
 
 def sample_probe(like: Tensor, kind: str = "rademacher",

@@ -9,13 +9,15 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from polyreg_cnf.engine.errors import PolyregCNFError
+
 __all__ = ["AtomicCheckpointIO", "CheckpointKindError", "check_checkpoint_kind",
            "stamp_checkpoint_kind"]
 
 KIND_KEY = "polyreg_cnf"
 
 
-class CheckpointKindError(ValueError):
+class CheckpointKindError(PolyregCNFError, ValueError):
     """A checkpoint was written by another kind of model (or not by polyreg-cnf at all)."""
 
 
