@@ -11,11 +11,11 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torchdiffeq import odeint
 
 from polyreg_cnf.engine._checks import check_int, check_number, check_optional_int
 from polyreg_cnf.engine.cnf import CNF
 from polyreg_cnf.engine.ode import ode_blocks
+from polyreg_cnf.engine.solving import solve
 
 __all__ = ["TrajectoryPlotter", "density_grid", "sample_trajectories"]
 
@@ -53,9 +53,11 @@ def sample_trajectories(blocks: list[CNF], num_points: int, num_times: int,
     """Paths of base samples pushed backwards through the flow (the sampling direction).
 
     Each block's vector field ``net(t, z)`` is integrated from its end time T down to 0 with
-    :func:`torchdiffeq.odeint`, saving ``num_times`` evenly spaced states; the log-density is
-    not needed for a path, so the cheaper plain ODE is solved, and the blocks' NFE counters are
-    left alone. Blocks run last-to-first, as ``CNFStack(reverse=True)`` does.
+    the engine's :func:`~polyreg_cnf.engine.solving.solve`, saving ``num_times`` evenly spaced
+    states; the log-density is not needed for a path, so the cheaper plain ODE is solved. The
+    blocks' own NFE counters are left alone; an observer active around the call (e.g.
+    :func:`polyreg_cnf.record_nfe`) counts these solves. Blocks run last-to-first, as
+    ``CNFStack(reverse=True)`` does.
 
     Args:
         blocks: The CNF blocks, in the flow's (data-to-base) order; their nets take ``(t, z)``.
@@ -90,9 +92,9 @@ def sample_trajectories(blocks: list[CNF], num_points: int, num_times: int,
             t = torch.linspace(1.0, 0.0, num_times, dtype=z.dtype, device=z.device) * end
             atol, rtol = block.solver.tolerances(False)
             # The evaluation solver (method and grid too), as the reported NLL uses.
-            traj = odeint(block.net, z, t, rtol=rtol, atol=atol,
-                          method=block.solver.method_for(False),
-                          options=block.solver.options(False))
+            traj = solve(block.net, z, t, rtol=rtol, atol=atol,
+                         method=block.solver.method_for(False),
+                         options=block.solver.options(False))
             paths.append(traj[1:])
             times.append(t[1:] + float(offsets[index]))
             z = traj[-1]

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["check_bool", "check_int", "check_ints", "check_number", "check_optional_int"]
+import torch
+from torch import Tensor
+
+__all__ = ["check_bool", "check_int", "check_ints", "check_number", "check_optional_int",
+           "check_times"]
 
 
 def check_int(name: str, value: object, minimum: int = 1) -> int:
@@ -53,3 +58,21 @@ def check_number(name: str, value: object, minimum: float = 0.0, strict: bool = 
         bound = f"{'>' if strict else '>='} {minimum:g}"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)  # type: ignore[arg-type]
+
+
+def check_times(name: str, value: Any, device: torch.device) -> Tensor:
+    """Times (``step_t``/``jump_t``) as a 1-D float64 tensor of finite values (torchdiffeq flips
+    only tensors when t decreases, so a list would silently point the wrong way).
+
+    Raises:
+        TypeError: ``value`` cannot be read as times.
+        ValueError: Not 1-D, or not finite.
+    """
+    try:
+        times = torch.as_tensor(value.detach() if isinstance(value, Tensor) else value,
+                                dtype=torch.float64, device=device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be a 1-D tensor or sequence of times, got {value!r}") from err
+    if times.ndim != 1 or not bool(torch.isfinite(times).all()):
+        raise ValueError(f"{name} must be a 1-D tensor of finite times, got {value!r}")
+    return times

@@ -63,13 +63,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polyreg_cnf.engine._torchdiffeq import (
-    ADAPTIVE_METHODS,
-    ADJOINT_CALLBACKS,
-    StepRelay,
-    mixed_norm,
-)
-from polyreg_cnf.engine._torchdiffeq import odeint as tde_odeint
+from polyreg_cnf.engine import _torchdiffeq as tde
+from polyreg_cnf.engine._checks import check_times
 
 __all__ = ["odeint_adjoint_carry"]
 
@@ -105,7 +100,7 @@ class _Settings:
     step_t: Tensor
 
 
-class _StepTracker(StepRelay):
+class _StepTracker(tde.StepRelay):
     """Relays torchdiffeq's step callbacks to the caller's function and remembers the size of
     the last accepted step *as proposed by the error control* (the value ``callback_step``
     receives, before a step is clipped to land on a barrier), so the next solve can start
@@ -194,8 +189,8 @@ class _CarryAdjoint(torch.autograd.Function):
         n = settings.n_state
         y0, params = tensors[:n], tensors[n:]
         with torch.no_grad():
-            traj = tuple(tde_odeint(settings.func, y0, t, rtol=settings.rtol, atol=settings.atol,
-                                method=settings.method, options=settings.options))
+            traj = tuple(tde.odeint(settings.func, y0, t, rtol=settings.rtol, atol=settings.atol,
+                                    method=settings.method, options=settings.options))
         ctx.settings = settings
         ctx.save_for_backward(t, *traj, *params)
         return traj
@@ -237,14 +232,14 @@ def _adjoint_solve_options(settings: _Settings, params: tuple[Tensor, ...]) -> d
     if settings.adjoint_norm is not None:
         opts["norm"] = settings.adjoint_norm
         return opts
-    state_norm = settings.state_norm or mixed_norm
+    state_norm = settings.state_norm or tde.mixed_norm
 
     def norm(aug: State) -> Tensor:
         # The time adjoint and the state/adjoint-of-state always count; the parameter adjoints
         # only without seminorm (they never feed back into the dynamics, Kidger et al. 2021).
         parts = [aug[0].abs(), state_norm(aug[1:1 + n]), state_norm(aug[1 + n:1 + 2 * n])]
         if not settings.seminorm and params:
-            parts.append(mixed_norm(aug[1 + 2 * n:]))
+            parts.append(tde.mixed_norm(aug[1 + 2 * n:]))
         return torch.stack([torch.as_tensor(p, dtype=aug[0].dtype) for p in parts]).max()
 
     opts["norm"] = norm
@@ -272,19 +267,6 @@ def _interval_grid(settings: _Settings, start: Tensor, end: Tensor, state_dtype:
     if bool((settings.jump_t == start).any()):
         start = torch.nextafter(start.to(state_dtype), end.to(state_dtype)).to(start.dtype)
     return torch.stack([start, end]), barriers
-
-
-def _barrier_times(name: str, value: Any, device: torch.device) -> Tensor:
-    """``step_t``/``jump_t`` as a 1-D float64 tensor (torchdiffeq flips only tensors when t
-    decreases, so a list would silently point the wrong way)."""
-    try:
-        times = torch.as_tensor(value.detach() if isinstance(value, Tensor) else value,
-                                dtype=torch.float64, device=device)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"{name} must be a 1-D tensor or sequence of times, got {value!r}") from err
-    if times.ndim != 1 or not bool(torch.isfinite(times).all()):
-        raise ValueError(f"{name} must be a 1-D tensor of finite times, got {value!r}")
-    return times
 
 
 def _backward_intervals(settings: _Settings, t: Tensor, traj: State, grads: State,
@@ -315,8 +297,8 @@ def _backward_intervals(settings: _Settings, t: Tensor, traj: State, grads: Stat
         if carried is not None:
             opts["first_step"] = carried
         aug0 = (a_t, *(y[i] for y in traj), *adj, *adj_params)
-        sol = tde_odeint(dynamics, aug0, grid, rtol=settings.adjoint_rtol,
-                     atol=settings.adjoint_atol, method=settings.method, options=opts)
+        sol = tde.odeint(dynamics, aug0, grid, rtol=settings.adjoint_rtol,
+                         atol=settings.adjoint_atol, method=settings.method, options=opts)
         end = [s[1] for s in sol]
         a_t = end[0]
         # The state restarts from the stored forward value; the adjoint takes the jump g_{i-1}.
@@ -396,9 +378,9 @@ def odeint_adjoint_carry(func: TupleField, y0: State | Tensor, t: Tensor, *, rto
     if not isinstance(t, Tensor) or t.ndim != 1 or len(t) < 2:
         raise ValueError(f"t must be a 1-D tensor of at least 2 times, got "
                          f"{t if not isinstance(t, Tensor) else tuple(t.shape)}")
-    if method not in ADAPTIVE_METHODS:
+    if method not in tde.ADAPTIVE_METHODS:
         raise ValueError(f"odeint_adjoint_carry needs an adaptive method, got {method!r}; "
-                         f"valid: {', '.join(ADAPTIVE_METHODS)}")
+                         f"valid: {', '.join(tde.ADAPTIVE_METHODS)}")
     params = tuple(adjoint_params)
     if not all(isinstance(p, Tensor) for p in params):
         raise TypeError(f"adjoint_params must be tensors, got {[type(p).__name__ for p in params]}")
@@ -407,13 +389,13 @@ def odeint_adjoint_carry(func: TupleField, y0: State | Tensor, t: Tensor, *, rto
     barriers = {key: [] for key in _BARRIERS}
     for key in _BARRIERS:
         if key in options:
-            options[key] = _barrier_times(f"options[{key!r}]", options[key], t.device)
+            options[key] = check_times(f"options[{key!r}]", options[key], t.device)
             barriers[key].append(options[key])
     adjoint_options = ({k: v for k, v in options.items() if k not in ("norm", *_BARRIERS)}
                        if adjoint_options is None else dict(adjoint_options))
     for key in _BARRIERS:
         if key in adjoint_options:
-            barriers[key].append(_barrier_times(f"adjoint_options[{key!r}]",
+            barriers[key].append(check_times(f"adjoint_options[{key!r}]",
                                                 adjoint_options.pop(key), t.device))
     # torchdiffeq refuses a time listed twice; a time that is both a jump and a step is a jump.
     jump_t, step_t = (torch.cat(barriers[key]).unique() if barriers[key]
@@ -454,7 +436,7 @@ class _TupleField(_StepTracker):
 
     def __init__(self, func: Callable[..., Any], unwrap: bool) -> None:
         super().__init__(func, unwrap)
-        for name in ADJOINT_CALLBACKS:  # found here by the backward pass's relay
+        for name in tde.ADJOINT_CALLBACKS:  # found here by the backward pass's relay
             adjoint_callback = getattr(func, name, None)
             if adjoint_callback is not None:
                 setattr(self, name, adjoint_callback)

@@ -87,8 +87,7 @@ class Problem:
         event_fn: Stop where it crosses zero, or None.
         params: The tensors receiving gradients, found when called.
         forward_nfe: The forward evaluations made so far.
-        decision: Where :class:`Auto` keeps its decision for this solve's block (None: decide
-            afresh).
+        decision: Where :class:`Auto` keeps its decision for the block (None: decide afresh).
     """
 
     func: Callable[..., Any]
@@ -319,7 +318,7 @@ class Auto(Backprop):
         decision = AutoDecision() if problem.decision is None else problem.decision
         states = (problem.y0,) if isinstance(problem.y0, Tensor) else problem.y0
         ref = states[0]
-        self.measure(decision, problem.field, problem.t[0], states)
+        self.measure(decision, problem.field, problem.t[0], problem.y0)
         self.weigh_adjoint(decision, states, problem.params, problem.method)
         chosen = self.strategy(decision, problem.t)
         out_of_memory = False
@@ -374,15 +373,16 @@ class Auto(Backprop):
                 share) == "direct"
 
     def measure(self, decision: AutoDecision, field: Any, t: Tensor,
-                y0: tuple[Tensor, ...]) -> None:
+                y0: Tensor | tuple[Tensor, ...]) -> None:
         """Bytes autograd keeps per evaluation and batch row, once per block (one uncounted
-        evaluation)."""
+        evaluation of ``field`` on ``y0``, a tensor or a tuple as the field takes it)."""
         if decision.bytes_per_row is not None:
             return
         with torch.enable_grad():
-            y = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in y0)
-            _, nbytes = saved_tensor_bytes(field, t.detach(), y)
-        decision.bytes_per_row = nbytes / max(int(y0[0].shape[0]), 1)
+            y = tuple(x.detach().requires_grad_(x.is_floating_point())
+                      for x in ((y0,) if isinstance(y0, Tensor) else y0))
+            _, nbytes = saved_tensor_bytes(field, t.detach(), y[0] if isinstance(y0, Tensor) else y)
+        decision.bytes_per_row = nbytes / max(int(y[0].shape[0]), 1)
 
     def propose(self, decision: AutoDecision, forward_nfe: int, ref: Tensor,
                 method: str) -> None:
