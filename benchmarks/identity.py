@@ -27,7 +27,7 @@ from typing import Any
 from benchmarks import common
 from benchmarks.common import UsageError, table
 
-__all__ = ["FIELDS", "RUNNER", "STUDY", "compare", "record"]
+__all__ = ["FIELDS", "RUNNER", "STUDY", "compare", "main", "record"]
 
 #: What is compared, per run: per-step arrays first, then the figures of the finished run.
 FIELDS = ("loss", "forward_nfe", "backward_nfe", "val_nll", "test_nll", "test_nfe",
@@ -95,10 +95,15 @@ def record(trees: dict[str, dict[str, Any]], specs: list[str], steps: int
         procs = {side: subprocess.Popen([t["python"], "-c", RUNNER, f"{tmp}/{side}.json",
                                          str(steps), *specs], cwd=t["tree"], env=env)
                  for side, t in trees.items()}
-        for side, proc in procs.items():
-            if proc.wait():
-                raise RuntimeError(f"the {side} tree ({trees[side]['tree']}) exited "
-                                   f"{proc.returncode}")
+        try:
+            for side, proc in procs.items():
+                if proc.wait():
+                    raise RuntimeError(f"the {side} tree ({trees[side]['tree']}) exited "
+                                       f"{proc.returncode}")
+        finally:  # one tree failed: the other's runs would be compared with nothing
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
         return {side: json.loads(Path(f"{tmp}/{side}.json").read_text()) for side in trees}
 
 
@@ -206,5 +211,7 @@ def render(payload: dict[str, Any]) -> str:
 STUDY = common.Study("identity", __doc__, measure, render, arguments,
                      report=lambda args: common.RESULTS / "refactor_identity", indent=None)
 
+main = STUDY.main
+
 if __name__ == "__main__":
-    sys.exit(STUDY.main())
+    sys.exit(main())
