@@ -230,11 +230,11 @@ def test_auto_backprop_falls_back_when_a_direct_solve_really_runs_out_of_cuda_me
     try:
         with pytest.warns(RuntimeWarning, match="ran out of memory"):
             step()
-        assert _site(cnf).fell_back and _site(cnf).choice == "adjoint"
+        assert _site(cnf).fell_back and _site(cnf).choice == "memory_bounded"
         assert cnf.nfe.backward > 0  # the redone solve was the adjoint
         assert all(torch.isfinite(p.grad).all() for p in cnf.parameters())
         step()  # and it stays there
-        assert cnf.nfe.backward > 0 and _site(cnf).choice == "adjoint"
+        assert cnf.nfe.backward > 0 and _site(cnf).choice == "memory_bounded"
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
@@ -496,5 +496,5 @@ def test_markdown_reports_failures_and_leaves_out_what_was_not_measured():
 
 
 def _site(block):
-    """What the block's Auto strategy decided for it (the decision lives in the strategy)."""
-    return block.solver.backprop.site(block)
+    """What the block's Auto strategy decided for it (the decision lives in the block)."""
+    return block.backprop_decision

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from polyreg_cnf.engine.amortized import AmortizedODENet
-from polyreg_cnf.engine.backprop import ADJOINT_HEAVY_RATIO, Auto
+from polyreg_cnf.engine.backprop import ADJOINT_HEAVY_RATIO, Auto, StepCheckpoint
 from polyreg_cnf.engine.cnf import CNF
 from polyreg_cnf.engine.nets import ODENet
 from polyreg_cnf.engine.solver import SolverConfig
@@ -26,13 +26,13 @@ def test_auto_bounds_memory_with_step_checkpoints_where_the_adjoint_is_heavy():
     # per-sample factors: hundreds of numbers per number of state
     assert 4 * net.context_size >= ADJOINT_HEAVY_RATIO * 4 * 3
     _train_once(cnf, head(torch.randn(4, 3)))
-    site = auto.site(cnf)
+    site = cnf.backprop_decision
     assert site.adjoint_heavy and site.checkpoint_fits
     # the first (measuring) solve was memory-bounded by the step checkpoints: exactly 7
     # backward evaluations per accepted dopri5 step (the adjoint's count differs)
     assert cnf.nfe.backward == 7 * cnf.nfe.accepted > 0
-    auto.agree("adjoint", fell_back=False)  # memory-bounded from now on
-    assert auto.mode(cnf, torch.tensor([0.0, 0.5])) == "checkpoint"
+    site.agree("memory_bounded", fell_back=False)  # memory-bounded from now on
+    assert auto.strategy(site, torch.tensor([0.0, 0.5])) == StepCheckpoint()
 
 
 def test_auto_keeps_the_adjoint_for_an_ordinary_ends_only_solve():
@@ -40,10 +40,10 @@ def test_auto_keeps_the_adjoint_for_an_ordinary_ends_only_solve():
     auto = Auto()
     cnf = CNF(ODENet(2, (16,)), T=0.5, solver=SolverConfig(backprop=auto))
     _train_once(cnf, None)
-    site = auto.site(cnf)
+    site = cnf.backprop_decision
     assert site.adjoint_heavy is False
-    auto.agree("adjoint", fell_back=False)
-    assert auto.mode(cnf, torch.tensor([0.0, 0.5])) == "adjoint"
+    site.agree("memory_bounded", fell_back=False)
+    assert auto.strategy(site, torch.tensor([0.0, 0.5])) is auto.adjoint
 
 
 def test_the_papers_vae_sizes_are_adjoint_heavy_and_the_digits_are_not():
