@@ -8,8 +8,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from polyreg_cnf.engine.backprop import MEMORY_BOUNDED, Auto, AutoDecision, read_choice
 from polyreg_cnf.engine.ode import ode_blocks
+from polyreg_cnf.engine.strategies import MEMORY_BOUNDED, Auto, AutoDecision, read_choice
 
 __all__ = ["BackpropSelector", "auto_backprop_callbacks"]
 
@@ -22,7 +22,7 @@ class BackpropSelector(L.Callback):
     solve each block proposes direct or memory-bounded backprop from its memory estimate
     (:mod:`polyreg_cnf.engine.memory`). This callback, added by the project's LightningModules
     themselves (``configure_callbacks``), turns the proposals into one decision per step with
-    :meth:`~polyreg_cnf.engine.backprop.AutoDecision.agree`:
+    :meth:`~polyreg_cnf.engine.strategies.AutoDecision.agree`:
 
     - the same on every DDP rank: if any rank's estimate does not fit, every rank is
       memory-bounded (gradients are the same either way, the ranks only differ in memory);

@@ -18,7 +18,7 @@ from polyreg_cnf import (
     standard_normal_logprob,
 )
 from polyreg_cnf.engine.adjoint import odeint_adjoint_carry
-from polyreg_cnf.engine.backprop import Adjoint
+from polyreg_cnf.engine.strategies import Adjoint
 
 TIGHT = dict(rtol=1e-10, atol=1e-10, method="dopri5")
 VARIANTS = [dict(), dict(seed_first_step=False)]
@@ -249,7 +249,7 @@ def test_ode_block_dispatch_uses_the_stock_adjoint_when_asked(monkeypatch):
         calls.append(1)
         return original(*args, **kwargs)
 
-    import polyreg_cnf.engine.backprop as strategies  # the Adjoint strategy runs the solve
+    import polyreg_cnf.engine.strategies as strategies  # the Adjoint strategy runs the solve
     monkeypatch.setattr(strategies, "odeint_adjoint_carry", spy)
     block = ODEBlock(TimeLinear(2, 2), solver=SolverConfig())
     block(torch.randn(3, 2)).sum().backward()

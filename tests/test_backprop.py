@@ -164,7 +164,7 @@ def test_measured_bytes_scale_with_the_batch_and_decide_by_the_rule(monkeypatch)
     # exactly the documented inequality: NFE x bytes x 2 <= share x free
     nfe = cnf.nfe.forward
     need = per_row * 64 * nfe * memory.HEADROOM
-    monkeypatch.setattr("polyreg_cnf.engine.backprop.available_memory",
+    monkeypatch.setattr("polyreg_cnf.engine.strategies.available_memory",
                         lambda device: int(need / memory.CPU_MEMORY_SHARE * 0.99))
     cnf.nfe.reset()
     cnf(torch.randn(64, 2))
@@ -182,7 +182,7 @@ def test_memory_bounded_auto_uses_step_checkpoints_where_the_adjoint_would_stop(
     need = _site(cnf).bytes_per_row * 64 * memory.HEADROOM / memory.CPU_MEMORY_SHARE
     nfe = cnf.nfe.forward
     assert nfe >= 20  # so that the budget below fits 7 evaluations but not the whole solve
-    monkeypatch.setattr("polyreg_cnf.engine.backprop.available_memory",
+    monkeypatch.setattr("polyreg_cnf.engine.strategies.available_memory",
                         lambda device: int(need * 10))
     cnf(x)
     assert _site(cnf).choice == "memory_bounded" and _site(cnf).checkpoint_fits
@@ -203,7 +203,7 @@ def test_memory_bounded_auto_uses_step_checkpoints_where_the_adjoint_would_stop(
     n = step(penalised=False)
     assert n.accepted_backward > 0  # the adjoint's own steps
     # not even one step's graph fits: the adjoint, stops and all
-    monkeypatch.setattr("polyreg_cnf.engine.backprop.available_memory", lambda device: int(need))
+    monkeypatch.setattr("polyreg_cnf.engine.strategies.available_memory", lambda device: int(need))
     cnf(x)
     assert not _site(cnf).checkpoint_fits
     n = step(penalised=True)

@@ -27,7 +27,7 @@ from polyreg_cnf import (
     record_nfe,
     solve,
 )
-from polyreg_cnf.engine.backprop import MEMORY_BOUNDED, AutoDecision
+from polyreg_cnf.engine.strategies import MEMORY_BOUNDED, AutoDecision
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The installed package's folders: polyreg_cnf/, and callbacks/, datamodules/ installed inside it.

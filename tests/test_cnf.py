@@ -22,8 +22,8 @@ from polyreg_cnf import (
     reset_nfe,
     standard_normal_logprob,
 )
-from polyreg_cnf.engine.backprop import Adjoint
 from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
+from polyreg_cnf.engine.strategies import Adjoint
 
 TIGHT = dict(atol=1e-10, rtol=1e-10)
 

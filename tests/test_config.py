@@ -29,10 +29,10 @@ from polyreg_cnf.app.config import (
 from polyreg_cnf.app.presets import PRESETS, TABLE_PRESET, TOY_PRESET, VAE_PRESETS
 from polyreg_cnf.app.run_logging import LOGGER_KINDS
 from polyreg_cnf.engine.amortized import POSTERIORS
-from polyreg_cnf.engine.backprop import BACKPROP_KINDS
 from polyreg_cnf.engine.cnf import DIVERGENCE_MODES, TRACE_TYPES
 from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
 from polyreg_cnf.engine.solver import FIXED_METHODS, METHODS
+from polyreg_cnf.engine.strategies import BACKPROP_KINDS
 from polyreg_cnf.engine.trace import NOISE_TYPES
 from polyreg_cnf.models import CNFDensityEstimator
 from polyreg_cnf.models.vae import ARCHITECTURES, CNFVAE

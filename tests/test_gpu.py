@@ -33,9 +33,9 @@ from polyreg_cnf import (
     standard_normal_logprob,
     trajectory_polynomial_penalty,
 )
-from polyreg_cnf.engine.backprop import Auto
 from polyreg_cnf.engine.nfe import record_nfe
 from polyreg_cnf.engine.recording import TrajectoryRecorder
+from polyreg_cnf.engine.strategies import Auto
 from polyreg_cnf.models import CNFDensityEstimator
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,9 +25,9 @@ from polyreg_cnf import (
     TrajectoryRecorder,
     standard_normal_logprob,
 )
-from polyreg_cnf.engine.backprop import make_backprop
 from polyreg_cnf.engine.memory import saved_tensor_bytes
 from polyreg_cnf.engine.step_checkpoint import CHECKPOINT_METHODS, checkpointed_solve
+from polyreg_cnf.engine.strategies import make_backprop
 
 
 class Field(nn.Module):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from polyreg_cnf.engine.amortized import AmortizedODENet
-from polyreg_cnf.engine.backprop import ADJOINT_HEAVY_RATIO, Auto, StepCheckpoint
 from polyreg_cnf.engine.cnf import CNF
 from polyreg_cnf.engine.nets import ODENet
 from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.engine.strategies import ADJOINT_HEAVY_RATIO, Auto, StepCheckpoint
 
 
 def _train_once(cnf: CNF, context: torch.Tensor | None) -> None:

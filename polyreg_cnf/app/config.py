@@ -54,11 +54,11 @@ from polyreg_cnf.datamodules.tabular import TABULAR_SETS
 from polyreg_cnf.datamodules.toy import TOY_DENSITIES
 from polyreg_cnf.datamodules.user_table import TABLE_FORMATS
 from polyreg_cnf.engine.amortized import POSTERIORS
-from polyreg_cnf.engine.backprop import BACKPROP_KINDS, Adjoint, Auto, Backprop, make_backprop
 from polyreg_cnf.engine.cnf import DIVERGENCE_MODES, TRACE_TYPES
 from polyreg_cnf.engine.errors import PolyregCNFError
 from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
 from polyreg_cnf.engine.solver import ADAPTIVE_METHODS, METHODS, SolverConfig
+from polyreg_cnf.engine.strategies import BACKPROP_KINDS, Adjoint, Auto, Backprop, make_backprop
 from polyreg_cnf.engine.trace import NOISE_TYPES
 from polyreg_cnf.models import CNFDensityEstimator
 from polyreg_cnf.models.schedule import LR_SCHEDULES

@@ -5,7 +5,6 @@ training loop. ``polyreg_cnf`` re-exports the public names.
 """
 
 from polyreg_cnf.engine._torchdiffeq import solver_failure
-from polyreg_cnf.engine.backprop import Adjoint, Auto, Backprop, Direct, StepCheckpoint
 from polyreg_cnf.engine.cnf import CNF, CNFStack, standard_normal_logprob
 from polyreg_cnf.engine.dropin import (
     odeint,
@@ -23,6 +22,7 @@ from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomi
 from polyreg_cnf.engine.recording import TrajectoryRecorder
 from polyreg_cnf.engine.solver import SolverConfig
 from polyreg_cnf.engine.solving import solve
+from polyreg_cnf.engine.strategies import Adjoint, Auto, Backprop, Direct, StepCheckpoint
 from polyreg_cnf.engine.trace import divergence_exact, divergence_hutchinson
 
 __all__ = [

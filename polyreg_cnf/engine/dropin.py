@@ -39,10 +39,10 @@ from typing import Any
 from torch import Tensor
 
 from polyreg_cnf.engine import _torchdiffeq as tde
-from polyreg_cnf.engine.backprop import Adjoint, Direct, StepCheckpoint
 from polyreg_cnf.engine.observers import active
 from polyreg_cnf.engine.recording import TrajectoryRecorder
 from polyreg_cnf.engine.solving import solve
+from polyreg_cnf.engine.strategies import Adjoint, Direct, StepCheckpoint
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_checkpoint", "redirect_torchdiffeq"]
 

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polyreg_cnf.engine.backprop import AutoDecision
 from polyreg_cnf.engine.nfe import NFECounter
 from polyreg_cnf.engine.observers import observe
 from polyreg_cnf.engine.solver import SolverConfig
 from polyreg_cnf.engine.solving import solve
+from polyreg_cnf.engine.strategies import AutoDecision
 
 __all__ = ["ODEBlock", "ode_blocks", "per_solve_context", "solving_with", "training_solves"]
 
@@ -71,7 +71,7 @@ class ODEBlock(nn.Module):
         if self.train_T:
             self.sqrt_T = nn.Parameter(torch.tensor(float(T) ** 0.5))
         self.nfe = NFECounter()
-        #: What an :class:`~polyreg_cnf.engine.backprop.Auto` strategy measured and decided for
+        #: What an :class:`~polyreg_cnf.engine.strategies.Auto` strategy measured and decided for
         #: this block (plain state; ``BackpropSelector`` agrees it across blocks and ranks).
         self.backprop_decision = AutoDecision()
         self._params_checked = False

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from polyreg_cnf.engine._checks import check_int, check_number
 from polyreg_cnf.engine._torchdiffeq import ADAPTIVE_METHODS, FIXED_METHODS, METHODS
-from polyreg_cnf.engine.backprop import Adjoint, Auto, Backprop, backprop_from_dict, make_backprop
+from polyreg_cnf.engine.strategies import Adjoint, Auto, Backprop, backprop_from_dict, make_backprop
 
 __all__ = ["ADAPTIVE_METHODS", "FIXED_METHODS", "METHODS", "SolverConfig", "UniformGrid"]
 
@@ -55,8 +55,8 @@ class SolverConfig:
             continuous flow, not by the grid it may have learned to game.
         eval_steps: Number of equal steps over each block's [0, T] of a fixed-grid
             ``eval_method`` (required for one, refused for an adaptive one).
-        backprop: How gradients are computed: a strategy of :mod:`polyreg_cnf.engine.backprop`
-            (:class:`~polyreg_cnf.engine.backprop.Auto` by default: direct backprop while it fits
+        backprop: How gradients are computed: a strategy of :mod:`polyreg_cnf.engine.strategies`
+            (:class:`~polyreg_cnf.engine.strategies.Auto` by default: direct backprop while it fits
             a share of the free memory, memory-bounded otherwise), or its name (``"auto"``,
             ``"direct"``, ``"adjoint"``, ``"checkpoint"``) for the strategy with its defaults.
         first_step: Initial step size for adaptive methods; ``None`` lets the solver choose

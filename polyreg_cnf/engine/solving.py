@@ -5,8 +5,8 @@ the trajectory plots are thin wrappers over it. It lets the active observers
 (:mod:`polyreg_cnf.engine.observers`) watch: the innermost
 :class:`~polyreg_cnf.engine.nfe.NFECounter` counts the evaluations and steps, the innermost
 :class:`~polyreg_cnf.engine.recording.TrajectoryRecorder` adds its interior times and records
-the penalty. The backprop strategy (:mod:`polyreg_cnf.engine.backprop`) runs the solve itself
-(:meth:`~polyreg_cnf.engine.backprop.Backprop.solve`) through the torchdiffeq adapter
+the penalty. The backprop strategy (:mod:`polyreg_cnf.engine.strategies`) runs the solve itself
+(:meth:`~polyreg_cnf.engine.strategies.Backprop.solve`) through the torchdiffeq adapter
 (:mod:`polyreg_cnf.engine._torchdiffeq`). With no observer active the solution is
 torchdiffeq's, bit for bit.
 """
@@ -20,10 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from polyreg_cnf.engine import _torchdiffeq as tde
-from polyreg_cnf.engine.backprop import AutoDecision, Backprop, Direct, Problem
 from polyreg_cnf.engine.nfe import NFECounter, NFELimitError
 from polyreg_cnf.engine.observers import active
 from polyreg_cnf.engine.recording import TrajectoryRecorder
+from polyreg_cnf.engine.strategies import AutoDecision, Backprop, Direct, Problem
 
 __all__ = ["solve"]
 
@@ -105,13 +105,13 @@ def solve(func: Callable[..., Any], y0: Tensor | tuple[Tensor, ...], t: Tensor, 
         method: A torchdiffeq method (``None``: dopri5).
         options: The method's options.
         backprop: How gradients are computed: a strategy, which runs the solve (default
-            :class:`~polyreg_cnf.engine.backprop.Direct`).
+            :class:`~polyreg_cnf.engine.strategies.Direct`).
         params: Tensors receiving gradients under the adjoint and the step checkpoints (default
             ``func.parameters()``); a callable is called only when they are needed.
         max_nfe: Cap on the forward evaluations of this solve (:class:`NFELimitError`).
         event_fn: Stop where ``event_fn(t, y)`` crosses zero (Direct or torchdiffeq's
             adjoint only; never penalised).
-        decision: Where :class:`~polyreg_cnf.engine.backprop.Auto` keeps its decision for the
+        decision: Where :class:`~polyreg_cnf.engine.strategies.Auto` keeps its decision for the
             solving block (``ODEBlock.backprop_decision``); None: an ``Auto`` solve decides
             afresh, memory-bounded while it measures.
         state_index: The element of a tuple state the penalty looks at (default: the active
