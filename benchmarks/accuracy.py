@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from polyreg_cnf.engine.ode import ode_blocks, solving_with
-from polyreg_cnf.engine.solver import ADAPTIVE_METHODS, FIXED_METHODS, SolverConfig
+from polyreg_cnf.engine.solver_config import ADAPTIVE_METHODS, FIXED_METHODS, SolverConfig
 from polyreg_cnf.models import CNFDensityEstimator
 
 __all__ = ["ACCURACIES", "CHECK_TOL", "NLL_MARGIN", "REFERENCE_TOL", "STEPS", "STUDY",

@@ -18,7 +18,7 @@ from polyreg_cnf.engine.amortized import AmortizedODENet
 from polyreg_cnf.engine.cnf import CNF
 from polyreg_cnf.engine.forward_divergence import field_and_divergence
 from polyreg_cnf.engine.recording import TrajectoryRecorder
-from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.engine.solver_config import SolverConfig
 from polyreg_cnf.engine.strategies import Adjoint, Direct, StepCheckpoint
 from polyreg_cnf.engine.trace import divergence_exact
 from polyreg_cnf.models.vae import CNFVAE

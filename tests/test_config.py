@@ -31,7 +31,7 @@ from polyreg_cnf.app.run_logging import LOGGER_KINDS
 from polyreg_cnf.engine.amortized import POSTERIORS
 from polyreg_cnf.engine.cnf import DIVERGENCE_MODES, TRACE_TYPES
 from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
-from polyreg_cnf.engine.solver import FIXED_METHODS, METHODS
+from polyreg_cnf.engine.solver_config import FIXED_METHODS, METHODS
 from polyreg_cnf.engine.strategies import BACKPROP_KINDS
 from polyreg_cnf.engine.trace import NOISE_TYPES
 from polyreg_cnf.models import CNFDensityEstimator
@@ -79,7 +79,7 @@ def _cnf(**kwargs):
 
 
 def _solver(**kwargs):
-    from polyreg_cnf.engine.solver import SolverConfig
+    from polyreg_cnf.engine.solver_config import SolverConfig
 
     return SolverConfig(**kwargs)
 

@@ -76,7 +76,7 @@ def test_every_module_is_walked_and_examples_exist():
     # The modules whose public entry points carry an example.
     for name in ("polyreg_cnf.engine.adjoint", "polyreg_cnf.engine.amortized",
                  "polyreg_cnf.engine.cnf", "polyreg_cnf.engine.nets", "polyreg_cnf.engine.nfe",
-                 "polyreg_cnf.engine.penalty", "polyreg_cnf.engine.solver",
+                 "polyreg_cnf.engine.penalty", "polyreg_cnf.engine.solver_config",
                  "polyreg_cnf.engine.trace", "polyreg_cnf.models.density",
                  "polyreg_cnf.models.vae", "polyreg_cnf.callbacks.guard",
                  "polyreg_cnf.callbacks.plots", "polyreg_cnf.datamodules.toy",

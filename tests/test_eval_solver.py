@@ -20,7 +20,7 @@ from polyreg_cnf import CNF, SolverConfig
 from polyreg_cnf.app.config import ConfigError, make_parser, parse_command_line, resolve
 from polyreg_cnf.app.report import SOLVER_GAP_WARNING, solver_lines
 from polyreg_cnf.engine.ode import training_solves
-from polyreg_cnf.engine.solver import UniformGrid
+from polyreg_cnf.engine.solver_config import UniformGrid
 from polyreg_cnf.models import CNFDensityEstimator
 
 A = torch.tensor([[0.3, 1.1], [-0.7, -0.4]], dtype=torch.float64)

@@ -33,7 +33,7 @@ from polyreg_cnf.app.run_logging import (
     wandb_logged_in,
     wandb_sync_hint,
 )
-from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.engine.solver_config import SolverConfig
 from polyreg_cnf.models import CNFDensityEstimator
 
 wandb = pytest.importorskip("wandb")

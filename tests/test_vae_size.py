@@ -8,7 +8,7 @@ import torch
 from polyreg_cnf.engine.amortized import AmortizedODENet
 from polyreg_cnf.engine.cnf import CNF
 from polyreg_cnf.engine.nets import ODENet
-from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.engine.solver_config import SolverConfig
 from polyreg_cnf.engine.strategies import ADJOINT_HEAVY_RATIO, Auto, StepCheckpoint
 
 

@@ -57,7 +57,7 @@ from polyreg_cnf.engine.amortized import POSTERIORS
 from polyreg_cnf.engine.cnf import DIVERGENCE_MODES, TRACE_TYPES
 from polyreg_cnf.engine.errors import PolyregCNFError
 from polyreg_cnf.engine.nets import LAYER_TYPES, NONLINEARITIES
-from polyreg_cnf.engine.solver import ADAPTIVE_METHODS, METHODS, SolverConfig
+from polyreg_cnf.engine.solver_config import ADAPTIVE_METHODS, METHODS, SolverConfig
 from polyreg_cnf.engine.strategies import BACKPROP_KINDS, Adjoint, Auto, Backprop, make_backprop
 from polyreg_cnf.engine.trace import NOISE_TYPES
 from polyreg_cnf.models import CNFDensityEstimator
@@ -214,7 +214,7 @@ class VAEOptions:
 @dataclass(frozen=True)
 class OdeOptions:
     """How each block's ODE is solved and differentiated (paper: dopri5, train 1e-4, eval
-    1e-5). Defaults are :class:`~polyreg_cnf.engine.solver.SolverConfig`'s and its backprop
+    1e-5). Defaults are :class:`~polyreg_cnf.engine.solver_config.SolverConfig`'s and its backprop
     strategies'."""
 
     solver: str = option(_solver("method"), "torchdiffeq method", choices=SOLVER_METHODS)

@@ -20,7 +20,7 @@ from polyreg_cnf.engine.observers import observe
 from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
 from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomial_penalty
 from polyreg_cnf.engine.recording import TrajectoryRecorder
-from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.engine.solver_config import SolverConfig
 from polyreg_cnf.engine.solving import solve
 from polyreg_cnf.engine.strategies import Adjoint, Auto, Backprop, Direct, StepCheckpoint
 from polyreg_cnf.engine.trace import divergence_exact, divergence_hutchinson

@@ -333,7 +333,7 @@ def odeint_adjoint_carry(func: TupleField, y0: State | Tensor, t: Tensor, *, rto
         t: Output times, 1-D, strictly increasing or decreasing; may require grad.
         rtol: Relative tolerance of the forward solve.
         atol: Absolute tolerance of the forward solve.
-        method: An adaptive torchdiffeq method (``polyreg_cnf.engine.solver.ADAPTIVE_METHODS``).
+        method: An adaptive torchdiffeq method (one of ``_torchdiffeq.ADAPTIVE_METHODS``).
         options: Forward solver options (as for ``odeint``); ``norm`` may be a callable on the
             state tuple. Its ``jump_t`` and ``step_t`` (tensors or sequences of times) also
             apply to the backward pass.

@@ -23,7 +23,7 @@ from polyreg_cnf.engine.cnf import CNF
 from polyreg_cnf.engine.factor_grad import FactorGrad, anchor, factor_bmm
 from polyreg_cnf.engine.forward_divergence import LayerJacobian
 from polyreg_cnf.engine.nets import NONLINEARITIES, ODENet
-from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.engine.solver_config import SolverConfig
 
 __all__ = ["POSTERIORS", "AmortizedODENet", "FlowPosterior", "LayerFactors", "LowRankContext",
            "low_rank_linear"]

@@ -19,7 +19,7 @@ from polyreg_cnf.engine.forward_divergence import (
 )
 from polyreg_cnf.engine.observers import IntegrandObserver, active
 from polyreg_cnf.engine.ode import ODEBlock, per_solve_context
-from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.engine.solver_config import SolverConfig
 from polyreg_cnf.engine.trace import (
     NOISE_TYPES,
     divergence_exact,

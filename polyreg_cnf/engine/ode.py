@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from polyreg_cnf.engine.nfe import NFECounter
 from polyreg_cnf.engine.observers import observe
-from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.engine.solver_config import SolverConfig
 from polyreg_cnf.engine.solving import solve
 from polyreg_cnf.engine.strategies import AutoDecision
 

@@ -19,7 +19,7 @@ from polyreg_cnf.engine.nets import (
     ODENet,
 )
 from polyreg_cnf.engine.ode import solving_with, training_solves
-from polyreg_cnf.engine.solver import FIXED_METHODS, SolverConfig
+from polyreg_cnf.engine.solver_config import FIXED_METHODS, SolverConfig
 from polyreg_cnf.models.schedule import check_schedule
 from polyreg_cnf.models.system import FlowSystem
 

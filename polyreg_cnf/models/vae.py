@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 from polyreg_cnf.engine._checks import check_int, check_ints, check_number
 from polyreg_cnf.engine.amortized import POSTERIORS, FlowPosterior
 from polyreg_cnf.engine.cnf import standard_normal_logprob
-from polyreg_cnf.engine.solver import SolverConfig
+from polyreg_cnf.engine.solver_config import SolverConfig
 from polyreg_cnf.models.schedule import check_schedule
 from polyreg_cnf.models.system import FlowSystem
 
