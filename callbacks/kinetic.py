@@ -9,7 +9,7 @@ from polyreg_cnf.callbacks.loss_term import LossTermCallback
 from torch import Tensor
 
 from polyreg_cnf.engine._checks import check_number
-from polyreg_cnf.engine.kinetic import KineticRecorder
+from polyreg_cnf.engine.rnode import KineticRecorder
 
 __all__ = ["KineticRegularizer"]
 
@@ -21,7 +21,7 @@ class KineticRegularizer(LossTermCallback):
               + \lambda_J \int_0^T \|\partial f / \partial z\|_F^2 dt
 
     both integrated as extra ODE states (batch means) by a
-    :class:`~polyreg_cnf.engine.kinetic.KineticRecorder`, the Frobenius norm estimated with the
+    :class:`~polyreg_cnf.engine.rnode.KineticRecorder`, the Frobenius norm estimated with the
     solve's Hutchinson probe. ``reg/kinetic`` and ``reg/jacobian`` log the two integrals
     unweighted. Reference: Finlay, Jacobsen, Nurbekyan & Oberman, "How to train your neural ODE:
     the world of Jacobian and kinetic regularization", ICML 2020.

@@ -13,13 +13,13 @@ from polyreg_cnf.engine.dropin import (
     redirect_torchdiffeq,
 )
 from polyreg_cnf.engine.errors import PolyregCNFError, SolverError
-from polyreg_cnf.engine.kinetic import KineticRecorder
 from polyreg_cnf.engine.nets import ODENet
 from polyreg_cnf.engine.nfe import NFECounter, NFELimitError, collect_nfe, record_nfe, reset_nfe
 from polyreg_cnf.engine.observers import observe
 from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
 from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomial_penalty
 from polyreg_cnf.engine.recording import TrajectoryRecorder
+from polyreg_cnf.engine.rnode import KineticRecorder
 from polyreg_cnf.engine.solver_config import SolverConfig
 from polyreg_cnf.engine.solving import solve
 from polyreg_cnf.engine.strategies import Adjoint, Auto, Backprop, Direct, StepCheckpoint

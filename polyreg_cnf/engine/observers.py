@@ -6,7 +6,7 @@ and the drop-in ``odeint`` all call) asks the active observers what to do. Three
 - :class:`~polyreg_cnf.engine.nfe.NFECounter` counts function evaluations and steps;
 - :class:`~polyreg_cnf.engine.recording.TrajectoryRecorder` adds interior output times and
   records the trajectory polynomial penalty;
-- :class:`~polyreg_cnf.engine.kinetic.KineticRecorder` integrates RNODE's kinetic terms as extra
+- :class:`~polyreg_cnf.engine.rnode.KineticRecorder` integrates RNODE's kinetic terms as extra
   states of CNF solves (an :class:`IntegrandObserver`).
 
 An observer is active inside ``with observe(obs):`` (recorders are context managers themselves).
