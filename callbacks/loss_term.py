@@ -159,7 +159,7 @@ class LossTermCallback(L.Callback, StepLogging, ABC):
                 or self._added_this_step):
             return
         self._check_first_step(pl_module)
-        term = self.penalty(pl_module) / trainer.accumulate_grad_batches
+        term = self.penalty(pl_module)
         # The same transforms Lightning applied to the training_step loss, in the same order
         # (ClosureResult divides by accumulate_grad_batches, the AMP plugin then scales), so
         # the gradient reaching each term is the one a single ``loss + term`` would get.
