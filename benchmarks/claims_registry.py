@@ -187,7 +187,7 @@ def _(r: Results) -> dict[str, Value]:
 
 
 @claim("dashboards.logging_cost", "docs/dashboards.md",
-       "([benchmarks/results/logging_cost.md](../benchmarks/results/logging_cost.md), {steps}-step "
+       "(`benchmarks/results/logging_cost.md`, {steps}-step "
        "runs): logging took {cb} % ({cblo}-{cbhi}) of a training step of the authors' "
        "checkerboard configuration before this one-row logging and {ca} % ({calo}-{cahi}) after; "
        "on the VAE front door {vb} % ({vblo}-{vbhi}) and {va} % ({valo}-{vahi}), the rest being "
