@@ -159,7 +159,11 @@ class LossTermCallback(L.Callback, StepLogging, ABC):
                 or self._added_this_step):
             return
         self._check_first_step(pl_module)
-        term = self.penalty(pl_module)
+        # Computed under the precision plugin's training-step context (autocast under AMP),
+        # where a training_step adding it itself would compute it.
+        with trainer.precision_plugin.train_step_context():
+            term = self.penalty(pl_module)
+        term = term / trainer.accumulate_grad_batches
         # The same transforms Lightning applied to the training_step loss, in the same order
         # (ClosureResult divides by accumulate_grad_batches, the AMP plugin then scales), so
         # the gradient reaching each term is the one a single ``loss + term`` would get.

@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins import MixedPrecision
 from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
 from polyreg_cnf.callbacks.loss_term import LossTermCallback
 from polyreg_cnf.datamodules.toy import ToyDataModule
@@ -103,16 +104,21 @@ class Grads(L.Callback):
         self.replaced.append("training_step" in vars(pl_module))
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_penalty_gradient_is_bit_for_bit_that_of_adding_it_in_training_step(accumulate):
+@pytest.mark.parametrize("accumulate,amp", [(1, False), (2, False), (2, True)])
+def test_penalty_gradient_is_bit_for_bit_that_of_adding_it_in_training_step(accumulate, amp):
+    """With gradient accumulation, and under float16 AMP with a loss scaler (on the CPU)."""
     def run(by_hand):
         L.seed_everything(0)
         reg = PolynomialTrajectoryRegularizer(coef=5.0, num_samples=2, seed=3)
         spy = Grads()
         model = Regressor(reg, by_hand)
+        plugins = [MixedPrecision("16-mixed", "cpu",
+                                  scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))] \
+            if amp else []
         L.Trainer(callbacks=[reg, spy], max_steps=2, accumulate_grad_batches=accumulate,
-                  logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, accelerator="cpu").fit(model, regression_data())
+                  plugins=plugins, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False,
+                  accelerator="cpu").fit(model, regression_data())
         return spy, reg
 
     hook, reg = run(by_hand=False)
