@@ -186,6 +186,25 @@ def _(r: Results) -> dict[str, Value]:
             "lk": count(late, "loses"), "ln": len(late)}
 
 
+@claim("dashboards.logging_cost", "docs/dashboards.md",
+       "(`benchmarks/results/logging_cost.md`, {steps}-step "
+       "runs): logging took {cb} % ({cblo}-{cbhi}) of a training step of the authors' "
+       "checkerboard configuration before this one-row logging and {ca} % ({calo}-{cahi}) after; "
+       "on the VAE front door {vb} % ({vblo}-{vbhi}) and {va} % ({valo}-{vahi}), the rest being "
+       "its two epoch-averaged metrics (`train/recon`, `train/kl`), still logged with "
+       "`self.log`. Medians (range) of {n} paired runs each.",
+       "logging_cost.json summary.<workload>.<tree>.share, meta.{steps,repeats}")
+def _(r: Results) -> dict[str, Value]:
+    data = r("logging_cost")
+    out: dict[str, Value] = {"steps": data["meta"]["steps"], "n": data["meta"]["repeats"]}
+    for short, workload in (("c", "checkerboard"), ("v", "vae")):
+        for when, tree in (("b", "baseline"), ("a", "this")):
+            share = data["summary"][workload][tree]["share"]
+            for suffix, key in (("", "median"), ("lo", "min"), ("hi", "max")):
+                out[short + when + suffix] = pct(share[key])
+    return out
+
+
 @claim("readme.step_speed", README,
        "a whole step takes {cf}x (checkerboard), {tf}x (16-D table) and {vf}x (VAE front door), "
        "and `--divergence compiled` {cc}x, {tc}x and {vc}x, with the same NFE and test NLL; "

@@ -158,7 +158,7 @@ def memory_probe(allocated: Callable[[], int] | None = None,
                                outputs: Any, batch: Any, batch_idx: int) -> None:
             growth = int(peak()) - self._base
             rows = _batch_rows(batch)
-            blocks = [(float(b.solver.backprop.site(b).bytes_per_row or 0.0), rows,
+            blocks = [(float(b.backprop_decision.bytes_per_row or 0.0), rows,
                        int(b.nfe.forward)) for b in ode_blocks(pl_module)]
             direct = all(b.nfe.backward == 0 for b in ode_blocks(pl_module))
             self.records.append(dict(step=len(self.records), direct=direct, blocks=blocks,

@@ -7,6 +7,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from polyreg_cnf.callbacks.step_log import StepLogging, finish_step, log_step, start_step
+from typing_extensions import override
 
 from polyreg_cnf.engine.ode import ode_blocks
 from polyreg_cnf.engine.strategies import MEMORY_BOUNDED, Auto, AutoDecision, read_choice
@@ -14,7 +16,7 @@ from polyreg_cnf.engine.strategies import MEMORY_BOUNDED, Auto, AutoDecision, re
 __all__ = ["BackpropSelector", "auto_backprop_callbacks"]
 
 
-class BackpropSelector(L.Callback):
+class BackpropSelector(L.Callback, StepLogging):
     """Agrees, logs and checkpoints the decision of the model's :class:`~polyreg_cnf.Auto`
     backprop strategies.
 
@@ -46,6 +48,7 @@ class BackpropSelector(L.Callback):
         return [block.backprop_decision for block in ode_blocks(pl_module)
                 if isinstance(block.solver.backprop, Auto)]
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The model's blocks do not change during fit: find them once, not on every step.
         self._decisions = self._find(pl_module)
@@ -55,10 +58,19 @@ class BackpropSelector(L.Callback):
                 decision.agree(self.choice, self.fell_back)
             self._announce(self.choice, "restored from the checkpoint")
 
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        start_step(trainer, batch_idx)
+
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self._decisions:
-            return
+        if self._decisions:
+            self._agree(trainer, pl_module)
+        finish_step(trainer, self)
+
+    def _agree(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         fell_back = any(d.fell_back for d in self._decisions)
         wants_bound = any(d.wants_memory_bound for d in self._decisions)
         # One decision for all ranks: memory-bounded wins if any rank needs it.
@@ -74,8 +86,7 @@ class BackpropSelector(L.Callback):
             why = ("a direct solve ran out of memory; staying memory-bounded for the rest of the "
                    "run" if self.fell_back else "from the memory estimate")
             self._announce(choice, why)
-        pl_module.log("backprop/memory_bounded", float(choice == MEMORY_BOUNDED), on_step=True,
-                      on_epoch=False, batch_size=1)
+        log_step(pl_module, {"backprop/memory_bounded": float(choice == MEMORY_BOUNDED)})
 
     def _announce(self, choice: str, why: str) -> None:
         if choice != self._announced:
@@ -84,9 +95,11 @@ class BackpropSelector(L.Callback):
             rank_zero_info(f"backprop=auto: using {what} backprop ({why}).")
             self._announced = choice
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"choice": self.choice, "fell_back": self.fell_back}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         choice = state_dict.get("choice")
         self.choice = None if choice is None else read_choice(choice)

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
 from polyreg_cnf.engine import NFELimitError, PolyregCNFError, solver_failure
 
@@ -135,9 +136,11 @@ class RunGuard(L.Callback):
         except ValueError:  # not the main thread (e.g. a notebook worker): leave it alone
             return None
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._old_sigint = self._install(signal.SIGINT, self._on_sigint)
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning installs its SIGTERM handler after on_fit_start and puts back the one from
         # before the fit when the fit ends, so ours goes in here and needs no restoring.
@@ -148,12 +151,14 @@ class RunGuard(L.Callback):
             signal.signal(signal.SIGINT, self._old_sigint)
             self._old_sigint = None
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         if self._pending_rng is not None:
             _set_rng_state(self._pending_rng)
             self._pending_rng = None
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         self._rng_at_batch_end = _rng_state()
@@ -167,6 +172,7 @@ class RunGuard(L.Callback):
             return
         self._stop(trainer, got, batch_end=True)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A signal that came after the epoch's last batch-end check: stop here rather than one
         # batch into the next epoch (an epoch-end checkpoint resumes exactly).
@@ -174,9 +180,11 @@ class RunGuard(L.Callback):
         if got is not None:
             self._stop(trainer, got, batch_end=False)
 
+    @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._validating = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
 
+    @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._validating:
             return
@@ -187,6 +195,7 @@ class RunGuard(L.Callback):
         elif self._rng_at_batch_end is not None:
             _set_rng_state(self._rng_at_batch_end)
 
+    @override
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                 outputs: Any, batch: Any, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
@@ -240,6 +249,7 @@ class RunGuard(L.Callback):
                        f"with --ckpt-path last")
 
     # ------------------------------------------------------------------ numerical faults
+    @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         bad = [name for name, p in pl_module.named_parameters()
@@ -254,6 +264,7 @@ class RunGuard(L.Callback):
             f"{' ...' if len(bad) > 3 else ''}); the weights of the last good step were saved to "
             f"{self.last_good_path}. The loss or the ODE state diverged: {_HINT}.")
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
         self._restore_sigint()
@@ -275,15 +286,18 @@ class RunGuard(L.Callback):
             trainer.save_checkpoint(self.last_good_path)
             self.fault_step = trainer.global_step
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_sigint()
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.interrupted is None and self.saved_step != trainer.global_step:
             trainer.save_checkpoint(self.last_path)
             self.saved_step = trainer.global_step
 
     # ------------------------------------------------------------------ state
+    @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         if not self._validation_pending:
@@ -305,6 +319,7 @@ class RunGuard(L.Callback):
         progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
         progress["is_last_batch"] = False
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # Inside (or instead of) a validation: the streams of the batch end before it, the ones
         # the resumed run's training must continue from.
@@ -313,6 +328,7 @@ class RunGuard(L.Callback):
             return {"rng": self._rng_at_batch_end}
         return {"rng": _rng_state()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_rng = state_dict.get("rng")
 

@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 from polyreg_cnf.callbacks.loss_term import LossTermCallback
 from torch import Tensor
+from typing_extensions import override
 
 from polyreg_cnf.engine._checks import check_number
 from polyreg_cnf.engine.rnode import KineticRecorder
@@ -57,6 +58,7 @@ class KineticRegularizer(LossTermCallback):
                 f"step of {type(pl_module).__name__}: the kinetic terms are integrated along "
                 f"polyreg_cnf.CNF solves; build the flow with polyreg_cnf.CNF.")
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "kinetic_coef": self.kinetic_coef,
                 "jacobian_coef": self.jacobian_coef}

@@ -2,20 +2,21 @@
 
 A regularizer is an engine observer (:mod:`polyreg_cnf.engine.observers`), made active around
 every training step, plus the loss term this base adds: it never reaches into the model's ODE
-blocks.
+blocks, and it replaces no method of the user's module.
 """
 
 from __future__ import annotations
 
-import functools
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from contextlib import ExitStack
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from polyreg_cnf.callbacks.step_log import StepLogging, finish_step, log_step, start_step
 from torch import Tensor
+from typing_extensions import override
 
 from polyreg_cnf.engine._checks import check_number
 from polyreg_cnf.engine.observers import Observer
@@ -23,20 +24,32 @@ from polyreg_cnf.engine.observers import Observer
 __all__ = ["LossTermCallback"]
 
 
-class LossTermCallback(L.Callback):
+class LossTermCallback(L.Callback, StepLogging, ABC):
     """Adds ``coef * penalty`` to the loss that Lightning backpropagates, on training steps only.
 
-    Under automatic optimization the callback wraps the module's ``training_step`` for the
-    duration of ``fit``: the wrapped step returns ``loss + coef * penalty`` (a tensor, or the
-    ``"loss"`` entry of a dict), so Lightning's own closure scales it for gradient accumulation
-    and runs ONE backward pass. Under manual optimization nothing is wrapped; call
-    :meth:`penalty` inside ``training_step`` and add it before ``manual_backward``::
+    Under automatic optimization the term joins the loss in Lightning's documented
+    ``on_before_backward`` hook, which receives the very tensor Lightning is about to call
+    ``backward()`` on (the ``training_step`` loss divided by ``accumulate_grad_batches``, and
+    multiplied by the loss scale under 16-bit AMP). The callback adds
+    ``coef * penalty / accumulate_grad_batches`` (times the same scale) to that tensor in place, so
+    ONE backward pass carries both gradients, and each parameter's gradient is bit for bit the one
+    of ``training_step`` returning ``loss + coef * penalty``. No Lightning hook lets a callback
+    return a different loss, and a second ``backward`` of the penalty alone would need the solve's
+    graph kept (memory), run the adjoint a second time, and sum the two gradients in another
+    order; the in-place addition is the one route through a documented hook that does none of
+    that. Callbacks listed before this one, and Lightning's ``outputs["loss"]`` (a copy taken
+    before the hook), see the model's own loss; those after it, and the module's own
+    ``on_before_backward``, see the total.
+
+    Under manual optimization nothing is added; call :meth:`penalty` inside ``training_step``
+    and add it before ``manual_backward``::
 
         loss = nll + self.regularizer.penalty(self)
         self.manual_backward(loss)
 
     Subclasses make the observer that records the penalty during a training step and say how
-    its records become loss terms.
+    its records become loss terms; the abstract methods are enforced (``LossTermCallback(1.0)``
+    raises ``TypeError``).
 
     Args:
         coef: Weight of the penalty (>= 0).
@@ -50,7 +63,6 @@ class LossTermCallback(L.Callback):
         self.coef = check_number("coef", coef)
         self.steps = 0
         self.observer: Observer | None = None
-        self._wrapped: L.LightningModule | None = None
         self._step_stack: ExitStack | None = None
         self._added_this_step = False
         self._in_training_step = False
@@ -101,35 +113,35 @@ class LossTermCallback(L.Callback):
         if not terms:
             return torch.zeros((), device=pl_module.device)
         if self._in_training_step:
-            for name, (_, value) in terms.items():
-                pl_module.log(name, value.detach(), on_step=True, on_epoch=False,
-                              prog_bar=name == self.metric, batch_size=1)
+            log_step(pl_module, {name: value for name, (_, value) in terms.items()},
+                     prog_bar=(self.metric,))
         return self.coef * self.raw_penalty()
 
     # -------------------------------------------------------------- Lightning hooks
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._checked_first_step = False
         self.observer = self.make_observer(pl_module)
-        if pl_module.automatic_optimization:
-            self._wrap(pl_module)
-        else:
+        if not pl_module.automatic_optimization:
             rank_zero_info(
                 f"{type(self).__name__}: manual optimization detected; add "
                 f"`callback.penalty(self)` to the loss inside training_step before "
                 f"manual_backward, or the penalty has no effect.")
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._unwrap()
         self._close_step()
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
         self._in_training_step = False
-        self._unwrap()
         self._close_step()
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
                              batch: Any, batch_idx: int) -> None:
+        start_step(trainer, batch_idx)
         self._added_this_step = False
         self._in_training_step = True
         self._close_step()
@@ -138,6 +150,29 @@ class LossTermCallback(L.Callback):
             self._step_stack = ExitStack()
             self._step_stack.enter_context(self.observer)
 
+    @override
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           loss: Tensor) -> None:
+        # Manual optimization adds the penalty itself; a schedule may have it off this step;
+        # one backward per batch under automatic optimization, but never add twice.
+        if (not pl_module.automatic_optimization or self._step_stack is None
+                or self._added_this_step):
+            return
+        self._check_first_step(pl_module)
+        # Computed under the precision plugin's training-step context (autocast under AMP),
+        # where a training_step adding it itself would compute it.
+        with trainer.precision_plugin.train_step_context():
+            term = self.penalty(pl_module)
+        term = term / trainer.accumulate_grad_batches
+        # The same transforms Lightning applied to the training_step loss, in the same order
+        # (ClosureResult divides by accumulate_grad_batches, the AMP plugin then scales), so
+        # the gradient reaching each term is the one a single ``loss + term`` would get.
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            term = scaler.scale(term)
+        loss.add_(term.to(loss.dtype))
+
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         was_active = self._step_stack is not None
@@ -153,10 +188,13 @@ class LossTermCallback(L.Callback):
         if recorded:
             self.steps += 1
         self._clear()
+        finish_step(trainer, self)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"coef": self.coef, "steps": self.steps}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = int(state_dict.get("steps", 0))
         if state_dict.get("coef", self.coef) != self.coef:
@@ -176,33 +214,3 @@ class LossTermCallback(L.Callback):
         problem = self._nothing_to_regularize(pl_module)
         if problem is not None:
             raise ValueError(problem)
-
-    def _wrap(self, pl_module: L.LightningModule) -> None:
-        if self._wrapped is not None:
-            return
-        original = pl_module.training_step
-
-        @functools.wraps(original)
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            out = original(*args, **kwargs)
-            if out is None:  # the user skipped this batch
-                return out
-            if self._step_stack is None:  # off at this step (a schedule)
-                return out
-            self._check_first_step(pl_module)
-            if isinstance(out, Tensor):
-                return out + self.penalty(pl_module)
-            if isinstance(out, dict) and "loss" in out:
-                return {**out, "loss": out["loss"] + self.penalty(pl_module)}
-            raise TypeError(f"{type(self).__name__}: training_step must return a loss tensor or a "
-                            f"dict with 'loss', got {type(out).__name__}")
-
-        # An instance attribute shadows the method; Lightning (and its DDP wrapper) look the
-        # hook up on the instance, so this is the step they call.
-        pl_module.training_step = training_step
-        self._wrapped = pl_module
-
-    def _unwrap(self) -> None:
-        if self._wrapped is not None:
-            self._wrapped.__dict__.pop("training_step", None)
-            self._wrapped = None

@@ -7,6 +7,8 @@ from contextlib import ExitStack
 from typing import Any
 
 import lightning as L
+from polyreg_cnf.callbacks.step_log import StepLogging, finish_step, log_step, start_step
+from typing_extensions import override
 
 from polyreg_cnf.engine._checks import check_int
 from polyreg_cnf.engine.nfe import NFECounter, collect_nfe, record_nfe, reset_nfe
@@ -14,7 +16,7 @@ from polyreg_cnf.engine.nfe import NFECounter, collect_nfe, record_nfe, reset_nf
 __all__ = ["NFEMonitor"]
 
 
-class NFEMonitor(L.Callback):
+class NFEMonitor(L.Callback, StepLogging):
     """Logs NFE per training step and mean NFE per evaluation batch.
 
     Training (per step): ``nfe/forward``, ``nfe/backward``, ``nfe/total``,
@@ -28,7 +30,9 @@ class NFEMonitor(L.Callback):
     in the totals and are logged as ``nfe/odeint/forward|backward`` (the user's function object
     is left alone). Bare torchdiffeq calls are invisible.
 
-    The monitor also keeps a running summary (:meth:`summary`) that survives checkpoints.
+    The per-step values join the step's one logger row (:mod:`polyreg_cnf.callbacks.step_log`)
+    instead of costing one ``self.log`` call each. The monitor also keeps a running summary
+    (:meth:`summary`) that survives checkpoints.
 
     Args:
         per_block: Also log each block's counts.
@@ -41,7 +45,12 @@ class NFEMonitor(L.Callback):
         self.per_block = per_block
         self.window = window
         self.history: list[tuple[int, int, float]] = []  # (forward, backward, seconds) per step
+        #: Wall seconds between consecutive training batch starts (what a step costs a user:
+        #: logging, the optimizer, data loading included); intervals holding an evaluation
+        #: are left out.
+        self.intervals: list[float] = []
         self._t0 = 0.0
+        self._last_start: float | None = None
         self._eval: list[int] = []
         #: Counts of the drop-in solves of the current batch.
         self.dropin = NFECounter()
@@ -67,12 +76,18 @@ class NFEMonitor(L.Callback):
         return {**self.__dict__, "_counting": None}
 
     # ------------------------------------------------------------------ training
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
                              batch: Any, batch_idx: int) -> None:
+        start_step(trainer, batch_idx)
         reset_nfe(pl_module)
         self._count_dropin()
         self._t0 = time.perf_counter()
+        if self._last_start is not None:
+            self.intervals.append(self._t0 - self._last_start)
+        self._last_start = self._t0
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         seconds = time.perf_counter() - self._t0
@@ -96,13 +111,13 @@ class NFEMonitor(L.Callback):
             for i, block in enumerate(blocks):
                 values[f"nfe/block_{i}/forward"] = float(block["forward"])
                 values[f"nfe/block_{i}/backward"] = float(block["backward"])
-        for name, value in values.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False,
-                          prog_bar=name in ("nfe/forward", "nfe/backward"), batch_size=1)
+        log_step(pl_module, values, prog_bar=("nfe/forward", "nfe/backward"))
+        finish_step(trainer, self)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_start(self) -> None:
         self._eval = []
+        self._last_start = None  # the next interval would hold this evaluation
 
     def _eval_batch_start(self, pl_module: L.LightningModule) -> None:
         reset_nfe(pl_module)
@@ -112,6 +127,7 @@ class NFEMonitor(L.Callback):
         self._stop_counting()
         self._eval.append(int(self._collect(pl_module)["forward"]))
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
         self._stop_counting()
@@ -122,39 +138,53 @@ class NFEMonitor(L.Callback):
         mean = sum(self._eval) / len(self._eval)
         pl_module.log(name, mean, on_epoch=True, sync_dist=True, batch_size=1)
 
+    @override
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._eval_start()
 
+    @override
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                   batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_batch_start(pl_module)
 
+    @override
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                 outputs: Any, batch: Any, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
         self._eval_batch_end(pl_module)
 
+    @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._eval_end(trainer, pl_module, "val/nfe")
 
+    @override
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._eval_start()
 
+    @override
     def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                             batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_batch_start(pl_module)
 
+    @override
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                           batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_batch_end(pl_module)
 
+    @override
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._eval_end(trainer, pl_module, "test/nfe")
         self.last_test_nfe = sum(self._eval) / max(len(self._eval), 1)
 
     # ------------------------------------------------------------------ summary and state
     def summary(self) -> dict[str, float]:
-        """Mean forward/backward NFE and seconds per training step, overall and over the window."""
+        """Mean forward/backward NFE and seconds per training step, overall and over the window.
+
+        ``seconds_*`` time each step from its batch start to its batch end (the figure earlier
+        runs recorded); ``wall_seconds_*`` time it from one batch start to the next, which adds
+        what Lightning and the callbacks do between steps (logging, the optimizer, data
+        loading), evaluations left out.
+        """
         out: dict[str, float] = {"steps": float(len(self.history))}
         if not self.history:
             return out
@@ -163,10 +193,16 @@ class NFEMonitor(L.Callback):
             out[f"forward_{label}"] = sum(r[0] for r in rows) / n
             out[f"backward_{label}"] = sum(r[1] for r in rows) / n
             out[f"seconds_{label}"] = sum(r[2] for r in rows) / n
+        for label, gaps in (("mean", self.intervals), ("last", self.intervals[-self.window:])):
+            if gaps:
+                out[f"wall_seconds_{label}"] = sum(gaps) / len(gaps)
         return out
 
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history)}
+        return {"history": list(self.history), "intervals": list(self.intervals)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [tuple(r) for r in state_dict.get("history", [])]
+        self.intervals = [float(x) for x in state_dict.get("intervals", [])]

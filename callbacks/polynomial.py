@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from polyreg_cnf.callbacks.loss_term import LossTermCallback
 from torch import Tensor, nn
+from typing_extensions import override
 
 from polyreg_cnf.engine._checks import check_bool, check_int, check_optional_int
 from polyreg_cnf.engine.dropin import redirect_torchdiffeq
@@ -153,6 +154,7 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
             f"polyreg_cnf.ODEBlock / polyreg_cnf.CNF.")
 
     # ------------------------------------------------------------------ Lightning hooks
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._restored:
             seed = trainer.strategy.broadcast(self._run_seed(), src=0)
@@ -164,25 +166,29 @@ class PolynomialTrajectoryRegularizer(LossTermCallback):
             self.redirected = self._fit_stack.enter_context(
                 redirect_torchdiffeq(_model_modules(pl_module)))
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
         self._finish()
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
         self._finish()
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._unwrap()
             self._finish()
 
     # ------------------------------------------------------------------ checkpoints
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "num_samples": self.num_samples, "order": self.order,
                 "generator": self.generator.get_state()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         saved = (state_dict.get("num_samples"), state_dict.get("order"))

@@ -278,9 +278,12 @@ class Record(L.Callback):
     def __init__(self):
         self.rows = []
 
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.backprop = loss.detach().clone()  # listed after the regularizer: the total
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         m = trainer.callback_metrics
-        self.rows.append(dict(backprop=outputs["loss"].detach().clone(),
+        self.rows.append(dict(backprop=self.backprop,
                               loss=m["train/loss"].clone(),
                               neg_elbo=float(m["train/neg_elbo"]),
                               poly=m["reg/poly"].clone(), beta=float(m["train/beta"])))

@@ -553,6 +553,8 @@ def summary_lines(run: Run, test_metrics: dict[str, float] | None, wall: float,
         f"backward NFE per step:      {summary.get('backward_mean', nan):.1f} "
         f"(last {window}: {summary.get('backward_last', nan):.1f})",
         f"seconds per step:           {summary.get('seconds_mean', nan):.3f}",
+        f"wall seconds per step:      {summary.get('wall_seconds_mean', nan):.3f} "
+        f"(batch start to next batch start)",
         f"training wall time (s):     {wall:.1f}",
         f"checkpoint:                 {run.guard.last_path}{best_file}",
         f"logs:                       {run.run_dir}",

@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from typing_extensions import override
 
 __all__ = [
     "LOGGER_KINDS",
@@ -432,6 +433,7 @@ class NFEProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate)
         self.names = dict(PROGRESS_NAMES if names is None else names)
 
+    @override
     def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, int | str | float | dict]:
         """Rename the metrics shown after the bar (epoch-level ``*_epoch`` copies hidden)."""
         metrics = super().get_metrics(trainer, pl_module)

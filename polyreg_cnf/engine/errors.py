@@ -9,7 +9,7 @@ derives from the builtin its callers caught before (``ValueError``, ``RuntimeErr
     size underflow, ``max_num_steps`` exceeded, a non-finite state, an invalid solver input)
     - :class:`NFELimitError`: a forward solve needed more evaluations than ``max_nfe``
   - ``ConfigError`` (``ValueError``, :mod:`polyreg_cnf.app.config`)
-  - ``ReportError`` (``ValueError``, :mod:`polyreg_cnf.app.report`)
+  - ``ReportError`` (``ValueError``, :mod:`polyreg_cnf.app.run_log`)
   - ``CheckpointKindError`` (``ValueError``, :mod:`polyreg_cnf.models.checkpoint`)
   - ``NumericalFaultError`` (``RuntimeError``, :mod:`polyreg_cnf.callbacks.guard`)
   - ``DataFileError`` (``FileNotFoundError``, :mod:`polyreg_cnf.datamodules`)

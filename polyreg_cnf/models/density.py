@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
+from polyreg_cnf.callbacks.step_log import log_step
 from polyreg_cnf.engine._checks import check_int, check_number
 from polyreg_cnf.engine.cnf import CNF, CNFStack, standard_normal_logprob
 from polyreg_cnf.engine.nets import (
@@ -180,21 +182,23 @@ class CNFDensityEstimator(FlowSystem):
             self.flow.train(was_training)
 
     # ------------------------------------------------------------------ Lightning
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0]
         nll = -self.log_prob(x).mean()
-        self.log("train/nll", nll, on_step=True, on_epoch=False, prog_bar=True,
-                 batch_size=x.shape[0])
-        self.log("train/loss", nll, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        log_step(self, {"train/nll": nll, "train/loss": nll}, prog_bar=("train/nll",))
         return nll
 
+    @override
     def on_validation_epoch_start(self) -> None:
         self._gap_rows_seen = 0
 
+    @override
     def on_validation_epoch_end(self) -> None:
         if self._gap_rows_seen:
             self.last_solver_gap = float(self.val_solver_gap.compute())
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x = batch[0]
         log_p = self.log_prob(x)
@@ -208,6 +212,7 @@ class CNFDensityEstimator(FlowSystem):
             self.val_solver_gap.update(gap)
             self.log("val/solver_gap", self.val_solver_gap, on_epoch=True)
 
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         nll = -self.log_prob(batch[0])
         self.test_nll.update(nll)

@@ -22,7 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
+from polyreg_cnf.callbacks.step_log import log_step
 from polyreg_cnf.engine._checks import check_int, check_ints, check_number
 from polyreg_cnf.engine.amortized import POSTERIORS, FlowPosterior
 from polyreg_cnf.engine.cnf import standard_normal_logprob
@@ -380,19 +382,18 @@ class CNFVAE(FlowSystem):
         return kl_warmup(self.current_epoch, batch_idx, self.trainer.num_training_batches,
                          self.warmup_epochs)
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0]
         log_px, kl = self.elbo_terms(x)
         beta = self.kl_weight(batch_idx)
         loss = (beta * kl - log_px).mean()
         B = x.shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=B)
-        self.log("train/neg_elbo", (kl - log_px).mean().detach(), on_step=True, on_epoch=False,
-                 prog_bar=True, batch_size=B)
+        log_step(self, {"train/loss": loss, "train/neg_elbo": (kl - log_px).mean(),
+                        "train/beta": beta}, prog_bar=("train/neg_elbo",))
         self.log("train/recon", -log_px.mean().detach(), on_step=False, on_epoch=True,
                  batch_size=B)
         self.log("train/kl", kl.mean().detach(), on_step=False, on_epoch=True, batch_size=B)
-        self.log("train/beta", beta, on_step=True, on_epoch=False, batch_size=B)
         return loss
 
     def _evaluate(self, x: Tensor, samples: int) -> tuple[Tensor, Tensor | None]:
@@ -406,6 +407,7 @@ class CNFVAE(FlowSystem):
             log_px, kl = self.elbo_terms(x.clone())
             return kl - log_px, None
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         neg_elbo, nll = self._evaluate(batch[0], self.val_is_samples)
         self.val_neg_elbo.update(neg_elbo)
@@ -413,6 +415,7 @@ class CNFVAE(FlowSystem):
         self.log("val/neg_elbo", self.val_neg_elbo, on_epoch=True)
         self.log("val/nll", self.val_nll, on_epoch=True, prog_bar=True)
 
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         neg_elbo, nll = self._evaluate(batch[0], self.is_samples)
         self.test_neg_elbo.update(neg_elbo)
