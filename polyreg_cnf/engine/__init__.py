@@ -12,6 +12,7 @@ from polyreg_cnf.engine.dropin import (
     odeint_checkpoint,
     redirect_torchdiffeq,
 )
+from polyreg_cnf.engine.flow_config import FlowConfig
 from polyreg_cnf.engine.kinetic import KineticRecorder
 from polyreg_cnf.engine.nets import ODENet
 from polyreg_cnf.engine.nfe import NFECounter, NFELimitError, collect_nfe, record_nfe, reset_nfe
@@ -30,6 +31,7 @@ __all__ = [
     "Backprop",
     "CNFStack",
     "Direct",
+    "FlowConfig",
     "KineticRecorder",
     "NFECounter",
     "NFELimitError",

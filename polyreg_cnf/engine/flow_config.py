@@ -7,7 +7,8 @@ VAE's :class:`~polyreg_cnf.engine.amortized.FlowPosterior`, the LightningModules
 line (whose ``network`` flags are these fields, help text and choices included) all read it.
 
 Adding a flow option is one field here (default, help, choices or bound) and the code that uses
-it: the ``train.py`` flag, its check, the YAML config files and the checkpoints follow.
+it (:class:`~polyreg_cnf.engine.cnf.CNF` for a block setting): the ``train.py`` flag, its
+``--help`` line, its checks, the YAML config files and the checkpoints follow.
 """
 
 from __future__ import annotations
@@ -109,11 +110,15 @@ class FlowConfig:
         check_int("num_blocks", self.num_blocks)
         put("T", check_number("T", self.T, strict=True))
         check_bool("train_T", self.train_T)
+        # Every field's choices and lower bound (from its metadata, which the command line
+        # reads too): a new field needs no check of its own here.
         for f in dataclasses.fields(self):
-            choices = f.metadata["choices"]
-            if choices is not None and getattr(self, f.name) not in choices:
-                raise ValueError(f"unknown {f.name} {getattr(self, f.name)!r}; valid: "
-                                 f"{', '.join(choices)}")
+            value, meta = getattr(self, f.name), f.metadata
+            if meta["choices"] is not None and value not in meta["choices"]:
+                raise ValueError(f"unknown {f.name} {value!r}; valid: "
+                                 f"{', '.join(meta['choices'])}")
+            if meta["low"] is not None and value is not None:
+                check_number(f.name, value, meta["low"], meta["strict"])
 
     def widths(self, dim: int) -> tuple[int, ...]:
         """The hidden widths of a net over ``dim`` dimensions.
