@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["RESULTS", "ROOT", "Study", "UsageError", "command", "cpu_name", "figure",
-           "git_commit", "machine", "main", "median_range", "save_figure", "spread", "table",
+           "git", "git_commit", "machine", "main", "median_range", "save_figure", "spread", "table",
            "train_py", "verdict", "versions", "write_json", "write_report"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,14 +43,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_commit(default: str | None = "?") -> str | None:
-    """Short hash of the checkout's HEAD, ``default`` outside a git checkout."""
+def git(tree: Path, *args: str, default: str | None = "?") -> str | None:
+    """What ``git args`` prints in ``tree`` (stripped), ``default`` where git answers nothing."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True,
+                             timeout=10)
     except (OSError, subprocess.SubprocessError):
         return default
     return out.stdout.strip() or default
+
+
+def git_commit(default: str | None = "?") -> str | None:
+    """Short hash of the checkout's HEAD, ``default`` outside a git checkout."""
+    return git(ROOT, "rev-parse", "--short", "HEAD", default=default)
 
 
 def versions(commit_default: str | None = "?") -> dict[str, str | None]:
@@ -95,19 +100,19 @@ def train_py(argv: Sequence[str], cwd: Path, timeout: float = 1800,
     return proc, float(wall.group(1)) if wall else float("nan")
 
 
-def write_json(path: Path, payload: Any) -> None:
+def write_json(path: Path, payload: Any, indent: int | None = 1) -> None:
     """Write ``payload`` to ``path`` atomically (a stopped write leaves the old file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.part")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.write_text(json.dumps(payload, indent=indent) + "\n")
     os.replace(tmp, path)
 
 
 def write_report(out: Path, payload: dict[str, Any],
-                 render: Callable[[dict[str, Any]], str]) -> str:
+                 render: Callable[[dict[str, Any]], str], indent: int | None = 1) -> str:
     """The report path: ``out``.json holds the payload, ``out``.md its rendering; returns it."""
     out = Path(out)
-    write_json(out.with_suffix(".json"), payload)
+    write_json(out.with_suffix(".json"), payload, indent)
     text = render(payload)
     out.with_suffix(".md").write_text(text)
     return text
@@ -190,6 +195,7 @@ class Study:
         arguments: Adds the study's own flags to the parser.
         report: Parsed arguments -> the default report path without suffix (default:
             ``results/<name>``).
+        indent: The JSON's indentation (None: one line, for long per-step arrays).
     """
 
     name: str
@@ -198,6 +204,7 @@ class Study:
     render: Callable[[dict[str, Any]], str]
     arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
     report: Callable[[argparse.Namespace], Path] | None = None
+    indent: int | None = 1
 
     def main(self, argv: Sequence[str] | None = None) -> int:
         """``python -m benchmarks.<name>``: :func:`main` of this study."""
@@ -231,7 +238,7 @@ def main(study: Study, argv: Sequence[str] | None = None) -> int:
         payload = study.measure(args)
     except UsageError as err:
         parser.error(str(err))
-    print(write_report(args.out, payload, study.render))
+    print(write_report(args.out, payload, study.render, study.indent))
     return int(payload.get("meta", {}).get("exit_status", 0))
 
 

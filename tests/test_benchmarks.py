@@ -537,15 +537,34 @@ def test_smoke_data_cache(tmp_path: Path) -> None:
     assert payload["split_shapes"]["train"][0] > 0 and payload["cache_MiB"] > 0
 
 
-def test_smoke_run_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from benchmarks import run_one
+def test_identity_finds_a_tree_identical_to_itself_and_one_ulp_of_difference(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The documented command on this tree against itself: two processes, 2 steps of one arm.
+    from benchmarks import identity
 
-    monkeypatch.setenv("STEPS", "2")
-    assert run_one.main([str(tmp_path / "o.json"), "tpr_fast:0"]) == 0
-    out = json.loads((tmp_path / "o.json").read_text())["tpr_fast:0"]
-    assert len(out["nfe_per_step"]["forward"]) == 2 and out["backward_nfe"] == 0
-    with pytest.raises(SystemExit, match="ARM one of"):
-        run_one.main([str(tmp_path / "o.json"), "nope:0"])
+    tree = str(BENCHMARKS.parent)
+    argv = ["--base-tree", tree, "--base-python", sys.executable, "--head-tree", tree,
+            "--steps", "2", "--seeds", "0", "--arms", "tpr_fast"]
+    payload = _smoke(identity, argv, tmp_path / "same")
+    [run] = payload["runs"]
+    assert len(run["head"]["loss"]) == len(run["head"]["forward_nfe"]) == 2
+    assert run["base"] == {**run["head"], "seconds": run["base"]["seconds"]}
+    assert payload["meta"]["exit_status"] == 0 and "| tpr_fast:0 | yes |" in identity.render(
+        payload)
+    # One unit in the last place of one step's loss, then a step less of forward NFE: found,
+    # named with its step, and the exit status says so.
+    head = run["head"]
+    nudged = {**head, "loss": [head["loss"][0], math.nextafter(head["loss"][1], math.inf)]}
+    assert identity.compare(run["base"], nudged) == {
+        "loss": {"step": 1, "base": head["loss"][1], "head": nudged["loss"][1]}}
+    assert identity.compare(run["base"], {**head, "forward_nfe": head["forward_nfe"][:1]}) == {
+        "forward_nfe": {"step": 1, "base": head["forward_nfe"][1], "head": None}}
+    monkeypatch.setattr(identity, "record", lambda trees, specs, steps: {
+        "base": {"tpr_fast:0": run["base"]}, "head": {"tpr_fast:0": nudged}})
+    assert identity.STUDY.main([*argv, "--out", str(tmp_path / "nudged")]) == 1
+    assert "| tpr_fast:0 | no | loss at step 1 |" in (tmp_path / "nudged.md").read_text()
+    with pytest.raises(SystemExit):
+        identity.STUDY.main([*argv[:4], "--arms", "nope"])
 
 
 @pytest.mark.slow

@@ -1,0 +1,217 @@
+"""Train the quick suite's runs with two trees and compare them bit for bit, step by step.
+
+    python -m benchmarks.identity --base-tree OLD --base-python OLD/.venv/bin/python \\
+        [--head-tree . --head-python .venv/bin/python] [--steps 200] [--seeds 0 1 2] \\
+        [--arms ...] [--out benchmarks/results/refactor_identity]
+
+Each tree trains every arm x seed of the quick suite (checkerboard, benchmarks/run.py) with its
+own interpreter, engine and benchmarks/harness.py, one process per tree, both at once. Kept of
+each run: the training loss and the forward and backward NFE of every step, the validation NLLs,
+test NLL, test NFE, test NLL at the training tolerance and a hash of the final weights. Each
+field is compared for exact equality (floats bit for bit); the report names the first step where
+a field differs. Exit status 1 when any field differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+from benchmarks.common import UsageError, table
+
+__all__ = ["FIELDS", "RUNNER", "STUDY", "compare", "main", "record"]
+
+#: What is compared, per run: per-step arrays first, then the figures of the finished run.
+FIELDS = ("loss", "forward_nfe", "backward_nfe", "val_nll", "test_nll", "test_nfe",
+          "test_nll_at_train_tol", "weights_sha256")
+
+#: Run by each tree's interpreter with ``python -c`` in the tree (argv: OUT STEPS ARM:SEED...).
+#: It uses only what benchmarks/harness.py has offered since before benchmarks was a package
+#: (ARMS, WORKLOADS, run_one, build), so a tree older than this module (4156f03) runs it too.
+RUNNER = r'''
+import dataclasses, hashlib, json, os, sys, tempfile
+tree = os.getcwd()
+if not os.path.exists("benchmarks/__init__.py"):
+    sys.path.append(os.path.join(tree, "benchmarks"))  # its studies import each other by bare name
+import polyreg_cnf, torch
+from benchmarks import harness
+if not os.path.realpath(polyreg_cnf.__file__).startswith(os.path.realpath(tree) + os.sep):
+    sys.exit(f"{sys.executable} imports polyreg_cnf from {polyreg_cnf.__file__}, not from {tree}")
+
+class Losses(harness.L.Callback):
+    def __init__(self):
+        self.values = []
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.values.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+build, out, steps = harness.build, {}, int(sys.argv[2])
+work = harness.WORKLOADS["checkerboard"]  # with the quick suite's validation interval
+work = dataclasses.replace(work, steps=steps, eval_every=max(1, min(work.eval_every, steps // 4)))
+for spec in sys.argv[3:]:
+    arm, seed = spec.split(":")
+    losses = Losses()
+    harness.build = lambda config, callbacks=(), **kw: build(
+        config, callbacks=[*callbacks, losses], **kw)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.pt")
+        run = harness.run_one(work, harness.ARMS[arm], int(seed), steps=steps, model_path=path)
+        weights = torch.load(path)["state_dict"]
+    digest = hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights)))
+    out[spec] = {"loss": losses.values, "forward_nfe": run["nfe_per_step"]["forward"],
+                 "backward_nfe": run["nfe_per_step"]["backward"],
+                 "val_nll": [c[2] for c in run["val_curve"]], "test_nll": run["test_nll"],
+                 "test_nfe": run["test_nfe"], "test_nll_at_train_tol": run["test_nll_at_train_tol"],
+                 "weights_sha256": digest.hexdigest(), "seconds": run["run_wall_seconds"]}
+    with open(sys.argv[1], "w") as handle:
+        json.dump(out, handle)
+    print(tree, spec, run["total_nfe"], run["test_nll"], flush=True)
+'''
+
+
+def _tree(tree: Path, python: Path) -> dict[str, Any]:
+    """Where a tree is, its interpreter, its commit and whether it has uncommitted changes."""
+    if not (tree / "benchmarks" / "harness.py").is_file():
+        raise UsageError(f"{tree} has no benchmarks/harness.py: not a polyreg-cnf tree")
+    if not os.access(python, os.X_OK):
+        raise UsageError(f"{python} is not an executable interpreter")
+    dirty = common.git(tree, "status", "--porcelain", "--untracked-files=no", default="")
+    return {"tree": str(tree), "python": str(python), "commit": common.git(tree, "rev-parse",
+            "--short", "HEAD"), "uncommitted_changes": bool(dirty)}
+
+
+def record(trees: dict[str, dict[str, Any]], specs: list[str], steps: int
+           ) -> dict[str, dict[str, Any]]:
+    """Train ``specs`` (``ARM:SEED``) for ``steps`` in each tree at once; each tree's runs."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # each tree imports its own
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = {side: subprocess.Popen([t["python"], "-c", RUNNER, f"{tmp}/{side}.json",
+                                         str(steps), *specs], cwd=t["tree"], env=env)
+                 for side, t in trees.items()}
+        try:
+            for side, proc in procs.items():
+                if proc.wait():
+                    raise RuntimeError(f"the {side} tree ({trees[side]['tree']}) exited "
+                                       f"{proc.returncode}")
+        finally:  # one tree failed: the other's runs would be compared with nothing
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+        return {side: json.loads(Path(f"{tmp}/{side}.json").read_text()) for side in trees}
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a)
+                      and math.isnan(b))
+
+
+def compare(base: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
+    """Field by field, what differs between two runs: ``{}`` when they are bit-identical.
+
+    A differing array maps to its first differing index and both values there (the index is
+    the length of the shorter one when one array only extends the other); a figure, to both.
+
+    Example:
+        >>> compare({"loss": [1.0, 2.0], "test_nfe": 26}, {"loss": [1.0, 2.5], "test_nfe": 26})
+        {'loss': {'step': 1, 'base': 2.0, 'head': 2.5}}
+    """
+    out = {}
+    for field in FIELDS:
+        a, b = base.get(field), head.get(field)
+        if isinstance(a, list) and isinstance(b, list):
+            step = next((i for i, (x, y) in enumerate(zip(a, b)) if not _same(x, y)),
+                        None if len(a) == len(b) else min(len(a), len(b)))
+            if step is not None:
+                out[field] = {"step": step, "base": a[step] if step < len(a) else None,
+                              "head": b[step] if step < len(b) else None}
+        elif not _same(a, b):
+            out[field] = {"base": a, "head": b}
+    return out
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's flags."""
+    from benchmarks.run import SUITES
+
+    quick = SUITES["quick"]
+    parser.add_argument("--base-tree", type=Path, required=True)
+    parser.add_argument("--base-python", type=Path, required=True)
+    parser.add_argument("--head-tree", type=Path, default=common.ROOT)
+    parser.add_argument("--head-python", type=Path, default=Path(sys.executable))
+    parser.add_argument("--steps", type=int, default=quick["workloads"]["checkerboard"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(quick["seeds"]))
+    parser.add_argument("--arms", nargs="+", default=list(quick["arms"]))
+    parser.add_argument("--note", default="", help="what explains the result (in the report)")
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Both trees' runs, and the exit status (1 when any run differs)."""
+    from benchmarks.harness import ARMS
+
+    if unknown := sorted(set(args.arms) - set(ARMS)):
+        raise UsageError(f"unknown arms {unknown}; allowed: {', '.join(ARMS)}")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    trees = {"base": _tree(args.base_tree.resolve(), args.base_python.absolute()),
+             "head": _tree(args.head_tree.resolve(), args.head_python.absolute())}
+    specs = [f"{arm}:{seed}" for arm in args.arms for seed in args.seeds]
+    runs = record(trees, specs, args.steps)
+    differ = any(compare(runs["base"][s], runs["head"][s]) for s in specs)
+    return {"meta": {"command": args.command, "machine": common.machine(), "steps": args.steps,
+                     **trees, "note": args.note, "exit_status": int(differ)},
+            "runs": [{"run": s, "base": runs["base"][s], "head": runs["head"][s]}
+                     for s in specs]}
+
+
+def render(payload: dict[str, Any]) -> str:
+    """The verdict per run, with the first difference and the summary figures of both trees."""
+    meta, runs = payload["meta"], payload["runs"]
+    diffs = [compare(r["base"], r["head"]) for r in runs]
+    name = {side: f"`{meta[side]['commit']}`"
+            + (" with uncommitted changes" if meta[side]["uncommitted_changes"] else "")
+            for side in ("base", "head")}
+    rows = []
+    for r, diff in zip(runs, diffs):
+        first = next(iter(diff), None)
+        where = "" if first is None else f"{first}" + (
+            f" at step {diff[first]['step']}" if "step" in diff[first] else "")
+        b, h = r["base"], r["head"]
+        rows.append([r["run"], "no" if diff else "yes", where,
+                     f"{sum(b['forward_nfe']) + sum(b['backward_nfe'])} / "
+                     f"{sum(h['forward_nfe']) + sum(h['backward_nfe'])}",
+                     f"{b['test_nll']:.10f} / {h['test_nll']:.10f}"])
+    same = sum(not d for d in diffs)
+    return "\n".join([
+        f"# {'Identical' if same == len(runs) else 'Not identical'}: "
+        f"{same} of {len(runs)} quick-suite runs, two trees",
+        "",
+        f"Base {name['base']} ({meta['base']['tree']}), head {name['head']} "
+        f"({meta['head']['tree']}); checkerboard, {meta['steps']} steps, each tree with its own "
+        f"interpreter, engine and harness; {meta['machine']['cpu']}, {meta['machine']['date']}.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "Compared for exact equality (floats bit for bit): the training loss and the forward "
+        "and backward NFE of every step, the validation NLLs, test NLL, test NFE, test NLL at "
+        "the training tolerance and the SHA-256 of the final weights.",
+        "",
+        *([meta["note"], ""] if meta["note"] else []),
+        *table(["run", "identical", "first difference", "NFE of all steps (base / head)",
+                "test NLL (base / head)"], rows, align="llrrr"),
+        ""])
+
+
+STUDY = common.Study("identity", __doc__, measure, render, arguments,
+                     report=lambda args: common.RESULTS / "refactor_identity", indent=None)
+
+main = STUDY.main
+
+if __name__ == "__main__":
+    sys.exit(main())
