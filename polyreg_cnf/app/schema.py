@@ -29,7 +29,6 @@ import lightning as L
 
 from polyreg_cnf.app.groups import (
     DataOptions,
-    FlowOptions,
     HardwareOptions,
     KineticOptions,
     OdeOptions,
@@ -78,7 +77,7 @@ class RunConfig:
                                        "an image set for --model vae, or a path to your own "
                                        "table (.npy, .npz, .csv, .h5)")
     source: DataOptions = field(default_factory=DataOptions)
-    flow: FlowOptions = field(default_factory=FlowOptions)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     vae: VAEOptions = field(default_factory=VAEOptions)
     ode: OdeOptions = field(default_factory=OdeOptions)
     poly: PolyOptions = field(default_factory=PolyOptions)
