@@ -98,3 +98,8 @@ def test_no_preset_restates_the_solver_or_the_blocks_defaults():
         config = resolve({"model": model, "data": data})
         assert config.ode.atol == SolverConfig().atol
         assert config.flow.trace == FlowConfig().trace
+
+
+def test_the_solver_flags_default_to_solverconfig():
+    assert resolve({}).solver().to_dict() == SolverConfig().to_dict()
+    assert resolve({"model": "vae"}).solver().to_dict() == SolverConfig().to_dict()
