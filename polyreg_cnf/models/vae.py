@@ -194,6 +194,18 @@ class CNFVAE(FlowSystem):
         **flow_fields: Fields of ``flow`` as flat keywords (``hidden_dims=(64,), T=0.5``), over
             ``flow``'s: the constructor of release 0.2 took them so, and its checkpoints load
             through them.
+
+    Example:
+        A small posterior: flat flow fields go over :attr:`default_flow` (``flow=`` replaces it
+        whole):
+
+        >>> vae = CNFVAE((1, 8, 8), z_dim=4, rank=2, feature_dim=16, mlp_hidden=32,
+        ...              hidden_dims=(16,), num_blocks=1)
+        >>> vae.architecture, vae.flow_config.T  # MLP below 16 x 16; default_flow's T
+        ('mlp', 0.5)
+        >>> log_px, kl = vae.elbo_terms(torch.rand(3, 64).round())
+        >>> log_px.shape, kl.shape
+        (torch.Size([3]), torch.Size([3]))
     """
 
     optimizer = torch.optim.Adamax
