@@ -7,7 +7,8 @@ VAE's :class:`~polyreg_cnf.engine.amortized.FlowPosterior`, the LightningModules
 line (whose ``network`` flags are these fields, help text and choices included) all read it.
 
 Adding a flow option is one field here (default, help, choices or bound) and the code that uses
-it (:class:`~polyreg_cnf.engine.cnf.CNF` for a block setting): the ``train.py`` flag, its
+it (:class:`~polyreg_cnf.engine.cnf.CNF` for a block setting, :meth:`FlowConfig.make_net` and
+:class:`~polyreg_cnf.engine.nets.ODENet` for a network one): the ``train.py`` flag, its
 ``--help`` line, its checks, the YAML config files and the checkpoints follow.
 """
 
@@ -25,6 +26,7 @@ from polyreg_cnf.engine.nets import (
     DEFAULT_NONLINEARITY,
     LAYER_TYPES,
     NONLINEARITIES,
+    ODENet,
 )
 from polyreg_cnf.engine.trace import NOISE_TYPES
 
@@ -133,6 +135,10 @@ class FlowConfig:
                              f"hidden_dims=None, hdim_factor={self.hdim_factor!r}, "
                              f"nhidden={self.nhidden!r}")
         return (self.hdim_factor * dim,) * self.nhidden
+
+    def make_net(self, dim: int) -> ODENet:
+        """The vector field of one block over ``dim`` dimensions: the network fields' ODENet."""
+        return ODENet(dim, self.widths(dim), self.layer_type, self.nonlinearity)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (widths as a list): what a checkpoint's hyperparameters hold."""

@@ -13,7 +13,6 @@ from torchmetrics import MeanMetric
 from polyreg_cnf.engine._checks import check_int, check_number
 from polyreg_cnf.engine.cnf import CNF, CNFStack, standard_normal_logprob
 from polyreg_cnf.engine.flow_config import FlowConfig
-from polyreg_cnf.engine.nets import ODENet
 from polyreg_cnf.engine.ode import solving_with, training_solves
 from polyreg_cnf.engine.solver import FIXED_METHODS, SolverConfig
 from polyreg_cnf.models.schedule import check_schedule
@@ -100,8 +99,7 @@ class CNFDensityEstimator(FlowSystem):
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.dim = dim
-        self.flow = CNFStack([CNF(ODENet(dim, flow.hidden_dims, flow.layer_type, flow.nonlinearity),
-                                  flow, solver)
+        self.flow = CNFStack([CNF(flow.make_net(dim), flow, solver)
                               for _ in range(flow.num_blocks)])
         mean = torch.zeros(dim) if data_mean is None else torch.as_tensor(data_mean).float()
         std = torch.ones(dim) if data_std is None else torch.as_tensor(data_std).float()
