@@ -117,8 +117,8 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     from polyreg_cnf.datamodules.images import make_datamodule
 
-    from polyreg_cnf.app.presets import VAE_PRESETS
-    from polyreg_cnf.models.vae import build_vae
+    from polyreg_cnf.app.build import make_model
+    from polyreg_cnf.app.config import resolve
 
     preset_name, dm_name, full_test = SIZES[args.size]
     out: dict[str, Any] = {"size": args.size, "backprop": args.backprop,
@@ -130,9 +130,9 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         dm = make_datamodule(dm_name, root, batch_size=100)
         dm.prepare_data()
         dm.setup("fit")
-        preset = dict(VAE_PRESETS[preset_name], backprop=args.backprop)
+        config = resolve({"model": "vae", "data": preset_name, "backprop": args.backprop})
         torch.manual_seed(0)
-        model = build_vae(dm.image_shape, dm.likelihood, **preset)
+        model = make_model(config, dm)
         out["parameters"] = sum(p.numel() for p in model.parameters())
         out["context_per_sample"] = sum(h.out_features for h in model.flow.heads)
         opt = torch.optim.Adamax(model.parameters(), lr=model.lr)

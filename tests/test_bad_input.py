@@ -20,8 +20,7 @@ from polyreg_cnf import (
     sample_penalty_times,
     trajectory_polynomial_penalty,
 )
-from polyreg_cnf.models import CNFDensityEstimator
-from polyreg_cnf.models.vae import build_vae
+from polyreg_cnf.models import CNFVAE, CNFDensityEstimator
 
 OK = np.zeros((4, 2), dtype=np.float32)
 
@@ -109,8 +108,8 @@ CASES = [
      "std > 0"),
     ("model input", lambda p: CNFDensityEstimator(2).log_prob(torch.zeros(3, 5)), ValueError,
      "expected a batch of shape (B, 2), got (3, 5)"),
-    ("vae option", lambda p: build_vae((1, 8, 8), "bernoulli", zdim=4), TypeError, "zdim"),
-    ("vae likelihood", lambda p: build_vae((1, 8, 8), "gaussian"), ValueError, "gaussian"),
+    ("vae option", lambda p: CNFVAE((1, 8, 8), "bernoulli", zdim=4), TypeError, "zdim"),
+    ("vae likelihood", lambda p: CNFVAE((1, 8, 8), "gaussian"), ValueError, "gaussian"),
 ]
 
 

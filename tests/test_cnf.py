@@ -325,7 +325,7 @@ def test_solver_config_rejects_bad_values(kwargs, match):
 @pytest.mark.parametrize("build,match", [
     (lambda: CNF(ODENet(2), trace="exakt"), "unknown trace 'exakt'"),
     (lambda: CNF(ODENet(2), noise="uniform"), "unknown noise 'uniform'"),
-    (lambda: CNF(ODENet(2), T=0), "T must be a number > 0, got 0"),
+    (lambda: CNF(ODENet(2), T=0), "T must be a finite number > 0, got 0"),
     (lambda: ODENet(2, layer_type="squash"), "unknown layer_type 'squash'"),
     (lambda: ODENet(2, nonlinearity="gelu"), "unknown nonlinearity 'gelu'"),
     (lambda: ODENet(0), "dim must be a positive int, got 0"),

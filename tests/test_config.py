@@ -49,7 +49,7 @@ def parse(argv):
 
 
 def options():
-    return C._OPTIONS
+    return C.OPTIONS
 
 
 # ------------------------------------------------------------------------------ choices
@@ -355,7 +355,7 @@ def test_build_makes_the_callbacks_and_loggers_the_config_asks_for(reg, cls, tmp
     assert _types(run.trainer.loggers) == [CSVLogger]
     assert (run.trainer.max_steps, run.trainer.val_check_interval) == (9, 3)
     assert run.trainer.progress_bar_callback is None
-    assert run.model.solver.atol == 1e-3 and run.model.hparams["hidden_dims"] == [8]
+    assert run.model.solver.atol == 1e-3 and run.model.hparams["flow"]["hidden_dims"] == [8]
     assert yaml.safe_load((run.run_dir / "config.yaml").read_text())["reg"] == reg
 
 
@@ -390,7 +390,7 @@ def test_build_sizes_tabular_networks_from_the_data(tmp_path):
     config = resolve({"data": str(path), "accelerator": "cpu", "logger": "none",
                       "output_dir": str(tmp_path / "runs")})
     run = build(config)
-    assert run.model.hparams["hidden_dims"] == [30, 30]  # hdim_factor 10 x D=3, nhidden 2
+    assert run.model.hparams["flow"]["hidden_dims"] == [30, 30]  # hdim_factor 10 x D=3, nhidden 2
     assert run.model.data_mean.shape == (3,)
 
 
@@ -469,7 +469,8 @@ def test_a_directly_built_model_resolves_the_settings_train_py_does(model, data,
         direct = CNFVAE(shape, "bernoulli")
     assert _plain(built.hparams) == _plain(direct.hparams)
     for hparams in (_plain(built.hparams), _plain(direct.hparams)):
-        assert {k: hparams[k] for k in PUBLISHED[model]} == PUBLISHED[model]
+        given = {**hparams, **hparams["flow"]}
+        assert {k: given[k] for k in PUBLISHED[model]} == PUBLISHED[model]
         # the tolerances in force: 1e-4 while training, 1e-5 in evaluation (paper), dopri5
         assert {k: hparams["solver"][k] for k in ("method", "atol", "rtol", "eval_atol",
                                                   "eval_rtol")} == \

@@ -86,7 +86,7 @@ def stack():
 
 
 def posterior(kind):
-    return lambda: Conditioned(FlowPosterior(kind, D, FEATURES, (8,), rank=2,
+    return lambda: Conditioned(FlowPosterior(kind, D, FEATURES, hidden_dims=(8,), rank=2,
                                              nonlinearity="softplus", num_blocks=2, T=0.5,
                                              solver=SOLVER, trace="exact")).double()
 

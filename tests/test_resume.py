@@ -338,7 +338,7 @@ def test_checkpoint_from_before_the_layout_change_loads():
     old = torch.load(OLD_CKPT, weights_only=True)  # plain values only: no old module paths
     assert old["global_step"] == 2 and old["polyreg_cnf"]["model"] == "cnf"
     model = CNFDensityEstimator.load_from_checkpoint(OLD_CKPT)
-    assert model.hparams["hidden_dims"] == [8, 8] and model.solver.atol == 1e-3
+    assert model.hparams["flow"]["hidden_dims"] == [8, 8] and model.solver.atol == 1e-3
     for key, value in old["state_dict"].items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
     logp = model.eval().log_prob(torch.zeros(3, 2))

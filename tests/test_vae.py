@@ -3,6 +3,7 @@ the regularizer callback unchanged, and DDP."""
 
 import math
 import os
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -12,12 +13,12 @@ from polyreg_cnf.callbacks import NFEMonitor, PolynomialTrajectoryRegularizer
 from polyreg_cnf.datamodules.images import DigitsDataModule
 
 from polyreg_cnf import SolverConfig, TrajectoryRecorder
-from polyreg_cnf.app.presets import VAE_PRESETS
+from polyreg_cnf.app.build import make_model
+from polyreg_cnf.app.config import resolve
 from polyreg_cnf.engine.amortized import AmortizedODENet, FlowPosterior, low_rank_linear
 from polyreg_cnf.models.vae import (
     CNFVAE,
     bernoulli_log_prob,
-    build_vae,
     categorical256_log_prob,
     kl_warmup,
 )
@@ -365,20 +366,26 @@ def test_ddp_spawn_two_processes_keep_identical_weights(tmp_path):
 
 
 # ---------------------------------------------------------------------------- factory
+def _from_preset(name, shape, likelihood, **options):
+    """The model ``train.py --model vae --data NAME`` builds, for images of ``shape``."""
+    config = resolve({"model": "vae", "data": name, **options})
+    return make_model(config, SimpleNamespace(image_shape=shape, likelihood=likelihood))
+
+
 def test_presets_hold_the_published_settings():
-    table = {"mnist": (64, [1024, 1024], 2, "softplus"),
-             "static_mnist": (64, [1024, 1024], 2, "softplus"),
-             "omniglot": (20, [512, 512], 5, "softplus"),
-             "freyfaces": (20, [512, 512], 2, "softplus"),
-             "caltech": (20, [2048], 1, "tanh")}
+    table = {"mnist": (64, (1024, 1024), 2, "softplus"),
+             "static_mnist": (64, (1024, 1024), 2, "softplus"),
+             "omniglot": (20, (512, 512), 5, "softplus"),
+             "freyfaces": (20, (512, 512), 2, "softplus"),
+             "caltech": (20, (2048,), 1, "tanh")}
     for name, (rank, dims, blocks, act) in table.items():
-        p = VAE_PRESETS[name]
-        assert (p["rank"], p["hidden_dims"], p["num_blocks"], p["nonlinearity"]) == \
+        c = resolve({"model": "vae", "data": name})
+        assert (c.vae.rank, c.flow.hidden_dims, c.flow.num_blocks, c.flow.nonlinearity) == \
             (rank, dims, blocks, act), name
-        assert (p["z_dim"], p["T"], p["lr"], p["batch_size"], p["warmup_epochs"],
-                p["feature_dim"]) == (64, 0.5, 5e-4, 100, 100, 256), name
-        assert (p["atol"], p["eval_atol"]) == (1e-4, 1e-5)
-    model = build_vae((1, 8, 8), "bernoulli", **VAE_PRESETS["digits"])
+        assert (c.vae.z_dim, c.flow.T, c.training.lr, c.training.batch_size,
+                c.vae.warmup_epochs, c.vae.feature_dim) == (64, 0.5, 5e-4, 100, 100, 256), name
+        assert (c.ode.atol, c.ode.eval_atol) == (1e-4, 1e-5)
+    model = _from_preset("digits", (1, 8, 8), "bernoulli")
     assert model.hparams["solver"]["atol"] == 1e-4
     assert model.hparams["solver"]["eval_atol"] == 1e-5
     assert isinstance(model.configure_optimizers(), torch.optim.Adamax)
@@ -389,7 +396,7 @@ def test_presets_hold_the_published_settings():
     ("mnist", (1, 28, 28), "bernoulli"), ("omniglot", (1, 28, 28), "bernoulli"),
     ("freyfaces", (1, 28, 20), "categorical256"), ("caltech", (1, 28, 28), "bernoulli")])
 def test_published_presets_build_and_run(name, shape, likelihood):
-    model = build_vae(shape, likelihood, **VAE_PRESETS[name])
+    model = _from_preset(name, shape, likelihood)
     x = torch.rand(2, math.prod(shape)).round()
     log_px, kl = model.elbo_terms(x)
     assert log_px.shape == kl.shape == (2,)
@@ -402,13 +409,13 @@ def test_published_presets_build_and_run(name, shape, likelihood):
     assert ((mean_image >= 0) & (mean_image <= 1)).all()
 
 
-def test_build_vae_and_cnfvae_reject_bad_options():
-    with pytest.raises(TypeError, match="unknown options \\['zdim'\\]"):
-        build_vae((1, 8, 8), "bernoulli", zdim=3)
-    with pytest.raises(TypeError, match="not both"):
-        build_vae((1, 8, 8), "bernoulli", solver=LOOSE, atol=1e-3)
+def test_cnfvae_rejects_bad_options():
+    with pytest.raises(TypeError, match="CNFVAE got unexpected keyword arguments \\['zdim'\\]"):
+        CNFVAE((1, 8, 8), "bernoulli", zdim=3)
+    with pytest.raises(TypeError, match="flow must be a FlowConfig, got tuple"):
+        CNFVAE((1, 8, 8), "bernoulli", 4, "amortized", (64, 64))  # 0.2's positional widths
     with pytest.raises(ValueError, match="unknown likelihood 'gaussian'"):
-        build_vae((1, 8, 8), "gaussian")
+        CNFVAE((1, 8, 8), "gaussian")
     with pytest.raises(ValueError, match="unknown posterior"):
         tiny("iaf")
     with pytest.raises(ValueError, match="image_shape must be three"):

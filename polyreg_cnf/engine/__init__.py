@@ -13,6 +13,7 @@ from polyreg_cnf.engine.dropin import (
     redirect_torchdiffeq,
 )
 from polyreg_cnf.engine.errors import PolyregCNFError, SolverError
+from polyreg_cnf.engine.flow_config import FlowConfig
 from polyreg_cnf.engine.nets import ODENet
 from polyreg_cnf.engine.nfe import NFECounter, NFELimitError, collect_nfe, record_nfe, reset_nfe
 from polyreg_cnf.engine.observers import observe
@@ -32,6 +33,7 @@ __all__ = [
     "Backprop",
     "CNFStack",
     "Direct",
+    "FlowConfig",
     "KineticRecorder",
     "NFECounter",
     "NFELimitError",

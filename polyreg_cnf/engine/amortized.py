@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from polyreg_cnf.engine._checks import check_int, check_ints
 from polyreg_cnf.engine.cnf import CNF
 from polyreg_cnf.engine.factor_grad import FactorGrad, anchor, factor_bmm
+from polyreg_cnf.engine.flow_config import FlowConfig
 from polyreg_cnf.engine.forward_divergence import LayerJacobian
 from polyreg_cnf.engine.nets import NONLINEARITIES, ODENet
 from polyreg_cnf.engine.solver_config import SolverConfig
@@ -287,41 +288,38 @@ class FlowPosterior(nn.Module):
         posterior: One of :data:`POSTERIORS`.
         dim: Latent dimension.
         feature_dim: Width of the encoder feature h (published: 256).
-        hidden_dims: Hidden widths of each block's net.
-        rank: Rank of the amortized updates (``"amortized"`` only).
-        nonlinearity: Nonlinearity of the nets.
-        num_blocks: Number of CNF blocks (ignored for ``"gaussian"``).
-        T: End time of each block (published: 0.5).
-        train_T: Learn each block's end time.
+        flow: The blocks (:class:`FlowConfig`; default its defaults): hidden widths (of
+            ``dim``), nonlinearity, number of blocks (ignored for ``"gaussian"``), end time,
+            trace estimators, probe and divergence. The nets are concat layers whatever
+            ``layer_type`` says (an amortized layer is one).
         solver: Solver settings of every block.
-        trace: Trace estimator in training (``"hutchinson"`` or ``"exact"``).
-        eval_trace: Trace estimator in evaluation.
-        noise: Hutchinson probe distribution.
+        rank: Rank of the amortized updates (``"amortized"`` only, where it is required).
+        **flow_fields: Fields of ``flow`` as flat keywords (``T=0.5``), over ``flow``'s.
     """
 
     def __init__(self, posterior: str, dim: int, feature_dim: int,
-                 hidden_dims: Sequence[int] = (64, 64), rank: int = 8,
-                 nonlinearity: str = "softplus", num_blocks: int = 1, T: float = 0.5,
-                 train_T: bool = False, solver: SolverConfig | None = None,
-                 trace: str = "hutchinson", eval_trace: str = "exact",
-                 noise: str = "rademacher", divergence: str = "auto") -> None:
+                 flow: FlowConfig | None = None, solver: SolverConfig | None = None,
+                 rank: int | None = None, **flow_fields: Any) -> None:
         super().__init__()
         if posterior not in POSTERIORS:
             raise ValueError(f"unknown posterior {posterior!r}; valid: {', '.join(POSTERIORS)}")
-        check_int("num_blocks", num_blocks)
+        flow = FlowConfig.resolve(flow, "FlowPosterior", **flow_fields)
+        if posterior == "amortized" and rank is None:
+            raise TypeError("FlowPosterior('amortized', ...) needs rank=, the rank of the "
+                            "amortized weight updates")
         self.posterior = posterior
         self.blocks = nn.ModuleList()
         self.heads = nn.ModuleList()
         if posterior == "gaussian":
             return
-        for _ in range(num_blocks):
+        hidden_dims = flow.widths(dim)
+        for _ in range(flow.num_blocks):
             if posterior == "amortized":
-                net: nn.Module = AmortizedODENet(dim, hidden_dims, rank, nonlinearity)
+                net: nn.Module = AmortizedODENet(dim, hidden_dims, rank, flow.nonlinearity)
                 self.heads.append(net.make_head(feature_dim))
             else:
-                net = ODENet(dim, hidden_dims, "concat", nonlinearity)
-            self.blocks.append(CNF(net, T=T, train_T=train_T, solver=solver, trace=trace,
-                                   eval_trace=eval_trace, noise=noise, divergence=divergence))
+                net = ODENet(dim, hidden_dims, "concat", flow.nonlinearity)
+            self.blocks.append(CNF(net, flow, solver))
 
     def forward(self, z0: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """Returns ``(z_K, log|det dz_K/dz_0|)`` with shapes (B, D) and (B,)."""

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from polyreg_cnf.engine.flow_config import DIVERGENCE_MODES, TRACE_TYPES, FlowConfig
 from polyreg_cnf.engine.forward_divergence import (
     compiled_field_and_divergence,
     field_and_divergence,
@@ -20,18 +22,9 @@ from polyreg_cnf.engine.forward_divergence import (
 from polyreg_cnf.engine.observers import IntegrandObserver, active
 from polyreg_cnf.engine.ode import ODEBlock, per_solve_context
 from polyreg_cnf.engine.solver_config import SolverConfig
-from polyreg_cnf.engine.trace import (
-    NOISE_TYPES,
-    divergence_exact,
-    hutchinson_with_vjp,
-    sample_probe,
-)
+from polyreg_cnf.engine.trace import divergence_exact, hutchinson_with_vjp, sample_probe
 
 __all__ = ["CNF", "DIVERGENCE_MODES", "TRACE_TYPES", "CNFStack", "standard_normal_logprob"]
-
-TRACE_TYPES = ("exact", "hutchinson")
-#: How a CNF evaluation computes its divergence (see :class:`CNF`).
-DIVERGENCE_MODES = ("auto", "forward", "compiled", "reverse")
 
 
 def standard_normal_logprob(z: Tensor) -> Tensor:
@@ -59,23 +52,24 @@ class CNF(ODEBlock):
 
     Args:
         net: Vector field ``net(t, z)`` or ``net(t, z, context)``, z of shape (B, D).
-        T: End time.
-        train_T: Learn the end time.
+        flow: The block's settings (the network fields are ``net``'s business and unused here):
+            ``T`` (end time), ``train_T`` (learn it), ``trace`` (estimator while training:
+            ``"hutchinson"``, one vector-Jacobian product with the probe fixed for the whole
+            solve and redrawn for each solve, or ``"exact"``, D backward passes),
+            ``eval_trace`` (in evaluation), ``noise`` (Hutchinson probe: ``"rademacher"`` or
+            ``"gaussian"``) and ``divergence``. Defaults: :class:`FlowConfig`'s.
         solver: Solver settings.
-        trace: Trace estimator while training: ``"hutchinson"`` (one vector-Jacobian product,
-            probe fixed for the whole solve and redrawn for each solve) or ``"exact"``
-            (D backward passes).
-        eval_trace: Trace estimator in evaluation (default exact, as published numbers use).
-        noise: Hutchinson probe: ``"rademacher"`` or ``"gaussian"``.
-        divergence: How the divergence is computed. ``"reverse"``: reverse-mode autograd
-            (:mod:`polyreg_cnf.engine.trace`; a training step is then a double backward), for
-            any field. ``"forward"``: the tangents travel through the layers with the values
-            (:mod:`polyreg_cnf.engine.forward_divergence`; one first-order backward), for the
-            project's own nets. ``"compiled"``: the forward mode through ``torch.compile``
-            (one graph for every batch size; the first call compiles). ``"auto"`` (default):
-            forward mode where the net supports it, reverse mode otherwise
-            (``benchmarks/results/engine_speed.md`` measures them). Solves that integrate
-            RNODE's Jacobian term use reverse mode: it needs :math:`\epsilon^\top J`.
+        **flow_fields: Fields of ``flow`` given as flat keywords (``T=2.0, trace="exact"``),
+            over ``flow``'s.
+
+    The divergence: ``"reverse"``: reverse-mode autograd (:mod:`polyreg_cnf.engine.trace`; a
+    training step is then a double backward), for any field. ``"forward"``: the tangents travel
+    through the layers with the values (:mod:`polyreg_cnf.engine.forward_divergence`; one
+    first-order backward), for the project's own nets. ``"compiled"``: the forward mode through
+    ``torch.compile`` (one graph for every batch size; the first call compiles). ``"auto"``
+    (default): forward mode where the net supports it, reverse mode otherwise
+    (``benchmarks/results/engine_speed.md`` measures them). Solves that integrate RNODE's
+    Jacobian term use reverse mode: it needs :math:`\epsilon^\top J`.
 
     Example:
         For linear dynamics :math:`f = A z` the flow is :math:`z(T) = e^{TA} z(0)` and
@@ -87,7 +81,8 @@ class CNF(ODEBlock):
         ...         self.A = nn.Parameter(torch.tensor([[0.5, 1.0], [0.0, -0.3]]))
         ...     def forward(self, t, z):
         ...         return z @ self.A.T
-        >>> cnf = CNF(Linear(), T=2.0, trace="exact", solver=SolverConfig(atol=1e-7, rtol=1e-7))
+        >>> tight = SolverConfig(atol=1e-7, rtol=1e-7)
+        >>> cnf = CNF(Linear(), FlowConfig(T=2.0, trace="exact"), tight)
         >>> z, ladj = cnf(torch.randn(4, 2))
         >>> ladj  # 2.0 * (0.5 - 0.3)
         tensor([0.4000, 0.4000, 0.4000, 0.4000], grad_fn=<...>)
@@ -96,14 +91,11 @@ class CNF(ODEBlock):
         True
     """
 
-    def __init__(self, net: nn.Module, T: float = 1.0, train_T: bool = False,
-                 solver: SolverConfig | None = None, trace: str = "hutchinson",
-                 eval_trace: str = "exact", noise: str = "rademacher",
-                 divergence: str = "auto") -> None:
-        super().__init__(net, T=T, train_T=train_T, solver=solver)
-        if divergence not in DIVERGENCE_MODES:
-            raise ValueError(f"unknown divergence {divergence!r}; valid: "
-                             f"{', '.join(DIVERGENCE_MODES)}")
+    def __init__(self, net: nn.Module, flow: FlowConfig | None = None,
+                 solver: SolverConfig | None = None, **flow_fields: Any) -> None:
+        flow = FlowConfig.resolve(flow, "CNF", **flow_fields)
+        super().__init__(net, T=flow.T, train_T=flow.train_T, solver=solver)
+        divergence = flow.divergence
         supported = supports_forward_divergence(net)
         if divergence in ("forward", "compiled") and not supported:
             raise ValueError(f"divergence={divergence!r} needs one of the project's nets "
@@ -114,14 +106,9 @@ class CNF(ODEBlock):
                               compiled_field_and_divergence if divergence == "compiled"
                               else field_and_divergence)
         self.divergence = divergence
-        for name, value in (("trace", trace), ("eval_trace", eval_trace)):
-            if value not in TRACE_TYPES:
-                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(TRACE_TYPES)}")
-        if noise not in NOISE_TYPES:
-            raise ValueError(f"unknown noise {noise!r}; valid: {', '.join(NOISE_TYPES)}")
-        self.trace = trace
-        self.eval_trace = eval_trace
-        self.noise = noise
+        self.trace = flow.trace
+        self.eval_trace = flow.eval_trace
+        self.noise = flow.noise
 
     def forward(self, z: Tensor, context: Tensor | None = None,  # type: ignore[override]
                 reverse: bool = False) -> tuple[Tensor, Tensor]:

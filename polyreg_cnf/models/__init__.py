@@ -1,6 +1,6 @@
 """LightningModules: the systems that wire flows, losses, metrics and optimisers."""
 
 from polyreg_cnf.models.density import CNFDensityEstimator
-from polyreg_cnf.models.vae import CNFVAE, build_vae
+from polyreg_cnf.models.vae import CNFVAE
 
-__all__ = ["CNFDensityEstimator", "CNFVAE", "build_vae"]
+__all__ = ["CNFDensityEstimator", "CNFVAE"]

@@ -14,12 +14,7 @@ from typing_extensions import override
 from polyreg_cnf.callbacks.step_log import log_step
 from polyreg_cnf.engine._checks import check_int, check_number
 from polyreg_cnf.engine.cnf import CNF, CNFStack, standard_normal_logprob
-from polyreg_cnf.engine.nets import (
-    DEFAULT_HIDDEN_DIMS,
-    DEFAULT_LAYER_TYPE,
-    DEFAULT_NONLINEARITY,
-    ODENet,
-)
+from polyreg_cnf.engine.flow_config import FlowConfig
 from polyreg_cnf.engine.ode import solving_with, training_solves
 from polyreg_cnf.engine.solver_config import FIXED_METHODS, SolverConfig
 from polyreg_cnf.models.schedule import check_schedule
@@ -48,18 +43,11 @@ class CNFDensityEstimator(FlowSystem):
 
     Args:
         dim: Data dimension D.
-        hidden_dims: Hidden widths of each block's ODE net.
-        layer_type: ``"concat"`` or ``"concatsquash"``.
-        nonlinearity: ``"tanh"``, ``"softplus"``, ``"elu"``, ``"swish"`` or ``"relu"``.
-        num_blocks: Number of CNF blocks.
-        T: End time of each block.
-        train_T: Learn each block's end time.
+        flow: The network and the blocks (:class:`~polyreg_cnf.engine.flow_config.FlowConfig`:
+            hidden widths, layer type, nonlinearity, number of blocks, end time, trace
+            estimators, probe, divergence); default FlowConfig's, FFJORD's toy network. A dict
+            (as checkpoints store it) is read with ``FlowConfig.from_dict``.
         solver: Solver settings (tolerances for training and evaluation, backprop, ...).
-        trace: Trace estimator in training (``"hutchinson"`` or ``"exact"``).
-        eval_trace: Trace estimator in evaluation.
-        noise: Hutchinson probe distribution.
-        divergence: How each block computes its divergence (``"auto"``: forward mode; see
-            :class:`~polyreg_cnf.engine.cnf.CNF`).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         lr_schedule: ``"constant"`` or ``"cosine"`` (from ``lr`` down to 0 over the run's
@@ -68,13 +56,16 @@ class CNFDensityEstimator(FlowSystem):
         data_std: Per-feature std used to standardise the data.
         solver_gap_rows: Validation rows per process ``val/solver_gap`` is measured on (0: never
             measured).
+        **flow_fields: Fields of ``flow`` as flat keywords (``hidden_dims=(16,), T=0.5``), over
+            ``flow``'s: the constructor of release 0.2 took them so, and its checkpoints load
+            through them.
 
     Example:
         With every weight zero the vector field vanishes, the flow is the identity and
         :math:`\log p` is the standard normal's; raw scoring adds :math:`-\sum_j \log
         \sigma_j`:
 
-        >>> model = CNFDensityEstimator(2, hidden_dims=(16,), data_mean=[1.0, 0.0],
+        >>> model = CNFDensityEstimator(2, FlowConfig(hidden_dims=(16,)), data_mean=[1.0, 0.0],
         ...                             data_std=[2.0, 2.0]).eval()
         >>> with torch.no_grad():
         ...     for p in model.parameters():
@@ -86,35 +77,32 @@ class CNFDensityEstimator(FlowSystem):
         tensor([-3.2242])
     """
 
-    def __init__(self, dim: int, hidden_dims: Sequence[int] = DEFAULT_HIDDEN_DIMS,
-                 layer_type: str = DEFAULT_LAYER_TYPE, nonlinearity: str = DEFAULT_NONLINEARITY,
-                 num_blocks: int = 1, T: float = 1.0, train_T: bool = False,
-                 solver: SolverConfig | dict[str, Any] | None = None,
-                 trace: str = "hutchinson", eval_trace: str = "exact",
-                 noise: str = "rademacher", divergence: str = "auto", lr: float = 1e-3,
+    def __init__(self, dim: int, flow: FlowConfig | dict[str, Any] | None = None,
+                 solver: SolverConfig | dict[str, Any] | None = None, lr: float = 1e-3,
                  weight_decay: float = 0.0, lr_schedule: str = "constant",
                  data_mean: Sequence[float] | None = None,
                  data_std: Sequence[float] | None = None,
-                 solver_gap_rows: int = 1000) -> None:
+                 solver_gap_rows: int = 1000, **flow_fields: Any) -> None:
         super().__init__()
-        check_int("num_blocks", num_blocks)
+        flow = FlowConfig.resolve(flow, "CNFDensityEstimator", **flow_fields)
+        # The widths as numbers (hdim_factor x D resolved): what the checkpoint records.
+        flow = dataclasses.replace(flow, hidden_dims=flow.widths(dim))
         self.solver_gap_rows = check_int("solver_gap_rows", solver_gap_rows, minimum=0)
         check_number("lr", lr, strict=True)
         check_number("weight_decay", weight_decay)
         self.lr_schedule = check_schedule(lr_schedule)
         solver = SolverConfig.for_model(solver)
         # Hyperparameters as plain values so checkpoints reload without this package's classes.
-        self.save_hyperparameters(ignore=["solver", "data_mean", "data_std"])
-        self.hparams["solver"] = solver.to_dict()
+        self.save_hyperparameters(dict(
+            dim=dim, flow=flow.to_dict(), solver=solver.to_dict(), lr=lr,
+            weight_decay=weight_decay, lr_schedule=lr_schedule, solver_gap_rows=solver_gap_rows))
         self.solver = solver
+        self.flow_config = flow
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.dim = dim
-        self.flow = CNFStack([
-            CNF(ODENet(dim, hidden_dims, layer_type, nonlinearity), T=T, train_T=train_T,
-                solver=solver, trace=trace, eval_trace=eval_trace, noise=noise,
-                divergence=divergence)
-            for _ in range(num_blocks)])
+        self.flow = CNFStack([CNF(flow.make_net(dim), flow, solver)
+                              for _ in range(flow.num_blocks)])
         mean = torch.zeros(dim) if data_mean is None else torch.as_tensor(data_mean).float()
         std = torch.ones(dim) if data_std is None else torch.as_tensor(data_std).float()
         if mean.shape != (dim,) or std.shape != (dim,) or not bool((std > 0).all()):

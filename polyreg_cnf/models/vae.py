@@ -13,10 +13,10 @@ References:
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,7 @@ from polyreg_cnf.callbacks.step_log import log_step
 from polyreg_cnf.engine._checks import check_int, check_ints, check_number
 from polyreg_cnf.engine.amortized import POSTERIORS, FlowPosterior
 from polyreg_cnf.engine.cnf import standard_normal_logprob
+from polyreg_cnf.engine.flow_config import FlowConfig
 from polyreg_cnf.engine.solver_config import SolverConfig
 from polyreg_cnf.models.schedule import check_schedule
 from polyreg_cnf.models.system import FlowSystem
@@ -39,7 +40,6 @@ __all__ = [
     "GatedConv2d",
     "GatedConvTranspose2d",
     "bernoulli_log_prob",
-    "build_vae",
     "categorical256_log_prob",
     "kl_warmup",
 ]
@@ -177,18 +177,11 @@ class CNFVAE(FlowSystem):
             [0, 1], class round(255 x)).
         z_dim: Latent dimension (published: 64).
         posterior: ``"amortized"``, ``"cnf"`` or ``"gaussian"`` (plain VAE baseline).
-        hidden_dims: Hidden widths of each block's ODE net.
-        rank: Rank of the amortized weight updates.
-        nonlinearity: Nonlinearity of the ODE nets.
-        num_blocks: Number of CNF blocks.
-        T: End time of each block (published: 0.5).
-        train_T: Learn each block's end time.
+        flow: The posterior's blocks (:class:`~polyreg_cnf.engine.flow_config.FlowConfig`; a
+            dict as checkpoints store it is read too); default :attr:`default_flow`, FFJORD's
+            published MNIST posterior. Its nets are concat layers whatever ``layer_type`` says.
         solver: Solver settings (published: dopri5, train 1e-4, evaluation 1e-5).
-        trace: Trace estimator while training.
-        eval_trace: Trace estimator in evaluation (default exact).
-        noise: Hutchinson probe distribution.
-        divergence: How each block computes its divergence (``"auto"``: forward mode; see
-            :class:`~polyreg_cnf.engine.cnf.CNF`).
+        rank: Rank of the amortized weight updates (published: 64 MNIST, 20 otherwise).
         feature_dim: Width of the encoder feature h (published: 256).
         architecture: ``"conv"`` (gated convolutions; H and W multiples of 4), ``"mlp"``, or
             ``"auto"``: conv when H, W >= 16 are multiples of 4 (28 x 28, 28 x 20), else mlp.
@@ -200,35 +193,51 @@ class CNFVAE(FlowSystem):
         is_samples: Importance samples S per test image (0 = skip the IS estimate).
         val_is_samples: Importance samples per validation image (0 = skip).
         is_chunk: Samples per image evaluated at once in the IS estimate.
+        **flow_fields: Fields of ``flow`` as flat keywords (``hidden_dims=(64,), T=0.5``), over
+            ``flow``'s: the constructor of release 0.2 took them so, and its checkpoints load
+            through them.
+
+    Example:
+        A small posterior: flat flow fields go over :attr:`default_flow` (``flow=`` replaces it
+        whole):
+
+        >>> vae = CNFVAE((1, 8, 8), z_dim=4, rank=2, feature_dim=16, mlp_hidden=32,
+        ...              hidden_dims=(16,), num_blocks=1)
+        >>> vae.architecture, vae.flow_config.T  # MLP below 16 x 16; default_flow's T
+        ('mlp', 0.5)
+        >>> log_px, kl = vae.elbo_terms(torch.rand(3, 64).round())
+        >>> log_px.shape, kl.shape
+        (torch.Size([3]), torch.Size([3]))
     """
 
     optimizer = torch.optim.Adamax
+    #: The posterior of FFJORD's published MNIST VAE: two blocks of a 1024-1024 softplus net
+    #: (concat layers), T = 0.5. ``train.py --model vae`` starts from it too.
+    default_flow: ClassVar[FlowConfig] = FlowConfig(
+        hidden_dims=(1024, 1024), layer_type="concat", nonlinearity="softplus", num_blocks=2,
+        T=0.5)
 
     def __init__(self, image_shape: Sequence[int], likelihood: str = "bernoulli",
                  z_dim: int = 64, posterior: str = "amortized",
-                 hidden_dims: Sequence[int] = (1024, 1024), rank: int = 64,
-                 nonlinearity: str = "softplus", num_blocks: int = 2, T: float = 0.5,
-                 train_T: bool = False, solver: SolverConfig | dict[str, Any] | None = None,
-                 trace: str = "hutchinson", eval_trace: str = "exact",
-                 noise: str = "rademacher", divergence: str = "auto", feature_dim: int = 256,
-                 architecture: str = "auto",
-                 mlp_hidden: int = 256, lr: float = 5e-4, weight_decay: float = 0.0,
-                 lr_schedule: str = "constant",
+                 flow: FlowConfig | dict[str, Any] | None = None,
+                 solver: SolverConfig | dict[str, Any] | None = None, rank: int = 64,
+                 feature_dim: int = 256, architecture: str = "auto", mlp_hidden: int = 256,
+                 lr: float = 5e-4, weight_decay: float = 0.0, lr_schedule: str = "constant",
                  warmup_epochs: float = 100, is_samples: int = 1000, val_is_samples: int = 0,
-                 is_chunk: int = 10) -> None:
+                 is_chunk: int = 10, **flow_fields: Any) -> None:
         super().__init__()
         image_shape = tuple(image_shape)
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be three positive ints (C, H, W), got "
                              f"{image_shape!r}")
         check_ints("image_shape", image_shape)
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"unknown likelihood {likelihood!r}; valid: {', '.join(LIKELIHOODS)}")
-        if posterior not in POSTERIORS:
-            raise ValueError(f"unknown posterior {posterior!r}; valid: {', '.join(POSTERIORS)}")
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {architecture!r}; valid: "
-                             f"{', '.join(ARCHITECTURES)}")
+        for name, value, valid in (("likelihood", likelihood, LIKELIHOODS),
+                                   ("posterior", posterior, POSTERIORS),
+                                   ("architecture", architecture, ARCHITECTURES)):
+            if value not in valid:
+                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+        flow = FlowConfig.resolve(flow, "CNFVAE", self.default_flow, **flow_fields)
+        flow = dataclasses.replace(flow, hidden_dims=flow.widths(z_dim))
         for name, value, low in (("z_dim", z_dim, 1), ("feature_dim", feature_dim, 1),
                                  ("mlp_hidden", mlp_hidden, 1), ("is_samples", is_samples, 0),
                                  ("val_is_samples", val_is_samples, 0), ("is_chunk", is_chunk, 1)):
@@ -246,11 +255,13 @@ class CNFVAE(FlowSystem):
             raise ValueError(f"architecture='conv' needs H and W multiples of 4, got "
                              f"image_shape={image_shape}")
         # Plain values only, so a checkpoint reloads without this package's classes.
-        self.save_hyperparameters(ignore=["solver"])
-        self.hparams["image_shape"] = list(image_shape)
-        self.hparams["hidden_dims"] = list(hidden_dims)
-        self.hparams["architecture"] = architecture
-        self.hparams["solver"] = solver.to_dict()
+        self.save_hyperparameters(dict(
+            image_shape=list(image_shape), likelihood=likelihood, z_dim=z_dim,
+            posterior=posterior, flow=flow.to_dict(), solver=solver.to_dict(), rank=rank,
+            feature_dim=feature_dim, architecture=architecture, mlp_hidden=mlp_hidden, lr=lr,
+            weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_epochs=warmup_epochs,
+            is_samples=is_samples, val_is_samples=val_is_samples, is_chunk=is_chunk))
+        self.flow_config = flow
         self.image_shape = image_shape
         self.architecture = architecture
         self.likelihood = likelihood
@@ -270,9 +281,7 @@ class CNFVAE(FlowSystem):
                                 last_act=False)
         self.q_mean = nn.Linear(feature_dim, z_dim)
         self.q_log_sigma = nn.Linear(feature_dim, z_dim)
-        self.flow = FlowPosterior(posterior, z_dim, feature_dim, hidden_dims, rank, nonlinearity,
-                                  num_blocks, T, train_T, solver, trace, eval_trace, noise,
-                                  divergence)
+        self.flow = FlowPosterior(posterior, z_dim, feature_dim, flow, solver, rank=rank)
         self.val_neg_elbo, self.val_nll = MeanMetric(), MeanMetric()
         self.test_neg_elbo, self.test_is_nll, self.test_nll = (MeanMetric(), MeanMetric(),
                                                                MeanMetric())
@@ -435,45 +444,3 @@ class CNFVAE(FlowSystem):
     def checkpoint_kind(self) -> tuple[str, dict[str, Any]]:
         return "vae", {"image_shape": list(self.image_shape), "z_dim": self.z_dim}
 
-
-# ---------------------------------------------------------------------------- factory
-#: Solver options :func:`build_vae` gathers into a :class:`SolverConfig` (its fields).
-_SOLVER_KEYS = tuple(f for f in SolverConfig.__dataclass_fields__ if f != "extra_options")
-#: Keys of a whole preset (polyreg_cnf.app.presets) that belong to the Trainer or DataModule.
-_IGNORED_KEYS = ("batch_size", "max_epochs")
-#: :class:`CNFVAE` keyword arguments, read from its signature (no list to keep in step by hand).
-_MODEL_KEYS = tuple(name for name in inspect.signature(CNFVAE.__init__).parameters
-                    if name not in ("self", "image_shape", "likelihood"))
-
-
-def build_vae(image_shape: Sequence[int], likelihood: str, **options: Any) -> CNFVAE:
-    """Build a :class:`CNFVAE` from flat options (what a preset or a run configuration holds).
-
-    Solver options (the fields of :class:`SolverConfig`: ``method``, ``atol``, ``rtol``,
-    ``eval_atol``, ``eval_rtol``, ``backprop``, ...) are gathered into a :class:`SolverConfig`
-    (or pass ``solver=`` itself, not both); ``batch_size`` and ``max_epochs`` are accepted and
-    ignored so a whole preset of :data:`polyreg_cnf.app.presets.VAE_PRESETS` can be passed;
-    every other key is a :class:`CNFVAE` argument.
-
-    Example:
-        >>> model = build_vae((1, 8, 8), "bernoulli", z_dim=4, hidden_dims=[16], rank=2,
-        ...                   feature_dim=16, mlp_hidden=32, atol=1e-3, batch_size=100)
-        >>> solver = model.hparams["solver"]
-        >>> model.architecture, solver["atol"], solver["eval_atol"]
-        ('mlp', 0.001, 1e-05)
-    """
-    unknown = sorted(set(options) - set(_SOLVER_KEYS + _IGNORED_KEYS + _MODEL_KEYS))
-    if unknown:
-        raise TypeError(f"build_vae got unknown options {unknown}; allowed: "
-                        f"{sorted(_MODEL_KEYS + _SOLVER_KEYS + _IGNORED_KEYS)}")
-    solver_opts = {k: options.pop(k) for k in _SOLVER_KEYS if k in options}
-    for key in _IGNORED_KEYS:
-        options.pop(key, None)
-    if solver_opts:
-        if options.get("solver") is not None:
-            raise TypeError(f"build_vae: pass either solver= or the solver options "
-                            f"{sorted(solver_opts)}, not both")
-        options["solver"] = SolverConfig(**solver_opts)
-    if "hidden_dims" in options:
-        options["hidden_dims"] = list(options["hidden_dims"])
-    return CNFVAE(tuple(image_shape), likelihood, **options)
