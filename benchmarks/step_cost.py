@@ -447,15 +447,7 @@ def markdown(meta: dict[str, Any], summary: Sequence[dict[str, Any]],
            "The two arms of a pair run one after the other, in alternating order. "),
         "",
         f"Goal: TPR's seconds per step at most {GOAL}x the unregularized run's with the same "
-        f"seed. s/step: mean over the run's steps except the first (which, with "
-        f"`backprop=auto`, measures memory with the adjoint), median over seeds. Ratio: "
-        f"median over seeds of poly / none (min-max); 'all steps' includes the first step; "
-        f"'median step' compares the runs' median step times (robust to bursts of load); "
-        f"'CPU time' compares the process's CPU seconds per step over the same steps (does not "
-        f"grow when other processes take the cores; not available for the front door, which "
-        f"runs in a subprocess). NFE: evaluations of the ODE right-hand side per step (steps "
-        f"after the first), medians over seeds; backprop: what the steps after the first used "
-        f"(backward NFE > 0 means an adjoint solve).",
+        f"seed. The columns: docs/benchmarks.md, `benchmarks.step_cost`.",
         "",
         *table(["preset", "s/step none", "s/step poly", "ratio poly/none", "ratio, all steps",
                 "ratio, median step", "ratio, CPU time", "fwd NFE none / poly",
