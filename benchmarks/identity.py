@@ -41,10 +41,11 @@ FIELDS = (*PER_STEP, "val_nll", "test_nll", "test_nfe", "test_nll_at_train_tol",
 RUNNER = r'''
 import dataclasses, hashlib, json, os, sys, tempfile
 tree = os.getcwd()
-import polyreg_cnf, torch
+import polyreg_cnf, polyreg_cnf.callbacks, polyreg_cnf.datamodules, torch
 from benchmarks import harness  # at 4156f03 a namespace package; checkerboard needs no sibling
-if not os.path.realpath(polyreg_cnf.__file__).startswith(os.path.realpath(tree) + os.sep):
-    sys.exit(f"{sys.executable} imports polyreg_cnf from {polyreg_cnf.__file__}, not from {tree}")
+for module in (polyreg_cnf, polyreg_cnf.callbacks, polyreg_cnf.datamodules, harness):
+    if not os.path.realpath(module.__file__).startswith(os.path.realpath(tree) + os.sep):
+        sys.exit(f"{sys.executable} imports {module.__name__} from {module.__file__}, not {tree}")
 
 class Losses(harness.L.Callback):
     def __init__(self):
