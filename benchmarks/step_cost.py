@@ -217,6 +217,17 @@ def step_clock(clock: Callable[[], float] = time.process_time) -> Any:
     return StepClock()
 
 
+def preset_config(preset: str, reg: str, seed: int, steps: int, data_root: Path, out: str,
+                  **extra: Any) -> Any:
+    """The resolved configuration of a build-made run: the preset's, ``steps`` long, without
+    validation (so without early stopping) and test, writing under ``out``."""
+    from polyreg_cnf.app.config import resolve
+
+    return resolve(dict(preset_options(preset, data_root), reg=reg, seed=seed, max_steps=steps,
+                        limit_val_batches=0, early_stop_patience=0, test=False, logger="none",
+                        plot_every=0, ckpt_every=0, progress=False, output_dir=out, **extra))
+
+
 def run_preset(preset: str, reg: str, seed: int, steps: int, data_root: Path,
                callbacks: Sequence[Any] = (), **extra: Any) -> dict[str, Any]:
     """Train one build-made run of ``preset`` for ``steps`` steps; its per-step figures.
@@ -225,14 +236,10 @@ def run_preset(preset: str, reg: str, seed: int, steps: int, data_root: Path,
     options (e.g. ``accelerator="gpu"``) are added to the preset's.
     """
     from polyreg_cnf.app.build import build
-    from polyreg_cnf.app.config import resolve
     from polyreg_cnf.engine.ode import ode_blocks
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = resolve(dict(preset_options(preset, data_root), reg=reg, seed=seed,
-                              max_steps=steps, limit_val_batches=0, test=False, logger="none",
-                              plot_every=0, ckpt_every=0, progress=False, output_dir=tmp,
-                              **extra))
+        config = preset_config(preset, reg, seed, steps, data_root, tmp, **extra)
         clock = step_clock()  # before the caller's: a lockstep wait must come after its reading
         run = build(config, callbacks=[clock, *callbacks])
         threads = torch.get_num_threads()
