@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from benchmarks import common
+from benchmarks import common, identity
 from benchmarks.claims import Claim, Exempt, Results, Value
 from benchmarks.vae_size import VAL_IMAGES
 
@@ -233,15 +233,18 @@ def _(r: Results) -> dict[str, Value]:
 
 
 @claim("readme.refactor", README,
-       "the one-solve-path refactor against the previous release: {n} quick-suite runs with the "
-       "same mean NFE, test NLL and test NFE, to the last digit, in {k} (the summaries are "
-       "committed, not the per-step arrays)",
-       "refactor_identity.json runs[*] (each field's pair compared)")
+       "`python -m benchmarks.identity` trains the quick suite's runs with two trees and "
+       "compares them bit for bit, step by step; committed: `{head}` against release "
+       "`{base}`, {steps} steps: {k} of {n} runs identical, the first difference at step "
+       "{first} (steps counted from zero), the first after a validation",
+       "refactor_identity.json meta and runs[*] (benchmarks.identity.compare)")
 def _(r: Results) -> dict[str, Value]:
-    runs = r("refactor_identity")["runs"]
-    same = [all(v[0] == v[1] for k, v in run.items() if isinstance(v, list)) for run in runs]
-    return {"n": len(runs), "k": "all" if all(same) else str(sum(same))}
-
+    data = r("refactor_identity")
+    diffs = [identity.compare(run["base"], run["head"]) for run in data["runs"]]
+    steps = [diff[f]["index"] for diff in diffs for f in identity.PER_STEP if f in diff]
+    return {"head": data["meta"]["head"]["commit"], "base": data["meta"]["base"]["commit"],
+            "steps": data["meta"]["steps"], "k": sum(not d for d in diffs), "n": len(diffs),
+            "first": min(steps, default=-1)}
 
 
 # --- docs/results.md: the step cost ----------------------------------------------------------

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def machine() -> dict[str, Any]:
 def command(module: str, argv: Sequence[str] | None = None) -> str:
     """The command line that ran ``benchmarks.<module>`` with ``argv`` (default: sys.argv)."""
     given = sys.argv[1:] if argv is None else list(argv)
-    return " ".join(["python -m", f"benchmarks.{module}", *given])
+    return " ".join(["python -m", f"benchmarks.{module}", *map(shlex.quote, given)])
 
 
 def train_py(argv: Sequence[str], cwd: Path, timeout: float = 1800,

@@ -39,7 +39,8 @@ def epoch_seconds(data: Path, out: Path, processes: int) -> float:
     argv = ["--model", "cnf", "--reg", "poly", "--data", str(data), "--nhidden", "2",
             "--hdim-factor", "20", "--nonlinearity", "softplus", "--layer-type", "concat",
             "--num-blocks", "1", "--batch-size", "1000",
-            "--max-epochs", "1", "--limit-val-batches", "0", "--no-test", "--logger", "none",
+            "--max-epochs", "1", "--limit-val-batches", "0", "--early-stop-patience", "0",
+            "--no-test", "--logger", "none",
             "--accelerator", "cpu", "--devices", str(processes), "--threads", "1",
             "--output-dir", str(out), *(["--strategy", "ddp"] if processes > 1 else [])]
     return common.train_py(argv, out.parent, env=dict(os.environ, OMP_NUM_THREADS="1"))[1]

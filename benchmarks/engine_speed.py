@@ -385,26 +385,8 @@ def markdown(payload: dict[str, Any]) -> str:
              f"{meta['load_average_end']:.1f} at the end: the machine was shared with other "
              "jobs while measuring; variants were interleaved block by block so the load fell "
              "on all alike, and the figures are medians.", "",
-             "Times are microseconds per call (median over blocks). `eval`: test-time "
-             "evaluation, exact trace, no graph. `field`: training-mode evaluation with the "
-             "workload's trace, graph kept. `step`: field + scalar loss + backward. `floor`: "
-             "the forward-mode path's matmuls alone (a step: x3 matmuls). Ratios are to the "
-             "reference (today's reverse-mode path).", "",
-             "Reading the gap to the floor: the floor holds the matmuls only. Everything else "
-             "in a forward-mode call is the nonlinearity and its derivative, their products "
-             "with the tangents (B x D x width elements for the exact trace), the "
-             "concatenation of t, and in a step the backward of all of these and the "
-             "accumulation of gradients, plus Python and dispatch per operation (the profile "
-             "split below). At small batches (checkerboard, the VAE) the per-operation "
-             "overhead and the elementwise kernels dominate; at POWER's batch of 10000 the "
-             "elementwise kernels are arithmetic too, and forward and reverse mode do the same "
-             "matmuls, so only compilation (fused elementwise kernels) moves that workload. "
-             "The amortized net's low-rank products are timed as batched matmuls of tiny "
-             "per-sample matrices (B x (1 x width) x (width x rank)), which cost more as bmm "
-             "calls than as the fused loops a compiled graph makes of them: there the floor is "
-             "an upper bound, and the compiled path can go below it. "
-             "Compile times depend on inductor's on-disk cache (a repeated run reuses kernels "
-             "built before).", ""]
+             "Microseconds per call, median over blocks; what each column holds and how to "
+             "read the gap to the floor: docs/benchmarks.md, `benchmarks.engine_speed`.", ""]
     timed = ("floor", "reference", "forward", "compiled", "compiled_static")
     lines += table(["workload", "mode", "trace", "MFLOP", "floor", "reference", "forward",
                     "compiled", "compiled static", "forward/ref", "compiled/ref",

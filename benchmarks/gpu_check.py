@@ -185,6 +185,7 @@ def markdown(results: dict[str, Any]) -> str:
     """The results page: machine, tests, timings, memory, errors (only what was measured)."""
     meta = results["meta"]
     lines = ["# GPU check (issue 14, item 6)", "",
+             "How to read it: docs/benchmarks.md, `benchmarks.gpu_check`.", "",
              f"Command: `{meta['command']}`  ",
              f"Machine: {meta['gpus']}; {meta['cpu']}  ",
              f"Versions: Python {meta['python']}, torch {meta['torch']} (CUDA "
@@ -217,10 +218,6 @@ def markdown(results: dict[str, Any]) -> str:
                        [[r["preset"], f"{r['seconds_none']:.4f}", f"{r['seconds_poly']:.4f}",
                          f"{r['ratio']:.3f}", *step_cost.pair_cells(r)]
                         for r in timing["summary"]])
-        lines += ["", "s/step: mean over the steps after the first (NFEMonitor; on CUDA a step's "
-                  "asynchronous tail is counted in the next step). front_door: `python train.py "
-                  "--model vae --reg ...`, the whole preset run; power: the preset on a stand-in "
-                  f"file, {POWER_STEPS} steps."]
     lines += ["", "## backprop=auto memory estimate vs CUDA allocations", ""]
     memory = results.get("memory")
     if not memory:
@@ -232,13 +229,6 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{r['estimate'] / 2**20:.1f}", f"{r['growth'] / 2**20:.1f}",
                          f"{r['growth'] / r['estimate']:.2f}" if r["estimate"] else "-"]
                         for m in memory for r in m["records"]])
-        lines += ["", "Estimate: sum over blocks of bytes per evaluation and row (measured by "
-                  "the block on its first training solve) x rows x forward NFE; measured: "
-                  "`torch.cuda.max_memory_allocated()` at the end of the step minus "
-                  "`memory_allocated()` at its start. The rule allows direct backprop while "
-                  "2 x a block's estimate fits the memory share, so measured / estimate above 2 "
-                  "would mean the headroom does not cover what the step really allocates. "
-                  "Step 0 measures on the adjoint."]
     errors = results.get("errors") or []
     if errors:
         lines += ["", "## Errors", ""] + [f"- {e['part']}: {e['error']}" for e in errors]

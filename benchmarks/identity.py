@@ -27,11 +27,13 @@ from typing import Any
 from benchmarks import common
 from benchmarks.common import UsageError, table
 
-__all__ = ["FIELDS", "RUNNER", "STUDY", "compare", "main", "record"]
+__all__ = ["FIELDS", "PER_STEP", "RUNNER", "STUDY", "compare", "main", "record"]
 
-#: What is compared, per run: per-step arrays first, then the figures of the finished run.
-FIELDS = ("loss", "forward_nfe", "backward_nfe", "val_nll", "test_nll", "test_nfe",
-          "test_nll_at_train_tol", "weights_sha256")
+#: What is compared, per run: the per-step arrays, the validation NLLs (one per validation),
+#: then the figures of the finished run.
+PER_STEP = ("loss", "forward_nfe", "backward_nfe")
+FIELDS = (*PER_STEP, "val_nll", "test_nll", "test_nfe", "test_nll_at_train_tol",
+          "weights_sha256")
 
 #: Run by each tree's interpreter with ``python -c`` in the tree (argv: OUT STEPS ARM:SEED...).
 #: It uses only what benchmarks/harness.py has offered since before benchmarks was a package
@@ -39,12 +41,11 @@ FIELDS = ("loss", "forward_nfe", "backward_nfe", "val_nll", "test_nll", "test_nf
 RUNNER = r'''
 import dataclasses, hashlib, json, os, sys, tempfile
 tree = os.getcwd()
-if not os.path.exists("benchmarks/__init__.py"):
-    sys.path.append(os.path.join(tree, "benchmarks"))  # its studies import each other by bare name
-import polyreg_cnf, torch
-from benchmarks import harness
-if not os.path.realpath(polyreg_cnf.__file__).startswith(os.path.realpath(tree) + os.sep):
-    sys.exit(f"{sys.executable} imports polyreg_cnf from {polyreg_cnf.__file__}, not from {tree}")
+import polyreg_cnf, polyreg_cnf.callbacks, polyreg_cnf.datamodules, torch
+from benchmarks import harness  # at 4156f03 a namespace package; checkerboard needs no sibling
+for module in (polyreg_cnf, polyreg_cnf.callbacks, polyreg_cnf.datamodules, harness):
+    if not os.path.realpath(module.__file__).startswith(os.path.realpath(tree) + os.sep):
+        sys.exit(f"{sys.executable} imports {module.__name__} from {module.__file__}, not {tree}")
 
 class Losses(harness.L.Callback):
     def __init__(self):
@@ -115,22 +116,23 @@ def _same(a: Any, b: Any) -> bool:
 def compare(base: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
     """Field by field, what differs between two runs: ``{}`` when they are bit-identical.
 
-    A differing array maps to its first differing index and both values there (the index is
-    the length of the shorter one when one array only extends the other); a figure, to both.
+    A differing array maps to its first differing index (a step, or a validation for
+    ``val_nll``) and both values there (the index is the length of the shorter one when one
+    array only extends the other); a figure, to both values.
 
     Example:
         >>> compare({"loss": [1.0, 2.0], "test_nfe": 26}, {"loss": [1.0, 2.5], "test_nfe": 26})
-        {'loss': {'step': 1, 'base': 2.0, 'head': 2.5}}
+        {'loss': {'index': 1, 'base': 2.0, 'head': 2.5}}
     """
     out = {}
     for field in FIELDS:
         a, b = base.get(field), head.get(field)
         if isinstance(a, list) and isinstance(b, list):
-            step = next((i for i, (x, y) in enumerate(zip(a, b)) if not _same(x, y)),
-                        None if len(a) == len(b) else min(len(a), len(b)))
-            if step is not None:
-                out[field] = {"step": step, "base": a[step] if step < len(a) else None,
-                              "head": b[step] if step < len(b) else None}
+            i = next((i for i, (x, y) in enumerate(zip(a, b)) if not _same(x, y)),
+                     None if len(a) == len(b) else min(len(a), len(b)))
+            if i is not None:
+                out[field] = {"index": i, "base": a[i] if i < len(a) else None,
+                              "head": b[i] if i < len(b) else None}
         elif not _same(a, b):
             out[field] = {"base": a, "head": b}
     return out
@@ -141,8 +143,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     from benchmarks.run import SUITES
 
     quick = SUITES["quick"]
-    parser.add_argument("--base-tree", type=Path, required=True)
-    parser.add_argument("--base-python", type=Path, required=True)
+    parser.add_argument("--base-tree", type=Path, help="the earlier tree (required)")
+    parser.add_argument("--base-python", type=Path, help="its interpreter (required)")
     parser.add_argument("--head-tree", type=Path, default=common.ROOT)
     parser.add_argument("--head-python", type=Path, default=Path(sys.executable))
     parser.add_argument("--steps", type=int, default=quick["workloads"]["checkerboard"])
@@ -157,6 +159,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     if unknown := sorted(set(args.arms) - set(ARMS)):
         raise UsageError(f"unknown arms {unknown}; allowed: {', '.join(ARMS)}")
+    if args.base_tree is None or args.base_python is None:
+        raise UsageError("--base-tree and --base-python are required")
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     trees = {"base": _tree(args.base_tree.resolve(), args.base_python.absolute()),
@@ -181,7 +185,8 @@ def render(payload: dict[str, Any]) -> str:
     for r, diff in zip(runs, diffs):
         first = next(iter(diff), None)
         where = "" if first is None else f"{first}" + (
-            f" at step {diff[first]['step']}" if "step" in diff[first] else "")
+            "" if "index" not in diff[first] else
+            f" at {'step' if first in PER_STEP else 'validation'} {diff[first]['index']}")
         b, h = r["base"], r["head"]
         rows.append([r["run"], "no" if diff else "yes", where,
                      f"{sum(b['forward_nfe']) + sum(b['backward_nfe'])} / "
@@ -200,11 +205,12 @@ def render(payload: dict[str, Any]) -> str:
         "",
         "Compared for exact equality (floats bit for bit): the training loss and the forward "
         "and backward NFE of every step, the validation NLLs, test NLL, test NFE, test NLL at "
-        "the training tolerance and the SHA-256 of the final weights.",
+        "the training tolerance and the SHA-256 of the final weights. Steps are counted from "
+        "zero.",
         "",
         *([meta["note"], ""] if meta["note"] else []),
         *table(["run", "identical", "first difference", "NFE of all steps (base / head)",
-                "test NLL (base / head)"], rows, align="llrrr"),
+                "test NLL (base / head)"], rows, align="lllrr"),
         ""])
 
 

@@ -148,6 +148,8 @@ def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: in
     return run
 
 
+#: Where a suite's report is explained (its columns, what is paired, the goals).
+READING = "How to read the tables: docs/benchmarks.md, \"Reading the reports\"."
 FLOOR = 8  # dopri5 evaluations of a one-step solve (2 to pick the first step + 6)
 
 
@@ -278,19 +280,7 @@ def _header(suite: str, payload: dict) -> list[str]:
 
 
 def markdown(suite: str, payload: dict) -> str:
-    lines = [*_header(suite, payload),
-             "Figures: median [min, max] over seeds "
-             f"{list(payload['seeds'])}. NFE = right-hand-side calls per training step, averaged "
-             "over training (the paper's code counted 2 per call); backward = adjoint solves, 0 "
-             "when backpropagating through the solver. Test NLL at the evaluation tolerance "
-             "1e-5 (exact trace; VAE: importance-sampled NLL); test NFE = forward NFE per test "
-             "batch and block (floor: 8 for dopri5); gap = NLL at the training tolerance minus "
-             "NLL at 1e-5. s to (k) = training seconds until the validation NLL first reaches "
-             "arm (k)'s final validation NLL (same seed); speed-up = arm (3)'s time to that "
-             "value / this arm's. The first table gives each arm's own figures; every "
-             "comparison between arms (the second tables and the goals) is seed-paired: each "
-             "seed against the same seed's baseline, then the median [min, max] over seeds.",
-             ""]
+    lines = [*_header(suite, payload), READING, ""]
     for wname, arms in payload["summary"].items():
         lines += [f"## {wname}", "", *table(
             ["arm", "fwd NFE", "bwd NFE", "total NFE", "s/step", "test NLL", "test NFE", "gap",
@@ -304,9 +294,7 @@ def markdown(suite: str, payload: dict) -> str:
         for base in ("ffjord", "ffjord_matched", *payload.get("pairs", {}).values()):
             if base in arms and len(arms) > 1:
                 lines += paired_lines(arms, base)
-    lines += ["## Goals", "", "Seed-paired: median [min, max] over seeds of each seed's "
-              "comparison with the same seed's baseline, then the per-seed values; the verdict "
-              "('met') is the median's.", ""]
+    lines += ["## Goals", ""]
 
     def cell(g: dict[str, Any] | None, kind: str) -> str:
         if g is None:
@@ -478,23 +466,7 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
     """
     unpaired = not any(f"paired_to_{base_arm}" in e for arms in payload["summary"].values()
                        for e in arms.values())
-    lines = [*_header(suite, payload),
-             "Every arm trains at matched tolerance (1e-4) with direct backprop through the "
-             "solver; (3b) is the same without TPR. "
-             + ("Figures are medians over seeds. fwd NFE = " if unpaired else
-                "The first table gives each arm's own medians [min, max] over seeds; every "
-                "comparison with (3b) (the speed-ups, the second table and the goals) is "
-                "seed-paired: each seed against the same seed's (3b) run, then the median "
-                "[min, max] over seeds. fwd NFE = ")
-             + "forward evaluations per training step (over all of training / over the last 10 "
-             "%); s to (3b) = training seconds until the validation NLL first reaches (3b)'s "
-             "final validation NLL (exactly / within 0.01 nats); speed-up = (3b)'s time to that "
-             "value / this arm's ('(k/n)' = reached in k of n seeds; the median then counts a seed "
-             "that never reached it as 0). Test NLL and test "
-             "NFE (per solve of 5,000 rows) at 1e-5 with the exact trace. NFE speed-up = the same "
-             "ratio in function evaluations summed over training steps (independent of what else "
-             "the machine was doing; wall-clock speed-ups are only comparable between runs made "
-             "under the same load).", ""]
+    lines = [*_header(suite, payload), READING, ""]
     for wname, arms in payload["summary"].items():
         def sp(e: dict[str, Any], kind: str, key: str) -> str:
             v = e.get(f"{kind}_to_{base_arm}_final_val{key}")
@@ -526,12 +498,7 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
                              [[aname, *(f"{p['test_nfe']:.0f} / {p['penalty']:.3g} / "
                                         f"{p['path_ratio']:.3f}" for p in meds)]
                               for aname, meds in probes.items()]), ""]
-    lines += ["## Goals (against (3b))", ""] if unpaired else [
-        "## Goals (against (3b), seed-paired)", "",
-        "Each seed's TPR run against the same seed's (3b) run, then the median over seeds (the "
-        "verdict) and its range [min, max], then the per-seed values in seed order "
-        f"{list(payload['seeds'])}. Speed-ups: '-' = that seed never reached (3b)'s value "
-        "(counted as 0 in the median).", ""]
+    lines += [f"## Goals (against (3b){'' if unpaired else ', seed-paired'})", ""]
     rows = []
     for wname, g in payload.get("goals", {}).items():
         for aname, v in g.items():

@@ -217,6 +217,17 @@ def step_clock(clock: Callable[[], float] = time.process_time) -> Any:
     return StepClock()
 
 
+def preset_config(preset: str, reg: str, seed: int, steps: int, data_root: Path, out: str,
+                  **extra: Any) -> Any:
+    """The resolved configuration of a build-made run: the preset's, ``steps`` long, without
+    validation (so without early stopping) and test, writing under ``out``."""
+    from polyreg_cnf.app.config import resolve
+
+    return resolve(dict(preset_options(preset, data_root), reg=reg, seed=seed, max_steps=steps,
+                        limit_val_batches=0, early_stop_patience=0, test=False, logger="none",
+                        plot_every=0, ckpt_every=0, progress=False, output_dir=out, **extra))
+
+
 def run_preset(preset: str, reg: str, seed: int, steps: int, data_root: Path,
                callbacks: Sequence[Any] = (), **extra: Any) -> dict[str, Any]:
     """Train one build-made run of ``preset`` for ``steps`` steps; its per-step figures.
@@ -225,14 +236,10 @@ def run_preset(preset: str, reg: str, seed: int, steps: int, data_root: Path,
     options (e.g. ``accelerator="gpu"``) are added to the preset's.
     """
     from polyreg_cnf.app.build import build
-    from polyreg_cnf.app.config import resolve
     from polyreg_cnf.engine.ode import ode_blocks
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = resolve(dict(preset_options(preset, data_root), reg=reg, seed=seed,
-                              max_steps=steps, limit_val_batches=0, test=False, logger="none",
-                              plot_every=0, ckpt_every=0, progress=False, output_dir=tmp,
-                              **extra))
+        config = preset_config(preset, reg, seed, steps, data_root, tmp, **extra)
         clock = step_clock()  # before the caller's: a lockstep wait must come after its reading
         run = build(config, callbacks=[clock, *callbacks])
         threads = torch.get_num_threads()
@@ -447,15 +454,7 @@ def markdown(meta: dict[str, Any], summary: Sequence[dict[str, Any]],
            "The two arms of a pair run one after the other, in alternating order. "),
         "",
         f"Goal: TPR's seconds per step at most {GOAL}x the unregularized run's with the same "
-        f"seed. s/step: mean over the run's steps except the first (which, with "
-        f"`backprop=auto`, measures memory with the adjoint), median over seeds. Ratio: "
-        f"median over seeds of poly / none (min-max); 'all steps' includes the first step; "
-        f"'median step' compares the runs' median step times (robust to bursts of load); "
-        f"'CPU time' compares the process's CPU seconds per step over the same steps (does not "
-        f"grow when other processes take the cores; not available for the front door, which "
-        f"runs in a subprocess). NFE: evaluations of the ODE right-hand side per step (steps "
-        f"after the first), medians over seeds; backprop: what the steps after the first used "
-        f"(backward NFE > 0 means an adjoint solve).",
+        f"seed. The columns: docs/benchmarks.md, `benchmarks.step_cost`.",
         "",
         *table(["preset", "s/step none", "s/step poly", "ratio poly/none", "ratio, all steps",
                 "ratio, median step", "ratio, CPU time", "fwd NFE none / poly",

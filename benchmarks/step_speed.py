@@ -61,7 +61,10 @@ def child(argv: list[str], steps: int, out: Path) -> None:
     flags = [*argv, "--max-steps", str(steps), "--val-every", str(steps),
              "--limit-val-batches", "0", "--no-test", "--logger", "none", "--plot-every", "0",
              "--ckpt-every", "0", "--output-dir", tempfile.mkdtemp(), "--threads", "1"]
-    config = resolve(parse_command_line(make_parser(), flags)[0])
+    parser = make_parser()
+    if "--early-stop-patience" in parser.format_help():  # since 1686158: it needs validation
+        flags += ["--early-stop-patience", "0"]
+    config = resolve(parse_command_line(parser, flags)[0])
     clock = step_clock(time.perf_counter)
     run = build(config, callbacks=[clock])
     start = time.perf_counter()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import doctest
+import importlib
 import json
 import math
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -488,6 +491,14 @@ def test_the_check_names_a_report_its_json_no_longer_renders(tmp_path: Path,
     assert report.main(["--check", "--results", str(tmp_path)]) == 0
 
 
+@pytest.mark.parametrize("name", sorted(m.name for m in pkgutil.iter_modules([str(BENCHMARKS)])))
+def test_every_docstring_example_of_the_benchmarks_holds(name: str) -> None:
+    # tests/test_doctests.py walks polyreg_cnf only
+    module = importlib.import_module(f"benchmarks.{name}")
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    assert doctest.testmod(module, optionflags=flags, verbose=False).failed == 0
+
+
 def test_no_module_of_the_package_edits_sys_path() -> None:
     edits = [p.name for p in BENCHMARKS.glob("*.py") if "sys.path" in p.read_text()]
     assert edits == []
@@ -556,9 +567,9 @@ def test_identity_finds_a_tree_identical_to_itself_and_one_ulp_of_difference(
     head = run["head"]
     nudged = {**head, "loss": [head["loss"][0], math.nextafter(head["loss"][1], math.inf)]}
     assert identity.compare(run["base"], nudged) == {
-        "loss": {"step": 1, "base": head["loss"][1], "head": nudged["loss"][1]}}
+        "loss": {"index": 1, "base": head["loss"][1], "head": nudged["loss"][1]}}
     assert identity.compare(run["base"], {**head, "forward_nfe": head["forward_nfe"][:1]}) == {
-        "forward_nfe": {"step": 1, "base": head["forward_nfe"][1], "head": None}}
+        "forward_nfe": {"index": 1, "base": head["forward_nfe"][1], "head": None}}
     monkeypatch.setattr(identity, "record", lambda trees, specs, steps: {
         "base": {"tpr_fast:0": run["base"]}, "head": {"tpr_fast:0": nudged}})
     assert identity.STUDY.main([*argv, "--out", str(tmp_path / "nudged")]) == 1

@@ -134,3 +134,11 @@ def test_front_door_command_is_the_documented_one():
     assert step_cost.front_door_command("poly") == ["--model", "vae", "--reg", "poly"]
     assert step_cost.front_door_command("none", backprop="adjoint")[-2:] == ["--backprop",
                                                                               "adjoint"]
+
+
+@pytest.mark.parametrize("preset", step_cost.PRESET_STEPS)
+def test_every_build_made_preset_resolves_without_validation(preset, tmp_path):
+    # The tabular and table presets stop early on validation; a run that skips validation must
+    # say it stops never, or the configuration is refused.
+    config = step_cost.preset_config(preset, "poly", 0, 3, tmp_path, str(tmp_path))
+    assert config.training.max_steps == 3 and config.training.early_stop_patience == 0
