@@ -9,8 +9,10 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from polyreg_cnf.callbacks.selection import ValidationRecord, overfit_margin
+from lightning.pytorch.callbacks import EarlyStopping
+from polyreg_cnf.callbacks.selection import LearningRateDrops, ValidationRecord, overfit_margin
 from polyreg_cnf.datamodules.user_table import UserTableDataModule
+from test_resume import SIGTERM_STEPS, callback_state, last_checkpoint, launch
 
 from benchmarks.selection import write_manifold
 from polyreg_cnf.models import CNFDensityEstimator
@@ -127,6 +129,133 @@ def test_overfit_warning_fires_past_the_documented_margin():
     assert record.overfit() is None
     record.history.append((30, float("nan")))
     assert record.overfit() is not None
+
+
+class ScriptedValidation(L.LightningModule):
+    """One weight trained by SGD; validation ``k`` logs ``val/nll = curve[k]``."""
+
+    def __init__(self, curve, lr=1.0):
+        super().__init__()
+        self.curve, self.lr, self.k = list(curve), lr, 0
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - 1.0).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/nll", float(self.curve[self.k]))
+
+    def on_validation_epoch_end(self):
+        self.k += 1
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(1000, 1), batch_size=1)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(1, 1), batch_size=1)
+
+
+class LearningRates(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def fit_scripted(curve, patience, factor, steps, ckpt_path=None, root="."):
+    drops, rates = LearningRateDrops(patience, factor), LearningRates()
+    callbacks = [drops, rates, EarlyStopping("val/nll", patience=patience,
+                                             check_on_train_epoch_end=False)]
+    trainer = L.Trainer(max_steps=steps, val_check_interval=1, check_val_every_n_epoch=None,
+                        num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=callbacks, default_root_dir=root)
+    model = ScriptedValidation(curve)
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return drops, rates.seen, trainer
+
+
+def test_learning_rate_drops_at_a_third_and_two_thirds_of_the_patience():
+    # Patience 6: drops after 2 and 4 validations without a lower NLL, stop after 6. Validation
+    # k follows step k + 1. The NLL goes lower at validations 0, 1 and 5; equal is not lower.
+    curve = [5.0, 4.0, 4.0, 4.5, 4.1, 3.0, 3.5, 3.2, 3.0, 3.1, 3.9, 3.3, 3.3, 9.0]
+    drops, rates, trainer = fit_scripted(curve, patience=6, factor=0.1, steps=100)
+    # The first drop after validations 2 and 3 (step 4), then a lower NLL at validation 5 does
+    # not undo it; the second after validations 6-9 (step 10); the stop after 6-11 (step 12).
+    assert drops.drops == [(4, 2), (10, 4)]
+    assert trainer.global_step == 12 and drops.wait == 6 and drops.best == 3.0
+    assert rates == pytest.approx([1.0] * 4 + [0.1] * 6 + [0.01] * 2)
+
+
+def test_learning_rate_drops_resume_where_they_stopped(tmp_path):
+    curve = [5.0, 4.0, 4.0, 4.5, 4.1, 3.0, 3.5, 3.2, 3.0, 3.1, 3.9, 3.3, 3.3, 9.0]
+    whole, rates, _ = fit_scripted(curve, patience=6, factor=0.5, steps=100)
+    # Stopped after step 7 (one drop made, three validations since the best), then resumed.
+    first, _, trainer = fit_scripted(curve, patience=6, factor=0.5, steps=7, root=tmp_path)
+    path = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(path)
+    assert first.drops == [(4, 2)] and first.wait == 1
+    saved = torch.load(path, weights_only=True)
+    assert saved["callbacks"]["LearningRateDrops"] == {"best": 3.0, "wait": 1,
+                                                       "drops": [[4, 2]]}
+    resumed_model = ScriptedValidation(curve)
+    resumed_model.k = 7  # the validations it had run
+    resumed, rates_after = LearningRateDrops(6, 0.5), LearningRates()
+    trainer = L.Trainer(max_steps=100, val_check_interval=1, check_val_every_n_epoch=None,
+                        num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[resumed, rates_after,
+                                   EarlyStopping("val/nll", patience=6,
+                                                 check_on_train_epoch_end=False)])
+    trainer.fit(resumed_model, ckpt_path=path)
+    assert resumed.drops == whole.drops == [(4, 2), (10, 4)]
+    assert rates[7:] == rates_after.seen  # the rate restored from the optimizer state, then dropped
+
+
+# train.py on 8 Gaussians (tests/test_resume.py's launcher) with a validation every 2 steps and a
+# high learning rate: the validation NLL stalls twice at step 22 and the rate halves there
+# (patience 6: drops after 2 and 4 validations without a lower NLL, no stop within 30 steps).
+DROP_FLAGS = ["--val-every", "2", "--limit-val-batches", "3", "--early-stop-patience", "6",
+              "--lr-drop", "0.5", "--lr", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_drops(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("drops")
+    full = launch(tmp, tmp / "full", SIGTERM_STEPS, DROP_FLAGS)
+    assert full.returncode == 0, full.stderr[-2000:]
+    return last_checkpoint(tmp / "full")
+
+
+# SIGTERM mid-step 21 (stopped at 22, where the validation that drops the rate is due and
+# skipped) and mid-step 25 (after the drop): the resumed run ends as the uninterrupted one.
+@pytest.mark.slow  # five short train.py runs
+@pytest.mark.parametrize("at", [21, 25])
+def test_resume_keeps_the_learning_rate_drops(tmp_path, uninterrupted_drops, at):
+    full = uninterrupted_drops
+    assert callback_state(full, "LearningRateDrops")["drops"] == [[22, 2]]
+    out = tmp_path / "killed"
+    proc = launch(tmp_path, out, SIGTERM_STEPS, DROP_FLAGS, signal_at=("step", at, "SIGTERM"))
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    resumed = launch(tmp_path, out, SIGTERM_STEPS, [*DROP_FLAGS, "--ckpt-path", "last"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    last = last_checkpoint(out)
+    assert callback_state(last, "LearningRateDrops") == callback_state(full, "LearningRateDrops")
+    lrs = [c["optimizer_states"][0]["param_groups"][0]["lr"] for c in (full, last)]
+    assert lrs == [0.05, 0.05]
+    for key in full["state_dict"]:
+        torch.testing.assert_close(full["state_dict"][key], last["state_dict"][key], rtol=1e-5,
+                                   atol=1e-6, msg=key)
+
+
+def test_learning_rate_drops_refuse_bad_settings():
+    with pytest.raises(ValueError, match=r"factor must be a number in \(0, 1\], got 2"):
+        LearningRateDrops(30, 2)
+    with pytest.raises(ValueError, match="patience must be a positive int, got 0"):
+        LearningRateDrops(0)
 
 
 class SaveEveryValidation(L.Callback):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from polyreg_cnf.callbacks.selection import LR_DROP_FFJORD
+
 __all__ = ["DATA_KINDS", "PRESETS", "TABLE_PRESET", "TABULAR_SELECTION", "TOY_PRESET",
            "VAE_PRESETS", "preset_for"]
 
@@ -28,11 +30,12 @@ DATA_KINDS = ("toy", "tabular", "table", "image")
 _TABULAR = dict(lr=1e-3, T=1.0, trace="hutchinson", eval_trace="exact", hidden_dims=None)
 
 #: Model selection on the standard tabular sets, as FFJORD's tabular script does it (its network,
-#: learning rate and batch are the ones these presets use): validate every 200 iterations, stop
-#: after 30 validations without a lower validation NLL, test the best validation model. (MAF
-#: stops after 30 epochs without improvement; FFJORD also lowers the learning rate at a third and
-#: two thirds of the patience, which these presets do not.)
-TABULAR_SELECTION: dict[str, Any] = dict(val_every=200, early_stop_patience=30)
+#: learning rate and batch are the ones these presets use): validate every 200 iterations, divide
+#: the learning rate by 10 after 10 and again after 20 validations without a lower validation
+#: NLL, stop after 30, test the best validation model (MAF stops after 30 epochs without
+#: improvement). See :class:`polyreg_cnf.callbacks.selection.LearningRateDrops`.
+TABULAR_SELECTION: dict[str, Any] = dict(val_every=200, early_stop_patience=30,
+                                         lr_drop=LR_DROP_FFJORD)
 
 #: Density estimation on the tabular sets: hidden width = hdim_factor x D, all "concat" except
 #: BSDS300.
