@@ -58,12 +58,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 TOY_PRESET: dict[str, Any] = {}
 
 #: The user's own table: a mid-sized tabular network, stopped after 20 validations without a
-#: lower validation NLL. Its validation cadence depends on the number of rows, known once the
-#: file is read (:func:`polyreg_cnf.datamodules.user_table.validation_interval`): a table of a
-#: few hundred rows overfits within a few hundred steps.
+#: lower validation NLL, with FFJORD's learning-rate drops (after 6 and 13 of them). Its
+#: validation cadence depends on the number of rows, known once the file is read
+#: (:func:`polyreg_cnf.datamodules.user_table.validation_interval`): a table of a few hundred
+#: rows overfits within a few hundred steps.
 TABLE_PRESET: dict[str, Any] = dict(_TABULAR, nonlinearity="softplus", nhidden=2, hdim_factor=10,
                                     num_blocks=2, layer_type="concat", batch_size=512,
-                                    early_stop_patience=20)
+                                    early_stop_patience=20, lr_drop=LR_DROP_FFJORD)
 
 _PUBLISHED_VAE: dict[str, Any] = dict(
     z_dim=64, posterior="amortized", T=0.5, feature_dim=256, lr=5e-4, warmup_epochs=100,
