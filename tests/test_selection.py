@@ -15,6 +15,7 @@ from polyreg_cnf.datamodules.user_table import UserTableDataModule
 from test_resume import SIGTERM_STEPS, callback_state, last_checkpoint, launch
 
 from benchmarks.selection import write_manifold
+from benchmarks.tables import write_mixture_table
 from polyreg_cnf.app.build import build
 from polyreg_cnf.app.config import ConfigError, resolve
 from polyreg_cnf.models import CNFDensityEstimator
@@ -278,25 +279,22 @@ class SaveEveryValidation(L.Callback):
 # the table's defaults (its preset's network, learning rate, patience, learning-rate drops and
 # validation cadence, and the split's validation and test shares) is within 0.1 nats of the
 # lowest test NLL among the weights of all its validations, and the summary names what it tested.
-# Only the solver tolerances are looser. Three generated tables (seeds of the generator).
-# Not met (measured with these defaults: 180 / 60 / 60 rows, learning-rate drops, patience 20;
-# the runs stop early at steps 930, 720 and 800): the tested best checkpoint is 10.30, 0.47 and
-# 0.79 nats above the lowest test NLL among the validations (seeds 0, 1, 2). On this thin 2-D
-# manifold in 6 columns the validation and test NLLs part ways: with seed 0 the validation NLL
-# still fell (2.35 to 1.15 from step 450 to 730) while the test NLL rose from 2.37 to 12.7, a mean
-# carried by a few test rows far from what the flow learnt; no choice of checkpoint by validation
-# sees that. (The 13-column table that this test used before, 240 / 30 / 30 rows, no drops: 0.136
-# nats above, with patience 5.) A generated table whose test rows look like its validation rows
-# to the flow is still to be found.
-OPEN = pytest.mark.xfail(reason="the 0.1-nat selection target is not met on a generated table "
-                                "yet (see the comment)", strict=False)
-
-
-@pytest.mark.slow  # a few minutes per table
-@pytest.mark.parametrize("table_seed", [pytest.param(0, marks=OPEN), pytest.param(1, marks=OPEN),
-                                        pytest.param(2, marks=OPEN)])
+# Only the solver tolerances are looser. The table: 300 rows of a 6-D Gaussian mixture
+# (benchmarks.tables), three mixtures (seeds of the generator); 180 / 60 / 60 rows.
+# Measured (seeds 0, 1, 2): the best validation checkpoint tests 0.041, 0.052 and 0.054 nats above
+# the lowest test NLL; the validation NLL rose after its minimum (by 0.07 to 0.28 nats; mild
+# overfitting), and the runs stopped early at steps 400, 830 and 490. The drops keep the last
+# weights near the best here (0.038, 0.033 and 0.006 nats above the lowest), so forcing
+# --test-ckpt last does not fail this test; testing the worst validation instead of the best
+# does (checked by hand: ModelCheckpoint mode "max").
+# On the thin 2-D manifold of write_manifold (300 rows, 6 columns) the target is not met: the
+# validation NLL kept falling while the test NLL rose to 10 nats above its lowest, carried by a
+# few test rows off what the flow learnt (gaps 10.30, 0.47, 0.79 with the same defaults).
+@pytest.mark.slow  # one to two minutes of CPU per table
+@pytest.mark.parametrize("table_seed", [0, 1, 2])
 def test_the_printed_test_nll_is_the_best_validation_models(tmp_path, capsys, table_seed):
-    table = overfitting_table(tmp_path / "t.npy", seed=table_seed)
+    table = tmp_path / "t.npy"
+    write_mixture_table(table, rows=300, dim=6, seed=table_seed)
     code = train.main(["--data", str(table), "--atol", "1e-3", "--rtol", "1e-3",
                        "--eval-atol", "1e-4", "--eval-rtol", "1e-4", "--accelerator", "cpu",
                        "--logger", "none", "--reg", "none",
@@ -317,8 +315,10 @@ def test_the_printed_test_nll_is_the_best_validation_models(tmp_path, capsys, ta
     steps = sorted(oracle)
     curve = {s: round(oracle[s], 3) for s in steps}
     assert len(steps) >= 5 and steps[1] - steps[0] == 10, curve  # 180 train rows: every 10
-    # The table overfits: the last weights are clearly worse than the best ones.
-    assert oracle[steps[-1]] > min(oracle.values()) + 0.3, curve
+    # The run stopped because the validation NLL no longer went lower.
+    best_val, last_val = re.search(r"validation NLL \(nats\):\s+best (-?[\d.]+) at step \d+, "
+                                   r"last (-?[\d.]+)", captured.out).groups()
+    assert float(last_val) > float(best_val), captured.out
     assert printed_nll <= min(oracle.values()) + 0.1, (printed_nll, curve)
     best_step = int(re.search(r"best validation checkpoint, step (\d+)", captured.out).group(1))
     assert printed_nll == pytest.approx(oracle[best_step], abs=1e-4)
