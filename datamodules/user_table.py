@@ -25,8 +25,8 @@ from polyreg_cnf.datamodules.base import ArrayDataModule
 
 from polyreg_cnf.engine._checks import check_int
 
-__all__ = ["TABLE_FORMATS", "VALIDATION_INTERVAL_BOUNDS", "UserTableDataModule", "read_table",
-           "validation_interval"]
+__all__ = ["EVAL_ROWS", "EVAL_SHARE_BOUNDS", "TABLE_FORMATS", "VALIDATION_INTERVAL_BOUNDS",
+           "UserTableDataModule", "eval_share", "read_table", "validation_interval"]
 
 TABLE_FORMATS = (".npy", ".npz", ".csv", ".h5", ".hdf5")
 
@@ -54,6 +54,34 @@ def validation_interval(n_train: int, batch_size: int) -> int:
     check_int("batch_size", batch_size)
     low, high = VALIDATION_INTERVAL_BOUNDS
     return min(high, max(low, -(-n_train // batch_size)))
+
+#: Validation and test each get :data:`EVAL_ROWS` rows, as a share of the table within these
+#: bounds (:func:`eval_share`).
+EVAL_SHARE_BOUNDS = (0.1, 0.2)
+EVAL_ROWS = 100
+
+
+def eval_share(n_rows: int) -> float:
+    """The share of a table's rows that validation, and again test, get by default.
+
+    10 % of a large table (the tabular sets' validation share), but at least
+    :data:`EVAL_ROWS` rows where 20 % of the table allows it: a few hundred rows would leave
+    30 validation rows, too few to pick the best of a run's checkpoints (their mean NLL differs
+    by chance from the test rows' by more than neighbouring checkpoints differ), and 30 test
+    rows too few to tell how good that pick is.
+
+    .. math:: \\min\\big(0.2,\\ \\max(0.1,\\ 100 / n)\\big)
+
+    Example:
+        >>> eval_share(300), eval_share(500), eval_share(5000)
+        (0.2, 0.2, 0.1)
+        >>> round(eval_share(800), 3)
+        0.125
+    """
+    check_int("n_rows", n_rows)
+    low, high = EVAL_SHARE_BOUNDS
+    return min(high, max(low, EVAL_ROWS / n_rows))
+
 
 Column = str | int
 
@@ -246,7 +274,9 @@ class UserTableDataModule(ArrayDataModule):
     Rows holding NaN or inf are refused (with their count) unless ``drop_nonfinite`` is set. The
     rows are shuffled by ``numpy.random.default_rng(seed).permutation``; the first
     ``int(test_fraction N)`` permuted rows are the test split, the next ``int(val_fraction N)`` the
-    validation split, the rest train. Every split is standardised with the mean and standard
+    validation split, the rest train. By default each fraction is :func:`eval_share` of the
+    usable rows: 10 %, but 100 rows up to 20 % (a 300-row table: 60 validation, 60 test rows).
+    Every split is standardised with the mean and standard
     deviation (ddof 0) of train. A column that is constant in train has no density to learn, so
     it is an error that names it (drop it with ``columns``) rather than silently kept with
     std = 1.
@@ -255,8 +285,9 @@ class UserTableDataModule(ArrayDataModule):
         path: A .npy, .npz, .csv or .h5/.hdf5 file.
         columns: Names (CSV with a header) or indices of the columns to model; ``None`` = all.
         drop_nonfinite: Drop rows holding NaN or inf instead of refusing the file.
-        val_fraction: Fraction of rows for validation, in (0, 1).
-        test_fraction: Fraction of rows for test, in (0, 1); the two sum to less than 1.
+        val_fraction: Fraction of rows for validation, in (0, 1); None: :func:`eval_share`.
+        test_fraction: Fraction of rows for test, in (0, 1); the two sum to less than 1;
+            None: :func:`eval_share`.
         seed: Seed of the row permutation.
         batch_size: Training batch size (per process).
         eval_batch_size: Batch size for validation and test; defaults to ``batch_size``.
@@ -276,7 +307,7 @@ class UserTableDataModule(ArrayDataModule):
         >>> dm = UserTableDataModule(path, columns=["x", "y"], batch_size=32)
         >>> dm.setup()
         >>> {split: a.shape for split, a in dm.arrays().items()}
-        {'train': (160, 2), 'val': (20, 2), 'test': (20, 2)}
+        {'train': (120, 2), 'val': (40, 2), 'test': (40, 2)}
         >>> bool(np.abs(dm.arrays()["train"].mean(0)).max() < 1e-6)
         True
         >>> bool(dm.log_det_jacobian() == -np.log(dm.std.astype(np.float64)).sum())
@@ -285,8 +316,8 @@ class UserTableDataModule(ArrayDataModule):
     """
 
     def __init__(self, path: str | os.PathLike, columns: Sequence[Column] | None = None,
-                 drop_nonfinite: bool = False, val_fraction: float = 0.1,
-                 test_fraction: float = 0.1, seed: int = 0, batch_size: int = 512,
+                 drop_nonfinite: bool = False, val_fraction: float | None = None,
+                 test_fraction: float | None = None, seed: int = 0, batch_size: int = 512,
                  eval_batch_size: int | None = None, num_workers: int = 0,
                  h5_key: str | None = None, npz_key: str | None = None) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, shuffle_seed=seed)
@@ -305,18 +336,18 @@ class UserTableDataModule(ArrayDataModule):
             columns = [c if isinstance(c, (str, bool)) or not isinstance(c, (int, np.integer))
                        else int(c) for c in columns]
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not 0 < value < 1:
-                raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
-        if val_fraction + test_fraction >= 1:
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, float)) or not 0 < value < 1):
+                raise ValueError(f"{name} must be a number in (0, 1) or None, got {value!r}")
+        if None not in (val_fraction, test_fraction) and val_fraction + test_fraction >= 1:
             raise ValueError(f"val_fraction + test_fraction must be < 1, got "
                              f"{val_fraction} + {test_fraction}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.columns = columns
         self.drop_nonfinite = bool(drop_nonfinite)
-        self.val_fraction = float(val_fraction)
-        self.test_fraction = float(test_fraction)
+        self.val_fraction = None if val_fraction is None else float(val_fraction)
+        self.test_fraction = None if test_fraction is None else float(test_fraction)
         self.seed = int(seed)
         self.h5_key = h5_key
         self.npz_key = npz_key
@@ -351,11 +382,14 @@ class UserTableDataModule(ArrayDataModule):
             data = data[~bad]
             n = data.shape[0]
         self.n_dropped = n_bad
-        n_test, n_val = int(self.test_fraction * n), int(self.val_fraction * n)
+        share = eval_share(n) if n else EVAL_SHARE_BOUNDS[0]
+        val_fraction = share if self.val_fraction is None else self.val_fraction
+        test_fraction = share if self.test_fraction is None else self.test_fraction
+        n_test, n_val = int(test_fraction * n), int(val_fraction * n)
         if n_test < 1 or n_val < 1 or n - n_test - n_val < 2:
             raise ValueError(f"{self.path}: {n} usable rows are too few to split with "
-                             f"val_fraction={self.val_fraction}, test_fraction="
-                             f"{self.test_fraction} (each split needs rows, train at least 2)")
+                             f"val_fraction={val_fraction:g}, test_fraction="
+                             f"{test_fraction:g} (each split needs rows, train at least 2)")
         order = np.random.default_rng(self.seed).permutation(n)
         test = data[order[:n_test]]
         val = data[order[n_test:n_test + n_val]]

@@ -187,16 +187,18 @@ SELECTION_WRAPPER = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import train
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-    from polyreg_cnf.callbacks.selection import ValidationRecord
+    from polyreg_cnf.callbacks.selection import LearningRateDrops, ValidationRecord
 
     class WriteDecisions(L.Callback):
         def on_train_end(self, trainer, pl_module):
             best = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)][0]
             early = [c for c in trainer.callbacks if isinstance(c, EarlyStopping)][0]
             record = [c for c in trainer.callbacks if isinstance(c, ValidationRecord)][0]
+            drops = [c for c in trainer.callbacks if isinstance(c, LearningRateDrops)][0]
             out = dict(best_path=best.best_model_path, best_score=float(best.best_model_score),
                        wait=early.wait_count, reason=str(early.stopping_reason),
-                       step=trainer.global_step, history=record.history)
+                       step=trainer.global_step, history=record.history, drops=drops.drops,
+                       lr=trainer.optimizers[0].param_groups[0]["lr"])
             with open(os.path.join({out!r}, f"rank{{trainer.global_rank}}.json"), "w") as f:
                 json.dump(out, f)
 
@@ -212,7 +214,8 @@ def test_ddp_ranks_select_the_same_checkpoint_and_stop_at_the_same_step(tmp_path
     out = tmp_path / "runs"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     argv = command(script, data, out, ["--devices", "2", "--max-steps", "60", "--val-every", "2",
-                                       "--lr", "5e-2", "--early-stop-patience", "2"])
+                                       "--lr", "5e-2", "--early-stop-patience", "2",
+                                       "--lr-drop", "0.5"])
     argv.remove("--no-test")  # the best checkpoint is tested on both processes
     proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -225,6 +228,8 @@ def test_ddp_ranks_select_the_same_checkpoint_and_stop_at_the_same_step(tmp_path
     assert decided["reason"].endswith("PATIENCE_EXHAUSTED") and decided["step"] < 60
     best_step = min(decided["history"], key=lambda h: h[1])[0]
     assert decided["step"] == best_step + 2 * 2
+    # Patience 2: the rate halves after each validation without a lower NLL, twice at most.
+    assert decided["drops"] and decided["lr"] == 5e-2 * 0.5 ** len(decided["drops"])
     assert f"best validation checkpoint, step {best_step}" in proc.stdout
     assert "stopped:                    early" in proc.stdout
     folder = out / "cnf-table-poly-s0" / "checkpoints"

@@ -28,9 +28,12 @@ def loaded(path, **kwargs):
     return dm
 
 
-def reference_splits(data, seed=0, val_fraction=0.1, test_fraction=0.1):
-    """The documented split: permuted rows, test first, then validation, then train."""
+def reference_splits(data, seed=0, val_fraction=None, test_fraction=None):
+    """The documented split: permuted rows, test first, then validation, then train; each
+    fraction by default min(0.2, max(0.1, 100 / rows))."""
     n = len(data)
+    share = min(0.2, max(0.1, 100 / n))
+    val_fraction, test_fraction = val_fraction or share, test_fraction or share
     n_test, n_val = int(test_fraction * n), int(val_fraction * n)
     order = np.random.default_rng(seed).permutation(n)
     test = data[order[:n_test]]
@@ -134,7 +137,7 @@ def test_split_is_seeded_and_statistics_come_from_train(tmp_path):
     a = loaded(tmp_path / "t.npy", seed=3, val_fraction=0.2, test_fraction=0.1)
     b = loaded(tmp_path / "t.npy", seed=3, val_fraction=0.2, test_fraction=0.1)
     assert_same(a.arrays(), b.arrays())
-    assert_same(a.arrays(), reference_splits(data, seed=3, val_fraction=0.2))
+    assert_same(a.arrays(), reference_splits(data, seed=3, val_fraction=0.2, test_fraction=0.1))
     c = loaded(tmp_path / "t.npy", seed=4, val_fraction=0.2, test_fraction=0.1)
     assert not np.array_equal(a.arrays()["test"], c.arrays()["test"])
     sizes = {k: len(v) for k, v in a.arrays().items()}
@@ -165,8 +168,8 @@ def test_constant_column_and_bad_arguments(tmp_path):
                             ({"seed": 1.5}, "seed")):
         with pytest.raises((ValueError, TypeError), match=pattern):
             UserTableDataModule(tmp_path / "t.npy", **kwargs)
-    np.save(tmp_path / "small.npy", table(n=9))
-    with pytest.raises(ValueError, match="9 usable rows are too few"):
+    np.save(tmp_path / "small.npy", table(n=4))  # 20 %: no validation row
+    with pytest.raises(ValueError, match="4 usable rows are too few"):
         loaded(tmp_path / "small.npy")
 
 

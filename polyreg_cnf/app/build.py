@@ -59,7 +59,12 @@ from polyreg_cnf.app.run_logging import (
 from polyreg_cnf.callbacks import NFEMonitor
 from polyreg_cnf.callbacks.guard import NumericalFaultError, RunGuard, describe_solver_failure
 from polyreg_cnf.callbacks.plots import TrajectoryPlotter
-from polyreg_cnf.callbacks.selection import MONITOR, LastCheckpoint, ValidationRecord
+from polyreg_cnf.callbacks.selection import (
+    MONITOR,
+    LastCheckpoint,
+    LearningRateDrops,
+    ValidationRecord,
+)
 from polyreg_cnf.models.checkpoint import AtomicCheckpointIO
 
 __all__ = ["Run", "TestedWeights", "build", "execute", "load_tested_weights",
@@ -114,6 +119,8 @@ def _selection(config: RunConfig, guard: RunGuard, ckpt_dir: Path, checkpointing
         early_stop = EarlyStopping(monitor=MONITOR, mode="min", patience=patience,
                                    check_on_train_epoch_end=False)
         callbacks.append(early_stop)
+        if config.training.lr_drop < 1:
+            callbacks.append(LearningRateDrops(patience, config.training.lr_drop))
     best = None
     if checkpointing:
         # One file, overwritten at each improvement: a run keeps best.ckpt and last.ckpt.
@@ -194,7 +201,9 @@ def build(config: RunConfig, *, ckpt_path: str | os.PathLike | None = None,
     hparams = {**config.flat(), "poly_coef": poly["coef"], "poly_samples": poly["num_samples"],
                "poly_order": poly["order"]}
     loggers = make_logger(out.logger, run_dir, run_dir.name, run_config(hparams, regularizer))
-    if config.training.lr_schedule != "constant" and loggers:
+    lr_moves = config.training.lr_schedule != "constant" \
+        or any(isinstance(c, LearningRateDrops) for c in selection)
+    if lr_moves and loggers:
         own.append(LearningRateMonitor(logging_interval="step"))  # logged as lr-<optimizer>
     all_callbacks = [*own, *callbacks]
     write_config(config, run_dir)  # after the CSV logger, which warns about a non-empty folder

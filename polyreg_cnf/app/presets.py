@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from polyreg_cnf.callbacks.selection import LR_DROP_FFJORD
+
 __all__ = ["DATA_KINDS", "PRESETS", "TABLE_PRESET", "TABULAR_SELECTION", "TOY_PRESET",
            "VAE_PRESETS", "preset_for"]
 
@@ -30,11 +32,12 @@ DATA_KINDS = ("toy", "tabular", "table", "image")
 _TABULAR = dict(hidden_dims=None)
 
 #: Model selection on the standard tabular sets, as FFJORD's tabular script does it (its network,
-#: learning rate and batch are the ones these presets use): validate every 200 iterations, stop
-#: after 30 validations without a lower validation NLL, test the best validation model. (MAF
-#: stops after 30 epochs without improvement; FFJORD also lowers the learning rate at a third and
-#: two thirds of the patience, which these presets do not.)
-TABULAR_SELECTION: dict[str, Any] = dict(val_every=200, early_stop_patience=30)
+#: learning rate and batch are the ones these presets use): validate every 200 iterations, divide
+#: the learning rate by 10 after 10 and again after 20 validations without a lower validation
+#: NLL, stop after 30, test the best validation model (MAF stops after 30 epochs without
+#: improvement). See :class:`polyreg_cnf.callbacks.selection.LearningRateDrops`.
+TABULAR_SELECTION: dict[str, Any] = dict(val_every=200, early_stop_patience=30,
+                                         lr_drop=LR_DROP_FFJORD)
 
 #: Density estimation on the tabular sets: hidden width = hdim_factor x D, all "concat" except
 #: BSDS300.
@@ -57,12 +60,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 TOY_PRESET: dict[str, Any] = {}
 
 #: The user's own table: a mid-sized tabular network, stopped after 20 validations without a
-#: lower validation NLL. Its validation cadence depends on the number of rows, known once the
-#: file is read (:func:`polyreg_cnf.datamodules.user_table.validation_interval`): a table of a
-#: few hundred rows overfits within a few hundred steps.
+#: lower validation NLL, with FFJORD's learning-rate drops (after 6 and 13 of them). Its
+#: validation cadence depends on the number of rows, known once the file is read
+#: (:func:`polyreg_cnf.datamodules.user_table.validation_interval`): a table of a few hundred
+#: rows overfits within a few hundred steps.
 TABLE_PRESET: dict[str, Any] = dict(_TABULAR, nonlinearity="softplus", nhidden=2, hdim_factor=10,
                                     num_blocks=2, layer_type="concat", batch_size=512,
-                                    early_stop_patience=20)
+                                    early_stop_patience=20, lr_drop=LR_DROP_FFJORD)
 
 #: The VAE with a CNF posterior, per image set: FFJORD's published settings (shared DATA.md) and
 #: a small, fast setting for the embedded 8 x 8 digits. The published MNIST VAE is

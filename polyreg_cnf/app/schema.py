@@ -122,6 +122,8 @@ class RunConfig:
             raise ConfigError(f"--early-stop-patience {t.early_stop_patience} needs validation, "
                               f"but --limit-val-batches is 0; give both, or "
                               f"--early-stop-patience 0")
+        if t.lr_drop > 1:
+            raise ConfigError(f"--lr-drop must be in (0, 1] (1: off), got {t.lr_drop}")
         if self.model == "vae" and self.reg != "none" and self.vae.posterior == "gaussian":
             raise ConfigError(f"--reg {self.reg} acts on the CNF posterior, but --posterior "
                               f"gaussian has no flow; use --reg none or another --posterior")
