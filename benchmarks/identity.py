@@ -6,10 +6,11 @@
 
 Each tree trains every arm x seed of the quick suite (checkerboard, benchmarks/run.py) with its
 own interpreter, engine and benchmarks/harness.py, one process per tree, both at once. Kept of
-each run: the training loss and the forward and backward NFE of every step, the validation NLLs,
-test NLL, test NFE, test NLL at the training tolerance and a hash of the final weights. Each
-field is compared for exact equality (floats bit for bit); the report names the first step where
-a field differs. Exit status 1 when any field differs.
+each run: the training loss Lightning backpropagates (regularizer terms included) and the forward
+and backward NFE of every step, the validation NLLs, test NLL, test NFE, test NLL at the training
+tolerance and a hash of the final weights. Each field is compared for exact equality (floats bit
+for bit); the report names the first step where a field differs. Exit status 1 when any field
+differs.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ for module in (polyreg_cnf, polyreg_cnf.callbacks, polyreg_cnf.datamodules, harn
 class Losses(harness.L.Callback):
     def __init__(self):
         self.values = []
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.values.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+    def on_before_backward(self, trainer, module, loss):  # what is backpropagated, terms included
+        self.values.append(float(loss))
 
 build, out, steps = harness.build, {}, int(sys.argv[2])
 work = harness.WORKLOADS["checkerboard"]  # with the quick suite's validation interval
