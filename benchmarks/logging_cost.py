@@ -37,6 +37,10 @@ WORKLOADS = {
 COMMON = ["--threads", "1", "--limit-val-batches", "0", "--no-test", "--plot-every", "0",
           "--logger", "csv"]
 PROBE = ROOT / "benchmarks" / "logging_probe.py"
+#: Runs the probe by path with ``python -c``, so the tree in the working directory (``""``), not
+#: the probe's folder, is first on the import path.
+_LAUNCH = ("import runpy, sys; sys.argv = sys.argv[1:]; "
+           "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +55,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def _start(tree: Path, python: Path, flags: list[str], core: int, out: Path,
            work: Path) -> subprocess.Popen:
     pin = ["taskset", "-c", str(core)] if shutil.which("taskset") and os.cpu_count() else []
-    argv = [*pin, str(python), str(PROBE), str(out), "train.py", *flags, *COMMON,
+    argv = [*pin, str(python), "-c", _LAUNCH, str(PROBE), str(out), "train.py", *flags, *COMMON,
             "--output-dir", str(work), "--run-name", out.stem]
     return subprocess.Popen(argv, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)

@@ -1,6 +1,7 @@
 """Run ``train.py ARGS`` of the checkout in the working directory, timing what its logging costs.
 
-    python /path/to/benchmarks/logging_probe.py OUT.json train.py ARGS...
+    python -c "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], \
+        run_name='__main__')" /path/to/benchmarks/logging_probe.py OUT.json train.py ARGS...
 
 Run by :mod:`benchmarks.logging_cost` with each tree's own interpreter and working directory, so
 it imports whatever polyreg_cnf that tree has; it uses the standard library and Lightning only.
@@ -78,8 +79,6 @@ def _patch_step_log() -> list[str]:
 
 def main() -> None:
     out, script, *args = sys.argv[1:]
-    # The tree in the working directory, not this file's folder, comes first on the path.
-    sys.path[0] = "."
     from lightning.pytorch.core.module import LightningModule
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
     from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import (

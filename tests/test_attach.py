@@ -479,11 +479,11 @@ def test_adjoint_penalty_gradient_matches_direct_backprop():
 
 def test_adjoint_backward_nfe_counted_and_stock_adjoint_kept_where_carry_cannot_follow(
         monkeypatch):
-    import polyreg_cnf.engine.solving as solving
+    import polyreg_cnf.engine.strategies as strategies
 
     carried = []
-    carry = solving.odeint_adjoint_carry
-    monkeypatch.setattr(solving, "odeint_adjoint_carry",
+    carry = strategies.odeint_adjoint_carry
+    monkeypatch.setattr(strategies, "odeint_adjoint_carry",
                         lambda *a, **k: carried.append(1) or carry(*a, **k))
     field = Field()
     x0 = torch.randn(3, 2)

@@ -200,7 +200,7 @@ def test_odeint_adjoint_of_a_plain_function_goes_through_solve():
                            adjoint_params=(A,))
     y.sum().backward()
     assert counter.forward > 0 and counter.backward > 0 and A.grad is not None
-    with pytest.raises(ValueError, match="not an nn.Module.*adjoint_params="):
+    with pytest.raises(ValueError, match="must be an instance of nn.Module.*adjoint_params="):
         odeint_adjoint(lambda t, y: -y, torch.ones(2), torch.linspace(0, 1, 3))
 
 

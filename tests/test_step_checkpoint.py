@@ -283,7 +283,8 @@ def test_dropin_takes_tuples_closures_with_params_and_a_tensor_norm():
     w = torch.tensor(0.3, requires_grad=True)
     y0 = torch.ones(4, dtype=torch.float64)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"func is a function, not an nn.Module.*params="):
+    with pytest.raises(ValueError,
+                       match=r"func must be an instance of nn.Module.*got a function.*params="):
         odeint_checkpoint(lambda s, y: -w * y, y0, t)
     seen = []
 

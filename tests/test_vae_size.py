@@ -47,10 +47,10 @@ def test_auto_keeps_the_adjoint_for_an_ordinary_ends_only_solve():
 
 
 def test_the_papers_vae_sizes_are_adjoint_heavy_and_the_digits_are_not():
-    from polyreg_cnf.app.presets import VAE_PRESETS
+    from polyreg_cnf.app.config import resolve
 
     def heavy(name: str) -> bool:
-        p = VAE_PRESETS[name]
+        p = resolve({"model": "vae", "data": name}).flat()  # the preset over CNFVAE's defaults
         net = AmortizedODENet(p["z_dim"], p["hidden_dims"], p["rank"])
         params = p["batch_size"] * net.context_size + sum(x.numel() for x in net.parameters())
         state = p["batch_size"] * (p["z_dim"] + 1)  # z and the log-determinant

@@ -1,8 +1,8 @@
 """Typed flow settings: the network and the CNF blocks, beside :class:`SolverConfig`.
 
 :class:`FlowConfig` says what a stack of CNF blocks is (each block's vector field, end time and
-trace estimator); :class:`~polyreg_cnf.engine.solver_config.SolverConfig` says how each block's ODE is
-solved. Every flow default is written here, once: :class:`~polyreg_cnf.engine.cnf.CNF`, the
+trace estimator); :class:`~polyreg_cnf.engine.solver_config.SolverConfig` says how each block's
+ODE is solved. Every flow default is written here, once: :class:`~polyreg_cnf.engine.cnf.CNF`, the
 VAE's :class:`~polyreg_cnf.engine.amortized.FlowPosterior`, the LightningModules and the command
 line (whose ``network`` flags are these fields, help text and choices included) all read it.
 

@@ -82,9 +82,11 @@ def _params(params: Params, func: Callable[..., Any]) -> tuple[Tensor, ...]:
     if params is not None:
         return tuple(params)
     if not isinstance(func, nn.Module):
-        raise ValueError(f"func is a {type(func).__name__}, not an nn.Module, so its parameters "
-                         f"cannot be found; pass params= (adjoint_params= to odeint_adjoint): "
-                         f"every tensor func depends on that needs a gradient, () if none")
+        # The phrase torchdiffeq uses, so code written against its odeint_adjoint still matches.
+        raise ValueError(f"func must be an instance of nn.Module to find its parameters, got a "
+                         f"{type(func).__name__}; pass params= (adjoint_params= to "
+                         f"odeint_adjoint): every tensor func depends on that needs a gradient, "
+                         f"() if none")
     return tuple(tde.find_parameters(func))
 
 
