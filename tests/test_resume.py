@@ -197,8 +197,11 @@ def stopped_step(stdout, signame):
 # next batch's end; "validation": in the first of 3 validation batches after step 10
 # (--val-every 10), stopped at that batch's end. (With Lightning's handler the last three ended
 # the run with exit code 0 and no checkpoint.)
-SIGTERM_CASES = [("step", 17, 18), ("batch_end", 10, 10), ("epoch_end", 10, 11),
-                 ("validation", 10, 10)]
+# About 20 s each: the step and validation hooks run by default, the others with the slow tests.
+SIGTERM_CASES = [pytest.param("step", 17, 18, id="step"),
+                 pytest.param("batch_end", 10, 10, id="batch_end", marks=pytest.mark.slow),
+                 pytest.param("epoch_end", 10, 11, id="epoch_end", marks=pytest.mark.slow),
+                 pytest.param("validation", 10, 10, id="validation")]
 
 
 SIGTERM_STEPS, SIGTERM_FLAGS = 30, ["--val-every", "10", "--limit-val-batches", "3"]
@@ -213,7 +216,7 @@ def uninterrupted(tmp_path_factory):
     return last_checkpoint(tmp / "full")
 
 
-@pytest.mark.parametrize("hook, at, stops", SIGTERM_CASES, ids=[c[0] for c in SIGTERM_CASES])
+@pytest.mark.parametrize("hook, at, stops", SIGTERM_CASES)
 def test_sigterm_saves_and_resume_ends_with_the_uninterrupted_weights(tmp_path, uninterrupted,
                                                                       hook, at, stops):
     steps, flags = SIGTERM_STEPS, SIGTERM_FLAGS
