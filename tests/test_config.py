@@ -163,9 +163,9 @@ def test_a_bad_choice_echoes_the_value_and_lists_the_choices(name, capsys):
     ({"seminorm": True, "backprop": "direct"}, "--seminorm does not apply to --backprop direct"),
     ({"seminorm": True, "backprop": "checkpoint"},
      "--seminorm does not apply to --backprop checkpoint"),
-    ({"backprop": "checkpoint", "solver": "rk4", "step_size": 0.1},
-     "--solver rk4 --backprop checkpoint: StepCheckpoint recomputes adaptive Runge-Kutta "
-     "steps; method 'rk4' is fixed-grid"),
+    ({"backprop": "checkpoint", "solver": "implicit_adams", "step_size": 0.1},
+     "--solver implicit_adams --backprop checkpoint: StepCheckpoint recomputes single "
+     "Runge-Kutta steps; method 'implicit_adams' cannot be recomputed"),
     ({"backprop": "checkpoint", "train_T": True},
      "StepCheckpoint cannot learn the end time (train_T=True)"),
     ({"data": "power", "hidden_dims": None, "nhidden": None},

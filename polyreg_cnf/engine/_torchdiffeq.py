@@ -31,9 +31,9 @@ from polyreg_cnf.engine.errors import SolverError
 
 __all__ = ["ADAPTIVE_METHODS", "ADJOINT_CALLBACKS", "CALLBACKS", "FIXED_METHODS", "METHODS",
            "RK_METHODS", "SOLVERS", "STEP_COUNTS", "Perturb", "PerturbFunc", "StepRelay",
-           "find_parameters", "interp_evaluate", "interp_fit", "mixed_norm", "odeint",
-           "odeint_adjoint", "proxy_module", "runge_kutta_step", "solver_failure",
-           "stock_solvers"]
+           "find_parameters", "fixed_grid_stepper", "interp_evaluate", "interp_fit",
+           "mixed_norm", "odeint", "odeint_adjoint", "proxy_module", "runge_kutta_step",
+           "solver_failure", "stock_solvers"]
 
 #: torchdiffeq's package folder: an AssertionError raised from code inside it is a solver failure.
 _PACKAGE = os.path.dirname(os.path.abspath(torchdiffeq.__file__)) + os.sep
@@ -91,6 +91,18 @@ interp_evaluate = _interp_evaluate
 interp_fit = _interp_fit
 runge_kutta_step = _runge_kutta_step
 PerturbFunc = _PerturbFunc
+
+
+def fixed_grid_stepper(method: str, y0: Any, options: dict[str, Any]) -> FixedGridODESolver:
+    """torchdiffeq's fixed-grid solver of ``method`` for ``y0``, to recompute single steps with.
+
+    Only the options that change a step or its output (``interp``, ``perturb``) are passed on:
+    the grid is the one the forward solve recorded. The step checkpoints call its private
+    ``_step_func``, ``_linear_interp`` and ``_cubic_hermite_interp`` so that a recomputed step
+    is the forward step bit for bit.
+    """
+    kept = {key: options[key] for key in ("interp", "perturb") if key in options}
+    return SOLVERS[method](func=None, y0=y0, atol=0.0, **kept)
 
 
 def stock_solvers() -> dict[int, str]:

@@ -42,11 +42,13 @@ from torch import Tensor
 # torchdiffeq internals the recomputation must share with the forward solve to reproduce it
 # exactly; torchdiffeq is pinned (0.2.5) and tests/test_torchdiffeq_contract.py names them.
 from polyreg_cnf.engine._torchdiffeq import (
+    FIXED_METHODS,
     RK_METHODS,
     SOLVERS,
     Perturb,
     PerturbFunc,
     StepRelay,
+    fixed_grid_stepper,
     interp_evaluate,
     interp_fit,
     mixed_norm,
@@ -59,18 +61,29 @@ __all__ = ["CHECKPOINT_METHODS", "evaluations_per_step", "checkpointed_solve"]
 State = tuple[Tensor, ...]
 Field = Callable[[Tensor, Any], Any]
 
-#: Adaptive Runge-Kutta methods whose steps can be recomputed (every adaptive torchdiffeq method).
-CHECKPOINT_METHODS = RK_METHODS
+#: Evaluations per step of torchdiffeq's one-step fixed-grid methods (their ``_step_func``). The
+#: Adams methods are left out: a multistep method's step depends on earlier steps' evaluations,
+#: so it cannot be recomputed from its start state alone.
+_FIXED_STAGES = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4}
+
+#: Methods whose steps can be recomputed: every adaptive Runge-Kutta method of torchdiffeq and
+#: its one-step fixed-grid methods.
+CHECKPOINT_METHODS: tuple[str, ...] = RK_METHODS + tuple(
+    name for name in FIXED_METHODS if name in _FIXED_STAGES)
 
 
 def evaluations_per_step(method: str) -> int:
-    """Evaluations the backward pass makes per recomputed step of ``method`` (dopri5: 7).
+    """Evaluations the backward pass makes per recomputed step of ``method`` (dopri5: 7, rk4: 4).
 
-    Also the number of evaluations whose graph the backward pass holds at once.
+    Also the number of evaluations whose graph the backward pass holds at once. A fixed-grid step
+    is recomputed with exactly the evaluations the forward step made (with ``interp="cubic"``
+    one more per output time inside the step, as in the forward solve).
     """
     if method not in CHECKPOINT_METHODS:
-        raise ValueError(f"not an adaptive Runge-Kutta method: {method!r}; valid: "
+        raise ValueError(f"not a method whose steps can be recomputed: {method!r}; valid: "
                          f"{', '.join(CHECKPOINT_METHODS)}")
+    if method in FIXED_METHODS:
+        return _FIXED_STAGES[method]
     return len(SOLVERS[method].tableau.alpha) + 1
 
 
@@ -89,6 +102,9 @@ class _FlatField(StepRelay):
         self.single = single
         self.sign = sign
         self.steps: list[tuple[Tensor, Tensor, Tensor]] = []
+        #: Whether every step is kept from ``callback_step`` (fixed grids: they call no accept
+        #: callback) rather than from ``callback_accept_step`` (:class:`_AdaptiveFlatField`).
+        self.fixed = True
 
     def unflatten(self, y: Tensor, lead: tuple[int, ...] = ()) -> State:
         out, start = [], 0
@@ -111,6 +127,19 @@ class _FlatField(StepRelay):
     def caller_form(self, t0: Tensor, y0: Tensor) -> tuple[Tensor, Tensor | State]:
         return t0 * self.sign, self.state(y0)
 
+    def callback_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
+        if self.fixed:  # a fixed-grid step is always taken; only the forward solve steps here
+            self.steps.append((t0, y0, dt))
+        self.relay("callback_step", t0, y0, dt)
+
+
+class _AdaptiveFlatField(_FlatField):
+    """A :class:`_FlatField` for adaptive methods: accepted steps come from their callback.
+
+    (A separate class because torchdiffeq warns when a fixed-grid method's field has the
+    accept/reject callbacks, which fixed grids never call.)
+    """
+
     def callback_accept_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
         # Only the forward solve calls this (the backward pass takes no adaptive steps).
         self.steps.append((t0, y0, dt))
@@ -118,9 +147,6 @@ class _FlatField(StepRelay):
 
     def callback_reject_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
         self.relay("callback_reject_step", t0, y0, dt)
-
-    def callback_step(self, t0: Tensor, y0: Tensor, dt: Tensor) -> None:
-        self.relay("callback_step", t0, y0, dt)
 
 
 class _CheckpointedSolve(torch.autograd.Function):
@@ -134,11 +160,14 @@ class _CheckpointedSolve(torch.autograd.Function):
         ctx.flat = flat
         ctx.s = s
         ctx.method = solve_kwargs["method"]
+        ctx.options = solve_kwargs["options"]
         ctx.save_for_backward(*params)
         return solution
 
     @staticmethod
     def backward(ctx: Any, grad_solution: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.flat.fixed:
+            return _fixed_backward(ctx, grad_solution)
         flat: _FlatField = ctx.flat
         params = ctx.saved_tensors
         steps = flat.steps
@@ -201,6 +230,67 @@ class _CheckpointedSolve(torch.autograd.Function):
         return (None, None, None, grad_y0, *grads)
 
 
+def _fixed_backward(ctx: Any, grad_solution: Tensor) -> tuple[Tensor | None, ...]:
+    """The backward pass through a fixed-grid solve: one recomputed step at a time.
+
+    Each step is redone by torchdiffeq's own step function from its stored start (same stages,
+    same ``t0``, ``dt`` and ``t1``), and each output time inside it by the solver's own
+    interpolation between the step's ends (linear by default, cubic Hermite with
+    ``options["interp"] = "cubic"``, which evaluates the field at the step's end once per
+    output time, as the forward solve does).
+    """
+    flat: _FlatField = ctx.flat
+    params = ctx.saved_tensors
+    steps = flat.steps
+    times = ctx.s.to(steps[0][0].dtype)
+    stepper = fixed_grid_stepper(ctx.method, steps[0][1], ctx.options)
+    func = PerturbFunc(flat)
+    # A step ends where the next one starts (t0 + dt may round differently); the last step ends
+    # on the grid's last time, as torchdiffeq's grid does.
+    ends = [t0 for t0, _, _ in steps[1:]] + [times[-1]]
+    # Which step produced each output: the first step whose end is at or beyond it, as in
+    # torchdiffeq's fixed-grid loop.
+    owner: dict[int, list[int]] = {}
+    n = 0
+    end_values = [float(t1) for t1 in ends]
+    for i, t in enumerate(times.tolist()[1:], start=1):
+        while t > end_values[n]:
+            n += 1
+        owner.setdefault(n, []).append(i)
+
+    adjoint: Tensor | None = None
+    grads: list[Tensor | None] = [None] * len(params)
+    for n in range(len(steps) - 1, -1, -1):
+        t0, y_start, dt = steps[n]
+        t1 = ends[n]
+        outputs = owner.get(n, [])
+        if adjoint is None and not outputs:
+            continue
+        with torch.enable_grad():
+            y = y_start.detach().requires_grad_(True)
+            dy, f0 = stepper._step_func(func, t0, dt, t1, y)
+            y1 = y + dy
+            targets: list[Tensor] = []
+            cotangents: list[Tensor] = []
+            if adjoint is not None:
+                targets.append(y1)
+                cotangents.append(adjoint)
+            for i in outputs:
+                if stepper.interp == "cubic":
+                    out = stepper._cubic_hermite_interp(t0, y, f0, t1, y1, func(t1, y1), times[i])
+                else:
+                    out = stepper._linear_interp(t0, t1, y, y1, times[i])
+                targets.append(out)
+                cotangents.append(grad_solution[i])
+            step_grads = torch.autograd.grad(targets, (y, *params), cotangents, allow_unused=True)
+        adjoint = step_grads[0]
+        for j, g in enumerate(step_grads[1:]):
+            if g is not None:
+                grads[j] = g if grads[j] is None else grads[j] + g
+    grad_y0 = grad_solution[0] if adjoint is None else adjoint + grad_solution[0]
+    return (None, None, None, grad_y0, *grads)
+
+
 def checkpointed_solve(func: Field, y0: Tensor | State, t: Tensor, *, params: Sequence[Tensor],
                        rtol: float, atol: float, method: str = "dopri5",
                        options: dict[str, Any] | None = None) -> Tensor | State:
@@ -218,7 +308,9 @@ def checkpointed_solve(func: Field, y0: Tensor | State, t: Tensor, *, params: Se
             tensor it closes over): gradients reach exactly these and ``y0``.
         rtol: Relative tolerance.
         atol: Absolute tolerance.
-        method: An adaptive Runge-Kutta method (one of ``CHECKPOINT_METHODS``).
+        method: An adaptive Runge-Kutta method or a one-step fixed-grid method (euler,
+            midpoint, heun2, heun3, rk4; one of ``CHECKPOINT_METHODS``), the latter with
+            ``options["step_size"]``, a ``grid_constructor`` or on the output times.
         options: torchdiffeq options (``first_step``, ``max_num_steps``, ``norm`` taking the
             state in ``y0``'s form, ...); ``step_t`` and ``jump_t`` are not supported.
 
@@ -226,12 +318,13 @@ def checkpointed_solve(func: Field, y0: Tensor | State, t: Tensor, *, params: Se
         The state at every time of ``t`` in ``y0``'s form, with a leading time dimension.
 
     Raises:
-        ValueError: For a method that is not an adaptive Runge-Kutta method, times that require
-            gradients, step barriers in ``options``, a bad grid or states of mixed dtypes.
+        ValueError: For a method outside ``CHECKPOINT_METHODS`` (e.g. the multistep Adams),
+            times that require gradients, step barriers in ``options``, a bad grid or states of
+            mixed dtypes.
     """
     if method not in CHECKPOINT_METHODS:
-        raise ValueError(f"checkpointed_solve needs an adaptive Runge-Kutta method "
-                         f"({', '.join(CHECKPOINT_METHODS)}), got {method!r}")
+        raise ValueError(f"checkpointed_solve needs an adaptive Runge-Kutta method or a one-step "
+                         f"fixed-grid method ({', '.join(CHECKPOINT_METHODS)}), got {method!r}")
     options = dict(options or {})
     barriers = sorted({"step_t", "jump_t"} & set(options))
     if barriers:
@@ -253,7 +346,10 @@ def checkpointed_solve(func: Field, y0: Tensor | State, t: Tensor, *, params: Se
         raise ValueError(f"y0 must be a tensor or a non-empty tuple of tensors of one dtype, "
                          f"got dtypes {[y.dtype for y in states]}")
     sign = 1.0 if bool(steps[0] > 0) else -1.0
-    flat = _FlatField(func, [y.shape for y in states], single, sign)
+    fixed = method in FIXED_METHODS
+    flat = (_FlatField if fixed else _AdaptiveFlatField)(
+        func, [y.shape for y in states], single, sign)
+    flat.fixed = fixed
     y0_flat = torch.cat([y.reshape(-1) for y in states])
     # The error norm as torchdiffeq measures it for this state (the largest RMS over the
     # tensors of a tuple, the RMS of a tensor, or the caller's norm of the state in its form),
