@@ -14,6 +14,10 @@ grid :math:`t_0, \dots, t_N` (increasing or decreasing, any :math:`t_0`)
    :func:`~polyreg_cnf.engine.penalty.trajectory_polynomial_penalty`;
 4. returns the requested times only.
 
+On a fixed grid (``options["step_size"]``) the interior times are read from the solver's dense
+output within a step, cubic Hermite (``interp="cubic"``) unless the caller chose ``interp``: see
+:func:`dense_output_options` for why not linear, nor the grid points themselves.
+
 Not penalised (with a one-time warning per recorder): solves with ``event_fn``, and fixed-grid
 methods without ``options["step_size"]`` (they step on the output grid itself, so added times
 would change the solution).
@@ -33,7 +37,7 @@ from polyreg_cnf.engine._torchdiffeq import FIXED_METHODS, METHODS
 from polyreg_cnf.engine.observers import Observer
 from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomial_penalty
 
-__all__ = ["PenaltyGrid", "TrajectoryRecorder", "penalty_grid"]
+__all__ = ["PenaltyGrid", "TrajectoryRecorder", "dense_output_options", "penalty_grid"]
 
 
 @dataclass
@@ -63,6 +67,28 @@ class PenaltyGrid:
         if z.ndim == 1:  # a scalar state: one sample of one dimension
             z = z.unsqueeze(1)
         return trajectory_polynomial_penalty(times, z, order)
+
+
+def dense_output_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options of a penalised solve: cubic Hermite dense output on a fixed grid.
+
+    torchdiffeq's fixed-grid default, linear interpolation between a step's ends, puts every
+    interior time on a chord: with one step per solve the trajectory the penalty sees is exactly
+    a straight line, so an order-1 penalty is identically zero whatever the model does, and with
+    few steps it misses most of the curvature. Cubic Hermite interpolation (the step's end
+    values and slopes) is accurate to the step's order of the curve. The grid points themselves
+    are free but measure another quantity (fixed, evenly spaced times instead of uniform random
+    ones; nothing at all with one step). ``python -m benchmarks.fixed_grid_penalty`` measures the
+    three against the closed form on a linear ODE, with the evaluations each costs; cubic costs
+    one evaluation more per output time (the field at the end of its step), forward and in the
+    step checkpoints' recomputation. The requested times are grid ends, where cubic and linear
+    output both return the step's end state unchanged.
+
+    Adaptive methods and a caller's own ``interp`` are left as they are.
+    """
+    if method in FIXED_METHODS and "interp" not in options:
+        return {**options, "interp": "cubic"}
+    return options
 
 
 def penalty_grid(t: Tensor, num_samples: int, generator: torch.Generator | None) -> PenaltyGrid:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from polyreg_cnf.engine import _torchdiffeq as tde
 from polyreg_cnf.engine.nfe import NFECounter, NFELimitError
 from polyreg_cnf.engine.observers import active
-from polyreg_cnf.engine.recording import TrajectoryRecorder
+from polyreg_cnf.engine.recording import TrajectoryRecorder, dense_output_options
 from polyreg_cnf.engine.strategies import AutoDecision, Backprop, Direct, Problem
 
 __all__ = ["solve"]
@@ -136,6 +136,8 @@ def solve(func: Callable[..., Any], y0: Tensor | tuple[Tensor, ...], t: Tensor, 
     recorder = active(TrajectoryRecorder) if grad and penalise else None
     grid = None if recorder is None else recorder.plan(y0, t, method, options, event_fn,
                                                        state_index)
+    if grid is not None:
+        options = dense_output_options(method, options)
     if counter is not None:
         counter.solves += 1
     counted = _Evaluations(func, counter, method in tde.ADAPTIVE_METHODS, max_nfe)
