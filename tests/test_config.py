@@ -164,8 +164,8 @@ def test_a_bad_choice_echoes_the_value_and_lists_the_choices(name, capsys):
     ({"seminorm": True, "backprop": "checkpoint"},
      "--seminorm does not apply to --backprop checkpoint"),
     ({"backprop": "checkpoint", "solver": "implicit_adams", "step_size": 0.1},
-     "--solver implicit_adams --backprop checkpoint: StepCheckpoint recomputes single "
-     "Runge-Kutta steps; method 'implicit_adams' cannot be recomputed"),
+     "--solver implicit_adams --backprop checkpoint: StepCheckpoint redoes single "
+     "Runge-Kutta steps: method 'implicit_adams' cannot be recomputed"),
     ({"backprop": "checkpoint", "train_T": True},
      "StepCheckpoint cannot learn the end time (train_T=True)"),
     ({"data": "power", "hidden_dims": None, "nhidden": None},

@@ -229,8 +229,9 @@ def test_bad_requests_are_refused_with_what_was_given():
     field, y0 = _problem()
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
     params = list(field.parameters())
-    with pytest.raises(ValueError, match=r"adaptive Runge-Kutta method .*got 'rk4'"):
-        checkpointed_solve(field, y0, t, params=params, rtol=1e-5, atol=1e-5, method="rk4")
+    with pytest.raises(ValueError, match=r"one-step fixed-grid method .*got 'implicit_adams'"):
+        checkpointed_solve(field, y0, t, params=params, rtol=1e-5, atol=1e-5,
+                           method="implicit_adams")
     with pytest.raises(ValueError, match=r"cannot differentiate the output times"):
         checkpointed_solve(field, y0, t.clone().requires_grad_(), params=params, rtol=1e-5,
                           atol=1e-5)
@@ -240,14 +241,14 @@ def test_bad_requests_are_refused_with_what_was_given():
     with pytest.raises(ValueError, match=r"strictly increasing or strictly decreasing"):
         checkpointed_solve(field, y0, torch.tensor([0.0, 1.0, 0.5]), params=params, rtol=1e-5,
                           atol=1e-5)
-    with pytest.raises(ValueError, match=r"fixed-grid"):
-        SolverConfig(method="rk4", step_size=0.1, backprop="checkpoint")
+    with pytest.raises(ValueError, match=r"'fixed_adams' cannot be recomputed step by step"):
+        SolverConfig(method="fixed_adams", step_size=0.1, backprop="checkpoint")
     with pytest.raises(ValueError, match=r"StepCheckpoint takes no settings \['seminorm'\]"):
         SolverConfig(backprop=make_backprop("checkpoint", seminorm=True))
     with pytest.raises(ValueError, match=r"StepCheckpoint cannot learn the end time"):
         ODEBlock(nn.Linear(2, 2), train_T=True, solver=SolverConfig(backprop="checkpoint"))
     assert set(CHECKPOINT_METHODS) >= {"dopri5", "dopri8", "bosh3", "fehlberg2",
-                                       "adaptive_heun"}
+                                       "adaptive_heun", "euler", "midpoint", "rk4"}
 
 
 # ------------------------------------------------------------------------------ the drop-in

@@ -47,11 +47,8 @@ from polyreg_cnf.engine.memory import (
     default_memory_share,
     saved_tensor_bytes,
 )
-from polyreg_cnf.engine.step_checkpoint import (
-    CHECKPOINT_METHODS,
-    checkpointed_solve,
-    evaluations_per_step,
-)
+from polyreg_cnf.engine.step_checkpoint import CHECKPOINT_METHODS as RECOMPUTABLE
+from polyreg_cnf.engine.step_checkpoint import checkpointed_solve, evaluations_per_step
 
 __all__ = ["ADJOINT_HEAVY_RATIO", "BACKPROP_KINDS", "CHOICES", "MEMORY_BOUNDED", "Adjoint", "Auto",
            "AutoDecision", "Backprop", "Direct", "Problem", "StepCheckpoint",
@@ -225,16 +222,14 @@ class Adjoint(Backprop):
 
 @dataclass(frozen=True)
 class StepCheckpoint(Backprop):
-    """Backpropagate through one recomputed step at a time (Runge-Kutta methods, adaptive or on a
-    fixed grid)."""
+    """Backpropagate through one recomputed step at a time (Runge-Kutta, adaptive or fixed-grid)."""
 
     kind: ClassVar[str] = "checkpoint"
 
     def check(self, method: str, train_T: bool = False) -> None:
-        if method not in CHECKPOINT_METHODS:
-            raise ValueError(f"StepCheckpoint recomputes single Runge-Kutta steps; method "
-                             f"{method!r} cannot be recomputed step by step (use one of "
-                             f"{', '.join(CHECKPOINT_METHODS)}, or Direct())")
+        if method not in RECOMPUTABLE:
+            raise ValueError(f"StepCheckpoint redoes single Runge-Kutta steps: method {method!r}"
+                             f" cannot be recomputed step by step (use {RECOMPUTABLE} or Direct())")
         if train_T:
             raise ValueError("StepCheckpoint cannot learn the end time (train_T=True): its step "
                              "sizes are fixed; use Direct(), Adjoint() or Auto()")
