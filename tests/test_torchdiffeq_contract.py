@@ -219,3 +219,40 @@ def test_the_internals_the_step_checkpoints_recompute_with():
         y1 = _runge_kutta_step(func, y0, f0, t0, dt, t0 + dt, tableau=tableau)[0]
         assert torch.equal(t0 + dt, t_next) and torch.equal(y1, y_next), broken(
             "recomputing an accepted dopri5 step does not reproduce the next step's start")
+
+
+def test_the_fixed_grid_internals_the_step_checkpoints_recompute_with():
+    """On a fixed grid checkpointed_solve keeps each step from ``callback_step`` and redoes it
+    with the solver's private ``_step_func`` (and ``_linear_interp`` / ``_cubic_hermite_interp``
+    for output times inside it), built with only ``interp`` and ``perturb``: a step redone from
+    the state the callback saw must land exactly where the next step starts."""
+    from torchdiffeq._impl.misc import _PerturbFunc
+    from torchdiffeq._impl.odeint import SOLVERS
+    from torchdiffeq._impl.solvers import FixedGridODESolver
+
+    class Field:  # only the callback a fixed grid calls (torchdiffeq warns about others)
+        def __init__(self):
+            self.steps = []
+
+        def __call__(self, t, y):
+            return -(1.0 + t) * y
+
+        def callback_step(self, t0, y0, dt):
+            self.steps.append((t0, y0.clone(), dt))
+
+    for name in ("euler", "midpoint", "heun2", "heun3", "rk4"):
+        cls = SOLVERS[name]
+        assert issubclass(cls, FixedGridODESolver) and all(
+            hasattr(cls, f) for f in ("_step_func", "_linear_interp", "_cubic_hermite_interp")), \
+            broken(f"{name} lost its step or interpolation function")
+        field = Field()
+        steps = field.steps
+        odeint(field, torch.ones(2, dtype=torch.float64),
+               torch.tensor([0.0, 1.0], dtype=torch.float64), method=name,
+               options={"step_size": 0.3})
+        stepper = cls(func=None, y0=steps[0][1], atol=0.0, interp="cubic", perturb=False)
+        func = _PerturbFunc(Field())
+        for (t0, y0, dt), (t1, y_next, _) in zip(steps, steps[1:]):
+            dy, _ = stepper._step_func(func, t0, dt, t1, y0)
+            assert torch.equal(y0 + dy, y_next), broken(
+                f"redoing a {name} step does not reproduce the next step's start")
