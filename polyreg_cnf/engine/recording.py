@@ -15,8 +15,9 @@ grid :math:`t_0, \dots, t_N` (increasing or decreasing, any :math:`t_0`)
 4. returns the requested times only.
 
 On a fixed grid (``options["step_size"]``) the interior times are read from the solver's dense
-output within a step, cubic Hermite (``interp="cubic"``) unless the caller chose ``interp``: see
-:func:`dense_output_options` for why not linear, nor the grid points themselves.
+output within a step, cubic Hermite (``interp="cubic"``) for a requested grid of two times unless
+the caller chose ``interp``: see :func:`dense_output_options` for why not linear, nor the grid
+points themselves.
 
 Not penalised (with a one-time warning per recorder): solves with ``event_fn``, and fixed-grid
 methods without ``options["step_size"]`` (they step on the output grid itself, so added times
@@ -69,8 +70,8 @@ class PenaltyGrid:
         return trajectory_polynomial_penalty(times, z, order)
 
 
-def dense_output_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The options of a penalised solve: cubic Hermite dense output on a fixed grid.
+def dense_output_options(method: str, options: dict[str, Any], t: Tensor) -> dict[str, Any]:
+    """The options of a penalised solve over ``t``: cubic Hermite dense output on a fixed grid.
 
     torchdiffeq's fixed-grid default, linear interpolation between a step's ends, puts every
     interior time on a chord: with one step per solve the trajectory the penalty sees is exactly
@@ -81,12 +82,15 @@ def dense_output_options(method: str, options: dict[str, Any]) -> dict[str, Any]
     ones; nothing at all with one step). ``python -m benchmarks.fixed_grid_penalty`` measures the
     three against the closed form on a linear ODE, with the evaluations each costs; cubic costs
     one evaluation more per output time (the field at the end of its step), forward and in the
-    step checkpoints' recomputation. The requested times are grid ends, where cubic and linear
-    output both return the step's end state unchanged.
+    step checkpoints' recomputation.
 
-    Adaptive methods and a caller's own ``interp`` are left as they are.
+    Only where the requested grid is its two ends (every CNF and ODE block solve): those are
+    grid points, where cubic and linear output both return the step's end state, so the
+    requested values stay those of the unpenalised solve. A requested grid with times inside
+    steps keeps linear output for the same reason. Adaptive methods and a caller's own
+    ``interp`` are left as they are.
     """
-    if method in FIXED_METHODS and "interp" not in options:
+    if method in FIXED_METHODS and "interp" not in options and len(t) == 2:
         return {**options, "interp": "cubic"}
     return options
 

@@ -137,7 +137,7 @@ def solve(func: Callable[..., Any], y0: Tensor | tuple[Tensor, ...], t: Tensor, 
     grid = None if recorder is None else recorder.plan(y0, t, method, options, event_fn,
                                                        state_index)
     if grid is not None:
-        options = dense_output_options(method, options)
+        options = dense_output_options(method, options, t)
     if counter is not None:
         counter.solves += 1
     counted = _Evaluations(func, counter, method in tde.ADAPTIVE_METHODS, max_nfe)
