@@ -155,7 +155,8 @@ def odeint_checkpoint(func: Callable[..., Any], y0: Tensor | tuple[Tensor, ...],
         t: 1-D tensor of output times, strictly increasing or decreasing, not requiring grad.
         rtol: Relative tolerance.
         atol: Absolute tolerance.
-        method: An adaptive Runge-Kutta method of torchdiffeq (default dopri5).
+        method: An adaptive Runge-Kutta method of torchdiffeq (default dopri5), or euler,
+            midpoint, heun2, heun3 or rk4 (with ``options["step_size"]``).
         options: The method's options (``step_t``/``jump_t`` not supported).
         params: Every tensor ``func`` depends on that needs a gradient (default:
             ``func.parameters()``, which requires ``func`` to be an ``nn.Module``).

@@ -21,6 +21,13 @@ it, and backpropagates through just that step. So:
   anyway. With dopri5 the backward pass costs exactly 7 evaluations per accepted step (the
   step's first evaluation plus its six stages), with or without the penalty's interior times.
 
+Fixed grids (euler, midpoint, heun2, heun3, rk4) work the same way: every step is kept (from
+``callback_step``; fixed grids have no accepted/rejected steps) and redone in the backward pass
+by the solver's own ``_step_func``, with its own interpolation (linear, or cubic Hermite with
+``interp="cubic"``) for output times inside the step. A fixed step's backward cost is its stages
+(rk4: 4), plus one evaluation per cubic output, exactly the forward cost; the gradients are
+direct backprop's to rounding. The multistep Adams methods cannot be redone from one state.
+
 This is the "adaptive checkpoint adjoint" of Zhuang et al. (ICML 2020) with every accepted step
 checkpointed. The arithmetic is torchdiffeq's own (its Butcher tableau, step and interpolation
 functions), so the recomputed steps reproduce the forward solve bit for bit;
