@@ -11,15 +11,18 @@ draws of the recorder's interior times this measures, against the closed form at
 - ``grid``: the penalty over the grid points alone (no interior times), against the mean
   closed-form penalty over the random times (the quantity the sampled penalty estimates).
 
-Run: ``python -m benchmarks.fixed_grid_penalty`` (seconds on one core; prints a table).
+Run: ``python -m benchmarks.fixed_grid_penalty`` (seconds on one core); writes
+``results/fixed_grid_penalty.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 
+from benchmarks import common
 from polyreg_cnf import TrajectoryRecorder, odeint
 from polyreg_cnf.engine.nfe import NFECounter, record_nfe
 from polyreg_cnf.engine.penalty import trajectory_polynomial_penalty
@@ -69,19 +72,47 @@ def measure(steps: int, draws: int, num_samples: int, order: int) -> dict[str, f
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+STEPS = (1, 2, 4, 8, 16)
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--samples", type=int, default=2, help="interior times K")
     parser.add_argument("--order", type=int, default=1)
-    args = parser.parse_args(argv)
-    print("steps | linear rel. error | cubic rel. error | grid points rel. error | NFE "
-          "linear / cubic / grid")
-    for steps in (1, 2, 4, 8, 16):
-        r = measure(steps, args.draws, args.samples, args.order)
-        print(f"{steps:5d} | {r['linear']:.3g} | {r['cubic']:.3g} | {r['grid']:.3g} | "
-              f"{r['linear_nfe']:.0f} / {r['cubic_nfe']:.0f} / {r['grid_nfe']:.0f}")
 
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every grid of :data:`STEPS`, with the machine and the command."""
+    if args.draws < 1 or args.samples < 1 or args.order < 0:
+        raise common.UsageError(f"--draws and --samples must be >= 1 and --order >= 0, got "
+                                f"{args.draws}, {args.samples}, {args.order}")
+    rows = [{"steps": steps, **measure(steps, args.draws, args.samples, args.order)}
+            for steps in STEPS]
+    return {"meta": {"command": args.command, "machine": common.machine(), "draws": args.draws,
+                     "samples": args.samples, "order": args.order}, "rows": rows}
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The report: relative error and forward NFE per solve, per number of rk4 steps."""
+    meta = payload["meta"]
+    m = meta["machine"]
+    head = ["# Penalty interior times on a fixed rk4 grid: linear dense output, cubic Hermite, "
+            "grid points", "",
+            f"`{meta['command']}`: {meta['draws']} draws of K = {meta['samples']} interior "
+            f"times, order {meta['order']}; damped-spiral linear ODE z' = A z, "
+            f"A = [[-1, 3], [-3, -1]], 32 states, on [0, 1]. {m['cpu']}, commit {m['git_commit']}, torch {m['torch']}, "
+            f"{m['date']}. Mean relative error of the penalty against the closed form (matrix "
+            f"exponential) at the same times; for grid points, against the mean closed-form "
+            f"penalty over the random times. NFE per solve, forward.", ""]
+    rows = [[r["steps"], f"{r['linear']:.3g}", f"{r['cubic']:.3g}", f"{r['grid']:.3g}",
+             f"{r['linear_nfe']:.0f} / {r['cubic_nfe']:.0f} / {r['grid_nfe']:.0f}"]
+            for r in payload["rows"]]
+    return "\n".join([*head, *common.table(
+        ["rk4 steps", "linear rel. error", "cubic rel. error", "grid points rel. error",
+         "NFE linear / cubic / grid"], rows, align="rrrrr")]) + "\n"
+
+
+STUDY = common.Study("fixed_grid_penalty", __doc__, run, markdown, arguments)
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(STUDY.main())
