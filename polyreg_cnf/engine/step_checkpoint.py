@@ -229,12 +229,18 @@ class _CheckpointedSolve(torch.autograd.Function):
                         cotangents.append(grad_solution[i])
                 step_grads = torch.autograd.grad(targets, (y, *params), cotangents,
                                                  allow_unused=True)
-            adjoint = step_grads[0]
-            for j, g in enumerate(step_grads[1:]):
-                if g is not None:
-                    grads[j] = g if grads[j] is None else grads[j] + g
+            adjoint = _add_step(grads, step_grads)
         grad_y0 = grad_solution[0] if adjoint is None else adjoint + grad_solution[0]
         return (None, None, None, grad_y0, *grads)
+
+
+def _add_step(grads: list[Tensor | None], step_grads: Sequence[Tensor | None]) -> Tensor | None:
+    """Add one recomputed step's parameter gradients into ``grads``; return its state gradient
+    (the adjoint carried into the step before it)."""
+    for j, g in enumerate(step_grads[1:]):
+        if g is not None:
+            grads[j] = g if grads[j] is None else grads[j] + g
+    return step_grads[0]
 
 
 def _fixed_backward(ctx: Any, grad_solution: Tensor) -> tuple[Tensor | None, ...]:
@@ -290,10 +296,7 @@ def _fixed_backward(ctx: Any, grad_solution: Tensor) -> tuple[Tensor | None, ...
                 targets.append(out)
                 cotangents.append(grad_solution[i])
             step_grads = torch.autograd.grad(targets, (y, *params), cotangents, allow_unused=True)
-        adjoint = step_grads[0]
-        for j, g in enumerate(step_grads[1:]):
-            if g is not None:
-                grads[j] = g if grads[j] is None else grads[j] + g
+        adjoint = _add_step(grads, step_grads)
     grad_y0 = grad_solution[0] if adjoint is None else adjoint + grad_solution[0]
     return (None, None, None, grad_y0, *grads)
 
