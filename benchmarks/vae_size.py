@@ -250,47 +250,52 @@ def _summary(r: dict[str, Any]) -> dict[str, Any]:
             "nfe": sorted({(s["nfe_forward"], s["nfe_backward"]) for s in steps})}
 
 
+def _nfe(summary: dict[str, Any]) -> str:
+    return ", ".join(f"{f}/{b}" for f, b in summary["nfe"])
+
+
 def _gb(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
 
 def _markdown(data: dict[str, Any]) -> str:
+    # Imported here: the worker runs this file as a script, where the package is not importable.
+    from benchmarks.common import table
+
     lines = ["# The CNF-VAE at the paper's sizes (benchmarks/vae_size.py)", "",
              f"{data['conditions']}.", "", "Commands: " + "; ".join(
                  f"`{c}`" for c in data["commands"]) + ".", "",
-             "## Training step (median of the timed steps; CPU seconds on one core)", "",
-             "| size | code | params | s/step CPU | s/step wall | NFE fwd/bwd | matmul floor s "
-             "| peak RSS GB | Adamax state GB | checkpoint GB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "## Training step (median of the timed steps; CPU seconds on one core)", ""]
+    rows = []
     for row in data["runs"]:
         s = _summary(row)
-        nfe = ", ".join(f"{f}/{b}" for f, b in s["nfe"])
-        lines.append(f"| {row['size']} | {row['code']} | {row['parameters'] / 1e6:.1f} M "
-                     f"| {s['cpu_s']:.2f} | {s['wall_s']:.2f} | {nfe} "
-                     f"| {row.get('floor_matmul_s', float('nan')):.2f} "
-                     f"| {_gb(row['peak_rss_train_bytes'])} "
-                     f"| {_gb(row['optimizer_state_bytes'])} "
-                     f"| {_gb(row.get('checkpoint_bytes'))} |")
+        rows.append([row["size"], row["code"], f"{row['parameters'] / 1e6:.1f} M",
+                     f"{s['cpu_s']:.2f}", f"{s['wall_s']:.2f}", _nfe(s),
+                     f"{row.get('floor_matmul_s', float('nan')):.2f}",
+                     _gb(row["peak_rss_train_bytes"]), _gb(row["optimizer_state_bytes"]),
+                     _gb(row.get("checkpoint_bytes"))])
+    lines += table(["size", "code", "params", "s/step CPU", "s/step wall", "NFE fwd/bwd",
+                    "matmul floor s", "peak RSS GB", "Adamax state GB", "checkpoint GB"], rows)
     if data.get("ratios"):
-        lines += ["", "## After / before (CPU s/step)", "",
-                  "| size | ratio | same NFE |", "|---|---|---|"]
-        for size, ratio in data["ratios"].items():
-            lines.append(f"| {size} | {ratio['cpu_ratio']:.3f} | {ratio['same_nfe']} |")
+        lines += ["", "## After / before (CPU s/step)", "", *table(
+            ["size", "ratio", "same NFE"],
+            [[size, f"{r['cpu_ratio']:.3f}", r["same_nfe"]] for size, r in data["ratios"].items()])]
     lines += ["", "## Evaluation (measured on a subset, projected; exact trace, eval "
-              "tolerances)", "",
-              "| size | code | IS subset (images x samples) | CPU s | NFE | projected full test "
-              f"split at {IS_SAMPLES} samples, CPU hours | validation bound: CPU s per 100 "
-              "images | per epoch (published validation split), CPU s |",
-              "|---|---|---|---|---|---|---|---|"]
+              "tolerances)", ""]
+    rows = []
     for row in data["runs"]:
         if "is_nll" not in row:
             continue
         isn, val = row["is_nll"], row["val_bound_batch"]
         per_epoch = val["cpu_s"] / val["images"] * VAL_IMAGES[row["size"]]
-        lines.append(f"| {row['size']} | {row['code']} | {isn['images']} x {isn['samples']} "
-                     f"| {isn['cpu_s']:.1f} | {isn['nfe_forward']} "
-                     f"| {isn['projected_full_cpu_s'] / 3600:.0f} "
-                     f"| {val['cpu_s'] / val['images'] * 100:.2f} | {per_epoch:.0f} |")
+        rows.append([row["size"], row["code"], f"{isn['images']} x {isn['samples']}",
+                     f"{isn['cpu_s']:.1f}", isn["nfe_forward"],
+                     f"{isn['projected_full_cpu_s'] / 3600:.0f}",
+                     f"{val['cpu_s'] / val['images'] * 100:.2f}", f"{per_epoch:.0f}"])
+    lines += table(["size", "code", "IS subset (images x samples)", "CPU s", "NFE",
+                    f"projected full test split at {IS_SAMPLES} samples, CPU hours",
+                    "validation bound: CPU s per 100 images",
+                    "per epoch (published validation split), CPU s"], rows)
     flops = dict(data.get("flops", {}))
     for row in data["runs"]:
         if row["code"] == "after" and "train_step_flops" in row:
@@ -298,22 +303,22 @@ def _markdown(data: dict[str, Any]) -> str:
                 "train_step_flops": row["train_step_flops"],
                 "is_flops_per_image_sample": row["is_nll"]["flops_per_image_sample"]})
     if flops:
+        rows = [[size, f"{f['train_step_flops'] / 1e9:.0f}",
+                 f"{f['is_flops_per_image_sample'] / 1e9:.2f}",
+                 f"{f['is_flops_per_image_sample'] * SIZES[size][2] * IS_SAMPLES / 1e15:.1f}"]
+                for size, f in flops.items()]
         lines += ["", "## FLOPs (torch.utils.flop_counter: matmuls and convolutions)", "",
-                  "| size | training step GFLOP | IS-NLL GFLOP per image and sample "
-                  "| full test split at 1000 samples, PFLOP |", "|---|---|---|---|"]
-        for size, f in flops.items():
-            full = f["is_flops_per_image_sample"] * SIZES[size][2] * IS_SAMPLES
-            lines.append(f"| {size} | {f['train_step_flops'] / 1e9:.0f} "
-                         f"| {f['is_flops_per_image_sample'] / 1e9:.2f} | {full / 1e15:.1f} |")
+                  *table(["size", "training step GFLOP", "IS-NLL GFLOP per image and sample",
+                          "full test split at 1000 samples, PFLOP"], rows)]
     if data.get("strategies"):
-        lines += ["", "## Backprop strategies at MNIST (this code)", "",
-                  "| strategy | s/step CPU | s/step wall | NFE fwd/bwd | peak RSS GB |",
-                  "|---|---|---|---|---|"]
+        rows = []
         for row in data["strategies"]:
             s = _summary(row)
-            nfe = ", ".join(f"{f}/{b}" for f, b in s["nfe"])
-            lines.append(f"| {row['backprop']} | {s['cpu_s']:.2f} | {s['wall_s']:.2f} | {nfe} "
-                         f"| {_gb(row['peak_rss_train_bytes'])} |")
+            rows.append([row["backprop"], f"{s['cpu_s']:.2f}", f"{s['wall_s']:.2f}", _nfe(s),
+                         _gb(row["peak_rss_train_bytes"])])
+        lines += ["", "## Backprop strategies at MNIST (this code)", "",
+                  *table(["strategy", "s/step CPU", "s/step wall", "NFE fwd/bwd",
+                          "peak RSS GB"], rows)]
     return "\n".join(lines) + "\n"
 
 
