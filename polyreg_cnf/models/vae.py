@@ -32,6 +32,14 @@ from polyreg_cnf.engine.flow_config import FlowConfig
 from polyreg_cnf.engine.solver_config import SolverConfig
 from polyreg_cnf.models.schedule import check_schedule
 from polyreg_cnf.models.system import FlowSystem
+from polyreg_cnf.models.vae_nets import (
+    GatedConv2d,
+    GatedConvTranspose2d,
+    conv_decoder,
+    conv_encoder,
+    mlp,
+)
+from polyreg_cnf.models.vae_solver_gap import VAESolverGap, elbo_solver_gap
 
 __all__ = [
     "ARCHITECTURES",
@@ -86,63 +94,6 @@ def _diag_normal_logprob(eps: Tensor, log_sigma: Tensor) -> Tensor:
     return -0.5 * (eps.square() + math.log(2 * math.pi)).sum(-1) - log_sigma.sum(-1)
 
 
-# ---------------------------------------------------------------------------- networks
-class GatedConv2d(nn.Module):
-    r"""Gated convolution :math:`y = (W * x + b) \odot \sigma(W_g * x + b_g)` (van den Berg et
-    al., Sylvester flows, 2018)."""
-
-    def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int], stride: int = 1,
-                 padding: int = 0) -> None:
-        super().__init__()
-        self.h = nn.Conv2d(c_in, c_out, kernel, stride, padding)
-        self.g = nn.Conv2d(c_in, c_out, kernel, stride, padding)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.h(x) * torch.sigmoid(self.g(x))
-
-
-class GatedConvTranspose2d(nn.Module):
-    r"""Gated transposed convolution :math:`y = (W *^\top x + b) \odot \sigma(W_g *^\top x +
-    b_g)`."""
-
-    def __init__(self, c_in: int, c_out: int, kernel: int | tuple[int, int], stride: int = 1,
-                 padding: int = 0, output_padding: int = 0) -> None:
-        super().__init__()
-        self.h = nn.ConvTranspose2d(c_in, c_out, kernel, stride, padding, output_padding)
-        self.g = nn.ConvTranspose2d(c_in, c_out, kernel, stride, padding, output_padding)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.h(x) * torch.sigmoid(self.g(x))
-
-
-def _conv_encoder(c: int, h: int, w: int, feature_dim: int) -> nn.Sequential:
-    # Two stride-2 layers take H x W to H/4 x W/4 (7 x 7 for MNIST, 7 x 5 for Frey Faces); the
-    # last layer's kernel covers that whole map, leaving a (feature_dim, 1, 1) feature.
-    return nn.Sequential(
-        GatedConv2d(c, 32, 5, 1, 2), GatedConv2d(32, 32, 5, 2, 2),
-        GatedConv2d(32, 64, 5, 1, 2), GatedConv2d(64, 64, 5, 2, 2),
-        GatedConv2d(64, 64, 5, 1, 2), GatedConv2d(64, feature_dim, (h // 4, w // 4)),
-        nn.Flatten())
-
-
-def _conv_decoder(c: int, h: int, w: int, z_dim: int, classes: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Unflatten(1, (z_dim, 1, 1)),
-        GatedConvTranspose2d(z_dim, 64, (h // 4, w // 4)), GatedConvTranspose2d(64, 64, 5, 1, 2),
-        GatedConvTranspose2d(64, 32, 5, 2, 2, 1), GatedConvTranspose2d(32, 32, 5, 1, 2),
-        GatedConvTranspose2d(32, 32, 5, 2, 2, 1), GatedConvTranspose2d(32, 32, 5, 1, 2),
-        nn.Conv2d(32, c * classes, 1))
-
-
-def _mlp(sizes: Sequence[int], last_act: bool) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if last_act or i < len(sizes) - 2:
-            layers.append(nn.ELU())
-    return nn.Sequential(*layers)
-
-
 # ---------------------------------------------------------------------------- the system
 class CNFVAE(FlowSystem):
     r"""VAE whose approximate posterior is a (low-rank amortized) CNF, as in FFJORD.
@@ -156,7 +107,8 @@ class CNFVAE(FlowSystem):
 
     with :math:`\beta` rising linearly from 0 to 1 over ``warmup_epochs`` (from the trainer's
     epoch and batch index, so it resumes correctly from a checkpoint). Validation and test use
-    :math:`\beta = 1`, the evaluation tolerances and the evaluation trace, and the
+    :math:`\beta = 1`, the evaluation solver (``solver.eval_method``, dopri5 by default, at the
+    evaluation tolerances, whatever the training method), the evaluation trace, and the
     importance-sampled log-likelihood with S samples :math:`z_K^s \sim q(\cdot|x)`
 
     .. math:: \log p(x) \approx \operatorname{logsumexp}_s\,[\log p(x|z_K^s) + \log p(z_K^s)
@@ -169,7 +121,12 @@ class CNFVAE(FlowSystem):
     ``val_is_samples`` > 0, else the negative ELBO); ``test/neg_elbo``, ``test/is_nll`` (when
     ``is_samples`` > 0), ``test/nll`` (IS NLL or negative ELBO) and, for the categorical
     likelihood, ``test/bits_per_dim`` (of ``test/nll``) and ``test/neg_elbo_bits_per_dim``. All
-    in nats per image; bits/dim = nats / (D ln 2).
+    in nats per image; bits/dim = nats / (D ln 2). When the training solve differs from the
+    evaluation solve in method or grid (:attr:`SolverConfig.evaluation_differs`) and the
+    posterior is a flow, every validation also logs ``val/solver_gap``: the mean per-image
+    |single-sample ELBO(training solver) - ELBO(evaluation solver)| with the same noise, over
+    the first ``solver_gap_rows`` validation images of each process
+    (:mod:`polyreg_cnf.models.vae_solver_gap` says why the ELBO); the run summary prints it.
 
     Args:
         image_shape: (C, H, W).
@@ -193,6 +150,8 @@ class CNFVAE(FlowSystem):
         is_samples: Importance samples S per test image (0 = skip the IS estimate).
         val_is_samples: Importance samples per validation image (0 = skip).
         is_chunk: Samples per image evaluated at once in the IS estimate.
+        solver_gap_rows: Validation images per process ``val/solver_gap`` is measured on (0:
+            never measured).
         **flow_fields: Fields of ``flow`` as flat keywords (``hidden_dims=(64,), T=0.5``), over
             ``flow``'s: the constructor of release 0.2 took them so, and its checkpoints load
             through them.
@@ -224,7 +183,7 @@ class CNFVAE(FlowSystem):
                  feature_dim: int = 256, architecture: str = "auto", mlp_hidden: int = 256,
                  lr: float = 5e-4, weight_decay: float = 0.0, lr_schedule: str = "constant",
                  warmup_epochs: float = 100, is_samples: int = 1000, val_is_samples: int = 0,
-                 is_chunk: int = 10, **flow_fields: Any) -> None:
+                 is_chunk: int = 10, solver_gap_rows: int = 1000, **flow_fields: Any) -> None:
         super().__init__()
         image_shape = tuple(image_shape)
         if len(image_shape) != 3:
@@ -260,7 +219,8 @@ class CNFVAE(FlowSystem):
             posterior=posterior, flow=flow.to_dict(), solver=solver.to_dict(), rank=rank,
             feature_dim=feature_dim, architecture=architecture, mlp_hidden=mlp_hidden, lr=lr,
             weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_epochs=warmup_epochs,
-            is_samples=is_samples, val_is_samples=val_is_samples, is_chunk=is_chunk))
+            is_samples=is_samples, val_is_samples=val_is_samples, is_chunk=is_chunk,
+            solver_gap_rows=solver_gap_rows))
         self.flow_config = flow
         self.image_shape = image_shape
         self.architecture = architecture
@@ -273,11 +233,11 @@ class CNFVAE(FlowSystem):
         self.is_samples, self.val_is_samples, self.is_chunk = is_samples, val_is_samples, is_chunk
 
         if architecture == "conv":
-            self.encoder = _conv_encoder(C, H, W, feature_dim)
-            self.decoder = _conv_decoder(C, H, W, z_dim, self.classes)
+            self.encoder = conv_encoder(C, H, W, feature_dim)
+            self.decoder = conv_decoder(C, H, W, z_dim, self.classes)
         else:
-            self.encoder = _mlp([self.data_dim, mlp_hidden, feature_dim], last_act=True)
-            self.decoder = _mlp([z_dim, mlp_hidden, mlp_hidden, self.data_dim * self.classes],
+            self.encoder = mlp([self.data_dim, mlp_hidden, feature_dim], last_act=True)
+            self.decoder = mlp([z_dim, mlp_hidden, mlp_hidden, self.data_dim * self.classes],
                                 last_act=False)
         self.q_mean = nn.Linear(feature_dim, z_dim)
         self.q_log_sigma = nn.Linear(feature_dim, z_dim)
@@ -286,6 +246,11 @@ class CNFVAE(FlowSystem):
         self.test_neg_elbo, self.test_is_nll, self.test_nll = (MeanMetric(), MeanMetric(),
                                                                MeanMetric())
         self.test_bpd, self.test_elbo_bpd = MeanMetric(), MeanMetric()
+        measured = solver.evaluation_differs and posterior != "gaussian"
+        self.solver_gap = VAESolverGap(solver_gap_rows if measured else 0)
+        #: The last validation's ``val/solver_gap`` (None before one measured it), for the run
+        #: summary (printed after testing, which replaces the trainer's logged metrics).
+        self.last_solver_gap: float | None = None
 
     # ------------------------------------------------------------------ model
     def _check(self, x: Tensor) -> None:
@@ -417,8 +382,24 @@ class CNFVAE(FlowSystem):
             return kl - log_px, None
 
     @override
+    def on_validation_epoch_start(self) -> None:
+        self.solver_gap.start()
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        gap = self.solver_gap.finish()
+        if gap is not None:
+            self.last_solver_gap = gap
+
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        neg_elbo, nll = self._evaluate(batch[0], self.val_is_samples)
+        x = batch[0]
+        take = self.solver_gap.take(x.shape[0])
+        if take:
+            self.solver_gap.metric.update(elbo_solver_gap(
+                self, x[:take], self.solver_gap.noise(take, self.z_dim, x)))
+            self.log("val/solver_gap", self.solver_gap.metric, on_epoch=True)
+        neg_elbo, nll = self._evaluate(x, self.val_is_samples)
         self.val_neg_elbo.update(neg_elbo)
         self.val_nll.update(neg_elbo if nll is None else nll)
         self.log("val/neg_elbo", self.val_neg_elbo, on_epoch=True)
