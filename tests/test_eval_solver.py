@@ -254,3 +254,29 @@ def test_uniform_grid_spans_any_interval_exactly():
     assert grid[0] == t[0] and grid[-1] == t[-1] and len(grid) == 4
     torch.testing.assert_close(grid[1:] - grid[:-1], torch.full((3,), 1.6 / 3))
     assert dataclasses.is_dataclass(UniformGrid)
+
+
+def test_a_fixed_grid_run_s_printed_test_nll_is_its_checkpoint_s_reference(tmp_path, capsys):
+    """Issue 28's done-when: trained on one rk4 step per block, scored by the default dopri5;
+    the printed test NLL is within 0.01 nats of the reference (dopri5 at 1e-8, float64) on the
+    run's own test rows, while the training grid's own reading is not."""
+    import train
+    from benchmarks.accuracy import Setting, measure
+    from polyreg_cnf.app.parts import make_datamodule
+
+    argv = ["--data", "checkerboard", "--hidden-dims", "8,8", "--reg", "none", "--max-steps",
+            "30", "--lr", "0.02", "--batch-size", "256", "--solver", "rk4", "--step-size",
+            "1.0", "--test-ckpt", "last", "--val-every", "30", "--limit-val-batches", "1",
+            "--output-dir", str(tmp_path), "--logger", "none", "--no-progress"]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    printed = float(out.split("test NLL (nats):")[1].split()[0])
+    model = CNFDensityEstimator.load_from_checkpoint(out.split("checkpoint:")[1].split()[0],
+                                                     map_location="cpu")
+    data = make_datamodule(parse_config(argv))
+    data.setup("test")
+    x = torch.cat([batch[0] for batch in data.test_dataloader()])
+    result = measure(model, x, settings=[Setting("rk4", steps=1)], check_rows=1, sample_rows=0)
+    reference = result["reference"]["converged_nll"]
+    assert abs(printed - reference) < 0.01
+    assert abs(result["settings"][0]["nll_read"] - reference) > 0.01  # the grid's own number
