@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -29,13 +29,20 @@ from torchmetrics import MeanMetric
 from polyreg_cnf.engine._checks import check_int
 from polyreg_cnf.engine.ode import ode_blocks, training_solves
 
-if TYPE_CHECKING:
-    from polyreg_cnf.models.vae import CNFVAE
-
-__all__ = ["NOISE_SEED", "VAESolverGap", "elbo_solver_gap"]
+__all__ = ["NOISE_SEED", "ELBOModel", "VAESolverGap", "elbo_solver_gap"]
 
 #: Seed of the base noise the gap's images are solved with (the same every validation).
 NOISE_SEED = 0
+
+
+class ELBOModel(Protocol):
+    """What :func:`elbo_solver_gap` reads of a :class:`~polyreg_cnf.models.vae.CNFVAE`."""
+
+    flow: nn.Module
+
+    def elbo_terms(self, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(log p(x|z_K), KL part)`` per image for one posterior sample each."""
+        ...
 
 
 @contextmanager
@@ -52,7 +59,7 @@ def _uncounted(module: nn.Module) -> Iterator[None]:
                 setattr(block.nfe, name, value)
 
 
-def elbo_solver_gap(model: CNFVAE, x: Tensor, eps: Tensor) -> Tensor:
+def elbo_solver_gap(model: ELBOModel, x: Tensor, eps: Tensor) -> Tensor:
     r"""Per-image :math:`|w_{train\,solver}(x; \epsilon) - w_{eval\,solver}(x; \epsilon)|`.
 
     Both solves run as the model's mode has it otherwise (in validation: eval mode, the
@@ -60,7 +67,7 @@ def elbo_solver_gap(model: CNFVAE, x: Tensor, eps: Tensor) -> Tensor:
     solver differs.
 
     Args:
-        model: The VAE.
+        model: The VAE (:class:`~polyreg_cnf.models.vae.CNFVAE`).
         x: Flattened images (B, D).
         eps: Base noise (B, z_dim), shared by the two solves.
 
