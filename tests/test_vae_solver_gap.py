@@ -7,6 +7,7 @@ A tiny VAE on random binary 8 x 8 images; the training solver is one Euler step 
 import lightning as L
 import pytest
 import torch
+from polyreg_cnf.callbacks import NFEMonitor
 from torch.utils.data import DataLoader, TensorDataset
 
 from polyreg_cnf import SolverConfig
@@ -40,7 +41,7 @@ def tiny(solver: SolverConfig, posterior: str = "amortized", **kw) -> CNFVAE:
 def run(model: CNFVAE, stage: str, batch_size: int = 7, seed: int = 1) -> dict[str, float]:
     """``trainer.validate`` or ``trainer.test`` on X, from the global seed ``seed``."""
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, accelerator="cpu")
+                        enable_checkpointing=False, accelerator="cpu", callbacks=[NFEMonitor()])
     loader = DataLoader(TensorDataset(X), batch_size=batch_size)
     torch.manual_seed(seed)
     results = getattr(trainer, stage)(model, loader, verbose=False)[0]
@@ -49,14 +50,16 @@ def run(model: CNFVAE, stage: str, batch_size: int = 7, seed: int = 1) -> dict[s
 
 def test_validation_and_test_solve_with_the_evaluation_solver_whatever_trains():
     # From the same seed (same posterior noise), an Euler-trained and a dopri5-trained model
-    # with the same weights read the same validation and test numbers: both come from the
-    # evaluation solver. One scored by Euler itself reads otherwise, so the check can tell.
+    # with the same weights read the same validation and test numbers, val/nfe and test/nfe
+    # included (the gap's solves are not counted): both come from the evaluation solver. One
+    # scored by Euler itself reads otherwise, so the check can tell.
     kw = dict(is_samples=3, val_is_samples=0)
     euler, adaptive = tiny(EULER, **kw), tiny(ADAPTIVE, **kw)
     scored_by_euler = tiny(SolverConfig(method="euler", step_size=T, eval_method="euler",
                                         eval_steps=1), **kw)
     for stage in ("validate", "test"):
         a, b, c = run(euler, stage), run(adaptive, stage), run(scored_by_euler, stage)
+        assert {"validate": "val/nfe", "test": "test/nfe"}[stage] in b
         for key in b:
             assert a[key] == pytest.approx(b[key], rel=1e-6), (stage, key)
             assert abs(a[key] - c[key]) > 1e-3, (stage, key)

@@ -22,7 +22,8 @@ from polyreg_cnf.engine.solver_config import SolverConfig
 from polyreg_cnf.engine.solving import solve
 from polyreg_cnf.engine.strategies import AutoDecision
 
-__all__ = ["ODEBlock", "ode_blocks", "per_solve_context", "solving_with", "training_solves"]
+__all__ = ["ODEBlock", "ode_blocks", "per_solve_context", "solving_with", "training_solves",
+           "uncounted"]
 
 State = tuple[Tensor, ...]
 VectorField = Callable[[Tensor, State], State]
@@ -279,14 +280,23 @@ def training_solves(module: nn.Module) -> Iterator[None]:
     ``val/solver_gap`` reports. The evaluations made inside are not counted in the blocks' NFE,
     so that ``val/nfe`` stays the evaluation solver's.
     """
-    with _on_every_block(module, "_training_solves", True) as blocks:
-        counts = [block.nfe.as_dict() for block in blocks]
-        try:
-            yield
-        finally:
-            for block, saved in zip(blocks, counts):
-                for name, value in saved.items():
-                    setattr(block.nfe, name, value)
+    with _on_every_block(module, "_training_solves", True), uncounted(module):
+        yield
+
+
+@contextmanager
+def uncounted(module: nn.Module) -> Iterator[None]:
+    """The evaluations every block of ``module`` makes inside are not counted: each block's NFE
+    counter gets its values back after (a side solve during validation stays out of
+    ``val/nfe``)."""
+    blocks = ode_blocks(module)
+    saved = [block.nfe.as_dict() for block in blocks]
+    try:
+        yield
+    finally:
+        for block, counts in zip(blocks, saved):
+            for name, value in counts.items():
+                setattr(block.nfe, name, value)
 
 
 @contextmanager

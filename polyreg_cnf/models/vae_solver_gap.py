@@ -18,8 +18,6 @@ per-sample weight error.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -27,7 +25,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from polyreg_cnf.engine._checks import check_int
-from polyreg_cnf.engine.ode import ode_blocks, training_solves
+from polyreg_cnf.engine.ode import training_solves, uncounted
 
 __all__ = ["NOISE_SEED", "ELBOModel", "VAESolverGap", "elbo_solver_gap"]
 
@@ -43,20 +41,6 @@ class ELBOModel(Protocol):
     def elbo_terms(self, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(log p(x|z_K), KL part)`` per image for one posterior sample each."""
         ...
-
-
-@contextmanager
-def _uncounted(module: nn.Module) -> Iterator[None]:
-    """Evaluations of the blocks of ``module`` inside are not counted (``val/nfe`` stays the
-    validation's own)."""
-    blocks = ode_blocks(module)
-    saved = [block.nfe.as_dict() for block in blocks]
-    try:
-        yield
-    finally:
-        for block, counts in zip(blocks, saved):
-            for name, value in counts.items():
-                setattr(block.nfe, name, value)
 
 
 def elbo_solver_gap(model: ELBOModel, x: Tensor, eps: Tensor) -> Tensor:
@@ -76,7 +60,7 @@ def elbo_solver_gap(model: ELBOModel, x: Tensor, eps: Tensor) -> Tensor:
     """
     # Lightning evaluates under inference mode; the CNF's trace needs autograd inside the
     # solve (see CNFVAE._evaluate).
-    with torch.inference_mode(False), torch.no_grad(), _uncounted(model.flow):
+    with torch.inference_mode(False), torch.no_grad(), uncounted(model.flow):
         x = x.clone()
         log_px, kl = model.elbo_terms(x, eps)
         with training_solves(model.flow):
