@@ -108,9 +108,10 @@ def test_no_solver_gap_when_the_solves_agree_or_there_is_no_flow(solver, posteri
     assert model.last_solver_gap is None
 
 
-def test_bad_solver_gap_rows_are_refused():
+@pytest.mark.parametrize("solver", [EULER, ADAPTIVE])
+def test_bad_solver_gap_rows_are_refused(solver):
     with pytest.raises(ValueError, match="solver_gap_rows must be a non-negative int, got -1"):
-        tiny(EULER, solver_gap_rows=-1)
+        tiny(solver, solver_gap_rows=-1)
 
 
 def test_a_fixed_grid_vae_run_prints_its_gap_and_warns(tmp_path, capsys):

@@ -199,7 +199,8 @@ class CNFVAE(FlowSystem):
         flow = dataclasses.replace(flow, hidden_dims=flow.widths(z_dim))
         for name, value, low in (("z_dim", z_dim, 1), ("feature_dim", feature_dim, 1),
                                  ("mlp_hidden", mlp_hidden, 1), ("is_samples", is_samples, 0),
-                                 ("val_is_samples", val_is_samples, 0), ("is_chunk", is_chunk, 1)):
+                                 ("val_is_samples", val_is_samples, 0), ("is_chunk", is_chunk, 1),
+                                 ("solver_gap_rows", solver_gap_rows, 0)):
             check_int(name, value, minimum=low)
         check_number("lr", lr, strict=True)
         check_number("weight_decay", weight_decay)
@@ -238,7 +239,7 @@ class CNFVAE(FlowSystem):
         else:
             self.encoder = mlp([self.data_dim, mlp_hidden, feature_dim], last_act=True)
             self.decoder = mlp([z_dim, mlp_hidden, mlp_hidden, self.data_dim * self.classes],
-                                last_act=False)
+                               last_act=False)
         self.q_mean = nn.Linear(feature_dim, z_dim)
         self.q_log_sigma = nn.Linear(feature_dim, z_dim)
         self.flow = FlowPosterior(posterior, z_dim, feature_dim, flow, solver, rank=rank)
