@@ -3,15 +3,10 @@
     python -m benchmarks.frontier --suite long          # every kept model of the long suite
     python -m benchmarks.frontier --suite long_small    # the small committed case
 
-Each kept model (``benchmarks/results/.models/<suite>/``) is measured by
-:func:`benchmarks.accuracy.measure` on the first ``--rows`` rows of its run's test split (the
-same rows for every arm of a seed): its converged NLL (dopri5 at 1e-8, float64) and, per
-evaluation setting (dopri5 at 1e-2 ... 1e-6; euler, midpoint, rk4 at 1-16 steps), NFE per batch,
-rows/s, the mean per-row error against the converged solve and the sampling error. Every TPR arm
-is then compared with the same seed's baseline by :func:`benchmarks.accuracy.compare_seeds`:
-converged NLL within 0.01 nats, then the cheapest setting that meets each accuracy. A setting's
-NLL reading never decides anything. Each model's measurement is cached
-(``.cache/frontier/<suite>/``, keyed by the model file's hash and the flags), so a rerun resumes.
+Each kept model is measured by :func:`benchmarks.accuracy.measure` on the first ``--rows`` rows
+of its run's test split, and each TPR arm compared with the same seed's baseline by
+:func:`benchmarks.accuracy.compare_seeds`. Each measurement is cached by the model file's hash
+and the flags, so a rerun resumes. How it measures: docs/benchmarks.md, `benchmarks.frontier`.
 """
 
 from __future__ import annotations
@@ -35,10 +30,6 @@ from benchmarks.harness import ARMS, RUN_THREADS, load_final_model
 
 __all__ = ["STUDY", "answer", "few_steps", "main", "markdown", "measure_model", "test_rows"]
 
-#: Grid settings whose accuracy the few-steps table gives (the docs' "Few steps on purpose").
-FEW_STEPS = tuple(f"{m}x{k}" for m in accuracy.FIXED for k in accuracy.STEPS)
-
-
 def test_rows(dm: Any, rows: int) -> torch.Tensor:
     """The first ``rows`` rows of ``dm``'s test split, as its test loader gives them."""
     x = torch.cat([batch[0] for batch in dm.test_dataloader()])
@@ -49,13 +40,8 @@ def test_rows(dm: Any, rows: int) -> torch.Tensor:
 
 def measure_model(suite: str, key: tuple[str, str, int], opts: Mapping[str, int]
                   ) -> dict[str, Any]:
-    """One kept model's :func:`benchmarks.accuracy.measure` result, cached by its file's hash.
-
-    Args:
-        suite: The suite that kept the model.
-        key: (workload, arm, seed).
-        opts: ``rows``, ``sample_rows``, ``check_rows``, ``batch_size`` (measure's arguments).
-    """
+    """The :func:`benchmarks.accuracy.measure` result of ``suite``'s kept model ``key``
+    (workload, arm, seed) with ``opts`` (rows, sample_rows, check_rows, batch_size), cached."""
     wname, aname, seed = key
     w, arm = bench_run.suite_workload(suite, wname), ARMS[aname]
     path = bench_run.model_file(suite, w, arm, seed)
@@ -103,17 +89,17 @@ def answer(models: Mapping[tuple[str, str, int], Mapping[str, Any]], base_arm: s
 
 
 def few_steps(models: Mapping[tuple[str, str, int], Mapping[str, Any]]) -> dict[str, Any]:
-    """Per workload, arm and grid setting: the median and range over seeds of the mean per-row
-    error (``abs_d``) and of the sampling RMS error (``sample_rms``), and the NFE."""
+    """Per workload, arm and fixed-grid setting: the NFE and the median and range over seeds of
+    the mean per-row error (``abs_d``) and of the sampling RMS error (``sample_rms``)."""
     out: dict[str, Any] = {}
     for wname, aname in dict.fromkeys((w, a) for w, a, _ in models):
-        per = [{r["setting"]: r for r in m["settings"]} for (w, a, _), m in models.items()
-               if (w, a) == (wname, aname)]
+        per = [{r["setting"]: r for r in m["settings"] if r["steps"]}
+               for (w, a, _), m in models.items() if (w, a) == (wname, aname)]
         out.setdefault(wname, {})[aname] = {
-            s: {"seeds": len(per), "nfe": per[0][s]["nfe"],
+            s: {"seeds": len(per), "nfe": r["nfe"],
                 "abs_d": spread([p[s]["mean_abs_d"] for p in per]),
                 "sample_rms": spread([p[s]["sample_rms"] for p in per])}
-            for s in FEW_STEPS if all(s in p for p in per)}
+            for s, r in per[0].items()}
     return out
 
 
@@ -161,7 +147,10 @@ def markdown(payload: Mapping[str, Any]) -> str:
     lines = [f"# Accuracy frontier of suite `{payload['suite']}`", "",
              f"Command: `{payload['command']}`  ",
              f"Machine: {m['cpu']}, {m['cores']} cores shared with other work, {RUN_THREADS} "
-             f"torch thread; torch {m['torch']}; commit {m['git_commit']}; {m['date']}.", "",
+             f"torch thread; torch {m['torch']}; commit {m['git_commit']}; {m['date']}. "
+             f"Measuring the {len(payload['models'])} models took "
+             f"{sum(x['cpu_seconds'] for x in payload['models']):.0f} s of CPU time, one model "
+             "at a time.", "",
              f"Rows: the first {payload['rows']:,} rows of each run's test split (the same rows "
              f"for every arm of a seed), batches of {payload['batch_size']:,}; the reference is "
              f"checked against dopri5 at {accuracy.CHECK_TOL:g} on the first "
@@ -250,12 +239,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return payload
 
 
-def _report(args: argparse.Namespace) -> Path:
-    name = "small" if args.suite == "long_small" else args.suite
-    return bench_run.RESULTS / f"frontier_{name}"
-
-
-STUDY = common.Study("frontier", __doc__, measure, markdown, arguments, report=_report)
+STUDY = common.Study("frontier", __doc__, measure, markdown, arguments, report=lambda args: (
+    bench_run.RESULTS / f"frontier_{'small' if args.suite == 'long_small' else args.suite}"))
 
 main = STUDY.main
 
