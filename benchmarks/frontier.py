@@ -115,6 +115,7 @@ def plot(payload: Mapping[str, Any], path: Path) -> None:
     and method family (dopri5 over tolerances, rk4 over steps)."""
     workloads = list(payload["answer"]) or sorted({m["workload"] for m in payload["models"]})
     arms = sorted({m["arm"] for m in payload["models"]})
+    first = min(m["seed"] for m in payload["models"])  # one legend entry per arm and method
     fig, axes = common.figure(1, len(workloads), (5.5 * len(workloads), 4.5))
     for ax, wname in zip(axes[0], workloads):
         for m in (m for m in payload["models"] if m["workload"] == wname):
@@ -122,8 +123,7 @@ def plot(payload: Mapping[str, Any], path: Path) -> None:
                 pts = [(r["nfe"], r["mean_abs_d"]) for r in m["settings"] if r["method"] == method]
                 ax.plot(*zip(*pts), style, marker="o", ms=3, alpha=0.7,
                         color=f"C{arms.index(m['arm'])}",
-                        label=f"{m['arm']} ({method})" if m["seed"] == min(
-                            n["seed"] for n in payload["models"]) else None)
+                        label=f"{m['arm']} ({method})" if m["seed"] == first else None)
         for e in accuracy.ACCURACIES:
             ax.axhline(e, color="grey", lw=0.8, ls="--")
         ax.set(xscale="log", yscale="log", xlabel="NFE per batch", title=wname,
@@ -162,14 +162,10 @@ def markdown(payload: Mapping[str, Any]) -> str:
              "Cost ratio = the arm's cost / the baseline's, over the seeds where both meet the "
              "accuracy (whatever their NLLs).", "",
              f"![mean error against NFE]({payload['plot']})", "", "## Verdicts", ""]
-    rows = []
-    for wname, arms in payload["answer"].items():
-        for aname, by_e in arms.items():
-            for e, c in by_e.items():
-                n = len(c["per_seed"])
-                rows.append([wname, aname, e, f"{c['wins']}/{c['ties']}/{c['losses']}/"
-                             f"{c['neither']} of {n}", _spread(c["ratio"], ".2f"),
-                             _spread(c["nll_diff"], "+.4f")])
+    rows = [[wname, aname, e, f"{c['wins']}/{c['ties']}/{c['losses']}/{c['neither']} of "
+             f"{len(c['per_seed'])}", _spread(c["ratio"], ".2f"), _spread(c["nll_diff"], "+.4f")]
+            for wname, arms in payload["answer"].items() for aname, by_e in arms.items()
+            for e, c in by_e.items()]
     lines += [*table(["workload", "arm", "accuracy", "wins/ties/losses/neither",
                       "cost ratio, median (range)", "converged NLL diff, median (range)"],
                      rows), ""]
