@@ -1,405 +1,242 @@
-"""The test-cost frontier: test NLL against test evaluations over evaluation tolerances.
+"""The accuracy frontier of a suite's kept models (issue 28, item 4).
 
-    python -m benchmarks.frontier --suite long --jobs 2            # every long-suite model
-    python -m benchmarks.frontier --suite long_small --jobs 2  # the small committed case
+    python -m benchmarks.frontier --suite long          # every kept model of the long suite
+    python -m benchmarks.frontier --suite long_small    # the small committed case
 
-How it measures: docs/benchmarks.md, `benchmarks.frontier`.
+Each kept model is measured by :func:`benchmarks.accuracy.measure` on the first ``--rows`` rows
+of its run's test split, and each TPR arm compared with the same seed's baseline by
+:func:`benchmarks.accuracy.compare_seeds`. Each measurement is cached by the model file's hash
+and the flags, so a rerun resumes. How it measures: docs/benchmarks.md, `benchmarks.frontier`.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from benchmarks import common
+from benchmarks import accuracy, common
 from benchmarks import run as bench_run
-from benchmarks.common import UsageError, machine, spread, table, write_json
-from benchmarks.harness import ARMS, RUN_THREADS, _set_eval_tolerance, load_final_model
-from polyreg_cnf.engine.ode import ode_blocks
+from benchmarks.common import UsageError, machine, median_range, spread, table, write_json
+from benchmarks.harness import ARMS, RUN_THREADS, load_final_model
 
-#: Evaluation tolerances (atol = rtol), loosest first.
-TOLERANCES = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6)
-#: "Equal test NLL": within this many nats of the better model's best.
-MARGIN = 0.01
-#: Samples drawn at each tolerance.
-SAMPLES = 10_000
-#: A ratio of evaluations within this fraction of 1 is a tie.
-TIE = 0.05
-#: The suites' own evaluation tolerance: the single point the test-NFE claims were made at.
-REFERENCE_TOL = 1e-5
+__all__ = ["STUDY", "answer", "few_steps", "main", "markdown", "measure_model", "test_rows"]
+
+def test_rows(dm: Any, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows of ``dm``'s test split, as its test loader gives them."""
+    x = torch.cat([batch[0] for batch in dm.test_dataloader()])
+    if x.shape[0] < rows:
+        raise UsageError(f"--rows {rows} is more than the {x.shape[0]} test rows")
+    return x[:rows]
 
 
-def evaluate(model: torch.nn.Module, batches: list[torch.Tensor],
-             tolerances: tuple[float, ...] = TOLERANCES, samples: int = SAMPLES,
-             seed: int = 0) -> list[dict[str, float]]:
-    """One point of the frontier per tolerance: test NLL, NFE per batch, speed, sampling cost.
-
-    Args:
-        model: A density model (``log_prob`` and ``sample``) in eval mode.
-        batches: The test set in batches (as the run's test loader gives them).
-        tolerances: Evaluation tolerances, atol = rtol.
-        samples: Samples to draw at each tolerance (0: no sampling).
-        seed: Seed of the sampling noise (the same at every tolerance).
-
-    Returns:
-        Per tolerance: ``tol``, ``test_nll`` (mean over rows), ``test_nfe`` (forward NFE per
-        batch, summed over blocks, mean over batches), ``rows_per_second``, ``sample_nfe``
-        and ``sample_seconds``.
-    """
-    blocks = ode_blocks(model)
-    rows = sum(len(b) for b in batches)
-    points = []
-    for tol in tolerances:
-        _set_eval_tolerance(model, tol, tol)
-        nll, nfe, start = 0.0, [], time.perf_counter()
-        with torch.no_grad():
-            for b in batches:
-                for block in blocks:
-                    block.nfe.reset()
-                nll -= float(model.log_prob(b).sum())
-                nfe.append(sum(block.nfe.forward for block in blocks))
-        seconds = time.perf_counter() - start
-        point = {"tol": tol, "test_nll": nll / rows, "test_nfe": float(np.mean(nfe)),
-                 "rows_per_second": rows / seconds, "batch_rows": len(batches[0])}
-        if samples:
-            for block in blocks:
-                block.nfe.reset()
-            start = time.perf_counter()
-            model.sample(samples, generator=torch.Generator().manual_seed(seed))
-            point.update(sample_seconds=time.perf_counter() - start,
-                         sample_nfe=float(sum(block.nfe.forward for block in blocks)))
-        points.append(point)
-    return points
-
-
-def cheapest_at(curve: list[dict[str, float]], target: float) -> dict[str, float] | None:
-    """The point of ``curve`` with the fewest test NFE whose test NLL is at most ``target``."""
-    good = [p for p in curve if p["test_nll"] <= target]
-    return min(good, key=lambda p: p["test_nfe"]) if good else None
-
-
-def equal_nll_cost(base: list[dict[str, float]], mine: list[dict[str, float]],
-                   margin: float = MARGIN, tie: float = TIE) -> dict[str, Any]:
-    """Test evaluations each model needs for the same test NLL: within ``margin`` nats of the
-    better of the two models' best NLL over the frontier.
-
-    Each model's cost is its cheapest measured point at or below that NLL (no interpolation
-    between tolerances). ``ratio`` = this arm's NFE / the baseline's; the verdict is ``wins``
-    (ratio <= 1 - ``tie``, or only this arm reaches the NLL), ``loses`` (ratio >= 1 + ``tie``,
-    or only the baseline reaches it) or ``ties``.
-    """
-    best = min(p["test_nll"] for p in (*base, *mine))
-    target = best + margin
-    b, m = cheapest_at(base, target), cheapest_at(mine, target)
-    ratio = None if b is None or m is None else m["test_nfe"] / b["test_nfe"]
-    verdict = common.verdict(None if m is None else m["test_nfe"],
-                             None if b is None else b["test_nfe"], tie)
-    return {"target_nll": target, "base_nfe": None if b is None else b["test_nfe"],
-            "base_tol": None if b is None else b["tol"],
-            "nfe": None if m is None else m["test_nfe"], "tol": None if m is None else m["tol"],
-            "ratio": ratio, "verdict": verdict}
-
-
-def _at_tol(mine: list[dict[str, float]], base: list[dict[str, float]],
-            tol: float = REFERENCE_TOL) -> float | None:
-    """Test NFE ratio (mine / base) at one tolerance, None if either curve lacks it."""
-    m = [p["test_nfe"] for p in mine if p["tol"] == tol]
-    b = [p["test_nfe"] for p in base if p["tol"] == tol]
-    return m[0] / b[0] if m and b and b[0] else None
-
-
-def answer(curves: dict[tuple[str, str, int], list[dict[str, float]]], base_arm: str
-           ) -> dict[str, Any]:
-    """Per workload and arm: :func:`equal_nll_cost` seed by seed against ``base_arm`` of the
-    same seed, the ratios' median and range, and the workload's verdict (``wins``, ``ties`` or
-    ``loses`` when every seed agrees, else ``mixed``)."""
-    out: dict[str, Any] = {}
-    for (wname, aname, seed), curve in sorted(curves.items()):
-        if aname == base_arm or (wname, base_arm, seed) not in curves:
-            continue
-        entry = out.setdefault(wname, {}).setdefault(aname, {"per_seed": {}})
-        base = curves[wname, base_arm, seed]
-        entry["per_seed"][seed] = {**equal_nll_cost(base, curve),
-                                   "ratio_at_reference_tol": _at_tol(curve, base)}
-    for arms in out.values():
-        for entry in arms.values():
-            verdicts = [v["verdict"] for v in entry["per_seed"].values()]
-            entry["ratio"] = spread([v["ratio"] for v in entry["per_seed"].values()], True)
-            entry["ratio_at_reference_tol"] = spread(
-                [v["ratio_at_reference_tol"] for v in entry["per_seed"].values()], True)
-            entry["counts"] = {k: verdicts.count(k) for k in ("wins", "ties", "loses")}
-            entry["verdict"] = verdicts[0] if len(set(verdicts)) == 1 else "mixed"
-    return out
-
-
-def _model_file(suite: str, wname: str, aname: str, seed: int) -> Path:
-    return bench_run.model_file(suite, bench_run.suite_workload(suite, wname), ARMS[aname], seed)
-
-
-def _curve_file(suite: str, model: Path) -> Path:
-    return bench_run.RESULTS / ".cache" / "frontier" / suite / (model.stem + ".json")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def cached_curve(suite: str, wname: str, aname: str, seed: int, samples: int
-                 ) -> list[dict[str, float]] | None:
-    """The cached curve of one model, or None when it is missing or stale: measured at other
-    tolerances or sample counts, or of another model file than the one kept now."""
-    model = _model_file(suite, wname, aname, seed)
-    file = _curve_file(suite, model)
-    if not file.exists():
-        return None
-    entry = json.loads(file.read_text())
-    if (entry["tolerances"] != list(TOLERANCES) or entry["samples"] != samples
-            or not model.exists() or entry["model_sha256"] != _sha256(model)):
-        return None
-    return entry["curve"]
-
-
-def _remade_file(suite: str, model: Path) -> Path:
-    return bench_run.RESULTS / ".cache" / "frontier" / suite / "remade" / (model.stem + ".json")
-
-
-def remake(suite: str, wname: str, aname: str, seed: int) -> None:
-    """Train one run of ``suite`` again, through the suite's own call, to keep its final model.
-
-    Its measurements go to ``.cache/frontier/<suite>/remade/``, not into the suite's cache (see
-    the module docstring). Raises ``harness.RunInterrupted`` if stopped; the same call resumes.
-    """
-    cfg = bench_run.SUITES[suite]
+def measure_model(suite: str, key: tuple[str, str, int], opts: Mapping[str, int]
+                  ) -> dict[str, Any]:
+    """The :func:`benchmarks.accuracy.measure` result of ``suite``'s kept model ``key``
+    (workload, arm, seed) with ``opts`` (rows, sample_rows, check_rows, batch_size), cached."""
+    wname, aname, seed = key
     w, arm = bench_run.suite_workload(suite, wname), ARMS[aname]
-    bench_run._run_and_cache(w, arm, seed, bench_run.RESULTS / ".cache" / suite,
-                             ckpt_every=cfg.get("ckpt_every", 0),
-                             probe_every=cfg.get("probe_every", 0), keep_models=True,
-                             record=_remade_file(suite, _model_file(suite, wname, aname, seed)))
-
-
-def remade_against_measured(suite: str, keys: list[tuple[str, str, int]]) -> list[dict]:
-    """For every remade model among ``keys``: its test NLL and mean forward NFE beside those of
-    the suite's measured run (the same seed and definitions, possibly older engine code)."""
-    out = []
-    for wname, aname, seed in keys:
-        file = _remade_file(suite, _model_file(suite, wname, aname, seed))
-        w = bench_run.suite_workload(suite, wname)
-        measured = bench_run._load_cached(
-            bench_run._cache_file(bench_run.RESULTS / ".cache" / suite, w, ARMS[aname], seed),
-            w, ARMS[aname])
-        if not file.exists() or measured is None:
-            continue
-        remade = json.loads(file.read_text())["run"]
-        out.append({"key": [wname, aname, seed], "steps": remade["steps"],
-                    "test_nll": [measured["test_nll"], remade["test_nll"]],
-                    "forward_nfe": [measured["forward_nfe"], remade["forward_nfe"]],
-                    "test_nfe": [measured["test_nfe"], remade["test_nfe"]]})
-    return out
-
-
-def _curve_of(suite: str, wname: str, aname: str, seed: int, samples: int
-              ) -> list[dict[str, float]]:
-    """The curve of one kept model: cached, or evaluated (the model made again first if it is
-    missing) and then cached."""
-    torch.set_num_threads(RUN_THREADS)
-    w, arm = bench_run.suite_workload(suite, wname), ARMS[aname]
-    if w.kind == "vae":
-        raise ValueError(f"the frontier measures density models, not the VAE ({wname!r})")
-    cached = cached_curve(suite, wname, aname, seed, samples)
-    if cached is not None:
-        return cached
     path = bench_run.model_file(suite, w, arm, seed)
-    if not path.exists():
-        remake(suite, wname, aname, seed)
+    if not path.is_file():
+        raise UsageError(f"no kept model {path} (train it with python -m benchmarks.run "
+                         f"--suite {suite})")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    cache = bench_run.RESULTS / ".cache" / "frontier" / suite / f"{path.stem}.json"
+    made_by = {"model_sha256": sha, "opts": dict(opts)}
+    if cache.is_file() and {k: v for k, v in json.loads(cache.read_text()).items()
+                            if k in made_by} == made_by:
+        return json.loads(cache.read_text())["result"]
+    torch.set_num_threads(RUN_THREADS)
+    cpu = time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         model, dm = load_final_model(path, w, arm, seed, Path(tmp))
-        batches = [b[0] for b in dm.test_dataloader()]
-        curve = evaluate(model, batches, samples=samples, seed=seed)
-    write_json(_curve_file(suite, path),
-               {"tolerances": list(TOLERANCES), "samples": samples,
-                "model_sha256": _sha256(path), "machine": machine(), "curve": curve})
-    return curve
+        x = test_rows(dm, opts["rows"])
+    result = accuracy.measure(model, x, batch_size=opts["batch_size"],
+                              check_rows=opts["check_rows"], sample_rows=opts["sample_rows"],
+                              seed=10_000)
+    result = {"model": path.name, "cpu_seconds": time.process_time() - cpu, **result}
+    write_json(cache, {**made_by, "machine": machine(), "result": result})
+    return result
 
 
-def plot(curves: dict[tuple[str, str, int], list[dict[str, float]]], path: Path,
-         base_arm: str) -> None:
-    """Test NLL against test NFE per batch, one panel per workload, one line per arm and seed.
+def answer(models: Mapping[tuple[str, str, int], Mapping[str, Any]], base_arm: str
+           ) -> dict[str, Any]:
+    """Per workload, arm and accuracy: :func:`benchmarks.accuracy.compare_seeds` against the
+    same seed's ``base_arm``, with the median and range of the converged NLL difference and of
+    the cost ratio (over the seeds where both models meet the accuracy)."""
+    out: dict[str, Any] = {}
+    for wname, aname in dict.fromkeys((w, a) for w, a, _ in models):
+        seeds = [s for w, a, s in models if (w, a) == (wname, aname)
+                 and (w, base_arm, s) in models]
+        if aname == base_arm or not seeds:
+            continue
+        base = {s: accuracy.records_of(models[wname, base_arm, s]) for s in seeds}
+        mine = {s: accuracy.records_of(models[wname, aname, s]) for s in seeds}
+        out.setdefault(wname, {})[aname] = {
+            str(e): {**(c := accuracy.compare_seeds(base, mine, e)),
+                     "nll_diff": spread([v["nll_diff"] for v in c["per_seed"].values()]),
+                     "ratio": spread([v["ratio"] for v in c["per_seed"].values()], True)}
+            for e in accuracy.ACCURACIES}
+    return out
 
-    The NLL is drawn relative to the same seed's baseline at the tightest tolerance (its
-    converged NLL), so that seeds whose densities differ by more than the arms do line up; a
-    seed without a baseline curve is left out of the picture (the tables keep it).
-    """
-    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
-    workloads = sorted({k[0] for k in curves})
-    arms = sorted({k[1] for k in curves})
-    colours = {a: f"C{i}" for i, a in enumerate(arms)}
-    markers = "osv^D<>"
+def few_steps(models: Mapping[tuple[str, str, int], Mapping[str, Any]]) -> dict[str, Any]:
+    """Per workload, arm and fixed-grid setting: the NFE and the median and range over seeds of
+    the mean per-row error (``abs_d``) and of the sampling RMS error (``sample_rms``)."""
+    out: dict[str, Any] = {}
+    for wname, aname in dict.fromkeys((w, a) for w, a, _ in models):
+        per = [{r["setting"]: r for r in m["settings"] if r["steps"]}
+               for (w, a, _), m in models.items() if (w, a) == (wname, aname)]
+        out.setdefault(wname, {})[aname] = {
+            s: {"seeds": len(per), "nfe": r["nfe"],
+                "abs_d": spread([p[s]["mean_abs_d"] for p in per]),
+                "sample_rms": spread([p[s]["sample_rms"] for p in per])}
+            for s, r in per[0].items()}
+    return out
+
+
+def _costs(result: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """The cheapest setting at each accuracy (:func:`benchmarks.accuracy.cost_at`), or None."""
+    records = accuracy.records_of(result)
+    return {str(e): None if (c := accuracy.cost_at(records, e)) is None else
+            {"setting": c.setting, "nfe": c.nfe} for e in accuracy.ACCURACIES}
+
+
+def plot(payload: Mapping[str, Any], path: Path) -> None:
+    """Mean per-row error against NFE per batch, one panel per workload, one line per model
+    and method family (dopri5 over tolerances, rk4 over steps)."""
+    workloads = list(payload["answer"]) or sorted({m["workload"] for m in payload["models"]})
+    arms = sorted({m["arm"] for m in payload["models"]})
+    first = min(m["seed"] for m in payload["models"])  # one legend entry per arm and method
     fig, axes = common.figure(1, len(workloads), (5.5 * len(workloads), 4.5))
     for ax, wname in zip(axes[0], workloads):
-        for (w, aname, seed), curve in sorted(curves.items()):
-            base = curves.get((w, base_arm, seed))
-            if w != wname or base is None:
-                continue
-            ref = base[-1]["test_nll"]
-            ax.plot([p["test_nfe"] for p in curve], [p["test_nll"] - ref for p in curve],
-                    color=colours[aname], marker=markers[seed % len(markers)], alpha=0.8,
-                    label=f"{aname} seed {seed}")
-        ax.axhline(0.0, color="grey", lw=0.8)
-        ax.axhline(MARGIN, color="grey", lw=0.8, ls="--")
-        ax.set_xscale("log")
-        # Plain numbers on the log axis: 2 x 10^1 is harder to read than 20.
-        ax.xaxis.set_major_locator(FixedLocator([10, 20, 30, 50, 100, 200, 300, 500]))
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("test NFE per batch (log scale; tolerance 1e-2 at the left)")
-        ax.set_ylabel(f"test NLL - same seed's {base_arm} at {TOLERANCES[-1]:g} (nats)")
-        ax.set_title(f"{wname}: test-cost frontier (lower left is better)")
+        for m in (m for m in payload["models"] if m["workload"] == wname):
+            for method, style in (("dopri5", "-"), ("rk4", ":")):
+                pts = [(r["nfe"], r["mean_abs_d"]) for r in m["settings"] if r["method"] == method]
+                ax.plot(*zip(*pts), style, marker="o", ms=3, alpha=0.7,
+                        color=f"C{arms.index(m['arm'])}",
+                        label=f"{m['arm']} ({method})" if m["seed"] == first else None)
+        for e in accuracy.ACCURACIES:
+            ax.axhline(e, color="grey", lw=0.8, ls="--")
+        ax.set(xscale="log", yscale="log", xlabel="NFE per batch", title=wname,
+               ylabel="mean |log p - converged log p| per row (nats)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     common.save_figure(fig, path)
 
 
-def _seed_text(v: dict[str, Any]) -> str:
-    def nfe(x: float | None) -> str:
-        return "never" if x is None else f"{x:.0f}"
-
-    ratio = "-" if v["ratio"] is None else f"{v['ratio']:.2f}x"
-    return (f"{nfe(v['nfe'])} vs {nfe(v['base_nfe'])} NFE (tol {v['tol']} vs {v['base_tol']}; "
-            f"{ratio}, {v['verdict']})")
+def _cost(c: Mapping[str, Any] | None) -> str:
+    return "never" if c is None else f"{c['nfe']:.0f} ({c['setting']})"
 
 
-def _ratio_text(r: dict[str, Any]) -> str:
-    return "-" if r["median"] is None else f"{r['median']:.2f}x [{r['min']:.2f}, {r['max']:.2f}]"
+def _spread(s: Mapping[str, Any], fmt: str) -> str:
+    return "-" if s["median"] is None else median_range(s, fmt, " to ")
 
 
-def markdown(payload: dict[str, Any]) -> str:
-    """The frontier's tables and the answer per workload."""
-    m = payload["machine"]
-    lines = [f"# Test-cost frontier of suite `{payload['suite']}`", "",
+def markdown(payload: Mapping[str, Any]) -> str:
+    """The frontier's page: verdicts, the per-seed comparisons, few-step accuracy, each model."""
+    m, base = payload["machine"], payload["base_arm"]
+    lines = [f"# Accuracy frontier of suite `{payload['suite']}`", "",
              f"Command: `{payload['command']}`  ",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {RUN_THREADS} torch thread per "
-             f"evaluation; torch {m['torch']}; commit {m['git_commit']}; {m['date']}.  ",
-             f"Models: the suite's final models ({payload['steps']} training steps; seeds "
-             f"{payload['seeds']}). Every test row at each evaluation tolerance (atol = rtol), "
-             f"exact trace; test NFE = forward NFE per test batch ({payload['batch_rows']} rows), "
-             f"rows/s = test rows per second on one thread; sampling = NFE and seconds to draw "
-             f"{payload['samples']:,} samples.", "",
-             f"Equal-NLL cost: for each seed, the target is the better model's best test NLL over "
-             f"the frontier + {MARGIN} nats; each model's cost is its cheapest measured point at "
-             f"or below the target; ratio = TPR arm / baseline ({payload['base_arm']}) of the "
-             f"same seed. Win: ratio <= {1 - TIE:.2f}; tie: within {TIE:.0%}; loss: ratio >= "
-             f"{1 + TIE:.2f} or the NLL is out of the arm's reach. At loose tolerances the NLL "
-             "itself carries solver error (it can come out lower than the converged value); "
-             "the comparison takes each measured NLL at face value, as a user who loosens the "
-             "tolerance would.", ""]
-    if payload.get("missing"):
-        lines += ["Not measured yet (workload, arm, seed): " + ", ".join(
-            f"({w}, {a}, {s})" for w, a, s in payload["missing"]) + ".", ""]
-    if remade := payload.get("remade"):
-        dnll = max(abs(r["test_nll"][1] - r["test_nll"][0]) for r in remade)
-        dnfe = max(abs(r["forward_nfe"][1] / r["forward_nfe"][0] - 1) for r in remade)
-        lines += [f"{len(remade)} of these models were made again (the suite's runs kept no "
-                  "weights then), with the same definitions and seeds on the current engine: "
-                  f"their test NLL is within {dnll:.1e} nats and their mean forward NFE within "
-                  f"{dnfe:.1%} of the measured runs' (`remade` in the JSON). The suite's own "
-                  "figures stay those of its measured runs.", ""]
+             f"Machine: {m['cpu']}, {m['cores']} cores shared with other work, {RUN_THREADS} "
+             f"torch thread; torch {m['torch']}; commit {m['git_commit']}; {m['date']}. "
+             f"Measuring the {len(payload['models'])} models took "
+             f"{sum(x['cpu_seconds'] for x in payload['models']):.0f} s of CPU time, one model "
+             "at a time.", "",
+             f"Rows: the first {payload['rows']:,} rows of each run's test split (the same rows "
+             f"for every arm of a seed), batches of {payload['batch_size']:,}; the reference is "
+             f"checked against dopri5 at {accuracy.CHECK_TOL:g} on the first "
+             f"{payload['check_rows']:,}; sampling error from {payload['sample_rows']:,} latent "
+             "draws (the same for every model). The rule (`benchmarks.accuracy`): each TPR arm "
+             f"against the same seed's {base}; it loses if its converged NLL is worse by more "
+             f"than {payload['nll_margin']} nats, else the cheaper setting (NFE per batch) that "
+             "meets the accuracy (mean per-row |d log p| against the converged solve) wins. "
+             "Cost ratio = the arm's cost / the baseline's, over the seeds where both meet the "
+             "accuracy (whatever their NLLs).", "",
+             f"![mean error against NFE]({payload['plot']})", "", "## Verdicts", ""]
+    rows = [[wname, aname, e, f"{c['wins']}/{c['ties']}/{c['losses']}/{c['neither']} of "
+             f"{len(c['per_seed'])}", _spread(c["ratio"], ".2f"), _spread(c["nll_diff"], "+.4f")]
+            for wname, arms in payload["answer"].items() for aname, by_e in arms.items()
+            for e, c in by_e.items()]
+    lines += [*table(["workload", "arm", "accuracy", "wins/ties/losses/neither",
+                      "cost ratio, median (range)", "converged NLL diff, median (range)"],
+                     rows), ""]
     for wname, arms in payload["answer"].items():
         lines += [f"## {wname}", ""]
-        for aname, e in arms.items():
-            per = "; ".join(f"seed {s}: {_seed_text(v)}" for s, v in e["per_seed"].items())
-            med, single = (_ratio_text(e[k]) for k in ("ratio", "ratio_at_reference_tol"))
-            lines += [f"**{aname} against {payload['base_arm']}: {e['verdict']}** (NFE ratio at "
-                      f"equal NLL, median [range] over seeds: {med}; {e['counts']['wins']} "
-                      f"wins, {e['counts']['ties']} ties, {e['counts']['loses']} losses; for "
-                      f"comparison, the ratio at the single tolerance {REFERENCE_TOL:g}: "
-                      f"{single}). Per seed: {per}.", ""]
-        for cell, caption in (
-                ("{test_nll:.4f} / {test_nfe:.0f} / {rows_per_second:.0f}",
-                 "(test NLL / test NFE per batch / rows per second)"),
-                ("{sample_nfe:.0f} / {sample_seconds:.2f} s",
-                 f"(sampling {payload['samples']:,}: NFE / seconds)")):
-            lines += [*table(["arm", "seed", *(f"{t:g}" for t in TOLERANCES)],
-                             [[aname, seed, *(cell.format(**p) for p in curve)]
-                              for (w, aname, seed), curve in payload["curves_by_key"]
-                              if w == wname]), "", caption, ""]
-    lines += [f"![test NLL against test NFE]({payload['plot']})"]
-    if "missing" in payload:  # older reports (frontier_small) drew the absolute NLL
-        lines += ["", f"(The picture draws each test NLL relative to the same seed's "
-                  f"{payload['base_arm']} at tolerance {TOLERANCES[-1]:g}; dashed: {MARGIN} "
-                  "nats above it.)"]
-    return "\n".join(lines) + "\n"
+        rows = [[aname, e, seed, f"{v['nll_diff']:+.4f}", _cost(v["other_cost"]),
+                 _cost(v["base_cost"]), f"{v['verdict']} ({v['reason']})"]
+                for aname, by_e in arms.items() for e, c in by_e.items()
+                for seed, v in c["per_seed"].items()]
+        lines += [*table(["arm", "accuracy", "seed", "converged NLL diff", "its cost (NFE)",
+                          f"{base}'s cost", "verdict"], rows), ""]
+    lines += ["## Few steps: mean per-row error of each grid setting", "",
+              "Median over seeds (range), nats per row; the sampling RMS error is in the "
+              "data's standard deviations (standardised units).", ""]
+    for wname, arms in payload["few_steps"].items():
+        lines += [f"### {wname}", ""]
+        lines += [*table(["setting", "NFE", *(f"{a} abs d" for a in arms),
+                          *(f"{a} sample RMS" for a in arms)],
+                         [[s, f"{v['nfe']:.0f}",
+                           *(_spread(arms[a][s]["abs_d"], ".2g") for a in arms),
+                           *(_spread(arms[a][s]["sample_rms"], ".2g") for a in arms)]
+                          for s, v in next(iter(arms.values())).items()]), ""]
+    lines += ["## Each model", ""]
+    for model in payload["models"]:
+        lines += [f"### {model['workload']}, {model['arm']}, seed {model['seed']}", "",
+                  *accuracy.model_table(model), ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
     """The frontier's flags."""
     keeping = sorted(k for k, v in bench_run.SUITES.items() if v.get("keep_models"))
     parser.add_argument("--suite", choices=keeping, default="long")
-    parser.add_argument("--workloads", default=None,
-                        help="comma-separated subset of the suite's workloads")
-    parser.add_argument("--seeds", default=None,
-                        help="comma-separated subset of the suite's seeds (default: all)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="models evaluated (or trained) at once, one process each")
-    parser.add_argument("--samples", type=int, default=SAMPLES,
-                        help="samples drawn at each tolerance (0: none)")
-    parser.add_argument("--cached-only", action="store_true",
-                        help="evaluate and train nothing: report the cached curves")
+    parser.add_argument("--workloads", default=None, help="comma-separated subset")
+    parser.add_argument("--seeds", default=None, help="comma-separated subset (default: all)")
+    parser.add_argument("--rows", type=int, default=1000, help="test rows per model")
+    parser.add_argument("--sample-rows", type=int, default=500, help="latent draws")
+    parser.add_argument("--check-rows", type=int, default=100,
+                        help="rows the reference is checked on against 1e-10")
+    parser.add_argument("--batch-size", type=int, default=1000, help="rows per batch")
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate (or take from the cache) every kept model of the suite; answer; plot."""
+    """Measure (or read from the cache) every kept model of the suite; compare; plot."""
     suite = bench_run.SUITES[args.suite]
     where = f"suite {args.suite!r}"
     workloads = bench_run.subset(args.workloads, list(suite["workloads"]), "workloads", where)
     seeds = bench_run.subset(args.seeds, list(suite["seeds"]), "seeds", where)
-    if args.jobs < 1 or args.samples < 0:
-        raise UsageError(f"--jobs must be >= 1 and --samples >= 0, got {args.jobs} and "
-                         f"{args.samples}")
-    keys = [] if args.cached_only else [
-        (w, a, s) for w in workloads for a in suite["arms"] for s in seeds]
-    start = time.perf_counter()
-    bench_run.pooled([functools.partial(_curve_of, args.suite, *k, args.samples) for k in keys],
-                     args.jobs, lambda i, result: None)
-    # The report covers every model of the suite with a cached curve, not only this call's.
-    every = [(w, a, s) for w in suite["workloads"] for a in suite["arms"] for s in suite["seeds"]]
-    curves = {k: c for k in every
-              if (c := cached_curve(args.suite, *k, args.samples)) is not None}
-    if not curves:
-        raise UsageError(f"no cached frontier curves for suite {args.suite!r}; run without "
-                         "--cached-only first")
+    opts = {"rows": args.rows, "sample_rows": args.sample_rows, "check_rows": args.check_rows,
+            "batch_size": args.batch_size}
+    if min(opts.values()) < 1:
+        raise UsageError(f"--rows, --sample-rows, --check-rows and --batch-size must be >= 1, "
+                         f"got {opts}")
+    if any(bench_run.WORKLOADS[w].kind == "vae" for w in workloads):
+        raise UsageError(f"the frontier measures density models, not the VAE ({workloads})")
+    models = {(w, a, s): measure_model(args.suite, (w, a, s), opts)
+              for w in workloads for a in suite["arms"] for s in seeds}
     base_arm = suite["baselines"][0]
-    plot(curves, args.out.with_suffix(".png"), base_arm)
-    return {
-        "suite": args.suite, "command": args.command,
-        "machine": machine(), "seconds": time.perf_counter() - start,
-        "steps": {w: suite["workloads"][w] for w in dict.fromkeys(k[0] for k in curves)},
-        "seeds": sorted({k[2] for k in curves}),
-        "missing": [list(k) for k in every if k not in curves],
-        "base_arm": base_arm, "tolerances": list(TOLERANCES), "margin": MARGIN, "tie": TIE,
-        "samples": args.samples, "plot": f"{args.out.name}.png",
-        "batch_rows": next(iter(curves.values()))[0]["batch_rows"],
-        "answer": answer(curves, base_arm),
-        "remade": remade_against_measured(args.suite, list(curves)),
-        "curves_by_key": [[list(k), c] for k, c in curves.items()]}
+    payload = {"suite": args.suite, "command": args.command, "machine": machine(),
+               **opts, "base_arm": base_arm, "nll_margin": accuracy.NLL_MARGIN,
+               "plot": f"{Path(args.out).name}.png", "answer": answer(models, base_arm),
+               "few_steps": few_steps(models),
+               "models": [{"workload": w, "arm": a, "seed": s, "cost_at": _costs(m), **m}
+                          for (w, a, s), m in models.items()]}
+    payload = json.loads(json.dumps(payload))  # the page renders as from the committed JSON
+    plot(payload, Path(args.out).with_suffix(".png"))
+    return payload
 
 
-def _report(args: argparse.Namespace) -> Path:
-    name = "small" if args.suite == "long_small" else args.suite
-    return bench_run.RESULTS / f"frontier_{name}"
-
-
-STUDY = common.Study("frontier", __doc__, measure, markdown, arguments, report=_report)
+STUDY = common.Study("frontier", __doc__, measure, markdown, arguments, report=lambda args: (
+    bench_run.RESULTS / f"frontier_{'small' if args.suite == 'long_small' else args.suite}"))
 
 main = STUDY.main
 

@@ -606,11 +606,11 @@ def test_the_committed_cache_summarises_to_the_committed_quick_suite(tmp_path: P
 
 
 @pytest.mark.slow
-def test_the_committed_curves_answer_as_the_committed_frontier(tmp_path: Path) -> None:
+def test_the_committed_cache_answers_as_the_committed_frontier(tmp_path: Path) -> None:
     from benchmarks import frontier
 
-    assert frontier.main(["--suite", "long_fresh", "--cached-only", "--out",
-                          str(tmp_path / "fr")]) == 0
+    # Every kept model's measurement is in the committed cache: the report comes from it alone.
+    assert frontier.main(["--suite", "long_fresh", "--out", str(tmp_path / "fr")]) == 0
     made = json.loads((tmp_path / "fr.json").read_text())
     committed = json.loads((report.RESULTS / "frontier_long_fresh.json").read_text())
-    assert made["answer"] == committed["answer"] and made["missing"] == []
+    assert made["answer"] == committed["answer"] and made["models"] == committed["models"]

@@ -1,195 +1,134 @@
-"""The test-cost frontier: end to end on a tiny suite, and its equal-NLL answer by hand."""
+"""The accuracy frontier of a suite's kept models: hand-made kept models through the real loader,
+each TPR arm paired with its own seed's baseline, the cache, the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
-from benchmarks import frontier
+from benchmarks import accuracy, frontier, harness, report
 from benchmarks import run as bench_run
+from polyreg_cnf.engine.ode import solving_with
+
+ROWS = ["--rows", "24", "--sample-rows", "16", "--check-rows", "8", "--batch-size", "12"]
 
 
-def _curve(points: list[tuple[float, float, float]]) -> list[dict[str, float]]:
-    return [{"tol": t, "test_nll": nll, "test_nfe": nfe} for t, nll, nfe in points]
-
-
-def test_equal_nll_cost_by_hand() -> None:
-    # The better model's best is 3.60 (TPR at 1e-5): the target is 3.61. The baseline gets
-    # there at 1e-4 (80 NFE), TPR already at 1e-3 (50 NFE): 50 / 80.
-    base = _curve([(1e-3, 3.65, 40.0), (1e-4, 3.609, 80.0), (1e-5, 3.605, 150.0)])
-    tpr = _curve([(1e-3, 3.610, 50.0), (1e-4, 3.602, 70.0), (1e-5, 3.600, 100.0)])
-    out = frontier.equal_nll_cost(base, tpr)
-    assert out["target_nll"] == pytest.approx(3.61)
-    assert (out["base_nfe"], out["nfe"]) == (80.0, 50.0)
-    assert (out["base_tol"], out["tol"]) == (1e-4, 1e-3)
-    assert out["ratio"] == pytest.approx(0.625) and out["verdict"] == "wins"
-    # Swapped, the baseline is the one that wins: TPR loses.
-    assert frontier.equal_nll_cost(tpr, base)["verdict"] == "loses"
-    # A model that never gets within 0.01 nats of the other's best loses outright.
-    worse = _curve([(1e-3, 3.70, 20.0), (1e-5, 3.62, 60.0)])
-    out = frontier.equal_nll_cost(base, worse)
-    assert out["nfe"] is None and out["ratio"] is None and out["verdict"] == "loses"
-    assert frontier.equal_nll_cost(worse, base)["verdict"] == "wins"
-    # Within 5 %: a tie.
-    near = _curve([(1e-4, 3.605, 78.0)])
-    assert frontier.equal_nll_cost(base, near)["verdict"] == "ties"
-
-
-def test_a_loose_point_that_reads_below_the_converged_nll_sets_the_target() -> None:
-    # The rule as it is today: the target is the better model's best point at ANY tolerance,
-    # so a loose point that reads below its model's converged NLL (solver error, not density)
-    # moves the target. Here the baseline converges to 3.604 but its 1e-2 point reads 3.590:
-    # the target is 3.600, which only that dipped point reaches, and TPR, whose converged NLL
-    # (3.608) is within 0.004 nats of the baseline's, loses.
-    base = _curve([(1e-2, 3.590, 30.0), (1e-3, 3.605, 60.0), (1e-6, 3.604, 200.0)])
-    tpr = _curve([(1e-2, 3.612, 30.0), (1e-3, 3.6085, 45.0), (1e-6, 3.608, 150.0)])
-    out = frontier.equal_nll_cost(base, tpr)
-    assert out["target_nll"] == pytest.approx(3.600)
-    assert (out["base_nfe"], out["base_tol"]) == (30.0, 1e-2)
-    assert out["nfe"] is None and out["ratio"] is None and out["verdict"] == "loses"
-    # The other way round: TPR's own dip sets the target and wins it, at its cheapest point,
-    # against a baseline that converges 0.004 nats below TPR.
-    out = frontier.equal_nll_cost(tpr, base)
-    assert (out["nfe"], out["tol"]) == (30.0, 1e-2) and out["base_nfe"] is None
-    assert out["verdict"] == "wins"
-    # Without the dip (the baseline's loose point reads its converged value) the target is
-    # 3.604 + 0.01 and both get there: TPR loses on cost (45 against 30), not to solver error.
-    flat = _curve([(1e-2, 3.604, 30.0)] + [(p["tol"], p["test_nll"], p["test_nfe"])
-                                          for p in base[1:]])
-    tpr_late = _curve([(1e-2, 3.640, 20.0), (1e-3, 3.6085, 45.0), (1e-6, 3.608, 150.0)])
-    out = frontier.equal_nll_cost(flat, tpr_late)
-    assert out["target_nll"] == pytest.approx(3.614)
-    assert (out["base_nfe"], out["nfe"], out["verdict"]) == (30.0, 45.0, "loses")
-
-
-def test_answer_pairs_each_seed_with_its_own_baseline() -> None:
-    # Seed 1's TPR curve would win against seed 0's baseline; against its own it loses.
-    curves = {("w", "base", 0): _curve([(1e-3, 3.60, 100.0)]),
-              ("w", "base", 1): _curve([(1e-3, 3.70, 20.0)]),
-              ("w", "tpr", 0): _curve([(1e-3, 3.60, 50.0)]),
-              ("w", "tpr", 1): _curve([(1e-3, 3.70, 40.0)])}
-    out = frontier.answer(curves, "base")["w"]["tpr"]
-    assert out["per_seed"][0]["ratio"] == pytest.approx(0.5)
-    assert out["per_seed"][0]["ratio_at_reference_tol"] is None  # no 1e-5 point here
-    assert out["per_seed"][1]["ratio"] == pytest.approx(2.0)
-    assert out["verdict"] == "mixed" and out["counts"] == {"wins": 1, "ties": 0, "loses": 1}
-    assert out["ratio"]["median"] == pytest.approx(1.25)
-    assert (out["ratio"]["min"], out["ratio"]["max"]) == (0.5, 2.0)
-
-
-def test_frontier_end_to_end_on_a_tiny_suite(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[tuple[str, str, int], Path]:
+    """A suite of four kept models (two arms x seeds 0 and 1) made by hand, untrained but each
+    with its own weights, written where the suite keeps its models."""
     monkeypatch.setattr(bench_run, "RESULTS", tmp_path)
     monkeypatch.setitem(bench_run.SUITES, "tiny", dict(
-        workloads={"checkerboard": 40}, seeds=(0,), arms=("ffjord_direct", "tpr_fast"),
+        workloads={"checkerboard": 40}, seeds=(0, 1), arms=("ffjord_direct", "tpr_fast"),
         baselines=("ffjord_direct",), keep_models=True))
-    monkeypatch.setitem(bench_run.WORKLOADS, "checkerboard", bench_run.dataclasses.replace(
-        bench_run.WORKLOADS["checkerboard"], num_val=200, num_test=300, hidden_dims=(16, 16)))
-    # The suite keeps its models ...
-    monkeypatch.setattr(sys, "argv", ["run.py", "--suite", "tiny"])
-    bench_run.main()
+    monkeypatch.setitem(bench_run.WORKLOADS, "checkerboard", dataclasses.replace(
+        bench_run.WORKLOADS["checkerboard"], num_val=40, num_test=40, hidden_dims=(8,)))
     w = bench_run.suite_workload("tiny", "checkerboard")
-    kept = bench_run.model_file("tiny", w, bench_run.ARMS["ffjord_direct"], 0)
-    assert kept.exists()
-    # ... and the frontier makes a missing one (as a suite run before keeping models left it)
-    # again the way the suite did, leaving the suite's own measurement alone.
-    bench_run.model_file("tiny", w, bench_run.ARMS["tpr_fast"], 0).unlink()
-    measured = tmp_path / ".cache" / "tiny" / "checkerboard-40-tpr_fast-0.json"
-    before = measured.read_bytes()
-    monkeypatch.setattr(sys, "argv", ["frontier.py", "--suite", "tiny", "--samples", "500"])
-    frontier.main()
-    assert measured.read_bytes() == before
-    payload = json.loads((tmp_path / "frontier_tiny.json").read_text())
-    [remade] = payload["remade"]
-    assert remade["key"] == ["checkerboard", "tpr_fast", 0] and remade["steps"] == 40
-    # the same code and seed on CPU: the remade run repeats the measured one
-    assert remade["test_nll"][1] == pytest.approx(remade["test_nll"][0], abs=1e-6)
-    assert remade["forward_nfe"][1] == pytest.approx(remade["forward_nfe"][0], rel=1e-6)
-    assert "1 of these models were made again" in (tmp_path / "frontier_tiny.md").read_text()
+    paths = {}
+    for i, (aname, seed) in enumerate([(a, s) for a in ("ffjord_direct", "tpr_fast")
+                                       for s in (0, 1)]):
+        arm = harness.ARMS[aname]
+        dm, config = harness._run_inputs(w, arm, seed, w.steps, tmp_path / "build")
+        dm.prepare_data()
+        dm.setup("fit")
+        model = harness.make_model(config, dm)
+        with torch.no_grad():  # a field with some bend, different for every model
+            gen = torch.Generator().manual_seed(100 + i)
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.7)
+        paths[aname, seed] = bench_run.model_file("tiny", w, arm, seed)
+        harness.save_final_model(model, w, arm, seed, paths[aname, seed])
+    return paths
+
+
+def _run(tmp_path: Path, *extra: str) -> dict[str, Any]:
+    assert frontier.main(["--suite", "tiny", *ROWS, *extra]) == 0
+    return json.loads((tmp_path / "frontier_tiny.json").read_text())
+
+
+def test_each_kept_model_is_measured_on_its_runs_test_rows_and_paired_by_seed(
+        tiny: dict, tmp_path: Path) -> None:
+    payload = _run(tmp_path)
+    models = {(m["workload"], m["arm"], m["seed"]): m for m in payload["models"]}
+    assert set(models) == {("checkerboard", a, s) for a in ("ffjord_direct", "tpr_fast")
+                           for s in (0, 1)}
+    w = bench_run.suite_workload("tiny", "checkerboard")
+    for (_, aname, seed), m in models.items():
+        # The converged NLL is that of this model file on the first 24 rows of its run's test
+        # split, solved here apart from the frontier (float64, dopri5 at 1e-8).
+        model, dm = harness.load_final_model(tiny[aname, seed], w, harness.ARMS[aname], seed,
+                                             tmp_path / "check")
+        x = torch.cat([b[0] for b in dm.test_dataloader()])[:24].double()
+        model = model.double()
+        solver = accuracy.Setting("dopri5", tol=1e-8).solver(model.solver)
+        with torch.no_grad(), solving_with(model.flow, solver):
+            nll = float(-model.log_prob(x).mean())
+        assert m["reference"]["converged_nll"] == pytest.approx(nll, abs=1e-6)
+        assert m["reference"]["rows"] == 24 and m["model"] == tiny[aname, seed].name
+        assert [r["setting"] for r in m["settings"]] == [
+            s.name for s in accuracy.default_settings()]
+    # Seed 0's and seed 1's models differ, and each TPR model is compared with its own seed's
+    # baseline: the NLL differences are of the same seed.
+    nll = {k[1:]: m["reference"]["converged_nll"] for k, m in models.items()}
+    assert nll["ffjord_direct", 0] != pytest.approx(nll["ffjord_direct", 1], abs=1e-3)
+    for e in map(str, accuracy.ACCURACIES):
+        c = payload["answer"]["checkerboard"]["tpr_fast"][e]
+        for seed in (0, 1):
+            v = c["per_seed"][str(seed)]
+            assert v["nll_diff"] == pytest.approx(nll["tpr_fast", seed] - nll["ffjord_direct",
+                                                                               seed])
+            want = accuracy.compare(accuracy.records_of(models["checkerboard", "ffjord_direct",
+                                                               seed]),
+                                    accuracy.records_of(models["checkerboard", "tpr_fast", seed]),
+                                    float(e))
+            assert v["verdict"] == want["verdict"] and v["ratio"] == want["ratio"]
+        assert c["wins"] + c["ties"] + c["losses"] + c["neither"] == 2
+    # The few-step table gives, per arm and grid setting, the spread over both seeds.
+    rk4 = payload["few_steps"]["checkerboard"]["tpr_fast"]["rk4x2"]
+    per_seed = [models["checkerboard", "tpr_fast", s]["settings"] for s in (0, 1)]
+    got = sorted(r["mean_abs_d"] for rs in per_seed for r in rs if r["setting"] == "rk4x2")
+    assert (rk4["abs_d"]["min"], rk4["abs_d"]["max"], rk4["seeds"]) == (*got, 2)
+    # The page renders from the committed JSON alone, as benchmarks.report checks it.
+    assert report.study_of("frontier_tiny") == "frontier"
+    assert report.render("frontier_tiny", tmp_path) == (tmp_path / "frontier_tiny.md").read_text()
     assert (tmp_path / "frontier_tiny.png").stat().st_size > 0
-    assert "## checkerboard" in (tmp_path / "frontier_tiny.md").read_text()
-    curves = {tuple(k): c for k, c in payload["curves_by_key"]}
-    assert set(curves) == {("checkerboard", "ffjord_direct", 0), ("checkerboard", "tpr_fast", 0)}
-    for curve in curves.values():
-        assert [p["tol"] for p in curve] == list(frontier.TOLERANCES)  # one point per tol
-        nfe = [p["test_nfe"] for p in curve]
-        assert nfe[0] < nfe[-1] and all(a <= b for a, b in zip(nfe, nfe[1:]))
-        assert all(p["batch_rows"] == 300 and p["rows_per_second"] > 0 for p in curve)
-        assert curve[0]["sample_nfe"] < curve[-1]["sample_nfe"]
-    seed0 = payload["answer"]["checkerboard"]["tpr_fast"]["per_seed"]["0"]
-    base, tpr = curves["checkerboard", "ffjord_direct", 0], curves["checkerboard", "tpr_fast", 0]
-    # The answer follows the documented rule, checked point by point on the measured curves:
-    # the target is the better model's best NLL + 0.01; each cost is the fewest NFE of the
-    # points at or below it; the ratio sets the verdict; the reference ratio is at 1e-5.
-    target = min(p["test_nll"] for p in base + tpr) + 0.01
-    assert seed0["target_nll"] == pytest.approx(target)
-    for curve, nfe, tol in ((base, "base_nfe", "base_tol"), (tpr, "nfe", "tol")):
-        under = [p for p in curve if p["test_nll"] <= target]
-        if not under:
-            assert seed0[nfe] is None and seed0[tol] is None
-            continue
-        [chosen] = [p for p in curve if p["tol"] == seed0[tol]]
-        assert chosen["test_nll"] <= target and chosen["test_nfe"] == seed0[nfe]
-        assert seed0[nfe] == min(p["test_nfe"] for p in under)
-    assert seed0["base_nfe"] is not None or seed0["nfe"] is not None  # the best one gets there
-    if seed0["base_nfe"] is not None and seed0["nfe"] is not None:
-        ratio = seed0["nfe"] / seed0["base_nfe"]
-        assert seed0["ratio"] == pytest.approx(ratio)
-        assert seed0["verdict"] == ("wins" if ratio <= 0.95 else "loses" if ratio >= 1.05
-                                    else "ties")
-    else:
-        assert seed0["ratio"] is None
-        assert seed0["verdict"] == ("wins" if seed0["base_nfe"] is None else "loses")
-    assert base[5]["tol"] == tpr[5]["tol"] == 1e-5
-    assert seed0["ratio_at_reference_tol"] == pytest.approx(tpr[5]["test_nfe"]
-                                                            / base[5]["test_nfe"])
-    # Every curve is cached: a report from the cache alone is the same report ...
-    cache = tmp_path / ".cache" / "frontier" / "tiny"
-    assert sorted(p.name for p in cache.iterdir()) == ["checkerboard-40-ffjord_direct-0.json",
-                                                       "checkerboard-40-tpr_fast-0.json",
-                                                       "remade"]
-    monkeypatch.setattr(sys, "argv", ["frontier.py", "--suite", "tiny", "--samples", "500",
-                                      "--cached-only"])
-    frontier.main()
-    again = json.loads((tmp_path / "frontier_tiny.json").read_text())
-    assert again["answer"] == payload["answer"] and again["missing"] == []
-    # ... and a cached curve is what the report reads (nothing is evaluated again) ...
-    entry = json.loads((cache / "checkerboard-40-tpr_fast-0.json").read_text())
-    entry["curve"][0]["test_nll"] = -99.0
-    (cache / "checkerboard-40-tpr_fast-0.json").write_text(json.dumps(entry))
-    frontier.main()
-    curves = {tuple(k): c for k, c in
-              json.loads((tmp_path / "frontier_tiny.json").read_text())["curves_by_key"]}
-    assert curves["checkerboard", "tpr_fast", 0][0]["test_nll"] == -99.0
-    # ... until the model changes: then the curve is stale, and missing from the report.
-    model = bench_run.model_file("tiny", bench_run.suite_workload("tiny", "checkerboard"),
-                                 bench_run.ARMS["tpr_fast"], 0)
-    model.write_bytes(model.read_bytes() + b"\0")
-    assert frontier.cached_curve("tiny", "checkerboard", "tpr_fast", 0, 500) is None
-    assert frontier.cached_curve("tiny", "checkerboard", "tpr_fast", 0, 0) is None  # samples
-    frontier.main()
-    last = json.loads((tmp_path / "frontier_tiny.json").read_text())
-    assert last["missing"] == [["checkerboard", "tpr_fast", 0]] and last["answer"] == {}
-    assert "Not measured yet" in (tmp_path / "frontier_tiny.md").read_text()
 
 
-def test_flags_choose_workloads_and_seeds_and_bad_ones_are_refused(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    asked = []
-    monkeypatch.setattr(frontier, "_curve_of", lambda *args: asked.append(args[1:4]))
-    monkeypatch.setattr(frontier, "cached_curve", lambda *args: None)
-    for argv, expected in [(["--seeds", "4"], "no cached frontier curves"),
-                           (["--seeds", "9"], "seeds [9] are not in suite 'long_fresh'"),
-                           (["--seeds", "x"], "--seeds takes comma-separated integers"),
-                           (["--workloads", "moons"], "workloads ['moons'] are not in suite"),
-                           (["--jobs", "0"], "--jobs must be >= 1")]:
-        monkeypatch.setattr(sys, "argv", ["frontier.py", "--suite", "long_fresh", *argv])
+def test_a_rerun_reads_the_cache_until_the_model_or_the_rows_change(
+        tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = _run(tmp_path, "--seeds", "0")
+    calls = []
+    real = accuracy.measure
+    monkeypatch.setattr(accuracy, "measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert _run(tmp_path, "--seeds", "0")["models"] == first["models"]
+    assert calls == []
+    # A changed model file is measured again (and only that one) ...
+    path = tiny["tpr_fast", 0]
+    saved = torch.load(path, weights_only=True)
+    saved["state_dict"] = {k: v * 1.1 for k, v in saved["state_dict"].items()}
+    torch.save(saved, path)
+    again = _run(tmp_path, "--seeds", "0")
+    assert calls == [1]
+    assert again["models"][0] == first["models"][0]
+    assert again["models"][1]["reference"] != first["models"][1]["reference"]
+    # ... and so is every model when the rows change.
+    _run(tmp_path, "--seeds", "0", "--rows", "20")
+    assert calls == [1, 1, 1]
+
+
+def test_bad_flags_and_missing_models_are_refused(
+        tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tiny["tpr_fast", 1].unlink()
+    for argv, expected in [(["--seeds", "9"], "seeds [9] are not in suite 'tiny'"),
+                           (["--rows", "0"], "must be >= 1"),
+                           (["--rows", "41"], "--rows 41 is more than the 40 test rows"),
+                           (["--seeds", "1"], "no kept model"),
+                           (["--workloads", "moons"], "workloads ['moons'] are not in suite")]:
         with pytest.raises(SystemExit):
-            frontier.main()
+            frontier.main(["--suite", "tiny", *ROWS, *argv])
         assert expected in capsys.readouterr().err
-    # only the chosen seed was evaluated, every arm of it
-    assert asked == [("checkerboard", a, 4)
-                     for a in ("ffjord_direct", "tpr_fast_c1", "tpr_fast_late")]
