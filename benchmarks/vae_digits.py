@@ -45,8 +45,7 @@ def run_one(seed: int, setting: str, epochs: int, is_samples: int,
         run = build(config, datamodule=dm)
         model, trainer = run.model, run.trainer
 
-        # Initial -ELBO (one sample per image), for "did it learn".
-        model.is_samples = 0
+        model.is_samples = 0  # the initial -ELBO (one sample per image), for "did it learn"
         init = trainer.test(model, datamodule=dm, verbose=False)[0]["test/neg_elbo"]
         model.is_samples = is_samples
 
@@ -55,22 +54,20 @@ def run_one(seed: int, setting: str, epochs: int, is_samples: int,
         seconds = time.perf_counter() - start
         summary = run.monitor.summary()
         out = trainer.test(model, datamodule=dm, verbose=False)[0]
-    return dict(seed=seed, setting=setting, init_neg_elbo=float(init),
-                test_neg_elbo=float(out["test/neg_elbo"]),
-                test_is_nll=float(out["test/is_nll"]),
-                forward_nfe=summary["forward_mean"], backward_nfe=summary["backward_mean"],
-                seconds_per_step=summary["seconds_mean"], seconds_per_epoch=seconds / epochs,
-                test_nfe_per_batch=float(out["test/nfe"]), steps=summary["steps"])
+    row = dict(seed=seed, setting=setting, init_neg_elbo=float(init),
+               test_neg_elbo=float(out["test/neg_elbo"]), test_is_nll=float(out["test/is_nll"]),
+               forward_nfe=summary["forward_mean"], backward_nfe=summary["backward_mean"],
+               seconds_per_step=summary["seconds_mean"], seconds_per_epoch=seconds / epochs,
+               test_nfe_per_batch=float(out["test/nfe"]), steps=summary["steps"])
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def summarise(rows: list[dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for setting in SETTINGS:
-        sel = [r for r in rows if r["setting"] == setting]
-        if not sel:
-            continue
-        out[setting] = {m: spread([r[m] for r in sel]) for m in METRICS}
-    return out
+    """Per setting that ran: each measurement's median, min and max over seeds."""
+    by = {setting: [r for r in rows if r["setting"] == setting] for setting in SETTINGS}
+    return {setting: {m: spread([r[m] for r in sel]) for m in METRICS}
+            for setting, sel in by.items() if sel}
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -132,12 +129,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     start = time.perf_counter()
-    rows = []
-    for seed in args.seeds:
-        for setting in SETTINGS:
-            row = run_one(seed, setting, args.epochs, args.is_samples, args.threads)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    rows = [run_one(seed, setting, args.epochs, args.is_samples, args.threads)
+            for seed in args.seeds for setting in SETTINGS]
     meta = dict(
         command=args.command, nproc=os.cpu_count(), platform=platform.platform(),
         **common.versions(), torch_threads=args.threads,
