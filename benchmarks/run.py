@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import sys
@@ -36,7 +37,6 @@ from benchmarks.harness import (
     Workload,
     definitions,
     fmt,
-    plot_nfe,
     run_one,
     speedups,
     summarise,
@@ -111,10 +111,7 @@ def _load_cached(path: Path, w: Workload, arm: Arm) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    defs = definitions(w, arm)
-    if any(data.get(k) != v for k, v in defs.items()):
-        return None
-    return data["run"]
+    return None if any(data.get(k) != v for k, v in definitions(w, arm).items()) else data["run"]
 
 
 def model_file(suite: str, w: Workload, arm: Arm, seed: int) -> Path:
@@ -153,16 +150,10 @@ READING = "How to read the tables: docs/benchmarks.md, \"Reading the reports\"."
 FLOOR = 8  # dopri5 evaluations of a one-step solve (2 to pick the first step + 6)
 
 
-def _med(entry: dict[str, Any], key: str) -> float | None:
-    value = entry.get(key)
-    return None if value is None else value.get("median")
-
-
 def _pair(arms: dict[str, Any], aname: str, base: str, key: str,
           transform: Any = None) -> dict[str, Any]:
-    """``aname`` against ``base`` in measurement ``key``, seed by seed (harness.paired), with
-    an optional per-seed ``transform`` (e.g. a ratio turned into a reduction); median and range
-    over seeds, per-seed values kept."""
+    """``aname`` against ``base`` in measurement ``key``, seed by seed (harness.paired), each
+    value optionally ``transform``-ed (a ratio into a reduction), with its seeds and spread."""
     p = arms[aname][f"paired_to_{base}"]
     values = p[key]["per_seed"]
     if transform is not None:
@@ -171,11 +162,8 @@ def _pair(arms: dict[str, Any], aname: str, base: str, key: str,
 
 
 def goals(summary: dict[str, Any]) -> dict[str, Any]:
-    """The issue's goals per workload, from the summary (None where an arm is missing).
-
-    Every comparison is seed-paired: a seed's arm against the same seed's baseline, then the
-    median (the verdict) and the range over seeds.
-    """
+    """The issue's goals per workload, from the summary (absent where an arm is missing); each
+    comparison seed-paired, its median the verdict."""
     out: dict[str, Any] = {}
     for wname, arms in summary.items():
         g: dict[str, Any] = {}
@@ -208,9 +196,9 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
         toy = wname in WORKLOADS and WORKLOADS[wname].kind == "toy"
         for aname in ("tpr_paper", "tpr_fast"):
             if toy and aname in arms and "ffjord_matched" in arms:
+                test_nfe = arms[aname]["test_nfe"]["median"]
                 g[f"test_nfe_{aname}"] = {
-                    "test_nfe": _med(arms[aname], "test_nfe"),
-                    "times_floor": _med(arms[aname], "test_nfe") / FLOOR,
+                    "test_nfe": test_nfe, "times_floor": test_nfe / FLOOR,
                     "test_nll_diff": _pair(arms, aname, "ffjord_matched", "test_nll")}
         out[wname] = g
     return out
@@ -256,19 +244,15 @@ def _speedup(entry: dict[str, Any]) -> str:
     return f"reached in {sp['reached']}/{sp['of']} seeds"
 
 
-def _jobs_text(m: dict[str, Any]) -> str:
-    jobs = m.get("parallel_jobs", 1)
-    return (f"{jobs} run(s) at once" if jobs else
-            "runs trained by earlier invocations (this one only summarised the cache)")
-
-
 def _header(suite: str, payload: dict) -> list[str]:
     """Title, command, machine, steps and seeds of a suite's markdown."""
-    m = payload["machine"]
+    m, jobs = payload["machine"], payload["machine"].get("parallel_jobs", 1)
+    ran = (f"{jobs} run(s) at once" if jobs else
+           "runs trained by earlier invocations (this one only summarised the cache)")
     return [f"# Benchmark suite `{suite}`", "",
             f"Command: `{payload['command']}`  ",
             f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s) "
-            f"per run, {_jobs_text(m)}; torch {m['torch']}, "
+            f"per run, {ran}; torch {m['torch']}, "
             f"lightning {m['lightning']}, torchdiffeq {m['torchdiffeq']}; "
             f"commit {m['git_commit']}; {m['date']}; {payload['seconds']:.0f} s in all "
             f"({payload.get('trained_runs', '?')} runs trained by this command, "
@@ -334,9 +318,7 @@ def _speedup_median(entry: dict[str, Any] | None) -> float | None:
     (so a median exists whenever most seeds got there); None if none did."""
     if entry is None:
         return None
-    if "median_unreached_as_zero" in entry:
-        return entry["median_unreached_as_zero"] or None
-    return entry["median"] or None
+    return entry.get("median_unreached_as_zero", entry["median"]) or None
 
 
 def _reached(entry: dict[str, Any] | None) -> str:
@@ -344,23 +326,16 @@ def _reached(entry: dict[str, Any] | None) -> str:
 
 
 def _speedup_spread(entry: dict[str, Any] | None) -> dict[str, Any]:
-    """A seed-paired speed-up's per-seed values (None: never reached) with the median that
-    counts an unreached seed as 0 (:func:`_speedup_median`) and the range of the reached."""
-    if entry is None:
-        return {"per_seed": [], "median": None, "min": None, "max": None}
-    reached = [v for v in entry["per_seed"] if v is not None]
-    return {"per_seed": entry["per_seed"], "median": _speedup_median(entry),
-            "min": min(reached, default=None), "max": max(reached, default=None)}
+    """A speed-up's per-seed values (None: never reached), the median of
+    :func:`_speedup_median` and the range of the reached."""
+    values = [] if entry is None else entry["per_seed"]
+    return {**spread(values, skip_none=True), "per_seed": values,
+            "median": _speedup_median(entry)}
 
 
 def long_goals(summary: dict[str, Any], base_arm: str = BASE) -> dict[str, Any]:
-    """Issue 14's long-run goals per workload and TPR arm, against ``base_arm`` ((3b)).
-
-    Seed-paired throughout: each seed's TPR run against the same seed's (3b) run (speed-ups to
-    its final validation NLL, fewer forward NFE, test NLL difference, test NFE ratio), then the
-    median over seeds decides the goal; the range and per-seed values are kept. The test-NFE
-    goal holds per seed: every seed's TPR model must need at most its (3b) model's test NFE.
-    """
+    """Issue 14's long-run goals per workload and TPR arm against ``base_arm`` ((3b)), seed by
+    seed; the median over seeds decides each goal, except test NFE, which every seed must meet."""
     out: dict[str, Any] = {}
     for wname, arms in summary.items():
         if base_arm not in arms:
@@ -369,14 +344,13 @@ def long_goals(summary: dict[str, Any], base_arm: str = BASE) -> dict[str, Any]:
         for aname, e in arms.items():
             if aname == base_arm:
                 continue
-            within = e[f"speedup_to_{base_arm}_final_val_within_0.01"]
-            exact = e[f"speedup_to_{base_arm}_final_val"]
+            within, exact, nfe_within, smoothed, nfe_smoothed = (e.get(
+                f"{kind}_to_{base_arm}_final_val{margin}") for kind, margin in (
+                ("speedup", "_within_0.01"), ("speedup", ""), ("nfe_speedup", "_within_0.01"),
+                ("speedup", "_smoothed_within_0.01"), ("nfe_speedup", "_smoothed_within_0.01")))
             fewer = _pair(arms, aname, base_arm, "forward_nfe_last10pct", lambda r: 1 - r)
             gap = _pair(arms, aname, base_arm, "test_nll")
             test_nfe = _pair(arms, aname, base_arm, "test_nfe")
-            nfe_within = e[f"nfe_speedup_to_{base_arm}_final_val_within_0.01"]
-            smoothed = e.get(f"speedup_to_{base_arm}_final_val_smoothed_within_0.01")
-            nfe_smoothed = e.get(f"nfe_speedup_to_{base_arm}_final_val_smoothed_within_0.01")
             speedup = _speedup_median(within)
             g[aname] = {
                 "seeds": e[f"paired_to_{base_arm}"]["seeds"],
@@ -409,13 +383,9 @@ _POOLED = ("speedup_within_0.01_per_seed", "nfe_speedup_within_0.01_per_seed",
 
 
 def beside_goals(goals_here: dict[str, Any], goals_other: dict[str, Any]) -> dict[str, Any]:
-    """The goals of the workloads and arms two suites share, seed by seed side by side.
-
-    For a suite of fresh seeds run beside an earlier one (``beside``): each seed is still
-    compared with its own baseline; this only lays the two suites' per-seed values next to each
-    other (the other suite's seeds first) and summarises all of them together. Speed-ups count
-    a seed that never reached the target as 0 in the median, as :func:`long_goals` does.
-    """
+    """The :data:`_POOLED` goals of the workloads and arms two suites share (a suite of fresh
+    seeds ``beside`` an earlier one): the per-seed values of both (the other suite's first),
+    summarised together as :func:`long_goals` summarises them."""
     out: dict[str, Any] = {}
     for wname, arms in goals_here.items():
         for aname, mine in arms.items():
@@ -435,35 +405,36 @@ def beside_goals(goals_here: dict[str, Any], goals_other: dict[str, Any]) -> dic
     return out
 
 
+def _goal_cells(v: dict[str, Any], reached: str) -> list[str]:
+    """The seed-paired goal measurements of ``v`` (:data:`_POOLED`) as report cells."""
+    return [f"{_speed_text(v['speedup_within_0.01_per_seed'])} (reached {reached})",
+            _speed_text(v["nfe_speedup_within_0.01_per_seed"]),
+            _pct(v["forward_nfe_last10pct_reduction"]), _signed(v["test_nll_diff"]),
+            _times(v["test_nfe_ratio"])]
+
+
 def _beside_lines(payload: dict[str, Any]) -> list[str]:
     """The markdown section of :func:`beside_goals` (empty when the suite has none)."""
     beside = payload.get("beside")
     if not beside or not beside["goals"]:
         return []
     seeds = next(iter(next(iter(beside["goals"].values())).values()))["seeds"]
-    lines = [f"## Beside suite `{beside['suite']}` (seeds {beside['seeds']})", "",
-             f"The arms both suites ran, each seed against its own baseline; seeds "
-             f"{beside['seeds']} are from `{beside['suite']}.json`, the others from this suite. "
-             f"Median [range] over all of them, then the per-seed values in seed order {seeds}.",
-             "",
-             *table(["workload", "arm", "speed-up to (3b)'s final val within 0.01",
-                     "the same in NFE", "fewer fwd NFE, last 10 %", "test NLL diff",
-                     "test NFE / (3b)'s"],
-                    [[wname, aname, f"{_speed_text(v['speedup_within_0.01_per_seed'])} (reached "
-                      f"{v['speedup_within_0.01_per_seed']['reached']})",
-                      _speed_text(v["nfe_speedup_within_0.01_per_seed"]),
-                      _pct(v["forward_nfe_last10pct_reduction"]), _signed(v["test_nll_diff"]),
-                      _times(v["test_nfe_ratio"])]
-                     for wname, arms in beside["goals"].items() for aname, v in arms.items()])]
-    return lines + [""]
+    return [f"## Beside suite `{beside['suite']}` (seeds {beside['seeds']})", "",
+            f"The arms both suites ran, each seed against its own baseline; seeds "
+            f"{beside['seeds']} are from `{beside['suite']}.json`, the others from this suite. "
+            f"Median [range] over all of them, then the per-seed values in seed order {seeds}.",
+            "",
+            *table(["workload", "arm", "speed-up to (3b)'s final val within 0.01",
+                    "the same in NFE", "fewer fwd NFE, last 10 %", "test NLL diff",
+                    "test NFE / (3b)'s"],
+                   [[wname, aname, *_goal_cells(v, v["speedup_within_0.01_per_seed"]["reached"])]
+                    for wname, arms in beside["goals"].items() for aname, v in arms.items()]),
+            ""]
 
 
 def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
-    """The sweep and long suites: everything against ``base_arm`` ((3b)), the same engineering.
-
-    A payload summarised before the comparisons were seed-paired (long_small: no
-    ``paired_to_<base>``, goals as medians of each arm) keeps the words and goal cells it had.
-    """
+    """The suites against ``base_arm`` ((3b)); a payload summarised before the comparisons were
+    seed-paired (long_small: goals as medians of each arm) keeps the cells it had."""
     unpaired = not any(f"paired_to_{base_arm}" in e for arms in payload["summary"].values()
                        for e in arms.values())
     lines = [*_header(suite, payload), READING, ""]
@@ -508,11 +479,7 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
                          f"{100 * v['forward_nfe_last10pct_reduction']:.0f} %",
                          f"{v['test_nll_diff']:+.4f}", _x(v["test_nfe_ratio"]))
             else:
-                cells = (f"{_speed_text(v['speedup_within_0.01_per_seed'])} (reached "
-                         f"{v['reached_within_0.01']})",
-                         _speed_text(v["nfe_speedup_within_0.01_per_seed"]),
-                         _pct(v["forward_nfe_last10pct_reduction"]), _signed(v["test_nll_diff"]),
-                         _times(v["test_nfe_ratio"]))
+                cells = _goal_cells(v, v["reached_within_0.01"])
             rows.append([wname, aname, *cells[:4], "met" if v["met"] else "not met",
                          f"{cells[4]} ({'met' if v['test_nfe_met'] else 'not met'})",
                          f"{_x(v.get('speedup_smoothed_within_0.01'))} / "
@@ -543,24 +510,40 @@ def probe_medians(runs: list[dict[str, Any]], wname: str) -> dict[str, list[dict
             for aname, per_seed in per_arm.items()}
 
 
-def plot_probes(runs: list[dict[str, Any]], path: Path) -> None:
-    """Test NFE and path length / displacement over training, per workload and arm."""
-    workloads = sorted({r["workload"] for r in runs if r.get("probes")})
-    if not workloads:
-        return
-    fig, axes = common.figure(2, len(workloads), (6 * len(workloads), 7))
-    for col, wname in enumerate(workloads):
-        for aname, meds in sorted(probe_medians(runs, wname).items()):
-            for row, key in enumerate(("test_nfe", "path_ratio")):
-                axes[row][col].plot([p["step"] for p in meds], [p[key] for p in meds],
-                                    marker="o", label=aname)
-        axes[0][col].set_title(f"{wname}: test NFE at 1e-5 (median of seeds)")
-        axes[1][col].set_title(f"{wname}: path length / displacement")
-        for row in (0, 1):
-            axes[row][col].set_xlabel("training step")
-            axes[row][col].grid(alpha=0.3)
-            axes[row][col].legend(fontsize=8)
-    common.save_figure(fig, path)
+def plot(runs: list[dict[str, Any]], out: Path, probes: bool, smooth: int = 25) -> None:
+    """``<out>_nfe.png``: total NFE per step (median over seeds, moving average over ``smooth``
+    steps) per arm, a panel per workload; with ``probes``, ``<out>_probes.png``: test NFE and
+    path length / displacement over training (:func:`probe_medians`)."""
+    workloads = sorted({r["workload"] for r in runs})
+    fig, axes = common.figure(1, len(workloads), (6 * len(workloads), 4))
+    for ax, wname in zip(axes[0], workloads):
+        for aname in sorted({r["arm"] for r in runs if r["workload"] == wname}):
+            nfe = [r["nfe_per_step"] for r in runs if (r["workload"], r["arm"]) == (wname, aname)]
+            n = min(len(f["forward"]) for f in nfe)
+            total = np.median([np.add(f["forward"][:n], f["backward"][:n]) for f in nfe], axis=0)
+            k = max(1, min(smooth, n))
+            smoothed = np.convolve(total, np.ones(k) / k, mode="valid")
+            ax.plot(np.arange(len(smoothed)) + k // 2, smoothed, label=aname)
+        ax.set(title=f"{wname}: total NFE per training step (median of seeds)",
+               ylabel="forward + backward NFE")
+    panels = [(fig, axes, "nfe")]
+    workloads = sorted({r["workload"] for r in runs if r.get("probes")}) if probes else []
+    if workloads:
+        fig, axes = common.figure(2, len(workloads), (6 * len(workloads), 7))
+        for col, wname in enumerate(workloads):
+            for aname, meds in sorted(probe_medians(runs, wname).items()):
+                for row, key in enumerate(("test_nfe", "path_ratio")):
+                    axes[row][col].plot([p["step"] for p in meds], [p[key] for p in meds],
+                                        marker="o", label=aname)
+            axes[0][col].set_title(f"{wname}: test NFE at 1e-5 (median of seeds)")
+            axes[1][col].set_title(f"{wname}: path length / displacement")
+        panels.append((fig, axes, "probes"))
+    for fig, axes, name in panels:
+        for ax in axes.flat:
+            ax.set_xlabel("training step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        common.save_figure(fig, out.with_name(f"{out.name}_{name}.png"))
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
@@ -606,25 +589,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     todo: list[tuple[Workload, Arm, int]] = []
     done: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for wname in workloads:
-        work = suite_workload(args.suite, wname)
-        for seed in suite["seeds"]:
-            for aname in arms:
-                arm = ARMS[aname]
-                cached = None if args.fresh else _load_cached(
-                    _cache_file(cache, work, arm, seed), work, arm)
-                if cached is not None:
-                    done[(wname, aname, seed)] = cached
-                else:
-                    todo.append((work, arm, seed))
+    for wname, seed, aname in itertools.product(workloads, suite["seeds"], arms):
+        work, arm = suite_workload(args.suite, wname), ARMS[aname]
+        cached = None if args.fresh else _load_cached(_cache_file(cache, work, arm, seed), work,
+                                                      arm)
+        if cached is None:
+            todo.append((work, arm, seed))
+        else:
+            done[(wname, aname, seed)] = cached
     print(f"{len(done)} runs cached in {cache}, {len(todo)} to run with {args.jobs} job(s)",
           flush=True)
-    missing = 0
-    if args.cached_only:
-        missing, todo = len(todo), []
-        if not done:
-            raise UsageError(f"--cached-only: no finished runs of suite {args.suite!r} in "
-                             f"{cache}")
+    missing = len(todo) if args.cached_only else 0
+    if args.cached_only and not done:
+        raise UsageError(f"--cached-only: no finished runs of suite {args.suite!r} in {cache}")
+    todo = [] if args.cached_only else todo
     # Seed by seed (an interrupted suite leaves whole seeds, which pair with their baseline),
     # the longest runs of a seed first.
     todo.sort(key=lambda t: (t[2], -t[0].steps * _COST.get(t[1].name, 1.0)
@@ -641,11 +619,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     pooled(calls, args.jobs, finished)
     runs = [done[(w, a, s)] for w in workloads for s in suite["seeds"] for a in arms
             if (w, a, s) in done]
-    info = machine()
     # A summary of the cache trained nothing itself: how the runs shared the machine is the
-    # training invocations' business (the suite's docs name them).
-    info["parallel_jobs"] = None if args.cached_only else args.jobs
-    info["torch_threads"] = RUN_THREADS  # what each run uses, not this process
+    # training invocations' business (the suite's docs name them). Threads: each run's.
+    info = {**machine(), "parallel_jobs": None if args.cached_only else args.jobs,
+            "torch_threads": RUN_THREADS}
     payload = {"suite": args.suite, "command": args.command, "machine": info,
                "seeds": list(suite["seeds"]), "seconds": time.perf_counter() - start,
                "steps": workloads, "note": suite.get("note"), "pairs": suite.get("pairs", {}),
@@ -661,18 +638,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         other = json.loads((RESULTS / f"{suite['beside']}.json").read_text())
         payload["beside"] = {"suite": suite["beside"], "seeds": other["seeds"],
                              "goals": beside_goals(payload["goals"], other["goals"])}
-    plot_nfe(runs, args.out.with_name(f"{args.out.name}_nfe.png"))
-    if long_form:
-        plot_probes(runs, args.out.with_name(f"{args.out.name}_probes.png"))
+    plot(runs, args.out, probes=long_form)
     return payload
 
 
 def pooled(calls: list[functools.partial], jobs: int,
            finished: Callable[[int, Any], None]) -> None:
-    """Run ``calls`` in this process (``jobs`` 1) or in a pool; a signal exits with its status.
-
-    Finished calls reach ``finished`` as they end; a stopped pool leaves the rest to the same
-    command, which resumes them (cached runs, checkpoints)."""
+    """Run ``calls`` here (``jobs`` 1) or in a pool, each result to ``finished`` as it ends; a
+    signal exits with its status (the same command resumes the rest)."""
     if jobs == 1:
         for i, call in enumerate(calls):
             finished(i, call())
