@@ -186,12 +186,10 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
                     and gap["median"] <= 0.05}
             if "tpr_fast" in arms and "ffjord_direct" in arms:
                 # The regularizer's own share: arm 5 against the same engineering without it.
+                same = functools.partial(_pair, arms, "tpr_fast", "ffjord_direct")
                 g["tpr_vs_same_engineering"] = {
-                    "seconds_per_step_ratio": _pair(arms, "tpr_fast", "ffjord_direct",
-                                                    "seconds_per_step", lambda r: 1 / r),
-                    "forward_nfe_ratio": _pair(arms, "tpr_fast", "ffjord_direct",
-                                               "forward_nfe"),
-                    "test_nll_diff": _pair(arms, "tpr_fast", "ffjord_direct", "test_nll")}
+                    "seconds_per_step_ratio": same("seconds_per_step", lambda r: 1 / r),
+                    "forward_nfe_ratio": same("forward_nfe"), "test_nll_diff": same("test_nll")}
         # The floor is per solve; a VAE test batch runs several (importance samples).
         toy = wname in WORKLOADS and WORKLOADS[wname].kind == "toy"
         for aname in ("tpr_paper", "tpr_fast"):
@@ -236,12 +234,10 @@ def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
 
 
 def _speedup(entry: dict[str, Any]) -> str:
-    sp = entry.get("speedup_to_ffjord_matched_final_val")
-    if sp is None:
+    if (sp := entry.get("speedup_to_ffjord_matched_final_val")) is None:
         return "-"
-    if sp["median"] is not None:
-        return f"{sp['median']:.2f}x"
-    return f"reached in {sp['reached']}/{sp['of']} seeds"
+    return (f"{sp['median']:.2f}x" if sp["median"] is not None
+            else f"reached in {sp['reached']}/{sp['of']} seeds")
 
 
 def _header(suite: str, payload: dict) -> list[str]:
