@@ -72,13 +72,7 @@ SUITES = {
                  seeds=(0, 1, 2),
                  arms=("ffjord_direct", "tpr_fast", "tpr_fast_c1"),
                  baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000,
-                 keep_models=True,
-                 note="Selection: coef 1 (tpr_fast_c1) was chosen on the sweep suite's seed 0 "
-                      "alone, and seed 0 here repeats those sweep runs exactly before continuing "
-                      "them (every validation NLL and per-step NFE of the sweep's 6000 "
-                      "checkerboard and 4000 table steps recurs here: the same seed gives the "
-                      "same run on CPU), so coef 1's seed 0 is in-sample; seeds 1 and 2 are "
-                      "unseen by the selection."),
+                 keep_models=True),
     "long_cosine": dict(workloads={"8gaussians": 6000, "mixture16": 8000}, seeds=(0, 1, 2),
                         arms=("ffjord_direct_cos", "tpr_fast_cos"),
                         baselines=("ffjord_direct_cos",), ckpt_every=1000, probe_every=1000,
@@ -202,110 +196,6 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _spread_text(v: dict[str, Any], fmt: str, scale: float = 1.0, unit: str = "",
-                 seeds_if_none: bool = False) -> str:
-    """'median [min, max] (seeds: a, b, c)' of a seed-paired entry, each value x ``scale``."""
-    per = ", ".join("-" if x is None else format(scale * x, fmt) for x in v["per_seed"])
-    if v["median"] is None:
-        return f"- (seeds: {per})" if seeds_if_none else "-"
-    lo, hi = sorted((scale * v["min"], scale * v["max"]))
-    return (f"{format(scale * v['median'], fmt)}{unit} [{format(lo, fmt)}, {format(hi, fmt)}] "
-            f"(seeds: {per})")
-
-
-_signed = functools.partial(_spread_text, fmt="+.4f")
-_times = functools.partial(_spread_text, fmt=".2f", unit="x")
-_pct = functools.partial(_spread_text, fmt=".0f", scale=100, unit=" %")
-_speed_text = functools.partial(_spread_text, fmt=".2f", unit="x", seeds_if_none=True)
-
-
-def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
-    """A markdown table of every arm against ``base``, seed by seed (harness.paired)."""
-    lines = [f"Against {ARMS[base].label if base in ARMS else base}, seed by seed (each seed's "
-             "difference or ratio with the same seed's baseline run; median [min, max] over "
-             "seeds, then the per-seed values):", ""]
-    rows = [[aname, _signed(p["test_nll"]), _times(p["test_nfe"]),
-             _times(p["forward_nfe_last10pct"]), _times(p["total_nfe"]),
-             _spread_text(p["seconds_per_step"], ".3f", unit="x")]
-            for aname, e in arms.items() if (p := e.get(f"paired_to_{base}")) is not None]
-    return [*lines, *table(["arm", "test NLL diff (nats)", "test NFE ratio",
-                            "fwd NFE ratio, last 10 %", "total NFE ratio", "s/step ratio"], rows),
-            ""] if rows else []  # none before the seed-paired summaries
-
-
-def _speedup(entry: dict[str, Any]) -> str:
-    if (sp := entry.get("speedup_to_ffjord_matched_final_val")) is None:
-        return "-"
-    return (f"{sp['median']:.2f}x" if sp["median"] is not None
-            else f"reached in {sp['reached']}/{sp['of']} seeds")
-
-
-def _header(suite: str, payload: dict) -> list[str]:
-    """Title, command, machine, steps and seeds of a suite's markdown."""
-    m, jobs = payload["machine"], payload["machine"].get("parallel_jobs", 1)
-    ran = (f"{jobs} run(s) at once" if jobs else
-           "runs trained by earlier invocations (this one only summarised the cache)")
-    return [f"# Benchmark suite `{suite}`", "",
-            f"Command: `{payload['command']}`  ",
-            f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s) "
-            f"per run, {ran}; torch {m['torch']}, "
-            f"lightning {m['lightning']}, torchdiffeq {m['torchdiffeq']}; "
-            f"commit {m['git_commit']}; {m['date']}; {payload['seconds']:.0f} s in all "
-            f"({payload.get('trained_runs', '?')} runs trained by this command, "
-            f"{payload.get('cached_runs', 0)} taken from the cache).  ",
-            f"Training steps: {payload.get('steps', '?')}; seeds {list(payload['seeds'])}.  ",
-            *([f"**Note.** {payload['note']}  "] if payload.get("note") else []),
-            *([f"**Partial: {payload['missing_runs']} runs of the suite had not finished; "
-               "figures are over the runs that had.**  "] if payload.get("missing_runs") else [])]
-
-
-def markdown(suite: str, payload: dict) -> str:
-    lines = [*_header(suite, payload), READING, ""]
-    for wname, arms in payload["summary"].items():
-        lines += [f"## {wname}", "", *table(
-            ["arm", "fwd NFE", "bwd NFE", "total NFE", "s/step", "test NLL", "test NFE", "gap",
-             "s to (1) final val", "s to (3) final val", "speed-up vs (3)"],
-            [[ARMS[aname].label, *(fmt(e[k], d) for k, d in (
-                ("forward_nfe", 1), ("backward_nfe", 1), ("total_nfe", 1),
-                ("seconds_per_step", 3), ("test_nll", 4), ("test_nfe", 1),
-                ("tolerance_gap", 4))),
-              *(fmt(e.get(f"seconds_to_{b}_final_val"), 0) for b in ("ffjord", "ffjord_matched")),
-              _speedup(e)] for aname, e in arms.items()]), ""]
-        for base in ("ffjord", "ffjord_matched", *payload.get("pairs", {}).values()):
-            if base in arms and len(arms) > 1:
-                lines += paired_lines(arms, base)
-    lines += ["## Goals", ""]
-
-    def cell(g: dict[str, Any] | None, kind: str) -> str:
-        if g is None:
-            return "-"
-        if kind == "paper":
-            return (f"total NFE {_spread_text(g['total_nfe_reduction'], '+.0f', -100, ' %')}; NLL "
-                    f"{_signed(g['test_nll_diff'])} ({'met' if g['met'] else 'not met'})")
-        if kind == "speed":
-            sp = g["speedup_median"]
-            text = "not reached in every seed" if sp is None else f"{sp:.2f}x"
-            per = ", ".join("-" if v is None else f"{v:.2f}" for v in g["speedup_per_seed"])
-            return f"{text} (seeds: {per}); NLL {_signed(g['test_nll_diff'])}"
-        if kind == "same":
-            return (f"{_times(g['seconds_per_step_ratio'])} faster per step; fwd NFE "
-                    f"{_times(g['forward_nfe_ratio'])}; NLL {_signed(g['test_nll_diff'])}")
-        return (f"{g['test_nfe']:.0f} = {g['times_floor']:.1f}x; NLL "
-                f"{_signed(g['test_nll_diff'])}")
-
-    lines += table(["workload", "paper settings: total NFE (2) vs (1)",
-                    "(5) vs (3): wall time to (3)'s final val NLL",
-                    "(3b) vs (3) (engineering alone)", "(5) vs (3b): s/step, fwd NFE",
-                    "test NFE of (5) / floor 8"],
-                   [[wname, *(cell(g.get(key), kind) for key, kind in (
-                       ("paper_settings", "paper"), ("matched_tpr_fast", "speed"),
-                       ("matched_ffjord_direct", "speed"), ("tpr_vs_same_engineering", "same"),
-                       ("test_nfe_tpr_fast", "floor")))]
-                    for wname, g in payload.get("goals", {}).items()])
-    lines += ["", f"![NFE per step]({suite}_nfe.png)"]
-    return "\n".join(lines) + "\n"
-
-
 BASE = "ffjord_direct"  # arm (3b): the baseline of the sweep and long suites
 
 
@@ -369,10 +259,6 @@ def long_goals(summary: dict[str, Any], base_arm: str = BASE) -> dict[str, Any]:
     return out
 
 
-def _x(value: float | None, digits: int = 2, suffix: str = "x") -> str:
-    return "-" if value is None else f"{value:.{digits}f}{suffix}"
-
-
 #: The seed-paired goal measurements that :func:`beside_goals` pools across two suites.
 _POOLED = ("speedup_within_0.01_per_seed", "nfe_speedup_within_0.01_per_seed",
            "forward_nfe_last10pct_reduction", "test_nll_diff", "test_nfe_ratio")
@@ -401,61 +287,142 @@ def beside_goals(goals_here: dict[str, Any], goals_other: dict[str, Any]) -> dic
     return out
 
 
-def _goal_cells(v: dict[str, Any], reached: str) -> list[str]:
-    """The seed-paired goal measurements of ``v`` (:data:`_POOLED`) as report cells."""
-    return [f"{_speed_text(v['speedup_within_0.01_per_seed'])} (reached {reached})",
-            _speed_text(v["nfe_speedup_within_0.01_per_seed"]),
-            _pct(v["forward_nfe_last10pct_reduction"]), _signed(v["test_nll_diff"]),
-            _times(v["test_nfe_ratio"])]
+def _spread_text(v: dict[str, Any], fmt: str, scale: float = 1.0, unit: str = "",
+                 seeds_if_none: bool = False) -> str:
+    """'median [min, max] (seeds: a, b, c)' of a seed-paired entry, each value x ``scale``."""
+    per = ", ".join("-" if x is None else format(scale * x, fmt) for x in v["per_seed"])
+    if v["median"] is None:
+        return f"- (seeds: {per})" if seeds_if_none else "-"
+    lo, hi = sorted((scale * v["min"], scale * v["max"]))
+    return (f"{format(scale * v['median'], fmt)}{unit} [{format(lo, fmt)}, {format(hi, fmt)}] "
+            f"(seeds: {per})")
 
 
-def _beside_lines(payload: dict[str, Any]) -> list[str]:
-    """The markdown section of :func:`beside_goals` (empty when the suite has none)."""
-    beside = payload.get("beside")
-    if not beside or not beside["goals"]:
-        return []
-    seeds = next(iter(next(iter(beside["goals"].values())).values()))["seeds"]
-    return [f"## Beside suite `{beside['suite']}` (seeds {beside['seeds']})", "",
-            f"The arms both suites ran, each seed against its own baseline; seeds "
-            f"{beside['seeds']} are from `{beside['suite']}.json`, the others from this suite. "
-            f"Median [range] over all of them, then the per-seed values in seed order {seeds}.",
-            "",
-            *table(["workload", "arm", "speed-up to (3b)'s final val within 0.01",
-                    "the same in NFE", "fewer fwd NFE, last 10 %", "test NLL diff",
-                    "test NFE / (3b)'s"],
-                   [[wname, aname, *_goal_cells(v, v["speedup_within_0.01_per_seed"]["reached"])]
-                    for wname, arms in beside["goals"].items() for aname, v in arms.items()]),
-            ""]
+_signed = functools.partial(_spread_text, fmt="+.4f")
+_times = functools.partial(_spread_text, fmt=".2f", unit="x")
+_pct = functools.partial(_spread_text, fmt=".0f", scale=100, unit=" %")
+_speed_text = functools.partial(_spread_text, fmt=".2f", unit="x", seeds_if_none=True)
 
 
-def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
-    """The suites against ``base_arm`` ((3b)); a payload summarised before the comparisons were
-    seed-paired (long_small: goals as medians of each arm) keeps the cells it had."""
-    unpaired = not any(f"paired_to_{base_arm}" in e for arms in payload["summary"].values()
-                       for e in arms.values())
-    lines = [*_header(suite, payload), READING, ""]
+def _reached_text(v: dict[str, Any] | None) -> str:
+    """A speed-up entry (harness.speedups) as its median, '(k/n)' where a seed never reached."""
+    if v is None:
+        return "-"
+    if v["median"] is not None:
+        return f"{v['median']:.2f}x"
+    zero = v.get("median_unreached_as_zero")
+    return f"{zero:.2f}x ({v['reached']}/{v['of']})" if zero else f"{v['reached']}/{v['of']}"
+
+
+def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
+    """A markdown table of every arm against ``base``, seed by seed (harness.paired), with the
+    training seconds to ``base``'s final validation NLL and the speed-ups there."""
+    def to_base(e: dict[str, Any], kind: str, show: Any) -> str:
+        return " / ".join(show(e.get(f"{kind}_to_{base}_final_val{margin}"))
+                          for margin in ("", "_within_0.01"))
+
+    rows = [[aname, *(("-",) * 5 if p is None else (
+                _signed(p["test_nll"]), _times(p["test_nfe"]), _times(p["forward_nfe_last10pct"]),
+                _times(p["total_nfe"]), _spread_text(p["seconds_per_step"], ".3f", unit="x"))),
+             to_base(e, "seconds", lambda v: fmt(v, 0)), to_base(e, "speedup", _reached_text),
+             to_base(e, "nfe_speedup", _reached_text)]
+            for aname, e in arms.items() if (p := e.get(f"paired_to_{base}")) is not None
+            or f"speedup_to_{base}_final_val" in e]
+    label = ARMS[base].label if base in ARMS else base
+    return [f"Against {label}, seed by seed (each seed's difference or ratio with the same "
+            "seed's baseline run; median [min, max] over seeds, then the per-seed values):", "",
+            *table(["arm", "test NLL diff (nats)", "test NFE ratio", "fwd NFE ratio, last 10 %",
+                    "total NFE ratio", "s/step ratio", "s to its final val (exact / within 0.01)",
+                    "speed-up (exact / within 0.01)", "NFE speed-up (exact / within 0.01)"],
+                   rows), ""]
+
+
+def _per_seed_speedup(v: dict[str, Any]) -> dict[str, Any]:
+    """The full suites' wall-time speed-up goal as a :func:`_spread_text` entry."""
+    per = v["speedup_per_seed"]
+    return {**spread(per, skip_none=True), "per_seed": per, "median": v["speedup_median"]}
+
+
+#: The goal tables' columns: a header and a goal entry's cell (None: the entry has no such
+#: measurement); a table shows the columns that some goal of it fills.
+_GOAL_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str | None]], ...] = (
+    ("fewer total NFE (>= 40 %)", lambda v: _pct(v["total_nfe_reduction"])
+     if "total_nfe_reduction" in v else None),
+    ("wall-time speed-up to the baseline's final val (>= 1.5)",
+     lambda v: _speed_text(_per_seed_speedup(v)) if "speedup_per_seed" in v else None),
+    ("wall-time speed-up to the baseline's final val within 0.01 (>= 1.3)",
+     lambda v: f"{_speed_text(w)} (reached {v.get('reached_within_0.01', w.get('reached'))})"
+     if (w := v.get("speedup_within_0.01_per_seed")) else None),
+    ("the same in NFE", lambda v: _speed_text(v["nfe_speedup_within_0.01_per_seed"])
+     if "nfe_speedup_within_0.01_per_seed" in v else None),
+    ("steps per second, ratio", lambda v: _times(v["seconds_per_step_ratio"])
+     if "seconds_per_step_ratio" in v else None),
+    ("fwd NFE ratio", lambda v: _times(v["forward_nfe_ratio"])
+     if "forward_nfe_ratio" in v else None),
+    ("fewer fwd NFE, last 10 % (>= 20 %)", lambda v: _pct(v["forward_nfe_last10pct_reduction"])
+     if "forward_nfe_last10pct_reduction" in v else None),
+    ("test NLL diff (<= 0.05)", lambda v: _signed(v["test_nll_diff"])),
+    (f"test NFE = times the floor {FLOOR}", lambda v: f"{v['test_nfe']:.0f} = "
+     f"{v['times_floor']:.1f}x" if "times_floor" in v else None),
+    ("test NFE / the baseline's (every seed <= 1)", lambda v: _times(v["test_nfe_ratio"]) + (
+        f" ({'met' if v['test_nfe_met'] else 'not met'})" if "test_nfe_met" in v else "")
+     if "test_nfe_ratio" in v else None),
+    ("the speed-up on curves averaged over 5 evaluations: wall / NFE (reached)",
+     lambda v: f"{_x(v['speedup_smoothed_within_0.01'])} / "
+     f"{_x(v['nfe_speedup_smoothed_within_0.01'])} ({v['reached_smoothed_within_0.01']})"
+     if "reached_smoothed_within_0.01" in v else None),
+    ("met", lambda v: ("met" if v["met"] else "not met") if "met" in v else None),
+)
+
+
+def goal_lines(goals: dict[str, dict[str, Any]]) -> list[str]:
+    """A markdown table of seed-paired goals (``{workload: {goal or arm: entry}}``)."""
+    rows = [[wname, name, *(cell(v) for _, cell in _GOAL_COLUMNS)]
+            for wname, g in goals.items() for name, v in g.items()]
+    shown = [i for i in range(len(_GOAL_COLUMNS)) if any(r[2 + i] is not None for r in rows)]
+    return table(["workload", "goal (arm)", *(_GOAL_COLUMNS[i][0] for i in shown)],
+                 [[*r[:2], *(r[2 + i] or "-" for i in shown)] for r in rows]) if rows else [
+        "None: the suite lacks the arms its goals compare."]
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _header(suite: str, payload: dict) -> list[str]:
+    """Title, command, machine, steps and seeds of a suite's markdown."""
+    m, jobs = payload["machine"], payload["machine"].get("parallel_jobs", 1)
+    ran = (f"{jobs} run(s) at once" if jobs else
+           "runs trained by earlier invocations (this one only summarised the cache)")
+    return [f"# Benchmark suite `{suite}`", "",
+            f"Command: `{payload['command']}`  ",
+            f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s) "
+            f"per run, {ran}; torch {m['torch']}, "
+            f"lightning {m['lightning']}, torchdiffeq {m['torchdiffeq']}; "
+            f"commit {m['git_commit']}; {m['date']}; {payload['seconds']:.0f} s in all "
+            f"({payload.get('trained_runs', '?')} runs trained by this command, "
+            f"{payload.get('cached_runs', 0)} taken from the cache).  ",
+            f"Training steps: {payload.get('steps', '?')}; seeds {list(payload['seeds'])}.  ",
+            *([f"**Note.** {payload['note']}  "] if payload.get("note") else []),
+            *([f"**Partial: {payload['missing_runs']} runs of the suite had not finished; "
+               "figures are over the runs that had.**  "] if payload.get("missing_runs") else [])]
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """A suite's report: per workload each arm's own figures, every arm against each baseline
+    (seed-paired) and the probes over training; then the goals (seed-paired)."""
+    suite, lines = payload["suite"], [*_header(payload["suite"], payload), READING, ""]
     for wname, arms in payload["summary"].items():
-        def sp(e: dict[str, Any], kind: str, key: str) -> str:
-            v = e.get(f"{kind}_to_{base_arm}_final_val{key}")
-            if v is None:
-                return "-"
-            if v["median"] is not None:
-                return _x(v["median"])
-            zero = v.get("median_unreached_as_zero")
-            return f"{_x(zero)} ({v['reached']}/{v['of']})" if zero else f"{v['reached']}/{v['of']}"
-
         lines += [f"## {wname}", "", *table(
-            ["arm", "fwd NFE (all / last 10 %)", "s/step", "train s",
-             "s to (3b) final val (exact / within 0.01)", "speed-up (exact / within 0.01)",
-             "NFE speed-up (exact / within 0.01)", "test NLL", "test NFE"],
+            ["arm", "fwd NFE (all / last 10 %)", "bwd NFE", "total NFE", "s/step", "train s",
+             "test NLL", "test NFE", "gap"],
             [[ARMS[aname].label, f"{fmt(e['forward_nfe'])} / {fmt(e['forward_nfe_last10pct'])}",
-              fmt(e["seconds_per_step"], 3), fmt(e["train_seconds"], 0),
-              " / ".join(fmt(e.get(f"seconds_to_{base_arm}_final_val{k}"), 0)
-                         for k in ("", "_within_0.01")),
-              *(" / ".join(sp(e, kind, k) for k in ("", "_within_0.01"))
-                for kind in ("speedup", "nfe_speedup")),
-              fmt(e["test_nll"], 4), fmt(e["test_nfe"])] for aname, e in arms.items()]),
-            "", *paired_lines(arms, base_arm)]
+              *(fmt(e[k], d) for k, d in (
+                  ("backward_nfe", 1), ("total_nfe", 1), ("seconds_per_step", 3),
+                  ("train_seconds", 0), ("test_nll", 4), ("test_nfe", 1), ("tolerance_gap", 4)))]
+             for aname, e in arms.items()]), ""]
+        for base in [b for b in arms if any(f"paired_to_{b}" in e for e in arms.values())]:
+            lines += paired_lines(arms, base)
         probes = probe_medians(payload["runs"], wname)
         if probes:
             lines += ["Over training (medians of seeds; test NFE per solve of 2,000 test rows at "
@@ -465,30 +432,18 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
                              [[aname, *(f"{p['test_nfe']:.0f} / {p['penalty']:.3g} / "
                                         f"{p['path_ratio']:.3f}" for p in meds)]
                               for aname, meds in probes.items()]), ""]
-    lines += [f"## Goals (against (3b){'' if unpaired else ', seed-paired'})", ""]
-    rows = []
-    for wname, g in payload.get("goals", {}).items():
-        for aname, v in g.items():
-            if unpaired:
-                cells = (f"{_x(v['speedup_within_0.01'])} (reached {v['reached_within_0.01']})",
-                         _x(v["nfe_speedup_within_0.01"]),
-                         f"{100 * v['forward_nfe_last10pct_reduction']:.0f} %",
-                         f"{v['test_nll_diff']:+.4f}", _x(v["test_nfe_ratio"]))
-            else:
-                cells = _goal_cells(v, v["reached_within_0.01"])
-            rows.append([wname, aname, *cells[:4], "met" if v["met"] else "not met",
-                         f"{cells[4]} ({'met' if v['test_nfe_met'] else 'not met'})",
-                         f"{_x(v.get('speedup_smoothed_within_0.01'))} / "
-                         f"{_x(v.get('nfe_speedup_smoothed_within_0.01'))} "
-                         f"(reached {v.get('reached_smoothed_within_0.01', '-')})"])
-    lines += table(["workload", "arm", "speed-up to (3b)'s final val within 0.01 (>= 1.3)",
-                    "the same in NFE", "fewer fwd NFE, last 10 % (>= 20 %)",
-                    "test NLL diff (<= 0.05)", "met",
-                    f"test NFE / (3b)'s{', median' if unpaired else ''} (every seed <= 1)",
-                    "the speed-up on validation curves averaged over 5 evaluations: wall / NFE"],
-                   rows)
-    lines += ["", *_beside_lines(payload), f"![forward NFE per step]({suite}_nfe.png)", "",
-              f"![test NFE and straightness over training]({suite}_probes.png)"]
+    lines += ["## Goals (each seed against its own baseline)", "",
+              *goal_lines(payload.get("goals", {})), ""]
+    if (beside := payload.get("beside")) and beside["goals"]:
+        seeds = next(iter(next(iter(beside["goals"].values())).values()))["seeds"]
+        lines += [f"## Beside suite `{beside['suite']}` (seeds {beside['seeds']})", "",
+                  f"The arms both suites ran, each seed against its own baseline; seeds "
+                  f"{beside['seeds']} are from `{beside['suite']}.json`, the others from this "
+                  f"suite. Median [range] over all of them, then the per-seed values in seed "
+                  f"order {seeds}.", "", *goal_lines(beside["goals"]), ""]
+    lines.append(f"![forward NFE per step]({suite}_nfe.png)")
+    if any(r.get("probes") for r in payload["runs"]):
+        lines += ["", f"![test NFE and straightness over training]({suite}_probes.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -653,15 +608,7 @@ def pooled(calls: list[functools.partial], jobs: int,
         sys.exit(exc.exit_code)
 
 
-def render(payload: dict[str, Any]) -> str:
-    """A suite's report: the long form for suites compared with one baseline."""
-    config = SUITES.get(payload["suite"], {})
-    if "baselines" in config:
-        return long_markdown(payload["suite"], payload, config["baselines"][0])
-    return markdown(payload["suite"], payload)
-
-
-STUDY = common.Study("run", __doc__, measure, render, arguments,
+STUDY = common.Study("run", __doc__, measure, markdown, arguments,
                      report=lambda args: RESULTS / args.suite)
 
 main = STUDY.main
