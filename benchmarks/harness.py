@@ -74,6 +74,11 @@ class Arm:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _direct(name: str, label: str, reg: str | None = "poly", **extra: Any) -> Arm:
+    """An arm with direct backprop through the solver (arm (5)'s engineering) and ``extra``."""
+    return Arm(name, label, reg=reg, adjoint=False, extra=extra)
+
+
 ARMS = {
     "ffjord": Arm("ffjord", "(1) FFJORD, authors' baseline tolerance (1e-8/1e-6; VAE 1e-5)",
                   adjoint_carry_step=False, baseline_tol=True),
@@ -84,11 +89,10 @@ ARMS = {
     "rnode": Arm("rnode", "(4) RNODE (kinetic + Jacobian, 0.01 each), train 1e-4",
                  reg="kinetic", adjoint_carry_step=False),
     # Arm (5): direct backprop needs no backward solve, so the penalty's times cost nothing.
-    "tpr_fast": Arm("tpr_fast", "(5) TPR + direct backprop through the solver", reg="poly",
-                    adjoint=False),
+    "tpr_fast": _direct("tpr_fast", "(5) TPR + direct backprop through the solver"),
     # Controls that separate the engineering from the regularizer.
-    "ffjord_direct": Arm("ffjord_direct", "(3b) FFJORD at 1e-4 + direct backprop (arm 5 "
-                         "without TPR)", adjoint=False),
+    "ffjord_direct": _direct("ffjord_direct", "(3b) FFJORD at 1e-4 + direct backprop (arm 5 "
+                             "without TPR)", reg=None),
     "tpr_carry": Arm("tpr_carry", "(5a) TPR + restart-free seminorm adjoint", reg="poly",
                      adjoint_carry_step=True, seminorm=True),
     # One engineering change at a time (the 'engineering' suite).
@@ -104,26 +108,20 @@ ARMS = {
     "ffjord_base_direct_hard": Arm("ffjord_base_direct_hard", "(1d) on z 64, T 2",
                                    adjoint=False, baseline_tol=True,
                                    extra={"z_dim": 64, "T": 2.0}),
-    "tpr_fast_hard": Arm("tpr_fast_hard", "(5) on z 64, T 2", reg="poly", adjoint=False,
-                         extra={"z_dim": 64, "T": 2.0}),
+    "tpr_fast_hard": _direct("tpr_fast_hard", "(5) on z 64, T 2", z_dim=64, T=2.0),
     # The settings sweep: arm (5) with one factor changed from the paper's (coef 5, K 2, m 1).
-    "tpr_fast_c1": Arm("tpr_fast_c1", "(5) with coef 1", reg="poly", adjoint=False,
-                       extra={"poly_coef": 1.0}),
-    "tpr_fast_c20": Arm("tpr_fast_c20", "(5) with coef 20", reg="poly", adjoint=False,
-                        extra={"poly_coef": 20.0}),
-    "tpr_fast_c50": Arm("tpr_fast_c50", "(5) with coef 50", reg="poly", adjoint=False,
-                        extra={"poly_coef": 50.0}),
-    "tpr_fast_k4": Arm("tpr_fast_k4", "(5) with K = 4 interior times", reg="poly",
-                       adjoint=False, extra={"poly_samples": 4}),
-    "tpr_fast_m2": Arm("tpr_fast_m2", "(5) with degree m = 2", reg="poly", adjoint=False,
-                       extra={"poly_order": 2}),
+    "tpr_fast_c1": _direct("tpr_fast_c1", "(5) with coef 1", poly_coef=1.0),
+    "tpr_fast_c20": _direct("tpr_fast_c20", "(5) with coef 20", poly_coef=20.0),
+    "tpr_fast_c50": _direct("tpr_fast_c50", "(5) with coef 50", poly_coef=50.0),
+    "tpr_fast_k4": _direct("tpr_fast_k4", "(5) with K = 4 interior times", poly_samples=4),
+    "tpr_fast_m2": _direct("tpr_fast_m2", "(5) with degree m = 2", poly_order=2),
     # The late-start lever (issue 21; why: docs/results.md): coef 5 from step 3000 on.
-    "tpr_fast_late": Arm("tpr_fast_late", "(5) from step 3000 (coef 0 before)", reg="poly",
-                         adjoint=False, extra={"poly_start_step": 3000}),
-    "ffjord_direct_cos": Arm("ffjord_direct_cos", "(3b) with a cosine learning rate",
-                             adjoint=False, extra={"lr_schedule": "cosine"}),
-    "tpr_fast_cos": Arm("tpr_fast_cos", "(5) with a cosine learning rate", reg="poly",
-                        adjoint=False, extra={"lr_schedule": "cosine"}),
+    "tpr_fast_late": _direct("tpr_fast_late", "(5) from step 3000 (coef 0 before)",
+                             poly_start_step=3000),
+    "ffjord_direct_cos": _direct("ffjord_direct_cos", "(3b) with a cosine learning rate",
+                                 reg=None, lr_schedule="cosine"),
+    "tpr_fast_cos": _direct("tpr_fast_cos", "(5) with a cosine learning rate",
+                            lr_schedule="cosine"),
 }
 
 WORKLOADS = {

@@ -337,51 +337,40 @@ def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
                    rows), ""]
 
 
-def _per_seed_speedup(v: dict[str, Any]) -> dict[str, Any]:
-    """The full suites' wall-time speed-up goal as a :func:`_spread_text` entry."""
-    per = v["speedup_per_seed"]
-    return {**spread(per, skip_none=True), "per_seed": per, "median": v["speedup_median"]}
-
-
-#: The goal tables' columns: a header and a goal entry's cell (None: the entry has no such
-#: measurement); a table shows the columns that some goal of it fills.
-_GOAL_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str | None]], ...] = (
-    ("fewer total NFE (>= 40 %)", lambda v: _pct(v["total_nfe_reduction"])
-     if "total_nfe_reduction" in v else None),
-    ("wall-time speed-up to the baseline's final val (>= 1.5)",
-     lambda v: _speed_text(_per_seed_speedup(v)) if "speedup_per_seed" in v else None),
+#: The goal tables' columns: a header, the goal entry's key and its cell (from the value and the
+#: entry); a table shows the columns whose key some goal of it has.
+_GOAL_COLUMNS: tuple[tuple[str, str, Callable[[Any, dict[str, Any]], str]], ...] = (
+    ("fewer total NFE (>= 40 %)", "total_nfe_reduction", lambda x, _: _pct(x)),
+    ("wall-time speed-up to the baseline's final val (>= 1.5)", "speedup_per_seed",
+     lambda x, v: _speed_text({**spread(x, skip_none=True), "per_seed": x,
+                               "median": v["speedup_median"]})),
     ("wall-time speed-up to the baseline's final val within 0.01 (>= 1.3)",
-     lambda v: f"{_speed_text(w)} (reached {v.get('reached_within_0.01', w.get('reached'))})"
-     if (w := v.get("speedup_within_0.01_per_seed")) else None),
-    ("the same in NFE", lambda v: _speed_text(v["nfe_speedup_within_0.01_per_seed"])
-     if "nfe_speedup_within_0.01_per_seed" in v else None),
-    ("steps per second, ratio", lambda v: _times(v["seconds_per_step_ratio"])
-     if "seconds_per_step_ratio" in v else None),
-    ("fwd NFE ratio", lambda v: _times(v["forward_nfe_ratio"])
-     if "forward_nfe_ratio" in v else None),
-    ("fewer fwd NFE, last 10 % (>= 20 %)", lambda v: _pct(v["forward_nfe_last10pct_reduction"])
-     if "forward_nfe_last10pct_reduction" in v else None),
-    ("test NLL diff (<= 0.05)", lambda v: _signed(v["test_nll_diff"])),
-    (f"test NFE = times the floor {FLOOR}", lambda v: f"{v['test_nfe']:.0f} = "
-     f"{v['times_floor']:.1f}x" if "times_floor" in v else None),
-    ("test NFE / the baseline's (every seed <= 1)", lambda v: _times(v["test_nfe_ratio"]) + (
-        f" ({'met' if v['test_nfe_met'] else 'not met'})" if "test_nfe_met" in v else "")
-     if "test_nfe_ratio" in v else None),
+     "speedup_within_0.01_per_seed",
+     lambda x, v: f"{_speed_text(x)} (reached {v.get('reached_within_0.01', x.get('reached'))})"),
+    ("the same in NFE", "nfe_speedup_within_0.01_per_seed", lambda x, _: _speed_text(x)),
+    ("steps per second, ratio", "seconds_per_step_ratio", lambda x, _: _times(x)),
+    ("fwd NFE ratio", "forward_nfe_ratio", lambda x, _: _times(x)),
+    ("fewer fwd NFE, last 10 % (>= 20 %)", "forward_nfe_last10pct_reduction",
+     lambda x, _: _pct(x)),
+    ("test NLL diff (<= 0.05)", "test_nll_diff", lambda x, _: _signed(x)),
+    (f"test NFE = times the floor {FLOOR}", "times_floor",
+     lambda x, v: f"{v['test_nfe']:.0f} = {x:.1f}x"),
+    ("test NFE / the baseline's (every seed <= 1)", "test_nfe_ratio", lambda x, v: _times(x) + (
+        f" ({'met' if v['test_nfe_met'] else 'not met'})" if "test_nfe_met" in v else "")),
     ("the speed-up on curves averaged over 5 evaluations: wall / NFE (reached)",
-     lambda v: f"{_x(v['speedup_smoothed_within_0.01'])} / "
-     f"{_x(v['nfe_speedup_smoothed_within_0.01'])} ({v['reached_smoothed_within_0.01']})"
-     if "reached_smoothed_within_0.01" in v else None),
-    ("met", lambda v: ("met" if v["met"] else "not met") if "met" in v else None),
+     "reached_smoothed_within_0.01", lambda x, v: f"{_x(v['speedup_smoothed_within_0.01'])} / "
+     f"{_x(v['nfe_speedup_smoothed_within_0.01'])} ({x})"),
+    ("met", "met", lambda x, _: "met" if x else "not met"),
 )
 
 
 def goal_lines(goals: dict[str, dict[str, Any]]) -> list[str]:
     """A markdown table of seed-paired goals (``{workload: {goal or arm: entry}}``)."""
-    rows = [[wname, name, *(cell(v) for _, cell in _GOAL_COLUMNS)]
-            for wname, g in goals.items() for name, v in g.items()]
-    shown = [i for i in range(len(_GOAL_COLUMNS)) if any(r[2 + i] is not None for r in rows)]
-    return table(["workload", "goal (arm)", *(_GOAL_COLUMNS[i][0] for i in shown)],
-                 [[*r[:2], *(r[2 + i] or "-" for i in shown)] for r in rows]) if rows else [
+    entries = [(wname, name, v) for wname, g in goals.items() for name, v in g.items()]
+    shown = [c for c in _GOAL_COLUMNS if any(c[1] in v for *_, v in entries)]
+    return table(["workload", "goal (arm)", *(header for header, *_ in shown)],
+                 [[wname, name, *(show(v[key], v) if key in v else "-" for _, key, show in shown)]
+                  for wname, name, v in entries]) if entries else [
         "None: the suite lacks the arms its goals compare."]
 
 
