@@ -375,7 +375,8 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         "forward_nfe": float(np.mean(fwd)), "backward_nfe": float(np.mean(bwd)),
         "total_nfe": float(np.mean(fwd) + np.mean(bwd)),
         "forward_nfe_last100": float(np.mean(fwd[-100:])),
-        "forward_nfe_last10pct": _last_tenth(fwd),
+        # The last tenth of training: where TPR's effect shows.
+        "forward_nfe_last10pct": float(np.mean(fwd[-max(1, len(fwd) // 10):])),
         "backward_nfe_last100": float(np.mean(bwd[-100:])),
         "seconds_per_step": float(np.mean(secs)), "train_seconds": float(np.sum(secs)),
         "fit_wall_seconds": fit_wall, "run_wall_seconds": time.perf_counter() - run_start,
@@ -385,11 +386,6 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         "train_tol": [atol, rtol], "test_metrics": test_metrics, "val_curve": curve.curve,
         "probes": [] if probe is None else probe.probes, "resumed_from": run.ckpt_path,
         "nfe_per_step": {"forward": fwd, "backward": bwd}}
-
-
-def _last_tenth(forward: list[float]) -> float:
-    """The mean forward NFE of the last tenth of training: where TPR's effect shows."""
-    return float(np.mean(forward[-max(1, len(forward) // 10):]))
 
 
 def save_final_model(model: torch.nn.Module, w: Workload, arm: Arm, seed: int,
@@ -505,15 +501,6 @@ def per_seed(values: list[float | None]) -> dict[str, Any]:
     return {"per_seed": values, **spread(values)}
 
 
-def _complete(run: dict[str, Any]) -> dict[str, Any]:
-    """``run`` with the measurements that runs cached before they existed lacked, derived from
-    its per-step NFE (``forward_nfe_last10pct``)."""
-    fwd = (run.get("nfe_per_step") or {}).get("forward")
-    if "forward_nfe_last10pct" in run or not fwd:
-        return run
-    return {**run, "forward_nfe_last10pct": _last_tenth(fwd)}
-
-
 def _reach(run: dict[str, Any], ref: dict[str, Any], margin: float, smooth: bool
            ) -> tuple[float | None, float | None, float | None]:
     """``run``'s training seconds to ``ref``'s final validation NLL + ``margin`` (curves averaged
@@ -544,7 +531,7 @@ def summarise(runs: list[dict[str, Any]],
             "forward_nfe_last10pct", "backward_nfe_last100", "seconds_per_step", "train_seconds",
             "test_nll", "test_nfe", "tolerance_gap")
     by: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for r in map(_complete, runs):
+    for r in runs:
         by.setdefault(r["workload"], {}).setdefault(r["arm"], []).append(r)
     for wname, arms in by.items():
         out[wname] = {}
