@@ -85,13 +85,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The three cases' medians and runs."""
-    m = result["machine"]
     return "\n".join([
-        "# Tabular cache benchmark (POWER-shaped data)",
-        "",
-        f"Command: `{result['command'].strip()}`  ",
-        f"Machine: nproc={m['nproc']}, {m['platform']}, Python {m['python']}, "
-        f"numpy {m['numpy']}  ",
+        *common.header("Tabular cache benchmark (POWER-shaped data)", result["command"].strip(),
+                       result["machine"]),
         f"Data: {result['rows']} x 8 float64 ({result['source_MiB']} MiB); cache "
         f"{result['cache_MiB']} MiB float32, splits {result['split_shapes']}; train "
         f"memory-mapped: {result['train_memory_mapped']}.",

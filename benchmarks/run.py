@@ -378,29 +378,25 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def _header(suite: str, payload: dict) -> list[str]:
-    """Title, command, machine, steps and seeds of a suite's markdown."""
-    m, jobs = payload["machine"], payload["machine"].get("parallel_jobs", 1)
-    ran = (f"{jobs} run(s) at once" if jobs else
-           "runs trained by earlier invocations (this one only summarised the cache)")
-    return [f"# Benchmark suite `{suite}`", "",
-            f"Command: `{payload['command']}`  ",
-            f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s) "
-            f"per run, {ran}; torch {m['torch']}, "
-            f"lightning {m['lightning']}, torchdiffeq {m['torchdiffeq']}; "
-            f"commit {m['git_commit']}; {m['date']}; {payload['seconds']:.0f} s in all "
-            f"({payload.get('trained_runs', '?')} runs trained by this command, "
-            f"{payload.get('cached_runs', 0)} taken from the cache).  ",
-            f"Training steps: {payload.get('steps', '?')}; seeds {list(payload['seeds'])}.  ",
-            *([f"**Note.** {payload['note']}  "] if payload.get("note") else []),
-            *([f"**Partial: {payload['missing_runs']} runs of the suite had not finished; "
-               "figures are over the runs that had.**  "] if payload.get("missing_runs") else [])]
+def _header(payload: dict[str, Any]) -> list[str]:
+    """Title, command, machine, runs, steps and seeds of a suite's markdown."""
+    jobs = payload["machine"]["parallel_jobs"]
+    ran = (f"{jobs} at once, one torch thread each" if jobs else
+           "trained by earlier invocations (this one only summarised the cache)")
+    return common.header(
+        f"Benchmark suite `{payload['suite']}`", payload["command"], payload["machine"],
+        f"Runs: {ran}; {payload['seconds']:.0f} s in all ({payload['trained_runs']} trained by "
+        f"this command, {payload['cached_runs']} taken from the cache).  ",
+        f"Training steps: {payload['steps']}; seeds {payload['seeds']}.  ",
+        *([f"**Note.** {payload['note']}  "] if payload.get("note") else []),
+        *([f"**Partial: {payload['missing_runs']} runs of the suite had not finished; "
+           "figures are over the runs that had.**  "] if payload["missing_runs"] else []))
 
 
 def markdown(payload: dict[str, Any]) -> str:
     """A suite's report: per workload each arm's own figures, every arm against each baseline
     (seed-paired) and the probes over training; then the goals (seed-paired)."""
-    suite, lines = payload["suite"], [*_header(payload["suite"], payload), READING, ""]
+    suite, lines = payload["suite"], [*_header(payload), READING, ""]
     for wname, arms in payload["summary"].items():
         lines += [f"## {wname}", "", *table(
             ["arm", "fwd NFE (all / last 10 %)", "bwd NFE", "total NFE", "s/step", "train s",

@@ -29,6 +29,9 @@ from polyreg_cnf.app.presets import VAE_PRESETS
 SETTINGS = ("none", "poly")
 METRICS = ("test_neg_elbo", "test_is_nll", "init_neg_elbo", "forward_nfe", "backward_nfe",
            "seconds_per_epoch", "seconds_per_step", "test_nfe_per_batch")
+#: The meta fields that describe the machine (the report's Machine line).
+MACHINE = ("nproc", "platform", "torch_threads", "load_start", "load_end", "python", "torch",
+           "lightning", "torchdiffeq")
 
 
 def run_one(seed: int, setting: str, epochs: int, is_samples: int,
@@ -75,14 +78,8 @@ def markdown(payload: dict[str, Any]) -> str:
     meta, rows, summary = payload["meta"], payload["runs"], payload["summary"]
 
     lines = [
-        "# CNF-VAE on the embedded digits: polynomial regularizer vs none",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: nproc={meta['nproc']}, {meta['platform']}, torch threads="
-        f"{meta['torch_threads']}, load average at start {meta['load_start']}, at end "
-        f"{meta['load_end']}  ",
-        f"Versions: Python {meta['python']}, torch {meta['torch']}, lightning "
-        f"{meta['lightning']}, torchdiffeq {meta['torchdiffeq']}  ",
+        *common.header("CNF-VAE on the embedded digits: polynomial regularizer vs none",
+                       meta["command"], {k: meta[k] for k in MACHINE}),
         f"Setting: `digits` preset {meta['preset']}; {meta['epochs']} epochs, "
         f"{meta['is_samples']} importance samples per test image; seeds {meta['seeds']}; "
         f"both settings at the same tolerances (train 1e-4, evaluation 1e-5).  ",
@@ -107,8 +104,6 @@ def markdown(payload: dict[str, Any]) -> str:
                  f"{r['forward_nfe']:.1f}", f"{r['backward_nfe']:.1f}",
                  f"{r['seconds_per_epoch']:.2f}", f"{r['seconds_per_step']:.3f}"] for r in rows]),
     ]
-    if meta.get("notes"):  # older reports wrote their reading here (docs/benchmarks.md)
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]]
     return "\n".join(lines) + "\n"
 
 
