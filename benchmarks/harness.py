@@ -485,20 +485,16 @@ def paired(mine: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, 
 
     Returns:
         ``seeds`` (the seeds both have, in ``mine``'s order) and per measurement the per-seed
-        comparisons with their median, min and max (:func:`per_seed`).
+        comparisons with their median, min and max (:func:`benchmarks.common.spread`).
     """
     by_seed = {r["seed"]: r for r in base}
     pairs = [(r, by_seed[r["seed"]]) for r in mine if r["seed"] in by_seed]
     out: dict[str, Any] = {"seeds": [r["seed"] for r, _ in pairs]}
     for key, how in PAIRED.items():
-        out[key] = per_seed([float(r[key] - b[key]) if how == "diff" else
-                             None if not b[key] else float(r[key] / b[key]) for r, b in pairs])
+        values = [float(r[key] - b[key]) if how == "diff" else
+                  None if not b[key] else float(r[key] / b[key]) for r, b in pairs]
+        out[key] = {"per_seed": values, **spread(values)}
     return out
-
-
-def per_seed(values: list[float | None]) -> dict[str, Any]:
-    """Per-seed values with their median, min and max (:func:`benchmarks.common.spread`)."""
-    return {"per_seed": values, **spread(values)}
 
 
 def _reach(run: dict[str, Any], ref: dict[str, Any], margin: float, smooth: bool

@@ -523,16 +523,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                          f"{args.jobs}")
     cache = RESULTS / ".cache" / args.suite
     start = time.perf_counter()
-    todo: list[tuple[Workload, Arm, int]] = []
-    done: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for wname, seed, aname in itertools.product(workloads, suite["seeds"], arms):
-        work, arm = suite_workload(args.suite, wname), ARMS[aname]
-        cached = None if args.fresh else _load_cached(_cache_file(cache, work, arm, seed), work,
-                                                      arm)
-        if cached is None:
-            todo.append((work, arm, seed))
-        else:
-            done[(wname, aname, seed)] = cached
+    planned = {(wname, aname, seed): (suite_workload(args.suite, wname), ARMS[aname], seed)
+               for wname, seed, aname in itertools.product(workloads, suite["seeds"], arms)}
+    done = {} if args.fresh else {
+        key: run for key, (work, arm, seed) in planned.items()
+        if (run := _load_cached(_cache_file(cache, work, arm, seed), work, arm)) is not None}
+    todo = [key for key in planned if key not in done]
     print(f"{len(done)} runs cached in {cache}, {len(todo)} to run with {args.jobs} job(s)",
           flush=True)
     missing = len(todo) if args.cached_only else 0
@@ -541,20 +537,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     todo = [] if args.cached_only else todo
     # Seed by seed (an interrupted suite leaves whole seeds, which pair with their baseline),
     # the longest runs of a seed first.
-    todo.sort(key=lambda t: (t[2], -t[0].steps * _COST.get(t[1].name, 1.0)
-                             * _WORKLOAD_COST.get(t[0].name, 1.0)))
+    todo.sort(key=lambda k: (k[2], -planned[k][0].steps * _COST.get(k[1], 1.0)
+                             * _WORKLOAD_COST.get(k[0], 1.0)))
     opts = {k: suite[k] for k in ("ckpt_every", "probe_every", "keep_models") if k in suite}
-    calls = [functools.partial(_run_and_cache, work, arm, seed, cache, **opts)
-             for work, arm, seed in todo]
-    keys = [(work.name, arm.name, seed) for work, arm, seed in todo]
 
     def finished(i: int, result: dict[str, Any]) -> None:
-        done[keys[i]] = result
-        print(f"[{time.perf_counter() - start:6.0f} s] finished {' '.join(map(str, keys[i]))}",
+        done[todo[i]] = result
+        print(f"[{time.perf_counter() - start:6.0f} s] finished {' '.join(map(str, todo[i]))}",
               flush=True)
-    pooled(calls, args.jobs, finished)
-    runs = [done[(w, a, s)] for w in workloads for s in suite["seeds"] for a in arms
-            if (w, a, s) in done]
+    pooled([functools.partial(_run_and_cache, *planned[k], cache, **opts) for k in todo],
+           args.jobs, finished)
+    runs = [done[key] for key in planned if key in done]
     # A summary of the cache trained nothing itself: how the runs shared the machine is the
     # training invocations' business (the suite's docs name them). Threads: each run's.
     info = {**machine(), "parallel_jobs": None if args.cached_only else args.jobs,
