@@ -29,6 +29,11 @@ from polyreg_cnf.app.presets import VAE_PRESETS
 SETTINGS = ("none", "poly")
 METRICS = ("test_neg_elbo", "test_is_nll", "init_neg_elbo", "forward_nfe", "backward_nfe",
            "seconds_per_epoch", "seconds_per_step", "test_nfe_per_batch")
+#: The report's columns: header, measurement, format.
+COLUMNS = (("test -ELBO", "test_neg_elbo", ".2f"), ("test IS-NLL", "test_is_nll", ".2f"),
+           ("fwd NFE/step", "forward_nfe", ".1f"), ("bwd NFE/step", "backward_nfe", ".1f"),
+           ("s/epoch", "seconds_per_epoch", ".2f"), ("s/step", "seconds_per_step", ".3f"),
+           ("initial -ELBO", "init_neg_elbo", ".2f"))
 #: The meta fields that describe the machine (the report's Machine line).
 MACHINE = ("nproc", "platform", "torch_threads", "load_start", "load_end", "python", "torch",
            "lightning", "torchdiffeq")
@@ -91,18 +96,13 @@ def markdown(payload: dict[str, Any]) -> str:
         "step, mean over all steps; backward = adjoint solves. -ELBO and NLL in nats per image "
         "(test split, 200 images).",
         "",
-        *table(["setting", "test -ELBO", "test IS-NLL", "fwd NFE/step", "bwd NFE/step", "s/epoch",
-                "initial -ELBO"],
-               [[setting, *(median_range(summary[setting][m], f) for m, f in (
-                   ("test_neg_elbo", ".2f"), ("test_is_nll", ".2f"), ("forward_nfe", ".1f"),
-                   ("backward_nfe", ".1f"), ("seconds_per_epoch", ".2f"),
-                   ("init_neg_elbo", ".2f")))] for setting in summary]),
+        *table(["setting", *(head for head, _, _ in COLUMNS)],
+               [[setting, *(median_range(summary[setting][m], f) for _, m, f in COLUMNS)]
+                for setting in summary]),
         "", "Per run:", "",
-        *table(["seed", "setting", "test -ELBO", "test IS-NLL", "fwd NFE", "bwd NFE", "s/epoch",
-                "s/step"],
-               [[r["seed"], r["setting"], f"{r['test_neg_elbo']:.2f}", f"{r['test_is_nll']:.2f}",
-                 f"{r['forward_nfe']:.1f}", f"{r['backward_nfe']:.1f}",
-                 f"{r['seconds_per_epoch']:.2f}", f"{r['seconds_per_step']:.3f}"] for r in rows]),
+        *table(["seed", "setting", *(head for head, _, _ in COLUMNS)],
+               [[r["seed"], r["setting"], *(format(r[m], f) for _, m, f in COLUMNS)]
+                for r in rows]),
     ]
     return "\n".join(lines) + "\n"
 
