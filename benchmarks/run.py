@@ -139,8 +139,6 @@ def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: in
     return run
 
 
-#: Where a suite's report is explained (its columns, what is paired, the goals).
-READING = "How to read the tables: docs/benchmarks.md, \"Reading the reports\"."
 FLOOR = 8  # dopri5 evaluations of a one-step solve (2 to pick the first step + 6)
 
 
@@ -168,9 +166,8 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
                                    # "Unchanged quality": at most 0.05 nats worse.
                                    "met": cut["median"] >= 0.40 and gap["median"] <= 0.05}
         if "ffjord_matched" in arms:
-            for aname in ("tpr_fast", "ffjord_direct", "tpr_carry", "rnode"):
-                if aname not in arms:
-                    continue
+            for aname in [a for a in ("tpr_fast", "ffjord_direct", "tpr_carry", "rnode")
+                          if a in arms]:
                 sp = arms[aname]["speedup_to_ffjord_matched_final_val"]
                 gap = _pair(arms, aname, "ffjord_matched", "test_nll")
                 g[f"matched_{aname}"] = {
@@ -379,7 +376,7 @@ def _x(value: float | None) -> str:
 
 
 def _header(payload: dict[str, Any]) -> list[str]:
-    """Title, command, machine, runs, steps and seeds of a suite's markdown."""
+    """Title, command, machine, runs, steps and seeds of a suite's markdown; where to read it."""
     jobs = payload["machine"]["parallel_jobs"]
     ran = (f"{jobs} at once, one torch thread each" if jobs else
            "trained by earlier invocations (this one only summarised the cache)")
@@ -390,13 +387,14 @@ def _header(payload: dict[str, Any]) -> list[str]:
         f"Training steps: {payload['steps']}; seeds {payload['seeds']}.  ",
         *([f"**Note.** {payload['note']}  "] if payload.get("note") else []),
         *([f"**Partial: {payload['missing_runs']} runs of the suite had not finished; "
-           "figures are over the runs that had.**  "] if payload["missing_runs"] else []))
+           "figures are over the runs that had.**  "] if payload["missing_runs"] else []),
+        "How to read the tables: docs/benchmarks.md, \"Reading the reports\".", "")
 
 
 def markdown(payload: dict[str, Any]) -> str:
     """A suite's report: per workload each arm's own figures, every arm against each baseline
     (seed-paired) and the probes over training; then the goals (seed-paired)."""
-    suite, lines = payload["suite"], [*_header(payload), READING, ""]
+    suite, lines = payload["suite"], _header(payload)
     for wname, arms in payload["summary"].items():
         lines += [f"## {wname}", "", *table(
             ["arm", "fwd NFE (all / last 10 %)", "bwd NFE", "total NFE", "s/step", "train s",
