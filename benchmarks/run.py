@@ -314,7 +314,7 @@ def _reached_text(v: dict[str, Any] | None) -> str:
 def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
     """A markdown table of every arm against ``base``, seed by seed (harness.paired), with the
     training seconds to ``base``'s final validation NLL and the speed-ups there."""
-    def to_base(e: dict[str, Any], kind: str, show: Any) -> str:
+    def to_base(e: dict[str, Any], kind: str, show: Callable[[Any], str]) -> str:
         return " / ".join(show(e.get(f"{kind}_to_{base}_final_val{margin}"))
                           for margin in ("", "_within_0.01"))
 
@@ -345,12 +345,12 @@ _GOAL_COLUMNS: tuple[tuple[str, str, Callable[[Any, dict[str, Any]], str]], ...]
      "speedup_within_0.01_per_seed",
      lambda x, v: f"{_speed_text(x)} (reached {v.get('reached_within_0.01', x.get('reached'))})"),
     ("the same in NFE", "nfe_speedup_within_0.01_per_seed", lambda x, _: _speed_text(x)),
-    ("steps per second, ratio", "seconds_per_step_ratio", lambda x, _: _times(x)),
+    ("steps per second / the baseline's", "seconds_per_step_ratio", lambda x, _: _times(x)),
     ("fwd NFE ratio", "forward_nfe_ratio", lambda x, _: _times(x)),
     ("fewer fwd NFE, last 10 % (>= 20 %)", "forward_nfe_last10pct_reduction",
      lambda x, _: _pct(x)),
     ("test NLL diff (<= 0.05)", "test_nll_diff", lambda x, _: _signed(x)),
-    (f"test NFE = times the floor {FLOOR}", "times_floor",
+    (f"test NFE = multiple of the floor {FLOOR}", "times_floor",
      lambda x, v: f"{v['test_nfe']:.0f} = {x:.1f}x"),
     ("test NFE / the baseline's (every seed <= 1)", "test_nfe_ratio", lambda x, v: _times(x) + (
         f" ({'met' if v['test_nfe_met'] else 'not met'})" if "test_nfe_met" in v else "")),

@@ -283,7 +283,7 @@ def test_the_goal_table_shows_only_the_columns_its_goals_fill() -> None:
                                          "test_nll_diff": entry(0.0, 0.0, 0.0)}}}
     head, _, paper, floor = bench_run.goal_lines(goals)
     assert head == ("| workload | goal (arm) | fewer total NFE (>= 40 %) | test NLL diff (<= 0.05) "
-                    "| test NFE = times the floor 8 | met |")
+                    "| test NFE = multiple of the floor 8 | met |")
     assert paper == ("| w | paper_settings | 45 % [40, 50] (seeds: 50, 40, 45) | +0.0000 [-0.0200, "
                      "+0.0100] (seeds: +0.0100, -0.0200, +0.0000) | - | met |")
     assert floor.endswith("| 24 = 3.0x | - |")  # a goal without a verdict: no 'met' cell
