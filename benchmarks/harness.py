@@ -432,10 +432,7 @@ def load_final_model(path: Path, w: Workload, arm: Arm, seed: int, tmp: Path
 
 def time_to_reach(curve: list[list[float]], target: float) -> float | None:
     """Training seconds until the validation NLL first reaches ``target`` (None: never)."""
-    for seconds, _, nll in curve:
-        if nll <= target:
-            return float(seconds)
-    return None
+    return next((float(seconds) for seconds, _, nll in curve if nll <= target), None)
 
 
 #: Validation evaluations averaged by :func:`smooth_curve`: late in training the validation NLL
@@ -458,10 +455,8 @@ def nfe_to_reach(run: dict[str, Any], target: float) -> float | None:
     if not nfe:
         return None
     work = np.cumsum(np.add(nfe["forward"], nfe["backward"]))
-    for _, step, nll in run["val_curve"]:
-        if nll <= target:
-            return float(work[min(int(step), len(work)) - 1])
-    return None
+    return next((float(work[min(int(step), len(work)) - 1])
+                 for _, step, nll in run["val_curve"] if nll <= target), None)
 
 
 def speedups(per_seed: list[float | None]) -> dict[str, Any]:

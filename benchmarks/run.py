@@ -444,10 +444,10 @@ def probe_medians(runs: list[dict[str, Any]], wname: str) -> dict[str, list[dict
             for aname, per_seed in per_arm.items()}
 
 
-def plot(runs: list[dict[str, Any]], out: Path, probes: bool, smooth: int = 25) -> None:
+def plot(runs: list[dict[str, Any]], out: Path, smooth: int = 25) -> None:
     """``<out>_nfe.png``: total NFE per step (median over seeds, moving average over ``smooth``
-    steps) per arm, a panel per workload; with ``probes``, ``<out>_probes.png``: test NFE and
-    path length / displacement over training (:func:`probe_medians`)."""
+    steps) per arm, a panel per workload; where runs have probes, ``<out>_probes.png``: test NFE
+    and path length / displacement over training (:func:`probe_medians`)."""
     workloads = sorted({r["workload"] for r in runs})
     fig, axes = common.figure(1, len(workloads), (6 * len(workloads), 4))
     for ax, wname in zip(axes[0], workloads):
@@ -461,7 +461,7 @@ def plot(runs: list[dict[str, Any]], out: Path, probes: bool, smooth: int = 25) 
         ax.set(title=f"{wname}: total NFE per training step (median of seeds)",
                ylabel="forward + backward NFE")
     panels = [(fig, axes, "nfe")]
-    workloads = sorted({r["workload"] for r in runs if r.get("probes")}) if probes else []
+    workloads = sorted({r["workload"] for r in runs if r.get("probes")})
     if workloads:
         fig, axes = common.figure(2, len(workloads), (6 * len(workloads), 7))
         for col, wname in enumerate(workloads):
@@ -558,14 +558,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                "summary": summarise(runs, **{k: suite[k] for k in ("baselines", "pairs")
                                              if k in suite}),
                "runs": [{k: v for k, v in r.items() if k != "nfe_per_step"} for r in runs]}
-    long_form = "baselines" in suite
-    payload["goals"] = (long_goals(payload["summary"], suite["baselines"][0]) if long_form
-                        else goals(payload["summary"]))
+    payload["goals"] = (long_goals(payload["summary"], suite["baselines"][0])
+                        if "baselines" in suite else goals(payload["summary"]))
     if suite.get("beside") and (RESULTS / f"{suite['beside']}.json").exists():
         other = json.loads((RESULTS / f"{suite['beside']}.json").read_text())
         payload["beside"] = {"suite": suite["beside"], "seeds": other["seeds"],
                              "goals": beside_goals(payload["goals"], other["goals"])}
-    plot(runs, args.out, probes=long_form)
+    plot(runs, args.out)
     return payload
 
 
