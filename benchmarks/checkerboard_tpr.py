@@ -28,8 +28,8 @@ def penalty_seconds(batch: int, dim: int, num_samples: int = 2, order: int = 1,
     z = torch.randn(num_samples + 2, batch, dim, requires_grad=True)
     for _ in range(reps):
         start = time.perf_counter()
-        t = sample_penalty_times(num_samples, 0.0, 1.0)
-        trajectory_polynomial_penalty(t, z, order).backward()
+        trajectory_polynomial_penalty(sample_penalty_times(num_samples, 0.0, 1.0), z,
+                                      order).backward()
         times.append(time.perf_counter() - start)
         z.grad = None
     return float(np.median(times))
@@ -46,21 +46,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     work = WORKLOADS["checkerboard"]
     arms = [ARMS["ffjord_matched"], ARMS["tpr_paper"],
             Arm("tpr_carry", "TPR, restart-free adjoint", reg="poly", adjoint_carry_step=True)]
-    runs = []
-    for arm in arms:
-        print(f"running {arm.name} ...", flush=True)
-        runs.append(run_one(work, arm, args.seed, steps=args.steps))
+    runs = [run_one(work, arm, args.seed, steps=args.steps) for arm in arms]
     pen = penalty_seconds(work.batch_size, 2)
-    rows = []
-    for arm, r in zip(arms, runs):
-        share = pen / r["seconds_per_step"] if arm.reg == "poly" else None
-        rows.append({"arm": arm.name, "label": arm.label,
-                     "forward_nfe_last100": r["forward_nfe_last100"],
-                     "backward_nfe_last100": r["backward_nfe_last100"],
-                     "forward_nfe_mean": r["forward_nfe"], "backward_nfe_mean": r["backward_nfe"],
-                     "test_nll": r["test_nll"], "test_nfe": r["test_nfe"],
-                     "seconds_per_step": r["seconds_per_step"],
-                     "penalty_share_of_step": share})
+    rows = [{"arm": arm.name, "label": arm.label,
+             **{k: r[k] for k in ("forward_nfe_last100", "backward_nfe_last100")},
+             "forward_nfe_mean": r["forward_nfe"], "backward_nfe_mean": r["backward_nfe"],
+             **{k: r[k] for k in ("test_nll", "test_nfe", "seconds_per_step")},
+             "penalty_share_of_step": pen / r["seconds_per_step"] if arm.reg == "poly" else None}
+            for arm, r in zip(arms, runs)]
     return {"command": args.command, "machine": common.machine(), "steps": args.steps,
             "seed": args.seed, "penalty_seconds": pen, "rows": rows,
             "runs": [{k: v for k, v in r.items() if k != "nfe_per_step"} for r in runs]}
@@ -68,14 +61,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(payload: dict[str, Any]) -> str:
     """The arms side by side and the penalty's cost."""
-    m, batch = payload["machine"], WORKLOADS["checkerboard"].batch_size
+    batch = WORKLOADS["checkerboard"].batch_size
     lines = [
-        "# Checkerboard, paper settings, with and without TPR",
-        "",
-        f"Command: `{payload['command']}`  ",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} "
-        f"threads), lightning {m['lightning']}, torchdiffeq {m['torchdiffeq']}, commit "
-        f"{m['git_commit']}, {m['date']}.  ",
+        *common.header("Checkerboard, paper settings, with and without TPR", payload["command"],
+                       payload["machine"]),
         f"Workload: 2-D checkerboard, 3 x 64 concatsquash tanh, 1 block, batch "
         f"{batch}, Adam 1e-3, {payload['steps']} steps, seed {payload['seed']}; train tolerance "
         "1e-4, evaluation 1e-5 (exact trace); TPR K = 2, m = 1, coef = 5. NFE = right-hand-side "
@@ -89,9 +78,8 @@ def markdown(payload: dict[str, Any]) -> str:
                  f"{r['test_nll']:.4f}", f"{r['test_nfe']:.1f}", f"{r['seconds_per_step']:.3f}",
                  "-" if r["penalty_share_of_step"] is None
                  else f"{100 * r['penalty_share_of_step']:.2f} %"] for r in payload["rows"]]),
-    ]
-    lines += ["", f"Penalty cost (sampling + penalty + backward, one block, batch "
-              f"{batch}): {1e6 * payload['penalty_seconds']:.0f} microseconds."]
+        "", f"Penalty cost (sampling + penalty + backward, one block, batch "
+        f"{batch}): {1e6 * payload['penalty_seconds']:.0f} microseconds."]
     return "\n".join(lines) + "\n"
 
 

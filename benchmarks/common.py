@@ -260,3 +260,17 @@ def verdict(mine: float | None, base: float | None, tie: float) -> str:
     ratio = mine / base
     return "wins" if ratio <= 1 - tie else "loses" if ratio >= 1 + tie else "ties"
 
+
+# --- suite runner helpers (lines_a)
+
+
+def header(title: str, command: str, facts: dict[str, Any], *lines: str) -> list[str]:
+    """A report's opening: its title, the command that made it, the machine ``facts`` as they
+    were recorded ('name value, ...') and the study's own markdown ``lines``.
+
+    Example:
+        >>> header("T", "python -m benchmarks.x", {"cores": 2})
+        ['# T', '', 'Command: `python -m benchmarks.x`  ', 'Machine: cores 2.  ']
+    """
+    machine_line = ", ".join(f"{name} {value}" for name, value in facts.items())
+    return [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {machine_line}.  ", *lines]

@@ -1,13 +1,8 @@
 """Benchmark harness: train named arms on named workloads over several seeds and summarise.
 
-Each run is a :class:`polyreg_cnf.app.config.RunConfig` (:func:`run_config`: an arm's and a
-workload's settings as options) made by :func:`polyreg_cnf.app.build.build`, as train.py makes
-its runs. It trains on CPU, records NFE and seconds per step (NFEMonitor), validates every
-``eval_every`` steps at the evaluation tolerance (not counted in training time), then tests at
-the evaluation tolerance and again at the training tolerance (the gap shows a model that learned
-to exploit solver error). Summaries: each arm's own medians over seeds with min/max spread, and
-every comparison with a baseline made seed by seed (the same seed's baseline run) before it is
-summarised by its median and range over seeds.
+Each run is a :class:`polyreg_cnf.app.config.RunConfig` (:func:`run_config`) made by
+:func:`polyreg_cnf.app.build.build`, as train.py makes its runs. What a run measures and how the
+summaries compare arms (seed by seed): docs/benchmarks.md, "Reading the reports".
 """
 
 from __future__ import annotations
@@ -29,7 +24,7 @@ from polyreg_cnf.callbacks import NFEMonitor
 from polyreg_cnf.datamodules.toy import ToyDataModule
 from polyreg_cnf.datamodules.user_table import UserTableDataModule
 
-from benchmarks.common import figure, save_figure, spread
+from benchmarks.common import spread
 from polyreg_cnf.app.build import build, make_model
 from polyreg_cnf.app.config import RunConfig, resolve
 from polyreg_cnf.engine.ode import ODEBlock, ode_blocks
@@ -79,6 +74,11 @@ class Arm:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _direct(name: str, label: str, reg: str | None = "poly", **extra: Any) -> Arm:
+    """An arm with direct backprop through the solver (arm (5)'s engineering) and ``extra``."""
+    return Arm(name, label, reg=reg, adjoint=False, extra=extra)
+
+
 ARMS = {
     "ffjord": Arm("ffjord", "(1) FFJORD, authors' baseline tolerance (1e-8/1e-6; VAE 1e-5)",
                   adjoint_carry_step=False, baseline_tol=True),
@@ -89,11 +89,10 @@ ARMS = {
     "rnode": Arm("rnode", "(4) RNODE (kinetic + Jacobian, 0.01 each), train 1e-4",
                  reg="kinetic", adjoint_carry_step=False),
     # Arm (5): direct backprop needs no backward solve, so the penalty's times cost nothing.
-    "tpr_fast": Arm("tpr_fast", "(5) TPR + direct backprop through the solver", reg="poly",
-                    adjoint=False),
+    "tpr_fast": _direct("tpr_fast", "(5) TPR + direct backprop through the solver"),
     # Controls that separate the engineering from the regularizer.
-    "ffjord_direct": Arm("ffjord_direct", "(3b) FFJORD at 1e-4 + direct backprop (arm 5 "
-                         "without TPR)", adjoint=False),
+    "ffjord_direct": _direct("ffjord_direct", "(3b) FFJORD at 1e-4 + direct backprop (arm 5 "
+                             "without TPR)", reg=None),
     "tpr_carry": Arm("tpr_carry", "(5a) TPR + restart-free seminorm adjoint", reg="poly",
                      adjoint_carry_step=True, seminorm=True),
     # One engineering change at a time (the 'engineering' suite).
@@ -109,26 +108,20 @@ ARMS = {
     "ffjord_base_direct_hard": Arm("ffjord_base_direct_hard", "(1d) on z 64, T 2",
                                    adjoint=False, baseline_tol=True,
                                    extra={"z_dim": 64, "T": 2.0}),
-    "tpr_fast_hard": Arm("tpr_fast_hard", "(5) on z 64, T 2", reg="poly", adjoint=False,
-                         extra={"z_dim": 64, "T": 2.0}),
+    "tpr_fast_hard": _direct("tpr_fast_hard", "(5) on z 64, T 2", z_dim=64, T=2.0),
     # The settings sweep: arm (5) with one factor changed from the paper's (coef 5, K 2, m 1).
-    "tpr_fast_c1": Arm("tpr_fast_c1", "(5) with coef 1", reg="poly", adjoint=False,
-                       extra={"poly_coef": 1.0}),
-    "tpr_fast_c20": Arm("tpr_fast_c20", "(5) with coef 20", reg="poly", adjoint=False,
-                        extra={"poly_coef": 20.0}),
-    "tpr_fast_c50": Arm("tpr_fast_c50", "(5) with coef 50", reg="poly", adjoint=False,
-                        extra={"poly_coef": 50.0}),
-    "tpr_fast_k4": Arm("tpr_fast_k4", "(5) with K = 4 interior times", reg="poly",
-                       adjoint=False, extra={"poly_samples": 4}),
-    "tpr_fast_m2": Arm("tpr_fast_m2", "(5) with degree m = 2", reg="poly", adjoint=False,
-                       extra={"poly_order": 2}),
+    "tpr_fast_c1": _direct("tpr_fast_c1", "(5) with coef 1", poly_coef=1.0),
+    "tpr_fast_c20": _direct("tpr_fast_c20", "(5) with coef 20", poly_coef=20.0),
+    "tpr_fast_c50": _direct("tpr_fast_c50", "(5) with coef 50", poly_coef=50.0),
+    "tpr_fast_k4": _direct("tpr_fast_k4", "(5) with K = 4 interior times", poly_samples=4),
+    "tpr_fast_m2": _direct("tpr_fast_m2", "(5) with degree m = 2", poly_order=2),
     # The late-start lever (issue 21; why: docs/results.md): coef 5 from step 3000 on.
-    "tpr_fast_late": Arm("tpr_fast_late", "(5) from step 3000 (coef 0 before)", reg="poly",
-                         adjoint=False, extra={"poly_start_step": 3000}),
-    "ffjord_direct_cos": Arm("ffjord_direct_cos", "(3b) with a cosine learning rate",
-                             adjoint=False, extra={"lr_schedule": "cosine"}),
-    "tpr_fast_cos": Arm("tpr_fast_cos", "(5) with a cosine learning rate", reg="poly",
-                        adjoint=False, extra={"lr_schedule": "cosine"}),
+    "tpr_fast_late": _direct("tpr_fast_late", "(5) from step 3000 (coef 0 before)",
+                             poly_start_step=3000),
+    "ffjord_direct_cos": _direct("ffjord_direct_cos", "(3b) with a cosine learning rate",
+                                 reg=None, lr_schedule="cosine"),
+    "tpr_fast_cos": _direct("tpr_fast_cos", "(5) with a cosine learning rate",
+                            lr_schedule="cosine"),
 }
 
 WORKLOADS = {
@@ -151,62 +144,60 @@ WORKLOADS = {
 def _run_inputs(w: Workload, arm: Arm, seed: int, steps: int, tmp: Path
                 ) -> tuple[L.LightningDataModule, RunConfig]:
     """The data module and run configuration of one run (table files are written into ``tmp``)."""
-    data = {"table": str(tmp / f"{w.name}.npy"), "vae": "digits"}.get(w.kind)
-    return _datamodule(w, seed, tmp), run_config(w, arm, seed, steps, tmp / "runs", data)
-
-
-def _datamodule(w: Workload, seed: int, tmp: Path) -> L.LightningDataModule:
+    config = run_config(w, arm, seed, steps, tmp / "runs",
+                        {"table": str(tmp / f"{w.name}.npy"), "vae": "digits"}.get(w.kind))
     if w.kind == "vae":
         from polyreg_cnf.datamodules.images import DigitsDataModule
 
         # The split and the static binarization are fixed (seed 0) for every arm and seed.
-        return DigitsDataModule(seed=0, batch_size=w.batch_size)
+        return DigitsDataModule(seed=0, batch_size=w.batch_size), config
     if w.kind == "toy":
         return ToyDataModule(w.name, num_train=50_000, num_val=w.num_val, num_test=w.num_test,
-                             seed=seed, batch_size=w.batch_size, eval_batch_size=5000)
-    path = _table_path(w, tmp)
-    # The split is fixed (seed 0) so every arm and seed sees the same test rows.
-    return UserTableDataModule(path, seed=0, batch_size=w.batch_size, eval_batch_size=1000)
-
-
-def _table_path(w: Workload, tmp: Path) -> Path:
-    """Write the workload's table into ``tmp`` (once) and return its path."""
+                             seed=seed, batch_size=w.batch_size, eval_batch_size=5000), config
     path = tmp / f"{w.name}.npy"
-    if path.exists():
-        return path
-    if w.name == "breast_cancer":
+    if w.name == "breast_cancer" and not path.exists():
         from sklearn.datasets import load_breast_cancer
 
         np.save(path, load_breast_cancer().data)
-    elif w.name == "mixture16":
+    elif w.name == "mixture16" and not path.exists():
         from benchmarks.tables import write_mixture_table
 
         write_mixture_table(path, rows=50_000, dim=16)
-    else:
+    elif w.name not in ("breast_cancer", "mixture16"):
         raise ValueError(f"no table for workload {w.name!r}")
-    return path
+    # The split is fixed (seed 0) so every arm and seed sees the same test rows.
+    return UserTableDataModule(path, seed=0, batch_size=w.batch_size,
+                               eval_batch_size=1000), config
 
 
-class _ValCurve(L.Callback):
+class _Kept(L.Callback):
+    """A callback whose list attribute ``KEY`` is kept in the run's checkpoints (so it resumes)."""
+
+    KEY = ""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.KEY: getattr(self, self.KEY)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        setattr(self, self.KEY, list(state_dict.get(self.KEY, [])))
+
+
+class _ValCurve(_Kept):
     """(training seconds so far, step, val NLL) at each validation (seconds from the run's
     NFEMonitor)."""
 
+    KEY = "curve"
+
     def __init__(self) -> None:
-        self.curve: list[tuple[float, int, float]] = []
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"curve": [list(c) for c in self.curve]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.curve = [tuple(c) for c in state_dict.get("curve", [])]
+        self.curve: list[list[float]] = []
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or "val/nll" not in trainer.callback_metrics:
             return
         monitor = next(c for c in trainer.callbacks if isinstance(c, NFEMonitor))
         seconds = sum(r[2] for r in monitor.history)
-        self.curve.append((seconds, trainer.global_step,
-                           float(trainer.callback_metrics["val/nll"])))
+        self.curve.append([seconds, trainer.global_step,
+                           float(trainer.callback_metrics["val/nll"])])
 
 
 class _ResumePoint(L.Callback):
@@ -227,15 +218,11 @@ class _ResumePoint(L.Callback):
         trainer.save_checkpoint(self.path)
 
 
-class _EvalProbe(L.Callback):
-    """Test-time cost and straightness of the flow every ``every`` steps, on fixed test rows.
+class _EvalProbe(_Kept):
+    """:func:`straightness` every ``every`` steps on fixed test rows (after that step's
+    validation, outside the training time)."""
 
-    At each probe (after that step's validation, outside the training time): the forward NFE
-    of one solve of the rows at the evaluation tolerance (``log_prob``, exact trace), and for
-    the state trajectory at 16 equally spaced times of every block: the degree-1 polynomial
-    penalty (the regularizer's own measure, unweighted) and the path length over the
-    displacement (1 for straight lines; the mean over rows).
-    """
+    KEY = "probes"
 
     def __init__(self, every: int, rows: torch.Tensor) -> None:
         self.every = every
@@ -249,29 +236,28 @@ class _EvalProbe(L.Callback):
             return
         self.probes.append({"step": step, **straightness(pl_module, self.rows)})
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"probes": self.probes}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.probes = list(state_dict.get("probes", []))
-
 
 def straightness(model: L.LightningModule, rows: torch.Tensor) -> dict[str, float]:
-    """Test NFE, polynomial penalty and path length / displacement of ``model``'s flow."""
+    """Test NFE, polynomial penalty and path length / displacement of ``model``'s flow.
+
+    The forward NFE of one solve of ``rows`` at the evaluation tolerance (``log_prob``), and for
+    the state trajectory at 16 equally spaced times of every block: the degree-1 polynomial
+    penalty (unweighted) and the path length over the displacement (1 for straight lines; the
+    mean over rows).
+    """
     blocks = ode_blocks(model)
     was_training = model.training
     model.eval()
     try:
         for b in blocks:
             b.nfe.reset()
-        with torch.no_grad():
-            model.log_prob(rows.to(model.device))
-        test_nfe = float(sum(b.nfe.forward for b in blocks))
         penalty, ratio, z = 0.0, [], rows.to(model.device)
         with torch.no_grad():
+            model.log_prob(z)
+            test_nfe = float(sum(b.nfe.forward for b in blocks))
             for b in blocks:
-                end = float(b.end_time_tensor(z))
-                grid = torch.linspace(0.0, end, 16, dtype=z.dtype, device=z.device)
+                grid = torch.linspace(0.0, float(b.end_time_tensor(z)), 16, dtype=z.dtype,
+                                      device=z.device)
                 # The state's own dynamics (a CNF's log-density is a passenger).
                 traj = ODEBlock.forward(b, z, t=grid)
                 penalty += float(trajectory_polynomial_penalty(grid, traj, order=1))
@@ -327,18 +313,16 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         seed: The run's seed.
         steps: Training steps (default: the workload's).
         work_dir: A folder that outlives the call: the run checkpoints there every
-            ``ckpt_every`` steps and a later call with the same folder resumes from the latest
-            checkpoint (NFE history, validation curve and probes included), so an interrupted
-            long run loses at most ``ckpt_every`` steps. None: a temporary folder, no resume.
+            ``ckpt_every`` steps, and a later call with it resumes from the latest checkpoint
+            (curves and probes included). None: a temporary folder, no resume.
         ckpt_every: Checkpoint interval in steps (with ``work_dir``).
-        probe_every: Every this many steps, measure test NFE and straightness
-            (:func:`straightness`) on 2,000 fixed test rows (density workloads only).
-        model_path: Keep the final model there (:func:`save_final_model`), for evaluations
-            after the run (benchmarks/frontier.py). None: the model is not kept.
+        probe_every: Every this many steps, :func:`straightness` on 2,000 fixed test rows
+            (density workloads only).
+        model_path: Keep the final model there (:func:`save_final_model`). None: not kept.
 
     Raises:
-        RunInterrupted: The fit ended before ``steps`` (e.g. SIGTERM): no measurements and no
-            model are returned or kept, so a cache never holds a short run as a finished one.
+        RunInterrupted: The fit ended before ``steps`` (e.g. SIGTERM): nothing is returned or
+            kept, so a cache never holds a short run as a finished one.
     """
     steps = steps or w.steps
     run_start = time.perf_counter()
@@ -360,8 +344,8 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         if probe_every and w.kind != "vae":
             dm.prepare_data()
             dm.setup("test")
-            rows = torch.as_tensor(np.asarray(dm.arrays()["test"][:2000]), dtype=torch.float32)
-            probe = _EvalProbe(probe_every, rows)
+            probe = _EvalProbe(probe_every, torch.as_tensor(
+                np.asarray(dm.arrays()["test"][:2000]), dtype=torch.float32))
             extra.append(probe)
         resume = "last" if work_dir is not None and ckpt_every else None
         run = build(config, datamodule=dm, callbacks=extra, ckpt_path=resume)
@@ -385,16 +369,13 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         _set_eval_tolerance(model, atol, rtol)  # the tolerance this run trained at
         test_train_tol = trainer.test(model, dm, verbose=False)[0]
         test_metrics = {k: float(v) for k, v in test.items()}
-    hist = monitor.history
-    fwd = [r[0] for r in hist]
-    bwd = [r[1] for r in hist]
-    secs = [r[2] for r in hist]
+    fwd, bwd, secs = ([r[i] for r in monitor.history] for i in range(3))
     return {
-        "workload": w.name, "arm": arm.name, "seed": seed, "steps": len(hist),
+        "workload": w.name, "arm": arm.name, "seed": seed, "steps": len(fwd),
         "forward_nfe": float(np.mean(fwd)), "backward_nfe": float(np.mean(bwd)),
         "total_nfe": float(np.mean(fwd) + np.mean(bwd)),
         "forward_nfe_last100": float(np.mean(fwd[-100:])),
-        # The last tenth of training: where TPR's effect on the forward NFE shows.
+        # The last tenth of training: where TPR's effect shows.
         "forward_nfe_last10pct": float(np.mean(fwd[-max(1, len(fwd) // 10):])),
         "backward_nfe_last100": float(np.mean(bwd[-100:])),
         "seconds_per_step": float(np.mean(secs)), "train_seconds": float(np.sum(secs)),
@@ -402,21 +383,15 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         "test_nll": float(test["test/nll"]), "test_nfe": float(test_nfe),
         "test_nll_at_train_tol": float(test_train_tol["test/nll"]),
         "tolerance_gap": float(test_train_tol["test/nll"] - test["test/nll"]),
-        "train_tol": [atol, rtol], "test_metrics": test_metrics,
-        "val_curve": curve.curve,
-        "probes": [] if probe is None else probe.probes,
-        "resumed_from": run.ckpt_path,
-        "nfe_per_step": {"forward": fwd, "backward": bwd},
-    }
+        "train_tol": [atol, rtol], "test_metrics": test_metrics, "val_curve": curve.curve,
+        "probes": [] if probe is None else probe.probes, "resumed_from": run.ckpt_path,
+        "nfe_per_step": {"forward": fwd, "backward": bwd}}
 
 
 def save_final_model(model: torch.nn.Module, w: Workload, arm: Arm, seed: int,
                      path: Path) -> None:
-    """Write ``model``'s weights with the workload, arm and seed that made them (atomically).
-
-    The weights alone (no optimizer state): :func:`load_final_model` rebuilds the module from
-    the same definitions through the app's build path.
-    """
+    """Write ``model``'s weights (no optimizer state) with the workload, arm and seed that made
+    them, atomically; :func:`load_final_model` rebuilds the module from the same definitions."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".part")
     torch.save({**definitions(w, arm), "seed": seed,
@@ -457,10 +432,7 @@ def load_final_model(path: Path, w: Workload, arm: Arm, seed: int, tmp: Path
 
 def time_to_reach(curve: list[list[float]], target: float) -> float | None:
     """Training seconds until the validation NLL first reaches ``target`` (None: never)."""
-    for seconds, _, nll in curve:
-        if nll <= target:
-            return float(seconds)
-    return None
+    return next((float(seconds) for seconds, _, nll in curve if nll <= target), None)
 
 
 #: Validation evaluations averaged by :func:`smooth_curve`: late in training the validation NLL
@@ -471,11 +443,8 @@ SMOOTH_EVALS = 5
 
 def smooth_curve(curve: list[list[float]], k: int = SMOOTH_EVALS) -> list[list[float]]:
     """The validation curve with each NLL replaced by the mean of the last ``k`` evaluations."""
-    out = []
-    for i, (seconds, step, _) in enumerate(curve):
-        window = [c[2] for c in curve[max(0, i - k + 1):i + 1]]
-        out.append([seconds, step, float(np.mean(window))])
-    return out
+    return [[seconds, step, float(np.mean([c[2] for c in curve[max(0, i - k + 1):i + 1]]))]
+            for i, (seconds, step, _) in enumerate(curve)]
 
 
 def nfe_to_reach(run: dict[str, Any], target: float) -> float | None:
@@ -486,16 +455,13 @@ def nfe_to_reach(run: dict[str, Any], target: float) -> float | None:
     if not nfe:
         return None
     work = np.cumsum(np.add(nfe["forward"], nfe["backward"]))
-    for _, step, nll in run["val_curve"]:
-        if nll <= target:
-            return float(work[min(int(step), len(work)) - 1])
-    return None
+    return next((float(work[min(int(step), len(work)) - 1])
+                 for _, step, nll in run["val_curve"] if nll <= target), None)
 
 
 def speedups(per_seed: list[float | None]) -> dict[str, Any]:
-    """A speed-up entry of per-seed values (None: that seed never reached the target): the
-    median of the reached, the median where an unreached seed counts as 0 (the slowest), and
-    how many of how many seeds reached it."""
+    """A speed-up entry of per-seed values (None: never reached): the median of the reached, the
+    median counting an unreached seed as 0 (the slowest), how many of how many reached it."""
     return {"median": spread(per_seed)["median"], "per_seed": per_seed,
             "median_unreached_as_zero": float(statistics.median(
                 [0.0 if v is None else v for v in per_seed])) if per_seed else None,
@@ -513,32 +479,17 @@ def paired(mine: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, 
     """Each of ``mine``'s runs against the run of ``base`` with the same seed (:data:`PAIRED`).
 
     Returns:
-        ``seeds`` (the seeds both have, in ``mine``'s order) and per measurement
-        ``{"per_seed": [...], "median", "min", "max"}`` over those seeds: a seed is compared
-        with its own baseline first, then the comparisons are summarised (never a median of
-        one arm against a median of the other).
+        ``seeds`` (the seeds both have, in ``mine``'s order) and per measurement the per-seed
+        comparisons with their median, min and max (:func:`benchmarks.common.spread`).
     """
     by_seed = {r["seed"]: r for r in base}
     pairs = [(r, by_seed[r["seed"]]) for r in mine if r["seed"] in by_seed]
     out: dict[str, Any] = {"seeds": [r["seed"] for r, _ in pairs]}
     for key, how in PAIRED.items():
-        values = []
-        for r, b in pairs:
-            if how == "diff":
-                values.append(float(r[key] - b[key]))
-            else:
-                values.append(None if not b[key] else float(r[key] / b[key]))
+        values = [float(r[key] - b[key]) if how == "diff" else
+                  None if not b[key] else float(r[key] / b[key]) for r, b in pairs]
         out[key] = {"per_seed": values, **spread(values)}
     return out
-
-
-def _complete(run: dict[str, Any]) -> dict[str, Any]:
-    """``run`` with the measurements that runs cached before they existed lacked, derived from
-    its per-step NFE (``forward_nfe_last10pct``)."""
-    fwd = (run.get("nfe_per_step") or {}).get("forward")
-    if "forward_nfe_last10pct" in run or not fwd:
-        return run
-    return {**run, "forward_nfe_last10pct": float(np.mean(fwd[-max(1, len(fwd) // 10):]))}
 
 
 def _reach(run: dict[str, Any], ref: dict[str, Any], margin: float, smooth: bool
@@ -571,7 +522,7 @@ def summarise(runs: list[dict[str, Any]],
             "forward_nfe_last10pct", "backward_nfe_last100", "seconds_per_step", "train_seconds",
             "test_nll", "test_nfe", "tolerance_gap")
     by: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for r in map(_complete, runs):
+    for r in runs:
         by.setdefault(r["workload"], {}).setdefault(r["arm"], []).append(r)
     for wname, arms in by.items():
         out[wname] = {}
@@ -613,25 +564,3 @@ def fmt(entry: dict[str, Any] | None, digits: int = 1) -> str:
     if "min" not in entry:
         return f"{entry['median']:.{digits}f}"
     return f"{entry['median']:.{digits}f} [{entry['min']:.{digits}f}, {entry['max']:.{digits}f}]"
-
-
-def plot_nfe(runs: list[dict[str, Any]], path: Path, smooth: int = 25) -> None:
-    """Total NFE per step vs step: median over seeds per arm, one panel per workload."""
-    workloads = sorted({r["workload"] for r in runs})
-    fig, axes = figure(1, len(workloads), (6 * len(workloads), 4))
-    for ax, wname in zip(axes[0], workloads):
-        arms = sorted({r["arm"] for r in runs if r["workload"] == wname})
-        for aname in arms:
-            rs = [r for r in runs if r["workload"] == wname and r["arm"] == aname]
-            n = min(len(r["nfe_per_step"]["forward"]) for r in rs)
-            total = np.median([np.add(r["nfe_per_step"]["forward"][:n],
-                                      r["nfe_per_step"]["backward"][:n]) for r in rs], axis=0)
-            k = max(1, min(smooth, n))
-            smoothed = np.convolve(total, np.ones(k) / k, mode="valid")
-            ax.plot(np.arange(len(smoothed)) + k // 2, smoothed, label=aname)
-        ax.set_title(f"{wname}: total NFE per training step (median of seeds)")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("forward + backward NFE")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    save_figure(fig, path)

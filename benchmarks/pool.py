@@ -1,6 +1,7 @@
-"""A process pool for benchmark runs that a signal stops cleanly (benchmarks/*.py --jobs N).
+"""A process pool for benchmark runs that a signal stops cleanly (``--jobs N``).
 
-Kept apart from the harness so that it imports nothing heavy: the standard library only.
+Standard library only, so that it imports nothing heavy. Why it hands out one call at a time:
+docs/benchmarks.md, "The suites of `benchmarks.run`".
 """
 
 from __future__ import annotations
@@ -26,19 +27,14 @@ def run_pool(calls: list[Callable[[], Any]], jobs: int,
              on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
     """Run each call in one of ``jobs`` spawned processes; stop cleanly on SIGTERM or SIGINT.
 
-    At most ``jobs`` calls are ever handed to the pool, so nothing waits in its queue: a
-    ``concurrent.futures`` pool given every call at once keeps feeding queued calls to its
-    workers after the main process has died of a signal, and those runs start with nobody to
-    collect them. Here a signal to this process (or to its whole process group) starts no new
-    call, passes SIGTERM on to the workers (their run guards checkpoint at the next batch end, so
-    :func:`harness.run_one` stops without measuring and a later call resumes), waits for them
-    and raises :class:`PoolStopped`. A call that fails also starts no new one: the running
+    At most ``jobs`` calls are handed to the pool at once. A signal starts no new call, passes
+    SIGTERM on to the workers (whose run guards checkpoint, so a later call resumes), waits for
+    them and raises :class:`PoolStopped`. A failed call also starts no new one: the running
     calls finish (their results are kept) and the first error is raised.
 
     Args:
         calls: Picklable calls without arguments (e.g. ``functools.partial`` of a module-level
-            function); they run in processes started with "spawn" (no inherited torch thread
-            pools or Lightning state).
+            function), run in processes started with "spawn".
         jobs: Calls running at once.
         on_result: Called in this process as ``on_result(index, result)`` as each call ends.
 
@@ -50,14 +46,11 @@ def run_pool(calls: list[Callable[[], Any]], jobs: int,
     """
     results: dict[int, Any] = {}
     got: list[str] = []
-
-    def on_signal(signum: int, frame: Any) -> None:
-        got.append(signal.Signals(signum).name)
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signal.Signals(signum).name))
+           for s in (signal.SIGTERM, signal.SIGINT)}
     error: BaseException | None = None
-    ctx = multiprocessing.get_context("spawn")
     try:
-        with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             todo = list(enumerate(calls))[::-1]
             running: dict[Future, int] = {}
             forwarded = False
@@ -69,8 +62,7 @@ def run_pool(calls: list[Callable[[], Any]], jobs: int,
                     break
                 done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
                 if got and not forwarded:
-                    # The workers may not have had the signal (``kill PID`` of this process
-                    # only): pass on SIGTERM, which their run guards turn into a checkpoint.
+                    # ``kill PID`` of this process only: the workers have not had the signal.
                     for child in multiprocessing.active_children():
                         if child.pid is not None:
                             os.kill(child.pid, signal.SIGTERM)

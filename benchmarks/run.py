@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import sys
@@ -36,7 +37,6 @@ from benchmarks.harness import (
     Workload,
     definitions,
     fmt,
-    plot_nfe,
     run_one,
     speedups,
     summarise,
@@ -72,13 +72,7 @@ SUITES = {
                  seeds=(0, 1, 2),
                  arms=("ffjord_direct", "tpr_fast", "tpr_fast_c1"),
                  baselines=("ffjord_direct",), ckpt_every=1000, probe_every=1000,
-                 keep_models=True,
-                 note="Selection: coef 1 (tpr_fast_c1) was chosen on the sweep suite's seed 0 "
-                      "alone, and seed 0 here repeats those sweep runs exactly before continuing "
-                      "them (every validation NLL and per-step NFE of the sweep's 6000 "
-                      "checkerboard and 4000 table steps recurs here: the same seed gives the "
-                      "same run on CPU), so coef 1's seed 0 is in-sample; seeds 1 and 2 are "
-                      "unseen by the selection."),
+                 keep_models=True),
     "long_cosine": dict(workloads={"8gaussians": 6000, "mixture16": 8000}, seeds=(0, 1, 2),
                         arms=("ffjord_direct_cos", "tpr_fast_cos"),
                         baselines=("ffjord_direct_cos",), ckpt_every=1000, probe_every=1000,
@@ -111,10 +105,7 @@ def _load_cached(path: Path, w: Workload, arm: Arm) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    defs = definitions(w, arm)
-    if any(data.get(k) != v for k, v in defs.items()):
-        return None
-    return data["run"]
+    return None if any(data.get(k) != v for k, v in definitions(w, arm).items()) else data["run"]
 
 
 def model_file(suite: str, w: Workload, arm: Arm, seed: int) -> Path:
@@ -148,21 +139,13 @@ def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: in
     return run
 
 
-#: Where a suite's report is explained (its columns, what is paired, the goals).
-READING = "How to read the tables: docs/benchmarks.md, \"Reading the reports\"."
 FLOOR = 8  # dopri5 evaluations of a one-step solve (2 to pick the first step + 6)
-
-
-def _med(entry: dict[str, Any], key: str) -> float | None:
-    value = entry.get(key)
-    return None if value is None else value.get("median")
 
 
 def _pair(arms: dict[str, Any], aname: str, base: str, key: str,
           transform: Any = None) -> dict[str, Any]:
-    """``aname`` against ``base`` in measurement ``key``, seed by seed (harness.paired), with
-    an optional per-seed ``transform`` (e.g. a ratio turned into a reduction); median and range
-    over seeds, per-seed values kept."""
+    """``aname`` against ``base`` in measurement ``key``, seed by seed (harness.paired), each
+    value optionally ``transform``-ed (a ratio into a reduction), with its seeds and spread."""
     p = arms[aname][f"paired_to_{base}"]
     values = p[key]["per_seed"]
     if transform is not None:
@@ -171,11 +154,8 @@ def _pair(arms: dict[str, Any], aname: str, base: str, key: str,
 
 
 def goals(summary: dict[str, Any]) -> dict[str, Any]:
-    """The issue's goals per workload, from the summary (None where an arm is missing).
-
-    Every comparison is seed-paired: a seed's arm against the same seed's baseline, then the
-    median (the verdict) and the range over seeds.
-    """
+    """The issue's goals per workload, from the summary (absent where an arm is missing); each
+    comparison seed-paired, its median the verdict."""
     out: dict[str, Any] = {}
     for wname, arms in summary.items():
         g: dict[str, Any] = {}
@@ -186,9 +166,8 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
                                    # "Unchanged quality": at most 0.05 nats worse.
                                    "met": cut["median"] >= 0.40 and gap["median"] <= 0.05}
         if "ffjord_matched" in arms:
-            for aname in ("tpr_fast", "ffjord_direct", "tpr_carry", "rnode"):
-                if aname not in arms:
-                    continue
+            for aname in [a for a in ("tpr_fast", "ffjord_direct", "tpr_carry", "rnode")
+                          if a in arms]:
                 sp = arms[aname]["speedup_to_ffjord_matched_final_val"]
                 gap = _pair(arms, aname, "ffjord_matched", "test_nll")
                 g[f"matched_{aname}"] = {
@@ -198,132 +177,20 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
                     and gap["median"] <= 0.05}
             if "tpr_fast" in arms and "ffjord_direct" in arms:
                 # The regularizer's own share: arm 5 against the same engineering without it.
+                same = functools.partial(_pair, arms, "tpr_fast", "ffjord_direct")
                 g["tpr_vs_same_engineering"] = {
-                    "seconds_per_step_ratio": _pair(arms, "tpr_fast", "ffjord_direct",
-                                                    "seconds_per_step", lambda r: 1 / r),
-                    "forward_nfe_ratio": _pair(arms, "tpr_fast", "ffjord_direct",
-                                               "forward_nfe"),
-                    "test_nll_diff": _pair(arms, "tpr_fast", "ffjord_direct", "test_nll")}
+                    "seconds_per_step_ratio": same("seconds_per_step", lambda r: 1 / r),
+                    "forward_nfe_ratio": same("forward_nfe"), "test_nll_diff": same("test_nll")}
         # The floor is per solve; a VAE test batch runs several (importance samples).
         toy = wname in WORKLOADS and WORKLOADS[wname].kind == "toy"
         for aname in ("tpr_paper", "tpr_fast"):
             if toy and aname in arms and "ffjord_matched" in arms:
+                test_nfe = arms[aname]["test_nfe"]["median"]
                 g[f"test_nfe_{aname}"] = {
-                    "test_nfe": _med(arms[aname], "test_nfe"),
-                    "times_floor": _med(arms[aname], "test_nfe") / FLOOR,
+                    "test_nfe": test_nfe, "times_floor": test_nfe / FLOOR,
                     "test_nll_diff": _pair(arms, aname, "ffjord_matched", "test_nll")}
         out[wname] = g
     return out
-
-
-def _spread_text(v: dict[str, Any], fmt: str, scale: float = 1.0, unit: str = "",
-                 seeds_if_none: bool = False) -> str:
-    """'median [min, max] (seeds: a, b, c)' of a seed-paired entry, each value x ``scale``."""
-    per = ", ".join("-" if x is None else format(scale * x, fmt) for x in v["per_seed"])
-    if v["median"] is None:
-        return f"- (seeds: {per})" if seeds_if_none else "-"
-    lo, hi = sorted((scale * v["min"], scale * v["max"]))
-    return (f"{format(scale * v['median'], fmt)}{unit} [{format(lo, fmt)}, {format(hi, fmt)}] "
-            f"(seeds: {per})")
-
-
-_signed = functools.partial(_spread_text, fmt="+.4f")
-_times = functools.partial(_spread_text, fmt=".2f", unit="x")
-_pct = functools.partial(_spread_text, fmt=".0f", scale=100, unit=" %")
-_speed_text = functools.partial(_spread_text, fmt=".2f", unit="x", seeds_if_none=True)
-
-
-def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
-    """A markdown table of every arm against ``base``, seed by seed (harness.paired)."""
-    lines = [f"Against {ARMS[base].label if base in ARMS else base}, seed by seed (each seed's "
-             "difference or ratio with the same seed's baseline run; median [min, max] over "
-             "seeds, then the per-seed values):", ""]
-    rows = [[aname, _signed(p["test_nll"]), _times(p["test_nfe"]),
-             _times(p["forward_nfe_last10pct"]), _times(p["total_nfe"]),
-             _spread_text(p["seconds_per_step"], ".3f", unit="x")]
-            for aname, e in arms.items() if (p := e.get(f"paired_to_{base}")) is not None]
-    return [*lines, *table(["arm", "test NLL diff (nats)", "test NFE ratio",
-                            "fwd NFE ratio, last 10 %", "total NFE ratio", "s/step ratio"], rows),
-            ""] if rows else []  # none before the seed-paired summaries
-
-
-def _speedup(entry: dict[str, Any]) -> str:
-    sp = entry.get("speedup_to_ffjord_matched_final_val")
-    if sp is None:
-        return "-"
-    if sp["median"] is not None:
-        return f"{sp['median']:.2f}x"
-    return f"reached in {sp['reached']}/{sp['of']} seeds"
-
-
-def _jobs_text(m: dict[str, Any]) -> str:
-    jobs = m.get("parallel_jobs", 1)
-    return (f"{jobs} run(s) at once" if jobs else
-            "runs trained by earlier invocations (this one only summarised the cache)")
-
-
-def _header(suite: str, payload: dict) -> list[str]:
-    """Title, command, machine, steps and seeds of a suite's markdown."""
-    m = payload["machine"]
-    return [f"# Benchmark suite `{suite}`", "",
-            f"Command: `{payload['command']}`  ",
-            f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s) "
-            f"per run, {_jobs_text(m)}; torch {m['torch']}, "
-            f"lightning {m['lightning']}, torchdiffeq {m['torchdiffeq']}; "
-            f"commit {m['git_commit']}; {m['date']}; {payload['seconds']:.0f} s in all "
-            f"({payload.get('trained_runs', '?')} runs trained by this command, "
-            f"{payload.get('cached_runs', 0)} taken from the cache).  ",
-            f"Training steps: {payload.get('steps', '?')}; seeds {list(payload['seeds'])}.  ",
-            *([f"**Note.** {payload['note']}  "] if payload.get("note") else []),
-            *([f"**Partial: {payload['missing_runs']} runs of the suite had not finished; "
-               "figures are over the runs that had.**  "] if payload.get("missing_runs") else [])]
-
-
-def markdown(suite: str, payload: dict) -> str:
-    lines = [*_header(suite, payload), READING, ""]
-    for wname, arms in payload["summary"].items():
-        lines += [f"## {wname}", "", *table(
-            ["arm", "fwd NFE", "bwd NFE", "total NFE", "s/step", "test NLL", "test NFE", "gap",
-             "s to (1) final val", "s to (3) final val", "speed-up vs (3)"],
-            [[ARMS[aname].label, *(fmt(e[k], d) for k, d in (
-                ("forward_nfe", 1), ("backward_nfe", 1), ("total_nfe", 1),
-                ("seconds_per_step", 3), ("test_nll", 4), ("test_nfe", 1),
-                ("tolerance_gap", 4))),
-              *(fmt(e.get(f"seconds_to_{b}_final_val"), 0) for b in ("ffjord", "ffjord_matched")),
-              _speedup(e)] for aname, e in arms.items()]), ""]
-        for base in ("ffjord", "ffjord_matched", *payload.get("pairs", {}).values()):
-            if base in arms and len(arms) > 1:
-                lines += paired_lines(arms, base)
-    lines += ["## Goals", ""]
-
-    def cell(g: dict[str, Any] | None, kind: str) -> str:
-        if g is None:
-            return "-"
-        if kind == "paper":
-            return (f"total NFE {_spread_text(g['total_nfe_reduction'], '+.0f', -100, ' %')}; NLL "
-                    f"{_signed(g['test_nll_diff'])} ({'met' if g['met'] else 'not met'})")
-        if kind == "speed":
-            sp = g["speedup_median"]
-            text = "not reached in every seed" if sp is None else f"{sp:.2f}x"
-            per = ", ".join("-" if v is None else f"{v:.2f}" for v in g["speedup_per_seed"])
-            return f"{text} (seeds: {per}); NLL {_signed(g['test_nll_diff'])}"
-        if kind == "same":
-            return (f"{_times(g['seconds_per_step_ratio'])} faster per step; fwd NFE "
-                    f"{_times(g['forward_nfe_ratio'])}; NLL {_signed(g['test_nll_diff'])}")
-        return (f"{g['test_nfe']:.0f} = {g['times_floor']:.1f}x; NLL "
-                f"{_signed(g['test_nll_diff'])}")
-
-    lines += table(["workload", "paper settings: total NFE (2) vs (1)",
-                    "(5) vs (3): wall time to (3)'s final val NLL",
-                    "(3b) vs (3) (engineering alone)", "(5) vs (3b): s/step, fwd NFE",
-                    "test NFE of (5) / floor 8"],
-                   [[wname, *(cell(g.get(key), kind) for key, kind in (
-                       ("paper_settings", "paper"), ("matched_tpr_fast", "speed"),
-                       ("matched_ffjord_direct", "speed"), ("tpr_vs_same_engineering", "same"),
-                       ("test_nfe_tpr_fast", "floor")))]
-                    for wname, g in payload.get("goals", {}).items()])
-    lines += ["", f"![NFE per step]({suite}_nfe.png)"]
-    return "\n".join(lines) + "\n"
 
 
 BASE = "ffjord_direct"  # arm (3b): the baseline of the sweep and long suites
@@ -334,9 +201,7 @@ def _speedup_median(entry: dict[str, Any] | None) -> float | None:
     (so a median exists whenever most seeds got there); None if none did."""
     if entry is None:
         return None
-    if "median_unreached_as_zero" in entry:
-        return entry["median_unreached_as_zero"] or None
-    return entry["median"] or None
+    return entry.get("median_unreached_as_zero", entry["median"]) or None
 
 
 def _reached(entry: dict[str, Any] | None) -> str:
@@ -344,23 +209,16 @@ def _reached(entry: dict[str, Any] | None) -> str:
 
 
 def _speedup_spread(entry: dict[str, Any] | None) -> dict[str, Any]:
-    """A seed-paired speed-up's per-seed values (None: never reached) with the median that
-    counts an unreached seed as 0 (:func:`_speedup_median`) and the range of the reached."""
-    if entry is None:
-        return {"per_seed": [], "median": None, "min": None, "max": None}
-    reached = [v for v in entry["per_seed"] if v is not None]
-    return {"per_seed": entry["per_seed"], "median": _speedup_median(entry),
-            "min": min(reached, default=None), "max": max(reached, default=None)}
+    """A speed-up's per-seed values (None: never reached), the median of
+    :func:`_speedup_median` and the range of the reached."""
+    values = [] if entry is None else entry["per_seed"]
+    return {**spread(values, skip_none=True), "per_seed": values,
+            "median": _speedup_median(entry)}
 
 
 def long_goals(summary: dict[str, Any], base_arm: str = BASE) -> dict[str, Any]:
-    """Issue 14's long-run goals per workload and TPR arm, against ``base_arm`` ((3b)).
-
-    Seed-paired throughout: each seed's TPR run against the same seed's (3b) run (speed-ups to
-    its final validation NLL, fewer forward NFE, test NLL difference, test NFE ratio), then the
-    median over seeds decides the goal; the range and per-seed values are kept. The test-NFE
-    goal holds per seed: every seed's TPR model must need at most its (3b) model's test NFE.
-    """
+    """Issue 14's long-run goals per workload and TPR arm against ``base_arm`` ((3b)), seed by
+    seed; the median over seeds decides each goal, except test NFE, which every seed must meet."""
     out: dict[str, Any] = {}
     for wname, arms in summary.items():
         if base_arm not in arms:
@@ -369,14 +227,13 @@ def long_goals(summary: dict[str, Any], base_arm: str = BASE) -> dict[str, Any]:
         for aname, e in arms.items():
             if aname == base_arm:
                 continue
-            within = e[f"speedup_to_{base_arm}_final_val_within_0.01"]
-            exact = e[f"speedup_to_{base_arm}_final_val"]
+            within, exact, nfe_within, smoothed, nfe_smoothed = (e.get(
+                f"{kind}_to_{base_arm}_final_val{margin}") for kind, margin in (
+                ("speedup", "_within_0.01"), ("speedup", ""), ("nfe_speedup", "_within_0.01"),
+                ("speedup", "_smoothed_within_0.01"), ("nfe_speedup", "_smoothed_within_0.01")))
             fewer = _pair(arms, aname, base_arm, "forward_nfe_last10pct", lambda r: 1 - r)
             gap = _pair(arms, aname, base_arm, "test_nll")
             test_nfe = _pair(arms, aname, base_arm, "test_nfe")
-            nfe_within = e[f"nfe_speedup_to_{base_arm}_final_val_within_0.01"]
-            smoothed = e.get(f"speedup_to_{base_arm}_final_val_smoothed_within_0.01")
-            nfe_smoothed = e.get(f"nfe_speedup_to_{base_arm}_final_val_smoothed_within_0.01")
             speedup = _speedup_median(within)
             g[aname] = {
                 "seeds": e[f"paired_to_{base_arm}"]["seeds"],
@@ -399,23 +256,15 @@ def long_goals(summary: dict[str, Any], base_arm: str = BASE) -> dict[str, Any]:
     return out
 
 
-def _x(value: float | None, digits: int = 2, suffix: str = "x") -> str:
-    return "-" if value is None else f"{value:.{digits}f}{suffix}"
-
-
 #: The seed-paired goal measurements that :func:`beside_goals` pools across two suites.
 _POOLED = ("speedup_within_0.01_per_seed", "nfe_speedup_within_0.01_per_seed",
            "forward_nfe_last10pct_reduction", "test_nll_diff", "test_nfe_ratio")
 
 
 def beside_goals(goals_here: dict[str, Any], goals_other: dict[str, Any]) -> dict[str, Any]:
-    """The goals of the workloads and arms two suites share, seed by seed side by side.
-
-    For a suite of fresh seeds run beside an earlier one (``beside``): each seed is still
-    compared with its own baseline; this only lays the two suites' per-seed values next to each
-    other (the other suite's seeds first) and summarises all of them together. Speed-ups count
-    a seed that never reached the target as 0 in the median, as :func:`long_goals` does.
-    """
+    """The :data:`_POOLED` goals of the workloads and arms two suites share (a suite of fresh
+    seeds ``beside`` an earlier one): the per-seed values of both (the other suite's first),
+    summarised together as :func:`long_goals` summarises them."""
     out: dict[str, Any] = {}
     for wname, arms in goals_here.items():
         for aname, mine in arms.items():
@@ -435,60 +284,128 @@ def beside_goals(goals_here: dict[str, Any], goals_other: dict[str, Any]) -> dic
     return out
 
 
-def _beside_lines(payload: dict[str, Any]) -> list[str]:
-    """The markdown section of :func:`beside_goals` (empty when the suite has none)."""
-    beside = payload.get("beside")
-    if not beside or not beside["goals"]:
-        return []
-    seeds = next(iter(next(iter(beside["goals"].values())).values()))["seeds"]
-    lines = [f"## Beside suite `{beside['suite']}` (seeds {beside['seeds']})", "",
-             f"The arms both suites ran, each seed against its own baseline; seeds "
-             f"{beside['seeds']} are from `{beside['suite']}.json`, the others from this suite. "
-             f"Median [range] over all of them, then the per-seed values in seed order {seeds}.",
-             "",
-             *table(["workload", "arm", "speed-up to (3b)'s final val within 0.01",
-                     "the same in NFE", "fewer fwd NFE, last 10 %", "test NLL diff",
-                     "test NFE / (3b)'s"],
-                    [[wname, aname, f"{_speed_text(v['speedup_within_0.01_per_seed'])} (reached "
-                      f"{v['speedup_within_0.01_per_seed']['reached']})",
-                      _speed_text(v["nfe_speedup_within_0.01_per_seed"]),
-                      _pct(v["forward_nfe_last10pct_reduction"]), _signed(v["test_nll_diff"]),
-                      _times(v["test_nfe_ratio"])]
-                     for wname, arms in beside["goals"].items() for aname, v in arms.items()])]
-    return lines + [""]
+def _spread_text(v: dict[str, Any], fmt: str, scale: float = 1.0, unit: str = "",
+                 seeds_if_none: bool = False) -> str:
+    """'median [min, max] (seeds: a, b, c)' of a seed-paired entry, each value x ``scale``."""
+    per = ", ".join("-" if x is None else format(scale * x, fmt) for x in v["per_seed"])
+    if v["median"] is None:
+        return f"- (seeds: {per})" if seeds_if_none else "-"
+    lo, hi = sorted((scale * v["min"], scale * v["max"]))
+    return (f"{format(scale * v['median'], fmt)}{unit} [{format(lo, fmt)}, {format(hi, fmt)}] "
+            f"(seeds: {per})")
 
 
-def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
-    """The sweep and long suites: everything against ``base_arm`` ((3b)), the same engineering.
+_signed = functools.partial(_spread_text, fmt="+.4f")
+_times = functools.partial(_spread_text, fmt=".2f", unit="x")
+_pct = functools.partial(_spread_text, fmt=".0f", scale=100, unit=" %")
+_speed_text = functools.partial(_spread_text, fmt=".2f", unit="x", seeds_if_none=True)
 
-    A payload summarised before the comparisons were seed-paired (long_small: no
-    ``paired_to_<base>``, goals as medians of each arm) keeps the words and goal cells it had.
-    """
-    unpaired = not any(f"paired_to_{base_arm}" in e for arms in payload["summary"].values()
-                       for e in arms.values())
-    lines = [*_header(suite, payload), READING, ""]
+
+def _reached_text(v: dict[str, Any] | None) -> str:
+    """A speed-up entry (harness.speedups) as its median, '(k/n)' where a seed never reached."""
+    if v is None:
+        return "-"
+    if v["median"] is not None:
+        return f"{v['median']:.2f}x"
+    zero = v.get("median_unreached_as_zero")
+    return f"{zero:.2f}x ({v['reached']}/{v['of']})" if zero else f"{v['reached']}/{v['of']}"
+
+
+def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
+    """A markdown table of every arm against ``base``, seed by seed (harness.paired), with the
+    training seconds to ``base``'s final validation NLL and the speed-ups there."""
+    def to_base(e: dict[str, Any], kind: str, show: Callable[[Any], str]) -> str:
+        return " / ".join(show(e.get(f"{kind}_to_{base}_final_val{margin}"))
+                          for margin in ("", "_within_0.01"))
+
+    rows = [[aname, *(("-",) * 5 if p is None else (
+                _signed(p["test_nll"]), _times(p["test_nfe"]), _times(p["forward_nfe_last10pct"]),
+                _times(p["total_nfe"]), _spread_text(p["seconds_per_step"], ".3f", unit="x"))),
+             to_base(e, "seconds", lambda v: fmt(v, 0)), to_base(e, "speedup", _reached_text),
+             to_base(e, "nfe_speedup", _reached_text)]
+            for aname, e in arms.items() if (p := e.get(f"paired_to_{base}")) is not None
+            or f"speedup_to_{base}_final_val" in e]
+    label = ARMS[base].label if base in ARMS else base
+    return [f"Against {label}, seed by seed (each seed's difference or ratio with the same "
+            "seed's baseline run; median [min, max] over seeds, then the per-seed values):", "",
+            *table(["arm", "test NLL diff (nats)", "test NFE ratio", "fwd NFE ratio, last 10 %",
+                    "total NFE ratio", "s/step ratio", "s to its final val (exact / within 0.01)",
+                    "speed-up (exact / within 0.01)", "NFE speed-up (exact / within 0.01)"],
+                   rows), ""]
+
+
+#: The goal tables' columns: a header, the goal entry's key and its cell (from the value and the
+#: entry); a table shows the columns whose key some goal of it has.
+_GOAL_COLUMNS: tuple[tuple[str, str, Callable[[Any, dict[str, Any]], str]], ...] = (
+    ("fewer total NFE (>= 40 %)", "total_nfe_reduction", lambda x, _: _pct(x)),
+    ("wall-time speed-up to the baseline's final val (>= 1.5)", "speedup_per_seed",
+     lambda x, v: _speed_text({**spread(x, skip_none=True), "per_seed": x,
+                               "median": v["speedup_median"]})),
+    ("wall-time speed-up to the baseline's final val within 0.01 (>= 1.3)",
+     "speedup_within_0.01_per_seed",
+     lambda x, v: f"{_speed_text(x)} (reached {v.get('reached_within_0.01', x.get('reached'))})"),
+    ("the same in NFE", "nfe_speedup_within_0.01_per_seed", lambda x, _: _speed_text(x)),
+    ("steps per second / the baseline's", "seconds_per_step_ratio", lambda x, _: _times(x)),
+    ("fwd NFE ratio", "forward_nfe_ratio", lambda x, _: _times(x)),
+    ("fewer fwd NFE, last 10 % (>= 20 %)", "forward_nfe_last10pct_reduction",
+     lambda x, _: _pct(x)),
+    ("test NLL diff (<= 0.05)", "test_nll_diff", lambda x, _: _signed(x)),
+    (f"test NFE = multiple of the floor {FLOOR}", "times_floor",
+     lambda x, v: f"{v['test_nfe']:.0f} = {x:.1f}x"),
+    ("test NFE / the baseline's (every seed <= 1)", "test_nfe_ratio", lambda x, v: _times(x) + (
+        f" ({'met' if v['test_nfe_met'] else 'not met'})" if "test_nfe_met" in v else "")),
+    ("the speed-up on curves averaged over 5 evaluations: wall / NFE (reached)",
+     "reached_smoothed_within_0.01", lambda x, v: f"{_x(v['speedup_smoothed_within_0.01'])} / "
+     f"{_x(v['nfe_speedup_smoothed_within_0.01'])} ({x})"),
+    ("met", "met", lambda x, _: "met" if x else "not met"),
+)
+
+
+def goal_lines(goals: dict[str, dict[str, Any]]) -> list[str]:
+    """A markdown table of seed-paired goals (``{workload: {goal or arm: entry}}``)."""
+    entries = [(wname, name, v) for wname, g in goals.items() for name, v in g.items()]
+    shown = [c for c in _GOAL_COLUMNS if any(c[1] in v for *_, v in entries)]
+    return table(["workload", "goal (arm)", *(header for header, *_ in shown)],
+                 [[wname, name, *(show(v[key], v) if key in v else "-" for _, key, show in shown)]
+                  for wname, name, v in entries]) if entries else [
+        "None: the suite lacks the arms its goals compare."]
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _header(payload: dict[str, Any]) -> list[str]:
+    """Title, command, machine, runs, steps and seeds of a suite's markdown; where to read it."""
+    jobs = payload["machine"]["parallel_jobs"]
+    ran = (f"{jobs} at once, one torch thread each" if jobs else
+           "trained by earlier invocations (this one only summarised the cache)")
+    return common.header(
+        f"Benchmark suite `{payload['suite']}`", payload["command"], payload["machine"],
+        f"Runs: {ran}; {payload['seconds']:.0f} s in all ({payload['trained_runs']} trained by "
+        f"this command, {payload['cached_runs']} taken from the cache).  ",
+        f"Training steps: {payload['steps']}; seeds {payload['seeds']}.  ",
+        *([f"**Note.** {payload['note']}  "] if payload.get("note") else []),
+        *([f"**Partial: {payload['missing_runs']} runs of the suite had not finished; "
+           "figures are over the runs that had.**  "] if payload["missing_runs"] else []),
+        "How to read the tables: docs/benchmarks.md, \"Reading the reports\".", "")
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """A suite's report: per workload each arm's own figures, every arm against each baseline
+    (seed-paired) and the probes over training; then the goals (seed-paired)."""
+    suite, lines = payload["suite"], _header(payload)
     for wname, arms in payload["summary"].items():
-        def sp(e: dict[str, Any], kind: str, key: str) -> str:
-            v = e.get(f"{kind}_to_{base_arm}_final_val{key}")
-            if v is None:
-                return "-"
-            if v["median"] is not None:
-                return _x(v["median"])
-            zero = v.get("median_unreached_as_zero")
-            return f"{_x(zero)} ({v['reached']}/{v['of']})" if zero else f"{v['reached']}/{v['of']}"
-
         lines += [f"## {wname}", "", *table(
-            ["arm", "fwd NFE (all / last 10 %)", "s/step", "train s",
-             "s to (3b) final val (exact / within 0.01)", "speed-up (exact / within 0.01)",
-             "NFE speed-up (exact / within 0.01)", "test NLL", "test NFE"],
+            ["arm", "fwd NFE (all / last 10 %)", "bwd NFE", "total NFE", "s/step", "train s",
+             "test NLL", "test NFE", "gap"],
             [[ARMS[aname].label, f"{fmt(e['forward_nfe'])} / {fmt(e['forward_nfe_last10pct'])}",
-              fmt(e["seconds_per_step"], 3), fmt(e["train_seconds"], 0),
-              " / ".join(fmt(e.get(f"seconds_to_{base_arm}_final_val{k}"), 0)
-                         for k in ("", "_within_0.01")),
-              *(" / ".join(sp(e, kind, k) for k in ("", "_within_0.01"))
-                for kind in ("speedup", "nfe_speedup")),
-              fmt(e["test_nll"], 4), fmt(e["test_nfe"])] for aname, e in arms.items()]),
-            "", *paired_lines(arms, base_arm)]
+              *(fmt(e[k], d) for k, d in (
+                  ("backward_nfe", 1), ("total_nfe", 1), ("seconds_per_step", 3),
+                  ("train_seconds", 0), ("test_nll", 4), ("test_nfe", 1), ("tolerance_gap", 4)))]
+             for aname, e in arms.items()]), ""]
+        for base in [b for b in arms if any(f"paired_to_{b}" in e for e in arms.values())]:
+            lines += paired_lines(arms, base)
         probes = probe_medians(payload["runs"], wname)
         if probes:
             lines += ["Over training (medians of seeds; test NFE per solve of 2,000 test rows at "
@@ -498,34 +415,18 @@ def long_markdown(suite: str, payload: dict, base_arm: str = BASE) -> str:
                              [[aname, *(f"{p['test_nfe']:.0f} / {p['penalty']:.3g} / "
                                         f"{p['path_ratio']:.3f}" for p in meds)]
                               for aname, meds in probes.items()]), ""]
-    lines += [f"## Goals (against (3b){'' if unpaired else ', seed-paired'})", ""]
-    rows = []
-    for wname, g in payload.get("goals", {}).items():
-        for aname, v in g.items():
-            if unpaired:
-                cells = (f"{_x(v['speedup_within_0.01'])} (reached {v['reached_within_0.01']})",
-                         _x(v["nfe_speedup_within_0.01"]),
-                         f"{100 * v['forward_nfe_last10pct_reduction']:.0f} %",
-                         f"{v['test_nll_diff']:+.4f}", _x(v["test_nfe_ratio"]))
-            else:
-                cells = (f"{_speed_text(v['speedup_within_0.01_per_seed'])} (reached "
-                         f"{v['reached_within_0.01']})",
-                         _speed_text(v["nfe_speedup_within_0.01_per_seed"]),
-                         _pct(v["forward_nfe_last10pct_reduction"]), _signed(v["test_nll_diff"]),
-                         _times(v["test_nfe_ratio"]))
-            rows.append([wname, aname, *cells[:4], "met" if v["met"] else "not met",
-                         f"{cells[4]} ({'met' if v['test_nfe_met'] else 'not met'})",
-                         f"{_x(v.get('speedup_smoothed_within_0.01'))} / "
-                         f"{_x(v.get('nfe_speedup_smoothed_within_0.01'))} "
-                         f"(reached {v.get('reached_smoothed_within_0.01', '-')})"])
-    lines += table(["workload", "arm", "speed-up to (3b)'s final val within 0.01 (>= 1.3)",
-                    "the same in NFE", "fewer fwd NFE, last 10 % (>= 20 %)",
-                    "test NLL diff (<= 0.05)", "met",
-                    f"test NFE / (3b)'s{', median' if unpaired else ''} (every seed <= 1)",
-                    "the speed-up on validation curves averaged over 5 evaluations: wall / NFE"],
-                   rows)
-    lines += ["", *_beside_lines(payload), f"![forward NFE per step]({suite}_nfe.png)", "",
-              f"![test NFE and straightness over training]({suite}_probes.png)"]
+    lines += ["## Goals (each seed against its own baseline)", "",
+              *goal_lines(payload.get("goals", {})), ""]
+    if (beside := payload.get("beside")) and beside["goals"]:
+        seeds = next(iter(next(iter(beside["goals"].values())).values()))["seeds"]
+        lines += [f"## Beside suite `{beside['suite']}` (seeds {beside['seeds']})", "",
+                  f"The arms both suites ran, each seed against its own baseline; seeds "
+                  f"{beside['seeds']} are from `{beside['suite']}.json`, the others from this "
+                  f"suite. Median [range] over all of them, then the per-seed values in seed "
+                  f"order {seeds}.", "", *goal_lines(beside["goals"]), ""]
+    lines.append(f"![forward NFE per step]({suite}_nfe.png)")
+    if any(r.get("probes") for r in payload["runs"]):
+        lines += ["", f"![test NFE and straightness over training]({suite}_probes.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -543,24 +444,40 @@ def probe_medians(runs: list[dict[str, Any]], wname: str) -> dict[str, list[dict
             for aname, per_seed in per_arm.items()}
 
 
-def plot_probes(runs: list[dict[str, Any]], path: Path) -> None:
-    """Test NFE and path length / displacement over training, per workload and arm."""
+def plot(runs: list[dict[str, Any]], out: Path, smooth: int = 25) -> None:
+    """``<out>_nfe.png``: total NFE per step (median over seeds, moving average over ``smooth``
+    steps) per arm, a panel per workload; where runs have probes, ``<out>_probes.png``: test NFE
+    and path length / displacement over training (:func:`probe_medians`)."""
+    workloads = sorted({r["workload"] for r in runs})
+    fig, axes = common.figure(1, len(workloads), (6 * len(workloads), 4))
+    for ax, wname in zip(axes[0], workloads):
+        for aname in sorted({r["arm"] for r in runs if r["workload"] == wname}):
+            nfe = [r["nfe_per_step"] for r in runs if (r["workload"], r["arm"]) == (wname, aname)]
+            n = min(len(f["forward"]) for f in nfe)
+            total = np.median([np.add(f["forward"][:n], f["backward"][:n]) for f in nfe], axis=0)
+            k = max(1, min(smooth, n))
+            smoothed = np.convolve(total, np.ones(k) / k, mode="valid")
+            ax.plot(np.arange(len(smoothed)) + k // 2, smoothed, label=aname)
+        ax.set(title=f"{wname}: total NFE per training step (median of seeds)",
+               ylabel="forward + backward NFE")
+    panels = [(fig, axes, "nfe")]
     workloads = sorted({r["workload"] for r in runs if r.get("probes")})
-    if not workloads:
-        return
-    fig, axes = common.figure(2, len(workloads), (6 * len(workloads), 7))
-    for col, wname in enumerate(workloads):
-        for aname, meds in sorted(probe_medians(runs, wname).items()):
-            for row, key in enumerate(("test_nfe", "path_ratio")):
-                axes[row][col].plot([p["step"] for p in meds], [p[key] for p in meds],
-                                    marker="o", label=aname)
-        axes[0][col].set_title(f"{wname}: test NFE at 1e-5 (median of seeds)")
-        axes[1][col].set_title(f"{wname}: path length / displacement")
-        for row in (0, 1):
-            axes[row][col].set_xlabel("training step")
-            axes[row][col].grid(alpha=0.3)
-            axes[row][col].legend(fontsize=8)
-    common.save_figure(fig, path)
+    if workloads:
+        fig, axes = common.figure(2, len(workloads), (6 * len(workloads), 7))
+        for col, wname in enumerate(workloads):
+            for aname, meds in sorted(probe_medians(runs, wname).items()):
+                for row, key in enumerate(("test_nfe", "path_ratio")):
+                    axes[row][col].plot([p["step"] for p in meds], [p[key] for p in meds],
+                                        marker="o", label=aname)
+            axes[0][col].set_title(f"{wname}: test NFE at 1e-5 (median of seeds)")
+            axes[1][col].set_title(f"{wname}: path length / displacement")
+        panels.append((fig, axes, "probes"))
+    for fig, axes, name in panels:
+        for ax in axes.flat:
+            ax.set_xlabel("training step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        common.save_figure(fig, out.with_name(f"{out.name}_{name}.png"))
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
@@ -604,48 +521,35 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                          f"{args.jobs}")
     cache = RESULTS / ".cache" / args.suite
     start = time.perf_counter()
-    todo: list[tuple[Workload, Arm, int]] = []
-    done: dict[tuple[str, str, int], dict[str, Any]] = {}
-    for wname in workloads:
-        work = suite_workload(args.suite, wname)
-        for seed in suite["seeds"]:
-            for aname in arms:
-                arm = ARMS[aname]
-                cached = None if args.fresh else _load_cached(
-                    _cache_file(cache, work, arm, seed), work, arm)
-                if cached is not None:
-                    done[(wname, aname, seed)] = cached
-                else:
-                    todo.append((work, arm, seed))
+    planned = {(wname, aname, seed): (suite_workload(args.suite, wname), ARMS[aname], seed)
+               for wname, seed, aname in itertools.product(workloads, suite["seeds"], arms)}
+    done = {} if args.fresh else {
+        key: run for key, (work, arm, seed) in planned.items()
+        if (run := _load_cached(_cache_file(cache, work, arm, seed), work, arm)) is not None}
+    todo = [key for key in planned if key not in done]
     print(f"{len(done)} runs cached in {cache}, {len(todo)} to run with {args.jobs} job(s)",
           flush=True)
-    missing = 0
-    if args.cached_only:
-        missing, todo = len(todo), []
-        if not done:
-            raise UsageError(f"--cached-only: no finished runs of suite {args.suite!r} in "
-                             f"{cache}")
+    missing = len(todo) if args.cached_only else 0
+    if args.cached_only and not done:
+        raise UsageError(f"--cached-only: no finished runs of suite {args.suite!r} in {cache}")
+    todo = [] if args.cached_only else todo
     # Seed by seed (an interrupted suite leaves whole seeds, which pair with their baseline),
     # the longest runs of a seed first.
-    todo.sort(key=lambda t: (t[2], -t[0].steps * _COST.get(t[1].name, 1.0)
-                             * _WORKLOAD_COST.get(t[0].name, 1.0)))
+    todo.sort(key=lambda k: (k[2], -planned[k][0].steps * _COST.get(k[1], 1.0)
+                             * _WORKLOAD_COST.get(k[0], 1.0)))
     opts = {k: suite[k] for k in ("ckpt_every", "probe_every", "keep_models") if k in suite}
-    calls = [functools.partial(_run_and_cache, work, arm, seed, cache, **opts)
-             for work, arm, seed in todo]
-    keys = [(work.name, arm.name, seed) for work, arm, seed in todo]
 
     def finished(i: int, result: dict[str, Any]) -> None:
-        done[keys[i]] = result
-        print(f"[{time.perf_counter() - start:6.0f} s] finished {' '.join(map(str, keys[i]))}",
+        done[todo[i]] = result
+        print(f"[{time.perf_counter() - start:6.0f} s] finished {' '.join(map(str, todo[i]))}",
               flush=True)
-    pooled(calls, args.jobs, finished)
-    runs = [done[(w, a, s)] for w in workloads for s in suite["seeds"] for a in arms
-            if (w, a, s) in done]
-    info = machine()
+    pooled([functools.partial(_run_and_cache, *planned[k], cache, **opts) for k in todo],
+           args.jobs, finished)
+    runs = [done[key] for key in planned if key in done]
     # A summary of the cache trained nothing itself: how the runs shared the machine is the
-    # training invocations' business (the suite's docs name them).
-    info["parallel_jobs"] = None if args.cached_only else args.jobs
-    info["torch_threads"] = RUN_THREADS  # what each run uses, not this process
+    # training invocations' business (the suite's docs name them). Threads: each run's.
+    info = {**machine(), "parallel_jobs": None if args.cached_only else args.jobs,
+            "torch_threads": RUN_THREADS}
     payload = {"suite": args.suite, "command": args.command, "machine": info,
                "seeds": list(suite["seeds"]), "seconds": time.perf_counter() - start,
                "steps": workloads, "note": suite.get("note"), "pairs": suite.get("pairs", {}),
@@ -654,25 +558,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                "summary": summarise(runs, **{k: suite[k] for k in ("baselines", "pairs")
                                              if k in suite}),
                "runs": [{k: v for k, v in r.items() if k != "nfe_per_step"} for r in runs]}
-    long_form = "baselines" in suite
-    payload["goals"] = (long_goals(payload["summary"], suite["baselines"][0]) if long_form
-                        else goals(payload["summary"]))
+    payload["goals"] = (long_goals(payload["summary"], suite["baselines"][0])
+                        if "baselines" in suite else goals(payload["summary"]))
     if suite.get("beside") and (RESULTS / f"{suite['beside']}.json").exists():
         other = json.loads((RESULTS / f"{suite['beside']}.json").read_text())
         payload["beside"] = {"suite": suite["beside"], "seeds": other["seeds"],
                              "goals": beside_goals(payload["goals"], other["goals"])}
-    plot_nfe(runs, args.out.with_name(f"{args.out.name}_nfe.png"))
-    if long_form:
-        plot_probes(runs, args.out.with_name(f"{args.out.name}_probes.png"))
+    plot(runs, args.out)
     return payload
 
 
 def pooled(calls: list[functools.partial], jobs: int,
            finished: Callable[[int, Any], None]) -> None:
-    """Run ``calls`` in this process (``jobs`` 1) or in a pool; a signal exits with its status.
-
-    Finished calls reach ``finished`` as they end; a stopped pool leaves the rest to the same
-    command, which resumes them (cached runs, checkpoints)."""
+    """Run ``calls`` here (``jobs`` 1) or in a pool, each result to ``finished`` as it ends; a
+    signal exits with its status (the same command resumes the rest)."""
     if jobs == 1:
         for i, call in enumerate(calls):
             finished(i, call())
@@ -684,15 +583,7 @@ def pooled(calls: list[functools.partial], jobs: int,
         sys.exit(exc.exit_code)
 
 
-def render(payload: dict[str, Any]) -> str:
-    """A suite's report: the long form for suites compared with one baseline."""
-    config = SUITES.get(payload["suite"], {})
-    if "baselines" in config:
-        return long_markdown(payload["suite"], payload, config["baselines"][0])
-    return markdown(payload["suite"], payload)
-
-
-STUDY = common.Study("run", __doc__, measure, render, arguments,
+STUDY = common.Study("run", __doc__, measure, markdown, arguments,
                      report=lambda args: RESULTS / args.suite)
 
 main = STUDY.main

@@ -29,6 +29,14 @@ from polyreg_cnf.app.presets import VAE_PRESETS
 SETTINGS = ("none", "poly")
 METRICS = ("test_neg_elbo", "test_is_nll", "init_neg_elbo", "forward_nfe", "backward_nfe",
            "seconds_per_epoch", "seconds_per_step", "test_nfe_per_batch")
+#: The report's columns: header, measurement, format.
+COLUMNS = (("test -ELBO", "test_neg_elbo", ".2f"), ("test IS-NLL", "test_is_nll", ".2f"),
+           ("fwd NFE/step", "forward_nfe", ".1f"), ("bwd NFE/step", "backward_nfe", ".1f"),
+           ("s/epoch", "seconds_per_epoch", ".2f"), ("s/step", "seconds_per_step", ".3f"),
+           ("initial -ELBO", "init_neg_elbo", ".2f"))
+#: The meta fields that describe the machine (the report's Machine line).
+MACHINE = ("nproc", "platform", "torch_threads", "load_start", "load_end", "python", "torch",
+           "lightning", "torchdiffeq")
 
 
 def run_one(seed: int, setting: str, epochs: int, is_samples: int,
@@ -45,8 +53,7 @@ def run_one(seed: int, setting: str, epochs: int, is_samples: int,
         run = build(config, datamodule=dm)
         model, trainer = run.model, run.trainer
 
-        # Initial -ELBO (one sample per image), for "did it learn".
-        model.is_samples = 0
+        model.is_samples = 0  # the initial -ELBO (one sample per image), for "did it learn"
         init = trainer.test(model, datamodule=dm, verbose=False)[0]["test/neg_elbo"]
         model.is_samples = is_samples
 
@@ -55,22 +62,20 @@ def run_one(seed: int, setting: str, epochs: int, is_samples: int,
         seconds = time.perf_counter() - start
         summary = run.monitor.summary()
         out = trainer.test(model, datamodule=dm, verbose=False)[0]
-    return dict(seed=seed, setting=setting, init_neg_elbo=float(init),
-                test_neg_elbo=float(out["test/neg_elbo"]),
-                test_is_nll=float(out["test/is_nll"]),
-                forward_nfe=summary["forward_mean"], backward_nfe=summary["backward_mean"],
-                seconds_per_step=summary["seconds_mean"], seconds_per_epoch=seconds / epochs,
-                test_nfe_per_batch=float(out["test/nfe"]), steps=summary["steps"])
+    row = dict(seed=seed, setting=setting, init_neg_elbo=float(init),
+               test_neg_elbo=float(out["test/neg_elbo"]), test_is_nll=float(out["test/is_nll"]),
+               forward_nfe=summary["forward_mean"], backward_nfe=summary["backward_mean"],
+               seconds_per_step=summary["seconds_mean"], seconds_per_epoch=seconds / epochs,
+               test_nfe_per_batch=float(out["test/nfe"]), steps=summary["steps"])
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def summarise(rows: list[dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for setting in SETTINGS:
-        sel = [r for r in rows if r["setting"] == setting]
-        if not sel:
-            continue
-        out[setting] = {m: spread([r[m] for r in sel]) for m in METRICS}
-    return out
+    """Per setting that ran: each measurement's median, min and max over seeds."""
+    by = {setting: [r for r in rows if r["setting"] == setting] for setting in SETTINGS}
+    return {setting: {m: spread([r[m] for r in sel]) for m in METRICS}
+            for setting, sel in by.items() if sel}
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -78,14 +83,8 @@ def markdown(payload: dict[str, Any]) -> str:
     meta, rows, summary = payload["meta"], payload["runs"], payload["summary"]
 
     lines = [
-        "# CNF-VAE on the embedded digits: polynomial regularizer vs none",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: nproc={meta['nproc']}, {meta['platform']}, torch threads="
-        f"{meta['torch_threads']}, load average at start {meta['load_start']}, at end "
-        f"{meta['load_end']}  ",
-        f"Versions: Python {meta['python']}, torch {meta['torch']}, lightning "
-        f"{meta['lightning']}, torchdiffeq {meta['torchdiffeq']}  ",
+        *common.header("CNF-VAE on the embedded digits: polynomial regularizer vs none",
+                       meta["command"], {k: meta[k] for k in MACHINE}),
         f"Setting: `digits` preset {meta['preset']}; {meta['epochs']} epochs, "
         f"{meta['is_samples']} importance samples per test image; seeds {meta['seeds']}; "
         f"both settings at the same tolerances (train 1e-4, evaluation 1e-5).  ",
@@ -97,21 +96,14 @@ def markdown(payload: dict[str, Any]) -> str:
         "step, mean over all steps; backward = adjoint solves. -ELBO and NLL in nats per image "
         "(test split, 200 images).",
         "",
-        *table(["setting", "test -ELBO", "test IS-NLL", "fwd NFE/step", "bwd NFE/step", "s/epoch",
-                "initial -ELBO"],
-               [[setting, *(median_range(summary[setting][m], f) for m, f in (
-                   ("test_neg_elbo", ".2f"), ("test_is_nll", ".2f"), ("forward_nfe", ".1f"),
-                   ("backward_nfe", ".1f"), ("seconds_per_epoch", ".2f"),
-                   ("init_neg_elbo", ".2f")))] for setting in summary]),
+        *table(["setting", *(head for head, _, _ in COLUMNS)],
+               [[setting, *(median_range(summary[setting][m], f) for _, m, f in COLUMNS)]
+                for setting in summary]),
         "", "Per run:", "",
-        *table(["seed", "setting", "test -ELBO", "test IS-NLL", "fwd NFE", "bwd NFE", "s/epoch",
-                "s/step"],
-               [[r["seed"], r["setting"], f"{r['test_neg_elbo']:.2f}", f"{r['test_is_nll']:.2f}",
-                 f"{r['forward_nfe']:.1f}", f"{r['backward_nfe']:.1f}",
-                 f"{r['seconds_per_epoch']:.2f}", f"{r['seconds_per_step']:.3f}"] for r in rows]),
+        *table(["seed", "setting", *(head for head, _, _ in COLUMNS)],
+               [[r["seed"], r["setting"], *(format(r[m], f) for _, m, f in COLUMNS)]
+                for r in rows]),
     ]
-    if meta.get("notes"):  # older reports wrote their reading here (docs/benchmarks.md)
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -132,12 +124,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     start = time.perf_counter()
-    rows = []
-    for seed in args.seeds:
-        for setting in SETTINGS:
-            row = run_one(seed, setting, args.epochs, args.is_samples, args.threads)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    rows = [run_one(seed, setting, args.epochs, args.is_samples, args.threads)
+            for seed in args.seeds for setting in SETTINGS]
     meta = dict(
         command=args.command, nproc=os.cpu_count(), platform=platform.platform(),
         **common.versions(), torch_threads=args.threads,

@@ -272,6 +272,25 @@ def test_the_test_nfe_goal_holds_for_every_seed_not_the_median() -> None:
     assert g["test_nfe_ratio"]["per_seed"] == pytest.approx([0.8, 0.8, 62.0 / 56.0])
 
 
+def test_the_goal_table_shows_only_the_columns_its_goals_fill() -> None:
+    def entry(*values: float) -> dict:
+        return {"per_seed": list(values), "median": sorted(values)[1], "min": min(values),
+                "max": max(values)}
+
+    goals = {"w": {"paper_settings": {"total_nfe_reduction": entry(0.5, 0.4, 0.45),
+                                      "test_nll_diff": entry(0.01, -0.02, 0.0), "met": True},
+                   "test_nfe_tpr_fast": {"test_nfe": 24.0, "times_floor": 3.0,
+                                         "test_nll_diff": entry(0.0, 0.0, 0.0)}}}
+    head, _, paper, floor = bench_run.goal_lines(goals)
+    assert head == ("| workload | goal (arm) | fewer total NFE (>= 40 %) | test NLL diff (<= 0.05) "
+                    "| test NFE = multiple of the floor 8 | met |")
+    assert paper == ("| w | paper_settings | 45 % [40, 50] (seeds: 50, 40, 45) | +0.0000 [-0.0200, "
+                     "+0.0100] (seeds: +0.0100, -0.0200, +0.0000) | - | met |")
+    assert floor.endswith("| 24 = 3.0x | - |")  # a goal without a verdict: no 'met' cell
+    assert bench_run.goal_lines({"w": {}}) == [
+        "None: the suite lacks the arms its goals compare."]
+
+
 def test_the_long_markdown_shows_the_paired_values_per_seed_and_fresh_seeds_beside(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nll = {("ffjord_direct", 0): 1.00, ("ffjord_direct", 1): 1.10, ("ffjord_direct", 2): 1.20,
