@@ -2,11 +2,8 @@
 
     python -m benchmarks.ddp_scaling [--repeats 3] [--rows 36488]
 
-A generated table with MINIBOONE's shape (36,488 rows x 43 columns, correlated Gaussian mixture)
-is trained for one epoch through train.py with the published MINIBOONE network (2 hidden layers
-of 20 x D, softplus, concat, one block, batch 1000 per process) and TPR, once with one process
-and once with two processes through Lightning's plain DDP launcher (gloo), one thread each.
-Writes benchmarks/results/ddp_scaling.json and .md.
+Writes benchmarks/results/ddp_scaling.{json,md}; how it measures: docs/benchmarks.md,
+`benchmarks.ddp_scaling`.
 """
 
 from __future__ import annotations
@@ -87,7 +84,6 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 STUDY = common.Study("ddp_scaling", __doc__, measure, markdown, arguments)
-
 main = STUDY.main
 
 if __name__ == "__main__":

@@ -4,13 +4,8 @@
         [--head-tree . --head-python .venv/bin/python] [--steps 200] [--seeds 0 1 2] \\
         [--arms ...] [--out benchmarks/results/refactor_identity]
 
-Each tree trains every arm x seed of the quick suite (checkerboard, benchmarks/run.py) with its
-own interpreter, engine and benchmarks/harness.py, one process per tree, both at once. Kept of
-each run: the training loss Lightning backpropagates (regularizer terms included) and the forward
-and backward NFE of every step, the validation NLLs, test NLL, test NFE, test NLL at the training
-tolerance and a hash of the final weights. Each field is compared for exact equality (floats bit
-for bit); the report names the first step where a field differs. Exit status 1 when any field
-differs.
+Writes benchmarks/results/refactor_identity.{json,md}; exit status 1 when any field of any run
+differs. What it compares: docs/benchmarks.md, `benchmarks.identity`.
 """
 
 from __future__ import annotations
@@ -217,7 +212,6 @@ def render(payload: dict[str, Any]) -> str:
 
 STUDY = common.Study("identity", __doc__, measure, render, arguments,
                      report=lambda args: common.RESULTS / "refactor_identity", indent=None)
-
 main = STUDY.main
 
 if __name__ == "__main__":
