@@ -1,9 +1,9 @@
 """Backward cost of the trajectory penalty's extra output times: stock vs restart-free adjoint.
 
-Run: ``python -m benchmarks.adjoint_overhead`` (writes
-``benchmarks/results/adjoint_overhead.{json,md}``).
+    python -m benchmarks.adjoint_overhead [--seeds 3] [--tol 1e-5] [--train-steps 300]
 
-How it measures: docs/benchmarks.md, `benchmarks.adjoint_overhead`.
+Writes benchmarks/results/adjoint_overhead.{json,md}; how it measures: docs/benchmarks.md,
+`benchmarks.adjoint_overhead`.
 """
 
 from __future__ import annotations
@@ -200,7 +200,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 STUDY = common.Study("adjoint_overhead", __doc__, measure, to_markdown, arguments)
-
 main = STUDY.main
 
 if __name__ == "__main__":

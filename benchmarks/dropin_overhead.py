@@ -1,9 +1,9 @@
 """What the drop-in ``polyreg_cnf.odeint`` costs next to torchdiffeq's, with and without TPR.
 
-Run: ``python -m benchmarks.dropin_overhead`` (writes
-``benchmarks/results/dropin_overhead.{json,md}``).
+    python -m benchmarks.dropin_overhead [--repeats 200] [--seeds 7] [--train-steps 200]
 
-How it measures: docs/benchmarks.md, `benchmarks.dropin_overhead`.
+Writes benchmarks/results/dropin_overhead.{json,md}; how it measures: docs/benchmarks.md,
+`benchmarks.dropin_overhead`.
 """
 
 from __future__ import annotations
@@ -210,7 +210,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 STUDY = common.Study("dropin_overhead", __doc__, measure, to_markdown, arguments)
-
 main = STUDY.main
 
 if __name__ == "__main__":

@@ -515,7 +515,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 STUDY = common.Study("step_cost", __doc__, measure, render, arguments)
-
 main = STUDY.main
 
 if __name__ == "__main__":
