@@ -3,7 +3,8 @@
     python -m benchmarks.step_speed --baseline-tree /tmp/polyreg-b4d2198 \
         [--workloads checkerboard_authors mixture16 vae_front_door] [--seeds 0 1] [--steps 400]
 
-How it measures: docs/benchmarks.md, `benchmarks.step_speed`.
+Writes benchmarks/results/step_speed.{json,md}; how it measures: docs/benchmarks.md,
+`benchmarks.step_speed`.
 """
 
 from __future__ import annotations
@@ -74,12 +75,16 @@ def child(argv: list[str], steps: int, out: Path) -> None:
     test = run.trainer.test(run.model, run.datamodule, verbose=False)[0]
     nll_key = "test/nll" if "test/nll" in test else "test/neg_elbo"
     model = run.model.eval()
-    rows = _test_rows(run.datamodule)
+    run.datamodule.setup("test")
+    rows = torch.cat([b[0] if isinstance(b, (list, tuple)) else b
+                      for b in run.datamodule.test_dataloader()])[:2000]
+    # the VAE has no log_prob: one importance sample's ELBO terms
+    score = model.log_prob if hasattr(model, "log_prob") else model.elbo_terms
     throughput = []
     with torch.no_grad():
         for _ in range(3):
             begin = time.perf_counter()
-            _score(model, rows)
+            score(rows)
             throughput.append(len(rows) / (time.perf_counter() - begin))
     out.write_text(json.dumps({
         "seconds_per_step": statistics.median(clock.seconds[SKIP:]),
@@ -91,26 +96,7 @@ def child(argv: list[str], steps: int, out: Path) -> None:
         "divergence": getattr(config.flow, "divergence", "reverse (before forward mode)")}))
 
 
-def _test_rows(dm: Any) -> Any:
-    import torch
-
-    dm.setup("test")
-    batches = [b[0] if isinstance(b, (list, tuple)) else b for b in dm.test_dataloader()]
-    rows = torch.cat(batches)
-    return rows[:2000]
-
-
-def _score(model: Any, rows: Any) -> Any:
-    if hasattr(model, "log_prob"):
-        return model.log_prob(rows)
-    return model.elbo_terms(rows)  # the VAE: one importance sample's ELBO terms
-
-
 # ------------------------------------------------------------------------------ parent
-def _site_packages() -> str:
-    return next(p for p in site.getsitepackages() if p.endswith("site-packages"))
-
-
 def prepare_baseline(rev: str, folder: Path) -> Path:
     """A folder with the revision's polyreg_cnf (callbacks and datamodules inside)."""
     if folder.exists():
@@ -134,7 +120,8 @@ def launch(which: str, argv: list[str], steps: int, out: Path, baseline: Path | 
     cmd = [sys.executable]
     if which == "baseline":
         # The baseline's package first: it shadows this checkout's polyreg_cnf.
-        env["PYTHONPATH"] = os.pathsep.join([str(baseline / "pkg"), _site_packages(), str(ROOT)])
+        site_packages = next(p for p in site.getsitepackages() if p.endswith("site-packages"))
+        env["PYTHONPATH"] = os.pathsep.join([str(baseline / "pkg"), site_packages, str(ROOT)])
         cmd.append("-S")
     cmd += ["-m", "benchmarks.step_speed", "--child", json.dumps(argv), "--steps", str(steps),
             "--child-out", str(out)]
