@@ -114,13 +114,9 @@ def floor_calls(w: Workload, exact: bool, step: bool,
     ops = []
     for b, m, k, n in matmul_shapes(w, exact):
         shapes = [(m, k, n)] + ([(m, n, k), (k, m, n)] if step else [])
-        for p, q, r in shapes:
-            if b == 1:
-                ops.append((torch.mm, torch.randn(p, q, device=device),
-                            torch.randn(q, r, device=device)))
-            else:
-                ops.append((torch.bmm, torch.randn(b, p, q, device=device),
-                            torch.randn(b, q, r, device=device)))
+        batch = () if b == 1 else (b,)
+        ops += [(torch.mm if b == 1 else torch.bmm, torch.randn(*batch, p, q, device=device),
+                 torch.randn(*batch, q, r, device=device)) for p, q, r in shapes]
 
     def run() -> None:
         for fn, a, c in ops:

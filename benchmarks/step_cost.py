@@ -357,9 +357,10 @@ def summarise(runs: Sequence[dict[str, Any]], goal: float = GOAL) -> list[dict[s
     return out
 
 
-def markdown(meta: dict[str, Any], summary: Sequence[dict[str, Any]],
-             runs: Sequence[dict[str, Any]]) -> str:
-    """The results page: command, machine, the per-preset table, every run, notes."""
+def render(payload: dict[str, Any]) -> str:
+    """The results page of a payload (its summary computed again from its runs): command,
+    machine, the per-preset table, every run, notes."""
+    meta, runs = payload["meta"], payload["runs"]
     lines = [
         "# Seconds per training step: TPR (`--reg poly`) vs none, per preset (issue 14)",
         "",
@@ -391,7 +392,7 @@ def markdown(meta: dict[str, Any], summary: Sequence[dict[str, Any]],
                  f"{r['ratio_cpu']:.3f} ({r['ratio_cpu_min']:.3f}-{r['ratio_cpu_max']:.3f})"
                  if "ratio_cpu" in r else "-", *pair_cells(r), "met" if r["met"] else "NOT met",
                  "-" if "ratio_cpu" not in r else "met" if r["ratio_cpu"] <= GOAL else "NOT met"]
-                for r in summary]),
+                for r in summarise(runs)]),
         "", "Every run:", "",
         *table(["preset", "reg", "seed", "steps", "s/step", "s/step all", "median step s",
                 "CPU s/step", "first step s", "fwd NFE", "bwd NFE", "backprop", "load at start"],
@@ -435,11 +436,6 @@ def _parse_steps(items: Sequence[str]) -> dict[str, int]:
                              f"N >= 2, got {item!r}")
         steps[name] = int(value)
     return steps
-
-
-def render(payload: dict[str, Any]) -> str:
-    """The report of a saved payload (its summary computed again from its runs)."""
-    return markdown(payload["meta"], summarise(payload["runs"]), payload["runs"])
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
