@@ -9,6 +9,7 @@ Writes benchmarks/results/dropin_overhead.{json,md}; how it measures: docs/bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -100,10 +101,7 @@ def time_solves(field: Field, repeats: int, tol: float) -> dict[str, Any]:
                 solve, count = arms[arm]
                 field.zero_grad(set_to_none=True)
                 start = time.perf_counter()
-                if count:
-                    with record_nfe(NFECounter()):
-                        pred = solve(field, x0, GRID, rtol=tol, atol=tol)
-                else:
+                with record_nfe(NFECounter()) if count else contextlib.nullcontext():
                     pred = solve(field, x0, GRID, rtol=tol, atol=tol)
                 (pred - ys).square().mean().backward()
                 if r >= 3:  # warm-up

@@ -98,15 +98,6 @@ def write_standin_data(root: Path) -> dict[str, Any]:
     return out
 
 
-def preset_options(preset: str, data_root: Path) -> dict[str, Any]:
-    """The options naming ``preset``'s data (everything else comes from the preset)."""
-    return {"toy": dict(data="checkerboard"),
-            "power": dict(data="power", data_dir=str(data_root)),
-            "miniboone": dict(data="miniboone", data_dir=str(data_root)),
-            "table": dict(data=str(Path(data_root) / "mixture16.npy")),
-            "vae": dict(model="vae", data="digits", max_epochs=None)}[preset]
-
-
 # ------------------------------------------------------------------------------ measuring
 def step_stats(history: Sequence[Sequence[float]],
                cpu: Sequence[float] | None = None) -> dict[str, float]:
@@ -179,7 +170,12 @@ def preset_config(preset: str, reg: str, seed: int, steps: int, data_root: Path,
     validation (so without early stopping) and test, writing under ``out``."""
     from polyreg_cnf.app.config import resolve
 
-    return resolve(dict(preset_options(preset, data_root), reg=reg, seed=seed, max_steps=steps,
+    data = {"toy": dict(data="checkerboard"),  # the options naming the preset's data
+            "power": dict(data="power", data_dir=str(data_root)),
+            "miniboone": dict(data="miniboone", data_dir=str(data_root)),
+            "table": dict(data=str(Path(data_root) / "mixture16.npy")),
+            "vae": dict(model="vae", data="digits", max_epochs=None)}[preset]
+    return resolve(dict(data, reg=reg, seed=seed, max_steps=steps,
                         limit_val_batches=0, early_stop_patience=0, test=False, logger="none",
                         plot_every=0, ckpt_every=0, progress=False, output_dir=out, **extra))
 
