@@ -179,11 +179,7 @@ def markdown(results: dict[str, Any]) -> str:
     if not timing or not timing.get("summary"):
         lines.append("Not measured.")
     else:
-        lines += table(["preset", "s/step none", "s/step poly", "ratio poly/none",
-                        "fwd NFE none / poly", "bwd NFE none / poly", "backprop none / poly"],
-                       [[r["preset"], f"{r['seconds_none']:.4f}", f"{r['seconds_poly']:.4f}",
-                         f"{r['ratio']:.3f}", *step_cost.pair_cells(r)]
-                        for r in timing["summary"]])
+        lines += step_cost.summary_table(timing["summary"])  # the columns of step_cost.md
     lines += ["", "## backprop=auto memory estimate vs CUDA allocations", ""]
     memory = results.get("memory")
     if not memory:
