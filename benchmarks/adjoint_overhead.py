@@ -113,18 +113,12 @@ def run_case(name: str, models: list[CNF], inputs: list[torch.Tensor], tol: floa
 
 def to_markdown(result: dict[str, Any]) -> str:
     """The medians as one table per case, plus the run's context."""
-    lines = ["# Backward cost of TPR's extra output times: stock adjoint, restart-free adjoint, "
-             "step checkpoints", "",
-             f"Command: `{result['command']}`", "",
-             f"nproc: {result['nproc']}; torch {result['torch']}, torchdiffeq "
-             f"{result['torchdiffeq']}, Python {result['python']}; "
-             f"{result['seeds']} seeds, medians; tolerance atol = rtol = {result['tol']}. "
-             "Other processes may have shared the CPU, so wall seconds are indicative (CPU "
-             "seconds of the process are less sensitive to that); NFE are exact. Backward "
-             "steps count adjoint solver steps (step checkpoints take none: they recompute "
-             "the forward steps).",
-             "", "Backward NFE ratio = backward NFE / that of `plain_stock` (the [0, T] solve "
-             "with torchdiffeq's adjoint, what an unregularized run pays) of the same seeds.", ""]
+    lines = common.header(
+        "adjoint_overhead", "Backward cost of TPR's extra output times: stock adjoint, "
+        "restart-free adjoint, step checkpoints", result["command"],
+        f"nproc: {result['nproc']}; torch {result['torch']}, torchdiffeq {result['torchdiffeq']}, "
+        f"Python {result['python']}; {result['seeds']} seeds, medians; tolerance atol = rtol = "
+        f"{result['tol']}.")
     for case, info in result["cases"].items():
         rows = info["rows"]
         cells = []
@@ -143,13 +137,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--tol", type=float, default=1e-5)
-    parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--train-tol", type=float, default=1e-4)
-    parser.add_argument("--batch", type=int, default=256)
+FLAGS = {"--seeds": dict(type=int, default=3), "--tol": dict(type=float, default=1e-5),
+         "--train-steps": dict(type=int, default=300),
+         "--train-tol": dict(type=float, default=1e-4), "--batch": dict(type=int, default=256)}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -199,7 +189,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         train_steps=args.train_steps, train_seconds=train_s, cases=cases)
 
 
-STUDY = common.Study("adjoint_overhead", __doc__, measure, to_markdown, arguments)
+STUDY = common.Study("adjoint_overhead", __doc__, measure, to_markdown, flags=FLAGS)
 main = STUDY.main
 
 if __name__ == "__main__":

@@ -157,42 +157,33 @@ def tpr_nfe(field: Field, seeds: int, tol: float, num_samples: int, coef: float
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    lines = [
-        "# Drop-in odeint: overhead without the regularizer, backward NFE with TPR", "",
-        f"Command: `{result['command']}`", "",
-        f"Machine: {result['cpu']}, nproc {result['nproc']}, 1 torch thread; torch "
-        f"{result['torch']}, torchdiffeq {result['torchdiffeq']}, Python {result['python']}. "
-        f"Other processes may have shared the CPU: seconds are indicative, NFE exact.", "",
-        f"Model: a trajectory model (MLP 2-64-64-2, tanh) fitted for {result['train_steps']} Adam "
-        f"steps to a linear spiral observed at t = {GRID.tolist()}; dopri5, rtol = atol = "
-        f"{result['tol']}; batch 256.", "",
+    """The timing table and the NFE table, after the run's machine and model."""
+    return "\n".join([
+        *common.header(
+            "dropin_overhead",
+            "Drop-in odeint: overhead without the regularizer, backward NFE with TPR",
+            result["command"],
+            f"Machine: {result['cpu']}, nproc {result['nproc']}, 1 torch thread; torch "
+            f"{result['torch']}, torchdiffeq {result['torchdiffeq']}, Python {result['python']}.",
+            f"Model: MLP 2-64-64-2 fitted for {result['train_steps']} Adam steps to a linear "
+            f"spiral observed at t = {GRID.tolist()}; dopri5, rtol = atol = {result['tol']}."),
         "## 1. No regularizer: seconds per solve (forward + backward), median of "
         f"{result['repeats']} interleaved repeats", "",
         *table(["call", "arm", "median s", "ratio to torchdiffeq"],
                [[call, arm, f"{row['median_s']:.4f}", f"{row['ratio']:.3f}"]
-                for call, arms in result["timing"].items() for arm, row in arms.items()], "llrr")]
-    lines += [
+                for call, arms in result["timing"].items() for arm, row in arms.items()], "llrr"),
         "", f"## 2. TPR on the 5-point grid (K = {result['num_samples']} interior times, m = 1, "
         f"coef {result['coef']}): NFE, median of {result['seeds']} seeds", "",
-        "The stock arm with TPR solves on the same merged grid (the same interior times) and "
-        "backpropagates the same loss; the drop-in's values at the requested times are "
-        "torchdiffeq's.", "",
         *table(["arm", "forward NFE", "backward NFE", "backward / stock without TPR",
                 "backward NFE per seed"],
                [[arm, f"{row['forward_nfe']:g}", f"{row['backward_nfe']:g}",
                  f"{row['backward_ratio']:.2f}", row["backward_per_seed"]]
-                for arm, row in result["tpr"].items()], "lrrrl")]
-    return "\n".join(lines) + "\n"
+                for arm, row in result["tpr"].items()], "lrrrl")]) + "\n"
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--seeds", type=int, default=7)
-    parser.add_argument("--train-steps", type=int, default=200)
-    parser.add_argument("--tol", type=float, default=1e-5)
-    parser.add_argument("--num-samples", type=int, default=2)
-    parser.add_argument("--coef", type=float, default=5.0)
+FLAGS = {"--repeats": dict(type=int, default=200), "--seeds": dict(type=int, default=7),
+         "--train-steps": dict(type=int, default=200), "--tol": dict(type=float, default=1e-5),
+         "--num-samples": dict(type=int, default=2), "--coef": dict(type=float, default=5.0)}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -207,7 +198,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         tpr=tpr_nfe(field, args.seeds, args.tol, args.num_samples, args.coef))
 
 
-STUDY = common.Study("dropin_overhead", __doc__, measure, to_markdown, arguments)
+STUDY = common.Study("dropin_overhead", __doc__, measure, to_markdown, flags=FLAGS)
 main = STUDY.main
 
 if __name__ == "__main__":

@@ -129,16 +129,14 @@ def launch(which: str, argv: list[str], steps: int, out: Path, baseline: Path | 
                             stderr=open(str(out) + ".log", "w"))
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags (``--child`` and ``--child-out``: one run, for :func:`launch`)."""
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    parser.add_argument("--baseline-rev", default="b4d2198")
-    parser.add_argument("--baseline-tree", type=Path, default=Path("/tmp/polyreg-baseline"))
-    parser.add_argument("--variants", nargs="+", default=["forward", "compiled"])
+FLAGS = {"--child": dict(default=None, help=argparse.SUPPRESS),  # one run, for launch()
+         "--child-out": dict(type=Path, default=None, help=argparse.SUPPRESS),
+         "--steps": dict(type=int, default=400),
+         "--seeds": dict(type=int, nargs="+", default=[0, 1]),
+         "--workloads": dict(nargs="+", default=list(WORKLOADS), choices=WORKLOADS),
+         "--baseline-rev": dict(default="b4d2198"),
+         "--baseline-tree": dict(type=Path, default=Path("/tmp/polyreg-baseline")),
+         "--variants": dict(nargs="+", default=["forward", "compiled"])}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -196,23 +194,21 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(payload: dict[str, Any]) -> str:
+    """The seed-paired ratios per workload and variant, then every run's absolute figures."""
     m = payload["machine"]
-    lines = ["# Training step and test throughput: this checkout against "
-             f"{payload['baseline_rev']}", "",
-             f"Command: `{payload['command']}`", "",
-             f"Machine: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}, one torch thread "
-             f"per process, the two runs of a pair at the same time (one core each); load "
-             f"average seen {m['load_average_seen'][0]:.1f}-{m['load_average_seen'][1]:.1f}. "
-             f"{payload['steps']} training steps per run, the first {payload['skip']} left out "
-             f"of the step times (warm-up, compilation). Ratios are new / baseline per seed "
-             f"(median [per seed]); test rows/s: ``log_prob`` of 2000 test rows at the "
-             f"evaluation tolerance (exact trace), the VAE one ELBO sample.", "",
-             *table(["workload", "variant", "s/step ratio", "forward NFE ratio", "test NLL diff",
-                     "test rows/s ratio"],
-                    [[*key.split("/"), *(f"{format(e[k + '_median'], f)} ["
-                                         + ", ".join(format(v, f) for v in e[k]) + "]"
-                                         for k, (_, _, f) in COMPARED.items())]
-                     for key, e in payload["summary"].items()])]
+    lines = [*common.header(
+        "step_speed", f"Training step and test throughput: this checkout against "
+        f"{payload['baseline_rev']}", payload["command"],
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}; load average seen "
+        f"{m['load_average_seen'][0]:.1f}-{m['load_average_seen'][1]:.1f}. "
+        f"{payload['steps']} training steps per run, the first {payload['skip']} left out of the "
+        f"step times. Ratios are new / baseline per seed (median [per seed])."),
+        *table(["workload", "variant", "s/step ratio", "forward NFE ratio", "test NLL diff",
+                "test rows/s ratio"],
+               [[*key.split("/"), *(f"{format(e[k + '_median'], f)} ["
+                                    + ", ".join(format(v, f) for v in e[k]) + "]"
+                                    for k, (_, _, f) in COMPARED.items())]
+                for key, e in payload["summary"].items()])]
     lines += ["", "Absolute figures (s/step, baseline -> new):", ""]
     for r in payload["runs"]:
         b, n = r["baseline"], r["new"]
@@ -226,16 +222,14 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-STUDY = common.Study("step_speed", __doc__, measure, markdown, arguments)
+STUDY = common.Study("step_speed", __doc__, measure, markdown, flags=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.step_speed`` (``--child``: one run of :func:`launch`)."""
     if argv is None and "--child" in sys.argv:
-        args = argparse.ArgumentParser()
-        arguments(args)
-        parsed = args.parse_args()
-        child(json.loads(parsed.child), parsed.steps, parsed.child_out)
+        args = common.parser_of(STUDY).parse_args()
+        child(json.loads(args.child), args.steps, args.child_out)
         return 0
     return common.main(STUDY, argv)
 
