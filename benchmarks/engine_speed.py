@@ -332,17 +332,14 @@ def _us(s: float) -> str:
 def markdown(payload: dict[str, Any]) -> str:
     """The JSON as tables: times per call, ratios to the reference, floor and profile split."""
     meta, results = payload["meta"], payload["results"]
-    lines = ["# Engine speed: one CNF evaluation, floor vs reverse mode vs forward mode", "",
-             f"Command: `{meta['command']}`", "",
-             f"Machine: {meta['cpu'] or meta['platform']}, {meta['cpus']} CPUs, torch "
-             f"{meta['torch']}, {meta['threads']} torch thread, device {meta['device']}"
-             + (f" ({meta['gpu']})" if meta.get("gpu") else "") + ". "
-             f"Load average {meta['load_average_start']:.1f} at the start and "
-             f"{meta['load_average_end']:.1f} at the end: the machine was shared with other "
-             "jobs while measuring; variants were interleaved block by block so the load fell "
-             "on all alike, and the figures are medians.", "",
-             "Microseconds per call, median over blocks; what each column holds and how to "
-             "read the gap to the floor: docs/benchmarks.md, `benchmarks.engine_speed`.", ""]
+    lines = common.header(
+        "engine_speed", "Engine speed: one CNF evaluation, floor vs reverse mode vs forward mode",
+        meta["command"],
+        f"Machine: {meta['cpu'] or meta['platform']}, {meta['cpus']} CPUs, torch {meta['torch']}, "
+        f"{meta['threads']} torch thread, device {meta['device']}"
+        + (f" ({meta['gpu']})" if meta.get("gpu") else "") + ". Load average "
+        f"{meta['load_average_start']:.1f} at the start and {meta['load_average_end']:.1f} at the "
+        "end. Microseconds per call, median over blocks.")
     timed = ("floor", "reference", "forward", "compiled", "compiled_static")
     lines += table(["workload", "mode", "trace", "MFLOP", "floor", "reference", "forward",
                     "compiled", "compiled static", "forward/ref", "compiled/ref",
@@ -357,8 +354,7 @@ def markdown(payload: dict[str, Any]) -> str:
     graphs = [(r["workload"]["name"], mode, r[mode]) for r in results
               for mode in ("eval", "step") if "cuda_graph" in r[mode]["seconds"]]
     if graphs:
-        lines += ["", "CUDA graphs (the forward-mode evaluation or step replayed from one "
-                  "captured graph, inputs in static buffers):", "",
+        lines += ["", "CUDA graphs:", "",
                   *table(["workload", "mode", "cuda graph (us)", "cuda graph/ref"],
                          [[name, mode, _us(e["seconds"]["cuda_graph"]["median"]),
                            f"{e['ratio_to_reference']['cuda_graph']:.2f}"]
@@ -369,17 +365,14 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += ["", "CUDA-graph capture failed: " + "; ".join(
             f"{name} {mode}: {err}" for name, errs in errors for mode, err in errs.items())]
     if any("compile_seconds" in r for r in results):
-        lines += ["", "Compile time (first call, excluded from the figures above), seconds. "
-                  "`compiled`: one graph for every batch size (batch dimension marked "
-                  "dynamic); `compiled static`: a graph specialised to the batch size:", "",
+        lines += ["", "Compile time (first call, excluded from the figures above), seconds:", "",
                   *table(["workload", "compiled eval", "compiled step", "static eval",
                           "static step"],
                          [[r["workload"]["name"], *(f"{c[f'{p}/{m}']:.1f}"
                                                     for p in ("compiled", "compiled_static")
                                                     for m in ("eval", "step"))]
                           for r in results if (c := r.get("compile_seconds"))])]
-    lines += ["", "Where the time goes (torch.profiler, fraction of profiled wall time; "
-              "`python+dispatch` is the time outside every recorded op):", "",
+    lines += ["", "Where the time goes (torch.profiler, fraction of profiled wall time):", "",
               *table(["workload", "mode", "path", "matmul", "other kernels", "autograd engine",
                       "python+dispatch", "other ops"],
                      [[r["workload"]["name"], mode, path,
@@ -390,14 +383,10 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--block-seconds", type=float, default=0.05)
-    parser.add_argument("--profile-calls", type=int, default=20)
-    parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--device", default="cpu")
+FLAGS = {"--workloads": dict(nargs="+", default=list(WORKLOADS), choices=WORKLOADS),
+         "--repeats": dict(type=int, default=15), "--block-seconds": dict(type=float, default=0.05),
+         "--profile-calls": dict(type=int, default=20),
+         "--no-compile": dict(action="store_true"), "--device": dict(default="cpu")}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -416,7 +405,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return dict(meta=meta, results=results)
 
 
-STUDY = common.Study("engine_speed", __doc__, measure, markdown, arguments)
+STUDY = common.Study("engine_speed", __doc__, measure, markdown, flags=FLAGS)
 main = STUDY.main
 
 if __name__ == "__main__":

@@ -150,13 +150,11 @@ def memory_check(preset: str, data_root: Path, steps: int = MEMORY_STEPS) -> dic
 def markdown(results: dict[str, Any]) -> str:
     """The results page: machine, tests, timings, memory, errors (only what was measured)."""
     meta = results["meta"]
-    lines = ["# GPU check (issue 14, item 6)", "",
-             "How to read it: docs/benchmarks.md, `benchmarks.gpu_check`.", "",
-             f"Command: `{meta['command']}`  ",
-             f"Machine: {meta['gpus']}; {meta['cpu']}  ",
-             f"Versions: Python {meta['python']}, torch {meta['torch']} (CUDA "
-             f"{meta['cuda']}), code at commit {meta['git_commit']}.  ",
-             f"Wall time: {meta['wall_seconds']:.0f} s. Exit status: {meta['exit_status']}.", ""]
+    lines = common.header(
+        "gpu_check", "GPU check (issue 14, item 6)", meta["command"],
+        f"Machine: {meta['gpus']}; {meta['cpu']}. Python {meta['python']}, torch {meta['torch']} "
+        f"(CUDA {meta['cuda']}), code at commit {meta['git_commit']}. Wall time: "
+        f"{meta['wall_seconds']:.0f} s. Exit status: {meta['exit_status']}.")
     tests = results.get("tests")
     lines += ["## Device tests (tests/test_gpu.py)", ""]
     if tests is None:

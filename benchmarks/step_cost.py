@@ -357,27 +357,20 @@ def render(payload: dict[str, Any]) -> str:
     """The results page of a payload (its summary computed again from its runs): command,
     machine, the per-preset table, every run, notes."""
     meta, runs = payload["meta"], payload["runs"]
+    lockstep = any(r.get("paired") == "lockstep" for r in runs)
     lines = [
-        "# Seconds per training step: TPR (`--reg poly`) vs none, per preset (issue 14)",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}  ",
-        f"Versions: Python {meta['python']}, torch {meta['torch']}, lightning "
-        f"{meta['lightning']}, torchdiffeq {meta['torchdiffeq']}; code at commit "
-        f"{meta['git_commit']}.  ",
-        f"Load average (1 min) at start {meta['load_start']:.2f}, at end {meta['load_end']:.2f}; "
-        f"wall time of the whole benchmark {meta['wall_seconds']:.0f} s.  ",
-        f"Seeds {meta['seeds']}; steps per run {meta['steps']} (the front door: its whole "
-        f"preset run, 30 epochs of 14 steps, with validation and test). Every run: the "
-        f"preset's defaults (`backprop=auto`), one torch thread. "
-        + ("The two arms of a pair train in two processes in lockstep, one step each in turn "
-           "(the waiting is outside the measured step); the front door's whole runs alternate. "
-           if any(r.get("paired") == "lockstep" for r in runs) else
-           "The two arms of a pair run one after the other, in alternating order. "),
-        "",
-        f"Goal: TPR's seconds per step at most {GOAL}x the unregularized run's with the same "
-        f"seed. The columns: docs/benchmarks.md, `benchmarks.step_cost`.",
-        "",
+        *common.header(
+            "step_cost", "Seconds per training step: TPR (`--reg poly`) vs none, per preset "
+            "(issue 14)", meta["command"],
+            f"Machine: {meta['machine']}; Python {meta['python']}, torch {meta['torch']}, "
+            f"lightning {meta['lightning']}, torchdiffeq {meta['torchdiffeq']}; code at commit "
+            f"{meta['git_commit']}. Load average (1 min) at start {meta['load_start']:.2f}, at end "
+            f"{meta['load_end']:.2f}; wall time of the whole benchmark "
+            f"{meta['wall_seconds']:.0f} s.",
+            f"Seeds {meta['seeds']}; steps per run {meta['steps']}; the two arms of a pair "
+            + ("train in lockstep. " if lockstep else "run one after the other. ")
+            + f"Goal: TPR's seconds per step at most {GOAL}x the unregularized run's with the "
+            "same seed."),
         *summary_table(summarise(runs)),
         "", "Every run:", "",
         *table(["preset", "reg", "seed", "steps", "s/step", "s/step all", "median step s",
@@ -435,21 +428,17 @@ def _parse_steps(items: Sequence[str]) -> dict[str, int]:
     return steps
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
-    parser.add_argument("--steps", nargs="*", default=[], metavar="NAME=N",
-                        help=f"steps per run (default {PRESET_STEPS})")
-    parser.add_argument("--sequential", action="store_true",
-                        help="run the two arms of a build-made pair one after the other (default: "
-                             "two processes in lockstep, one step each in turn)")
-    parser.add_argument("--door-backprop", nargs="*", default=["adjoint"], choices=DOOR_MODES,
-                        help="front-door pairs with a fixed backprop besides the default auto: "
-                             "adjoint (the old default), checkpoint, or bounded (what auto does "
-                             "when direct backprop does not fit: the adjoint for --reg none, "
-                             "step checkpoints for --reg poly); default: adjoint; give the flag "
-                             "alone for none")
+FLAGS = {
+    "--seeds": dict(type=int, nargs="+", default=[0, 1]),
+    "--presets": dict(nargs="+", default=list(PRESETS), choices=PRESETS),
+    "--steps": dict(nargs="*", default=[], metavar="NAME=N",
+                    help=f"steps per run (default {PRESET_STEPS})"),
+    "--sequential": dict(action="store_true", help="run the two arms of a build-made pair one "
+                         "after the other (default: two processes in lockstep)"),
+    "--door-backprop": dict(nargs="*", default=["adjoint"], choices=DOOR_MODES,
+                            help="front-door pairs with a fixed backprop besides the default "
+                                 "auto (bounded: the adjoint for --reg none, step checkpoints "
+                                 "for --reg poly); give the flag alone for none")}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -507,7 +496,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return dict(meta=meta, summary=summarise(runs), runs=runs)
 
 
-STUDY = common.Study("step_cost", __doc__, measure, render, arguments)
+STUDY = common.Study("step_cost", __doc__, measure, render, flags=FLAGS)
 main = STUDY.main
 
 if __name__ == "__main__":
