@@ -161,28 +161,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     f"checkerboard; seeds vary the batch, the probe and the penalty times",
         rows=run_case("toy-2d", [toy] * args.seeds, toy_inputs, args.tol))
 
-    def at_random_init(dim: int, hidden: tuple[int, ...], nonlinearity: str, batch: int,
-                       **cnf: Any) -> tuple[list[CNF], list[torch.Tensor]]:
-        """One CNF at random init and one standard normal batch per seed."""
-        models, inputs = [], []
+    at_random_init = {  # name -> dim, hidden, nonlinearity, batch, CNF options, description
+        "cnf-30d": (30, (64, 64, 64), "tanh", args.batch, {},
+                    "ODENet(30, (64, 64, 64), concatsquash, tanh) at random init, standard "
+                    "normal inputs; seeds vary the model, the batch, the probe and the times"),
+        "short-16d": (16, (64, 64), "softplus", 100, dict(T=0.5),
+                      "ODENet(16, (64, 64), concatsquash, softplus), T = 0.5, at random init, "
+                      "batch 100 (the digits VAE posterior's size): a one- or two-step solve; "
+                      "seeds vary the model, the batch, the probe and the times")}
+    for name, (dim, hidden, nonlinearity, batch, options, description) in at_random_init.items():
+        models = []
         for s in range(args.seeds):
             torch.manual_seed(s)
-            models.append(CNF(ODENet(dim, hidden, "concatsquash", nonlinearity), **cnf))
-            inputs.append(torch.randn(batch, dim, generator=torch.Generator().manual_seed(s)))
-        return models, inputs
-
-    cases["cnf-30d"] = dict(
-        description="ODENet(30, (64, 64, 64), concatsquash, tanh) at random init, standard "
-                    "normal inputs; seeds vary the model, the batch, the probe and the times",
-        rows=run_case("cnf-30d", *at_random_init(30, (64, 64, 64), "tanh", args.batch),
-                      args.tol))
-    cases["short-16d"] = dict(
-        description="ODENet(16, (64, 64), concatsquash, softplus), T = 0.5, at random init, "
-                    "batch 100 (the digits VAE posterior's size): a one- or two-step solve; "
-                    "seeds vary the model, the batch, the probe and the times",
-        rows=run_case("short-16d", *at_random_init(16, (64, 64), "softplus", 100, T=0.5),
-                      args.tol))
-
+            models.append(CNF(ODENet(dim, hidden, "concatsquash", nonlinearity), **options))
+        inputs = [torch.randn(batch, dim, generator=torch.Generator().manual_seed(s))
+                  for s in range(args.seeds)]
+        cases[name] = dict(description=description,
+                           rows=run_case(name, models, inputs, args.tol))
     return dict(
         command=args.command, nproc=os.cpu_count(), **common.versions(), numpy=np.__version__,
         seeds=args.seeds, tol=args.tol,

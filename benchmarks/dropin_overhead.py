@@ -45,21 +45,22 @@ class Field(nn.Module):
 
 
 class Counted(nn.Module):
-    """Counts calls: forward until ``backward`` is set, then backward."""
+    """``field``, counting its calls."""
 
     def __init__(self, field: nn.Module) -> None:
         super().__init__()
         self.field = field
-        self.forward_nfe = 0
-        self.backward_nfe = 0
-        self.backward = False
+        self.calls = 0
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.backward:
-            self.backward_nfe += 1
-        else:
-            self.forward_nfe += 1
+        self.calls += 1
         return self.field(t, x)
+
+    def nfe(self, loss: torch.Tensor) -> tuple[int, int]:
+        """The forward NFE so far, and the backward NFE of ``loss.backward()``."""
+        forward = self.calls
+        loss.backward()
+        return forward, self.calls - forward
 
 
 def spiral(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,34 +120,22 @@ def tpr_nfe(field: Field, seeds: int, tol: float, num_samples: int, coef: float
                                               "drop-in, TPR": []}
     for seed in range(seeds):
         x0, ys = spiral(256, 100 + seed)
-        gen_state = torch.Generator().manual_seed(seed).get_state()
-
         # the drop-in, inside a recorder (what a training step with the callback runs)
         counted = Counted(field)
-        recorder = TrajectoryRecorder(num_samples, 1, generator=torch.Generator())
-        recorder.generator.set_state(gen_state)
+        recorder = TrajectoryRecorder(num_samples, 1, generator=torch.Generator().manual_seed(seed))
         with recorder:
             pred = polyreg_cnf.odeint_adjoint(counted, x0, GRID, rtol=tol, atol=tol)
-        counted.backward = True
-        ((pred - ys).square().mean() + coef * recorder.penalty()).backward()
-        arms["drop-in, TPR"].append((counted.forward_nfe, counted.backward_nfe))
-
-        # torchdiffeq's adjoint on the same merged grid, the same loss
-        generator = torch.Generator()
-        generator.set_state(gen_state)
-        grid = penalty_grid(GRID, num_samples, generator)
+        loss = (pred - ys).square().mean() + coef * recorder.penalty()
+        arms["drop-in, TPR"].append(counted.nfe(loss))
+        # torchdiffeq's adjoint on the same merged grid (the same interior times), the same loss
+        grid = penalty_grid(GRID, num_samples, torch.Generator().manual_seed(seed))
         counted = Counted(field)
         traj = torchdiffeq.odeint_adjoint(counted, x0, grid.times, rtol=tol, atol=tol)
-        counted.backward = True
         loss = (grid.select(traj) - ys).square().mean() + coef * grid.penalty(traj, 1)
-        loss.backward()
-        arms["stock, TPR"].append((counted.forward_nfe, counted.backward_nfe))
-
+        arms["stock, TPR"].append(counted.nfe(loss))
         counted = Counted(field)
         pred = torchdiffeq.odeint_adjoint(counted, x0, GRID, rtol=tol, atol=tol)
-        counted.backward = True
-        (pred - ys).square().mean().backward()
-        arms["stock, no TPR"].append((counted.forward_nfe, counted.backward_nfe))
+        arms["stock, no TPR"].append(counted.nfe((pred - ys).square().mean()))
     field.zero_grad(set_to_none=True)
     base = statistics.median(b for _, b in arms["stock, no TPR"])
     return {arm: {"forward_nfe": statistics.median(f for f, _ in rows),
