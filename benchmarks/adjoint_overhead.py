@@ -1,9 +1,9 @@
 """Backward cost of the trajectory penalty's extra output times: stock vs restart-free adjoint.
 
-Run: ``python -m benchmarks.adjoint_overhead`` (writes
-``benchmarks/results/adjoint_overhead.{json,md}``).
+    python -m benchmarks.adjoint_overhead [--seeds 3] [--tol 1e-5] [--train-steps 300]
 
-How it measures: docs/benchmarks.md, `benchmarks.adjoint_overhead`.
+Writes benchmarks/results/adjoint_overhead.{json,md}; how it measures: docs/benchmarks.md,
+`benchmarks.adjoint_overhead`.
 """
 
 from __future__ import annotations
@@ -113,18 +113,12 @@ def run_case(name: str, models: list[CNF], inputs: list[torch.Tensor], tol: floa
 
 def to_markdown(result: dict[str, Any]) -> str:
     """The medians as one table per case, plus the run's context."""
-    lines = ["# Backward cost of TPR's extra output times: stock adjoint, restart-free adjoint, "
-             "step checkpoints", "",
-             f"Command: `{result['command']}`", "",
-             f"nproc: {result['nproc']}; torch {result['torch']}, torchdiffeq "
-             f"{result['torchdiffeq']}, Python {result['python']}; "
-             f"{result['seeds']} seeds, medians; tolerance atol = rtol = {result['tol']}. "
-             "Other processes may have shared the CPU, so wall seconds are indicative (CPU "
-             "seconds of the process are less sensitive to that); NFE are exact. Backward "
-             "steps count adjoint solver steps (step checkpoints take none: they recompute "
-             "the forward steps).",
-             "", "Backward NFE ratio = backward NFE / that of `plain_stock` (the [0, T] solve "
-             "with torchdiffeq's adjoint, what an unregularized run pays) of the same seeds.", ""]
+    lines = common.header(
+        "adjoint_overhead", "Backward cost of TPR's extra output times: stock adjoint, "
+        "restart-free adjoint, step checkpoints", result["command"],
+        f"nproc: {result['nproc']}; torch {result['torch']}, torchdiffeq {result['torchdiffeq']}, "
+        f"Python {result['python']}; {result['seeds']} seeds, medians; tolerance atol = rtol = "
+        f"{result['tol']}.")
     for case, info in result["cases"].items():
         rows = info["rows"]
         cells = []
@@ -143,13 +137,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--tol", type=float, default=1e-5)
-    parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--train-tol", type=float, default=1e-4)
-    parser.add_argument("--batch", type=int, default=256)
+FLAGS = {"--seeds": dict(type=int, default=3), "--tol": dict(type=float, default=1e-5),
+         "--train-steps": dict(type=int, default=300),
+         "--train-tol": dict(type=float, default=1e-4), "--batch": dict(type=int, default=256)}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,36 +161,30 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     f"checkerboard; seeds vary the batch, the probe and the penalty times",
         rows=run_case("toy-2d", [toy] * args.seeds, toy_inputs, args.tol))
 
-    def at_random_init(dim: int, hidden: tuple[int, ...], nonlinearity: str, batch: int,
-                       **cnf: Any) -> tuple[list[CNF], list[torch.Tensor]]:
-        """One CNF at random init and one standard normal batch per seed."""
-        models, inputs = [], []
+    at_random_init = {  # name -> dim, hidden, nonlinearity, batch, CNF options, description
+        "cnf-30d": (30, (64, 64, 64), "tanh", args.batch, {},
+                    "ODENet(30, (64, 64, 64), concatsquash, tanh) at random init, standard "
+                    "normal inputs; seeds vary the model, the batch, the probe and the times"),
+        "short-16d": (16, (64, 64), "softplus", 100, dict(T=0.5),
+                      "ODENet(16, (64, 64), concatsquash, softplus), T = 0.5, at random init, "
+                      "batch 100 (the digits VAE posterior's size): a one- or two-step solve; "
+                      "seeds vary the model, the batch, the probe and the times")}
+    for name, (dim, hidden, nonlinearity, batch, options, description) in at_random_init.items():
+        models = []
         for s in range(args.seeds):
             torch.manual_seed(s)
-            models.append(CNF(ODENet(dim, hidden, "concatsquash", nonlinearity), **cnf))
-            inputs.append(torch.randn(batch, dim, generator=torch.Generator().manual_seed(s)))
-        return models, inputs
-
-    cases["cnf-30d"] = dict(
-        description="ODENet(30, (64, 64, 64), concatsquash, tanh) at random init, standard "
-                    "normal inputs; seeds vary the model, the batch, the probe and the times",
-        rows=run_case("cnf-30d", *at_random_init(30, (64, 64, 64), "tanh", args.batch),
-                      args.tol))
-    cases["short-16d"] = dict(
-        description="ODENet(16, (64, 64), concatsquash, softplus), T = 0.5, at random init, "
-                    "batch 100 (the digits VAE posterior's size): a one- or two-step solve; "
-                    "seeds vary the model, the batch, the probe and the times",
-        rows=run_case("short-16d", *at_random_init(16, (64, 64), "softplus", 100, T=0.5),
-                      args.tol))
-
+            models.append(CNF(ODENet(dim, hidden, "concatsquash", nonlinearity), **options))
+        inputs = [torch.randn(batch, dim, generator=torch.Generator().manual_seed(s))
+                  for s in range(args.seeds)]
+        cases[name] = dict(description=description,
+                           rows=run_case(name, models, inputs, args.tol))
     return dict(
         command=args.command, nproc=os.cpu_count(), **common.versions(), numpy=np.__version__,
         seeds=args.seeds, tol=args.tol,
         train_steps=args.train_steps, train_seconds=train_s, cases=cases)
 
 
-STUDY = common.Study("adjoint_overhead", __doc__, measure, to_markdown, arguments)
-
+STUDY = common.Study("adjoint_overhead", __doc__, measure, to_markdown, flags=FLAGS)
 main = STUDY.main
 
 if __name__ == "__main__":

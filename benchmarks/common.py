@@ -21,13 +21,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULTS", "ROOT", "Study", "UsageError", "command", "cpu_name", "figure",
-           "git", "git_commit", "machine", "main", "median_range", "save_figure", "spread", "table",
-           "train_py", "verdict", "versions", "write_json", "write_report"]
+__all__ = ["RESULTS", "ROOT", "Study", "UsageError", "command", "cpu_name", "figure", "git",
+           "git_commit", "header", "machine", "main", "median_range", "parser_of", "save_figure",
+           "spread", "table", "train_py", "verdict", "versions", "write_json", "write_report"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -154,6 +154,19 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]],
             *(f"| {' | '.join(str(c) for c in row)} |" for row in rows)]
 
 
+def header(study: str, title: str, command: str, *facts: str) -> list[str]:
+    """The top of a study's report: ``title``, the command that wrote it, ``facts`` (a paragraph
+    each) and where docs/benchmarks.md says how ``study`` measures and how to read it.
+
+    Example:
+        >>> header("x", "X", "python -m benchmarks.x", "On a CPU.")[2:5]
+        ['Command: `python -m benchmarks.x`', '', 'On a CPU.']
+    """
+    return [f"# {title}", "", f"Command: `{command}`", "",
+            *(line for fact in facts for line in (fact, "")),
+            f"How it measures and how to read it: docs/benchmarks.md, `benchmarks.{study}`.", ""]
+
+
 def median_range(summary: dict[str, float], fmt: str, sep: str = "-") -> str:
     """'median (min-max)' of a ``{"median", "min", "max"}`` entry.
 
@@ -197,6 +210,8 @@ class Study:
         report: Parsed arguments -> the default report path without suffix (default:
             ``results/<name>``).
         indent: The JSON's indentation (None: one line, for long per-step arrays).
+        flags: The study's own flags as data, flag -> ``add_argument`` options (after
+            ``arguments``'s).
     """
 
     name: str
@@ -206,10 +221,27 @@ class Study:
     arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
     report: Callable[[argparse.Namespace], Path] | None = None
     indent: int | None = 1
+    flags: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def main(self, argv: Sequence[str] | None = None) -> int:
         """``python -m benchmarks.<name>``: :func:`main` of this study."""
         return main(self, argv)
+
+
+def parser_of(study: Study) -> argparse.ArgumentParser:
+    """The command line of ``study``: its flags, ``--out`` and ``--render``."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{study.name}",
+                                     description=study.doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    study.arguments(parser)
+    for flag, options in study.flags.items():
+        parser.add_argument(flag, **options)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results path without suffix (writes .json and .md; default "
+                             f"benchmarks/results/{study.name})")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="write nothing new: rewrite the markdown of this results JSON")
+    return parser
 
 
 def main(study: Study, argv: Sequence[str] | None = None) -> int:
@@ -218,15 +250,7 @@ def main(study: Study, argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status: the payload's ``meta.exit_status`` when it has one, else 0.
     """
-    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{study.name}",
-                                     description=study.doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    study.arguments(parser)
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"results path without suffix (writes .json and .md; default "
-                             f"benchmarks/results/{study.name})")
-    parser.add_argument("--render", type=Path, default=None,
-                        help="write nothing new: rewrite the markdown of this results JSON")
+    parser = parser_of(study)
     args = parser.parse_args(argv)
     if args.render is not None:
         payload = json.loads(args.render.read_text())

@@ -2,11 +2,8 @@
 
     python -m benchmarks.ddp_scaling [--repeats 3] [--rows 36488]
 
-A generated table with MINIBOONE's shape (36,488 rows x 43 columns, correlated Gaussian mixture)
-is trained for one epoch through train.py with the published MINIBOONE network (2 hidden layers
-of 20 x D, softplus, concat, one block, batch 1000 per process) and TPR, once with one process
-and once with two processes through Lightning's plain DDP launcher (gloo), one thread each.
-Writes benchmarks/results/ddp_scaling.json and .md.
+Writes benchmarks/results/ddp_scaling.{json,md}; how it measures: docs/benchmarks.md,
+`benchmarks.ddp_scaling`.
 """
 
 from __future__ import annotations
@@ -46,10 +43,7 @@ def epoch_seconds(data: Path, out: Path, processes: int) -> float:
     return common.train_py(argv, out.parent, env=dict(os.environ, OMP_NUM_THREADS="1"))[1]
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rows", type=int, default=36488)
+FLAGS = {"--repeats": dict(type=int, default=3), "--rows": dict(type=int, default=36488)}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,22 +66,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(payload: dict[str, Any]) -> str:
     """Seconds per epoch with one and two processes."""
     m, med = payload["machine"], payload["median"]
-    lines = ["# DDP on CPU: one epoch of a MINIBOONE-shaped table", "",
-             f"Command: `{payload['command']}`  ",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, lightning "
-             f"{m['lightning']}, commit {m['git_commit']}, {m['date']}.  ",
-             f"Data: generated, {payload['rows']} rows x 43 (train split 80 %); network: "
-             "MINIBOONE preset (2 x 860 softplus, concat, 1 block), TPR, batch 1000 per process, "
-             "one thread per process, validation off.", "",
-             *table(["processes", "seconds per epoch (median)", "all repeats", "speed-up"],
-                    [[n, f"{med[n]:.1f}", ", ".join(f"{v:.1f}" for v in
-                                                    payload["seconds_per_epoch"][n]),
-                      f"{med['1'] / med[n]:.2f}x"] for n in ("1", "2")])]
-    return "\n".join(lines) + "\n"
+    return "\n".join([
+        *common.header("ddp_scaling", "DDP on CPU: one epoch of a MINIBOONE-shaped table",
+                       payload["command"],
+                       f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, lightning "
+                       f"{m['lightning']}, commit {m['git_commit']}, {m['date']}. Data: "
+                       f"generated, {payload['rows']} rows x 43."),
+        *table(["processes", "seconds per epoch (median)", "all repeats", "speed-up"],
+               [[n, f"{med[n]:.1f}", ", ".join(f"{v:.1f}" for v in payload["seconds_per_epoch"][n]),
+                 f"{med['1'] / med[n]:.2f}x"] for n in ("1", "2")])]) + "\n"
 
 
-STUDY = common.Study("ddp_scaling", __doc__, measure, markdown, arguments)
-
+STUDY = common.Study("ddp_scaling", __doc__, measure, markdown, flags=FLAGS)
 main = STUDY.main
 
 if __name__ == "__main__":

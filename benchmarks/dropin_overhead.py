@@ -1,14 +1,15 @@
 """What the drop-in ``polyreg_cnf.odeint`` costs next to torchdiffeq's, with and without TPR.
 
-Run: ``python -m benchmarks.dropin_overhead`` (writes
-``benchmarks/results/dropin_overhead.{json,md}``).
+    python -m benchmarks.dropin_overhead [--repeats 200] [--seeds 7] [--train-steps 200]
 
-How it measures: docs/benchmarks.md, `benchmarks.dropin_overhead`.
+Writes benchmarks/results/dropin_overhead.{json,md}; how it measures: docs/benchmarks.md,
+`benchmarks.dropin_overhead`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -44,21 +45,22 @@ class Field(nn.Module):
 
 
 class Counted(nn.Module):
-    """Counts calls: forward until ``backward`` is set, then backward."""
+    """``field``, counting its calls."""
 
     def __init__(self, field: nn.Module) -> None:
         super().__init__()
         self.field = field
-        self.forward_nfe = 0
-        self.backward_nfe = 0
-        self.backward = False
+        self.calls = 0
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.backward:
-            self.backward_nfe += 1
-        else:
-            self.forward_nfe += 1
+        self.calls += 1
         return self.field(t, x)
+
+    def nfe(self, loss: torch.Tensor) -> tuple[int, int]:
+        """The forward NFE so far, and the backward NFE of ``loss.backward()``."""
+        forward = self.calls
+        loss.backward()
+        return forward, self.calls - forward
 
 
 def spiral(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,10 +102,7 @@ def time_solves(field: Field, repeats: int, tol: float) -> dict[str, Any]:
                 solve, count = arms[arm]
                 field.zero_grad(set_to_none=True)
                 start = time.perf_counter()
-                if count:
-                    with record_nfe(NFECounter()):
-                        pred = solve(field, x0, GRID, rtol=tol, atol=tol)
-                else:
+                with record_nfe(NFECounter()) if count else contextlib.nullcontext():
                     pred = solve(field, x0, GRID, rtol=tol, atol=tol)
                 (pred - ys).square().mean().backward()
                 if r >= 3:  # warm-up
@@ -121,34 +120,22 @@ def tpr_nfe(field: Field, seeds: int, tol: float, num_samples: int, coef: float
                                               "drop-in, TPR": []}
     for seed in range(seeds):
         x0, ys = spiral(256, 100 + seed)
-        gen_state = torch.Generator().manual_seed(seed).get_state()
-
         # the drop-in, inside a recorder (what a training step with the callback runs)
         counted = Counted(field)
-        recorder = TrajectoryRecorder(num_samples, 1, generator=torch.Generator())
-        recorder.generator.set_state(gen_state)
+        recorder = TrajectoryRecorder(num_samples, 1, generator=torch.Generator().manual_seed(seed))
         with recorder:
             pred = polyreg_cnf.odeint_adjoint(counted, x0, GRID, rtol=tol, atol=tol)
-        counted.backward = True
-        ((pred - ys).square().mean() + coef * recorder.penalty()).backward()
-        arms["drop-in, TPR"].append((counted.forward_nfe, counted.backward_nfe))
-
-        # torchdiffeq's adjoint on the same merged grid, the same loss
-        generator = torch.Generator()
-        generator.set_state(gen_state)
-        grid = penalty_grid(GRID, num_samples, generator)
+        loss = (pred - ys).square().mean() + coef * recorder.penalty()
+        arms["drop-in, TPR"].append(counted.nfe(loss))
+        # torchdiffeq's adjoint on the same merged grid (the same interior times), the same loss
+        grid = penalty_grid(GRID, num_samples, torch.Generator().manual_seed(seed))
         counted = Counted(field)
         traj = torchdiffeq.odeint_adjoint(counted, x0, grid.times, rtol=tol, atol=tol)
-        counted.backward = True
         loss = (grid.select(traj) - ys).square().mean() + coef * grid.penalty(traj, 1)
-        loss.backward()
-        arms["stock, TPR"].append((counted.forward_nfe, counted.backward_nfe))
-
+        arms["stock, TPR"].append(counted.nfe(loss))
         counted = Counted(field)
         pred = torchdiffeq.odeint_adjoint(counted, x0, GRID, rtol=tol, atol=tol)
-        counted.backward = True
-        (pred - ys).square().mean().backward()
-        arms["stock, no TPR"].append((counted.forward_nfe, counted.backward_nfe))
+        arms["stock, no TPR"].append(counted.nfe((pred - ys).square().mean()))
     field.zero_grad(set_to_none=True)
     base = statistics.median(b for _, b in arms["stock, no TPR"])
     return {arm: {"forward_nfe": statistics.median(f for f, _ in rows),
@@ -159,42 +146,33 @@ def tpr_nfe(field: Field, seeds: int, tol: float, num_samples: int, coef: float
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    lines = [
-        "# Drop-in odeint: overhead without the regularizer, backward NFE with TPR", "",
-        f"Command: `{result['command']}`", "",
-        f"Machine: {result['cpu']}, nproc {result['nproc']}, 1 torch thread; torch "
-        f"{result['torch']}, torchdiffeq {result['torchdiffeq']}, Python {result['python']}. "
-        f"Other processes may have shared the CPU: seconds are indicative, NFE exact.", "",
-        f"Model: a trajectory model (MLP 2-64-64-2, tanh) fitted for {result['train_steps']} Adam "
-        f"steps to a linear spiral observed at t = {GRID.tolist()}; dopri5, rtol = atol = "
-        f"{result['tol']}; batch 256.", "",
+    """The timing table and the NFE table, after the run's machine and model."""
+    return "\n".join([
+        *common.header(
+            "dropin_overhead",
+            "Drop-in odeint: overhead without the regularizer, backward NFE with TPR",
+            result["command"],
+            f"Machine: {result['cpu']}, nproc {result['nproc']}, 1 torch thread; torch "
+            f"{result['torch']}, torchdiffeq {result['torchdiffeq']}, Python {result['python']}.",
+            f"Model: MLP 2-64-64-2 fitted for {result['train_steps']} Adam steps to a linear "
+            f"spiral observed at t = {GRID.tolist()}; dopri5, rtol = atol = {result['tol']}."),
         "## 1. No regularizer: seconds per solve (forward + backward), median of "
         f"{result['repeats']} interleaved repeats", "",
         *table(["call", "arm", "median s", "ratio to torchdiffeq"],
                [[call, arm, f"{row['median_s']:.4f}", f"{row['ratio']:.3f}"]
-                for call, arms in result["timing"].items() for arm, row in arms.items()], "llrr")]
-    lines += [
+                for call, arms in result["timing"].items() for arm, row in arms.items()], "llrr"),
         "", f"## 2. TPR on the 5-point grid (K = {result['num_samples']} interior times, m = 1, "
         f"coef {result['coef']}): NFE, median of {result['seeds']} seeds", "",
-        "The stock arm with TPR solves on the same merged grid (the same interior times) and "
-        "backpropagates the same loss; the drop-in's values at the requested times are "
-        "torchdiffeq's.", "",
         *table(["arm", "forward NFE", "backward NFE", "backward / stock without TPR",
                 "backward NFE per seed"],
                [[arm, f"{row['forward_nfe']:g}", f"{row['backward_nfe']:g}",
                  f"{row['backward_ratio']:.2f}", row["backward_per_seed"]]
-                for arm, row in result["tpr"].items()], "lrrrl")]
-    return "\n".join(lines) + "\n"
+                for arm, row in result["tpr"].items()], "lrrrl")]) + "\n"
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--seeds", type=int, default=7)
-    parser.add_argument("--train-steps", type=int, default=200)
-    parser.add_argument("--tol", type=float, default=1e-5)
-    parser.add_argument("--num-samples", type=int, default=2)
-    parser.add_argument("--coef", type=float, default=5.0)
+FLAGS = {"--repeats": dict(type=int, default=200), "--seeds": dict(type=int, default=7),
+         "--train-steps": dict(type=int, default=200), "--tol": dict(type=float, default=1e-5),
+         "--num-samples": dict(type=int, default=2), "--coef": dict(type=float, default=5.0)}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -209,8 +187,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         tpr=tpr_nfe(field, args.seeds, args.tol, args.num_samples, args.coef))
 
 
-STUDY = common.Study("dropin_overhead", __doc__, measure, to_markdown, arguments)
-
+STUDY = common.Study("dropin_overhead", __doc__, measure, to_markdown, flags=FLAGS)
 main = STUDY.main
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Usage:
         [--block-seconds 0.05] [--no-compile] [--device cpu] [--out benchmarks/results/engine_speed]
     python -m benchmarks.engine_speed --render benchmarks/results/engine_speed.json
 
-How it measures: docs/benchmarks.md, `benchmarks.engine_speed`.
+Writes benchmarks/results/engine_speed.{json,md}; how it measures: docs/benchmarks.md,
+`benchmarks.engine_speed`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -75,13 +77,9 @@ WORKLOADS = {
 
 # ------------------------------------------------------------------------------ arithmetic
 def matmul_shapes(w: Workload, exact: bool) -> list[tuple[int, int, int, int]]:
-    """(batch, m, k, n) of every matmul of one forward-mode evaluation (batch 1: a plain mm).
-
-    Value: (B, n_in [+1 time column for concat]) x (n_in, n_out), plus for an amortized layer
-    the two rank-r products. Tangents (K = D exact, 1 Hutchinson): (B K, n_in) x (n_in, n_out)
-    per layer, except the exact trace's first layer (the tangents are the weight itself) and
-    last layer (only the diagonal, counted apart in :func:`flops`).
-    """
+    """(batch, m, k, n) of every matmul of one forward-mode evaluation (batch 1: a plain mm):
+    the value's, and the tangents' (D of them for the exact trace, whose first layer's tangents
+    are the weight itself and whose last layer's diagonal :func:`flops` counts apart)."""
     widths = (w.dim, *w.hidden, w.dim)
     time_col = 0 if w.layer_type == "concatsquash" else 1
     K = w.dim if exact else 1
@@ -116,13 +114,9 @@ def floor_calls(w: Workload, exact: bool, step: bool,
     ops = []
     for b, m, k, n in matmul_shapes(w, exact):
         shapes = [(m, k, n)] + ([(m, n, k), (k, m, n)] if step else [])
-        for p, q, r in shapes:
-            if b == 1:
-                ops.append((torch.mm, torch.randn(p, q, device=device),
-                            torch.randn(q, r, device=device)))
-            else:
-                ops.append((torch.bmm, torch.randn(b, p, q, device=device),
-                            torch.randn(b, q, r, device=device)))
+        batch = () if b == 1 else (b,)
+        ops += [(torch.mm if b == 1 else torch.bmm, torch.randn(*batch, p, q, device=device),
+                 torch.randn(*batch, q, r, device=device)) for p, q, r in shapes]
 
     def run() -> None:
         for fn, a, c in ops:
@@ -131,7 +125,7 @@ def floor_calls(w: Workload, exact: bool, step: bool,
 
 
 # ------------------------------------------------------------------------------ the paths
-def reference_field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
+def reference_field(net: nn.Module, t: Tensor, z: Tensor, *, probe: Tensor | None,
                     context: Tensor | None) -> tuple[Tensor, Tensor]:
     """Today's CNF field: net(t, z) and reverse-mode divergence (graph kept when grad is on)."""
     keep_graph = torch.is_grad_enabled()
@@ -143,18 +137,9 @@ def reference_field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
     return (f, div) if keep_graph else (f.detach(), div.detach())
 
 
-def _forward_mode(fn: Callable[..., tuple[Tensor, Tensor]], **options: Any
-                  ) -> Callable[..., tuple[Tensor, Tensor]]:
-    """A forward-mode field (``fn``) with the reference path's signature."""
-    def field(net: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None,
-              context: Tensor | None) -> tuple[Tensor, Tensor]:
-        return fn(net, t, z, probe=probe, context=context, **options)
-    return field
-
-
-PATHS = {"reference": reference_field, "forward": _forward_mode(field_and_divergence),
-         "compiled": _forward_mode(compiled_field_and_divergence),
-         "compiled_static": _forward_mode(compiled_field_and_divergence, dynamic_batch=False)}
+PATHS = {"reference": reference_field, "forward": field_and_divergence,
+         "compiled": compiled_field_and_divergence,
+         "compiled_static": partial(compiled_field_and_divergence, dynamic_batch=False)}
 
 
 class _Field(nn.Module):
@@ -222,49 +207,42 @@ def make_call(path: Callable[..., tuple[Tensor, Tensor]], mode: str, w: Workload
     if mode == "eval":
         def evaluate() -> None:
             with torch.no_grad():
-                path(net, t, z, probe, context)
+                path(net, t, z, probe=probe, context=context)
         return evaluate
     z = z.requires_grad_(True)
     ctx = None if context is None else context.clone().requires_grad_(True)
     weight = torch.randn(w.batch, w.dim, generator=gen, device=device)
     if mode == "field":
-        return lambda: path(net, t, z, probe, ctx)
+        return lambda: path(net, t, z, probe=probe, context=ctx)
 
     def step() -> None:
         net.zero_grad(set_to_none=True)
         z.grad = None
-        f, div = path(net, t, z, probe, ctx)
+        f, div = path(net, t, z, probe=probe, context=ctx)
         ((f * weight).sum() + div.sum()).backward()
     return step
 
 
 # ------------------------------------------------------------------------------ measuring
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def seconds_per_call(call: Callable[[], None], device: torch.device, n: int = 1) -> float:
     """Wall seconds per call over ``n`` calls in a row (the device synchronised around them)."""
-    _sync(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     start = time.perf_counter()
     for _ in range(n):
         call()
-    _sync(device)
+    sync()
     return (time.perf_counter() - start) / n
-
-
-def calls_per_block(call: Callable[[], None], seconds: float, device: torch.device) -> int:
-    """How many calls fill about ``seconds`` (after two warm-up calls)."""
-    call()
-    call()
-    return max(1, round(seconds / max(seconds_per_call(call, device), 1e-7)))
 
 
 def interleaved(calls: dict[str, Callable[[], None]], repeats: int, seconds: float,
                 device: torch.device) -> dict[str, dict[str, float]]:
-    """Median (and quartiles) of seconds per call, blocks of the variants interleaved."""
-    n = {k: calls_per_block(c, seconds, device) for k, c in calls.items()}
+    """Median (and quartiles) of seconds per call, blocks of the variants interleaved; a block
+    holds as many calls as fill about ``seconds`` (timed after two warm-up calls)."""
+    for call in (*calls.values(), *calls.values()):
+        call()
+    n = {k: max(1, round(seconds / max(seconds_per_call(c, device), 1e-7)))
+         for k, c in calls.items()}
     samples: dict[str, list[float]] = {k: [] for k in calls}
     names = list(calls)
     for r in range(repeats):
@@ -278,14 +256,10 @@ def interleaved(calls: dict[str, Callable[[], None]], repeats: int, seconds: flo
 
 
 def profile_split(call: Callable[[], None], calls: int) -> dict[str, float]:
-    """Fractions of wall time: matmuls, other kernels, autograd engine, Python and dispatch.
-
-    From torch.profiler's self CPU times: ``matmul`` sums the matmul kernels
-    (:data:`MATMUL_OPS`), ``autograd`` the autograd engine's own events (backward nodes and
-    ``autograd::`` entries), ``kernels`` every other ``aten::`` op, ``other_ops`` any other
-    recorded event; ``python_dispatch`` is the wall time left outside every recorded event.
-    The profiler's own overhead inflates the absolute times (reported as ``profiled_seconds``).
-    """
+    """Fractions of wall time by torch.profiler's self CPU times: ``matmul`` (:data:`MATMUL_OPS`),
+    ``autograd`` (backward nodes, ``autograd::`` events), ``kernels`` (other ``aten::`` ops),
+    ``other_ops`` and ``python_dispatch`` (outside every event); ``profiled_seconds`` per call
+    includes the profiler's own overhead."""
     from torch.profiler import ProfilerActivity, profile
 
     call()
@@ -296,15 +270,10 @@ def profile_split(call: Callable[[], None], calls: int) -> dict[str, float]:
         wall = time.perf_counter() - start
     buckets = dict(matmul=0.0, kernels=0.0, autograd=0.0, other_ops=0.0)
     for e in prof.key_averages():
-        us = e.self_cpu_time_total / 1e6
-        if e.key in MATMUL_OPS:
-            buckets["matmul"] += us
-        elif "autograd" in e.key or "Backward" in e.key:
-            buckets["autograd"] += us
-        elif e.key.startswith("aten::"):
-            buckets["kernels"] += us
-        else:
-            buckets["other_ops"] += us
+        bucket = ("matmul" if e.key in MATMUL_OPS else
+                  "autograd" if "autograd" in e.key or "Backward" in e.key else
+                  "kernels" if e.key.startswith("aten::") else "other_ops")
+        buckets[bucket] += e.self_cpu_time_total / 1e6
     recorded = sum(buckets.values())
     out = {k: v / wall for k, v in buckets.items()}
     out["python_dispatch"] = max(0.0, wall - recorded) / wall
@@ -315,12 +284,9 @@ def profile_split(call: Callable[[], None], calls: int) -> dict[str, float]:
 def compile_seconds(w: Workload, net: nn.Module, context: Tensor | None,
                     device: torch.device) -> dict[str, float]:
     """Seconds of the first compiled call of each mode (tracing, inductor, C++ build)."""
-    out = {}
-    for path in ("compiled", "compiled_static"):
-        for mode in ("eval", "step"):
-            out[f"{path}/{mode}"] = seconds_per_call(
-                make_call(PATHS[path], mode, w, net, context, device), device)
-    return out
+    return {f"{path}/{mode}": seconds_per_call(make_call(PATHS[path], mode, w, net, context,
+                                                         device), device)
+            for path in ("compiled", "compiled_static") for mode in ("eval", "step")}
 
 
 def measure_workload(w: Workload, repeats: int, seconds: float, compile_: bool,
@@ -359,16 +325,6 @@ def measure_workload(w: Workload, repeats: int, seconds: float, compile_: bool,
 
 
 # ------------------------------------------------------------------------------ report
-def machine(device: torch.device) -> dict[str, Any]:
-    """The machine, the device and the load at the start."""
-    info = dict(platform=platform.platform(), cpu=common.cpu_name(), cpus=os.cpu_count(),
-                torch=torch.__version__, threads=torch.get_num_threads(), device=str(device),
-                load_average_start=os.getloadavg()[0])
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def _us(s: float) -> str:
     return f"{s * 1e6:,.0f}"
 
@@ -376,17 +332,14 @@ def _us(s: float) -> str:
 def markdown(payload: dict[str, Any]) -> str:
     """The JSON as tables: times per call, ratios to the reference, floor and profile split."""
     meta, results = payload["meta"], payload["results"]
-    lines = ["# Engine speed: one CNF evaluation, floor vs reverse mode vs forward mode", "",
-             f"Command: `{meta['command']}`", "",
-             f"Machine: {meta['cpu'] or meta['platform']}, {meta['cpus']} CPUs, torch "
-             f"{meta['torch']}, {meta['threads']} torch thread, device {meta['device']}"
-             + (f" ({meta['gpu']})" if meta.get("gpu") else "") + ". "
-             f"Load average {meta['load_average_start']:.1f} at the start and "
-             f"{meta['load_average_end']:.1f} at the end: the machine was shared with other "
-             "jobs while measuring; variants were interleaved block by block so the load fell "
-             "on all alike, and the figures are medians.", "",
-             "Microseconds per call, median over blocks; what each column holds and how to "
-             "read the gap to the floor: docs/benchmarks.md, `benchmarks.engine_speed`.", ""]
+    lines = common.header(
+        "engine_speed", "Engine speed: one CNF evaluation, floor vs reverse mode vs forward mode",
+        meta["command"],
+        f"Machine: {meta['cpu'] or meta['platform']}, {meta['cpus']} CPUs, torch {meta['torch']}, "
+        f"{meta['threads']} torch thread, device {meta['device']}"
+        + (f" ({meta['gpu']})" if meta.get("gpu") else "") + ". Load average "
+        f"{meta['load_average_start']:.1f} at the start and {meta['load_average_end']:.1f} at the "
+        "end. Microseconds per call, median over blocks.")
     timed = ("floor", "reference", "forward", "compiled", "compiled_static")
     lines += table(["workload", "mode", "trace", "MFLOP", "floor", "reference", "forward",
                     "compiled", "compiled static", "forward/ref", "compiled/ref",
@@ -401,8 +354,7 @@ def markdown(payload: dict[str, Any]) -> str:
     graphs = [(r["workload"]["name"], mode, r[mode]) for r in results
               for mode in ("eval", "step") if "cuda_graph" in r[mode]["seconds"]]
     if graphs:
-        lines += ["", "CUDA graphs (the forward-mode evaluation or step replayed from one "
-                  "captured graph, inputs in static buffers):", "",
+        lines += ["", "CUDA graphs:", "",
                   *table(["workload", "mode", "cuda graph (us)", "cuda graph/ref"],
                          [[name, mode, _us(e["seconds"]["cuda_graph"]["median"]),
                            f"{e['ratio_to_reference']['cuda_graph']:.2f}"]
@@ -413,17 +365,14 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += ["", "CUDA-graph capture failed: " + "; ".join(
             f"{name} {mode}: {err}" for name, errs in errors for mode, err in errs.items())]
     if any("compile_seconds" in r for r in results):
-        lines += ["", "Compile time (first call, excluded from the figures above), seconds. "
-                  "`compiled`: one graph for every batch size (batch dimension marked "
-                  "dynamic); `compiled static`: a graph specialised to the batch size:", "",
+        lines += ["", "Compile time (first call, excluded from the figures above), seconds:", "",
                   *table(["workload", "compiled eval", "compiled step", "static eval",
                           "static step"],
                          [[r["workload"]["name"], *(f"{c[f'{p}/{m}']:.1f}"
                                                     for p in ("compiled", "compiled_static")
                                                     for m in ("eval", "step"))]
                           for r in results if (c := r.get("compile_seconds"))])]
-    lines += ["", "Where the time goes (torch.profiler, fraction of profiled wall time; "
-              "`python+dispatch` is the time outside every recorded op):", "",
+    lines += ["", "Where the time goes (torch.profiler, fraction of profiled wall time):", "",
               *table(["workload", "mode", "path", "matmul", "other kernels", "autograd engine",
                       "python+dispatch", "other ops"],
                      [[r["workload"]["name"], mode, path,
@@ -434,22 +383,21 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--block-seconds", type=float, default=0.05)
-    parser.add_argument("--profile-calls", type=int, default=20)
-    parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--device", default="cpu")
+FLAGS = {"--workloads": dict(nargs="+", default=list(WORKLOADS), choices=WORKLOADS),
+         "--repeats": dict(type=int, default=15), "--block-seconds": dict(type=float, default=0.05),
+         "--profile-calls": dict(type=int, default=20),
+         "--no-compile": dict(action="store_true"), "--device": dict(default="cpu")}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every workload's three modes, one torch thread."""
     torch.set_num_threads(1)
     device = torch.device(args.device)
-    meta = machine(device)
-    meta["command"] = args.command
+    meta = dict(platform=platform.platform(), cpu=common.cpu_name(), cpus=os.cpu_count(),
+                torch=torch.__version__, threads=torch.get_num_threads(), device=str(device),
+                load_average_start=os.getloadavg()[0], command=args.command)
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
     results = [measure_workload(WORKLOADS[name], args.repeats, args.block_seconds,
                                 not args.no_compile, device, args.profile_calls)
                for name in args.workloads]
@@ -457,8 +405,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return dict(meta=meta, results=results)
 
 
-STUDY = common.Study("engine_speed", __doc__, measure, markdown, arguments)
-
+STUDY = common.Study("engine_speed", __doc__, measure, markdown, flags=FLAGS)
 main = STUDY.main
 
 if __name__ == "__main__":

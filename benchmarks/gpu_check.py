@@ -2,7 +2,8 @@
 
     python -m benchmarks.gpu_check [--out benchmarks/results/gpu_check]
 
-How it measures: docs/benchmarks.md, `benchmarks.gpu_check`.
+Writes ``<out>.{json,md}`` (default benchmarks/results/gpu_check) and ``<out>_engine.{json,md}``;
+how it measures: docs/benchmarks.md, `benchmarks.gpu_check`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,33 +37,10 @@ TEST_TIMEOUT = 240
 CUDA_SKIP_REASON = "needs a CUDA device"
 
 
-# ------------------------------------------------------------------------------ no CUDA
-def no_cuda_message() -> str:
-    """Why nothing can run here: what torch reports, and what to do."""
-    built = torch.version.cuda or "none (a CPU-only build)"
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return (f"benchmarks.gpu_check: no CUDA device: torch.cuda.is_available() is False (torch "
-            f"{torch.__version__}, built with CUDA {built}; CUDA_VISIBLE_DEVICES="
-            f"{'unset' if visible is None else repr(visible)}). Nothing was measured and no "
-            f"results were written. Run it on a machine with an NVIDIA GPU and a CUDA build of "
-            f"torch (this project's Makefile installs the CPU wheel).")
-
-
 # ------------------------------------------------------------------------------ tests
 def junit_outcomes(xml_text: str) -> list[dict[str, str]]:
-    """Each test case of a pytest ``--junitxml`` report: name, outcome and message.
-
-    Outcome is ``passed``, ``failed`` (a failure or an error) or ``skipped``.
-
-    Example:
-        >>> junit_outcomes('<testsuites><testsuite><testcase classname="tests.test_gpu" '
-        ...                'name="test_a"/><testcase classname="tests.test_gpu" name="test_b">'
-        ...                '<skipped message="needs a CUDA device"/></testcase></testsuite>'
-        ...                '</testsuites>')  # doctest: +NORMALIZE_WHITESPACE
-        [{'name': 'tests.test_gpu::test_a', 'outcome': 'passed', 'message': ''},
-         {'name': 'tests.test_gpu::test_b', 'outcome': 'skipped',
-          'message': 'needs a CUDA device'}]
-    """
+    """Each test case of a pytest ``--junitxml`` report: ``name`` (``class::test``), ``outcome``
+    (``passed``, ``failed`` for a failure or an error, ``skipped``) and ``message``."""
     out = []
     for case in ET.fromstring(xml_text).iter("testcase"):
         outcome, message = "passed", ""
@@ -107,29 +86,16 @@ def run_device_tests(timeout: float = TEST_TIMEOUT) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ memory
 def memory_estimate(blocks: Sequence[tuple[float, int, int]]) -> float:
     """Bytes direct backprop keeps by the estimate: sum of bytes per evaluation and row x rows x
-    forward NFE over the blocks ``(bytes_per_row, rows, forward_nfe)``.
-
-    Example:
-        >>> memory_estimate([(100.0, 10, 14), (50.0, 10, 20)])
-        24000.0
-    """
+    forward NFE over the blocks ``(bytes_per_row, rows, forward_nfe)``."""
     return float(sum(b * r * n for b, r, n in blocks))
-
-
-def _batch_rows(batch: Any) -> int:
-    first = batch[0] if isinstance(batch, (list, tuple)) else batch
-    return int(first.shape[0])
 
 
 def memory_probe(allocated: Callable[[], int] | None = None,
                  peak: Callable[[], int] | None = None,
                  reset: Callable[[], None] | None = None) -> Any:
-    """A Lightning callback recording, per training step, the memory estimate of the model's
-    ODE blocks and the allocator's growth over the step (in ``.records``).
-
-    Each record: ``step``, ``direct`` (no block evaluated anything backwards), ``blocks``
-    (``(bytes_per_row, rows, forward_nfe)`` per block), ``estimate`` (:func:`memory_estimate`)
-    and ``growth`` (``peak() - allocated()`` taken at the step's start).
+    """A Lightning callback recording in ``.records``, per training step: ``step``, ``direct``
+    (no block evaluated backwards), ``blocks`` (``(bytes_per_row, rows, forward_nfe)`` each),
+    their ``estimate`` (:func:`memory_estimate`) and ``growth`` (``peak()`` over the step's start).
 
     Args:
         allocated: Bytes in use now (default ``torch.cuda.memory_allocated``).
@@ -157,7 +123,7 @@ def memory_probe(allocated: Callable[[], int] | None = None,
         def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                outputs: Any, batch: Any, batch_idx: int) -> None:
             growth = int(peak()) - self._base
-            rows = _batch_rows(batch)
+            rows = int((batch[0] if isinstance(batch, (list, tuple)) else batch).shape[0])
             blocks = [(float(b.backprop_decision.bytes_per_row or 0.0), rows,
                        int(b.nfe.forward)) for b in ode_blocks(pl_module)]
             direct = all(b.nfe.backward == 0 for b in ode_blocks(pl_module))
@@ -184,13 +150,11 @@ def memory_check(preset: str, data_root: Path, steps: int = MEMORY_STEPS) -> dic
 def markdown(results: dict[str, Any]) -> str:
     """The results page: machine, tests, timings, memory, errors (only what was measured)."""
     meta = results["meta"]
-    lines = ["# GPU check (issue 14, item 6)", "",
-             "How to read it: docs/benchmarks.md, `benchmarks.gpu_check`.", "",
-             f"Command: `{meta['command']}`  ",
-             f"Machine: {meta['gpus']}; {meta['cpu']}  ",
-             f"Versions: Python {meta['python']}, torch {meta['torch']} (CUDA "
-             f"{meta['cuda']}), code at commit {meta['git_commit']}.  ",
-             f"Wall time: {meta['wall_seconds']:.0f} s. Exit status: {meta['exit_status']}.", ""]
+    lines = common.header(
+        "gpu_check", "GPU check (issue 14, item 6)", meta["command"],
+        f"Machine: {meta['gpus']}; {meta['cpu']}. Python {meta['python']}, torch {meta['torch']} "
+        f"(CUDA {meta['cuda']}), code at commit {meta['git_commit']}. Wall time: "
+        f"{meta['wall_seconds']:.0f} s. Exit status: {meta['exit_status']}.")
     tests = results.get("tests")
     lines += ["## Device tests (tests/test_gpu.py)", ""]
     if tests is None:
@@ -213,11 +177,7 @@ def markdown(results: dict[str, Any]) -> str:
     if not timing or not timing.get("summary"):
         lines.append("Not measured.")
     else:
-        lines += table(["preset", "s/step none", "s/step poly", "ratio poly/none",
-                        "fwd NFE none / poly", "bwd NFE none / poly", "backprop none / poly"],
-                       [[r["preset"], f"{r['seconds_none']:.4f}", f"{r['seconds_poly']:.4f}",
-                         f"{r['ratio']:.3f}", *step_cost.pair_cells(r)]
-                        for r in timing["summary"]])
+        lines += step_cost.summary_table(timing["summary"])  # the columns of step_cost.md
     lines += ["", "## backprop=auto memory estimate vs CUDA allocations", ""]
     memory = results.get("memory")
     if not memory:
@@ -235,14 +195,6 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _gpu_line() -> str:
-    count = torch.cuda.device_count()
-    names = [torch.cuda.get_device_name(i) for i in range(count)]
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    return f"{count} x {names[0]} ({total:.0f} GiB)" if len(set(names)) == 1 else \
-        f"{count} GPUs: {', '.join(names)}"
-
-
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every part in turn; a part that fails is reported and the others still run.
 
@@ -250,11 +202,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         SystemExit: No CUDA device (status :data:`EXIT_NO_CUDA`; nothing measured or written).
     """
     if not torch.cuda.is_available():
-        print(no_cuda_message(), file=sys.stderr)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        built = torch.version.cuda or "none (a CPU-only build)"
+        print(f"benchmarks.gpu_check: no CUDA device: torch.cuda.is_available() is False (torch "
+              f"{torch.__version__}, built with CUDA {built}; CUDA_VISIBLE_DEVICES="
+              f"{'unset' if visible is None else repr(visible)}). "
+              f"Nothing was measured and no results were written. Run it on a machine with an "
+              f"NVIDIA GPU and a CUDA build of torch (this project's Makefile installs the CPU "
+              f"wheel).", file=sys.stderr)
         raise SystemExit(EXIT_NO_CUDA)
     start = time.perf_counter()
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    gpus = (f"{len(names)} x {names[0]} ({gib:.0f} GiB)" if len(set(names)) == 1 else
+            f"{len(names)} GPUs: {', '.join(names)}")
     results: dict[str, Any] = dict(meta=dict(
-        command=args.command, gpus=_gpu_line(), cpu=step_cost.machine(), **common.versions(),
+        command=args.command, gpus=gpus, cpu=step_cost.machine(), **common.versions(),
         cuda=torch.version.cuda), errors=[])
 
     def save(status: int) -> None:
@@ -275,14 +238,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as data_root:
         root = Path(data_root)
         attempt("stand-in data", lambda: step_cost.write_standin_data(root))
-        runs: list[dict[str, Any]] = []
-        for reg in ("none", "poly"):
-            r = attempt(f"front door --reg {reg}", lambda reg=reg: step_cost.run_front_door(reg))
-            runs += [r] if r else []
-        for reg in ("poly", "none"):
-            r = attempt(f"power --reg {reg}", lambda reg=reg: step_cost.run_preset(
-                "power", reg, 0, POWER_STEPS, root, accelerator="gpu", devices="1"))
-            runs += [r] if r else []
+        parts = {**{f"front door --reg {reg}": partial(step_cost.run_front_door, reg)
+                    for reg in ("none", "poly")},
+                 **{f"power --reg {reg}": partial(step_cost.run_preset, "power", reg, 0,
+                                                  POWER_STEPS, root, accelerator="gpu",
+                                                  devices="1") for reg in ("poly", "none")}}
+        runs = [r for part, run in parts.items() if (r := attempt(part, run))]
         results["timing"] = dict(runs=runs, summary=step_cost.summarise(runs))
         save(1)
         memory = [attempt(f"memory {p}", lambda p=p: memory_check(p, root))

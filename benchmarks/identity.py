@@ -4,13 +4,8 @@
         [--head-tree . --head-python .venv/bin/python] [--steps 200] [--seeds 0 1 2] \\
         [--arms ...] [--out benchmarks/results/refactor_identity]
 
-Each tree trains every arm x seed of the quick suite (checkerboard, benchmarks/run.py) with its
-own interpreter, engine and benchmarks/harness.py, one process per tree, both at once. Kept of
-each run: the training loss Lightning backpropagates (regularizer terms included) and the forward
-and backward NFE of every step, the validation NLLs, test NLL, test NFE, test NLL at the training
-tolerance and a hash of the final weights. Each field is compared for exact equality (floats bit
-for bit); the report names the first step where a field differs. Exit status 1 when any field
-differs.
+Writes benchmarks/results/refactor_identity.{json,md}; exit status 1 when any field of any run
+differs. What it compares: docs/benchmarks.md, `benchmarks.identity`.
 """
 
 from __future__ import annotations
@@ -27,6 +22,7 @@ from typing import Any
 
 from benchmarks import common
 from benchmarks.common import UsageError, table
+from benchmarks.run import SUITES
 
 __all__ = ["FIELDS", "PER_STEP", "RUNNER", "STUDY", "compare", "main", "record"]
 
@@ -139,19 +135,15 @@ def compare(base: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    from benchmarks.run import SUITES
-
-    quick = SUITES["quick"]
-    parser.add_argument("--base-tree", type=Path, help="the earlier tree (required)")
-    parser.add_argument("--base-python", type=Path, help="its interpreter (required)")
-    parser.add_argument("--head-tree", type=Path, default=common.ROOT)
-    parser.add_argument("--head-python", type=Path, default=Path(sys.executable))
-    parser.add_argument("--steps", type=int, default=quick["workloads"]["checkerboard"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(quick["seeds"]))
-    parser.add_argument("--arms", nargs="+", default=list(quick["arms"]))
-    parser.add_argument("--note", default="", help="what explains the result (in the report)")
+QUICK = SUITES["quick"]
+FLAGS = {"--base-tree": dict(type=Path, help="the earlier tree (required)"),
+         "--base-python": dict(type=Path, help="its interpreter (required)"),
+         "--head-tree": dict(type=Path, default=common.ROOT),
+         "--head-python": dict(type=Path, default=Path(sys.executable)),
+         "--steps": dict(type=int, default=QUICK["workloads"]["checkerboard"]),
+         "--seeds": dict(type=int, nargs="+", default=list(QUICK["seeds"])),
+         "--arms": dict(nargs="+", default=list(QUICK["arms"])),
+         "--note": dict(default="", help="what explains the result (in the report)")}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -195,29 +187,20 @@ def render(payload: dict[str, Any]) -> str:
                      f"{b['test_nll']:.10f} / {h['test_nll']:.10f}"])
     same = sum(not d for d in diffs)
     return "\n".join([
-        f"# {'Identical' if same == len(runs) else 'Not identical'}: "
-        f"{same} of {len(runs)} quick-suite runs, two trees",
-        "",
-        f"Base {name['base']} ({meta['base']['tree']}), head {name['head']} "
-        f"({meta['head']['tree']}); checkerboard, {meta['steps']} steps, each tree with its own "
-        f"interpreter, engine and harness; {meta['machine']['cpu']}, {meta['machine']['date']}.",
-        "",
-        f"Command: `{meta['command']}`",
-        "",
-        "Compared for exact equality (floats bit for bit): the training loss and the forward "
-        "and backward NFE of every step, the validation NLLs, test NLL, test NFE, test NLL at "
-        "the training tolerance and the SHA-256 of the final weights. Steps are counted from "
-        "zero.",
-        "",
-        *([meta["note"], ""] if meta["note"] else []),
+        *common.header(
+            "identity", f"{'Identical' if same == len(runs) else 'Not identical'}: "
+            f"{same} of {len(runs)} quick-suite runs, two trees", meta["command"],
+            f"Base {name['base']} ({meta['base']['tree']}), head {name['head']} "
+            f"({meta['head']['tree']}); checkerboard, {meta['steps']} steps; "
+            f"{meta['machine']['cpu']}, {meta['machine']['date']}.",
+            *([meta["note"]] if meta["note"] else [])),
         *table(["run", "identical", "first difference", "NFE of all steps (base / head)",
                 "test NLL (base / head)"], rows, align="lllrr"),
         ""])
 
 
-STUDY = common.Study("identity", __doc__, measure, render, arguments,
+STUDY = common.Study("identity", __doc__, measure, render, flags=FLAGS,
                      report=lambda args: common.RESULTS / "refactor_identity", indent=None)
-
 main = STUDY.main
 
 if __name__ == "__main__":

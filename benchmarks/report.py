@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS
 
-__all__ = ["UNRENDERED", "main", "render", "reports", "study_of"]
+__all__ = ["PREFIXES", "UNRENDERED", "main", "render", "reports", "study_of"]
 
 #: Committed reports that no study renders, and why.
 UNRENDERED = {
@@ -28,6 +28,11 @@ UNRENDERED = {
     # today's arms would call it direct backprop. Its markdown keeps the label it was run with.
     "matched": "made before the arms were renumbered (8a9418d): its arm names are not today's",
 }
+
+
+#: Reports named otherwise than their study: name prefix -> study.
+PREFIXES = {"frontier_": "frontier", "step_cost": "step_cost", "accuracy": "accuracy",
+            "vae_size": "vae_size", "refactor_identity": "identity"}
 
 
 def study_of(name: str) -> str:
@@ -39,19 +44,9 @@ def study_of(name: str) -> str:
     """
     from benchmarks.run import SUITES
 
-    if name.startswith("frontier_"):
-        return "frontier"
     if name in SUITES:
         return "run"
-    if name.startswith("step_cost"):
-        return "step_cost"
-    if name.startswith("accuracy"):
-        return "accuracy"
-    if name.startswith("vae_size"):
-        return "vae_size"
-    if name.startswith("refactor_identity"):
-        return "identity"
-    return name
+    return next((study for prefix, study in PREFIXES.items() if name.startswith(prefix)), name)
 
 
 def reports(results: Path = RESULTS) -> list[str]:

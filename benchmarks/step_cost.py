@@ -4,9 +4,8 @@ Usage:
     python -m benchmarks.step_cost [--seeds 0 1] [--presets toy power ...] [--steps toy=300 ...]
     python -m benchmarks.step_cost --render benchmarks/results/step_cost.json
 
-How to read the report: docs/benchmarks.md, "Reading the reports".
-
-How it measures: docs/benchmarks.md, `benchmarks.step_cost`.
+Writes benchmarks/results/step_cost.{json,md}. How it measures and how to read the report:
+docs/benchmarks.md, `benchmarks.step_cost` and "Reading the reports".
 """
 
 from __future__ import annotations
@@ -47,57 +46,37 @@ FRONT_DOOR = ("--model", "vae")
 
 # ------------------------------------------------------------------------------ data
 def maf_split_sizes(n: int) -> tuple[int, int, int]:
-    """(train, validation, test) rows of the MAF split of ``n`` rows (POWER, MINIBOONE).
-
-    Test is the last ``int(0.1 n)`` rows, validation the last ``int(0.1 rest)`` of the rest.
-
-    Example:
-        >>> maf_split_sizes(1000)
-        (810, 90, 100)
-    """
+    """(train, validation, test) rows of the MAF split of ``n`` rows (POWER, MINIBOONE): test is
+    the last ``int(0.1 n)`` rows, validation the last ``int(0.1 rest)`` of the rest."""
     test = int(0.1 * n)
     val = int(0.1 * (n - test))
     return n - test - val, val, test
 
 
 def table_split_sizes(n: int) -> tuple[int, int, int]:
-    """(train, validation, test) rows of the user-table split (10 % validation, 10 % test).
-
-    Example:
-        >>> table_split_sizes(1000)
-        (800, 100, 100)
-    """
-    test, val = int(0.1 * n), int(0.1 * n)
-    return n - test - val, val, test
+    """(train, validation, test) rows of the user-table split (10 % validation, 10 % test)."""
+    return n - 2 * int(0.1 * n), int(0.1 * n), int(0.1 * n)
 
 
 def rows_for_train(train: int, split: Callable[[int], tuple[int, int, int]]) -> int:
     """The smallest row count whose ``split`` leaves exactly ``train`` training rows.
 
-    Example:
-        >>> n = rows_for_train(80_000, maf_split_sizes)
-        >>> n, maf_split_sizes(n)[0]
-        (98764, 80000)
-
     Raises:
-        ValueError: No row count gives ``train`` training rows.
+        ValueError: ``train`` < 1, or no row count gives ``train`` training rows.
     """
     if train < 1:
         raise ValueError(f"train must be a positive number of rows, got {train!r}")
     n = train
-    while split(n)[0] <= train:
-        if split(n)[0] == train:
-            return n
+    while split(n)[0] < train:  # the training rows never shrink as n grows
         n += 1
-    raise ValueError(f"no row count leaves exactly {train} training rows")
+    if split(n)[0] != train:
+        raise ValueError(f"no row count leaves exactly {train} training rows")
+    return n
 
 
 def write_standin_data(root: Path) -> dict[str, Any]:
-    """Write POWER, MINIBOONE (standard layout under ``root``) and the 16-D table.
-
-    Returns:
-        What was written: path and rows per set.
-    """
+    """Write POWER, MINIBOONE (standard layout under ``root``) and the 16-D table; what was
+    written (path and rows per set)."""
     root = Path(root)
     out: dict[str, Any] = {}
     for offset, (name, dim) in enumerate(RAW_COLUMNS.items()):
@@ -119,37 +98,16 @@ def write_standin_data(root: Path) -> dict[str, Any]:
     return out
 
 
-def preset_options(preset: str, data_root: Path) -> dict[str, Any]:
-    """The options naming ``preset``'s data (everything else comes from the preset)."""
-    return {"toy": dict(data="checkerboard"),
-            "power": dict(data="power", data_dir=str(data_root)),
-            "miniboone": dict(data="miniboone", data_dir=str(data_root)),
-            "table": dict(data=str(Path(data_root) / "mixture16.npy")),
-            "vae": dict(model="vae", data="digits", max_epochs=None)}[preset]
-
-
 # ------------------------------------------------------------------------------ measuring
 def step_stats(history: Sequence[Sequence[float]],
                cpu: Sequence[float] | None = None) -> dict[str, float]:
-    """Per-step means of a run's (forward NFE, backward NFE, seconds) rows, first step excluded.
-
-    The first step is left out of the means (with ``backprop="auto"`` it solves with the
-    adjoint while it measures); ``seconds_all`` is the mean over every step and
-    ``seconds_median`` the median step (less sensitive to bursts of background load).
-    ``adjoint_steps`` counts the later steps whose gradient came from an adjoint solve
-    (backward NFE > 0: direct backprop evaluates nothing backwards). ``cpu``, the process's
-    CPU seconds per step, gives ``cpu_seconds`` (its mean over the same steps): unlike wall
-    time, it does not grow when other processes take the cores.
-
-    Example:
-        >>> s = step_stats([(14, 21, 0.25), (14, 0, 0.5), (20, 0, 1.0)], cpu=[0.2, 0.5, 0.25])
-        >>> s["seconds"], s["forward"], s["backward"], s["adjoint_steps"], s["seconds_all"]
-        (0.75, 17.0, 0.0, 0, 0.5833333333333334)
-        >>> s["cpu_seconds"]
-        0.375
+    """Per-step means of a run's (forward NFE, backward NFE, seconds) rows, the first step left
+    out (under ``backprop="auto"`` it measures on the adjoint); ``seconds_all`` is the mean over
+    every step, ``seconds_median`` the median step, ``adjoint_steps`` the later steps with
+    backward NFE > 0, and ``cpu_seconds`` the mean of ``cpu`` (CPU seconds per step).
 
     Raises:
-        ValueError: Fewer than two steps.
+        ValueError: Fewer than two steps, or ``cpu`` not one value per step.
     """
     if len(history) < 2:
         raise ValueError(f"need at least 2 training steps, got {len(history)}")
@@ -175,19 +133,8 @@ def backprop_label(stats: dict[str, float]) -> str:
 
 
 def read_metrics_csv(path: str | Path) -> list[tuple[int, int, float]]:
-    """(forward NFE, backward NFE, seconds) per training step from a run's ``metrics.csv``.
-
-    Training-step rows are those with ``time/step_seconds`` (validation and test rows have
-    none), in step order.
-
-    Example:
-        >>> import tempfile
-        >>> f = Path(tempfile.mkdtemp()) / "metrics.csv"
-        >>> _ = f.write_text("nfe/backward,nfe/forward,step,time/step_seconds,val/nll\\n"
-        ...                  "21.0,14.0,0,0.14,\\n,,0,,3.2\\n0.0,14.0,1,0.04,\\n")
-        >>> read_metrics_csv(f)
-        [(14, 21, 0.14), (14, 0, 0.04)]
-    """
+    """(forward NFE, backward NFE, seconds) per training step from a run's ``metrics.csv``, in
+    step order (training-step rows are those with ``time/step_seconds``)."""
     rows = []
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
@@ -223,7 +170,12 @@ def preset_config(preset: str, reg: str, seed: int, steps: int, data_root: Path,
     validation (so without early stopping) and test, writing under ``out``."""
     from polyreg_cnf.app.config import resolve
 
-    return resolve(dict(preset_options(preset, data_root), reg=reg, seed=seed, max_steps=steps,
+    data = {"toy": dict(data="checkerboard"),  # the options naming the preset's data
+            "power": dict(data="power", data_dir=str(data_root)),
+            "miniboone": dict(data="miniboone", data_dir=str(data_root)),
+            "table": dict(data=str(Path(data_root) / "mixture16.npy")),
+            "vae": dict(model="vae", data="digits", max_epochs=None)}[preset]
+    return resolve(dict(data, reg=reg, seed=seed, max_steps=steps,
                         limit_val_batches=0, early_stop_patience=0, test=False, logger="none",
                         plot_every=0, ckpt_every=0, progress=False, output_dir=out, **extra))
 
@@ -231,9 +183,7 @@ def preset_config(preset: str, reg: str, seed: int, steps: int, data_root: Path,
 def run_preset(preset: str, reg: str, seed: int, steps: int, data_root: Path,
                callbacks: Sequence[Any] = (), **extra: Any) -> dict[str, Any]:
     """Train one build-made run of ``preset`` for ``steps`` steps; its per-step figures.
-
-    ``callbacks`` go to :func:`polyreg_cnf.app.build.build` after the run's own; ``extra``
-    options (e.g. ``accelerator="gpu"``) are added to the preset's.
+    ``callbacks`` follow the run's own; ``extra`` options (``accelerator="gpu"``) join the preset's.
     """
     from polyreg_cnf.app.build import build
     from polyreg_cnf.engine.ode import ode_blocks
@@ -259,29 +209,15 @@ def run_preset(preset: str, reg: str, seed: int, steps: int, data_root: Path,
 
 def front_door_command(reg: str, seed: int | None = None,
                        backprop: str | None = None) -> list[str]:
-    """The ``train.py`` flags of the front door with ``--reg reg`` (plus the given changes).
-
-    Example:
-        >>> " ".join(front_door_command("poly"))
-        '--model vae --reg poly'
-        >>> " ".join(front_door_command("none", seed=1, backprop="adjoint"))
-        '--model vae --reg none --seed 1 --backprop adjoint'
-    """
-    argv = [*FRONT_DOOR, "--reg", reg]
-    if seed is not None:
-        argv += ["--seed", str(seed)]
-    if backprop is not None:
-        argv += ["--backprop", backprop]
-    return argv
+    """The ``train.py`` flags of the front door with ``--reg reg`` (plus the given changes)."""
+    return [*FRONT_DOOR, "--reg", reg, *(["--seed", str(seed)] if seed is not None else []),
+            *(["--backprop", backprop] if backprop is not None else [])]
 
 
 def lockstep(mine: Any, other: Any, timeout: float = 900) -> Any:
-    """A Lightning callback for strict turn-taking between two training processes.
-
-    The process trains a step only while holding ``mine``; at the end of each step (after the
-    NFE monitor and CPU clock have read their clocks, so waiting is never measured) it hands the
-    turn to the other process (``other.release()``) and waits for it back. Background load then
-    falls on both runs of a pair alike, one step apart.
+    """A Lightning callback for strict turn-taking between two training processes: a step runs
+    only while holding ``mine``; at its end (after the clocks have read it) the turn goes to the
+    other process and this one waits for it back.
 
     Args:
         mine: This process's semaphore (a ``multiprocessing`` semaphore starting at 0 or 1).
@@ -334,14 +270,13 @@ def run_pair(preset: str, seed: int, steps: int, data_root: Path,
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     turns = {reg: ctx.Semaphore(0) for reg in order}
-    a, b = order
-    procs = [ctx.Process(target=_pair_worker, args=(results, turns[reg], turns[b if reg == a
-                                                                              else a],
+    partner = dict(zip(order, reversed(order)))
+    procs = [ctx.Process(target=_pair_worker, args=(results, turns[reg], turns[partner[reg]],
                                                     preset, reg, seed, steps, str(data_root)))
              for reg in order]
     for proc in procs:
         proc.start()
-    turns[a].release()  # the first arm starts
+    turns[order[0]].release()  # the first arm starts
     got = dict(results.get(timeout=3600) for _ in procs)
     for proc in procs:
         proc.join(timeout=60)
@@ -362,11 +297,8 @@ DOOR_MODES = ("adjoint", "checkpoint", "bounded")
 
 def run_front_door(reg: str, seed: int | None = None, backprop: str | None = None,
                    timeout: float = 1800) -> dict[str, Any]:
-    """Run ``python train.py`` + :func:`front_door_command` in a fresh folder; its figures.
-
-    The process runs in a temporary folder (so ``runs/`` lands there) with the environment
-    unchanged; per-step figures come from the run's ``metrics.csv``.
-    """
+    """Run ``python train.py`` + :func:`front_door_command` in a temporary folder (where its
+    ``runs/`` lands); its figures, per step from the run's ``metrics.csv``."""
     argv = front_door_command(reg, seed, backprop)
     with tempfile.TemporaryDirectory() as tmp:
         load = os.getloadavg()[0]
@@ -391,19 +323,8 @@ def run_front_door(reg: str, seed: int | None = None, backprop: str | None = Non
 
 # ------------------------------------------------------------------------------ summary
 def summarise(runs: Sequence[dict[str, Any]], goal: float = GOAL) -> list[dict[str, Any]]:
-    """One row per preset: medians over seeds of each arm and of the per-seed ratio poly/none.
-
-    Only seeds with both arms count.
-
-    Example:
-        >>> runs = [dict(preset="toy", reg=r, seed=s, seconds=v, seconds_all=v,
-        ...              seconds_median=v, forward=14.0, backward=0.0, backprop="direct")
-        ...         for r, s, v in [("none", 0, 1.0), ("poly", 0, 1.02), ("none", 1, 2.0),
-        ...                         ("poly", 1, 2.2)]]
-        >>> row = summarise(runs)[0]
-        >>> row["ratio"], row["ratio_min"], row["ratio_max"], row["met"]
-        (1.06, 1.02, 1.1, False)
-    """
+    """One row per preset: medians over the seeds with both arms of each arm and of the per-seed
+    ratio poly/none (min and max too), and whether the median ratio meets ``goal``."""
     out = []
     for preset in dict.fromkeys(r["preset"] for r in runs):
         arms = {(r["reg"], r["seed"]): r for r in runs if r["preset"] == preset}
@@ -432,39 +353,25 @@ def summarise(runs: Sequence[dict[str, Any]], goal: float = GOAL) -> list[dict[s
     return out
 
 
-def markdown(meta: dict[str, Any], summary: Sequence[dict[str, Any]],
-             runs: Sequence[dict[str, Any]]) -> str:
-    """The results page: command, machine, the per-preset table, every run, notes."""
+def render(payload: dict[str, Any]) -> str:
+    """The results page of a payload (its summary computed again from its runs): command,
+    machine, the per-preset table, every run, notes."""
+    meta, runs = payload["meta"], payload["runs"]
+    lockstep = any(r.get("paired") == "lockstep" for r in runs)
     lines = [
-        "# Seconds per training step: TPR (`--reg poly`) vs none, per preset (issue 14)",
-        "",
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}  ",
-        f"Versions: Python {meta['python']}, torch {meta['torch']}, lightning "
-        f"{meta['lightning']}, torchdiffeq {meta['torchdiffeq']}; code at commit "
-        f"{meta['git_commit']}.  ",
-        f"Load average (1 min) at start {meta['load_start']:.2f}, at end {meta['load_end']:.2f}; "
-        f"wall time of the whole benchmark {meta['wall_seconds']:.0f} s.  ",
-        f"Seeds {meta['seeds']}; steps per run {meta['steps']} (the front door: its whole "
-        f"preset run, 30 epochs of 14 steps, with validation and test). Every run: the "
-        f"preset's defaults (`backprop=auto`), one torch thread. "
-        + ("The two arms of a pair train in two processes in lockstep, one step each in turn "
-           "(the waiting is outside the measured step); the front door's whole runs alternate. "
-           if any(r.get("paired") == "lockstep" for r in runs) else
-           "The two arms of a pair run one after the other, in alternating order. "),
-        "",
-        f"Goal: TPR's seconds per step at most {GOAL}x the unregularized run's with the same "
-        f"seed. The columns: docs/benchmarks.md, `benchmarks.step_cost`.",
-        "",
-        *table(["preset", "s/step none", "s/step poly", "ratio poly/none", "ratio, all steps",
-                "ratio, median step", "ratio, CPU time", "fwd NFE none / poly",
-                "bwd NFE none / poly", "backprop none / poly", "<= 1.05x (wall)",
-                "<= 1.05x (CPU)"],
-               [[r["preset"], f"{r['seconds_none']:.4f}", f"{r['seconds_poly']:.4f}",
-                 f"{r['ratio']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})",
-                 f"{r['ratio_all_steps']:.3f}", f"{r['ratio_median_step']:.3f}", _cpu_cell(r),
-                 *pair_cells(r), "met" if r["met"] else "NOT met", _verdict(r.get("ratio_cpu"))]
-                for r in summary]),
+        *common.header(
+            "step_cost", "Seconds per training step: TPR (`--reg poly`) vs none, per preset "
+            "(issue 14)", meta["command"],
+            f"Machine: {meta['machine']}; Python {meta['python']}, torch {meta['torch']}, "
+            f"lightning {meta['lightning']}, torchdiffeq {meta['torchdiffeq']}; code at commit "
+            f"{meta['git_commit']}. Load average (1 min) at start {meta['load_start']:.2f}, at end "
+            f"{meta['load_end']:.2f}; wall time of the whole benchmark "
+            f"{meta['wall_seconds']:.0f} s.",
+            f"Seeds {meta['seeds']}; steps per run {meta['steps']}; the two arms of a pair "
+            + ("train in lockstep. " if lockstep else "run one after the other. ")
+            + f"Goal: TPR's seconds per step at most {GOAL}x the unregularized run's with the "
+            "same seed."),
+        *summary_table(summarise(runs)),
         "", "Every run:", "",
         *table(["preset", "reg", "seed", "steps", "s/step", "s/step all", "median step s",
                 "CPU s/step", "first step s", "fwd NFE", "bwd NFE", "backprop", "load at start"],
@@ -487,21 +394,22 @@ def markdown(meta: dict[str, Any], summary: Sequence[dict[str, Any]],
     return "\n".join(lines) + "\n"
 
 
-def pair_cells(row: dict[str, Any]) -> list[str]:
-    """A summary row's forward NFE, backward NFE and backprop, each 'none / poly'."""
-    return [f"{row['forward_none']:.1f} / {row['forward_poly']:.1f}",
-            f"{row['backward_none']:.1f} / {row['backward_poly']:.1f}",
-            f"{row['backprop_none']} / {row['backprop_poly']}"]
-
-
-def _verdict(ratio: float | None) -> str:
-    return "-" if ratio is None else "met" if ratio <= GOAL else "NOT met"
-
-
-def _cpu_cell(row: dict[str, Any]) -> str:
-    if "ratio_cpu" not in row:
-        return "-"
-    return f"{row['ratio_cpu']:.3f} ({row['ratio_cpu_min']:.3f}-{row['ratio_cpu_max']:.3f})"
+def summary_table(summary: Sequence[dict[str, Any]]) -> list[str]:
+    """The per-preset table of :func:`summarise`'s rows (markdown lines)."""
+    return table(["preset", "s/step none", "s/step poly", "ratio poly/none", "ratio, all steps",
+                  "ratio, median step", "ratio, CPU time", "fwd NFE none / poly",
+                  "bwd NFE none / poly", "backprop none / poly", "<= 1.05x (wall)",
+                  "<= 1.05x (CPU)"],
+                 [[r["preset"], f"{r['seconds_none']:.4f}", f"{r['seconds_poly']:.4f}",
+                   f"{r['ratio']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})",
+                   f"{r['ratio_all_steps']:.3f}", f"{r['ratio_median_step']:.3f}",
+                   f"{r['ratio_cpu']:.3f} ({r['ratio_cpu_min']:.3f}-{r['ratio_cpu_max']:.3f})"
+                   if "ratio_cpu" in r else "-",
+                   f"{r['forward_none']:.1f} / {r['forward_poly']:.1f}",
+                   f"{r['backward_none']:.1f} / {r['backward_poly']:.1f}",
+                   f"{r['backprop_none']} / {r['backprop_poly']}", "met" if r["met"] else "NOT met",
+                   "-" if "ratio_cpu" not in r else "met" if r["ratio_cpu"] <= GOAL else "NOT met"]
+                  for r in summary])
 
 
 def machine() -> str:
@@ -520,26 +428,17 @@ def _parse_steps(items: Sequence[str]) -> dict[str, int]:
     return steps
 
 
-def render(payload: dict[str, Any]) -> str:
-    """The report of a saved payload (its summary computed again from its runs)."""
-    return markdown(payload["meta"], summarise(payload["runs"]), payload["runs"])
-
-
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
-    parser.add_argument("--steps", nargs="*", default=[], metavar="NAME=N",
-                        help=f"steps per run (default {PRESET_STEPS})")
-    parser.add_argument("--sequential", action="store_true",
-                        help="run the two arms of a build-made pair one after the other (default: "
-                             "two processes in lockstep, one step each in turn)")
-    parser.add_argument("--door-backprop", nargs="*", default=["adjoint"], choices=DOOR_MODES,
-                        help="front-door pairs with a fixed backprop besides the default auto: "
-                             "adjoint (the old default), checkpoint, or bounded (what auto does "
-                             "when direct backprop does not fit: the adjoint for --reg none, "
-                             "step checkpoints for --reg poly); default: adjoint; give the flag "
-                             "alone for none")
+FLAGS = {
+    "--seeds": dict(type=int, nargs="+", default=[0, 1]),
+    "--presets": dict(nargs="+", default=list(PRESETS), choices=PRESETS),
+    "--steps": dict(nargs="*", default=[], metavar="NAME=N",
+                    help=f"steps per run (default {PRESET_STEPS})"),
+    "--sequential": dict(action="store_true", help="run the two arms of a build-made pair one "
+                         "after the other (default: two processes in lockstep)"),
+    "--door-backprop": dict(nargs="*", default=["adjoint"], choices=DOOR_MODES,
+                            help="front-door pairs with a fixed backprop besides the default "
+                                 "auto (bounded: the adjoint for --reg none, step checkpoints "
+                                 "for --reg poly); give the flag alone for none")}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -597,8 +496,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return dict(meta=meta, summary=summarise(runs), runs=runs)
 
 
-STUDY = common.Study("step_cost", __doc__, measure, render, arguments)
-
+STUDY = common.Study("step_cost", __doc__, measure, render, flags=FLAGS)
 main = STUDY.main
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python -m benchmarks.step_speed --baseline-tree /tmp/polyreg-b4d2198 \
         [--workloads checkerboard_authors mixture16 vae_front_door] [--seeds 0 1] [--steps 400]
 
-How it measures: docs/benchmarks.md, `benchmarks.step_speed`.
+Writes benchmarks/results/step_speed.{json,md}; how it measures: docs/benchmarks.md,
+`benchmarks.step_speed`.
 """
 
 from __future__ import annotations
@@ -74,12 +75,16 @@ def child(argv: list[str], steps: int, out: Path) -> None:
     test = run.trainer.test(run.model, run.datamodule, verbose=False)[0]
     nll_key = "test/nll" if "test/nll" in test else "test/neg_elbo"
     model = run.model.eval()
-    rows = _test_rows(run.datamodule)
+    run.datamodule.setup("test")
+    rows = torch.cat([b[0] if isinstance(b, (list, tuple)) else b
+                      for b in run.datamodule.test_dataloader()])[:2000]
+    # the VAE has no log_prob: one importance sample's ELBO terms
+    score = model.log_prob if hasattr(model, "log_prob") else model.elbo_terms
     throughput = []
     with torch.no_grad():
         for _ in range(3):
             begin = time.perf_counter()
-            _score(model, rows)
+            score(rows)
             throughput.append(len(rows) / (time.perf_counter() - begin))
     out.write_text(json.dumps({
         "seconds_per_step": statistics.median(clock.seconds[SKIP:]),
@@ -91,26 +96,7 @@ def child(argv: list[str], steps: int, out: Path) -> None:
         "divergence": getattr(config.flow, "divergence", "reverse (before forward mode)")}))
 
 
-def _test_rows(dm: Any) -> Any:
-    import torch
-
-    dm.setup("test")
-    batches = [b[0] if isinstance(b, (list, tuple)) else b for b in dm.test_dataloader()]
-    rows = torch.cat(batches)
-    return rows[:2000]
-
-
-def _score(model: Any, rows: Any) -> Any:
-    if hasattr(model, "log_prob"):
-        return model.log_prob(rows)
-    return model.elbo_terms(rows)  # the VAE: one importance sample's ELBO terms
-
-
 # ------------------------------------------------------------------------------ parent
-def _site_packages() -> str:
-    return next(p for p in site.getsitepackages() if p.endswith("site-packages"))
-
-
 def prepare_baseline(rev: str, folder: Path) -> Path:
     """A folder with the revision's polyreg_cnf (callbacks and datamodules inside)."""
     if folder.exists():
@@ -134,7 +120,8 @@ def launch(which: str, argv: list[str], steps: int, out: Path, baseline: Path | 
     cmd = [sys.executable]
     if which == "baseline":
         # The baseline's package first: it shadows this checkout's polyreg_cnf.
-        env["PYTHONPATH"] = os.pathsep.join([str(baseline / "pkg"), _site_packages(), str(ROOT)])
+        site_packages = next(p for p in site.getsitepackages() if p.endswith("site-packages"))
+        env["PYTHONPATH"] = os.pathsep.join([str(baseline / "pkg"), site_packages, str(ROOT)])
         cmd.append("-S")
     cmd += ["-m", "benchmarks.step_speed", "--child", json.dumps(argv), "--steps", str(steps),
             "--child-out", str(out)]
@@ -142,16 +129,14 @@ def launch(which: str, argv: list[str], steps: int, out: Path, baseline: Path | 
                             stderr=open(str(out) + ".log", "w"))
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags (``--child`` and ``--child-out``: one run, for :func:`launch`)."""
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    parser.add_argument("--baseline-rev", default="b4d2198")
-    parser.add_argument("--baseline-tree", type=Path, default=Path("/tmp/polyreg-baseline"))
-    parser.add_argument("--variants", nargs="+", default=["forward", "compiled"])
+FLAGS = {"--child": dict(default=None, help=argparse.SUPPRESS),  # one run, for launch()
+         "--child-out": dict(type=Path, default=None, help=argparse.SUPPRESS),
+         "--steps": dict(type=int, default=400),
+         "--seeds": dict(type=int, nargs="+", default=[0, 1]),
+         "--workloads": dict(nargs="+", default=list(WORKLOADS), choices=WORKLOADS),
+         "--baseline-rev": dict(default="b4d2198"),
+         "--baseline-tree": dict(type=Path, default=Path("/tmp/polyreg-baseline")),
+         "--variants": dict(nargs="+", default=["forward", "compiled"])}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -209,23 +194,21 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(payload: dict[str, Any]) -> str:
+    """The seed-paired ratios per workload and variant, then every run's absolute figures."""
     m = payload["machine"]
-    lines = ["# Training step and test throughput: this checkout against "
-             f"{payload['baseline_rev']}", "",
-             f"Command: `{payload['command']}`", "",
-             f"Machine: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}, one torch thread "
-             f"per process, the two runs of a pair at the same time (one core each); load "
-             f"average seen {m['load_average_seen'][0]:.1f}-{m['load_average_seen'][1]:.1f}. "
-             f"{payload['steps']} training steps per run, the first {payload['skip']} left out "
-             f"of the step times (warm-up, compilation). Ratios are new / baseline per seed "
-             f"(median [per seed]); test rows/s: ``log_prob`` of 2000 test rows at the "
-             f"evaluation tolerance (exact trace), the VAE one ELBO sample.", "",
-             *table(["workload", "variant", "s/step ratio", "forward NFE ratio", "test NLL diff",
-                     "test rows/s ratio"],
-                    [[*key.split("/"), *(f"{format(e[k + '_median'], f)} ["
-                                         + ", ".join(format(v, f) for v in e[k]) + "]"
-                                         for k, (_, _, f) in COMPARED.items())]
-                     for key, e in payload["summary"].items()])]
+    lines = [*common.header(
+        "step_speed", f"Training step and test throughput: this checkout against "
+        f"{payload['baseline_rev']}", payload["command"],
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}; load average seen "
+        f"{m['load_average_seen'][0]:.1f}-{m['load_average_seen'][1]:.1f}. "
+        f"{payload['steps']} training steps per run, the first {payload['skip']} left out of the "
+        f"step times. Ratios are new / baseline per seed (median [per seed])."),
+        *table(["workload", "variant", "s/step ratio", "forward NFE ratio", "test NLL diff",
+                "test rows/s ratio"],
+               [[*key.split("/"), *(f"{format(e[k + '_median'], f)} ["
+                                    + ", ".join(format(v, f) for v in e[k]) + "]"
+                                    for k, (_, _, f) in COMPARED.items())]
+                for key, e in payload["summary"].items()])]
     lines += ["", "Absolute figures (s/step, baseline -> new):", ""]
     for r in payload["runs"]:
         b, n = r["baseline"], r["new"]
@@ -239,16 +222,14 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-STUDY = common.Study("step_speed", __doc__, measure, markdown, arguments)
+STUDY = common.Study("step_speed", __doc__, measure, markdown, flags=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.step_speed`` (``--child``: one run of :func:`launch`)."""
     if argv is None and "--child" in sys.argv:
-        args = argparse.ArgumentParser()
-        arguments(args)
-        parsed = args.parse_args()
-        child(json.loads(parsed.child), parsed.steps, parsed.child_out)
+        args = common.parser_of(STUDY).parse_args()
+        child(json.loads(args.child), args.steps, args.child_out)
         return 0
     return common.main(STUDY, argv)
 

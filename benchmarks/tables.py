@@ -1,11 +1,7 @@
 """A generated table with a known density, for benchmarks whose NLL differences must not be noise.
 
-The density is a fixed random mixture of Gaussians in ``dim`` dimensions (random means, random
-full covariances, random weights): multimodal and correlated, so a CNF has to bend its flow, and
-its log density is known exactly, so every run's test NLL can be put next to the true one. With
-50,000 rows the user-table path's default split (10 % validation, 10 % test) gives 5,000
-validation and 5,000 test rows: the standard error of a mean NLL over 5,000 rows of this density
-is about 0.03 nats, against 0.3-1 nats for breast cancer's 56 test rows.
+A fixed random mixture of Gaussians in ``dim`` dimensions whose log density is known exactly;
+why it is sized as it is: docs/benchmarks.md, `benchmarks.tables`.
 
     python -m benchmarks.tables --out /tmp/mixture16.npy   # writes the table, prints its facts
 """
