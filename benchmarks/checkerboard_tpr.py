@@ -63,8 +63,8 @@ def markdown(payload: dict[str, Any]) -> str:
     """The arms side by side and the penalty's cost."""
     batch = WORKLOADS["checkerboard"].batch_size
     lines = [
-        *common.header("Checkerboard, paper settings, with and without TPR", payload["command"],
-                       payload["machine"]),
+        *common.suite_header("Checkerboard, paper settings, with and without TPR",
+                             payload["command"], payload["machine"]),
         f"Workload: 2-D checkerboard, 3 x 64 concatsquash tanh, 1 block, batch "
         f"{batch}, Adam 1e-3, {payload['steps']} steps, seed {payload['seed']}; train tolerance "
         "1e-4, evaluation 1e-5 (exact trace); TPR K = 2, m = 1, coef = 5. NFE = right-hand-side "

@@ -27,7 +27,8 @@ from typing import Any
 
 __all__ = ["RESULTS", "ROOT", "Study", "UsageError", "command", "cpu_name", "figure", "git",
            "git_commit", "header", "machine", "main", "median_range", "parser_of", "save_figure",
-           "spread", "table", "train_py", "verdict", "versions", "write_json", "write_report"]
+           "spread", "suite_header", "table", "train_py", "verdict", "versions", "write_json",
+           "write_report"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -288,12 +289,12 @@ def verdict(mine: float | None, base: float | None, tie: float) -> str:
 # --- suite runner helpers (lines_a)
 
 
-def header(title: str, command: str, facts: dict[str, Any], *lines: str) -> list[str]:
+def suite_header(title: str, command: str, facts: dict[str, Any], *lines: str) -> list[str]:
     """A report's opening: its title, the command that made it, the machine ``facts`` as they
     were recorded ('name value, ...') and the study's own markdown ``lines``.
 
     Example:
-        >>> header("T", "python -m benchmarks.x", {"cores": 2})
+        >>> suite_header("T", "python -m benchmarks.x", {"cores": 2})
         ['# T', '', 'Command: `python -m benchmarks.x`  ', 'Machine: cores 2.  ']
     """
     machine_line = ", ".join(f"{name} {value}" for name, value in facts.items())

@@ -86,8 +86,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     """The three cases' medians and runs."""
     return "\n".join([
-        *common.header("Tabular cache benchmark (POWER-shaped data)", result["command"].strip(),
-                       result["machine"]),
+        *common.suite_header("Tabular cache benchmark (POWER-shaped data)",
+                             result["command"].strip(), result["machine"]),
         f"Data: {result['rows']} x 8 float64 ({result['source_MiB']} MiB); cache "
         f"{result['cache_MiB']} MiB float32, splits {result['split_shapes']}; train "
         f"memory-mapped: {result['train_memory_mapped']}.",

@@ -100,7 +100,8 @@ def markdown(payload: dict[str, Any]) -> str:
             "grid points", "",
             f"`{meta['command']}`: {meta['draws']} draws of K = {meta['samples']} interior "
             f"times, order {meta['order']}; damped-spiral linear ODE z' = A z, "
-            f"A = [[-1, 3], [-3, -1]], 32 states, on [0, 1]. {m['cpu']}, commit {m['git_commit']}, torch {m['torch']}, "
+            f"A = [[-1, 3], [-3, -1]], 32 states, on [0, 1]. {m['cpu']}, commit {m['git_commit']}, "
+            f"torch {m['torch']}, "
             f"{m['date']}. Mean relative error of the penalty against the closed form (matrix "
             f"exponential) at the same times; for grid points, against the mean closed-form "
             f"penalty over the random times. NFE per solve, forward.", ""]

@@ -380,7 +380,7 @@ def _header(payload: dict[str, Any]) -> list[str]:
     jobs = payload["machine"]["parallel_jobs"]
     ran = (f"{jobs} at once, one torch thread each" if jobs else
            "trained by earlier invocations (this one only summarised the cache)")
-    return common.header(
+    return common.suite_header(
         f"Benchmark suite `{payload['suite']}`", payload["command"], payload["machine"],
         f"Runs: {ran}; {payload['seconds']:.0f} s in all ({payload['trained_runs']} trained by "
         f"this command, {payload['cached_runs']} taken from the cache).  ",

@@ -83,8 +83,8 @@ def markdown(payload: dict[str, Any]) -> str:
     meta, rows, summary = payload["meta"], payload["runs"], payload["summary"]
 
     lines = [
-        *common.header("CNF-VAE on the embedded digits: polynomial regularizer vs none",
-                       meta["command"], {k: meta[k] for k in MACHINE}),
+        *common.suite_header("CNF-VAE on the embedded digits: polynomial regularizer vs none",
+                             meta["command"], {k: meta[k] for k in MACHINE}),
         f"Setting: `digits` preset {meta['preset']}; {meta['epochs']} epochs, "
         f"{meta['is_samples']} importance samples per test image; seeds {meta['seeds']}; "
         f"both settings at the same tolerances (train 1e-4, evaluation 1e-5).  ",
