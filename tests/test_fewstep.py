@@ -167,7 +167,8 @@ def test_the_report_renders_from_its_json_alone(tmp_path):
     payload = {"meta": {"command": "python -m benchmarks.fewstep", "note": "scaled",
                         "machine": {"cpu": "cpu", "cores": 2, "git_commit": "abc",
                                     "torch": "2", "date": "today"},
-                        "select_steps": 1000, "verdict_steps": {"checkerboard": 1500},
+                        "select_steps": 1000, "select_seeds": [0],
+                        "verdict_steps": {"checkerboard": 1500},
                         "rows": 1000, "settings": []},
                "selection": {**choose(sel), "runs": sel}, "runs": runs, "goals": goals(runs)}
     text = fewstep.markdown(json.loads(json.dumps(payload)))
