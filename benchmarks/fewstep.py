@@ -484,8 +484,9 @@ def plot(runs: Sequence[Mapping[str, Any]], path: Path) -> None:
                  ylabel="val NLL")
         right.set(title=f"{wname}: val/solver_gap (rk4 grid vs dopri5)", xlabel="step",
                   ylabel="mean |d log p| (nats)", yscale="log")
-        left.legend(fontsize=7)
-        right.legend(fontsize=7)
+        for ax in (left, right):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         lo = min(c[2] for r in runs if r["workload"] == wname for c in r["curve"])
         left.set_ylim(lo - 0.05, lo + 1.0)
     common.save_figure(fig, path)
