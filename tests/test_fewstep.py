@@ -125,7 +125,11 @@ def test_goals_per_workload_and_seed_and_g1_overall():
         runs += [base(seed, "checkerboard"), fixed(good, seed=seed, workload="checkerboard"),
                  base(seed, "8gaussians"), fixed(good, seed=seed, workload="8gaussians"),
                  base(seed, "mixture16"), fixed(bad, seed=seed, workload="mixture16")]
+    # an unregularized grid arm is context for G1, never the goal's arm
+    runs.append({**fixed(good, seed=7, workload="mixture16"), "arm": "none_rk4x4"})
     out = goals(runs)
+    assert out["per"]["mixture16"]["7"]["g1_context"][0]["arm"] == "none_rk4x4"
+    assert out["per"]["mixture16"]["7"]["g1_context"][0]["pass"]
     assert out["per"]["checkerboard"]["6"]["g1_pass"]
     assert not out["per"]["mixture16"]["7"]["g1_pass"]
     assert out["g1_workloads_passed"] == {"6": 2, "7": 2}
