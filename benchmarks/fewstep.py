@@ -351,8 +351,10 @@ def goals(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             and all(n >= 2 for n in g1_by_seed.values())}
 
 
-def choose(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The selection rule (module docstring) over the candidates' runs.
+def choose(runs: Sequence[Mapping[str, Any]],
+           candidates: Sequence[tuple[int, float]] = CANDIDATES) -> dict[str, Any]:
+    """The selection rule (module docstring) over the runs of ``candidates`` ((rk4 steps,
+    TPR coef) pairs).
 
     Returns:
         ``candidates`` (per candidate: median converged NLL and training CPU over its seeds)
@@ -363,11 +365,11 @@ def choose(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ...     return {"arm": a, "train_cpu": cpu,
         ...             "accuracy": {"reference": {"converged_nll": nll}}}
         >>> choose([run("tpr5_rk4x4", 3.70, 50), run("tpr5_rk4x8", 3.695, 90),
-        ...         run("tpr1_rk4x4", 3.80, 40)])["chosen"]
+        ...         run("tpr1_rk4x4", 3.80, 40)], [(4, 5.0), (4, 1.0), (8, 5.0)])["chosen"]
         {'steps': 4, 'coef': 5.0}
     """
     rows = []
-    for steps, coef in CANDIDATES:
+    for steps, coef in candidates:
         mine = [r for r in runs if r["arm"] == candidate_arm(steps, coef)]
         if mine:
             rows.append({"steps": steps, "coef": coef, "seeds": len(mine),

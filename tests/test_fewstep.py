@@ -148,10 +148,11 @@ def test_selection_takes_the_cheapest_candidate_near_the_best_nll():
     runs = [cand("tpr5_rk4x4", s, 3.70 + 0.004 * s, 50.0) for s in (0, 1, 2)] \
         + [cand("tpr1_rk4x4", s, 3.75, 45.0) for s in (0, 1, 2)] \
         + [cand("tpr5_rk4x8", s, 3.695, 90.0) for s in (0, 1, 2)]
-    out = choose(runs)
+    three = [(4, 5.0), (4, 1.0), (8, 5.0)]
+    out = choose(runs, three)
     assert out["chosen"] == {"steps": 4, "coef": 5.0}  # 3.704 is within 0.01 of 3.695
     runs = [r for r in runs if r["arm"] != "tpr5_rk4x4"]
-    assert choose(runs)["chosen"] == {"steps": 8, "coef": 5.0}  # 3.75 is not
+    assert choose(runs, three)["chosen"] == {"steps": 8, "coef": 5.0}  # 3.75 is not
     with pytest.raises(ValueError, match="no selection candidate"):
         choose([])
 
