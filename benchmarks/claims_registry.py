@@ -785,6 +785,35 @@ for _arm, _label in (("none", "no regularizer"), ("poly", "TPR (K = 2, m = 1, co
 
 
 
+# --- docs/performance.md: the few-step study (fewstep.json) -----------------------------------
+
+@claim("performance.fewstep", PERF,
+       "on the checkerboard after {steps} training steps, seeds {s0}-{s1}, the chosen grid "
+       "(rk4 with {k} steps per block, TPR coef {c}) met `G1` on {g1} of {n} seeds, `G2` on {g2} "
+       "and `G3` on {g3}. At that length the six arms' converged NLLs lie within {spread} nats "
+       "of each other in every seed and the adaptive baseline takes {nfe} forward evaluations "
+       "per step over its last tenth",
+       "fewstep.json goals.per.checkerboard, runs[*].accuracy.reference.converged_nll, "
+       "runs[none_adaptive].forward_nfe_last10pct, selection.chosen")
+def _(r: Results) -> dict[str, Value]:
+    d = r("fewstep")
+    per = d["goals"]["per"]["checkerboard"]
+    seeds = sorted(int(s) for s in per)
+    runs = [x for x in d["runs"] if x["workload"] == "checkerboard"]
+    nll: dict[int, list[float]] = {}
+    for x in runs:
+        nll.setdefault(x["seed"], []).append(x["accuracy"]["reference"]["converged_nll"])
+    return {"steps": d["meta"]["verdict_steps"]["checkerboard"], "s0": seeds[0],
+            "s1": seeds[-1], "k": d["selection"]["chosen"]["steps"],
+            "c": d["selection"]["chosen"]["coef"], "n": len(seeds),
+            "g1": sum(bool(per[str(s)]["g1_pass"]) for s in seeds),
+            "g2": sum(bool(per[str(s)]["g2_pass"]) for s in seeds),
+            "g3": sum(bool(per[str(s)]["g3_pass"]) for s in seeds),
+            "spread": max(max(v) - min(v) for v in nll.values()),
+            "nfe": median([x["forward_nfe_last10pct"] for x in runs
+                           if x["arm"] == "none_adaptive"])}
+
+
 # --- docs/performance.md ------------------------------------------------------------------------
 
 def _adjoint(r: Results, case: str, row: str, key: str) -> float:
