@@ -513,7 +513,7 @@ def _run_rows(runs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
         rows.append([r["workload"], r["arm"], r["seed"], f"{converged(r):.4f}",
                      f"{r['curve'][-1][2]:.4f}", f"{r['train_cpu']:.0f}",
                      f"{r['forward_nfe_first10pct']:.0f} / {r['forward_nfe_last10pct']:.0f}",
-                     _f(gaps[-1] if gaps else None, ".3f"),
+                     _f(gaps[-1] if gaps else None, ".1e"),
                      *("never" if cost[e] is None else f"{cost[e].setting} ({cost[e].nfe:.0f})"
                        for e in (0.01, 0.003)),
                      "-" if cheap["rms"] is None else
