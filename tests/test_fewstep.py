@@ -181,3 +181,15 @@ def test_the_report_renders_from_its_json_alone(tmp_path):
     assert "Chosen: rk4 x4, coef 5." in text
     fewstep.plot(runs, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_one_cell_trains_and_measures_on_the_cpu_clock():
+    # the study's pipeline on a tiny run: 10 rk4 steps, 50 test rows
+    out = fewstep.train_cell("checkerboard", "tpr5_rk4x4", 0, steps=10, rows=50)
+    assert [c[0] for c in out["curve"]] == list(range(1, 11))
+    cpu = [c[1] for c in out["curve"]]
+    assert all(b > a for a, b in zip(cpu, cpu[1:])) and out["train_cpu"] < out["fit_cpu"]
+    assert all(c[3] is not None for c in out["curve"])  # the grid arm logs val/solver_gap
+    assert [s["setting"] for s in out["accuracy"]["settings"]] == list(fewstep.SETTINGS)
+    assert out["accuracy"]["reference"]["rows"] == 50
