@@ -814,6 +814,34 @@ def _(r: Results) -> dict[str, Value]:
                            if x["arm"] == "none_adaptive"])}
 
 
+@claim("performance.fewstep.8gaussians", PERF,
+       "On 8gaussians (the same length, seeds {s0}-{s1}) the baseline's forward evaluations "
+       "grow from {a} to {b} per step, and the grids reach its final validation NLL in "
+       "{t_lo}-{t_hi}x its CPU time with TPR (`G1` met on {g1} of {n} seeds) and in "
+       "{u_lo}-{u_hi}x without a regularizer, at converged NLLs within {d} nats of the "
+       "baseline's; `G2` holds on {g2} seeds and `G3` on {g3}",
+       "fewstep.json goals.per.8gaussians (g1, g1_context), runs[8gaussians]")
+def _(r: Results) -> dict[str, Value]:
+    d = r("fewstep")
+    per = d["goals"]["per"]["8gaussians"]
+    seeds = sorted(int(s) for s in per)
+    runs = [x for x in d["runs"] if x["workload"] == "8gaussians"]
+    base = [x for x in runs if x["arm"] == "none_adaptive"]
+    tpr = [per[str(s)]["g1"][0]["ratio"] for s in seeds]
+    none = [g["ratio"] for s in seeds for g in per[str(s)]["g1_context"]
+            if g["arm"].startswith("none_")]
+    nll = {(x["seed"], x["arm"]): x["accuracy"]["reference"]["converged_nll"] for x in runs}
+    diffs = [abs(nll[s, a] - nll[s, "none_adaptive"]) for (s, a) in nll]
+    return {"s0": seeds[0], "s1": seeds[-1], "n": len(seeds),
+            "a": median([x["forward_nfe_first10pct"] for x in base]),
+            "b": median([x["forward_nfe_last10pct"] for x in base]),
+            "t_lo": min(tpr), "t_hi": max(tpr), "u_lo": min(none), "u_hi": max(none),
+            "d": max(diffs),
+            "g1": sum(bool(per[str(s)]["g1_pass"]) for s in seeds),
+            "g2": sum(bool(per[str(s)]["g2_pass"]) for s in seeds),
+            "g3": sum(bool(per[str(s)]["g3_pass"]) for s in seeds)}
+
+
 # --- docs/performance.md ------------------------------------------------------------------------
 
 def _adjoint(r: Results, case: str, row: str, key: str) -> float:
