@@ -824,8 +824,8 @@ def _(r: Results) -> dict[str, Value]:
 def _(r: Results) -> dict[str, Value]:
     d = r("fewstep")
     per = d["goals"]["per"]["8gaussians"]
-    seeds = sorted(int(s) for s in per)
-    runs = [x for x in d["runs"] if x["workload"] == "8gaussians"]
+    seeds = sorted(int(s) for s in per if per[s].get("g1"))  # the seeds with every arm
+    runs = [x for x in d["runs"] if x["workload"] == "8gaussians" and x["seed"] in seeds]
     base = [x for x in runs if x["arm"] == "none_adaptive"]
     tpr = [per[str(s)]["g1"][0]["ratio"] for s in seeds]
     none = [g["ratio"] for s in seeds for g in per[str(s)]["g1_context"]
