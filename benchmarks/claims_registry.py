@@ -727,6 +727,63 @@ for _arm, _label in (("none", "no regularizer"), ("poly", "TPR (K = 2, m = 1, co
 
 
 
+# --- docs/performance.md: the few-step study (fewstep.json) -----------------------------------
+
+@claim("performance.fewstep", PERF,
+       "on the checkerboard after {steps} training steps, seeds {s0}-{s1}, the chosen grid "
+       "(rk4 with {k} steps per block, TPR coef {c}) met `G1` on {g1} of {n} seeds, `G2` on {g2} "
+       "and `G3` on {g3}. At that length the six arms' converged NLLs lie within {spread} nats "
+       "of each other in every seed and the adaptive baseline takes {nfe} forward evaluations "
+       "per step over its last tenth",
+       "fewstep.json goals.per.checkerboard, runs[*].accuracy.reference.converged_nll, "
+       "runs[none_adaptive].forward_nfe_last10pct, selection.chosen")
+def _(r: Results) -> dict[str, Value]:
+    d = r("fewstep")
+    per = d["goals"]["per"]["checkerboard"]
+    seeds = sorted(int(s) for s in per)
+    runs = [x for x in d["runs"] if x["workload"] == "checkerboard"]
+    nll: dict[int, list[float]] = {}
+    for x in runs:
+        nll.setdefault(x["seed"], []).append(x["accuracy"]["reference"]["converged_nll"])
+    return {"steps": d["meta"]["verdict_steps"]["checkerboard"], "s0": seeds[0],
+            "s1": seeds[-1], "k": d["selection"]["chosen"]["steps"],
+            "c": d["selection"]["chosen"]["coef"], "n": len(seeds),
+            "g1": sum(bool(per[str(s)]["g1_pass"]) for s in seeds),
+            "g2": sum(bool(per[str(s)]["g2_pass"]) for s in seeds),
+            "g3": sum(bool(per[str(s)]["g3_pass"]) for s in seeds),
+            "spread": max(max(v) - min(v) for v in nll.values()),
+            "nfe": median([x["forward_nfe_last10pct"] for x in runs
+                           if x["arm"] == "none_adaptive"])}
+
+
+@claim("performance.fewstep.8gaussians", PERF,
+       "On 8gaussians (the same length, seeds {s0}-{s1}) the baseline's forward evaluations "
+       "grow from {a} to {b} per step, and the grids reach its final validation NLL in "
+       "{t_lo}-{t_hi}x its CPU time with TPR (`G1` met on {g1} of {n} seeds) and in "
+       "{u_lo}-{u_hi}x without a regularizer, at converged NLLs within {d} nats of the "
+       "baseline's; `G2` holds on {g2} seeds and `G3` on {g3}",
+       "fewstep.json goals.per.8gaussians (g1, g1_context), runs[8gaussians]")
+def _(r: Results) -> dict[str, Value]:
+    d = r("fewstep")
+    per = d["goals"]["per"]["8gaussians"]
+    seeds = sorted(int(s) for s in per if per[s].get("g1"))  # the seeds with every arm
+    runs = [x for x in d["runs"] if x["workload"] == "8gaussians" and x["seed"] in seeds]
+    base = [x for x in runs if x["arm"] == "none_adaptive"]
+    tpr = [per[str(s)]["g1"][0]["ratio"] for s in seeds]
+    none = [g["ratio"] for s in seeds for g in per[str(s)]["g1_context"]
+            if g["arm"].startswith("none_")]
+    nll = {(x["seed"], x["arm"]): x["accuracy"]["reference"]["converged_nll"] for x in runs}
+    diffs = [abs(nll[s, a] - nll[s, "none_adaptive"]) for (s, a) in nll]
+    return {"s0": seeds[0], "s1": seeds[-1], "n": len(seeds),
+            "a": median([x["forward_nfe_first10pct"] for x in base]),
+            "b": median([x["forward_nfe_last10pct"] for x in base]),
+            "t_lo": min(tpr), "t_hi": max(tpr), "u_lo": min(none), "u_hi": max(none),
+            "d": max(diffs),
+            "g1": sum(bool(per[str(s)]["g1_pass"]) for s in seeds),
+            "g2": sum(bool(per[str(s)]["g2_pass"]) for s in seeds),
+            "g3": sum(bool(per[str(s)]["g3_pass"]) for s in seeds)}
+
+
 # --- docs/performance.md ------------------------------------------------------------------------
 
 def _adjoint(r: Results, case: str, row: str, key: str) -> float:
