@@ -19,6 +19,16 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny ops run faster so, and two threads on a loaded 2-core
+    machine thrash."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _run_in_tmp(tmp_path, monkeypatch):
     """Every test runs in its own folder so runs/ and lightning_logs/ never leak."""

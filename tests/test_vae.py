@@ -27,13 +27,7 @@ TINY = dict(z_dim=4, hidden_dims=[16], rank=2, feature_dim=16, mlp_hidden=32, nu
 LOOSE = SolverConfig(atol=1e-4, rtol=1e-4, eval_atol=1e-5, eval_rtol=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: one thread is faster, and two threads on a loaded 2-core machine thrash.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def digits_batch(n=32):

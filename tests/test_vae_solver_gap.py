@@ -24,12 +24,7 @@ ADAPTIVE = SolverConfig(atol=1e-4, rtol=1e-4, **EVAL)
 X = torch.rand(20, 64, generator=torch.Generator().manual_seed(0)).round()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(solver: SolverConfig, posterior: str = "amortized", **kw) -> CNFVAE:
