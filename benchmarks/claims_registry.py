@@ -784,6 +784,38 @@ def _(r: Results) -> dict[str, Value]:
             "g3": sum(bool(per[str(s)]["g3_pass"]) for s in seeds)}
 
 
+
+@claim("performance.fewstep.mixture16", PERF,
+       "On the 16-D table (the same length, seeds {s0}-{s1}) the baseline's forward evaluations "
+       "grow from {a} to {b} per step; the TPR grid reaches the baseline's final validation NLL "
+       "in {t_n} of {n} seeds (`G1` met on {g1}; its converged NLL ends {w_lo}-{w_hi} nats above "
+       "the baseline's), the unregularized grid in {u_n} of {n2}, in {u_lo}-{u_hi}x its CPU "
+       "time; `G2` holds on {g2} seeds and `G3` on {g3}",
+       "fewstep.json goals.per.mixture16 (g1, g1_context), runs[mixture16]")
+def _(r: Results) -> dict[str, Value]:
+    d = r("fewstep")
+    per = d["goals"]["per"]["mixture16"]
+    seeds = sorted(int(s) for s in per if per[s].get("g1"))  # the seeds with every arm
+    base = [x for x in d["runs"] if x["workload"] == "mixture16" and x["seed"] in seeds
+            and x["arm"] == "none_adaptive"]
+    tpr = [per[str(s)]["g1"][0]["ratio"] for s in seeds]
+    none = [g["ratio"] for s in seeds for g in per[str(s)]["g1_context"]
+            if g["arm"].startswith("none_")]
+    nll = {(x["seed"], x["arm"]): x["accuracy"]["reference"]["converged_nll"]
+           for x in d["runs"] if x["workload"] == "mixture16"}
+    grid = per[str(seeds[0])]["g1"][0]["arm"]
+    worse = [nll[s, grid] - nll[s, "none_adaptive"] for s in seeds]
+    return {"s0": seeds[0], "s1": seeds[-1], "n": len(seeds), "n2": len(seeds),
+            "a": median([x["forward_nfe_first10pct"] for x in base]),
+            "b": median([x["forward_nfe_last10pct"] for x in base]),
+            "w_lo": min(worse), "w_hi": max(worse),
+            "t_n": sum(v is not None for v in tpr), "u_n": sum(v is not None for v in none),
+            "u_lo": min(v for v in none if v is not None),
+            "u_hi": max(v for v in none if v is not None),
+            "g1": sum(bool(per[str(s)]["g1_pass"]) for s in seeds),
+            "g2": sum(bool(per[str(s)]["g2_pass"]) for s in seeds),
+            "g3": sum(bool(per[str(s)]["g3_pass"]) for s in seeds)}
+
 # --- docs/performance.md ------------------------------------------------------------------------
 
 def _adjoint(r: Results, case: str, row: str, key: str) -> float:
