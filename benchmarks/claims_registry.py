@@ -756,6 +756,29 @@ def _(r: Results) -> dict[str, Value]:
                            if x["arm"] == "none_adaptive"])}
 
 
+def _fewstep_grid(r: Results, workload: str) -> tuple[dict[str, Value], dict[str, Any]]:
+    """A few-step workload's shared slots (seeds, the baseline's NFE growth, goals met) and
+    the lists its claims pick from: G1 ratios of the TPR grid and the unregularized grid, and
+    converged NLLs by (seed, arm). Only seeds with every arm count."""
+    d = r("fewstep")
+    per = d["goals"]["per"][workload]
+    seeds = sorted(int(s) for s in per if per[s].get("g1"))
+    runs = [x for x in d["runs"] if x["workload"] == workload and x["seed"] in seeds]
+    base = [x for x in runs if x["arm"] == "none_adaptive"]
+    slots: dict[str, Value] = {
+        "s0": seeds[0], "s1": seeds[-1], "n": len(seeds),
+        "a": median([x["forward_nfe_first10pct"] for x in base]),
+        "b": median([x["forward_nfe_last10pct"] for x in base]),
+        **{g: sum(bool(per[str(s)][f"{g}_pass"]) for s in seeds) for g in ("g1", "g2", "g3")}}
+    lists = {"seeds": seeds, "grid": per[str(seeds[0])]["g1"][0]["arm"],
+             "tpr": [per[str(s)]["g1"][0]["ratio"] for s in seeds],
+             "none": [g["ratio"] for s in seeds for g in per[str(s)]["g1_context"]
+                      if g["arm"].startswith("none_")],
+             "nll": {(x["seed"], x["arm"]): x["accuracy"]["reference"]["converged_nll"]
+                     for x in runs}}
+    return slots, lists
+
+
 @claim("performance.fewstep.8gaussians", PERF,
        "On 8gaussians (the same length, seeds {s0}-{s1}) the baseline's forward evaluations "
        "grow from {a} to {b} per step, and the grids reach its final validation NLL in "
@@ -764,25 +787,11 @@ def _(r: Results) -> dict[str, Value]:
        "baseline's; `G2` holds on {g2} seeds and `G3` on {g3}",
        "fewstep.json goals.per.8gaussians (g1, g1_context), runs[8gaussians]")
 def _(r: Results) -> dict[str, Value]:
-    d = r("fewstep")
-    per = d["goals"]["per"]["8gaussians"]
-    seeds = sorted(int(s) for s in per if per[s].get("g1"))  # the seeds with every arm
-    runs = [x for x in d["runs"] if x["workload"] == "8gaussians" and x["seed"] in seeds]
-    base = [x for x in runs if x["arm"] == "none_adaptive"]
-    tpr = [per[str(s)]["g1"][0]["ratio"] for s in seeds]
-    none = [g["ratio"] for s in seeds for g in per[str(s)]["g1_context"]
-            if g["arm"].startswith("none_")]
-    nll = {(x["seed"], x["arm"]): x["accuracy"]["reference"]["converged_nll"] for x in runs}
-    diffs = [abs(nll[s, a] - nll[s, "none_adaptive"]) for (s, a) in nll]
-    return {"s0": seeds[0], "s1": seeds[-1], "n": len(seeds),
-            "a": median([x["forward_nfe_first10pct"] for x in base]),
-            "b": median([x["forward_nfe_last10pct"] for x in base]),
-            "t_lo": min(tpr), "t_hi": max(tpr), "u_lo": min(none), "u_hi": max(none),
-            "d": max(diffs),
-            "g1": sum(bool(per[str(s)]["g1_pass"]) for s in seeds),
-            "g2": sum(bool(per[str(s)]["g2_pass"]) for s in seeds),
-            "g3": sum(bool(per[str(s)]["g3_pass"]) for s in seeds)}
-
+    slots, x = _fewstep_grid(r, "8gaussians")
+    nll = x["nll"]
+    return {**slots, "t_lo": min(x["tpr"]), "t_hi": max(x["tpr"]),
+            "u_lo": min(x["none"]), "u_hi": max(x["none"]),
+            "d": max(abs(nll[s, a] - nll[s, "none_adaptive"]) for (s, a) in nll)}
 
 
 @claim("performance.fewstep.mixture16", PERF,
@@ -793,28 +802,12 @@ def _(r: Results) -> dict[str, Value]:
        "time; `G2` holds on {g2} seeds and `G3` on {g3}",
        "fewstep.json goals.per.mixture16 (g1, g1_context), runs[mixture16]")
 def _(r: Results) -> dict[str, Value]:
-    d = r("fewstep")
-    per = d["goals"]["per"]["mixture16"]
-    seeds = sorted(int(s) for s in per if per[s].get("g1"))  # the seeds with every arm
-    base = [x for x in d["runs"] if x["workload"] == "mixture16" and x["seed"] in seeds
-            and x["arm"] == "none_adaptive"]
-    tpr = [per[str(s)]["g1"][0]["ratio"] for s in seeds]
-    none = [g["ratio"] for s in seeds for g in per[str(s)]["g1_context"]
-            if g["arm"].startswith("none_")]
-    nll = {(x["seed"], x["arm"]): x["accuracy"]["reference"]["converged_nll"]
-           for x in d["runs"] if x["workload"] == "mixture16"}
-    grid = per[str(seeds[0])]["g1"][0]["arm"]
-    worse = [nll[s, grid] - nll[s, "none_adaptive"] for s in seeds]
-    return {"s0": seeds[0], "s1": seeds[-1], "n": len(seeds), "n2": len(seeds),
-            "a": median([x["forward_nfe_first10pct"] for x in base]),
-            "b": median([x["forward_nfe_last10pct"] for x in base]),
-            "w_lo": min(worse), "w_hi": max(worse),
-            "t_n": sum(v is not None for v in tpr), "u_n": sum(v is not None for v in none),
-            "u_lo": min(v for v in none if v is not None),
-            "u_hi": max(v for v in none if v is not None),
-            "g1": sum(bool(per[str(s)]["g1_pass"]) for s in seeds),
-            "g2": sum(bool(per[str(s)]["g2_pass"]) for s in seeds),
-            "g3": sum(bool(per[str(s)]["g3_pass"]) for s in seeds)}
+    slots, x = _fewstep_grid(r, "mixture16")
+    nll, reached = x["nll"], [v for v in x["none"] if v is not None]
+    worse = [nll[s, x["grid"]] - nll[s, "none_adaptive"] for s in x["seeds"]]
+    return {**slots, "n2": slots["n"], "w_lo": min(worse), "w_hi": max(worse),
+            "t_n": sum(v is not None for v in x["tpr"]), "u_n": len(reached),
+            "u_lo": min(reached), "u_hi": max(reached)}
 
 # --- docs/performance.md ------------------------------------------------------------------------
 
