@@ -107,6 +107,7 @@ def test_a_page_the_registry_does_not_list_fails(tmp_path: Path, registry: Modul
         in proc.stdout
 
 
+@pytest.mark.slow  # 20 s of subprocesses; the in-process failures are tested below
 def test_the_command_names_the_claim_and_exits_1(tmp_path: Path, registry: ModuleType,
                                                 claims: ModuleType) -> None:
     for page in registry.PAGES:

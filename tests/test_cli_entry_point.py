@@ -33,6 +33,7 @@ def script():
     return SCRIPT
 
 
+@pytest.mark.slow  # two subprocesses; test_in_process_train_matches_train_main is the fast twin
 def test_installed_command_prints_the_same_configuration_as_train_py(script):
     ours, theirs = run(script, "train", *FLAGS), run(sys.executable, "train.py", *FLAGS)
     assert ours.returncode == theirs.returncode == 0, ours.stderr + theirs.stderr

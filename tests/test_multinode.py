@@ -112,6 +112,7 @@ def start_two_nodes(script, data, tmp_path, extra=()):
     return procs
 
 
+@pytest.mark.slow  # the plain launcher test above keeps DDP in the default run
 def test_two_nodes_on_loopback(tmp_path):
     data, script = table(tmp_path), write_wrapper(tmp_path)
     procs = start_two_nodes(script, data, tmp_path)
@@ -141,6 +142,7 @@ SIGTERM_ONE_RANK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # the launching-process SIGTERM test below stays in the default run
 def test_sigterm_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     data = table(tmp_path)
     script = tmp_path / "launch_sigterm.py"

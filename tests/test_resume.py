@@ -201,7 +201,7 @@ def stopped_step(stdout, signame):
 SIGTERM_CASES = [pytest.param("step", 17, 18, id="step"),
                  pytest.param("batch_end", 10, 10, id="batch_end", marks=pytest.mark.slow),
                  pytest.param("epoch_end", 10, 11, id="epoch_end", marks=pytest.mark.slow),
-                 pytest.param("validation", 10, 10, id="validation")]
+                 pytest.param("validation", 10, 10, id="validation", marks=pytest.mark.slow)]
 
 
 SIGTERM_STEPS, SIGTERM_FLAGS = 30, ["--val-every", "10", "--limit-val-batches", "3"]
