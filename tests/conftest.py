@@ -29,6 +29,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def euler_run_summary():
+    """Check a run summary's solver lines for a run trained on one Euler step (evaluated by the
+    default dopri5) and return its printed ``val/solver_gap``."""
+    def check(out: str) -> float:
+        assert "training solver:            euler, step_size=1" in out
+        assert "evaluation solver:          dopri5, atol=1e-05, rtol=1e-05" in out
+        return float(out.split("solver gap (val, nats):")[1].split()[0])
+    return check
+
+
 @pytest.fixture(autouse=True)
 def _run_in_tmp(tmp_path, monkeypatch):
     """Every test runs in its own folder so runs/ and lightning_logs/ never leak."""

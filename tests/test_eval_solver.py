@@ -221,17 +221,14 @@ def test_the_command_line_sets_the_evaluation_solver():
             parse_config(["--data", "checkerboard", *argv])
 
 
-def test_a_fixed_grid_run_prints_both_solvers_and_its_gap(tmp_path, capsys):
+def test_a_fixed_grid_run_prints_both_solvers_and_its_gap(tmp_path, capsys, euler_run_summary):
     import train
 
     assert train.main(["--data", "checkerboard", "--hidden-dims", "8,8", "--max-steps", "2",
                        "--batch-size", "64", "--solver", "euler", "--step-size", "1.0",
                        "--output-dir", str(tmp_path), "--logger", "none", "--no-progress",
                        "--val-every", "2", "--limit-val-batches", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "training solver:            euler, step_size=1" in out
-    assert "evaluation solver:          dopri5, atol=1e-05, rtol=1e-05" in out
-    gap = float(out.split("solver gap (val, nats):")[1].split()[0])
+    gap = euler_run_summary(capsys.readouterr().out)
     assert gap > 0
 
 
