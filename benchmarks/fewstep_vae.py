@@ -283,37 +283,48 @@ def summarise(runs: Sequence[Mapping[str, Any]], baseline: str = BASELINE
     return out
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
 def _mr(entry: Mapping[str, Any], fmt: str) -> str:
-    return "-" if entry["median"] is None else common.median_range(entry, fmt, "-")
+    # " to ": a range of signed numbers reads badly with "-" between them
+    return "-" if entry["median"] is None else common.median_range(entry, fmt, " to ")
 
 
-def _sentences(rows: Sequence[Mapping[str, Any]], baseline: str) -> list[str]:
-    """What the numbers say, computed: the baseline's forward NFE against the grids', and the
-    cheapest arm by fit CPU against the baseline."""
+def _sentences(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
+               baseline: str) -> list[str]:
+    """What the numbers say, computed: the baseline's forward NFE against the grids', how far
+    apart the arms' test IS NLLs are on a seed, and the cheapest arm by fit CPU."""
     base = next((r for r in rows if r["arm"] == baseline), None)
-    grids = [r for r in rows if "_rk4x" in r["arm"]]
     if base is None:
         return [f"No {baseline} run finished: nothing is compared."]
-    text = (f"The adaptive baseline ({baseline}) takes a median "
-            f"{base['forward_nfe_mean']['median']:.1f} forward evaluations per training step "
-            f"({base['forward_nfe_last10pct']['median']:.1f} over the last tenth)")
+    nfe = base["forward_nfe_mean"]["median"]
+    text = (f"The adaptive baseline ({baseline}) takes a median {nfe:.1f} forward evaluations "
+            f"per training step ({base['forward_nfe_last10pct']['median']:.1f} over the last "
+            f"tenth; {_seeds(base['seeds'])})")
+    grids = [r["forward_nfe_mean"]["median"] for r in rows if "_rk4x" in r["arm"]]
     if grids:
-        lo = min(r["forward_nfe_mean"]["median"] for r in grids)
-        hi = max(r["forward_nfe_mean"]["median"] for r in grids)
-        rel = "more than" if lo > base["forward_nfe_mean"]["median"] else \
-            "fewer than" if hi < base["forward_nfe_mean"]["median"] else "about as many as"
-        text += (f"; the fixed-grid arms take {lo:.1f}-{hi:.1f}, {rel} the baseline, "
-                 f"penalty's extra evaluations included")
+        verdict = ("more than the baseline: the grid has no solver work to save here"
+                   if min(grids) > nfe else "fewer than the baseline" if max(grids) < nfe
+                   else "about as many as the baseline")
+        text += (f"; the fixed-grid arms take {min(grids):.1f}-{max(grids):.1f} (their "
+                 f"regularizers' evaluations included), {verdict}")
     lines = [text + "."]
+    by_seed: dict[int, list[float]] = {}
+    for r in runs:
+        by_seed.setdefault(r["seed"], []).append(r["test_is_nll"])
+    spans = [max(v) - min(v) for v in by_seed.values() if len(v) > 1]
+    if spans:
+        lines.append(f"On a seed, the arms' test IS NLLs lie within {max(spans):.4f} nats of "
+                     f"each other (the widest of {_seeds(len(spans))}).")
     others = [r for r in rows if r["arm"] != baseline and r["cpu_ratio"]["median"] is not None]
     if others:
         fast = min(others, key=lambda r: r["cpu_ratio"]["median"])
-        diff = fast["is_nll_diff"]["median"]
         lines.append(f"Seed-paired, the arm with the least fit CPU is {fast['arm']} at "
-                     f"{_mr(fast['cpu_ratio'], '.2f')}x the baseline's "
-                     f"({fast['paired']} seeds), its test IS NLL "
-                     f"{'higher' if diff > 0 else 'lower'} by {_mr(fast['is_nll_diff'], '+.3f')}"
-                     f" nats.")
+                     f"{_mr(fast['cpu_ratio'], '.2f')} times the baseline's over "
+                     f"{_seeds(fast['paired'])}, its test IS NLL "
+                     f"{_mr(fast['is_nll_diff'], '+.4f')} nats from the baseline's.")
     return lines
 
 
@@ -336,21 +347,21 @@ def section(vae: Mapping[str, Any]) -> list[str]:
     lines += common.table(
         ["arm", "seed", "steps", "training solver", "test -ELBO", "test IS NLL",
          "last solver gap", "fwd NFE first / last 10%", "fit CPU s", "process CPU s"],
-        [[r["arm"], r["seed"], r["steps"], r["training_solver"], f"{r['test_neg_elbo']:.3f}",
-          f"{r['test_is_nll']:.3f}",
+        [[r["arm"], r["seed"], r["steps"], r["training_solver"], f"{r['test_neg_elbo']:.4f}",
+          f"{r['test_is_nll']:.4f}",
           "-" if r["last_solver_gap"] is None else f"{r['last_solver_gap']:.1e}",
           f"{r['forward_nfe_first10pct']:.1f} / {r['forward_nfe_last10pct']:.1f}",
           f"{r['fit_cpu']:.0f}", f"{r['process_cpu']:.0f}"] for r in runs])
     rows = summarise(runs, vae["baseline"])
-    lines += ["", f"Per arm, median (min-max) over seeds; ratio and difference against "
+    lines += ["", f"Per arm, median (min to max) over seeds; ratio and difference against "
                   f"{vae['baseline']}, seed by seed:", ""]
     lines += common.table(
         ["arm", "seeds", "test -ELBO", "test IS NLL", "fit CPU s", "fwd NFE per step",
          "fit CPU ratio", "IS NLL difference"],
-        [[r["arm"], r["seeds"], _mr(r["test_neg_elbo"], ".3f"), _mr(r["test_is_nll"], ".3f"),
+        [[r["arm"], r["seeds"], _mr(r["test_neg_elbo"], ".4f"), _mr(r["test_is_nll"], ".4f"),
           _mr(r["fit_cpu"], ".0f"), _mr(r["forward_nfe_mean"], ".1f"),
-          _mr(r["cpu_ratio"], ".2f"), _mr(r["is_nll_diff"], "+.3f")] for r in rows])
-    return [*lines, "", " ".join(_sentences(rows, vae["baseline"]))]
+          _mr(r["cpu_ratio"], ".2f"), _mr(r["is_nll_diff"], "+.4f")] for r in rows])
+    return [*lines, "", " ".join(_sentences(runs, rows, vae["baseline"]))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
