@@ -1,6 +1,7 @@
 r"""The VAE front door in the few-step study (issue 28, item 5): reported, not scored.
 
-    python -m benchmarks.fewstep_vae --jobs 2                 # the verdict's arms, seeds 6-8
+    python -m benchmarks.fewstep_vae --jobs 2     # the verdict's arms (results/fewstep.json's
+                                                  # chosen grid and coef), seeds 6-8
     python -m benchmarks.fewstep_vae --arms tpr5_rk4x4 --seeds 6 --epochs 30   # one run
 
 The front door is what a user types, ``python train.py --model vae --reg poly``: the embedded
@@ -46,14 +47,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
+from polyreg_cnf.app.presets import VAE_PRESETS
 
 __all__ = ["BASELINE", "EPOCHS", "POLL_S", "argv_of", "cell_path", "collect", "grid_steps",
            "parse_metrics", "parse_summary", "payload", "run_cell", "run_cells", "section",
            "summarise"]
 
-#: The embedded data set of the front door and its preset's length (``VAE_PRESETS``).
+#: The embedded data set of the front door and its preset's length.
 DATA = "digits"
-EPOCHS = 30
+EPOCHS: int = VAE_PRESETS[DATA]["max_epochs"]
 #: Every arm is compared with this one, seed by seed.
 BASELINE = "none_adaptive"
 #: Seconds between two readings of a child's CPU clock.
@@ -371,14 +373,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fewstep_vae",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", nargs="+", default=verdict_arms(4, 5.0),
-                        help="arms (default: the verdict's, rk4 x4 and coef 5)")
+    report = common.RESULTS / "fewstep.json"
+    chosen = json.loads(report.read_text())["selection"]["chosen"] if report.exists() else None
+    parser.add_argument("--arms", nargs="+",
+                        default=None if chosen is None else
+                        verdict_arms(chosen["steps"], chosen["coef"]),
+                        help="arms (default: the verdict's, with the grid and coefficient "
+                             "that results/fewstep.json's selection chose)")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(VERDICT_SEEDS))
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.jobs < 1:
         parser.error(f"--epochs and --jobs must be >= 1, got {args.epochs}, {args.jobs}")
+    if args.arms is None:
+        parser.error(f"no {report} to take the chosen grid from: give --arms")
     for name in args.arms:
         try:
             arm(name)

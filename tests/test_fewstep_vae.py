@@ -175,3 +175,25 @@ def test_a_tiny_front_door_run_is_parsed_into_its_record():
     assert r["forward_nfe_mean"] >= 16  # 4 rk4 steps of 4 evaluations, and the penalty's
     assert r["last_solver_gap"] is not None and r["test_is_nll"] < r["test_neg_elbo"]
     assert 0 < r["fit_cpu"] < r["process_cpu"]
+
+
+def test_the_runner_takes_the_committed_selection_and_resumes_from_the_cache(tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.setattr(fewstep_vae, "CACHE", tmp_path)
+    calls = []
+
+    def fake(arm_name, seed, epochs):
+        calls.append((arm_name, seed))
+        return vae_run(arm_name, seed, 30.0, 1.0, 14.0)
+
+    monkeypatch.setattr(fewstep_vae, "run_cell", fake)
+    chosen = json.loads((common.RESULTS / "fewstep.json").read_text())["selection"]["chosen"]
+    arms = fewstep.verdict_arms(chosen["steps"], chosen["coef"])
+    assert fewstep_vae.main(["--seeds", "6", "7", "--epochs", "3"]) == 0
+    assert sorted(calls) == sorted((a, s) for a in arms for s in (6, 7))
+    assert (tmp_path / f"vae-3-{arms[-1]}-7.json").exists()
+    calls.clear()
+    assert fewstep_vae.main(["--seeds", "6", "8", "--epochs", "3"]) == 0
+    assert sorted(calls) == sorted((a, 8) for a in arms)  # seed 6 is cached
+    with pytest.raises(SystemExit):
+        fewstep_vae.main(["--arms", "tpr5_rk4"])
