@@ -3,6 +3,7 @@ r"""The few-step study (issue 28, item 5): train on a fixed rk4 grid, score with
     python -m benchmarks.fewstep --jobs 2                      # selection, then the verdict
     python -m benchmarks.fewstep --cached-only                 # the report from finished runs
     python -m benchmarks.fewstep --cell checkerboard tpr5_rk4x4 6 --steps 3000   # one run
+    python -m benchmarks.fewstep --workloads vae --cached-only   # the VAE front door alone
 
 **Arms** (:func:`arm`): adaptive dopri5 without a regularizer (``none_adaptive``, the
 baseline), with TPR at coef 5 and coef 1 (``tpr5_adaptive``, ``tpr1_adaptive``); and on a fixed
@@ -42,6 +43,13 @@ issue's probe found x2 gamed at 3000, so a shorter selection would choose on how
 - G3 (:func:`g3`): the smallest sampling RMS error (standardised units: a fraction of the
   data's standard deviation) of a TPR model among the settings with <= 8 evaluations per
   sample: passes at <= 0.01.
+
+**The VAE front door** (``vae`` in ``--workloads``, there by default;
+:mod:`benchmarks.fewstep_vae`): the verdict's six arms with the chosen grid and coefficient,
+as ``train.py --model vae`` processes on the embedded digits (``--vae-epochs``, the preset's
+30), seeds 6-8, after the three workloads. Reported, not scored: test -ELBO and IS NLL, solver
+gap, CPU and forward NFE per run and per arm, against ``none_adaptive`` seed by seed;
+no goal is judged.
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ from typing import Any
 import lightning as L
 from typing_extensions import override
 
-from benchmarks import common
+from benchmarks import common, fewstep_vae
 from benchmarks.accuracy import Record, Setting, compare, cost_at
 
 __all__ = ["ADAPTIVE_ARMS", "CANDIDATES", "G1_RATIO", "G2_RATIO", "G3_RMS", "G3_NFE",
@@ -420,7 +428,11 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verdict-steps", nargs=3, type=int, default=(3000, 3000, 2000),
                         metavar=("CHECKERBOARD", "GAUSSIANS", "MIXTURE16"))
     parser.add_argument("--rows", type=int, default=1000, help="test rows of the measurement")
-    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
+    parser.add_argument("--workloads", nargs="*", default=[*WORKLOADS, "vae"],
+                        help="the verdict's workloads, and vae for the VAE front door (default: "
+                             "all)")
+    parser.add_argument("--vae-epochs", type=int, default=fewstep_vae.EPOCHS,
+                        help="epochs of each VAE front-door run")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--cached-only", action="store_true",
                         help="run nothing: the report from the finished runs")
@@ -433,9 +445,11 @@ def _collect(cells: list[tuple[str, str, int]], steps: Mapping[str, int]) -> lis
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Selection on the checkerboard's seeds 0-2, then the verdict workload by workload."""
-    unknown = [w for w in args.workloads if w not in WORKLOADS]
-    if unknown:
-        raise common.UsageError(f"--workloads: unknown {unknown}; valid: {', '.join(WORKLOADS)}")
+    unknown = [w for w in args.workloads if w not in (*WORKLOADS, "vae")]
+    if unknown or args.vae_epochs < 1:
+        raise common.UsageError(f"--workloads: unknown {unknown}; valid: "
+                                f"{', '.join(WORKLOADS)}, vae; --vae-epochs >= 1, got "
+                                f"{args.vae_epochs}")
     select_steps = {"checkerboard": args.select_steps}
     select_cells = [("checkerboard", candidate_arm(k, c), s)
                     for s in SELECT_SEEDS for k, c in CANDIDATES]
@@ -459,6 +473,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "selection": {**selection, "runs": [_slim(r) for r in
                                                    _collect(select_cells, select_steps)]},
                "runs": [_slim(r) for r in runs], "goals": goals(runs)}
+    if "vae" in args.workloads:
+        arms = verdict_arms(chosen["steps"], chosen["coef"])
+        if not args.cached_only:
+            fewstep_vae.run_cells(arms, VERDICT_SEEDS, args.vae_epochs, args.jobs)
+        payload["vae"] = fewstep_vae.payload(arms, VERDICT_SEEDS, args.vae_epochs)
     if runs:
         plot(runs, Path(args.out).with_suffix(".png"))
     return payload
@@ -583,6 +602,8 @@ def markdown(payload: Mapping[str, Any]) -> str:
               + ("PASS" if g["g1_overall"] else "fail") + "; workloads passed per seed: "
               + (", ".join(f"seed {s}: {n}" for s, n in g["g1_workloads_passed"].items())
                  or "-") + ".", ""]
+    if "vae" in payload:  # reports written before the VAE front door have none
+        lines += [*fewstep_vae.section(payload["vae"]), ""]
     return "\n".join(lines)
 
 
