@@ -72,7 +72,7 @@ from typing_extensions import override
 from benchmarks import common, fewstep_vae
 from benchmarks.accuracy import Record, Setting, compare, cost_at
 
-__all__ = ["ADAPTIVE_ARMS", "CANDIDATES", "G1_RATIO", "G2_RATIO", "G3_RMS", "G3_NFE",
+__all__ = ["ADAPTIVE_ARMS", "CANDIDATES", "arm_summary", "G1_RATIO", "G2_RATIO", "G3_RMS", "G3_NFE",
            "SELECT_MARGIN", "SMOOTH", "STUDY", "WORKLOADS", "CpuCurve", "arm", "choose", "g1",
            "g2", "g3", "goals", "markdown", "time_to_target", "train_cell"]
 
@@ -361,6 +361,56 @@ def goals(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             and all(n >= 2 for n in g1_by_seed.values())}
 
 
+def arm_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each arm of each workload against the same seed's baseline, over the seeds both have.
+
+    Returns:
+        Workload -> ``{"baseline": {...}, "arms": {arm: {...}}}``. The baseline's entry gives
+        the spread (median, min, max) of its forward NFE per step over the first and the last
+        tenth of training; each arm's the spreads of its training CPU over the baseline's, its
+        final validation NLL less the baseline's (both the mean of the last :data:`SMOOTH`
+        validations), its converged NLL less the baseline's, and in how many of ``n`` seeds
+        its validation NLL reached the baseline's final one + 0.01 (G1's target).
+
+    Example:
+        >>> def run(a, s, cpu, val, nll):
+        ...     return {"workload": "w", "arm": a, "seed": s, "train_cpu": cpu,
+        ...             "curve": [[1, cpu, val, None]], "forward_nfe_first10pct": 20.0,
+        ...             "forward_nfe_last10pct": 90.0,
+        ...             "accuracy": {"reference": {"converged_nll": nll}}}
+        >>> e = arm_summary([run("none_adaptive", 6, 100.0, 3.70, 3.71),
+        ...                  run("tpr5_rk4x4", 6, 40.0, 3.75, 3.73)])["w"]["arms"]["tpr5_rk4x4"]
+        >>> e["cpu_ratio"]["median"], round(e["converged_diff"]["median"], 3), e["reached"]
+        (0.4, 0.02, 0)
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for wname in dict.fromkeys(r["workload"] for r in runs):
+        mine = [r for r in runs if r["workload"] == wname]
+        base = {int(r["seed"]): r for r in mine if r["arm"] == ADAPTIVE_ARMS[0]}
+        if not base:
+            continue
+        arms: dict[str, Any] = {}
+        for name in dict.fromkeys(r["arm"] for r in mine if r["arm"] != ADAPTIVE_ARMS[0]):
+            pairs = [(r, base[int(r["seed"])]) for r in mine
+                     if r["arm"] == name and int(r["seed"]) in base]
+            finals = [(_smoothed(r["curve"])[-1][1], _smoothed(b["curve"])[-1][1])
+                      for r, b in pairs]
+            arms[name] = {
+                "n": len(pairs),
+                "cpu_ratio": common.spread([float(r["train_cpu"]) / float(b["train_cpu"])
+                                            for r, b in pairs]),
+                "val_diff": common.spread([v - bv for v, bv in finals]),
+                "converged_diff": common.spread([converged(r) - converged(b) for r, b in pairs]),
+                "reached": sum(time_to_target(r["curve"], bv + NLL_MARGIN) is not None
+                               for (r, _), (_, bv) in zip(pairs, finals))}
+        out[wname] = {"baseline": {
+            "n": len(base),
+            "nfe_first": common.spread([b["forward_nfe_first10pct"] for b in base.values()]),
+            "nfe_last": common.spread([b["forward_nfe_last10pct"] for b in base.values()])},
+            "arms": arms}
+    return out
+
+
 def choose(runs: Sequence[Mapping[str, Any]],
            candidates: Sequence[tuple[int, float]] = CANDIDATES) -> dict[str, Any]:
     """The selection rule (module docstring) over the runs of ``candidates`` ((rk4 steps,
@@ -472,7 +522,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "settings": list(SETTINGS)},
                "selection": {**selection, "runs": [_slim(r) for r in
                                                    _collect(select_cells, select_steps)]},
-               "runs": [_slim(r) for r in runs], "goals": goals(runs)}
+               "runs": [_slim(r) for r in runs], "goals": goals(runs),
+               "arms": arm_summary(runs)}
     if "vae" in args.workloads:
         arms = verdict_arms(chosen["steps"], chosen["coef"])
         if not args.cached_only:
@@ -602,9 +653,36 @@ def markdown(payload: Mapping[str, Any]) -> str:
               + ("PASS" if g["g1_overall"] else "fail") + "; workloads passed per seed: "
               + (", ".join(f"seed {s}: {n}" for s, n in g["g1_workloads_passed"].items())
                  or "-") + ".", ""]
+    if "arms" in payload:  # reports written before this table have none
+        lines += _arm_lines(payload["arms"], meta["verdict_steps"])
     if "vae" in payload:  # reports written before the VAE front door have none
         lines += [*fewstep_vae.section(payload["vae"]), ""]
     return "\n".join(lines)
+
+
+def _arm_lines(summary: Mapping[str, Any], steps: Mapping[str, int]) -> list[str]:
+    """The table of :func:`arm_summary`: per workload the baseline's forward NFE, and each arm
+    against the same seed's baseline (median (min to max) over the paired seeds)."""
+    def mr(entry: Mapping[str, Any], fmt: str) -> str:
+        return "-" if entry["median"] is None else common.median_range(entry, fmt, " to ")
+
+    rows = []
+    for wname, e in summary.items():
+        b = e["baseline"]
+        head = [f"{wname} ({steps[wname]} steps)",
+                f"{mr(b['nfe_first'], '.0f')}; {mr(b['nfe_last'], '.0f')}"]
+        for name, a in e["arms"].items():
+            rows.append([*head, name, mr(a["cpu_ratio"], ".2f"), mr(a["val_diff"], "+.3f"),
+                         mr(a["converged_diff"], "+.3f"), f"{a['reached']} of {a['n']}"])
+            head = ["", ""]
+    return ["## Each arm against its seed's baseline", "",
+            "Median (min to max) over the seeds; the final validation NLL is the mean of the "
+            f"last {SMOOTH} validations; reached: the seeds whose validation NLL reached the "
+            f"baseline's final one + {NLL_MARGIN:g} (G1's target).", "",
+            *common.table(["workload", "baseline's fwd NFE per step: first; last tenth", "arm",
+                           "training CPU / baseline's",
+                           "final val NLL - baseline's", "converged NLL - baseline's",
+                           "reached"], rows), ""]
 
 
 STUDY = common.Study("fewstep", __doc__, run, markdown, arguments)

@@ -183,6 +183,47 @@ def test_the_report_renders_from_its_json_alone(tmp_path):
     assert (tmp_path / "f.png").stat().st_size > 0
 
 
+def test_arm_summary_pairs_each_arm_with_its_own_seed_s_baseline():
+    # seed 7's baseline is slower and worse: pairing by position or pooling the seeds would
+    # give other ratios and differences
+    slow_base = run("none_adaptive", 3.80, [(p[0], 2 * p[1], p[2] + 0.1) for p in BASE_CURVE],
+                    BASE_SETTINGS, seed=7)
+    # seed 6 ends at 3.705 (the mean of its last three): within the 0.01 margin, not below 3.70
+    near = [(500, 20.0, 3.9), (1000, 40.0, 3.61), (1500, 50.0, 3.605)]
+    runs = [base(6), slow_base, fixed(near, nll=3.705, seed=6),
+            fixed([(500, 40.0, 3.9), (1000, 80.0, 3.85)], nll=3.86, seed=7),
+            run("none_rk4x4", 3.9, [(1000, 30.0, 4.0)], [], seed=6)]
+    e = fewstep.arm_summary(runs)["checkerboard"]
+    tpr = e["arms"]["tpr5_rk4x4"]
+    # CPU: 50 of the baseline's 125 s on seed 6, 80 of 250 s on seed 7
+    assert tpr["n"] == 2 and tpr["cpu_ratio"] == pytest.approx(
+        {"median": 0.36, "min": 0.32, "max": 0.4})
+    # converged: 3.705 - 3.70 on seed 6, 3.86 - 3.80 on seed 7
+    assert tpr["converged_diff"]["min"] == pytest.approx(0.005)
+    assert tpr["converged_diff"]["max"] == pytest.approx(0.06)
+    # final val NLLs (means of the last three): 3.705 vs 3.70, and 3.875 vs 3.80
+    assert tpr["val_diff"]["min"] == pytest.approx(0.005)
+    assert tpr["val_diff"]["max"] == pytest.approx(0.075)
+    assert tpr["reached"] == 1  # seed 6 reaches 3.70 + 0.01; seed 7 never reaches 3.81
+    assert e["arms"]["none_rk4x4"]["n"] == 1 and e["arms"]["none_rk4x4"]["reached"] == 0
+    assert e["baseline"]["n"] == 2 and "none_adaptive" not in e["arms"]
+
+
+def test_the_report_s_arm_table_appears_only_with_its_data():
+    runs = [base(), fixed(QUICK)]
+    sel = [fixed([(1, 50.0, 3.70)], seed=0)]
+    payload = {"meta": {"command": "c", "note": "", "machine": {
+        "cpu": "cpu", "cores": 2, "git_commit": "abc", "torch": "2", "date": "today"},
+        "select_steps": 3000, "select_seeds": [0], "verdict_steps": {"checkerboard": 1500},
+        "rows": 1000, "settings": []}, "selection": {**choose(sel), "runs": sel},
+        "runs": runs, "goals": goals(runs)}
+    assert "## Each arm" not in fewstep.markdown(payload)
+    text = fewstep.markdown({**payload, "arms": fewstep.arm_summary(runs)})
+    assert ("| checkerboard (1500 steps) | 20 (20 to 20); 40 (40 to 40) | tpr5_rk4x4 | "
+            "0.40 (0.40 to 0.40) | -0.000 (-0.000 to -0.000) | +0.005 (+0.005 to +0.005) | "
+            "1 of 1 |") in text
+
+
 @pytest.mark.slow
 def test_one_cell_trains_and_measures_on_the_cpu_clock():
     # the study's pipeline on a tiny run: 10 rk4 steps, 50 test rows
