@@ -798,6 +798,14 @@ def _(r: Results) -> dict[str, Value]:
     return {"verdict": "holds" if r("fewstep")["goals"]["g1_overall"] else "fails"}
 
 
+def _fewstep_paired(r: Results, arm: str, of: Callable[[dict[str, Any]], float],
+                    workloads: Sequence[str] | None = None) -> list[tuple[float, float]]:
+    """``(of(arm's run), of(baseline's run))`` per workload and seed of fewstep.json."""
+    runs = {(x["workload"], x["seed"], x["arm"]): x for x in r("fewstep")["runs"]}
+    return [(of(runs[w, s, arm]), of(x)) for (w, s, a), x in runs.items()
+            if a == "none_adaptive" and (workloads is None or w in workloads)]
+
+
 @claim("performance.fewstep.why", PERF,
        "On the checkerboard and 8gaussians every grid run trains in at most {cpu}x its "
        "baseline's CPU time, so there quality decides. Over the three workloads the TPR grid's "
@@ -809,10 +817,8 @@ def _(r: Results) -> dict[str, Value]:
     from benchmarks.fewstep import _smoothed
 
     d = r("fewstep")
-    runs = {(x["workload"], x["seed"], x["arm"]): x for x in d["runs"]}
-    final = {k: _smoothed(x["curve"])[-1][1] for k, x in runs.items()}
-    above = [final[w, s, "tpr5_rk4x4"] - final[w, s, a] > 0.01
-             for (w, s, a) in runs if a == "none_adaptive"]
+    above = [t - b > 0.01 for t, b in
+             _fewstep_paired(r, "tpr5_rk4x4", lambda x: _smoothed(x["curve"])[-1][1])]
     arms = d["arms"].values()
     cpu = max(d["arms"][w]["arms"][a]["cpu_ratio"]["max"] for w in ("checkerboard", "8gaussians")
               for a in d["arms"][w]["arms"] if "_rk4x" in a)
@@ -836,17 +842,14 @@ def _g3_rms(run: dict[str, Any]) -> float:
        "fewstep.json runs[*].accuracy.settings (sample_rms at <= 8 sample NFE), goals.per.*.g3")
 def _(r: Results) -> dict[str, Value]:
     d = r("fewstep")
-    runs = {(x["workload"], x["seed"], x["arm"]): x for x in d["runs"]}
-    pairs = [(_g3_rms(runs[w, s, "tpr5_adaptive"]), _g3_rms(runs[w, s, "none_adaptive"]))
-             for (w, s, a) in runs if a == "none_adaptive" and w in ("checkerboard", "8gaussians")]
+    pairs = _fewstep_paired(r, "tpr5_adaptive", _g3_rms, ("checkerboard", "8gaussians"))
     ratios = [t / b for t, b in pairs]
     met = [w for w in ("8gaussians", "mixture16")
            if all(e["g3_pass"] for e in d["goals"]["per"][w].values())]
     if met != ["8gaussians", "mixture16"] or any(e["g3_pass"] for e in
                                                   d["goals"]["per"]["checkerboard"].values()):
         raise ValueError("G3 is no longer met exactly on 8gaussians and the 16-D table")
-    base = [_g3_rms(x) <= 0.01 for (w, s, a), x in runs.items()
-            if a == "none_adaptive" and w in met]
+    base = [b <= 0.01 for _, b in _fewstep_paired(r, "tpr5_adaptive", _g3_rms, met)]
     return {"k": sum(t < b for t, b in pairs), "n": len(pairs), "r": median(ratios),
             "rlo": min(ratios), "rhi": max(ratios), "b": sum(base), "m": len(base)}
 
