@@ -61,7 +61,6 @@ BASELINE = "none_adaptive"
 #: Seconds between two readings of a child's CPU clock.
 POLL_S = 0.1
 CACHE = common.RESULTS / ".cache" / "fewstep"
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------ one run
@@ -165,14 +164,17 @@ def _cpu_of(pid: int) -> float | None:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (proc(5))
+    # utime, stime (proc(5)), in clock ticks; read here, not at import, so that importing
+    # the study works where there is no /proc
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_at(timeline: Sequence[tuple[float, float]], when: float) -> float:
     """The CPU seconds of a sampled ``(wall time, CPU s)`` timeline at wall time ``when``
     (linear between samples, clamped at the ends)."""
     if not timeline:
-        raise ValueError("no CPU sample was taken (the process ended at once)")
+        raise ValueError("no CPU sample was taken: the process ended at once, or this system "
+                         "has no /proc (the front door's fit CPU is read from Linux's /proc)")
     before = [p for p in timeline if p[0] <= when] or timeline[:1]
     after = [p for p in timeline if p[0] >= when] or timeline[-1:]
     (t0, c0), (t1, c1) = before[-1], after[0]
