@@ -168,13 +168,18 @@ def header(study: str, title: str, command: str, *facts: str) -> list[str]:
             f"How it measures and how to read it: docs/benchmarks.md, `benchmarks.{study}`.", ""]
 
 
-def median_range(summary: dict[str, float], fmt: str, sep: str = "-") -> str:
-    """'median (min-max)' of a ``{"median", "min", "max"}`` entry.
+def median_range(summary: dict[str, float | None], fmt: str, sep: str = "-") -> str:
+    """'median (min-max)' of a ``{"median", "min", "max"}`` entry (:func:`spread`'s), '-' where
+    it has no median.
 
     Example:
         >>> median_range({"median": 1.5, "min": 1.0, "max": 2.25}, ".2f")
         '1.50 (1.00-2.25)'
+        >>> median_range({"median": None, "min": None, "max": None}, ".2f")
+        '-'
     """
+    if summary["median"] is None:
+        return "-"
     return (f"{summary['median']:{fmt}} ({summary['min']:{fmt}}{sep}"
             f"{summary['max']:{fmt}})")
 

@@ -663,8 +663,7 @@ def markdown(payload: Mapping[str, Any]) -> str:
 def _arm_lines(summary: Mapping[str, Any], steps: Mapping[str, int]) -> list[str]:
     """The table of :func:`arm_summary`: per workload the baseline's forward NFE, and each arm
     against the same seed's baseline (median (min to max) over the paired seeds)."""
-    def mr(entry: Mapping[str, Any], fmt: str) -> str:
-        return "-" if entry["median"] is None else common.median_range(entry, fmt, " to ")
+    mr = fewstep_vae.median_to  # median (min to max), '-' without a median
 
     rows = []
     for wname, e in summary.items():

@@ -291,9 +291,10 @@ def _seeds(n: int) -> str:
     return f"{n} seed" + ("" if n == 1 else "s")
 
 
-def _mr(entry: Mapping[str, Any], fmt: str) -> str:
+def median_to(entry: Mapping[str, Any], fmt: str) -> str:
+    """'median (min to max)' of a :func:`benchmarks.common.spread` entry, '-' without one."""
     # " to ": a range of signed numbers reads badly with "-" between them
-    return "-" if entry["median"] is None else common.median_range(entry, fmt, " to ")
+    return common.median_range(entry, fmt, " to ")
 
 
 def _sentences(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
@@ -326,9 +327,9 @@ def _sentences(runs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, An
     if others:
         fast = min(others, key=lambda r: r["cpu_ratio"]["median"])
         lines.append(f"Seed-paired, the arm with the least fit CPU is {fast['arm']} at "
-                     f"{_mr(fast['cpu_ratio'], '.2f')} times the baseline's over "
+                     f"{median_to(fast['cpu_ratio'], '.2f')} times the baseline's over "
                      f"{_seeds(fast['paired'])}, its test IS NLL "
-                     f"{_mr(fast['is_nll_diff'], '+.4f')} nats from the baseline's.")
+                     f"{median_to(fast['is_nll_diff'], '+.4f')} nats from the baseline's.")
     return lines
 
 
@@ -362,9 +363,10 @@ def section(vae: Mapping[str, Any]) -> list[str]:
     lines += common.table(
         ["arm", "seeds", "test -ELBO", "test IS NLL", "fit CPU s", "fwd NFE per step",
          "fit CPU ratio", "IS NLL difference"],
-        [[r["arm"], r["seeds"], _mr(r["test_neg_elbo"], ".4f"), _mr(r["test_is_nll"], ".4f"),
-          _mr(r["fit_cpu"], ".0f"), _mr(r["forward_nfe_mean"], ".1f"),
-          _mr(r["cpu_ratio"], ".2f"), _mr(r["is_nll_diff"], "+.4f")] for r in rows])
+        [[r["arm"], r["seeds"], median_to(r["test_neg_elbo"], ".4f"),
+          median_to(r["test_is_nll"], ".4f"), median_to(r["fit_cpu"], ".0f"),
+          median_to(r["forward_nfe_mean"], ".1f"),
+          median_to(r["cpu_ratio"], ".2f"), median_to(r["is_nll_diff"], "+.4f")] for r in rows])
     return [*lines, "", " ".join(_sentences(runs, rows, vae["baseline"]))]
 
 

@@ -138,7 +138,7 @@ def _cost(c: Mapping[str, Any] | None) -> str:
 
 
 def _spread(s: Mapping[str, Any], fmt: str) -> str:
-    return "-" if s["median"] is None else median_range(s, fmt, " to ")
+    return median_range(s, fmt, " to ")
 
 
 def markdown(payload: Mapping[str, Any]) -> str:
