@@ -21,15 +21,8 @@ import torch
 from polyreg_cnf.datamodules.toy import sample_toy
 
 from benchmarks import common
-from benchmarks.common import table
-from polyreg_cnf import (
-    CNF,
-    Adjoint,
-    ODENet,
-    SolverConfig,
-    TrajectoryRecorder,
-    standard_normal_logprob,
-)
+from polyreg_cnf import CNF, Adjoint, ODENet, SolverConfig, standard_normal_logprob
+from polyreg_cnf.engine import TrajectoryRecorder
 
 __all__ = ["STUDY", "main", "measure_step", "train_toy"]
 
@@ -39,8 +32,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "tpr_stock": dict(K=2, backprop="adjoint", carry=False),
     "tpr_carry_intervals": dict(K=2, backprop="adjoint", carry=True),
     "tpr_direct": dict(K=2, backprop="direct", carry=False),
-    # Step checkpoints (issue 14: what makes the penalty's stops cheaper where the adjoint's
-    # memory bound is needed): no backward solve, one recomputed step at a time.
     "plain_checkpoint": dict(K=0, backprop="checkpoint", carry=False),
     "tpr_checkpoint": dict(K=2, backprop="checkpoint", carry=False),
 }
@@ -91,9 +82,10 @@ def measure_step(cnf: CNF, x: torch.Tensor, variant: dict[str, Any], seminorm: b
                 forward_cpu_s=cpu_middle - cpu_start, backward_cpu_s=cpu_end - cpu_middle)
 
 
-def run_case(name: str, models: list[CNF], inputs: list[torch.Tensor], tol: float
-             ) -> dict[str, Any]:
-    """All variants, with and without seminorm, over the (model, input) seeds; medians."""
+def run_case(name: str, description: str, models: list[CNF], inputs: list[torch.Tensor],
+             tol: float) -> dict[str, Any]:
+    """Case ``name``: all variants, with and without seminorm, over the (model, input) seeds;
+    medians."""
     rows: dict[str, Any] = {}
     # warm-up, untimed
     measure_step(models[0], inputs[0], VARIANTS["tpr_carry_intervals"], False, tol, seed=0)
@@ -102,13 +94,11 @@ def run_case(name: str, models: list[CNF], inputs: list[torch.Tensor], tol: floa
             key = variant_name + ("+seminorm" if seminorm else "")
             runs = [measure_step(m, x, variant, seminorm, tol, seed=1000 + i)
                     for i, (m, x) in enumerate(zip(models, inputs))]
-            rows[key] = dict(
-                runs=runs,
-                median={k: statistics.median(r[k] for r in runs) for k in runs[0]})
-            med = rows[key]["median"]
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            rows[key] = dict(runs=runs, median=med)
             print(f"{name:>6} {key:<30} fwd {med['forward_nfe']:>6.0f}  bwd "
                   f"{med['backward_nfe']:>6.0f}  bwd {med['backward_s']:.3f}s", flush=True)
-    return rows
+    return dict(description=description, rows=rows)
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -130,10 +120,9 @@ def to_markdown(result: dict[str, Any]) -> str:
                           f"{med['backward_nfe'] / base if base else float('nan'):.2f}",
                           f"{med['backward_steps']:.0f}", f"{med['backward_s']:.3f}",
                           f"{med['backward_cpu_s']:.3f}"])
-        lines += [f"## {case}: {info['description']}", "",
-                  *table(["variant", "forward NFE", "backward NFE", "ratio to plain_stock",
-                          "backward steps", "backward s", "backward CPU s"], cells, "lrrrrrr"),
-                  ""]
+        lines += [f"## {case}: {info['description']}", "", *common.table(
+            ["variant", "forward NFE", "backward NFE", "ratio to plain_stock", "backward steps",
+             "backward s", "backward CPU s"], cells, "lrrrrrr"), ""]
     return "\n".join(lines)
 
 
@@ -148,18 +137,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         raise common.UsageError(f"need seeds >= 1, train_steps >= 0, batch >= 1, got "
                                 f"{args.seeds}, {args.train_steps}, {args.batch}")
     torch.set_num_threads(1)  # one thread per process, as train.py (see the README)
-    cases: dict[str, Any] = {}
     start = time.perf_counter()
     toy = train_toy(args.train_steps, args.train_tol, args.batch)
     train_s = time.perf_counter() - start
     print(f"trained the 2-D CNF for {args.train_steps} steps in {train_s:.0f}s", flush=True)
     toy_inputs = [torch.from_numpy(sample_toy("checkerboard", args.batch, 100 + s))
                   for s in range(args.seeds)]
-    cases["toy-2d"] = dict(
-        description=f"ODENet(2, (64, 64, 64), concatsquash, tanh) after {args.train_steps} "
-                    f"Adam steps (lr 1e-3, batch {args.batch}, tol {args.train_tol}) on the "
-                    f"checkerboard; seeds vary the batch, the probe and the penalty times",
-        rows=run_case("toy-2d", [toy] * args.seeds, toy_inputs, args.tol))
+    cases = {"toy-2d": run_case(
+        "toy-2d", f"ODENet(2, (64, 64, 64), concatsquash, tanh) after {args.train_steps} Adam "
+        f"steps (lr 1e-3, batch {args.batch}, tol {args.train_tol}) on the checkerboard; seeds "
+        "vary the batch, the probe and the penalty times", [toy] * args.seeds, toy_inputs,
+        args.tol)}
 
     at_random_init = {  # name -> dim, hidden, nonlinearity, batch, CNF options, description
         "cnf-30d": (30, (64, 64, 64), "tanh", args.batch, {},
@@ -176,12 +164,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             models.append(CNF(ODENet(dim, hidden, "concatsquash", nonlinearity), **options))
         inputs = [torch.randn(batch, dim, generator=torch.Generator().manual_seed(s))
                   for s in range(args.seeds)]
-        cases[name] = dict(description=description,
-                           rows=run_case(name, models, inputs, args.tol))
+        cases[name] = run_case(name, description, models, inputs, args.tol)
     return dict(
         command=args.command, nproc=os.cpu_count(), **common.versions(), numpy=np.__version__,
-        seeds=args.seeds, tol=args.tol,
-        train_steps=args.train_steps, train_seconds=train_s, cases=cases)
+        seeds=args.seeds, tol=args.tol, train_steps=args.train_steps, train_seconds=train_s,
+        cases=cases)
 
 
 STUDY = common.Study("adjoint_overhead", __doc__, measure, to_markdown, flags=FLAGS)

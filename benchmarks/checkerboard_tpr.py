@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from benchmarks.common import table
 from benchmarks.harness import ARMS, WORKLOADS, Arm, run_one
 from polyreg_cnf.engine.penalty import sample_penalty_times, trajectory_polynomial_penalty
 
@@ -35,10 +34,7 @@ def penalty_seconds(batch: int, dim: int, num_samples: int = 2, order: int = 1,
     return float(np.median(times))
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+FLAGS = {"--steps": dict(type=int, default=1000), "--seed": dict(type=int, default=0)}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,7 +66,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "1e-4, evaluation 1e-5 (exact trace); TPR K = 2, m = 1, coef = 5. NFE = right-hand-side "
         "calls (the paper's code counted 2 per call).",
         "",
-        *table(["arm", "forward NFE/step (last 100)", "backward NFE/step (last 100)",
+        *common.table(["arm", "forward NFE/step (last 100)", "backward NFE/step (last 100)",
                 "forward / backward (mean over training)", "test NLL (nats)", "test NFE",
                 "s/step", "penalty share of step"],
                [[r["label"], f"{r['forward_nfe_last100']:.1f}", f"{r['backward_nfe_last100']:.1f}",
@@ -83,8 +79,7 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-STUDY = common.Study("checkerboard_tpr", __doc__, measure, markdown, arguments)
-
+STUDY = common.Study("checkerboard_tpr", __doc__, measure, markdown, flags=FLAGS)
 main = STUDY.main
 
 if __name__ == "__main__":

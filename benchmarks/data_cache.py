@@ -2,10 +2,8 @@
 
     python -m benchmarks.data_cache [--rows 1600000] [--repeats 3]
 
-On a generated POWER-shaped file (``--rows`` x 8 float64) in a temporary folder, each repeat
-times ``prepare_data(); setup()`` of a fresh TabularDataModule with no cache, with the cache in
-place, and with ``cache=False``; the report gives the medians. Results:
-benchmarks/results/data_cache.json and .md.
+Writes benchmarks/results/data_cache.{json,md}; how it measures: docs/benchmarks.md,
+`benchmarks.data_cache`.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from polyreg_cnf.datamodules import tabular
 from polyreg_cnf.datamodules.tabular import TabularDataModule
 
 from benchmarks import common
-from benchmarks.common import table
 
 #: The cases timed, as the JSON names them, with the report's labels.
 CASES = {"first_setup_s": "first setup: preprocess + write cache",
@@ -43,10 +40,7 @@ def timed_setup(root: Path, cache: bool = True) -> tuple[float, TabularDataModul
     return time.perf_counter() - start, dm
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    parser.add_argument("--rows", type=int, default=1_600_000)
-    parser.add_argument("--repeats", type=int, default=3)
+FLAGS = {"--rows": dict(type=int, default=1_600_000), "--repeats": dict(type=int, default=3)}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,7 +89,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Each figure is the median of {result['repeats']} runs of `prepare_data(); setup()` "
         "on a fresh TabularDataModule.",
         "",
-        *table(["case", "median (s)", "runs (s)"],
+        *common.table(["case", "median (s)", "runs (s)"],
                [[label, f"{result[key]['median']:.3f}",
                  ", ".join(f"{s:.3f}" for s in result[key]["all"])]
                 for key, label in CASES.items()]),
@@ -104,8 +98,7 @@ def markdown(result: dict[str, Any]) -> str:
         "setup."]) + "\n"
 
 
-STUDY = common.Study("data_cache", __doc__, measure, markdown, arguments)
-
+STUDY = common.Study("data_cache", __doc__, measure, markdown, flags=FLAGS)
 main = STUDY.main
 
 if __name__ == "__main__":

@@ -19,16 +19,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
-from benchmarks.common import table
-
-
-def make_table(path: Path, rows: int, dim: int = 43, seed: int = 0) -> None:
-    """A correlated 4-component Gaussian mixture of ``rows`` x ``dim`` into ``path``."""
-    rng = np.random.default_rng(seed)
-    mix = rng.integers(0, 4, rows)
-    centers = rng.normal(scale=2.0, size=(4, dim))
-    mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
-    np.save(path, (rng.normal(size=(rows, dim)) + centers[mix]) @ mixing)
+from benchmarks.tables import mixture_rows
 
 
 def epoch_seconds(data: Path, out: Path, processes: int) -> float:
@@ -51,7 +42,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "miniboone_shaped.npy"
-        make_table(data, args.rows)
+        np.save(data, mixture_rows(args.rows, 43))  # a correlated Gaussian mixture
         for rep in range(args.repeats):
             for n in (1, 2):
                 secs = epoch_seconds(data, Path(tmp) / f"runs{rep}-{n}", n)
@@ -72,9 +63,10 @@ def markdown(payload: dict[str, Any]) -> str:
                        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, lightning "
                        f"{m['lightning']}, commit {m['git_commit']}, {m['date']}. Data: "
                        f"generated, {payload['rows']} rows x 43."),
-        *table(["processes", "seconds per epoch (median)", "all repeats", "speed-up"],
-               [[n, f"{med[n]:.1f}", ", ".join(f"{v:.1f}" for v in payload["seconds_per_epoch"][n]),
-                 f"{med['1'] / med[n]:.2f}x"] for n in ("1", "2")])]) + "\n"
+        *common.table(["processes", "seconds per epoch (median)", "all repeats", "speed-up"],
+                      [[n, f"{med[n]:.1f}",
+                        ", ".join(f"{v:.1f}" for v in payload["seconds_per_epoch"][n]),
+                        f"{med['1'] / med[n]:.2f}x"] for n in ("1", "2")])]) + "\n"
 
 
 STUDY = common.Study("ddp_scaling", __doc__, measure, markdown, flags=FLAGS)

@@ -22,7 +22,6 @@ from torch import nn
 
 import polyreg_cnf
 from benchmarks import common
-from benchmarks.common import table
 from polyreg_cnf.engine import NFECounter, TrajectoryRecorder, record_nfe
 from polyreg_cnf.engine.recording import penalty_grid
 
@@ -33,34 +32,25 @@ A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]])
 
 
 class Field(nn.Module):
-    """A user's vector field: an MLP of the state."""
+    """A user's vector field: an MLP of the state, counting its calls."""
 
     def __init__(self, width: int = 64) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, width),
                                  nn.Tanh(), nn.Linear(width, 2))
-
-    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
-
-
-class Counted(nn.Module):
-    """``field``, counting its calls."""
-
-    def __init__(self, field: nn.Module) -> None:
-        super().__init__()
-        self.field = field
         self.calls = 0
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.field(t, x)
+        return self.mlp(x)
 
     def nfe(self, loss: torch.Tensor) -> tuple[int, int]:
-        """The forward NFE so far, and the backward NFE of ``loss.backward()``."""
+        """The forward NFE since the count was last read, and the backward NFE of
+        ``loss.backward()``; the count starts again from zero."""
         forward = self.calls
         loss.backward()
-        return forward, self.calls - forward
+        backward, self.calls = self.calls - forward, 0
+        return forward, backward
 
 
 def spiral(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,8 +76,8 @@ def train(steps: int, tol: float, seed: int = 0) -> Field:
     return field
 
 
-# ------------------------------------------------------------------ 1. no regularizer
 def time_solves(field: Field, repeats: int, tol: float) -> dict[str, Any]:
+    """1. No regularizer: seconds per solve of each arm, interleaved, after 3 warm-ups."""
     x0, ys = spiral(256, 1)
     pairs = {"odeint": (torchdiffeq.odeint, polyreg_cnf.odeint),
              "odeint_adjoint": (torchdiffeq.odeint_adjoint, polyreg_cnf.odeint_adjoint)}
@@ -97,9 +87,7 @@ def time_solves(field: Field, repeats: int, tol: float) -> dict[str, Any]:
                 "drop-in, NFE counted": (dropin, True)}
         seconds: dict[str, list[float]] = {arm: [] for arm in arms}
         for r in range(repeats + 3):
-            order = list(arms) if r % 2 == 0 else list(reversed(arms))  # interleaved
-            for arm in order:
-                solve, count = arms[arm]
+            for arm, (solve, count) in list(arms.items())[::(-1) ** r]:  # order flips each time
                 field.zero_grad(set_to_none=True)
                 start = time.perf_counter()
                 with record_nfe(NFECounter()) if count else contextlib.nullcontext():
@@ -113,29 +101,27 @@ def time_solves(field: Field, repeats: int, tol: float) -> dict[str, Any]:
     return rows
 
 
-# ------------------------------------------------------------------ 2. TPR backward NFE
 def tpr_nfe(field: Field, seeds: int, tol: float, num_samples: int, coef: float
             ) -> dict[str, Any]:
+    """2. TPR: forward and backward NFE of each arm over the seeds; medians."""
     arms: dict[str, list[tuple[int, int]]] = {"stock, no TPR": [], "stock, TPR": [],
                                               "drop-in, TPR": []}
+    field.calls = 0
     for seed in range(seeds):
         x0, ys = spiral(256, 100 + seed)
         # the drop-in, inside a recorder (what a training step with the callback runs)
-        counted = Counted(field)
         recorder = TrajectoryRecorder(num_samples, 1, generator=torch.Generator().manual_seed(seed))
         with recorder:
-            pred = polyreg_cnf.odeint_adjoint(counted, x0, GRID, rtol=tol, atol=tol)
+            pred = polyreg_cnf.odeint_adjoint(field, x0, GRID, rtol=tol, atol=tol)
         loss = (pred - ys).square().mean() + coef * recorder.penalty()
-        arms["drop-in, TPR"].append(counted.nfe(loss))
+        arms["drop-in, TPR"].append(field.nfe(loss))
         # torchdiffeq's adjoint on the same merged grid (the same interior times), the same loss
         grid = penalty_grid(GRID, num_samples, torch.Generator().manual_seed(seed))
-        counted = Counted(field)
-        traj = torchdiffeq.odeint_adjoint(counted, x0, grid.times, rtol=tol, atol=tol)
+        traj = torchdiffeq.odeint_adjoint(field, x0, grid.times, rtol=tol, atol=tol)
         loss = (grid.select(traj) - ys).square().mean() + coef * grid.penalty(traj, 1)
-        arms["stock, TPR"].append(counted.nfe(loss))
-        counted = Counted(field)
-        pred = torchdiffeq.odeint_adjoint(counted, x0, GRID, rtol=tol, atol=tol)
-        arms["stock, no TPR"].append(counted.nfe((pred - ys).square().mean()))
+        arms["stock, TPR"].append(field.nfe(loss))
+        pred = torchdiffeq.odeint_adjoint(field, x0, GRID, rtol=tol, atol=tol)
+        arms["stock, no TPR"].append(field.nfe((pred - ys).square().mean()))
     field.zero_grad(set_to_none=True)
     base = statistics.median(b for _, b in arms["stock, no TPR"])
     return {arm: {"forward_nfe": statistics.median(f for f, _ in rows),
@@ -158,12 +144,12 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"spiral observed at t = {GRID.tolist()}; dopri5, rtol = atol = {result['tol']}."),
         "## 1. No regularizer: seconds per solve (forward + backward), median of "
         f"{result['repeats']} interleaved repeats", "",
-        *table(["call", "arm", "median s", "ratio to torchdiffeq"],
+        *common.table(["call", "arm", "median s", "ratio to torchdiffeq"],
                [[call, arm, f"{row['median_s']:.4f}", f"{row['ratio']:.3f}"]
                 for call, arms in result["timing"].items() for arm, row in arms.items()], "llrr"),
         "", f"## 2. TPR on the 5-point grid (K = {result['num_samples']} interior times, m = 1, "
         f"coef {result['coef']}): NFE, median of {result['seeds']} seeds", "",
-        *table(["arm", "forward NFE", "backward NFE", "backward / stock without TPR",
+        *common.table(["arm", "forward NFE", "backward NFE", "backward / stock without TPR",
                 "backward NFE per seed"],
                [[arm, f"{row['forward_nfe']:g}", f"{row['backward_nfe']:g}",
                  f"{row['backward_ratio']:.2f}", row["backward_per_seed"]]

@@ -3,10 +3,7 @@
     python -m benchmarks.frontier --suite long          # every kept model of the long suite
     python -m benchmarks.frontier --suite long_small    # the small committed case
 
-Each kept model is measured by :func:`benchmarks.accuracy.measure` on the first ``--rows`` rows
-of its run's test split, and each TPR arm compared with the same seed's baseline by
-:func:`benchmarks.accuracy.compare_seeds`. Each measurement is cached by the model file's hash
-and the flags, so a rerun resumes. How it measures: docs/benchmarks.md, `benchmarks.frontier`.
+How it measures, compares and caches: docs/benchmarks.md, `benchmarks.frontier`.
 """
 
 from __future__ import annotations

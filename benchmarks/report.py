@@ -21,14 +21,10 @@ from benchmarks.common import RESULTS
 
 __all__ = ["PREFIXES", "UNRENDERED", "main", "render", "reports", "study_of"]
 
-#: Committed reports that no study renders, and why.
+#: Committed reports that no study renders, and why (docs/benchmarks.md says more).
 UNRENDERED = {
-    # matched.json (467ac99) names its TPR arm tpr_fast, which was then the restart-free
-    # seminorm adjoint (today's tpr_carry); the JSON keeps no labels, so a rendering with
-    # today's arms would call it direct backprop. Its markdown keeps the label it was run with.
     "matched": "made before the arms were renumbered (8a9418d): its arm names are not today's",
 }
-
 
 #: Reports named otherwise than their study: name prefix -> study.
 PREFIXES = {"frontier_": "frontier", "step_cost": "step_cost", "accuracy": "accuracy",

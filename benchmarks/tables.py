@@ -29,12 +29,8 @@ def mixture_parameters(dim: int = 16, components: int = 6, seed: int = TABLE_SEE
     rng = np.random.default_rng(seed)
     weights = rng.dirichlet(np.full(components, 5.0))
     means = rng.normal(0.0, 2.0, size=(components, dim))
-    chols = []
-    for _ in range(components):
-        a = rng.normal(0.0, 1.0, size=(dim, dim)) / np.sqrt(dim)
-        cov = a @ a.T + 0.1 * np.eye(dim)
-        chols.append(np.linalg.cholesky(cov))
-    return weights, means, np.stack(chols)
+    a = rng.normal(0.0, 1.0, size=(components, dim, dim)) / np.sqrt(dim)
+    return weights, means, np.linalg.cholesky(a @ a.transpose(0, 2, 1) + 0.1 * np.eye(dim))
 
 
 def mixture_log_density(x: np.ndarray, weights: np.ndarray, means: np.ndarray,

@@ -1,6 +1,5 @@
 """CNF-VAE on the embedded 8 x 8 digits: trajectory polynomial regularizer vs none.
 
-Usage:
     python -m benchmarks.vae_digits [--seeds 0 1 2] [--epochs N] [--is-samples S] [--quick]
 
 How it measures: docs/benchmarks.md, `benchmarks.vae_digits`.
@@ -27,13 +26,13 @@ from polyreg_cnf.app.config import resolve
 from polyreg_cnf.app.presets import VAE_PRESETS
 
 SETTINGS = ("none", "poly")
-METRICS = ("test_neg_elbo", "test_is_nll", "init_neg_elbo", "forward_nfe", "backward_nfe",
-           "seconds_per_epoch", "seconds_per_step", "test_nfe_per_batch")
 #: The report's columns: header, measurement, format.
 COLUMNS = (("test -ELBO", "test_neg_elbo", ".2f"), ("test IS-NLL", "test_is_nll", ".2f"),
            ("fwd NFE/step", "forward_nfe", ".1f"), ("bwd NFE/step", "backward_nfe", ".1f"),
            ("s/epoch", "seconds_per_epoch", ".2f"), ("s/step", "seconds_per_step", ".3f"),
            ("initial -ELBO", "init_neg_elbo", ".2f"))
+#: The measurements summarised over seeds: the columns' and the test NFE per batch.
+METRICS = (*(m for _, m, _ in COLUMNS), "test_nfe_per_batch")
 #: The meta fields that describe the machine (the report's Machine line).
 MACHINE = ("nproc", "platform", "torch_threads", "load_start", "load_end", "python", "torch",
            "lightning", "torchdiffeq")
@@ -73,9 +72,8 @@ def run_one(seed: int, setting: str, epochs: int, is_samples: int,
 
 def summarise(rows: list[dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:
     """Per setting that ran: each measurement's median, min and max over seeds."""
-    by = {setting: [r for r in rows if r["setting"] == setting] for setting in SETTINGS}
-    return {setting: {m: spread([r[m] for r in sel]) for m in METRICS}
-            for setting, sel in by.items() if sel}
+    return {setting: {m: spread([r[m] for r in rows if r["setting"] == setting]) for m in METRICS}
+            for setting in SETTINGS if any(r["setting"] == setting for r in rows)}
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -107,14 +105,12 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's flags."""
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=VAE_PRESETS["digits"]["max_epochs"])
-    parser.add_argument("--is-samples", type=int, default=VAE_PRESETS["digits"]["is_samples"])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 seed, 1 epoch, 10 IS samples, writes *_quick.*")
-    parser.add_argument("--threads", type=int, default=1)
+FLAGS = {"--seeds": dict(type=int, nargs="+", default=[0, 1, 2]),
+         "--epochs": dict(type=int, default=VAE_PRESETS["digits"]["max_epochs"]),
+         "--is-samples": dict(type=int, default=VAE_PRESETS["digits"]["is_samples"]),
+         "--quick": dict(action="store_true",
+                         help="smoke run: 1 seed, 1 epoch, 10 IS samples, writes *_quick.*"),
+         "--threads": dict(type=int, default=1)}
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,17 +127,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         **common.versions(), torch_threads=args.threads,
         load_start=[round(x, 2) for x in load_start],
         load_end=[round(x, 2) for x in os.getloadavg()],
-        preset={k: v for k, v in VAE_PRESETS["digits"].items()}, epochs=args.epochs,
+        preset=dict(VAE_PRESETS["digits"]), epochs=args.epochs,
         is_samples=args.is_samples, seeds=args.seeds,
         wall_seconds=time.perf_counter() - start,
         solver=resolve({"model": "vae", "data": "digits"}).solver().to_dict())
     return dict(meta=meta, summary=summarise(rows), runs=rows)
 
 
-STUDY = common.Study("vae_digits", __doc__, measure, markdown, arguments,
-                     report=lambda args: common.RESULTS / ("vae_digits_quick" if args.quick
-                                                           else "vae_digits"))
-
+STUDY = common.Study("vae_digits", __doc__, measure, markdown, flags=FLAGS, report=lambda args:
+                     common.RESULTS / ("vae_digits_quick" if args.quick else "vae_digits"))
 main = STUDY.main
 
 if __name__ == "__main__":
