@@ -178,13 +178,11 @@ def markdown(payload: Mapping[str, Any]) -> str:
               "Median over seeds (range), nats per row; the sampling RMS error is in the "
               "data's standard deviations (standardised units).", ""]
     for wname, arms in payload["few_steps"].items():
-        lines += [f"### {wname}", ""]
-        lines += [*table(["setting", "NFE", *(f"{a} abs d" for a in arms),
-                          *(f"{a} sample RMS" for a in arms)],
-                         [[s, f"{v['nfe']:.0f}",
-                           *(_spread(arms[a][s]["abs_d"], ".2g") for a in arms),
-                           *(_spread(arms[a][s]["sample_rms"], ".2g") for a in arms)]
-                          for s, v in next(iter(arms.values())).items()]), ""]
+        lines += [f"### {wname}", "", *table(
+            ["setting", "NFE", *(f"{a} abs d" for a in arms), *(f"{a} sample RMS" for a in arms)],
+            [[s, f"{v['nfe']:.0f}", *(_spread(arms[a][s]["abs_d"], ".2g") for a in arms),
+              *(_spread(arms[a][s]["sample_rms"], ".2g") for a in arms)]
+             for s, v in next(iter(arms.values())).items()]), ""]
     lines += ["## Each model", ""]
     for model in payload["models"]:
         lines += [f"### {model['workload']}, {model['arm']}, seed {model['seed']}", "",
