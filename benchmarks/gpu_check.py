@@ -43,15 +43,11 @@ def junit_outcomes(xml_text: str) -> list[dict[str, str]]:
     (``passed``, ``failed`` for a failure or an error, ``skipped``) and ``message``."""
     out = []
     for case in ET.fromstring(xml_text).iter("testcase"):
-        outcome, message = "passed", ""
-        for child in case:
-            if child.tag in ("failure", "error"):
-                outcome, message = "failed", child.get("message", "")
-                break
-            if child.tag == "skipped":
-                outcome, message = "skipped", child.get("message", "")
+        failed = next((child for child in case if child.tag in ("failure", "error")), None)
+        hit = case.find("skipped") if failed is None else failed  # a failure outranks a skip
+        outcome = "passed" if hit is None else "skipped" if failed is None else "failed"
         out.append(dict(name=f"{case.get('classname', '')}::{case.get('name', '')}",
-                        outcome=outcome, message=message))
+                        outcome=outcome, message="" if hit is None else hit.get("message", "")))
     return out
 
 
@@ -255,8 +251,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
          "--out", str(args.out) + "_engine"], cwd=ROOT, check=True, timeout=1200))
     results["engine_speed"] = None if engine is None else str(args.out) + "_engine.md"
     tests_ok = bool(results["tests"] and results["tests"]["ok"])
-    status = 0 if tests_ok and not results["errors"] else 1
-    results["meta"].update(wall_seconds=time.perf_counter() - start, exit_status=status)
+    save(0 if tests_ok and not results["errors"] else 1)
     return results
 
 
