@@ -138,9 +138,9 @@ def read_metrics_csv(path: str | Path) -> list[tuple[int, int, float]]:
     return [row[1:] for row in rows]
 
 
-def step_clock(clock: Callable[[], float] = time.process_time) -> Any:
-    """A Lightning callback listing the seconds of each training step by ``clock`` (``.seconds``;
-    from the start to the end of the batch, as NFEMonitor's wall clock; default: CPU time)."""
+def step_clock() -> Any:
+    """A Lightning callback listing the CPU seconds of each training step (``.seconds``; from the
+    start to the end of the batch, the window of NFEMonitor's wall clock)."""
     import lightning as L
 
     class StepClock(L.Callback):
@@ -149,10 +149,10 @@ def step_clock(clock: Callable[[], float] = time.process_time) -> Any:
             self._t0 = 0.0
 
         def on_train_batch_start(self, *args: Any) -> None:
-            self._t0 = clock()
+            self._t0 = time.process_time()
 
         def on_train_batch_end(self, *args: Any) -> None:
-            self.seconds.append(clock() - self._t0)
+            self.seconds.append(time.process_time() - self._t0)
 
     return StepClock()
 
