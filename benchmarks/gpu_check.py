@@ -59,8 +59,7 @@ def run_device_tests(timeout: float = TEST_TIMEOUT) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                str(ROOT / "tests" / "test_gpu.py"), f"--junitxml={xml}"]
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                                  timeout=timeout)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
             returncode, tail = proc.returncode, (proc.stdout + proc.stderr)[-4000:]
         except subprocess.TimeoutExpired as err:
             returncode = None
@@ -71,8 +70,7 @@ def run_device_tests(timeout: float = TEST_TIMEOUT) -> dict[str, Any]:
         if o["outcome"] == "skipped" and CUDA_SKIP_REASON in o["message"]:
             o["outcome"] = "failed"
             o["message"] = f"skipped although CUDA is available here: {o['message']}"
-    counts = {k: sum(o["outcome"] == k for o in outcomes) for k in ("passed", "failed",
-                                                                     "skipped")}
+    counts = {k: sum(o["outcome"] == k for o in outcomes) for k in ("passed", "failed", "skipped")}
     ok = returncode == 0 and counts["failed"] == 0 and bool(outcomes)
     return dict(command=" ".join(["python", *cmd[1:-1]]), returncode=returncode,
                 seconds=time.perf_counter() - start, counts=counts, outcomes=outcomes, ok=ok,

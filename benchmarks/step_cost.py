@@ -449,8 +449,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{r['preset']:>12} {r['reg']:>4} seed {r['seed']}: {r['seconds']:.4f} s/step, "
               f"NFE {r['forward']:.1f} + {r['backward']:.1f}, {r['backprop']}", flush=True)
         meta.update(wall_seconds=time.perf_counter() - start, load_end=os.getloadavg()[0])
-        common.write_report(args.out, dict(meta=meta, summary=summarise(runs), runs=runs),
-                            render)
+        common.write_report(args.out, dict(meta=meta, summary=summarise(runs), runs=runs), render)
 
     with tempfile.TemporaryDirectory() as data_root:
         written = write_standin_data(Path(data_root))
@@ -483,8 +482,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                 if mode == "bounded" else mode)
                     add(dict(run_front_door(reg, None, backprop=backprop),
                              preset=f"front_door_{mode}"))
-    meta["torch_threads_seen"] = sorted({r["torch_threads"] for r in runs
-                                         if "torch_threads" in r})
+    meta["torch_threads_seen"] = sorted({r["torch_threads"] for r in runs if "torch_threads" in r})
     meta.update(wall_seconds=time.perf_counter() - start, load_end=os.getloadavg()[0])
     return dict(meta=meta, summary=summarise(runs), runs=runs)
 

@@ -154,8 +154,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             for variant in args.variants:
                 argv = [*flags, "--seed", str(seed)]
                 ours = argv + ([] if variant == "forward" else ["--divergence", variant])
-                outs = {k: work / f"{name}-{seed}-{variant}-{k}.json"
-                        for k in ("baseline", "new")}
+                outs = {k: work / f"{name}-{seed}-{variant}-{k}.json" for k in ("baseline", "new")}
                 procs = [launch("baseline", argv, args.steps, outs["baseline"], baseline),
                          launch("new", ours, args.steps, outs["new"], None)]
                 codes = [p.wait() for p in procs]
