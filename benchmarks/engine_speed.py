@@ -160,9 +160,8 @@ def _inputs(mode: str, w: Workload, device: torch.device
     exact trace, which ``eval`` always uses)."""
     gen = torch.Generator(device=device).manual_seed(1)
     z = torch.randn(w.batch, w.dim, generator=gen, device=device)
-    exact = mode == "eval" or w.trace == "exact"
-    return gen, torch.tensor(0.25, device=device), z, (None if exact else
-                                                       sample_probe(z, generator=gen))
+    probe = None if mode == "eval" or w.trace == "exact" else sample_probe(z, generator=gen)
+    return gen, torch.tensor(0.25, device=device), z, probe
 
 
 def cuda_graph_call(mode: str, w: Workload, net: nn.Module, context: Tensor | None,
@@ -268,9 +267,8 @@ def profile_split(call: Callable[[], None], calls: int) -> dict[str, float]:
                   "autograd" if "autograd" in e.key or "Backward" in e.key else
                   "kernels" if e.key.startswith("aten::") else "other_ops")
         buckets[bucket] += e.self_cpu_time_total / 1e6
-    recorded = sum(buckets.values())
     out = {k: v / wall for k, v in buckets.items()}
-    out["python_dispatch"] = max(0.0, wall - recorded) / wall
+    out["python_dispatch"] = max(0.0, wall - sum(buckets.values())) / wall
     out["profiled_seconds"] = wall / calls
     return out
 
@@ -304,9 +302,9 @@ def measure_workload(w: Workload, repeats: int, seconds: float, compile_: bool,
         if mode != "field":
             entry["flops"] = flops(w, exact) * (3 if mode == "step" else 1)
             entry["gflops_at_floor"] = entry["flops"] / times["floor"]["median"] / 1e9
-        if mode != "field" and device.type == "cpu":
-            entry["profile"] = {p: profile_split(calls[p], profile_calls)
-                                for p in ("reference", "forward")}
+            if device.type == "cpu":
+                entry["profile"] = {p: profile_split(calls[p], profile_calls)
+                                    for p in ("reference", "forward")}
         result[mode] = entry
         print(f"{w.name:15s} {mode:5s} " + "  ".join(
             f"{p} {times[p]['median'] * 1e6:9.1f} us" for p in times), flush=True)
