@@ -83,13 +83,12 @@ def matmul_shapes(w: Workload, exact: bool) -> list[tuple[int, int, int, int]]:
     widths = (w.dim, *w.hidden, w.dim)
     time_col = 0 if w.layer_type == "concatsquash" else 1
     K = w.dim if exact else 1
-    last = len(widths) - 2
     out = []
-    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
         out.append((1, w.batch, n_in + time_col, n_out))
         if w.rank:
             out += [(w.batch, 1, n_in + 1, w.rank), (w.batch, 1, w.rank, n_out)]
-        if exact and i in (0, last):
+        if exact and i in (0, len(widths) - 2):
             if w.rank and i == 0:
                 out.append((w.batch, w.dim, w.rank, n_out))
             continue
@@ -161,20 +160,14 @@ def _inputs(mode: str, w: Workload, device: torch.device
     exact trace, which ``eval`` always uses)."""
     gen = torch.Generator(device=device).manual_seed(1)
     z = torch.randn(w.batch, w.dim, generator=gen, device=device)
-    exact = mode == "eval" or w.trace == "exact"
-    return gen, torch.tensor(0.25, device=device), z, (None if exact else
-                                                       sample_probe(z, generator=gen))
+    probe = None if mode == "eval" or w.trace == "exact" else sample_probe(z, generator=gen)
+    return gen, torch.tensor(0.25, device=device), z, probe
 
 
 def cuda_graph_call(mode: str, w: Workload, net: nn.Module, context: Tensor | None,
                     device: torch.device) -> Callable[[], None]:
-    """The forward-mode evaluation (``eval``) or step (``step``) replayed from a CUDA graph.
-
-    Inputs live in static buffers (a real solve would copy each stage's state into them), so a
-    call is one graph replay: no Python and no kernel launches per operation. ``eval`` captures
-    the no-grad evaluation with ``torch.cuda.CUDAGraph``; ``step`` captures forward and backward
-    with ``torch.cuda.make_graphed_callables``.
-    """
+    """The forward-mode evaluation (``eval``, captured by ``torch.cuda.CUDAGraph``) or step
+    (``step``, by ``torch.cuda.make_graphed_callables``) replayed from a CUDA graph."""
     gen, t, z, probe = _inputs(mode, w, device)
     field = _Field(net, context)
     if mode == "eval":
@@ -274,19 +267,10 @@ def profile_split(call: Callable[[], None], calls: int) -> dict[str, float]:
                   "autograd" if "autograd" in e.key or "Backward" in e.key else
                   "kernels" if e.key.startswith("aten::") else "other_ops")
         buckets[bucket] += e.self_cpu_time_total / 1e6
-    recorded = sum(buckets.values())
     out = {k: v / wall for k, v in buckets.items()}
-    out["python_dispatch"] = max(0.0, wall - recorded) / wall
+    out["python_dispatch"] = max(0.0, wall - sum(buckets.values())) / wall
     out["profiled_seconds"] = wall / calls
     return out
-
-
-def compile_seconds(w: Workload, net: nn.Module, context: Tensor | None,
-                    device: torch.device) -> dict[str, float]:
-    """Seconds of the first compiled call of each mode (tracing, inductor, C++ build)."""
-    return {f"{path}/{mode}": seconds_per_call(make_call(PATHS[path], mode, w, net, context,
-                                                         device), device)
-            for path in ("compiled", "compiled_static") for mode in ("eval", "step")}
 
 
 def measure_workload(w: Workload, repeats: int, seconds: float, compile_: bool,
@@ -297,7 +281,10 @@ def measure_workload(w: Workload, repeats: int, seconds: float, compile_: bool,
     result: dict[str, Any] = dict(workload=asdict(w))
     if compile_:
         torch._dynamo.reset()
-        result["compile_seconds"] = compile_seconds(w, net, context, device)
+        # the first compiled call of each mode: tracing, inductor, C++ build
+        result["compile_seconds"] = {
+            f"{p}/{m}": seconds_per_call(make_call(PATHS[p], m, w, net, context, device), device)
+            for p in ("compiled", "compiled_static") for m in ("eval", "step")}
     for mode in ("eval", "field", "step"):
         exact = mode == "eval" or w.trace == "exact"
         calls = {p: make_call(PATHS[p], mode, w, net, context, device) for p in paths}
@@ -315,9 +302,9 @@ def measure_workload(w: Workload, repeats: int, seconds: float, compile_: bool,
         if mode != "field":
             entry["flops"] = flops(w, exact) * (3 if mode == "step" else 1)
             entry["gflops_at_floor"] = entry["flops"] / times["floor"]["median"] / 1e9
-        if mode != "field" and device.type == "cpu":
-            entry["profile"] = {p: profile_split(calls[p], profile_calls)
-                                for p in ("reference", "forward")}
+            if device.type == "cpu":
+                entry["profile"] = {p: profile_split(calls[p], profile_calls)
+                                    for p in ("reference", "forward")}
         result[mode] = entry
         print(f"{w.name:15s} {mode:5s} " + "  ".join(
             f"{p} {times[p]['median'] * 1e6:9.1f} us" for p in times), flush=True)

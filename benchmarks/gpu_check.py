@@ -43,15 +43,11 @@ def junit_outcomes(xml_text: str) -> list[dict[str, str]]:
     (``passed``, ``failed`` for a failure or an error, ``skipped``) and ``message``."""
     out = []
     for case in ET.fromstring(xml_text).iter("testcase"):
-        outcome, message = "passed", ""
-        for child in case:
-            if child.tag in ("failure", "error"):
-                outcome, message = "failed", child.get("message", "")
-                break
-            if child.tag == "skipped":
-                outcome, message = "skipped", child.get("message", "")
+        failed = next((child for child in case if child.tag in ("failure", "error")), None)
+        hit = case.find("skipped") if failed is None else failed  # a failure outranks a skip
+        outcome = "passed" if hit is None else "skipped" if failed is None else "failed"
         out.append(dict(name=f"{case.get('classname', '')}::{case.get('name', '')}",
-                        outcome=outcome, message=message))
+                        outcome=outcome, message="" if hit is None else hit.get("message", "")))
     return out
 
 
@@ -63,8 +59,7 @@ def run_device_tests(timeout: float = TEST_TIMEOUT) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                str(ROOT / "tests" / "test_gpu.py"), f"--junitxml={xml}"]
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                                  timeout=timeout)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
             returncode, tail = proc.returncode, (proc.stdout + proc.stderr)[-4000:]
         except subprocess.TimeoutExpired as err:
             returncode = None
@@ -75,8 +70,7 @@ def run_device_tests(timeout: float = TEST_TIMEOUT) -> dict[str, Any]:
         if o["outcome"] == "skipped" and CUDA_SKIP_REASON in o["message"]:
             o["outcome"] = "failed"
             o["message"] = f"skipped although CUDA is available here: {o['message']}"
-    counts = {k: sum(o["outcome"] == k for o in outcomes) for k in ("passed", "failed",
-                                                                     "skipped")}
+    counts = {k: sum(o["outcome"] == k for o in outcomes) for k in ("passed", "failed", "skipped")}
     ok = returncode == 0 and counts["failed"] == 0 and bool(outcomes)
     return dict(command=" ".join(["python", *cmd[1:-1]]), returncode=returncode,
                 seconds=time.perf_counter() - start, counts=counts, outcomes=outcomes, ok=ok,
@@ -255,8 +249,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
          "--out", str(args.out) + "_engine"], cwd=ROOT, check=True, timeout=1200))
     results["engine_speed"] = None if engine is None else str(args.out) + "_engine.md"
     tests_ok = bool(results["tests"] and results["tests"]["ok"])
-    status = 0 if tests_ok and not results["errors"] else 1
-    results["meta"].update(wall_seconds=time.perf_counter() - start, exit_status=status)
+    save(0 if tests_ok and not results["errors"] else 1)
     return results
 
 

@@ -41,7 +41,6 @@ PRESETS = (*PRESET_STEPS, "front_door")
 TRAIN_ROWS = {"power": 80_000, "miniboone": 20_000, "table": 16_384}
 #: Raw columns of the standard files (POWER keeps 6 of 8 after preprocessing).
 RAW_COLUMNS = {"power": 8, "miniboone": 43}
-FRONT_DOOR = ("--model", "vae")
 
 
 # ------------------------------------------------------------------------------ data
@@ -77,6 +76,8 @@ def rows_for_train(train: int, split: Callable[[int], tuple[int, int, int]]) -> 
 def write_standin_data(root: Path) -> dict[str, Any]:
     """Write POWER, MINIBOONE (standard layout under ``root``) and the 16-D table; what was
     written (path and rows per set)."""
+    from polyreg_cnf.datamodules.tabular import TabularDataModule
+
     root = Path(root)
     out: dict[str, Any] = {}
     for offset, (name, dim) in enumerate(RAW_COLUMNS.items()):
@@ -85,10 +86,7 @@ def write_standin_data(root: Path) -> dict[str, Any]:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, mixture_rows(rows, dim, seed=1000 + offset))
         out[name] = dict(path=str(path), rows=rows, raw_columns=dim)
-    from polyreg_cnf.datamodules.tabular import TabularDataModule
-
-    for name in RAW_COLUMNS:  # preprocess once here, not in two lockstep processes at once
-        dm = TabularDataModule(name, root)
+        dm = TabularDataModule(name, root)  # preprocessed here, not by two lockstep processes
         dm.prepare_data()
         dm.setup()
     rows = rows_for_train(TRAIN_ROWS["table"], table_split_sizes)
@@ -111,13 +109,11 @@ def step_stats(history: Sequence[Sequence[float]],
     """
     if len(history) < 2:
         raise ValueError(f"need at least 2 training steps, got {len(history)}")
-    rest = history[1:]
-    out = dict(steps=len(history), seconds=float(np.mean([r[2] for r in rest])),
-               seconds_median=float(np.median([r[2] for r in rest])),
-               seconds_all=float(np.mean([r[2] for r in history])),
-               forward=float(np.mean([r[0] for r in rest])),
-               backward=float(np.mean([r[1] for r in rest])),
-               adjoint_steps=int(sum(r[1] > 0 for r in rest)),
+    forward, backward, seconds = np.asarray(history[1:], dtype=float).T
+    out = dict(steps=len(history), seconds=float(seconds.mean()),
+               seconds_median=float(np.median(seconds)),
+               seconds_all=float(np.mean([r[2] for r in history])), forward=float(forward.mean()),
+               backward=float(backward.mean()), adjoint_steps=int((backward > 0).sum()),
                first_seconds=float(history[0][2]))
     if cpu is not None:
         if len(cpu) != len(history):
@@ -135,19 +131,16 @@ def backprop_label(stats: dict[str, float]) -> str:
 def read_metrics_csv(path: str | Path) -> list[tuple[int, int, float]]:
     """(forward NFE, backward NFE, seconds) per training step from a run's ``metrics.csv``, in
     step order (training-step rows are those with ``time/step_seconds``)."""
-    rows = []
     with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row.get("time/step_seconds"):
-                rows.append((int(row["step"]), int(float(row["nfe/forward"])),
-                             int(float(row["nfe/backward"])), float(row["time/step_seconds"])))
-    rows.sort(key=lambda r: r[0])
-    return [(f, b, s) for _, f, b, s in rows]
+        rows = sorted((int(r["step"]), int(float(r["nfe/forward"])), int(float(r["nfe/backward"])),
+                       float(r["time/step_seconds"]))
+                      for r in csv.DictReader(handle) if r.get("time/step_seconds"))
+    return [row[1:] for row in rows]
 
 
-def step_clock(clock: Callable[[], float] = time.process_time) -> Any:
-    """A Lightning callback listing the seconds of each training step by ``clock`` (``.seconds``;
-    from the start to the end of the batch, as NFEMonitor's wall clock; default: CPU time)."""
+def step_clock() -> Any:
+    """A Lightning callback listing the CPU seconds of each training step (``.seconds``; from the
+    start to the end of the batch, the window of NFEMonitor's wall clock)."""
     import lightning as L
 
     class StepClock(L.Callback):
@@ -156,10 +149,10 @@ def step_clock(clock: Callable[[], float] = time.process_time) -> Any:
             self._t0 = 0.0
 
         def on_train_batch_start(self, *args: Any) -> None:
-            self._t0 = clock()
+            self._t0 = time.process_time()
 
         def on_train_batch_end(self, *args: Any) -> None:
-            self.seconds.append(clock() - self._t0)
+            self.seconds.append(time.process_time() - self._t0)
 
     return StepClock()
 
@@ -210,7 +203,7 @@ def run_preset(preset: str, reg: str, seed: int, steps: int, data_root: Path,
 def front_door_command(reg: str, seed: int | None = None,
                        backprop: str | None = None) -> list[str]:
     """The ``train.py`` flags of the front door with ``--reg reg`` (plus the given changes)."""
-    return [*FRONT_DOOR, "--reg", reg, *(["--seed", str(seed)] if seed is not None else []),
+    return ["--model", "vae", "--reg", reg, *(["--seed", str(seed)] if seed is not None else []),
             *(["--backprop", backprop] if backprop is not None else [])]
 
 
@@ -456,8 +449,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{r['preset']:>12} {r['reg']:>4} seed {r['seed']}: {r['seconds']:.4f} s/step, "
               f"NFE {r['forward']:.1f} + {r['backward']:.1f}, {r['backprop']}", flush=True)
         meta.update(wall_seconds=time.perf_counter() - start, load_end=os.getloadavg()[0])
-        common.write_report(args.out, dict(meta=meta, summary=summarise(runs), runs=runs),
-                            render)
+        common.write_report(args.out, dict(meta=meta, summary=summarise(runs), runs=runs), render)
 
     with tempfile.TemporaryDirectory() as data_root:
         written = write_standin_data(Path(data_root))
@@ -490,8 +482,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                 if mode == "bounded" else mode)
                     add(dict(run_front_door(reg, None, backprop=backprop),
                              preset=f"front_door_{mode}"))
-    meta["torch_threads_seen"] = sorted({r["torch_threads"] for r in runs
-                                         if "torch_threads" in r})
+    meta["torch_threads_seen"] = sorted({r["torch_threads"] for r in runs if "torch_threads" in r})
     meta.update(wall_seconds=time.perf_counter() - start, load_end=os.getloadavg()[0])
     return dict(meta=meta, summary=summarise(runs), runs=runs)
 
