@@ -27,8 +27,7 @@ from typing import Any
 
 __all__ = ["RESULTS", "ROOT", "Study", "UsageError", "command", "cpu_name", "figure", "git",
            "git_commit", "header", "machine", "main", "median_range", "parser_of", "save_figure",
-           "spread", "suite_header", "table", "train_py", "verdict", "versions", "write_json",
-           "write_report"]
+           "spread", "suite_header", "table", "train_py", "versions", "write_json", "write_report"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -271,27 +270,6 @@ def main(study: Study, argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     print(write_report(args.out, payload, study.render, study.indent))
     return int(payload.get("meta", {}).get("exit_status", 0))
-
-
-def verdict(mine: float | None, base: float | None, tie: float) -> str:
-    """A model against its baseline at equal quality: each one's cost there, or None when it
-    never reaches it. Cheaper by more than ``tie`` (a share) wins, dearer by as much loses.
-
-    Example:
-        >>> verdict(30, 38, 0.05), verdict(38, 38, 0.05), verdict(None, 38, 0.05)
-        ('wins', 'ties', 'loses')
-        >>> verdict(30, None, 0.05)
-        'wins'
-    """
-    if mine is None:
-        return "loses"
-    if base is None:
-        return "wins"
-    ratio = mine / base
-    return "wins" if ratio <= 1 - tie else "loses" if ratio >= 1 + tie else "ties"
-
-
-# --- suite runner helpers (lines_a)
 
 
 def suite_header(title: str, command: str, facts: dict[str, Any], *lines: str) -> list[str]:

@@ -170,38 +170,37 @@ def _run_inputs(w: Workload, arm: Arm, seed: int, steps: int, tmp: Path
                                eval_batch_size=1000), config
 
 
-class _Kept(L.Callback):
-    """A callback whose list attribute ``KEY`` is kept in the run's checkpoints (so it resumes)."""
+class _Record(L.Callback):
+    """What each validation measures, kept in the run's checkpoints (so a run resumes with it):
+    (training seconds so far, step, val NLL) in ``curve`` (seconds from the run's NFEMonitor);
+    every ``probe_every`` steps :func:`straightness` on ``rows`` in ``probes`` (0: none)."""
 
-    KEY = ""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {self.KEY: getattr(self, self.KEY)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        setattr(self, self.KEY, list(state_dict.get(self.KEY, [])))
-
-
-class _ValCurve(_Kept):
-    """(training seconds so far, step, val NLL) at each validation (seconds from the run's
-    NFEMonitor)."""
-
-    KEY = "curve"
-
-    def __init__(self) -> None:
+    def __init__(self, probe_every: int = 0, rows: torch.Tensor | None = None) -> None:
+        self.probe_every, self.rows = probe_every, rows
         self.curve: list[list[float]] = []
+        self.probes: list[dict[str, float]] = []
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or "val/nll" not in trainer.callback_metrics:
+        step, metrics = trainer.global_step, trainer.callback_metrics
+        if trainer.sanity_checking:
             return
-        monitor = next(c for c in trainer.callbacks if isinstance(c, NFEMonitor))
-        seconds = sum(r[2] for r in monitor.history)
-        self.curve.append([seconds, trainer.global_step,
-                           float(trainer.callback_metrics["val/nll"])])
+        if "val/nll" in metrics:
+            monitor = next(c for c in trainer.callbacks if isinstance(c, NFEMonitor))
+            seconds = sum(r[2] for r in monitor.history)
+            self.curve.append([seconds, step, float(metrics["val/nll"])])
+        if self.probe_every and step and not step % self.probe_every \
+                and all(p["step"] != step for p in self.probes):
+            self.probes.append({"step": step, **straightness(pl_module, self.rows)})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"curve": self.curve, "probes": self.probes}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.curve, self.probes = (list(state_dict.get(k, [])) for k in ("curve", "probes"))
 
 
 class _ResumePoint(L.Callback):
-    """Writes ``last.ckpt`` after the validation of every ``every``-th step.
+    """Writes the run's ``last.ckpt`` after the validation of every ``every``-th step.
 
     After the validation, not at the end of the training batch as Lightning's step-based
     checkpoint does: a run resumed from it then keeps that step's validation point and probe.
@@ -209,32 +208,12 @@ class _ResumePoint(L.Callback):
 
     def __init__(self, every: int) -> None:
         self.every = every
-        self.path: Path | None = None  # set once build() has chosen the run folder
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
-        if self.path is None or trainer.sanity_checking or step == 0 or step % self.every:
-            return
-        trainer.save_checkpoint(self.path)
-
-
-class _EvalProbe(_Kept):
-    """:func:`straightness` every ``every`` steps on fixed test rows (after that step's
-    validation, outside the training time)."""
-
-    KEY = "probes"
-
-    def __init__(self, every: int, rows: torch.Tensor) -> None:
-        self.every = every
-        self.rows = rows
-        self.probes: list[dict[str, float]] = []
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = trainer.global_step
-        if trainer.sanity_checking or step == 0 or step % self.every \
-                or any(p["step"] == step for p in self.probes):
-            return
-        self.probes.append({"step": step, **straightness(pl_module, self.rows)})
+        if not (trainer.sanity_checking or step == 0 or step % self.every):
+            # the run folder build() made (its trainer's root), where a resume looks
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
 
 
 def straightness(model: L.LightningModule, rows: torch.Tensor) -> dict[str, float]:
@@ -325,32 +304,25 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
             kept, so a cache never holds a short run as a finished one.
     """
     steps = steps or w.steps
+    resume = work_dir is not None and ckpt_every > 0
+    if resume and ckpt_every % w.eval_every:
+        raise ValueError(f"ckpt_every ({ckpt_every}) must be a multiple of the workload's "
+                         f"eval_every ({w.eval_every})")
     run_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch) if work_dir is None else Path(work_dir)
         tmp.mkdir(parents=True, exist_ok=True)
         dm, config = _run_inputs(w, arm, seed, steps, tmp)
         atol, rtol = config.ode.atol, config.ode.rtol
-        curve = _ValCurve()
-        extra: list[L.Callback] = [curve]
-        resume_point = None
-        if work_dir is not None and ckpt_every:
-            if ckpt_every % w.eval_every:
-                raise ValueError(f"ckpt_every ({ckpt_every}) must be a multiple of the "
-                                 f"workload's eval_every ({w.eval_every})")
-            resume_point = _ResumePoint(ckpt_every)
-            extra.append(resume_point)
-        probe = None
+        record = _Record()
         if probe_every and w.kind != "vae":
             dm.prepare_data()
             dm.setup("test")
-            probe = _EvalProbe(probe_every, torch.as_tensor(
+            record = _Record(probe_every, torch.as_tensor(
                 np.asarray(dm.arrays()["test"][:2000]), dtype=torch.float32))
-            extra.append(probe)
-        resume = "last" if work_dir is not None and ckpt_every else None
-        run = build(config, datamodule=dm, callbacks=extra, ckpt_path=resume)
-        if resume_point is not None:
-            resume_point.path = run.run_dir / "checkpoints" / "last.ckpt"
+        callbacks = [record, _ResumePoint(ckpt_every)] if resume else [record]
+        run = build(config, datamodule=dm, callbacks=callbacks,
+                    ckpt_path="last" if resume else None)
         model, trainer, monitor = run.model, run.trainer, run.monitor
         start = time.perf_counter()
         trainer.fit(model, dm, ckpt_path=run.ckpt_path)
@@ -383,8 +355,8 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         "test_nll": float(test["test/nll"]), "test_nfe": float(test_nfe),
         "test_nll_at_train_tol": float(test_train_tol["test/nll"]),
         "tolerance_gap": float(test_train_tol["test/nll"] - test["test/nll"]),
-        "train_tol": [atol, rtol], "test_metrics": test_metrics, "val_curve": curve.curve,
-        "probes": [] if probe is None else probe.probes, "resumed_from": run.ckpt_path,
+        "train_tol": [atol, rtol], "test_metrics": test_metrics, "val_curve": record.curve,
+        "probes": record.probes, "resumed_from": run.ckpt_path,
         "nfe_per_step": {"forward": fwd, "backward": bwd}}
 
 
