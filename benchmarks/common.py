@@ -167,6 +167,18 @@ def header(study: str, title: str, command: str, *facts: str) -> list[str]:
             f"How it measures and how to read it: docs/benchmarks.md, `benchmarks.{study}`.", ""]
 
 
+def suite_header(title: str, command: str, facts: dict[str, Any], *lines: str) -> list[str]:
+    """A report's opening: its title, the command that made it, the machine ``facts`` as they
+    were recorded ('name value, ...') and the study's own markdown ``lines``.
+
+    Example:
+        >>> suite_header("T", "python -m benchmarks.x", {"cores": 2})
+        ['# T', '', 'Command: `python -m benchmarks.x`  ', 'Machine: cores 2.  ']
+    """
+    machine_line = ", ".join(f"{name} {value}" for name, value in facts.items())
+    return [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {machine_line}.  ", *lines]
+
+
 def median_range(summary: dict[str, float | None], fmt: str, sep: str = "-") -> str:
     """'median (min-max)' of a ``{"median", "min", "max"}`` entry (:func:`spread`'s), '-' where
     it has no median.
@@ -270,15 +282,3 @@ def main(study: Study, argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     print(write_report(args.out, payload, study.render, study.indent))
     return int(payload.get("meta", {}).get("exit_status", 0))
-
-
-def suite_header(title: str, command: str, facts: dict[str, Any], *lines: str) -> list[str]:
-    """A report's opening: its title, the command that made it, the machine ``facts`` as they
-    were recorded ('name value, ...') and the study's own markdown ``lines``.
-
-    Example:
-        >>> suite_header("T", "python -m benchmarks.x", {"cores": 2})
-        ['# T', '', 'Command: `python -m benchmarks.x`  ', 'Machine: cores 2.  ']
-    """
-    machine_line = ", ".join(f"{name} {value}" for name, value in facts.items())
-    return [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {machine_line}.  ", *lines]

@@ -407,9 +407,8 @@ def time_to_reach(curve: list[list[float]], target: float) -> float | None:
     return next((float(seconds) for seconds, _, nll in curve if nll <= target), None)
 
 
-#: Validation evaluations averaged by :func:`smooth_curve`: late in training the validation NLL
-#: moves by several hundredths of a nat from one evaluation to the next (SGD noise at a fixed
-#: learning rate), more than the 0.01 margin, so a target set by one evaluation is partly luck.
+#: Validation evaluations averaged by :func:`smooth_curve` (why: docs/benchmarks.md, "Reading
+#: the reports").
 SMOOTH_EVALS = 5
 
 
@@ -421,8 +420,7 @@ def smooth_curve(curve: list[list[float]], k: int = SMOOTH_EVALS) -> list[list[f
 
 def nfe_to_reach(run: dict[str, Any], target: float) -> float | None:
     """Function evaluations (forward + backward, summed over training steps) until the
-    validation NLL first reaches ``target`` (None: never). Unlike seconds, this does not depend on
-    what else the machine was doing."""
+    validation NLL first reaches ``target`` (None: never); unlike seconds, free of machine load."""
     nfe = run.get("nfe_per_step")
     if not nfe:
         return None
@@ -432,8 +430,8 @@ def nfe_to_reach(run: dict[str, Any], target: float) -> float | None:
 
 
 def speedups(per_seed: list[float | None]) -> dict[str, Any]:
-    """A speed-up entry of per-seed values (None: never reached): the median of the reached, the
-    median counting an unreached seed as 0 (the slowest), how many of how many reached it."""
+    """A speed-up entry of per-seed values (None: never reached): the median (None unless every
+    seed reached), the median counting an unreached seed as 0 (the slowest), how many reached."""
     return {"median": spread(per_seed)["median"], "per_seed": per_seed,
             "median_unreached_as_zero": float(statistics.median(
                 [0.0 if v is None else v for v in per_seed])) if per_seed else None,
@@ -466,10 +464,9 @@ def paired(mine: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, 
 
 def _reach(run: dict[str, Any], ref: dict[str, Any], margin: float, smooth: bool
            ) -> tuple[float | None, float | None, float | None]:
-    """``run``'s training seconds to ``ref``'s final validation NLL + ``margin`` (curves averaged
-    over :data:`SMOOTH_EVALS` evaluations when ``smooth``), the speed-up in seconds (``ref``'s
-    own time to that value, which it may touch earlier, over ``run``'s) and in function
-    evaluations; None where a run never reaches it or ``ref`` has no validation curve."""
+    """``run``'s seconds to ``ref``'s final validation NLL + ``margin`` (on smoothed curves if
+    ``smooth``) and its speed-ups in seconds and NFE (``ref``'s own cost to that value, which it
+    may touch earlier, over ``run``'s); None where never reached or ``ref`` has no curve."""
     if not ref["val_curve"]:
         return None, None, None
     if smooth:
@@ -506,14 +503,12 @@ def summarise(runs: list[dict[str, Any]],
                     continue
                 if base != aname:
                     entry[f"paired_to_{base}"] = paired(rs, arms[base])
-                # Exactly the baseline's final validation NLL, within 0.01 nats of it, and within
-                # 0.01 nats on curves averaged over SMOOTH_EVALS evaluations (both arms).
+                # The baseline's final validation NLL exactly, within 0.01 nats, and within 0.01
+                # on smoothed curves. A seed without a baseline run is left out (as in paired()).
                 base_by_seed = {b["seed"]: b for b in arms[base]}
                 for margin, suffix, smooth in ((0.0, "", False),
                                                (0.01, "_within_0.01", False),
                                                (0.01, "_smoothed_within_0.01", True)):
-                    # A seed without a baseline run is not compared (as paired() leaves it
-                    # out), not "never reached".
                     reach = [_reach(r, base_by_seed[r["seed"]], margin, smooth)
                              for r in rs if r["seed"] in base_by_seed]
                     times, wall, work_ratios = ([c[i] for c in reach] for i in range(3))
@@ -530,7 +525,7 @@ def summarise(runs: list[dict[str, Any]],
 
 
 def fmt(entry: dict[str, Any] | None, digits: int = 1) -> str:
-    """'median [min, max]' for a summary entry."""
+    """'median [min, max]' of a summary entry ('median' alone without a range)."""
     if entry is None or entry.get("median") is None:
         return "not reached"
     if "min" not in entry:

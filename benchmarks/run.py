@@ -239,14 +239,9 @@ def long_goals(summary: dict[str, Any], base_arm: str = BASE) -> dict[str, Any]:
     return out
 
 
-#: The seed-paired goal measurements that :func:`beside_goals` pools across two suites.
-_POOLED = ("speedup_within_0.01_per_seed", "nfe_speedup_within_0.01_per_seed",
-           "forward_nfe_last10pct_reduction", "test_nll_diff", "test_nfe_ratio")
-
-
 def beside_goals(goals_here: dict[str, Any], goals_other: dict[str, Any]) -> dict[str, Any]:
-    """The :data:`_POOLED` goals of the workloads and arms two suites share (a suite of fresh
-    seeds ``beside`` an earlier one): the per-seed values of both (the other suite's first),
+    """The seed-paired goals of the workloads and arms two suites share (a suite of fresh seeds
+    ``beside`` an earlier one): the per-seed values of both (the other suite's first),
     summarised together as :func:`long_goals` summarises them."""
     out: dict[str, Any] = {}
     for wname, arms in goals_here.items():
@@ -255,7 +250,8 @@ def beside_goals(goals_here: dict[str, Any], goals_other: dict[str, Any]) -> dic
             if other is None:
                 continue
             entry: dict[str, Any] = {"seeds": [*other["seeds"], *mine["seeds"]]}
-            for key in _POOLED:
+            for key in ("speedup_within_0.01_per_seed", "nfe_speedup_within_0.01_per_seed",
+                        "forward_nfe_last10pct_reduction", "test_nll_diff", "test_nfe_ratio"):
                 values = [*other[key]["per_seed"], *mine[key]["per_seed"]]
                 if key.endswith("speedup_within_0.01_per_seed"):
                     # A summarise()-style speed-up entry, read the way long_goals reads one.
@@ -510,10 +506,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     todo = [key for key in planned if key not in done]
     print(f"{len(done)} runs cached in {cache}, {len(todo)} to run with {args.jobs} job(s)",
           flush=True)
-    missing = len(todo) if args.cached_only else 0
     if args.cached_only and not done:
         raise UsageError(f"--cached-only: no finished runs of suite {args.suite!r} in {cache}")
-    todo = [] if args.cached_only else todo
+    missing, todo = (len(todo), []) if args.cached_only else (0, todo)
     # Seed by seed (an interrupted suite leaves whole seeds, which pair with their baseline),
     # the longest runs of a seed first.
     todo.sort(key=lambda k: (k[2], -planned[k][0].steps * _COST.get(k[1], 1.0)
