@@ -79,66 +79,60 @@ def _direct(name: str, label: str, reg: str | None = "poly", **extra: Any) -> Ar
     return Arm(name, label, reg=reg, adjoint=False, extra=extra)
 
 
-ARMS = {
-    "ffjord": Arm("ffjord", "(1) FFJORD, authors' baseline tolerance (1e-8/1e-6; VAE 1e-5)",
-                  adjoint_carry_step=False, baseline_tol=True),
-    "tpr_paper": Arm("tpr_paper", "(2) TPR, paper settings (train 1e-4, stock adjoint)",
-                     reg="poly", adjoint_carry_step=False),
-    "ffjord_matched": Arm("ffjord_matched", "(3) FFJORD at matched train tol 1e-4",
-                          adjoint_carry_step=False),
-    "rnode": Arm("rnode", "(4) RNODE (kinetic + Jacobian, 0.01 each), train 1e-4",
-                 reg="kinetic", adjoint_carry_step=False),
+ARMS = {arm.name: arm for arm in (
+    Arm("ffjord", "(1) FFJORD, authors' baseline tolerance (1e-8/1e-6; VAE 1e-5)",
+        adjoint_carry_step=False, baseline_tol=True),
+    Arm("tpr_paper", "(2) TPR, paper settings (train 1e-4, stock adjoint)", reg="poly",
+        adjoint_carry_step=False),
+    Arm("ffjord_matched", "(3) FFJORD at matched train tol 1e-4", adjoint_carry_step=False),
+    Arm("rnode", "(4) RNODE (kinetic + Jacobian, 0.01 each), train 1e-4", reg="kinetic",
+        adjoint_carry_step=False),
     # Arm (5): direct backprop needs no backward solve, so the penalty's times cost nothing.
-    "tpr_fast": _direct("tpr_fast", "(5) TPR + direct backprop through the solver"),
+    _direct("tpr_fast", "(5) TPR + direct backprop through the solver"),
     # Controls that separate the engineering from the regularizer.
-    "ffjord_direct": _direct("ffjord_direct", "(3b) FFJORD at 1e-4 + direct backprop (arm 5 "
-                             "without TPR)", reg=None),
-    "tpr_carry": Arm("tpr_carry", "(5a) TPR + restart-free seminorm adjoint", reg="poly",
-                     adjoint_carry_step=True, seminorm=True),
+    _direct("ffjord_direct", "(3b) FFJORD at 1e-4 + direct backprop (arm 5 without TPR)",
+            reg=None),
+    Arm("tpr_carry", "(5a) TPR + restart-free seminorm adjoint", reg="poly",
+        adjoint_carry_step=True, seminorm=True),
     # One engineering change at a time (the 'engineering' suite).
-    "tpr_seminorm": Arm("tpr_seminorm", "(2s) TPR + stock seminorm adjoint", reg="poly",
-                        adjoint_carry_step=False, seminorm=True),
-    "tpr_carry_only": Arm("tpr_carry_only", "(2c) TPR + restart-free adjoint", reg="poly",
-                          adjoint_carry_step=True),
-    "tpr_fast_exact": Arm("tpr_fast_exact", "(5e) TPR + direct backprop + exact trace",
-                          reg="poly", adjoint=False, trace="exact"),
+    Arm("tpr_seminorm", "(2s) TPR + stock seminorm adjoint", reg="poly",
+        adjoint_carry_step=False, seminorm=True),
+    Arm("tpr_carry_only", "(2c) TPR + restart-free adjoint", reg="poly", adjoint_carry_step=True),
+    Arm("tpr_fast_exact", "(5e) TPR + direct backprop + exact trace", reg="poly", adjoint=False,
+        trace="exact"),
     # The VAE suite: both arms with direct backprop; also on a harder posterior (z 64, T 2).
-    "ffjord_base_direct": Arm("ffjord_base_direct", "(1d) FFJORD at the authors' tolerance + "
-                              "direct backprop", adjoint=False, baseline_tol=True),
-    "ffjord_base_direct_hard": Arm("ffjord_base_direct_hard", "(1d) on z 64, T 2",
-                                   adjoint=False, baseline_tol=True,
-                                   extra={"z_dim": 64, "T": 2.0}),
-    "tpr_fast_hard": _direct("tpr_fast_hard", "(5) on z 64, T 2", z_dim=64, T=2.0),
+    Arm("ffjord_base_direct", "(1d) FFJORD at the authors' tolerance + direct backprop",
+        adjoint=False, baseline_tol=True),
+    Arm("ffjord_base_direct_hard", "(1d) on z 64, T 2", adjoint=False, baseline_tol=True,
+        extra={"z_dim": 64, "T": 2.0}),
+    _direct("tpr_fast_hard", "(5) on z 64, T 2", z_dim=64, T=2.0),
     # The settings sweep: arm (5) with one factor changed from the paper's (coef 5, K 2, m 1).
-    "tpr_fast_c1": _direct("tpr_fast_c1", "(5) with coef 1", poly_coef=1.0),
-    "tpr_fast_c20": _direct("tpr_fast_c20", "(5) with coef 20", poly_coef=20.0),
-    "tpr_fast_c50": _direct("tpr_fast_c50", "(5) with coef 50", poly_coef=50.0),
-    "tpr_fast_k4": _direct("tpr_fast_k4", "(5) with K = 4 interior times", poly_samples=4),
-    "tpr_fast_m2": _direct("tpr_fast_m2", "(5) with degree m = 2", poly_order=2),
+    _direct("tpr_fast_c1", "(5) with coef 1", poly_coef=1.0),
+    _direct("tpr_fast_c20", "(5) with coef 20", poly_coef=20.0),
+    _direct("tpr_fast_c50", "(5) with coef 50", poly_coef=50.0),
+    _direct("tpr_fast_k4", "(5) with K = 4 interior times", poly_samples=4),
+    _direct("tpr_fast_m2", "(5) with degree m = 2", poly_order=2),
     # The late-start lever (issue 21; why: docs/results.md): coef 5 from step 3000 on.
-    "tpr_fast_late": _direct("tpr_fast_late", "(5) from step 3000 (coef 0 before)",
-                             poly_start_step=3000),
-    "ffjord_direct_cos": _direct("ffjord_direct_cos", "(3b) with a cosine learning rate",
-                                 reg=None, lr_schedule="cosine"),
-    "tpr_fast_cos": _direct("tpr_fast_cos", "(5) with a cosine learning rate",
-                            lr_schedule="cosine"),
-}
+    _direct("tpr_fast_late", "(5) from step 3000 (coef 0 before)", poly_start_step=3000),
+    _direct("ffjord_direct_cos", "(3b) with a cosine learning rate", reg=None,
+            lr_schedule="cosine"),
+    _direct("tpr_fast_cos", "(5) with a cosine learning rate", lr_schedule="cosine"),
+)}
 
-WORKLOADS = {
-    "checkerboard": Workload("checkerboard", "toy", steps=3000, eval_every=250),
-    "8gaussians": Workload("8gaussians", "toy", steps=3000, eval_every=250),
-    "breast_cancer": Workload("breast_cancer", "table", steps=2000, eval_every=200,
-                              batch_size=128, hidden_dims=(64, 64), layer_type="concat",
-                              nonlinearity="softplus", num_val=0, num_test=0),
+WORKLOADS = {w.name: w for w in (
+    Workload("checkerboard", "toy", steps=3000, eval_every=250),
+    Workload("8gaussians", "toy", steps=3000, eval_every=250),
+    Workload("breast_cancer", "table", steps=2000, eval_every=200, batch_size=128,
+             hidden_dims=(64, 64), layer_type="concat", nonlinearity="softplus", num_val=0,
+             num_test=0),
     # A 16-D table with a known density (benchmarks/tables.py), 5,000 test rows.
-    "mixture16": Workload("mixture16", "table", steps=4000, eval_every=250, batch_size=256,
-                          hidden_dims=(128, 128), layer_type="concat", nonlinearity="softplus",
-                          num_val=0, num_test=0),
+    Workload("mixture16", "table", steps=4000, eval_every=250, batch_size=256,
+             hidden_dims=(128, 128), layer_type="concat", nonlinearity="softplus", num_val=0,
+             num_test=0),
     # The digits preset of polyreg_cnf.models.vae (its other settings are the preset's).
-    "vae_digits": Workload("vae_digits", "vae", steps=420, eval_every=42, batch_size=100,
-                           hidden_dims=(64, 64), nonlinearity="softplus", lr=2e-3,
-                           baseline_tol=(1e-5, 1e-5)),
-}
+    Workload("vae_digits", "vae", steps=420, eval_every=42, batch_size=100, hidden_dims=(64, 64),
+             nonlinearity="softplus", lr=2e-3, baseline_tol=(1e-5, 1e-5)),
+)}
 
 
 def _run_inputs(w: Workload, arm: Arm, seed: int, steps: int, tmp: Path
