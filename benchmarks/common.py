@@ -27,8 +27,7 @@ from typing import Any
 
 __all__ = ["RESULTS", "ROOT", "Study", "UsageError", "command", "cpu_name", "figure", "git",
            "git_commit", "header", "machine", "main", "median_range", "parser_of", "save_figure",
-           "spread", "suite_header", "table", "train_py", "verdict", "versions", "write_json",
-           "write_report"]
+           "spread", "suite_header", "table", "train_py", "versions", "write_json", "write_report"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -168,6 +167,18 @@ def header(study: str, title: str, command: str, *facts: str) -> list[str]:
             f"How it measures and how to read it: docs/benchmarks.md, `benchmarks.{study}`.", ""]
 
 
+def suite_header(title: str, command: str, facts: dict[str, Any], *lines: str) -> list[str]:
+    """A report's opening: its title, the command that made it, the machine ``facts`` as they
+    were recorded ('name value, ...') and the study's own markdown ``lines``.
+
+    Example:
+        >>> suite_header("T", "python -m benchmarks.x", {"cores": 2})
+        ['# T', '', 'Command: `python -m benchmarks.x`  ', 'Machine: cores 2.  ']
+    """
+    machine_line = ", ".join(f"{name} {value}" for name, value in facts.items())
+    return [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {machine_line}.  ", *lines]
+
+
 def median_range(summary: dict[str, float | None], fmt: str, sep: str = "-") -> str:
     """'median (min-max)' of a ``{"median", "min", "max"}`` entry (:func:`spread`'s), '-' where
     it has no median.
@@ -271,36 +282,3 @@ def main(study: Study, argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     print(write_report(args.out, payload, study.render, study.indent))
     return int(payload.get("meta", {}).get("exit_status", 0))
-
-
-def verdict(mine: float | None, base: float | None, tie: float) -> str:
-    """A model against its baseline at equal quality: each one's cost there, or None when it
-    never reaches it. Cheaper by more than ``tie`` (a share) wins, dearer by as much loses.
-
-    Example:
-        >>> verdict(30, 38, 0.05), verdict(38, 38, 0.05), verdict(None, 38, 0.05)
-        ('wins', 'ties', 'loses')
-        >>> verdict(30, None, 0.05)
-        'wins'
-    """
-    if mine is None:
-        return "loses"
-    if base is None:
-        return "wins"
-    ratio = mine / base
-    return "wins" if ratio <= 1 - tie else "loses" if ratio >= 1 + tie else "ties"
-
-
-# --- suite runner helpers (lines_a)
-
-
-def suite_header(title: str, command: str, facts: dict[str, Any], *lines: str) -> list[str]:
-    """A report's opening: its title, the command that made it, the machine ``facts`` as they
-    were recorded ('name value, ...') and the study's own markdown ``lines``.
-
-    Example:
-        >>> suite_header("T", "python -m benchmarks.x", {"cores": 2})
-        ['# T', '', 'Command: `python -m benchmarks.x`  ', 'Machine: cores 2.  ']
-    """
-    machine_line = ", ".join(f"{name} {value}" for name, value in facts.items())
-    return [f"# {title}", "", f"Command: `{command}`  ", f"Machine: {machine_line}.  ", *lines]

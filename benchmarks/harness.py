@@ -79,66 +79,60 @@ def _direct(name: str, label: str, reg: str | None = "poly", **extra: Any) -> Ar
     return Arm(name, label, reg=reg, adjoint=False, extra=extra)
 
 
-ARMS = {
-    "ffjord": Arm("ffjord", "(1) FFJORD, authors' baseline tolerance (1e-8/1e-6; VAE 1e-5)",
-                  adjoint_carry_step=False, baseline_tol=True),
-    "tpr_paper": Arm("tpr_paper", "(2) TPR, paper settings (train 1e-4, stock adjoint)",
-                     reg="poly", adjoint_carry_step=False),
-    "ffjord_matched": Arm("ffjord_matched", "(3) FFJORD at matched train tol 1e-4",
-                          adjoint_carry_step=False),
-    "rnode": Arm("rnode", "(4) RNODE (kinetic + Jacobian, 0.01 each), train 1e-4",
-                 reg="kinetic", adjoint_carry_step=False),
+ARMS = {arm.name: arm for arm in (
+    Arm("ffjord", "(1) FFJORD, authors' baseline tolerance (1e-8/1e-6; VAE 1e-5)",
+        adjoint_carry_step=False, baseline_tol=True),
+    Arm("tpr_paper", "(2) TPR, paper settings (train 1e-4, stock adjoint)", reg="poly",
+        adjoint_carry_step=False),
+    Arm("ffjord_matched", "(3) FFJORD at matched train tol 1e-4", adjoint_carry_step=False),
+    Arm("rnode", "(4) RNODE (kinetic + Jacobian, 0.01 each), train 1e-4", reg="kinetic",
+        adjoint_carry_step=False),
     # Arm (5): direct backprop needs no backward solve, so the penalty's times cost nothing.
-    "tpr_fast": _direct("tpr_fast", "(5) TPR + direct backprop through the solver"),
+    _direct("tpr_fast", "(5) TPR + direct backprop through the solver"),
     # Controls that separate the engineering from the regularizer.
-    "ffjord_direct": _direct("ffjord_direct", "(3b) FFJORD at 1e-4 + direct backprop (arm 5 "
-                             "without TPR)", reg=None),
-    "tpr_carry": Arm("tpr_carry", "(5a) TPR + restart-free seminorm adjoint", reg="poly",
-                     adjoint_carry_step=True, seminorm=True),
+    _direct("ffjord_direct", "(3b) FFJORD at 1e-4 + direct backprop (arm 5 without TPR)",
+            reg=None),
+    Arm("tpr_carry", "(5a) TPR + restart-free seminorm adjoint", reg="poly",
+        adjoint_carry_step=True, seminorm=True),
     # One engineering change at a time (the 'engineering' suite).
-    "tpr_seminorm": Arm("tpr_seminorm", "(2s) TPR + stock seminorm adjoint", reg="poly",
-                        adjoint_carry_step=False, seminorm=True),
-    "tpr_carry_only": Arm("tpr_carry_only", "(2c) TPR + restart-free adjoint", reg="poly",
-                          adjoint_carry_step=True),
-    "tpr_fast_exact": Arm("tpr_fast_exact", "(5e) TPR + direct backprop + exact trace",
-                          reg="poly", adjoint=False, trace="exact"),
+    Arm("tpr_seminorm", "(2s) TPR + stock seminorm adjoint", reg="poly",
+        adjoint_carry_step=False, seminorm=True),
+    Arm("tpr_carry_only", "(2c) TPR + restart-free adjoint", reg="poly", adjoint_carry_step=True),
+    Arm("tpr_fast_exact", "(5e) TPR + direct backprop + exact trace", reg="poly", adjoint=False,
+        trace="exact"),
     # The VAE suite: both arms with direct backprop; also on a harder posterior (z 64, T 2).
-    "ffjord_base_direct": Arm("ffjord_base_direct", "(1d) FFJORD at the authors' tolerance + "
-                              "direct backprop", adjoint=False, baseline_tol=True),
-    "ffjord_base_direct_hard": Arm("ffjord_base_direct_hard", "(1d) on z 64, T 2",
-                                   adjoint=False, baseline_tol=True,
-                                   extra={"z_dim": 64, "T": 2.0}),
-    "tpr_fast_hard": _direct("tpr_fast_hard", "(5) on z 64, T 2", z_dim=64, T=2.0),
+    Arm("ffjord_base_direct", "(1d) FFJORD at the authors' tolerance + direct backprop",
+        adjoint=False, baseline_tol=True),
+    Arm("ffjord_base_direct_hard", "(1d) on z 64, T 2", adjoint=False, baseline_tol=True,
+        extra={"z_dim": 64, "T": 2.0}),
+    _direct("tpr_fast_hard", "(5) on z 64, T 2", z_dim=64, T=2.0),
     # The settings sweep: arm (5) with one factor changed from the paper's (coef 5, K 2, m 1).
-    "tpr_fast_c1": _direct("tpr_fast_c1", "(5) with coef 1", poly_coef=1.0),
-    "tpr_fast_c20": _direct("tpr_fast_c20", "(5) with coef 20", poly_coef=20.0),
-    "tpr_fast_c50": _direct("tpr_fast_c50", "(5) with coef 50", poly_coef=50.0),
-    "tpr_fast_k4": _direct("tpr_fast_k4", "(5) with K = 4 interior times", poly_samples=4),
-    "tpr_fast_m2": _direct("tpr_fast_m2", "(5) with degree m = 2", poly_order=2),
+    _direct("tpr_fast_c1", "(5) with coef 1", poly_coef=1.0),
+    _direct("tpr_fast_c20", "(5) with coef 20", poly_coef=20.0),
+    _direct("tpr_fast_c50", "(5) with coef 50", poly_coef=50.0),
+    _direct("tpr_fast_k4", "(5) with K = 4 interior times", poly_samples=4),
+    _direct("tpr_fast_m2", "(5) with degree m = 2", poly_order=2),
     # The late-start lever (issue 21; why: docs/results.md): coef 5 from step 3000 on.
-    "tpr_fast_late": _direct("tpr_fast_late", "(5) from step 3000 (coef 0 before)",
-                             poly_start_step=3000),
-    "ffjord_direct_cos": _direct("ffjord_direct_cos", "(3b) with a cosine learning rate",
-                                 reg=None, lr_schedule="cosine"),
-    "tpr_fast_cos": _direct("tpr_fast_cos", "(5) with a cosine learning rate",
-                            lr_schedule="cosine"),
-}
+    _direct("tpr_fast_late", "(5) from step 3000 (coef 0 before)", poly_start_step=3000),
+    _direct("ffjord_direct_cos", "(3b) with a cosine learning rate", reg=None,
+            lr_schedule="cosine"),
+    _direct("tpr_fast_cos", "(5) with a cosine learning rate", lr_schedule="cosine"),
+)}
 
-WORKLOADS = {
-    "checkerboard": Workload("checkerboard", "toy", steps=3000, eval_every=250),
-    "8gaussians": Workload("8gaussians", "toy", steps=3000, eval_every=250),
-    "breast_cancer": Workload("breast_cancer", "table", steps=2000, eval_every=200,
-                              batch_size=128, hidden_dims=(64, 64), layer_type="concat",
-                              nonlinearity="softplus", num_val=0, num_test=0),
+WORKLOADS = {w.name: w for w in (
+    Workload("checkerboard", "toy", steps=3000, eval_every=250),
+    Workload("8gaussians", "toy", steps=3000, eval_every=250),
+    Workload("breast_cancer", "table", steps=2000, eval_every=200, batch_size=128,
+             hidden_dims=(64, 64), layer_type="concat", nonlinearity="softplus", num_val=0,
+             num_test=0),
     # A 16-D table with a known density (benchmarks/tables.py), 5,000 test rows.
-    "mixture16": Workload("mixture16", "table", steps=4000, eval_every=250, batch_size=256,
-                          hidden_dims=(128, 128), layer_type="concat", nonlinearity="softplus",
-                          num_val=0, num_test=0),
+    Workload("mixture16", "table", steps=4000, eval_every=250, batch_size=256,
+             hidden_dims=(128, 128), layer_type="concat", nonlinearity="softplus", num_val=0,
+             num_test=0),
     # The digits preset of polyreg_cnf.models.vae (its other settings are the preset's).
-    "vae_digits": Workload("vae_digits", "vae", steps=420, eval_every=42, batch_size=100,
-                           hidden_dims=(64, 64), nonlinearity="softplus", lr=2e-3,
-                           baseline_tol=(1e-5, 1e-5)),
-}
+    Workload("vae_digits", "vae", steps=420, eval_every=42, batch_size=100, hidden_dims=(64, 64),
+             nonlinearity="softplus", lr=2e-3, baseline_tol=(1e-5, 1e-5)),
+)}
 
 
 def _run_inputs(w: Workload, arm: Arm, seed: int, steps: int, tmp: Path
@@ -170,38 +164,37 @@ def _run_inputs(w: Workload, arm: Arm, seed: int, steps: int, tmp: Path
                                eval_batch_size=1000), config
 
 
-class _Kept(L.Callback):
-    """A callback whose list attribute ``KEY`` is kept in the run's checkpoints (so it resumes)."""
+class _Record(L.Callback):
+    """What each validation measures, kept in the run's checkpoints (so a run resumes with it):
+    (training seconds so far, step, val NLL) in ``curve`` (seconds from the run's NFEMonitor);
+    every ``probe_every`` steps :func:`straightness` on ``rows`` in ``probes`` (0: none)."""
 
-    KEY = ""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {self.KEY: getattr(self, self.KEY)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        setattr(self, self.KEY, list(state_dict.get(self.KEY, [])))
-
-
-class _ValCurve(_Kept):
-    """(training seconds so far, step, val NLL) at each validation (seconds from the run's
-    NFEMonitor)."""
-
-    KEY = "curve"
-
-    def __init__(self) -> None:
+    def __init__(self, probe_every: int = 0, rows: torch.Tensor | None = None) -> None:
+        self.probe_every, self.rows = probe_every, rows
         self.curve: list[list[float]] = []
+        self.probes: list[dict[str, float]] = []
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or "val/nll" not in trainer.callback_metrics:
+        step, metrics = trainer.global_step, trainer.callback_metrics
+        if trainer.sanity_checking:
             return
-        monitor = next(c for c in trainer.callbacks if isinstance(c, NFEMonitor))
-        seconds = sum(r[2] for r in monitor.history)
-        self.curve.append([seconds, trainer.global_step,
-                           float(trainer.callback_metrics["val/nll"])])
+        if "val/nll" in metrics:
+            monitor = next(c for c in trainer.callbacks if isinstance(c, NFEMonitor))
+            seconds = sum(r[2] for r in monitor.history)
+            self.curve.append([seconds, step, float(metrics["val/nll"])])
+        if self.probe_every and step and not step % self.probe_every \
+                and all(p["step"] != step for p in self.probes):
+            self.probes.append({"step": step, **straightness(pl_module, self.rows)})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"curve": self.curve, "probes": self.probes}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.curve, self.probes = (list(state_dict.get(k, [])) for k in ("curve", "probes"))
 
 
 class _ResumePoint(L.Callback):
-    """Writes ``last.ckpt`` after the validation of every ``every``-th step.
+    """Writes the run's ``last.ckpt`` after the validation of every ``every``-th step.
 
     After the validation, not at the end of the training batch as Lightning's step-based
     checkpoint does: a run resumed from it then keeps that step's validation point and probe.
@@ -209,32 +202,12 @@ class _ResumePoint(L.Callback):
 
     def __init__(self, every: int) -> None:
         self.every = every
-        self.path: Path | None = None  # set once build() has chosen the run folder
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
-        if self.path is None or trainer.sanity_checking or step == 0 or step % self.every:
-            return
-        trainer.save_checkpoint(self.path)
-
-
-class _EvalProbe(_Kept):
-    """:func:`straightness` every ``every`` steps on fixed test rows (after that step's
-    validation, outside the training time)."""
-
-    KEY = "probes"
-
-    def __init__(self, every: int, rows: torch.Tensor) -> None:
-        self.every = every
-        self.rows = rows
-        self.probes: list[dict[str, float]] = []
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = trainer.global_step
-        if trainer.sanity_checking or step == 0 or step % self.every \
-                or any(p["step"] == step for p in self.probes):
-            return
-        self.probes.append({"step": step, **straightness(pl_module, self.rows)})
+        if not (trainer.sanity_checking or step == 0 or step % self.every):
+            # the run folder build() made (its trainer's root), where a resume looks
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
 
 
 def straightness(model: L.LightningModule, rows: torch.Tensor) -> dict[str, float]:
@@ -325,32 +298,25 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
             kept, so a cache never holds a short run as a finished one.
     """
     steps = steps or w.steps
+    resume = work_dir is not None and ckpt_every > 0
+    if resume and ckpt_every % w.eval_every:
+        raise ValueError(f"ckpt_every ({ckpt_every}) must be a multiple of the workload's "
+                         f"eval_every ({w.eval_every})")
     run_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch) if work_dir is None else Path(work_dir)
         tmp.mkdir(parents=True, exist_ok=True)
         dm, config = _run_inputs(w, arm, seed, steps, tmp)
         atol, rtol = config.ode.atol, config.ode.rtol
-        curve = _ValCurve()
-        extra: list[L.Callback] = [curve]
-        resume_point = None
-        if work_dir is not None and ckpt_every:
-            if ckpt_every % w.eval_every:
-                raise ValueError(f"ckpt_every ({ckpt_every}) must be a multiple of the "
-                                 f"workload's eval_every ({w.eval_every})")
-            resume_point = _ResumePoint(ckpt_every)
-            extra.append(resume_point)
-        probe = None
+        record = _Record()
         if probe_every and w.kind != "vae":
             dm.prepare_data()
             dm.setup("test")
-            probe = _EvalProbe(probe_every, torch.as_tensor(
+            record = _Record(probe_every, torch.as_tensor(
                 np.asarray(dm.arrays()["test"][:2000]), dtype=torch.float32))
-            extra.append(probe)
-        resume = "last" if work_dir is not None and ckpt_every else None
-        run = build(config, datamodule=dm, callbacks=extra, ckpt_path=resume)
-        if resume_point is not None:
-            resume_point.path = run.run_dir / "checkpoints" / "last.ckpt"
+        callbacks = [record, _ResumePoint(ckpt_every)] if resume else [record]
+        run = build(config, datamodule=dm, callbacks=callbacks,
+                    ckpt_path="last" if resume else None)
         model, trainer, monitor = run.model, run.trainer, run.monitor
         start = time.perf_counter()
         trainer.fit(model, dm, ckpt_path=run.ckpt_path)
@@ -383,8 +349,8 @@ def run_one(w: Workload, arm: Arm, seed: int, steps: int | None = None,
         "test_nll": float(test["test/nll"]), "test_nfe": float(test_nfe),
         "test_nll_at_train_tol": float(test_train_tol["test/nll"]),
         "tolerance_gap": float(test_train_tol["test/nll"] - test["test/nll"]),
-        "train_tol": [atol, rtol], "test_metrics": test_metrics, "val_curve": curve.curve,
-        "probes": [] if probe is None else probe.probes, "resumed_from": run.ckpt_path,
+        "train_tol": [atol, rtol], "test_metrics": test_metrics, "val_curve": record.curve,
+        "probes": record.probes, "resumed_from": run.ckpt_path,
         "nfe_per_step": {"forward": fwd, "backward": bwd}}
 
 
@@ -435,9 +401,8 @@ def time_to_reach(curve: list[list[float]], target: float) -> float | None:
     return next((float(seconds) for seconds, _, nll in curve if nll <= target), None)
 
 
-#: Validation evaluations averaged by :func:`smooth_curve`: late in training the validation NLL
-#: moves by several hundredths of a nat from one evaluation to the next (SGD noise at a fixed
-#: learning rate), more than the 0.01 margin, so a target set by one evaluation is partly luck.
+#: Validation evaluations averaged by :func:`smooth_curve` (why: docs/benchmarks.md, "Reading
+#: the reports").
 SMOOTH_EVALS = 5
 
 
@@ -449,8 +414,7 @@ def smooth_curve(curve: list[list[float]], k: int = SMOOTH_EVALS) -> list[list[f
 
 def nfe_to_reach(run: dict[str, Any], target: float) -> float | None:
     """Function evaluations (forward + backward, summed over training steps) until the
-    validation NLL first reaches ``target`` (None: never). Unlike seconds, this does not depend on
-    what else the machine was doing."""
+    validation NLL first reaches ``target`` (None: never); unlike seconds, free of machine load."""
     nfe = run.get("nfe_per_step")
     if not nfe:
         return None
@@ -460,8 +424,8 @@ def nfe_to_reach(run: dict[str, Any], target: float) -> float | None:
 
 
 def speedups(per_seed: list[float | None]) -> dict[str, Any]:
-    """A speed-up entry of per-seed values (None: never reached): the median of the reached, the
-    median counting an unreached seed as 0 (the slowest), how many of how many reached it."""
+    """A speed-up entry of per-seed values (None: never reached): the median (None unless every
+    seed reached), the median counting an unreached seed as 0 (the slowest), how many reached."""
     return {"median": spread(per_seed)["median"], "per_seed": per_seed,
             "median_unreached_as_zero": float(statistics.median(
                 [0.0 if v is None else v for v in per_seed])) if per_seed else None,
@@ -494,10 +458,9 @@ def paired(mine: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, 
 
 def _reach(run: dict[str, Any], ref: dict[str, Any], margin: float, smooth: bool
            ) -> tuple[float | None, float | None, float | None]:
-    """``run``'s training seconds to ``ref``'s final validation NLL + ``margin`` (curves averaged
-    over :data:`SMOOTH_EVALS` evaluations when ``smooth``), the speed-up in seconds (``ref``'s
-    own time to that value, which it may touch earlier, over ``run``'s) and in function
-    evaluations; None where a run never reaches it or ``ref`` has no validation curve."""
+    """``run``'s seconds to ``ref``'s final validation NLL + ``margin`` (on smoothed curves if
+    ``smooth``) and its speed-ups in seconds and NFE (``ref``'s own cost to that value, which it
+    may touch earlier, over ``run``'s); None where never reached or ``ref`` has no curve."""
     if not ref["val_curve"]:
         return None, None, None
     if smooth:
@@ -534,14 +497,12 @@ def summarise(runs: list[dict[str, Any]],
                     continue
                 if base != aname:
                     entry[f"paired_to_{base}"] = paired(rs, arms[base])
-                # Exactly the baseline's final validation NLL, within 0.01 nats of it, and within
-                # 0.01 nats on curves averaged over SMOOTH_EVALS evaluations (both arms).
+                # The baseline's final validation NLL exactly, within 0.01 nats, and within 0.01
+                # on smoothed curves. A seed without a baseline run is left out (as in paired()).
                 base_by_seed = {b["seed"]: b for b in arms[base]}
                 for margin, suffix, smooth in ((0.0, "", False),
                                                (0.01, "_within_0.01", False),
                                                (0.01, "_smoothed_within_0.01", True)):
-                    # A seed without a baseline run is not compared (as paired() leaves it
-                    # out), not "never reached".
                     reach = [_reach(r, base_by_seed[r["seed"]], margin, smooth)
                              for r in rs if r["seed"] in base_by_seed]
                     times, wall, work_ratios = ([c[i] for c in reach] for i in range(3))
@@ -558,7 +519,7 @@ def summarise(runs: list[dict[str, Any]],
 
 
 def fmt(entry: dict[str, Any] | None, digits: int = 1) -> str:
-    """'median [min, max]' for a summary entry."""
+    """'median [min, max]' of a summary entry ('median' alone without a range)."""
     if entry is None or entry.get("median") is None:
         return "not reached"
     if "min" not in entry:

@@ -27,20 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, harness
 from benchmarks.common import UsageError, machine, spread, table, write_json
-from benchmarks.harness import (
-    ARMS,
-    RUN_THREADS,
-    WORKLOADS,
-    Arm,
-    Workload,
-    definitions,
-    fmt,
-    run_one,
-    speedups,
-    summarise,
-)
+from benchmarks.harness import ARMS, WORKLOADS, Arm, Workload, definitions, fmt, run_one, summarise
 from benchmarks.pool import PoolStopped, run_pool
 
 RESULTS = common.RESULTS
@@ -121,11 +110,9 @@ def suite_workload(suite: str, wname: str) -> Workload:
 
 
 def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: int = 0,
-                   probe_every: int = 0, keep_models: bool = False,
-                   record: Path | None = None) -> dict[str, Any]:
-    # Long runs keep a work folder (checkpoints) beside the cache, outside git: started again,
-    # the same command resumes them from their last checkpoint. ``record``: write the
-    # measurements there instead of into the cache (a run made again only for its model).
+                   probe_every: int = 0, keep_models: bool = False) -> dict[str, Any]:
+    # Long runs checkpoint in a work folder beside the cache (outside git): the same command
+    # resumes them.
     extra: dict[str, Any] = {}
     if ckpt_every:
         extra.update(work_dir=RESULTS / ".work" / cache.name
@@ -135,7 +122,7 @@ def _run_and_cache(w: Workload, arm: Arm, seed: int, cache: Path, ckpt_every: in
     if keep_models:
         extra["model_path"] = model_file(cache.name, w, arm, seed)
     run = run_one(w, arm, seed, **extra)
-    write_json(record or _cache_file(cache, w, arm, seed), {**definitions(w, arm), "run": run})
+    write_json(_cache_file(cache, w, arm, seed), {**definitions(w, arm), "run": run})
     return run
 
 
@@ -143,9 +130,9 @@ FLOOR = 8  # dopri5 evaluations of a one-step solve (2 to pick the first step + 
 
 
 def _pair(arms: dict[str, Any], aname: str, base: str, key: str,
-          transform: Any = None) -> dict[str, Any]:
-    """``aname`` against ``base`` in measurement ``key``, seed by seed (harness.paired), each
-    value optionally ``transform``-ed (a ratio into a reduction), with its seeds and spread."""
+          transform: Callable[[float], float] | None = None) -> dict[str, Any]:
+    """``aname`` against ``base`` in ``key``, seed by seed (harness.paired), each value
+    optionally ``transform``-ed (a ratio into a reduction), with its seeds and spread."""
     p = arms[aname][f"paired_to_{base}"]
     values = p[key]["per_seed"]
     if transform is not None:
@@ -181,10 +168,9 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
                 g["tpr_vs_same_engineering"] = {
                     "seconds_per_step_ratio": same("seconds_per_step", lambda r: 1 / r),
                     "forward_nfe_ratio": same("forward_nfe"), "test_nll_diff": same("test_nll")}
-        # The floor is per solve; a VAE test batch runs several (importance samples).
-        toy = wname in WORKLOADS and WORKLOADS[wname].kind == "toy"
-        for aname in ("tpr_paper", "tpr_fast"):
-            if toy and aname in arms and "ffjord_matched" in arms:
+            # The floor is per solve; a VAE test batch runs several (importance samples).
+            toy = wname in WORKLOADS and WORKLOADS[wname].kind == "toy"
+            for aname in [a for a in ("tpr_paper", "tpr_fast") if toy and a in arms]:
                 test_nfe = arms[aname]["test_nfe"]["median"]
                 g[f"test_nfe_{aname}"] = {
                     "test_nfe": test_nfe, "times_floor": test_nfe / FLOOR,
@@ -196,24 +182,19 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
 BASE = "ffjord_direct"  # arm (3b): the baseline of the sweep and long suites
 
 
-def _speedup_median(entry: dict[str, Any] | None) -> float | None:
-    """A speed-up's median over all seeds, a seed that never reached the target counting as 0
-    (so a median exists whenever most seeds got there); None if none did."""
-    if entry is None:
-        return None
-    return entry.get("median_unreached_as_zero", entry["median"]) or None
-
-
 def _reached(entry: dict[str, Any] | None) -> str:
     return "-" if entry is None else f"{entry['reached']}/{entry['of']}"
 
 
-def _speedup_spread(entry: dict[str, Any] | None) -> dict[str, Any]:
-    """A speed-up's per-seed values (None: never reached), the median of
-    :func:`_speedup_median` and the range of the reached."""
-    values = [] if entry is None else entry["per_seed"]
+def _speedup(entry: dict[str, Any] | None) -> dict[str, Any]:
+    """A speed-up entry (harness.speedups) over all seeds: its per-seed values (None: never
+    reached), the range of the reached and the median counting an unreached seed as 0 (so a
+    median exists whenever most seeds got there; None if none did)."""
+    if entry is None:
+        return {**spread([]), "per_seed": []}
+    values = entry["per_seed"]
     return {**spread(values, skip_none=True), "per_seed": values,
-            "median": _speedup_median(entry)}
+            "median": entry.get("median_unreached_as_zero", entry["median"]) or None}
 
 
 def long_goals(summary: dict[str, Any], base_arm: str = BASE) -> dict[str, Any]:
@@ -234,17 +215,18 @@ def long_goals(summary: dict[str, Any], base_arm: str = BASE) -> dict[str, Any]:
             fewer = _pair(arms, aname, base_arm, "forward_nfe_last10pct", lambda r: 1 - r)
             gap = _pair(arms, aname, base_arm, "test_nll")
             test_nfe = _pair(arms, aname, base_arm, "test_nfe")
-            speedup = _speedup_median(within)
+            speed, nfe_speed = _speedup(within), _speedup(nfe_within)
+            speedup = speed["median"]
             g[aname] = {
                 "seeds": e[f"paired_to_{base_arm}"]["seeds"],
-                "speedup_within_0.01": speedup, "speedup_exact": _speedup_median(exact),
-                "speedup_within_0.01_per_seed": _speedup_spread(within),
-                "nfe_speedup_within_0.01": _speedup_median(nfe_within),
-                "nfe_speedup_within_0.01_per_seed": _speedup_spread(nfe_within),
+                "speedup_within_0.01": speedup, "speedup_exact": _speedup(exact)["median"],
+                "speedup_within_0.01_per_seed": speed,
+                "nfe_speedup_within_0.01": nfe_speed["median"],
+                "nfe_speedup_within_0.01_per_seed": nfe_speed,
                 "reached_within_0.01": _reached(within), "reached_exact": _reached(exact),
                 # The same on curves averaged over 5 evaluations (a robustness check).
-                "speedup_smoothed_within_0.01": _speedup_median(smoothed),
-                "nfe_speedup_smoothed_within_0.01": _speedup_median(nfe_smoothed),
+                "speedup_smoothed_within_0.01": _speedup(smoothed)["median"],
+                "nfe_speedup_smoothed_within_0.01": _speedup(nfe_smoothed)["median"],
                 "reached_smoothed_within_0.01": _reached(smoothed),
                 "forward_nfe_last10pct_reduction": fewer, "test_nll_diff": gap,
                 "test_nfe_ratio": test_nfe,
@@ -256,14 +238,9 @@ def long_goals(summary: dict[str, Any], base_arm: str = BASE) -> dict[str, Any]:
     return out
 
 
-#: The seed-paired goal measurements that :func:`beside_goals` pools across two suites.
-_POOLED = ("speedup_within_0.01_per_seed", "nfe_speedup_within_0.01_per_seed",
-           "forward_nfe_last10pct_reduction", "test_nll_diff", "test_nfe_ratio")
-
-
 def beside_goals(goals_here: dict[str, Any], goals_other: dict[str, Any]) -> dict[str, Any]:
-    """The :data:`_POOLED` goals of the workloads and arms two suites share (a suite of fresh
-    seeds ``beside`` an earlier one): the per-seed values of both (the other suite's first),
+    """The seed-paired goals of the workloads and arms two suites share (a suite of fresh seeds
+    ``beside`` an earlier one): the per-seed values of both (the other suite's first),
     summarised together as :func:`long_goals` summarises them."""
     out: dict[str, Any] = {}
     for wname, arms in goals_here.items():
@@ -272,12 +249,13 @@ def beside_goals(goals_here: dict[str, Any], goals_other: dict[str, Any]) -> dic
             if other is None:
                 continue
             entry: dict[str, Any] = {"seeds": [*other["seeds"], *mine["seeds"]]}
-            for key in _POOLED:
+            for key in ("speedup_within_0.01_per_seed", "nfe_speedup_within_0.01_per_seed",
+                        "forward_nfe_last10pct_reduction", "test_nll_diff", "test_nfe_ratio"):
                 values = [*other[key]["per_seed"], *mine[key]["per_seed"]]
                 if key.endswith("speedup_within_0.01_per_seed"):
                     # A summarise()-style speed-up entry, read the way long_goals reads one.
-                    raw = speedups(values)
-                    entry[key] = {**_speedup_spread(raw), "reached": _reached(raw)}
+                    raw = harness.speedups(values)
+                    entry[key] = {**_speedup(raw), "reached": _reached(raw)}
                 else:
                     entry[key] = {"per_seed": values, **spread(values)}
             out.setdefault(wname, {})[aname] = entry
@@ -301,14 +279,16 @@ _pct = functools.partial(_spread_text, fmt=".0f", scale=100, unit=" %")
 _speed_text = functools.partial(_spread_text, fmt=".2f", unit="x", seeds_if_none=True)
 
 
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def _reached_text(v: dict[str, Any] | None) -> str:
     """A speed-up entry (harness.speedups) as its median, '(k/n)' where a seed never reached."""
-    if v is None:
-        return "-"
-    if v["median"] is not None:
-        return f"{v['median']:.2f}x"
+    if v is None or v["median"] is not None:
+        return _x(v and v["median"])
     zero = v.get("median_unreached_as_zero")
-    return f"{zero:.2f}x ({v['reached']}/{v['of']})" if zero else f"{v['reached']}/{v['of']}"
+    return f"{_x(zero)} ({_reached(v)})" if zero else _reached(v)
 
 
 def paired_lines(arms: dict[str, Any], base: str) -> list[str]:
@@ -369,10 +349,6 @@ def goal_lines(goals: dict[str, dict[str, Any]]) -> list[str]:
                  [[wname, name, *(show(v[key], v) if key in v else "-" for _, key, show in shown)]
                   for wname, name, v in entries]) if entries else [
         "None: the suite lacks the arms its goals compare."]
-
-
-def _x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
 
 
 def _header(payload: dict[str, Any]) -> list[str]:
@@ -529,10 +505,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     todo = [key for key in planned if key not in done]
     print(f"{len(done)} runs cached in {cache}, {len(todo)} to run with {args.jobs} job(s)",
           flush=True)
-    missing = len(todo) if args.cached_only else 0
     if args.cached_only and not done:
         raise UsageError(f"--cached-only: no finished runs of suite {args.suite!r} in {cache}")
-    todo = [] if args.cached_only else todo
+    missing, todo = (len(todo), []) if args.cached_only else (0, todo)
     # Seed by seed (an interrupted suite leaves whole seeds, which pair with their baseline),
     # the longest runs of a seed first.
     todo.sort(key=lambda k: (k[2], -planned[k][0].steps * _COST.get(k[1], 1.0)
@@ -549,7 +524,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     # A summary of the cache trained nothing itself: how the runs shared the machine is the
     # training invocations' business (the suite's docs name them). Threads: each run's.
     info = {**machine(), "parallel_jobs": None if args.cached_only else args.jobs,
-            "torch_threads": RUN_THREADS}
+            "torch_threads": harness.RUN_THREADS}
     payload = {"suite": args.suite, "command": args.command, "machine": info,
                "seeds": list(suite["seeds"]), "seconds": time.perf_counter() - start,
                "steps": workloads, "note": suite.get("note"), "pairs": suite.get("pairs", {}),

@@ -426,7 +426,7 @@ def test_a_run_stopped_by_sigterm_is_not_measured_and_resumes(
             os.kill(os.getpid(), signal.SIGTERM)
 
     # On the class itself: a subclass would store its checkpoint state under another name.
-    monkeypatch.setattr(harness._ValCurve, "on_train_batch_end", signal_at_step_3,
+    monkeypatch.setattr(harness._Record, "on_train_batch_end", signal_at_step_3,
                         raising=False)
     model = tmp_path / "model.pt"
     with pytest.raises(harness.RunInterrupted, match=r"stopped at step 4 of 6 \(SIGTERM\)"):
