@@ -827,6 +827,28 @@ def _(r: Results) -> dict[str, Value]:
             "q": sum(e["arms"]["rnode_rk4x4"]["reached"] for e in arms)}
 
 
+def _last_gap(run: dict[str, Any]) -> float:
+    return float([c[3] for c in run["curve"] if c[3] is not None][-1])
+
+
+@claim("performance.fewstep.gap", PERF,
+       "on the checkerboard and 8gaussians the TPR grid's is below the unregularized grid's on "
+       "{k} of {n} seeds ({r}x it, median [{lo}, {hi}]), RNODE's on {k2} of {n2} ({r2}x, "
+       "[{lo2}, {hi2}])",
+       "fewstep.json runs[*].curve (last val/solver_gap of the rk4 x4 arms, seed-paired)")
+def _(r: Results) -> dict[str, Value]:
+    runs = {(x["workload"], x["seed"], x["arm"]): x for x in r("fewstep")["runs"]}
+    out: dict[str, Value] = {}
+    for suffix, arm in (("", "tpr5_rk4x4"), ("2", "rnode_rk4x4")):
+        ratios = [_last_gap(runs[w, s, arm]) / _last_gap(x) for (w, s, a), x in runs.items()
+                  if a == "none_rk4x4" and w in ("checkerboard", "8gaussians")]
+        key = "k" if not suffix else "k2"
+        out |= {key: sum(q < 1 for q in ratios), "n" + suffix: len(ratios),
+                "r" + suffix: median(ratios), "lo" + suffix: min(ratios),
+                "hi" + suffix: max(ratios)}
+    return out
+
+
 def _g3_rms(run: dict[str, Any]) -> float:
     from benchmarks.fewstep import g3
 
