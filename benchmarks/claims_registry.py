@@ -799,11 +799,12 @@ def _(r: Results) -> dict[str, Value]:
 
 
 def _fewstep_paired(r: Results, arm: str, of: Callable[[dict[str, Any]], float],
-                    workloads: Sequence[str] | None = None) -> list[tuple[float, float]]:
-    """``(of(arm's run), of(baseline's run))`` per workload and seed of fewstep.json."""
+                    workloads: Sequence[str] | None = None,
+                    base: str = "none_adaptive") -> list[tuple[float, float]]:
+    """``(of(arm's run), of(base's run))`` per workload and seed of fewstep.json."""
     runs = {(x["workload"], x["seed"], x["arm"]): x for x in r("fewstep")["runs"]}
     return [(of(runs[w, s, arm]), of(x)) for (w, s, a), x in runs.items()
-            if a == "none_adaptive" and (workloads is None or w in workloads)]
+            if a == base and (workloads is None or w in workloads)]
 
 
 @claim("performance.fewstep.why", PERF,
@@ -837,13 +838,12 @@ def _last_gap(run: dict[str, Any]) -> float:
        "[{lo2}, {hi2}])",
        "fewstep.json runs[*].curve (last val/solver_gap of the rk4 x4 arms, seed-paired)")
 def _(r: Results) -> dict[str, Value]:
-    runs = {(x["workload"], x["seed"], x["arm"]): x for x in r("fewstep")["runs"]}
     out: dict[str, Value] = {}
     for suffix, arm in (("", "tpr5_rk4x4"), ("2", "rnode_rk4x4")):
-        ratios = [_last_gap(runs[w, s, arm]) / _last_gap(x) for (w, s, a), x in runs.items()
-                  if a == "none_rk4x4" and w in ("checkerboard", "8gaussians")]
-        key = "k" if not suffix else "k2"
-        out |= {key: sum(q < 1 for q in ratios), "n" + suffix: len(ratios),
+        pairs = _fewstep_paired(r, arm, _last_gap, ("checkerboard", "8gaussians"),
+                                base="none_rk4x4")
+        ratios = [t / b for t, b in pairs]
+        out |= {"k" + suffix: sum(q < 1 for q in ratios), "n" + suffix: len(ratios),
                 "r" + suffix: median(ratios), "lo" + suffix: min(ratios),
                 "hi" + suffix: max(ratios)}
     return out
