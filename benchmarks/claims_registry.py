@@ -828,19 +828,17 @@ def _(r: Results) -> dict[str, Value]:
             "q": sum(e["arms"]["rnode_rk4x4"]["reached"] for e in arms)}
 
 
-def _last_gap(run: dict[str, Any]) -> float:
-    return float([c[3] for c in run["curve"] if c[3] is not None][-1])
-
-
 @claim("performance.fewstep.gap", PERF,
        "on the checkerboard and 8gaussians the TPR grid's is below the unregularized grid's on "
        "{k} of {n} seeds ({r}x it, median [{lo}, {hi}]), RNODE's on {k2} of {n2} ({r2}x, "
        "[{lo2}, {hi2}])",
        "fewstep.json runs[*].curve (last val/solver_gap of the rk4 x4 arms, seed-paired)")
 def _(r: Results) -> dict[str, Value]:
+    from benchmarks.fewstep import last_gap
+
     out: dict[str, Value] = {}
     for suffix, arm in (("", "tpr5_rk4x4"), ("2", "rnode_rk4x4")):
-        pairs = _fewstep_paired(r, arm, _last_gap, ("checkerboard", "8gaussians"),
+        pairs = _fewstep_paired(r, arm, last_gap, ("checkerboard", "8gaussians"),
                                 base="none_rk4x4")
         ratios = [t / b for t, b in pairs]
         out |= {"k" + suffix: sum(q < 1 for q in ratios), "n" + suffix: len(ratios),

@@ -74,7 +74,7 @@ from benchmarks.accuracy import Record, Setting, compare, cost_at
 
 __all__ = ["ADAPTIVE_ARMS", "CANDIDATES", "arm_summary", "G1_RATIO", "G2_RATIO", "G3_RMS", "G3_NFE",
            "SELECT_MARGIN", "SMOOTH", "STUDY", "WORKLOADS", "CpuCurve", "arm", "choose", "g1",
-           "g2", "g3", "goals", "markdown", "time_to_target", "train_cell"]
+           "g2", "g3", "goals", "last_gap", "markdown", "time_to_target", "train_cell"]
 
 #: The verdict's workloads, in the order they run (each finished before the next starts).
 WORKLOADS = ("checkerboard", "8gaussians", "mixture16")
@@ -575,17 +575,22 @@ def _f(value: float | None, spec: str) -> str:
         else format(value, spec)
 
 
+def last_gap(run: Mapping[str, Any]) -> float | None:
+    """The run's ``val/solver_gap`` at its last validation that measured it (None if none)."""
+    gaps = [c[3] for c in run["curve"] if c[3] is not None]
+    return gaps[-1] if gaps else None
+
+
 def _run_rows(runs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
     rows = []
     for r in runs:
         recs = _records(r)
         cost = {e: cost_at(recs, e) for e in (0.01, 0.003)}
-        gaps = [c[3] for c in r["curve"] if c[3] is not None]
         cheap = g3(r)
         rows.append([r["workload"], r["arm"], r["seed"], f"{converged(r):.4f}",
                      f"{r['curve'][-1][2]:.4f}", f"{r['train_cpu']:.0f}",
                      f"{r['forward_nfe_first10pct']:.0f} / {r['forward_nfe_last10pct']:.0f}",
-                     _f(gaps[-1] if gaps else None, ".1e"),
+                     _f(last_gap(r), ".1e"),
                      *("never" if cost[e] is None else f"{cost[e].setting} ({cost[e].nfe:.0f})"
                        for e in (0.01, 0.003)),
                      "-" if cheap["rms"] is None else
